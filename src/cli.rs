@@ -1,0 +1,123 @@
+//! Command-line interface: clap definitions, turned into validated settings before anything runs.
+//!
+//! `serve` runs one host's parts; each part adds its own flags to it. Parsing is separate from
+//! running so tests can start a whole node in-process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::narinfo::{PublicKey, TrustedKeys};
+use crate::server::{self, index::Index, StoreServer};
+use crate::store::{Store, StoreAddr};
+
+/// The key of cache.nixos.org, trusted by default.
+pub const CACHE_NIXOS_ORG_KEY: &str = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "local-nix-cache",
+    version,
+    about = "Share Nix store paths between the hosts of one LAN, verified against the signatures already in the store"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run this host's store server (and, as they land, beacon and proxy).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Where the nix-daemon is: auto (the system socket, else `nix-daemon --stdio` children),
+    /// daemon, unix://SOCKET, stdio, or stdio://STORE.
+    #[arg(long, default_value = "auto", value_name = "STORE")]
+    pub store: StoreAddr,
+    /// Address the LAN-facing store server listens on (repeatable). `[::]` is IPv4 and IPv6.
+    #[arg(long = "listen", value_name = "ADDR", default_values_t = [SocketAddr::from(([0u16; 8], 8380))])]
+    pub listen: Vec<SocketAddr>,
+    /// Serve only paths signed by one of these keys (repeatable; `name:base64`).
+    #[arg(long = "trusted-public-key", value_name = "KEY", default_values_t = [CACHE_NIXOS_ORG_KEY.to_owned()])]
+    pub trusted_public_keys: Vec<String>,
+    /// The store directory Nix uses.
+    #[arg(long, default_value = "/nix/store", value_name = "DIR")]
+    pub store_dir: String,
+    /// Seconds between rescans of the store for new and removed paths.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub rescan_interval: u64,
+    /// Most nix-daemon connections open at once.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub daemon_connections: usize,
+    /// Most memory for the index of servable narinfo, in MiB.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub index_max_mib: usize,
+}
+
+/// Errors of `serve`'s set-up, before it runs.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("bad --trusted-public-key: {0}")]
+    Key(#[from] crate::narinfo::ParseError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--store-dir {0:?} must be an absolute path without a trailing slash")]
+    StoreDir(String),
+}
+
+/// A started node; `addrs` are the store server's bound addresses.
+pub struct Node {
+    pub addrs: Vec<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Node {
+    /// Waits until every part has stopped (after the shutdown token is cancelled).
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Binds and starts every part of `serve`.
+pub fn start(args: &ServeArgs, shutdown: CancellationToken) -> Result<Node, SetupError> {
+    if !args.store_dir.starts_with('/') || (args.store_dir.len() > 1 && args.store_dir.ends_with('/')) {
+        return Err(SetupError::StoreDir(args.store_dir.clone()));
+    }
+    let keys = TrustedKeys::new(
+        args.trusted_public_keys
+            .iter()
+            .map(|k| PublicKey::parse(k))
+            .collect::<Result<_, _>>()?,
+    );
+    let listeners = args
+        .listen
+        .iter()
+        .map(|&addr| crate::http::bind(addr).map_err(|source| SetupError::Bind { addr, source }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let store = Store::new(args.store.clone(), args.store_dir.clone(), args.daemon_connections);
+    tracing::info!(store = %args.store, keys = ?keys.keys().iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), "starting");
+    let index = Arc::new(Index::new(args.index_max_mib.saturating_mul(1024 * 1024)));
+    let srv = Arc::new(StoreServer::new(store, index, keys));
+    let running = server::spawn(
+        srv,
+        listeners,
+        Duration::from_secs(args.rescan_interval.max(1)),
+        shutdown,
+    );
+    Ok(Node {
+        addrs: running.addrs,
+        tasks: running.tasks,
+    })
+}

@@ -1,0 +1,250 @@
+//! HTTP plumbing shared by the store server and the proxy: binding, the accept loop, the response
+//! body type and `Range` parsing.
+//!
+//! Invariants: a connection permit is taken before `accept`, so at most [`MAX_CONNECTIONS`]
+//! connections are open per listener; accept errors back off instead of ending the loop;
+//! shutdown stops accepting at once and gives open connections [`DRAIN_TIMEOUT`] to finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Open connections per listener; further clients wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// A client must send its request headers within this time (slowloris guard).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// On shutdown, in-flight responses get this long to finish.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Pending connections the kernel queues per listener.
+const BACKLOG: i32 = 1024;
+
+/// A request handler. `peer` is the client's address.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, req: http::Request<Incoming>, peer: SocketAddr) -> impl Future<Output = Response<Body>> + Send;
+}
+
+/// Binds a TCP listener. `[::]:PORT` is dual-stack (IPv4 and IPv6) where the host has IPv6,
+/// and falls back to `0.0.0.0:PORT` where it has not.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let sock = match Socket::new(Domain::for_address(addr), Type::STREAM, None) {
+        Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && e.raw_os_error() == Some(libc_eafnosupport()) => {
+            return bind(SocketAddr::from(([0, 0, 0, 0], addr.port())));
+        }
+        r => r?,
+    };
+    if addr.is_ipv6() {
+        sock.set_only_v6(false)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(BACKLOG)?;
+    TcpListener::from_std(sock.into())
+}
+
+fn libc_eafnosupport() -> i32 {
+    97 // EAFNOSUPPORT on Linux
+}
+
+/// Serves `handler` on `listener` until `shutdown` is cancelled, then drains.
+pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, shutdown: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let local = listener.local_addr().ok();
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?local, "accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let h = handler.clone();
+        let svc = service_fn(move |req| {
+            let h = h.clone();
+            async move { Ok::<_, Infallible>(h.handle(req, peer).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!(?local, "connections still open after the drain timeout"),
+    }
+}
+
+/// Response body: nothing, one buffer, or a stream of chunks fed by a producer task through a
+/// bounded channel (so a slow client slows the producer: backpressure). An `Err` item aborts the
+/// response, which the client sees as a truncated transfer.
+pub enum Body {
+    Full(Option<Bytes>),
+    Stream(mpsc::Receiver<Result<Bytes, io::Error>>),
+}
+
+impl Body {
+    pub fn empty() -> Self {
+        Body::Full(None)
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(b: Bytes) -> Self {
+        Body::Full(Some(b))
+    }
+}
+
+impl From<&'static str> for Body {
+    fn from(s: &'static str) -> Self {
+        Body::Full(Some(Bytes::from_static(s.as_bytes())))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match &mut *self {
+            Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Body::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// A response with a status and a short plain-text body.
+pub fn text(status: StatusCode, msg: &'static str) -> Response<Body> {
+    let mut r = Response::new(Body::from(msg));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+pub fn not_found() -> Response<Body> {
+    text(StatusCode::NOT_FOUND, "not found\n")
+}
+
+/// A `Range` that starts past the end of the body (answer 416).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+/// A `bytes=` range resolved against a known size: first and last byte, inclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Parses a `Range` header for a body of `size` bytes. `Ok(None)`: serve the whole body (no
+/// header, or a form we do not honour, like multiple ranges, which RFC 9110 lets us ignore).
+/// `Err`: unsatisfiable, answer 416.
+pub fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Option<ByteRange>, Unsatisfiable> {
+    let Some(v) = value.and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let num = |s: &str| s.trim().parse::<u64>().ok();
+    let range = match (a.trim().is_empty(), b.trim().is_empty()) {
+        (false, true) => num(a).map(|s| (s, size.saturating_sub(1))),
+        (false, false) => match (num(a), num(b)) {
+            (Some(s), Some(e)) if e >= s => Some((s, e.min(size.saturating_sub(1)))),
+            _ => None,
+        },
+        (true, false) => num(b)
+            .filter(|&n| n > 0)
+            .map(|n| (size.saturating_sub(n), size.saturating_sub(1))),
+        (true, true) => None,
+    };
+    match range {
+        None => Ok(None),
+        Some((start, _)) if start >= size => Err(Unsatisfiable),
+        Some((start, end)) => Ok(Some(ByteRange { start, end })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let check = |h: Option<&str>, size: u64, want: Result<Option<(u64, u64)>, Unsatisfiable>| {
+            let hv = h.map(|s| HeaderValue::from_str(s).expect("header"));
+            let got = parse_range(hv.as_ref(), size).map(|o| o.map(|r| (r.start, r.end)));
+            assert_eq!(got, want, "{h:?} of {size}");
+        };
+        check(None, 100, Ok(None));
+        check(Some("bytes=0-"), 100, Ok(Some((0, 99))));
+        check(Some("bytes=10-"), 100, Ok(Some((10, 99))));
+        check(Some("bytes=10-19"), 100, Ok(Some((10, 19))));
+        check(Some("bytes=10-1000"), 100, Ok(Some((10, 99))));
+        check(Some("bytes=-10"), 100, Ok(Some((90, 99))));
+        check(Some("bytes=-1000"), 100, Ok(Some((0, 99))));
+        check(Some("bytes=99-"), 100, Ok(Some((99, 99))));
+        check(Some("bytes=100-"), 100, Err(Unsatisfiable));
+        check(Some("bytes=200-300"), 100, Err(Unsatisfiable));
+        check(Some("bytes=20-10"), 100, Ok(None));
+        check(Some("bytes=0-1,5-6"), 100, Ok(None));
+        check(Some("items=0-1"), 100, Ok(None));
+        check(Some("bytes=x-"), 100, Ok(None));
+        check(Some("bytes=-0"), 100, Ok(None));
+        check(Some("bytes=18446744073709551615-"), 100, Err(Unsatisfiable));
+    }
+}

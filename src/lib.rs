@@ -1,0 +1,9 @@
+//! local-nix-cache: share Nix store paths between the hosts of one LAN, safely.
+//!
+//! See `docs/ARCHITECTURE.md` for the map of the code.
+
+pub mod cli;
+pub mod http;
+pub mod narinfo;
+pub mod server;
+pub mod store;

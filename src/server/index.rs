@@ -1,0 +1,216 @@
+//! The in-memory index of servable paths: store hash → rendered narinfo.
+//!
+//! A path enters the index only after one of its signatures verified against a trusted key, so a
+//! narinfo hit costs one hash lookup and no daemon round trip. The index is filled by a full scan
+//! at start, refreshed by periodic rescans (new paths added, vanished paths dropped), and on a miss
+//! the server asks the daemon before answering 404, so a path added between scans is found at
+//! once. Invariant: every entry was verified against the trusted keys; memory is capped at
+//! `max_bytes` of rendered narinfo (past that, paths are served through the daemon, uncached).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::narinfo::{NarHash, NarInfo, StorePath, StorePathHash, TrustedKeys};
+use crate::store::{PathInfo, Store};
+
+/// Path-info queries in flight during a scan (leaves pool connections for live requests).
+const SCAN_CONCURRENCY: usize = 4;
+/// Rough per-entry overhead beyond the narinfo text (map slot, Arc, path string).
+const ENTRY_OVERHEAD: usize = 192;
+
+/// One servable path.
+#[derive(Debug)]
+pub struct Entry {
+    pub path: StorePath,
+    pub nar_hash: NarHash,
+    pub nar_size: u64,
+    /// The narinfo as served, rendered once.
+    pub narinfo: Bytes,
+}
+
+impl Entry {
+    /// The entry for `info` if it may be served: a signature verifies against `keys` and the NAR
+    /// size is known (old databases hold 0, which Nix rejects).
+    pub fn servable(info: &PathInfo, keys: &TrustedKeys) -> Option<Self> {
+        if info.nar_size == 0 {
+            return None;
+        }
+        let ni = NarInfo {
+            store_path: info.path.clone(),
+            url: nar_url(&info.path.hash(), &info.nar_hash),
+            compression: Some("none".into()),
+            file_hash: None,
+            file_size: None,
+            nar_hash: info.nar_hash,
+            nar_size: info.nar_size,
+            references: info.references.clone(),
+            deriver: info.deriver.as_ref().map(|d| d.basename().to_owned()),
+            sigs: info.sigs.clone(),
+            ca: info.ca.clone(),
+        };
+        if !ni.is_trusted(keys) {
+            return None;
+        }
+        Some(Self {
+            path: info.path.clone(),
+            nar_hash: info.nar_hash,
+            nar_size: info.nar_size,
+            narinfo: Bytes::from(ni.render()),
+        })
+    }
+
+    fn cost(&self) -> usize {
+        self.narinfo.len() + self.path.as_str().len() + ENTRY_OVERHEAD
+    }
+}
+
+/// The NAR URL written into our narinfo: self-describing, so it stays valid as long as any store
+/// holds those exact bytes.
+pub fn nar_url(hash: &StorePathHash, nar_hash: &NarHash) -> String {
+    format!("nar/{hash}-{}.nar", nar_hash.to_nix32())
+}
+
+pub struct Index {
+    map: RwLock<HashMap<StorePathHash, Arc<Entry>>>,
+    /// Approximate memory held by entries.
+    bytes: AtomicUsize,
+    /// Cap on `bytes`.
+    max_bytes: usize,
+}
+
+impl Index {
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            map: RwLock::new(HashMap::new()),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
+        }
+    }
+
+    pub fn get(&self, hash: &StorePathHash) -> Option<Arc<Entry>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()
+    }
+
+    /// Inserts unless the memory cap is reached; returns the entry either way.
+    pub fn insert(&self, e: Entry) -> Arc<Entry> {
+        let e = Arc::new(e);
+        let cost = e.cost();
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if self.bytes.load(Ordering::Relaxed) + cost > self.max_bytes {
+            return e;
+        }
+        if let Some(old) = map.insert(e.path.hash(), e.clone()) {
+            self.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
+        }
+        self.bytes.fetch_add(cost, Ordering::Relaxed);
+        e
+    }
+
+    pub fn remove(&self, hash: &StorePathHash) {
+        if let Some(old) = self.map.write().unwrap_or_else(|p| p.into_inner()).remove(hash) {
+            self.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn contains(&self, hash: &StorePathHash) -> bool {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).contains_key(hash)
+    }
+
+    /// Drops entries whose hash is not in `valid`.
+    fn retain(&self, valid: &HashSet<StorePathHash>) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|h, e| {
+            let keep = valid.contains(h);
+            if !keep {
+                self.bytes.fetch_sub(e.cost(), Ordering::Relaxed);
+            }
+            keep
+        });
+    }
+}
+
+/// Keeps the index in step with the store until `shutdown`: a scan now, then one every
+/// `interval`. Paths found unservable are remembered (until they leave the store) so a rescan
+/// only queries new paths; a path signed later is found by the miss path of the server.
+pub async fn maintain(
+    store: Store,
+    index: Arc<Index>,
+    keys: TrustedKeys,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut unservable: HashSet<StorePathHash> = HashSet::new();
+    loop {
+        let t0 = Instant::now();
+        match scan(&store, &index, &keys, &mut unservable).await {
+            Ok((valid, added)) => tracing::info!(
+                servable = index.len(),
+                valid,
+                added,
+                ms = t0.elapsed().as_millis() as u64,
+                "store scanned"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "store scan failed; serving from the daemon directly until the next one")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One scan: returns (valid paths, entries added).
+async fn scan(
+    store: &Store,
+    index: &Index,
+    keys: &TrustedKeys,
+    unservable: &mut HashSet<StorePathHash>,
+) -> Result<(usize, usize), crate::store::Error> {
+    let all = store.all_valid_paths().await?;
+    let valid: HashSet<StorePathHash> = all.iter().map(StorePath::hash).collect();
+    index.retain(&valid);
+    unservable.retain(|h| valid.contains(h));
+    let new: Vec<StorePath> = all
+        .into_iter()
+        .filter(|p| {
+            let h = p.hash();
+            !index.contains(&h) && !unservable.contains(&h)
+        })
+        .collect();
+    let mut results = stream::iter(new)
+        .map(|p| async move { (p.hash(), store.path_info(&p).await) })
+        .buffer_unordered(SCAN_CONCURRENCY);
+    let mut added = 0;
+    while let Some((hash, r)) = results.next().await {
+        match r {
+            Ok(Some(info)) => match Entry::servable(&info, keys) {
+                Some(e) => {
+                    index.insert(e);
+                    added += 1;
+                }
+                None => {
+                    unservable.insert(hash);
+                }
+            },
+            Ok(None) => {}
+            Err(e) => tracing::debug!(%hash, error = %e, "path info failed during scan"),
+        }
+    }
+    Ok((valid.len(), added))
+}

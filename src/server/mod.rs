@@ -1,0 +1,355 @@
+//! The LAN-facing store server: the host's own store as an HTTP binary cache.
+//!
+//! Serves `/nix-cache-info`, `/<hash>.narinfo` and `/nar/<hash>-<narhash>.nar` (GET and HEAD,
+//! `Range` on NARs), everything else is 404. Invariant: a path is visible only if one of its
+//! signatures verifies against a trusted key; an unsigned, untrusted or absent path gets the
+//! very same 404, and a daemon failure during a lookup answers like a miss (a Nix client fails
+//! its build on a 5xx, but moves on after a 404).
+
+pub mod index;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{self as h, Body};
+use crate::narinfo::{NarHash, StorePathHash, TrustedKeys};
+use crate::store::{NarStream, Store};
+use index::{Entry, Index};
+
+/// Priority in `/nix-cache-info`: before cache.nixos.org (40), for clients pointed straight at us.
+pub const PRIORITY: u32 = 30;
+/// NAR chunks buffered between the daemon reader and a client (each up to 64 KiB).
+const NAR_CHANNEL_CHUNKS: usize = 8;
+/// A client that accepts no NAR bytes for this long is dropped, freeing its daemon connection.
+pub const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest request path we look at; longer ones are 414.
+const MAX_PATH_LEN: usize = 256;
+
+/// What a request path asks for, parsed before anything is looked up.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    CacheInfo,
+    NarInfo(StorePathHash),
+    Nar {
+        hash: StorePathHash,
+        nar_hash: NarHash,
+    },
+    /// Well-formed but not something we serve (`/log/…`, `.ls`, `/realisations/…`): 404.
+    NotFound,
+    /// Malformed (bad hash alphabet or length, traversal, escapes): 400.
+    BadRequest,
+    TooLong,
+}
+
+pub fn route(path: &str) -> Route {
+    if path.len() > MAX_PATH_LEN {
+        return Route::TooLong;
+    }
+    if path == "/nix-cache-info" {
+        return Route::CacheInfo;
+    }
+    if path.contains(['%', '\\', '\0']) || path.contains("..") || path.contains("//") {
+        return Route::BadRequest;
+    }
+    if let Some(h) = path.strip_prefix('/').and_then(|p| p.strip_suffix(".narinfo")) {
+        return match StorePathHash::parse(h) {
+            Ok(h) => Route::NarInfo(h),
+            Err(_) => Route::BadRequest,
+        };
+    }
+    if let Some(rest) = path.strip_prefix("/nar/").and_then(|p| p.strip_suffix(".nar")) {
+        let parsed = rest
+            .split_once('-')
+            .and_then(|(a, b)| Some((StorePathHash::parse(a).ok()?, NarHash::parse_nix32(b).ok()?)));
+        return match parsed {
+            Some((hash, nar_hash)) => Route::Nar { hash, nar_hash },
+            None => Route::BadRequest,
+        };
+    }
+    Route::NotFound
+}
+
+/// The store server of one host.
+pub struct StoreServer {
+    store: Store,
+    index: Arc<Index>,
+    keys: TrustedKeys,
+    /// `/nix-cache-info`, rendered once.
+    cache_info: Bytes,
+}
+
+impl StoreServer {
+    pub fn new(store: Store, index: Arc<Index>, keys: TrustedKeys) -> Self {
+        let cache_info = Bytes::from(format!(
+            "StoreDir: {}\nWantMassQuery: 1\nPriority: {PRIORITY}\n",
+            store.store_dir()
+        ));
+        Self {
+            store,
+            index,
+            keys,
+            cache_info,
+        }
+    }
+
+    /// The servable entry for `hash`: from the index, else asked of the daemon (and indexed).
+    /// Daemon errors are logged and count as a miss.
+    async fn lookup(&self, hash: &StorePathHash) -> Option<Arc<Entry>> {
+        if let Some(e) = self.index.get(hash) {
+            return Some(e);
+        }
+        let r = async {
+            let Some(path) = self.store.path_from_hash_part(hash).await? else {
+                return Ok(None);
+            };
+            self.store.path_info(&path).await
+        }
+        .await;
+        match r {
+            Ok(Some(info)) => Entry::servable(&info, &self.keys).map(|e| self.index.insert(e)),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(%hash, error = %e, "daemon lookup failed; answering 404");
+                None
+            }
+        }
+    }
+
+    async fn narinfo(&self, hash: &StorePathHash) -> Response<Body> {
+        match self.lookup(hash).await {
+            Some(e) => ok(e.narinfo.clone(), "text/x-nix-narinfo"),
+            None => h::not_found(),
+        }
+    }
+
+    async fn nar(&self, req: &Request<Incoming>, hash: &StorePathHash, nar_hash: &NarHash) -> Response<Body> {
+        let started = Instant::now();
+        let Some(entry) = self.lookup(hash).await.filter(|e| e.nar_hash == *nar_hash) else {
+            return h::not_found();
+        };
+        // The daemon's NarFromPath does not check validity: ask for the path info right before,
+        // and make sure it still is the NAR the URL names.
+        let info = match self.store.path_info(&entry.path).await {
+            Ok(Some(i)) if i.nar_hash == *nar_hash && i.nar_size == entry.nar_size => i,
+            Ok(_) => {
+                self.index.remove(hash);
+                return h::not_found();
+            }
+            Err(e) => {
+                tracing::warn!(path = %entry.path, error = %e, "daemon path info failed; answering 404");
+                return h::not_found();
+            }
+        };
+        let size = info.nar_size;
+        let range = match h::parse_range(req.headers().get(header::RANGE), size) {
+            Ok(r) => r,
+            Err(h::Unsatisfiable) => {
+                let mut r = h::text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
+                r.headers_mut()
+                    .insert(header::CONTENT_RANGE, hv(format!("bytes */{size}")));
+                return r;
+            }
+        };
+        let (start, end) = range.map_or((0, size - 1), |r| (r.start, r.end));
+        let body = if req.method() == Method::HEAD {
+            Body::empty()
+        } else {
+            let stream = match self.store.nar(&info).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(path = %entry.path, error = %e, "daemon NAR failed; answering 404");
+                    return h::not_found();
+                }
+            };
+            let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
+            let path = entry.path.to_string();
+            tokio::spawn(async move {
+                let r = pump(stream, &tx, start, end).await;
+                let ms = started.elapsed().as_millis() as u64;
+                match r {
+                    Ok(bytes) => tracing::info!(%path, bytes, ms, "NAR served"),
+                    Err(e) => {
+                        tracing::warn!(%path, ms, error = %e, "NAR transfer aborted");
+                        let _ = tx.try_send(Err(std::io::Error::other(e)));
+                    }
+                }
+            });
+            Body::Stream(rx)
+        };
+        let mut r = Response::new(body);
+        let hd = r.headers_mut();
+        hd.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
+        hd.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        hd.insert(header::CONTENT_LENGTH, hv((end - start + 1).to_string()));
+        if range.is_some() {
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            r.headers_mut()
+                .insert(header::CONTENT_RANGE, hv(format!("bytes {start}-{end}/{size}")));
+        }
+        r
+    }
+}
+
+/// Why a NAR transfer stopped early.
+#[derive(Debug, thiserror::Error)]
+enum PumpError {
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+    #[error("client accepted no data for {0:?}")]
+    Stalled(Duration),
+    #[error("client went away")]
+    Gone,
+}
+
+/// Copies bytes `start..=end` of the NAR to the client. Returns the bytes sent.
+async fn pump(
+    mut stream: NarStream,
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    start: u64,
+    end: u64,
+) -> Result<u64, PumpError> {
+    let mut pos = 0u64;
+    let mut sent = 0u64;
+    while let Some(chunk) = stream.next_chunk().await? {
+        let (c_start, c_end) = (pos, pos + chunk.len() as u64);
+        pos = c_end;
+        if c_end <= start {
+            continue;
+        }
+        let from = start.saturating_sub(c_start) as usize;
+        let to = ((end + 1).min(c_end) - c_start) as usize;
+        let piece = chunk.slice(from..to);
+        sent += piece.len() as u64;
+        match tokio::time::timeout(CLIENT_STALL_TIMEOUT, tx.send(Ok(piece))).await {
+            Err(_) => return Err(PumpError::Stalled(CLIENT_STALL_TIMEOUT)),
+            Ok(Err(_)) => return Err(PumpError::Gone),
+            Ok(Ok(())) => {}
+        }
+        if c_end > end {
+            // The client asked for less than the whole NAR; the connection is dropped mid-NAR.
+            return Ok(sent);
+        }
+    }
+    Ok(sent)
+}
+
+fn hv(s: String) -> HeaderValue {
+    // Only digits, spaces, '-', '/', '*' and "bytes" are formatted in here.
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+fn ok(body: Bytes, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+impl h::Handler for StoreServer {
+    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        let head = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => {
+                let mut r = h::text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                return r;
+            }
+        };
+        let mut resp = match route(req.uri().path()) {
+            Route::CacheInfo => ok(self.cache_info.clone(), "text/x-nix-cache-info"),
+            Route::NarInfo(hash) => self.narinfo(&hash).await,
+            Route::Nar { hash, nar_hash } => self.nar(&req, &hash, &nar_hash).await,
+            Route::NotFound => h::not_found(),
+            Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),
+            Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
+        };
+        if head {
+            // HEAD answers like GET, without the body (Content-Length kept).
+            if let Body::Full(Some(b)) = resp.body() {
+                let len = b.len();
+                *resp.body_mut() = Body::empty();
+                resp.headers_mut().insert(header::CONTENT_LENGTH, hv(len.to_string()));
+            }
+        }
+        resp
+    }
+}
+
+/// A running store server: the bound addresses and the task handles.
+pub struct Running {
+    pub addrs: Vec<SocketAddr>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts serving on already-bound listeners, plus the index maintenance task.
+pub fn spawn(
+    server: Arc<StoreServer>,
+    listeners: Vec<tokio::net::TcpListener>,
+    rescan: Duration,
+    shutdown: CancellationToken,
+) -> Running {
+    let mut addrs = Vec::new();
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(index::maintain(
+        server.store.clone(),
+        server.index.clone(),
+        server.keys.clone(),
+        rescan,
+        shutdown.clone(),
+    )));
+    for l in listeners {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "store server listening");
+            addrs.push(a);
+        }
+        tasks.push(tokio::spawn(h::serve(l, server.clone(), shutdown.clone())));
+    }
+    Running { addrs, tasks }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let h = "yvh90pjzcqqmp86sfvgqh3ravrarfipn";
+        let n = "0w4qc5jjz09mr80sp0p2nkvmjrmznpj59b64w0rw4dfqns9py2qd";
+        let hash = StorePathHash::parse(h).expect("hash");
+        let nar_hash = NarHash::parse_nix32(n).expect("nar hash");
+        let long = format!("/{}.narinfo", "a".repeat(300));
+        let cases: Vec<(String, Route)> = vec![
+            ("/nix-cache-info".into(), Route::CacheInfo),
+            (format!("/{h}.narinfo"), Route::NarInfo(hash)),
+            (format!("/nar/{h}-{n}.nar"), Route::Nar { hash, nar_hash }),
+            ("/".into(), Route::NotFound),
+            (format!("/{h}.ls"), Route::NotFound),
+            ("/log/abc.drv".into(), Route::NotFound),
+            (format!("/realisations/sha256:{n}!out.doi"), Route::NotFound),
+            (format!("/nar/{n}.nar.xz"), Route::NotFound),
+            (format!("/{}.narinfo", &h[..31]), Route::BadRequest),
+            (format!("/{h}e.narinfo"), Route::BadRequest),
+            (format!("/{}.narinfo", h.to_uppercase()), Route::BadRequest),
+            ("/../../etc/passwd.narinfo".into(), Route::BadRequest),
+            (format!("/%2e%2e/{h}.narinfo"), Route::BadRequest),
+            (format!("//{h}.narinfo"), Route::BadRequest),
+            (format!("/nar/{h}-{n}x.nar"), Route::BadRequest),
+            (format!("/nar/{h}.nar"), Route::BadRequest),
+            (format!("/nar/{h}-../{n}.nar"), Route::BadRequest),
+            (format!("/x/{h}.narinfo"), Route::BadRequest),
+            (long, Route::TooLong),
+        ];
+        for (path, want) in cases {
+            assert_eq!(route(&path), want, "{path}");
+        }
+    }
+}

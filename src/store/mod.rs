@@ -1,0 +1,317 @@
+//! Access to the host's own Nix store, through the unmodified nix-daemon.
+//!
+//! [`Store`] is the only way the rest of the crate reads the store: typed path info, path lookup
+//! by hash part, and NAR streams. Underneath, a bounded [`pool`] of daemon connections (over the
+//! daemon socket, or `nix-daemon --stdio` children when there is no socket). Invariants: every
+//! operation has a deadline, so a stuck daemon never pins a request; a connection that saw any
+//! error is dropped, never reused; a daemon restart costs at most one retried operation.
+
+pub mod daemon;
+pub mod nar;
+mod pool;
+
+use std::io;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+
+use crate::narinfo::{NarHash, ParseError, StorePath, StorePathHash};
+pub use daemon::DaemonConnection;
+use daemon::RawPathInfo;
+use nar::{NarError, NarFramer};
+pub use pool::Pool;
+
+/// The system daemon's socket.
+pub const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
+/// Deadline for one query operation (connect, handshake, or one request/reply).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest wait for the daemon to produce the next NAR bytes.
+pub const NAR_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the nix-daemon at {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("nix-daemon I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("nix-daemon protocol error: {0}")]
+    Protocol(String),
+    #[error("nix-daemon reported: {0}")]
+    Daemon(String),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("all nix-daemon connections stayed busy")]
+    Busy,
+    #[error("bad NAR from the nix-daemon: {0}")]
+    Nar(#[from] NarError),
+    #[error("nix-daemon sent invalid path info for {path}: {source}")]
+    BadPathInfo {
+        path: String,
+        #[source]
+        source: ParseError,
+    },
+    #[error("NAR of {path} has {got} bytes, path info says {want}")]
+    NarSize { path: String, got: u64, want: u64 },
+}
+
+impl Error {
+    /// The connection died under us (daemon restarted or killed): worth one retry on a fresh one.
+    fn is_connection_lost(&self) -> bool {
+        matches!(self, Error::Io(_))
+    }
+}
+
+/// Where the daemon is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreAddr {
+    /// The system socket when it answers, else `nix-daemon --stdio` children.
+    Auto,
+    /// A daemon socket (`unix:///path`).
+    Unix(PathBuf),
+    /// `nix-daemon --stdio` children, optionally with `--store STORE` (`stdio`, `stdio://STORE`).
+    Stdio { store: Option<String> },
+}
+
+impl FromStr for StoreAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "daemon" => Ok(Self::Unix(DEFAULT_SOCKET.into())),
+            "stdio" => Ok(Self::Stdio { store: None }),
+            _ => {
+                if let Some(p) = s.strip_prefix("unix://").filter(|p| !p.is_empty()) {
+                    Ok(Self::Unix(p.into()))
+                } else if let Some(st) = s.strip_prefix("stdio://").filter(|p| !p.is_empty()) {
+                    Ok(Self::Stdio { store: Some(st.into()) })
+                } else {
+                    Err(format!(
+                        "store {s:?} is none of auto, daemon, unix://SOCKET, stdio, stdio://STORE"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for StoreAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Unix(p) => write!(f, "unix://{}", p.display()),
+            Self::Stdio { store: None } => f.write_str("stdio"),
+            Self::Stdio { store: Some(s) } => write!(f, "stdio://{s}"),
+        }
+    }
+}
+
+/// Path info, checked and typed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathInfo {
+    pub path: StorePath,
+    pub deriver: Option<StorePath>,
+    pub nar_hash: NarHash,
+    pub references: Vec<StorePath>,
+    pub nar_size: u64,
+    pub sigs: Vec<String>,
+    pub ca: Option<String>,
+}
+
+impl PathInfo {
+    fn from_raw(store_dir: &str, path: StorePath, raw: RawPathInfo) -> Result<Self, Error> {
+        let bad = |source| Error::BadPathInfo {
+            path: path.to_string(),
+            source,
+        };
+        let deriver = match raw.deriver.as_str() {
+            "" => None,
+            d => Some(StorePath::parse(store_dir, d).map_err(bad)?),
+        };
+        let references = raw
+            .references
+            .iter()
+            .map(|r| StorePath::parse(store_dir, r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        Ok(Self {
+            nar_hash: NarHash::parse(&raw.nar_hash).map_err(bad)?,
+            path,
+            deriver,
+            references,
+            nar_size: raw.nar_size,
+            sigs: raw.sigs,
+            ca: (!raw.ca.is_empty()).then_some(raw.ca),
+        })
+    }
+}
+
+/// The host's store, as the rest of the crate sees it.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    /// The logical store directory (`/nix/store`), for parsing what the daemon returns.
+    store_dir: String,
+}
+
+impl Store {
+    pub fn new(addr: StoreAddr, store_dir: impl Into<String>, pool_size: usize) -> Self {
+        Self {
+            pool: Pool::new(addr, pool_size),
+            store_dir: store_dir.into(),
+        }
+    }
+
+    pub fn store_dir(&self) -> &str {
+        &self.store_dir
+    }
+
+    /// Runs one query on a pooled connection, with a deadline and one retry on a fresh
+    /// connection if the old one turned out dead (daemon restarted).
+    async fn run<T>(
+        &self,
+        what: &'static str,
+        op: impl for<'c> Fn(&'c mut DaemonConnection) -> BoxFuture<'c, Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let mut retried = false;
+        loop {
+            let mut conn = self.pool.get().await?;
+            match tokio::time::timeout(OP_TIMEOUT, op(&mut conn)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if e.is_connection_lost() && conn.reused() && !retried => {
+                    tracing::info!(error = %e, "daemon connection lost, retrying on a fresh one");
+                    self.pool.invalidate();
+                    retried = true;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Error::Timeout(what)),
+            }
+        }
+    }
+
+    pub async fn path_from_hash_part(&self, hash: &StorePathHash) -> Result<Option<StorePath>, Error> {
+        let found = self
+            .run("looking up a hash part", |c| {
+                Box::pin(c.query_path_from_hash_part(hash.to_string()))
+            })
+            .await?;
+        match found {
+            None => Ok(None),
+            Some(p) => StorePath::parse(&self.store_dir, &p)
+                .map(Some)
+                .map_err(|source| Error::BadPathInfo { path: p, source }),
+        }
+    }
+
+    pub async fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>, Error> {
+        let raw = self
+            .run("querying path info", |c| Box::pin(c.query_path_info(path.to_string())))
+            .await?;
+        raw.map(|raw| PathInfo::from_raw(&self.store_dir, path.clone(), raw))
+            .transpose()
+    }
+
+    /// Every valid path (unparsable names, which Nix itself would not create, are skipped).
+    pub async fn all_valid_paths(&self) -> Result<Vec<StorePath>, Error> {
+        let all = self
+            .run("listing valid paths", |c| Box::pin(c.query_all_valid_paths()))
+            .await?;
+        Ok(all
+            .iter()
+            .filter_map(|p| StorePath::parse(&self.store_dir, p).ok())
+            .collect())
+    }
+
+    /// Streams the NAR of `info.path`. The caller got `info` from [`Self::path_info`] just before:
+    /// NarFromPath itself does not check validity.
+    pub async fn nar(&self, info: &PathInfo) -> Result<NarStream, Error> {
+        let path = info.path.to_string();
+        let mut retried = false;
+        loop {
+            let mut conn = self.pool.get().await?;
+            match tokio::time::timeout(OP_TIMEOUT, conn.start_nar_from_path(path.clone())).await {
+                Ok(Ok(())) => {
+                    return Ok(NarStream {
+                        conn,
+                        framer: NarFramer::new(),
+                        path,
+                        nar_size: info.nar_size,
+                    })
+                }
+                Ok(Err(e)) if e.is_connection_lost() && conn.reused() && !retried => {
+                    self.pool.invalidate();
+                    retried = true;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Error::Timeout("starting a NAR")),
+            }
+        }
+    }
+}
+
+/// A NAR being read from the daemon. Holds its connection until the end; dropped early, the
+/// connection is discarded (it is mid-stream).
+pub struct NarStream {
+    conn: pool::PooledConn,
+    framer: NarFramer,
+    path: String,
+    nar_size: u64,
+}
+
+impl NarStream {
+    /// The next chunk (at most [`daemon::READ_BUF`] bytes), `None` after the last. Fails if the
+    /// NAR is malformed or its size differs from the path info's.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, Error> {
+        let chunk = self.conn.read_nar_chunk(&mut self.framer, NAR_IDLE_TIMEOUT).await?;
+        let seen = self.framer.bytes_seen();
+        if seen > self.nar_size || (chunk.is_none() && seen != self.nar_size) {
+            self.conn.mark_broken();
+            return Err(Error::NarSize {
+                path: self.path.clone(),
+                got: seen,
+                want: self.nar_size,
+            });
+        }
+        Ok(chunk)
+    }
+
+    pub fn nar_size(&self) -> u64 {
+        self.nar_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_addresses_parse() {
+        for (s, want) in [
+            ("auto", Some(StoreAddr::Auto)),
+            ("daemon", Some(StoreAddr::Unix(DEFAULT_SOCKET.into()))),
+            ("unix:///tmp/a.sock", Some(StoreAddr::Unix("/tmp/a.sock".into()))),
+            ("stdio", Some(StoreAddr::Stdio { store: None })),
+            (
+                "stdio:///tmp/hostA",
+                Some(StoreAddr::Stdio {
+                    store: Some("/tmp/hostA".into()),
+                }),
+            ),
+            ("unix://", None),
+            ("http://example", None),
+            ("", None),
+        ] {
+            assert_eq!(s.parse::<StoreAddr>().ok(), want, "{s:?}");
+            if let Some(w) = want {
+                assert_eq!(w.to_string().parse::<StoreAddr>().ok(), Some(w));
+            }
+        }
+    }
+}
