@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Most memory for the index of servable narinfo, in MiB.
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     pub index_max_mib: usize,
+    /// Seconds a client may accept no NAR bytes before its transfer is dropped (and its daemon
+    /// connection freed).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub client_stall_timeout: u64,
 }
 
 /// Errors of `serve`'s set-up, before it runs.
@@ -109,7 +113,8 @@ pub fn start(args: &ServeArgs, shutdown: CancellationToken) -> Result<Node, Setu
     let store = Store::new(args.store.clone(), args.store_dir.clone(), args.daemon_connections);
     tracing::info!(store = %args.store, keys = ?keys.keys().iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), "starting");
     let index = Arc::new(Index::new(args.index_max_mib.saturating_mul(1024 * 1024)));
-    let srv = Arc::new(StoreServer::new(store, index, keys));
+    let stall = Duration::from_secs(args.client_stall_timeout.max(1));
+    let srv = Arc::new(StoreServer::new(store, index, keys).with_stall_timeout(stall));
     let running = server::spawn(
         srv,
         listeners,

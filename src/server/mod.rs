@@ -27,8 +27,6 @@ use index::{Entry, Index};
 pub const PRIORITY: u32 = 30;
 /// NAR chunks buffered between the daemon reader and a client (each up to 64 KiB).
 const NAR_CHANNEL_CHUNKS: usize = 8;
-/// A client that accepts no NAR bytes for this long is dropped, freeing its daemon connection.
-pub const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest request path we look at; longer ones are 414.
 const MAX_PATH_LEN: usize = 256;
 
@@ -83,6 +81,8 @@ pub struct StoreServer {
     keys: TrustedKeys,
     /// `/nix-cache-info`, rendered once.
     cache_info: Bytes,
+    /// A client that accepts no NAR bytes for this long is dropped, freeing its daemon connection.
+    stall_timeout: Duration,
 }
 
 impl StoreServer {
@@ -96,7 +96,13 @@ impl StoreServer {
             index,
             keys,
             cache_info,
+            stall_timeout: Duration::from_secs(60),
         }
+    }
+
+    pub fn with_stall_timeout(mut self, d: Duration) -> Self {
+        self.stall_timeout = d;
+        self
     }
 
     /// The servable entry for `hash`: from the index, else asked of the daemon (and indexed).
@@ -170,8 +176,9 @@ impl StoreServer {
             };
             let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
             let path = entry.path.to_string();
+            let stall = self.stall_timeout;
             tokio::spawn(async move {
-                let r = pump(stream, &tx, start, end).await;
+                let r = pump(stream, &tx, start, end, stall).await;
                 let ms = started.elapsed().as_millis() as u64;
                 match r {
                     Ok(bytes) => tracing::info!(%path, bytes, ms, "NAR served"),
@@ -214,6 +221,7 @@ async fn pump(
     tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
     start: u64,
     end: u64,
+    stall: Duration,
 ) -> Result<u64, PumpError> {
     let mut pos = 0u64;
     let mut sent = 0u64;
@@ -227,8 +235,8 @@ async fn pump(
         let to = ((end + 1).min(c_end) - c_start) as usize;
         let piece = chunk.slice(from..to);
         sent += piece.len() as u64;
-        match tokio::time::timeout(CLIENT_STALL_TIMEOUT, tx.send(Ok(piece))).await {
-            Err(_) => return Err(PumpError::Stalled(CLIENT_STALL_TIMEOUT)),
+        match tokio::time::timeout(stall, tx.send(Ok(piece))).await {
+            Err(_) => return Err(PumpError::Stalled(stall)),
             Ok(Err(_)) => return Err(PumpError::Gone),
             Ok(Ok(())) => {}
         }

@@ -1,0 +1,414 @@
+//! Shared test harness: a signed "hydra" cache built with real Nix, hosts with their own chroot
+//! store and private nix-daemon, an in-process `serve` node, and a raw HTTP client.
+//!
+//! Tests that need Nix call [`require_nix`]: without Nix they skip locally, but FAIL under `CI`.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use local_nix_cache::cli::{self, ServeArgs};
+use local_nix_cache::store::StoreAddr;
+use tokio_util::sync::CancellationToken;
+
+/// True when Nix is usable. Without it: a skip message locally, a panic (test failure) in CI.
+pub fn require_nix() -> bool {
+    let ok = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI is set but Nix is missing: run the README's test command (it installs nix-bin)");
+        }
+        eprintln!("SKIPPED: nix-store not found (install nix-bin); this test fails instead under CI");
+    }
+    ok
+}
+
+/// A Nix command with a clean environment: no internet substituters, a private HOME (Nix's narinfo
+/// cache lives there and remembers misses for an hour).
+pub fn nix(program: &str, home: &Path) -> Command {
+    let mut c = Command::new(program);
+    c.env("PATH", "/usr/bin:/bin")
+        .env("HOME", home)
+        .env("NIX_CONFIG", "substituters =\nexperimental-features = nix-command")
+        .env_remove("NIX_REMOTE");
+    c
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// The signed upstream cache every test host is filled from.
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    pub root: PathBuf,
+    /// `test-hydra-1:...` public key.
+    pub pk: String,
+    pub sk_file: PathBuf,
+    /// `file://` URL of the signed cache (xz-compressed NARs).
+    pub cache_url: String,
+    /// Top of a three-path closure: top → mid → leaf.
+    pub top: String,
+    /// All paths of that closure.
+    pub closure: Vec<String>,
+    /// A 32 MiB path (zeros), for streaming, ranges and stalled clients.
+    pub big: String,
+}
+
+const FIXTURE_NIX: &str = r#"
+let
+  mk = name: script: builtins.derivation {
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+    PATH = "/usr/bin:/bin";
+  };
+  leaf = mk "lnc-test-leaf" "echo leaf > $out";
+  mid = mk "lnc-test-mid" "mkdir -p $out/share; echo ${leaf} > $out/share/leaf; ln -s ${leaf} $out/link; seq 1 20000 > $out/share/numbers";
+  top = mk "lnc-test-top" "mkdir -p $out/bin; printf '#!/bin/sh\necho ${mid}\n' > $out/bin/hello; chmod +x $out/bin/hello";
+  big = mk "lnc-test-big" "dd if=/dev/zero of=$out bs=1M count=32 2>/dev/null";
+in { inherit top big; }
+"#;
+
+/// Built once per test binary.
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("lnc-fixture")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path().to_owned();
+        let home = root.join("home");
+        std::fs::create_dir_all(&home).expect("home");
+        std::fs::write(root.join("fixture.nix"), FIXTURE_NIX).expect("write fixture.nix");
+        let (sk, pk) = (root.join("sk"), root.join("pk"));
+        run(nix("nix-store", &home)
+            .args(["--generate-binary-cache-key", "test-hydra-1"])
+            .arg(&sk)
+            .arg(&pk));
+        let built = run(nix("nix-build", &home).arg(root.join("fixture.nix")).args([
+            "--no-out-link",
+            "-A",
+            "top",
+            "-A",
+            "big",
+        ]));
+        let mut lines = built.lines();
+        let top = lines.next().expect("top").to_owned();
+        let big = lines.next().expect("big").to_owned();
+        let closure: Vec<String> = run(nix("nix-store", &home).args(["-qR", &top]))
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(closure.len(), 3, "closure: {closure:?}");
+        let cache = root.join("cache");
+        let to = format!("file://{}?secret-key={}&compression=xz", cache.display(), sk.display());
+        run(nix("nix", &home).args(["copy", "--to", &to, &top, &big]));
+        Fixture {
+            pk: std::fs::read_to_string(&pk).expect("pk").trim().to_owned(),
+            sk_file: sk,
+            cache_url: format!("file://{}", cache.display()),
+            top,
+            closure,
+            big,
+            root,
+            _dir: dir,
+        }
+    })
+}
+
+/// The store-path hash part of a full path.
+pub fn hash_of(path: &str) -> &str {
+    &path["/nix/store/".len().."/nix/store/".len() + 32]
+}
+
+/// One simulated host: a chroot store under its own directory and its private nix-daemon.
+pub struct Host {
+    pub dir: tempfile::TempDir,
+    /// The chroot store (`--store ROOT`).
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub home: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Host {
+    /// A host whose store holds `paths` (with their closures), substituted from the signed cache,
+    /// so they carry test-hydra-1 signatures.
+    pub fn with_paths(paths: &[&str]) -> Self {
+        let f = fixture();
+        let dir = tempfile::Builder::new().prefix("lnc-host").tempdir().expect("tempdir");
+        let root = dir.path().join("store");
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).expect("home");
+        let mut cmd = nix("nix-store", &home);
+        cmd.arg("--store").arg(&root).arg("-r").args(paths).args([
+            "--option",
+            "substituters",
+            &f.cache_url,
+            "--option",
+            "trusted-public-keys",
+            &f.pk,
+        ]);
+        if paths.is_empty() {
+            // Just create the store.
+            run(nix("nix-store", &home).arg("--store").arg(&root).arg("--init"));
+        } else {
+            run(&mut cmd);
+        }
+        let socket = dir.path().join("daemon.sock");
+        let mut h = Self {
+            dir,
+            root,
+            socket,
+            home,
+            daemon: None,
+        };
+        h.start_daemon();
+        h
+    }
+
+    pub fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let _ = std::fs::remove_file(&self.socket);
+        let child = nix("nix-daemon", &self.home)
+            .env("NIX_DAEMON_SOCKET_PATH", &self.socket)
+            .arg("--store")
+            .arg(&self.root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nix-daemon");
+        self.daemon = Some(child);
+        let t0 = Instant::now();
+        while !self.socket.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "nix-daemon socket did not appear"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon and the per-connection workers it forked (they `setsid`, so only their
+    /// parent PID ties them to it): the hard case of a daemon restart, where every open
+    /// connection dies.
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            for pid in children_of(c.id()) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn store_addr(&self) -> StoreAddr {
+        StoreAddr::Unix(self.socket.clone())
+    }
+
+    /// Adds a file as an unsigned, content-addressed path (as a local build would be: no sigs).
+    pub fn add_unsigned(&self, name: &str, content: &str) -> String {
+        let file = self.dir.path().join(name);
+        std::fs::write(&file, content).expect("write");
+        run(nix("nix-store", &self.home)
+            .arg("--store")
+            .arg(&self.root)
+            .arg("--add")
+            .arg(&file))
+    }
+
+    /// The reference NAR bytes of a path in this host's store. `nix-store --store ROOT --dump`
+    /// would read the machine's /nix/store (a Nix 2.8 trap), so dump the physical directory.
+    pub fn dump(&self, path: &str) -> Vec<u8> {
+        let physical = self.root.join(path.trim_start_matches('/'));
+        let out = output(nix("nix-store", &self.home).arg("--dump").arg(&physical));
+        assert!(out.status.success(), "dump {}", physical.display());
+        out.stdout
+    }
+}
+
+/// PIDs whose parent is `pid`, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).ok().and_then(|st| {
+                // pid (comm) state ppid ...; comm may hold spaces, so split after ')'.
+                let rest = &st[st.rfind(')')? + 2..];
+                rest.split(' ').nth(1)?.parse::<u32>().ok()
+            }) == Some(pid)
+        })
+        .collect()
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.stop_daemon();
+    }
+}
+
+/// `serve`'s settings for tests: loopback, port 0, the test key.
+pub fn serve_args(store: StoreAddr) -> ServeArgs {
+    ServeArgs {
+        store,
+        listen: vec!["127.0.0.1:0".parse().expect("addr")],
+        trusted_public_keys: vec![fixture().pk.clone()],
+        store_dir: "/nix/store".into(),
+        rescan_interval: 60,
+        daemon_connections: 4,
+        index_max_mib: 64,
+        client_stall_timeout: 60,
+    }
+}
+
+/// A node running in-process on its own runtime thread; stopped (and drained) on drop.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestNode {
+    pub fn start(args: ServeArgs) -> Self {
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let token = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let node = cli::start(&args, token).expect("start node");
+                tx.send(node.addrs[0]).expect("send addr");
+                node.wait().await;
+            });
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(10)).expect("node started");
+        Self {
+            addr,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one raw HTTP/1.1 request (`Connection: close`) with the path exactly as given (no
+/// normalisation, so hostile paths reach the server unchanged) and reads the whole answer.
+pub fn request(addr: SocketAddr, method: &str, path: &str, extra_headers: &[(&str, &str)]) -> Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (k, v) in extra_headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    parse_response(&raw, method == "HEAD")
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Resp {
+    request(addr, "GET", path, &[])
+}
+
+fn parse_response(raw: &[u8], head: bool) -> Resp {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let head_text = String::from_utf8_lossy(&raw[..end]).to_string();
+    let mut lines = head_text.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let body = raw[end + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked && !head { dechunk(&body) } else { body };
+    Resp { status, headers, body }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
+        b = &b[nl + 2 + size + 2..];
+    }
+}

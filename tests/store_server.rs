@@ -1,0 +1,310 @@
+//! The store server against a real nix-daemon on a chroot store and the real Nix client.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use local_nix_cache::store::StoreAddr;
+
+#[test]
+fn nix_copies_a_closure_through_the_server_and_it_verifies() {
+    if !require_nix() {
+        return;
+    }
+    let f = fixture();
+    let host = Host::with_paths(&[&f.top]);
+    let node = TestNode::start(serve_args(host.store_addr()));
+    let client = tempfile::tempdir().expect("tempdir");
+    let (store, home) = (client.path().join("store"), client.path().join("home"));
+    std::fs::create_dir_all(&home).expect("home");
+    run(nix("nix", &home)
+        .args(["copy", "--from", &node.url(), "--to"])
+        .arg(&store)
+        .arg(&f.top)
+        .args(["--option", "trusted-public-keys", &f.pk]));
+    // Content and signatures verify in the client's store (checked there, not in /nix/store).
+    run(nix("nix", &home)
+        .args(["store", "verify", "--store"])
+        .arg(&store)
+        .args(["-r", &f.top, "--option", "trusted-public-keys", &f.pk]));
+    let info = run(nix("nix", &home)
+        .args(["path-info", "--json", "-r", "--store"])
+        .arg(&store)
+        .arg(&f.top));
+    for p in &f.closure {
+        assert!(info.contains(p.as_str()), "{p} missing from the copy: {info}");
+    }
+    assert_eq!(
+        info.matches("test-hydra-1:").count(),
+        3,
+        "upstream signatures kept: {info}"
+    );
+}
+
+#[test]
+fn unsigned_path_is_indistinguishable_from_absent() {
+    if !require_nix() {
+        return;
+    }
+    let f = fixture();
+    let host = Host::with_paths(&[&f.top]);
+    let private = host.add_unsigned("secret.txt", "a private note\n");
+    let node = TestNode::start(serve_args(host.store_addr()));
+    let absent = "/0000000000000000000000000000000a.narinfo";
+    let unsigned = format!("/{}.narinfo", hash_of(&private));
+    let (a, u) = (get(node.addr, absent), get(node.addr, &unsigned));
+    assert_eq!((a.status, u.status), (404, 404));
+    assert_eq!(a.body, u.body, "the 404 must not tell unsigned from absent");
+    assert_eq!(a.header("content-length"), u.header("content-length"));
+    let (ha, hu) = (
+        request(node.addr, "HEAD", absent, &[]),
+        request(node.addr, "HEAD", &unsigned, &[]),
+    );
+    assert_eq!((ha.status, hu.status), (404, 404));
+    // Its NAR cannot be fetched either, whatever hash the URL names.
+    let dump = host.dump(&private);
+    let nar_hash = nix_base32_sha256(&dump);
+    let r = get(node.addr, &format!("/nar/{}-{nar_hash}.nar", hash_of(&private)));
+    assert_eq!(r.status, 404);
+    // A signed path of the same store is served.
+    assert_eq!(get(node.addr, &format!("/{}.narinfo", hash_of(&f.top))).status, 200);
+    // And so is a path trusted by another key: signing it makes it visible at once (miss path).
+    let sk = f.sk_file.to_str().expect("utf8");
+    run(nix("nix", &host.home)
+        .args(["store", "sign", "--store"])
+        .arg(&host.root)
+        .args(["--key-file", sk, &private]));
+    assert_eq!(
+        get(node.addr, &unsigned).status,
+        200,
+        "signed after start, found on the miss path"
+    );
+}
+
+fn nix_base32_sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    let d: [u8; 32] = sha2::Sha256::digest(data).into();
+    local_nix_cache::narinfo::NarHash::from_digest(d).to_nix32()
+}
+
+/// Narinfo fields of a served path.
+fn narinfo_url(node: &TestNode, path: &str) -> String {
+    let r = get(node.addr, &format!("/{}.narinfo", hash_of(path)));
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body).expect("utf8");
+    assert!(text.contains("Compression: none\n"), "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .map(|u| format!("/{u}"))
+        .expect("URL")
+}
+
+#[test]
+fn nar_streams_with_length_and_ranges() {
+    if !require_nix() {
+        return;
+    }
+    let f = fixture();
+    let host = Host::with_paths(&[&f.big]);
+    let node = TestNode::start(serve_args(host.store_addr()));
+    let url = narinfo_url(&node, &f.big);
+    let want = host.dump(&f.big);
+    let full = get(node.addr, &url);
+    assert_eq!(full.status, 200);
+    assert_eq!(full.header("accept-ranges"), Some("bytes"));
+    assert_eq!(full.header("content-length"), Some(want.len().to_string().as_str()));
+    assert_eq!(full.header("content-encoding"), None);
+    assert!(full.body == want, "NAR differs from nix-store --dump");
+    let head = request(node.addr, "HEAD", &url, &[]);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some(want.len().to_string().as_str()));
+    assert!(head.body.is_empty());
+    let n = want.len() as u64;
+    for (range, start, end) in [
+        (format!("bytes={}-", n / 2 + 3), n / 2 + 3, n - 1),
+        ("bytes=10-4000".to_string(), 10, 4000),
+        ("bytes=-100".to_string(), n - 100, n - 1),
+    ] {
+        let r = request(node.addr, "GET", &url, &[("Range", &range)]);
+        assert_eq!(r.status, 206, "{range}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {start}-{end}/{n}").as_str())
+        );
+        assert!(r.body == want[start as usize..=end as usize], "{range}: wrong bytes");
+    }
+    let r = request(node.addr, "GET", &url, &[("Range", &format!("bytes={n}-"))]);
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some(format!("bytes */{n}").as_str()));
+    // A NAR URL with the right store hash but another NAR hash is not ours to serve.
+    let other = url.replace(&url[url.len() - 56..url.len() - 4], &"1".repeat(52));
+    assert_eq!(get(node.addr, &other).status, 404);
+}
+
+#[test]
+fn hostile_requests_get_4xx_and_the_server_keeps_serving() {
+    if !require_nix() {
+        return;
+    }
+    let f = fixture();
+    let host = Host::with_paths(&[&f.top]);
+    let node = TestNode::start(serve_args(host.store_addr()));
+    let h = hash_of(&f.top);
+    let long = format!("/{}.narinfo", "a".repeat(5000));
+    let cases: Vec<(&str, String, u16)> = vec![
+        ("GET", "/../../../etc/passwd".into(), 400),
+        ("GET", format!("/..%2f..%2f{h}.narinfo"), 400),
+        ("GET", format!("/%2e%2e/{h}.narinfo"), 400),
+        ("GET", format!("/{}.narinfo", &h[..31]), 400),
+        ("GET", format!("/{h}0.narinfo"), 400),
+        (
+            "GET",
+            format!("/{}.narinfo", h.replace(|c: char| c.is_ascii_digit(), "e")),
+            400,
+        ),
+        ("GET", format!("/{}.narinfo", h.to_uppercase()), 400),
+        ("GET", format!("/nar/{h}-zzz.nar"), 400),
+        ("GET", format!("/nar/{h}-{}.nar", "e".repeat(52)), 400),
+        ("GET", "/nar/../../etc/shadow.nar".into(), 400),
+        ("GET", long, 414),
+        ("GET", format!("/{h}.ls"), 404),
+        ("GET", "/log/0000000000000000000000000000000a-x.drv".into(), 404),
+        ("GET", "/realisations/sha256:0!out.doi".into(), 404),
+        ("GET", "/".into(), 404),
+        ("POST", format!("/{h}.narinfo"), 405),
+        ("DELETE", "/nix-cache-info".into(), 405),
+    ];
+    for (method, path, want) in cases {
+        let r = request(node.addr, method, &path, &[]);
+        assert_eq!(r.status, want, "{method} {}", &path[..path.len().min(80)]);
+    }
+    // Garbage that is not HTTP at all.
+    for garbage in [&b"\x00\x01\x02garbage\r\n\r\n"[..], b"GET\r\n\r\n", &[b'A'; 100_000]] {
+        let mut s = TcpStream::connect(node.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let _ = s.write_all(garbage);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(out.is_empty() || text.starts_with("HTTP/1.1 4"), "garbage got {text:?}");
+    }
+    // Still serving.
+    assert_eq!(get(node.addr, "/nix-cache-info").status, 200);
+    assert_eq!(get(node.addr, &format!("/{h}.narinfo")).status, 200);
+}
+
+#[test]
+fn nix_cache_info_advertises_the_store() {
+    if !require_nix() {
+        return;
+    }
+    let host = Host::with_paths(&[]);
+    let node = TestNode::start(serve_args(host.store_addr()));
+    let r = get(node.addr, "/nix-cache-info");
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body).expect("utf8");
+    assert!(text.contains("StoreDir: /nix/store\n"), "{text}");
+    assert!(text.contains("WantMassQuery: 1\n"), "{text}");
+    let prio: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Priority: "))
+        .and_then(|p| p.parse().ok())
+        .expect("Priority");
+    assert!(prio < 40, "must come before cache.nixos.org (40): {prio}");
+    let head = request(node.addr, "HEAD", "/nix-cache-info", &[]);
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+}
+
+#[test]
+fn daemon_restart_is_survived() {
+    if !require_nix() {
+        return;
+    }
+    let f = fixture();
+    let mut host = Host::with_paths(&[&f.top]);
+    let node = TestNode::start(serve_args(host.store_addr()));
+    let url = narinfo_url(&node, &f.top); // also warms the pool
+    assert_eq!(get(node.addr, &url).status, 200);
+    host.stop_daemon();
+    // With the daemon gone: a lookup that needs it answers like a miss, quickly, never a 5xx.
+    let t0 = Instant::now();
+    let miss = get(node.addr, "/0000000000000000000000000000000b.narinfo");
+    assert_eq!(miss.status, 404);
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "a dead daemon must not hang requests"
+    );
+    let nar = get(node.addr, &url);
+    assert_eq!(nar.status, 404, "NAR without a daemon is a miss, not a 5xx");
+    // Indexed narinfo still answers from memory.
+    assert_eq!(get(node.addr, &format!("/{}.narinfo", hash_of(&f.top))).status, 200);
+    host.start_daemon();
+    let nar = get(node.addr, &url);
+    assert_eq!(nar.status, 200, "recovers once the daemon is back");
+    assert!(nar.body == host.dump(&f.top));
+    // And again, for a path only the daemon can answer (not yet requested).
+    assert_eq!(
+        get(node.addr, &format!("/{}.narinfo", hash_of(&f.closure[0]))).status,
+        200
+    );
+}
+
+#[test]
+fn stdio_children_serve_without_a_socket() {
+    if !require_nix() {
+        return;
+    }
+    let f = fixture();
+    let mut host = Host::with_paths(&[&f.top]);
+    host.stop_daemon();
+    let store = StoreAddr::Stdio {
+        store: Some(host.root.display().to_string()),
+    };
+    let node = TestNode::start(serve_args(store));
+    let url = narinfo_url(&node, &f.top);
+    let r = get(node.addr, &url);
+    assert_eq!(r.status, 200);
+    assert!(r.body == host.dump(&f.top));
+}
+
+#[test]
+fn stalled_client_releases_its_daemon_connection() {
+    if !require_nix() {
+        return;
+    }
+    let f = fixture();
+    let host = Host::with_paths(&[&f.big, &f.top]);
+    let mut args = serve_args(host.store_addr());
+    args.daemon_connections = 1;
+    args.client_stall_timeout = 1;
+    let node = TestNode::start(args);
+    let url = narinfo_url(&node, &f.big);
+    let top_url = narinfo_url(&node, &f.top);
+    // A client that starts the 32 MiB NAR and then reads nothing holds the only connection.
+    let mut stalled = TcpStream::connect(node.addr).expect("connect");
+    stalled.set_read_buffer_size_hint();
+    write!(stalled, "GET {url} HTTP/1.1\r\nHost: t\r\n\r\n").expect("send");
+    std::thread::sleep(Duration::from_millis(300));
+    // Another client still gets its NAR once the stalled one is dropped.
+    let t0 = Instant::now();
+    let r = get(node.addr, &top_url);
+    assert_eq!(r.status, 200, "the stalled client pinned the daemon connection");
+    assert!(t0.elapsed() < Duration::from_secs(8), "took {:?}", t0.elapsed());
+    drop(stalled);
+}
+
+/// Keeps the stalled client's kernel buffer small so the server really blocks.
+trait SmallBuf {
+    fn set_read_buffer_size_hint(&mut self);
+}
+
+impl SmallBuf for TcpStream {
+    fn set_read_buffer_size_hint(&mut self) {
+        let sock = socket2::SockRef::from(&*self);
+        let _ = sock.set_recv_buffer_size(4096);
+    }
+}
