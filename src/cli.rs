@@ -4,6 +4,7 @@
 //! running so tests can start a whole node in-process.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +63,32 @@ pub struct ServeArgs {
     /// connection freed).
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub client_stall_timeout: u64,
+    /// Where the store directory physically is, to read NARs from disk once the daemon vouched
+    /// for a path (faster than through the daemon); `none` streams every NAR through the daemon.
+    /// Default: the store directory itself for the system daemon, ROOT/nix/store for
+    /// stdio://ROOT, none for another unix:// socket.
+    #[arg(long, value_name = "DIR")]
+    pub real_store_dir: Option<String>,
+}
+
+impl ServeArgs {
+    /// The physical store directory NARs are read from, if any.
+    pub fn resolved_real_store_dir(&self) -> Option<PathBuf> {
+        match self.real_store_dir.as_deref() {
+            Some("none") => None,
+            Some(dir) => Some(dir.into()),
+            None => match &self.store {
+                StoreAddr::Auto | StoreAddr::Stdio { store: None } => Some(self.store_dir.clone().into()),
+                StoreAddr::Unix(p) if p.as_os_str() == crate::store::DEFAULT_SOCKET => {
+                    Some(self.store_dir.clone().into())
+                }
+                StoreAddr::Stdio { store: Some(root) } if root.starts_with('/') => {
+                    Some(PathBuf::from(root).join(self.store_dir.trim_start_matches('/')))
+                }
+                _ => None,
+            },
+        }
+    }
 }
 
 /// Errors of `serve`'s set-up, before it runs.
@@ -110,8 +137,10 @@ pub fn start(args: &ServeArgs, shutdown: CancellationToken) -> Result<Node, Setu
         .iter()
         .map(|&addr| crate::http::bind(addr).map_err(|source| SetupError::Bind { addr, source }))
         .collect::<Result<Vec<_>, _>>()?;
-    let store = Store::new(args.store.clone(), args.store_dir.clone(), args.daemon_connections);
-    tracing::info!(store = %args.store, keys = ?keys.keys().iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), "starting");
+    let real = args.resolved_real_store_dir();
+    let store = Store::new(args.store.clone(), args.store_dir.clone(), args.daemon_connections)
+        .with_real_store_dir(real.clone());
+    tracing::info!(store = %args.store, nar_from_disk = ?real, keys = ?keys.keys().iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), "starting");
     let index = Arc::new(Index::new(args.index_max_mib.saturating_mul(1024 * 1024)));
     let stall = Duration::from_secs(args.client_stall_timeout.max(1));
     let srv = Arc::new(StoreServer::new(store, index, keys).with_stall_timeout(stall));
@@ -125,4 +154,30 @@ pub fn start(args: &ServeArgs, shutdown: CancellationToken) -> Result<Node, Setu
         addrs: running.addrs,
         tasks: running.tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn real_store_dir_defaults_follow_the_store() {
+        let args = |store: &str, real: Option<&str>| {
+            let mut v = vec!["local-nix-cache", "serve", "--store", store];
+            if let Some(r) = real {
+                v.extend(["--real-store-dir", r]);
+            }
+            match Cli::parse_from(v).command {
+                Command::Serve(a) => a.resolved_real_store_dir(),
+            }
+        };
+        let p = |s: &str| Some(PathBuf::from(s));
+        assert_eq!(args("auto", None), p("/nix/store"));
+        assert_eq!(args("daemon", None), p("/nix/store"));
+        assert_eq!(args("stdio", None), p("/nix/store"));
+        assert_eq!(args("stdio:///tmp/hostA", None), p("/tmp/hostA/nix/store"));
+        assert_eq!(args("unix:///tmp/a.sock", None), None);
+        assert_eq!(args("unix:///tmp/a.sock", Some("/x/store")), p("/x/store"));
+        assert_eq!(args("auto", Some("none")), None);
+    }
 }

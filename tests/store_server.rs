@@ -16,7 +16,9 @@ fn nix_copies_a_closure_through_the_server_and_it_verifies() {
     }
     let f = fixture();
     let host = Host::with_paths(&[&f.top]);
-    let node = TestNode::start(serve_args(host.store_addr()));
+    let mut args = serve_args(host.store_addr());
+    args.real_store_dir = Some(host.physical_store());
+    let node = TestNode::start(args);
     let client = tempfile::tempdir().expect("tempdir");
     let (store, home) = (client.path().join("store"), client.path().join("home"));
     std::fs::create_dir_all(&home).expect("home");
@@ -103,13 +105,36 @@ fn narinfo_url(node: &TestNode, path: &str) -> String {
 }
 
 #[test]
-fn nar_streams_with_length_and_ranges() {
+fn nar_streams_with_length_and_ranges_through_the_daemon() {
+    check_nar_streaming(false);
+}
+
+#[test]
+fn nar_streams_with_length_and_ranges_from_disk() {
+    check_nar_streaming(true);
+}
+
+/// The NAR served equals `nix-store --dump`, whole and in ranges, read through the daemon's
+/// NarFromPath or from the physical store directory.
+fn check_nar_streaming(from_disk: bool) {
     if !require_nix() {
         return;
     }
     let f = fixture();
-    let host = Host::with_paths(&[&f.big]);
-    let node = TestNode::start(serve_args(host.store_addr()));
+    let host = Host::with_paths(&[&f.big, &f.top]);
+    let mut args = serve_args(host.store_addr());
+    args.real_store_dir = Some(if from_disk {
+        host.physical_store()
+    } else {
+        "none".into()
+    });
+    let node = TestNode::start(args);
+    // A directory tree with an executable, a symlink and references, whole.
+    for p in &f.closure {
+        let r = get(node.addr, &narinfo_url(&node, p));
+        assert_eq!(r.status, 200);
+        assert!(r.body == host.dump(p), "NAR of {p} differs from nix-store --dump");
+    }
     let url = narinfo_url(&node, &f.big);
     let want = host.dump(&f.big);
     let full = get(node.addr, &url);

@@ -25,8 +25,9 @@ use index::{Entry, Index};
 
 /// Priority in `/nix-cache-info`: before cache.nixos.org (40), for clients pointed straight at us.
 pub const PRIORITY: u32 = 30;
-/// NAR chunks buffered between the daemon reader and a client (each up to 64 KiB).
-const NAR_CHANNEL_CHUNKS: usize = 8;
+/// NAR chunks buffered between the NAR source and a client (64 KiB from the daemon, 128 KiB from
+/// disk): with the source's own buffer, about 1 MiB per stream.
+const NAR_CHANNEL_CHUNKS: usize = 4;
 /// Longest request path we look at; longer ones are 414.
 const MAX_PATH_LEN: usize = 256;
 

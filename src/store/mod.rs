@@ -7,6 +7,7 @@
 //! error is dropped, never reused; a daemon restart costs at most one retried operation.
 
 pub mod daemon;
+pub mod dump;
 pub mod nar;
 mod pool;
 
@@ -57,6 +58,8 @@ pub enum Error {
         #[source]
         source: ParseError,
     },
+    #[error("reading a NAR from disk: {0}")]
+    Dump(#[from] dump::DumpError),
     #[error("NAR of {path} has {got} bytes, path info says {want}")]
     NarSize { path: String, got: u64, want: u64 },
 }
@@ -159,14 +162,28 @@ pub struct Store {
     pool: Pool,
     /// The logical store directory (`/nix/store`), for parsing what the daemon returns.
     store_dir: String,
+    /// Where the store directory physically is, when this process can read it: NARs are then
+    /// read from disk (after the daemon vouched for the path) rather than copied through the
+    /// daemon's socket, which caps a stream at the daemon's single-threaded copy speed.
+    real_store_dir: Option<PathBuf>,
 }
+
+/// NAR chunks buffered between a disk-reading thread and its consumer (each up to 128 KiB).
+const DUMP_CHANNEL_CHUNKS: usize = 2;
 
 impl Store {
     pub fn new(addr: StoreAddr, store_dir: impl Into<String>, pool_size: usize) -> Self {
         Self {
             pool: Pool::new(addr, pool_size),
             store_dir: store_dir.into(),
+            real_store_dir: None,
         }
+    }
+
+    /// Reads NARs from `dir` (the physical store directory) instead of through the daemon.
+    pub fn with_real_store_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.real_store_dir = dir;
+        self
     }
 
     pub fn store_dir(&self) -> &str {
@@ -230,8 +247,15 @@ impl Store {
     }
 
     /// Streams the NAR of `info.path`. The caller got `info` from [`Self::path_info`] just before:
-    /// NarFromPath itself does not check validity.
+    /// NarFromPath itself does not check validity. Read from disk when the physical store
+    /// directory is known and holds the path, else through the daemon.
     pub async fn nar(&self, info: &PathInfo) -> Result<NarStream, Error> {
+        if let Some(real) = &self.real_store_dir {
+            let physical = real.join(info.path.basename());
+            if std::fs::symlink_metadata(&physical).is_ok() {
+                return Ok(self.nar_from_disk(info, physical));
+            }
+        }
         let path = info.path.to_string();
         let mut retried = false;
         loop {
@@ -239,10 +263,13 @@ impl Store {
             match tokio::time::timeout(OP_TIMEOUT, conn.start_nar_from_path(path.clone())).await {
                 Ok(Ok(())) => {
                     return Ok(NarStream {
-                        conn,
-                        framer: NarFramer::new(),
+                        source: Source::Daemon {
+                            conn: Box::new(conn),
+                            framer: NarFramer::new(),
+                        },
                         path,
                         nar_size: info.nar_size,
+                        seen: 0,
                     })
                 }
                 Ok(Err(e)) if e.is_connection_lost() && conn.reused() && !retried => {
@@ -254,28 +281,69 @@ impl Store {
             }
         }
     }
+
+    fn nar_from_disk(&self, info: &PathInfo, physical: PathBuf) -> NarStream {
+        let (tx, rx) = tokio::sync::mpsc::channel(DUMP_CHANNEL_CHUNKS);
+        tokio::task::spawn_blocking(move || {
+            let r = dump::dump(&physical, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
+            match r {
+                Ok(()) | Err(dump::DumpError::Stopped) => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                }
+            }
+        });
+        NarStream {
+            source: Source::Disk(rx),
+            path: info.path.to_string(),
+            nar_size: info.nar_size,
+            seen: 0,
+        }
+    }
 }
 
-/// A NAR being read from the daemon. Holds its connection until the end; dropped early, the
-/// connection is discarded (it is mid-stream).
+/// Where a NAR's bytes come from.
+enum Source {
+    /// NarFromPath on a pooled connection, held until the NAR ends.
+    Daemon {
+        conn: Box<pool::PooledConn>,
+        framer: NarFramer,
+    },
+    /// A blocking thread dumping the path from disk; it stops when this receiver is dropped.
+    Disk(tokio::sync::mpsc::Receiver<Result<Bytes, dump::DumpError>>),
+}
+
+/// A NAR being read. Dropped early, its daemon connection is discarded (it is mid-stream) or
+/// its disk reader stops.
 pub struct NarStream {
-    conn: pool::PooledConn,
-    framer: NarFramer,
+    source: Source,
     path: String,
     nar_size: u64,
+    /// Bytes delivered so far.
+    seen: u64,
 }
 
 impl NarStream {
-    /// The next chunk (at most [`daemon::READ_BUF`] bytes), `None` after the last. Fails if the
-    /// NAR is malformed or its size differs from the path info's.
+    /// The next chunk, `None` after the last. Fails if the NAR is malformed or its size differs
+    /// from the path info's (a complete NAR of the wrong size is never delivered whole).
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, Error> {
-        let chunk = self.conn.read_nar_chunk(&mut self.framer, NAR_IDLE_TIMEOUT).await?;
-        let seen = self.framer.bytes_seen();
-        if seen > self.nar_size || (chunk.is_none() && seen != self.nar_size) {
-            self.conn.mark_broken();
+        let chunk = match &mut self.source {
+            Source::Daemon { conn, framer } => conn.read_nar_chunk(framer, NAR_IDLE_TIMEOUT).await?,
+            Source::Disk(rx) => match tokio::time::timeout(NAR_IDLE_TIMEOUT, rx.recv()).await {
+                Err(_) => return Err(Error::Timeout("reading a NAR from disk")),
+                Ok(None) => None,
+                Ok(Some(Ok(c))) => Some(c),
+                Ok(Some(Err(e))) => return Err(Error::Dump(e)),
+            },
+        };
+        self.seen += chunk.as_ref().map_or(0, |c| c.len() as u64);
+        if self.seen > self.nar_size || (chunk.is_none() && self.seen != self.nar_size) {
+            if let Source::Daemon { conn, .. } = &mut self.source {
+                conn.mark_broken();
+            }
             return Err(Error::NarSize {
                 path: self.path.clone(),
-                got: seen,
+                got: self.seen,
                 want: self.nar_size,
             });
         }

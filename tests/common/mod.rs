@@ -230,6 +230,11 @@ impl Host {
         }
     }
 
+    /// The physical directory of this host's store (`ROOT/nix/store`).
+    pub fn physical_store(&self) -> String {
+        self.root.join("nix/store").display().to_string()
+    }
+
     pub fn store_addr(&self) -> StoreAddr {
         StoreAddr::Unix(self.socket.clone())
     }
@@ -288,6 +293,7 @@ pub fn serve_args(store: StoreAddr) -> ServeArgs {
         daemon_connections: 4,
         index_max_mib: 64,
         client_stall_timeout: 60,
+        real_store_dir: None,
     }
 }
 
