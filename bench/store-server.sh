@@ -50,7 +50,7 @@ NGINX=127.0.0.1:18481
 # NARs from disk, as `serve` does by default with the system store; BENCH_VIA_DAEMON=1 streams
 # them through the daemon's NarFromPath instead.
 if [ -n "${BENCH_VIA_DAEMON:-}" ]; then REAL=none; else REAL=$D/store/nix/store; fi
-RUST_LOG=warn "$BIN" serve --store "unix://$D/daemon.sock" --listen "$OURS" --real-store-dir "$REAL" \
+RUST_LOG=warn "$BIN" serve --no-beacon --store "unix://$D/daemon.sock" --listen "$OURS" --real-store-dir "$REAL" \
     --trusted-public-key "$(cat "$D/pk")" >"$D/serve.log" 2>&1 & SERVE_PID=$!; PIDS+=($SERVE_PID)
 mkdir -p "$D/nginx"
 cat > "$D/nginx.conf" <<NGX

@@ -3,7 +3,7 @@
 //! `serve` runs one host's parts; each part adds its own flags to it. Parsing is separate from
 //! running so tests can start a whole node in-process.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::beacon::{self, wire, wire::NodeId, BeaconConfig, PeerTable};
 use crate::narinfo::{PublicKey, TrustedKeys};
+use crate::peers::PeersOptions;
 use crate::server::{self, index::Index, StoreServer};
 use crate::store::{Store, StoreAddr};
 
@@ -31,8 +33,90 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run this host's store server (and, as they land, beacon and proxy).
+    /// Run this host's store server and beacon (and, as it lands, proxy).
     Serve(ServeArgs),
+    /// Multicast debug tool: listen for beacons and print the peer table (no `serve` needed).
+    Peers(PeersArgs),
+}
+
+/// Beacon flags shared by `serve` and `peers`.
+#[derive(Args, Debug, Clone)]
+pub struct BeaconArgs {
+    /// Interface to announce and listen on (repeatable). Default: every interface that is up,
+    /// multicast-capable and not loopback.
+    #[arg(long = "interface", value_name = "NAME")]
+    pub interfaces: Vec<String>,
+    /// Multicast group (repeatable; IPv4 and/or IPv6). Default: 239.255.83.80 and ff02::8380.
+    #[arg(long = "group", value_name = "ADDR")]
+    pub groups: Vec<IpAddr>,
+    /// UDP port of the beacon.
+    #[arg(long, default_value_t = beacon::DEFAULT_PORT, value_name = "PORT")]
+    pub beacon_port: u16,
+}
+
+impl BeaconArgs {
+    fn config(&self, announce: Option<beacon::Announce>, interval: Duration) -> BeaconConfig {
+        let d = BeaconConfig::default();
+        BeaconConfig {
+            groups: if self.groups.is_empty() {
+                d.groups
+            } else {
+                self.groups.clone()
+            },
+            interfaces: self.interfaces.clone(),
+            port: self.beacon_port,
+            announce,
+            interval,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PeersArgs {
+    #[command(flatten)]
+    pub beacon: BeaconArgs,
+    /// Listen this long, print the table and exit (e.g. 3s, 500ms). Default: until Ctrl-C.
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// One JSON object per line: per peer (at exit with --timeout, else per join/leave event).
+    #[arg(long)]
+    pub json: bool,
+    /// Print every datagram received, with its decoded form or decode error and its sender.
+    #[arg(long)]
+    pub raw: bool,
+    /// Also send beacons, as a test host whose store server is on --store-port.
+    #[arg(long)]
+    pub announce: bool,
+    /// The store server port announced with --announce.
+    #[arg(long, default_value_t = 8380, value_name = "PORT")]
+    pub store_port: u16,
+    /// Announce interval with --announce.
+    #[arg(long, default_value = "5s", value_name = "DUR", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+}
+
+impl PeersArgs {
+    pub fn options(&self) -> PeersOptions {
+        let announce = self.announce.then(|| beacon::Announce {
+            store_port: self.store_port,
+            flags: wire::FLAG_NAR_NONE,
+            hostname: hostname(),
+        });
+        PeersOptions {
+            beacon: self.beacon.config(announce, self.interval),
+            timeout: self.timeout,
+            json: self.json,
+            raw: self.raw,
+        }
+    }
+}
+
+/// This machine's host name, for the beacon's informational hostname extension.
+pub fn hostname() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -69,6 +153,14 @@ pub struct ServeArgs {
     /// stdio://ROOT, none for another unix:// socket.
     #[arg(long, value_name = "DIR")]
     pub real_store_dir: Option<String>,
+    #[command(flatten)]
+    pub beacon: BeaconArgs,
+    /// Do not run the beacon (serve only to clients that are told this host's address).
+    #[arg(long)]
+    pub no_beacon: bool,
+    /// Time between announces (with ±20% jitter); peers drop us after three missed.
+    #[arg(long, default_value = "5s", value_name = "DUR", value_parser = humantime::parse_duration)]
+    pub announce_interval: Duration,
 }
 
 impl ServeArgs {
@@ -104,11 +196,15 @@ pub enum SetupError {
     },
     #[error("--store-dir {0:?} must be an absolute path without a trailing slash")]
     StoreDir(String),
+    #[error("beacon: {0}")]
+    Beacon(#[from] beacon::BeaconError),
 }
 
 /// A started node; `addrs` are the store server's bound addresses.
 pub struct Node {
     pub addrs: Vec<SocketAddr>,
+    /// The beacon's peer table (none with `--no-beacon`).
+    pub peers: Option<Arc<PeerTable>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -144,14 +240,50 @@ pub fn start(args: &ServeArgs, shutdown: CancellationToken) -> Result<Node, Setu
     let index = Arc::new(Index::new(args.index_max_mib.saturating_mul(1024 * 1024)));
     let stall = Duration::from_secs(args.client_stall_timeout.max(1));
     let srv = Arc::new(StoreServer::new(store, index, keys).with_stall_timeout(stall));
-    let running = server::spawn(
+    let mut running = server::spawn(
         srv,
         listeners,
         Duration::from_secs(args.rescan_interval.max(1)),
-        shutdown,
+        shutdown.clone(),
     );
+    let peers = if args.no_beacon {
+        None
+    } else {
+        let store_port = running.addrs.first().map_or(8380, |a| a.port());
+        let announce = beacon::Announce {
+            store_port,
+            flags: wire::FLAG_NAR_NONE,
+            hostname: hostname(),
+        };
+        let cfg = args.beacon.config(Some(announce), args.announce_interval);
+        match beacon::bind(&cfg) {
+            Ok(sockets) => {
+                for line in &sockets.report {
+                    tracing::info!("beacon: {line}");
+                }
+                let table = Arc::new(PeerTable::new(NodeId::random()));
+                tracing::info!(node = %table.own(), "beacon started");
+                running.tasks.push(tokio::spawn(beacon::run(
+                    sockets,
+                    cfg,
+                    table.clone(),
+                    None,
+                    shutdown,
+                    true,
+                )));
+                Some(table)
+            }
+            // With no usable interface (an offline laptop) the store server still serves.
+            Err(e @ beacon::BeaconError::NoInterface(_)) if args.beacon.interfaces.is_empty() => {
+                tracing::warn!(error = %e, "beacon not started; peers will not find this host");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     Ok(Node {
         addrs: running.addrs,
+        peers,
         tasks: running.tasks,
     })
 }
@@ -169,6 +301,7 @@ mod tests {
             }
             match Cli::parse_from(v).command {
                 Command::Serve(a) => a.resolved_real_store_dir(),
+                Command::Peers(_) => unreachable!("parsed serve"),
             }
         };
         let p = |s: &str| Some(PathBuf::from(s));

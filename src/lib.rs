@@ -2,8 +2,10 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map of the code.
 
+pub mod beacon;
 pub mod cli;
 pub mod http;
 pub mod narinfo;
+pub mod peers;
 pub mod server;
 pub mod store;

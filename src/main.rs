@@ -31,6 +31,16 @@ fn main() -> anyhow::Result<()> {
                 node.wait().await;
                 Ok(())
             }
+            Command::Peers(args) => {
+                let stop = CancellationToken::new();
+                let s = stop.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    s.cancel();
+                });
+                local_nix_cache::peers::run(args.options(), stop).await?;
+                Ok(())
+            }
         }
     })
 }

@@ -4,6 +4,8 @@
 //! Tests that need Nix call [`require_nix`]: without Nix they skip locally, but FAIL under `CI`.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -294,6 +296,14 @@ pub fn serve_args(store: StoreAddr) -> ServeArgs {
         index_max_mib: 64,
         client_stall_timeout: 60,
         real_store_dir: None,
+        beacon: cli::BeaconArgs {
+            interfaces: Vec::new(),
+            groups: Vec::new(),
+            beacon_port: 8380,
+        },
+        // Never beacon from the root namespace: these tests are about the store server.
+        no_beacon: true,
+        announce_interval: Duration::from_secs(5),
     }
 }
 

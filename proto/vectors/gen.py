@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Writes beacons.txt: beacon test vectors made straight from proto/beacon.md, independently of
+the Rust codec (which the vectors then check). Run: python3 proto/vectors/gen.py"""
+import os
+import struct
+import sys
+
+N = bytes.fromhex("00112233445566778899aabbccddeeff")
+
+
+def hdr(kind=1, flags=1, node=N, port=8380, interval=5000, seq=1, magic=b"LNCB", ver=1):
+    return magic + bytes([ver, kind]) + struct.pack(">H", flags) + node + struct.pack(">HII", port, interval, seq)
+
+
+def ext(t, v):
+    return bytes([t, len(v)]) + v
+
+
+def padded_to(total):
+    """An announce padded with unknown extensions to exactly `total` bytes."""
+    b = hdr() + ext(7, b"x" * 255)
+    rest = total - len(b) - 2
+    assert 0 <= rest <= 255
+    b += ext(7, b"y" * rest)
+    assert len(b) == total
+    return b
+
+
+def fields(**kw):
+    d = dict(type="announce", node=N.hex(), port=8380, flags="0x0001", interval_ms=5000, seq=1, hostname="-")
+    d.update(kw)
+    return d
+
+
+VALID = [
+    ("announce, minimal", hdr(), fields()),
+    ("announce with hostname", hdr(flags=0x0005, seq=42) + ext(1, b"laptop-7"), fields(flags="0x0005", seq=42, hostname="laptop-7")),
+    ("query from the peers tool (port 0)", hdr(kind=2, flags=0, port=0, seq=0), fields(type="query", port=0, flags="0x0000", seq=0)),
+    ("goodbye", hdr(kind=3, seq=4294967295), fields(type="goodbye", seq=4294967295)),
+    ("unknown extensions and flag bits are ignored (newer sender)",
+     hdr(flags=0x8001) + ext(9, b"\x01\x02\x03") + ext(1, b"h") + ext(200, b""),
+     fields(flags="0x8001", hostname="h", canonical="no")),
+    ("shortest interval, lowest port", hdr(interval=100, port=1), fields(port=1, interval_ms=100)),
+    ("longest interval, highest port", hdr(interval=3600000, port=65535), fields(port=65535, interval_ms=3600000)),
+    ("exactly 512 bytes", padded_to(512), fields(canonical="no")),
+]
+
+INVALID = [
+    ("empty", b"", "too-short"),
+    ("one byte short of a header", hdr()[:33], "too-short"),
+    ("513 bytes", padded_to(513), "too-long"),
+    ("bad magic", hdr(magic=b"LNCX"), "magic"),
+    ("an HTTP request, not a beacon", b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n", "magic"),
+    ("version 2", hdr(ver=2), "version"),
+    ("version 0", hdr(ver=0), "version"),
+    ("type 0", hdr(kind=0), "type"),
+    ("type 4", hdr(kind=4), "type"),
+    ("announce with port 0", hdr(port=0), "port"),
+    ("interval 0", hdr(interval=0), "interval"),
+    ("interval 99 ms", hdr(interval=99), "interval"),
+    ("interval over an hour", hdr(interval=3600001), "interval"),
+    ("extension header cut", hdr() + b"\x01", "truncated"),
+    ("extension value cut", (hdr() + ext(1, b"laptop"))[:-2], "truncated"),
+    ("empty hostname", hdr() + ext(1, b""), "hostname"),
+    ("hostname not UTF-8", hdr() + ext(1, b"\xff\xfe"), "hostname"),
+    ("hostname of 65 bytes", hdr() + ext(1, b"a" * 65), "hostname"),
+]
+
+
+def hexlines(b):
+    h = b.hex()
+    return [f"hex: {h[i:i + 64]}" for i in range(0, len(h), 64)] or ["hex:"]
+
+
+def write_corpus(directory):
+    """Every vector as one file, to seed the fuzzer (fuzz/README.md)."""
+    os.makedirs(directory, exist_ok=True)
+    for i, (_, b, _) in enumerate(VALID + INVALID):
+        with open(os.path.join(directory, f"vector-{i:02}"), "wb") as f:
+            f.write(b)
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--corpus":
+        write_corpus(sys.argv[2])
+        return
+    out = [
+        "# Beacon test vectors (proto/beacon.md), written by gen.py. Blocks of `key: value` lines,",
+        "# blank-line separated; hex lines concatenate. Valid vectors list the decoded fields;",
+        "# `canonical: no` marks datagrams that decode but that the encoder would not produce",
+        "# (unknown extensions). Invalid vectors give the error kind: too-short, too-long, magic,",
+        "# version, type, port, interval, truncated, hostname.",
+        "",
+    ]
+    for name, b, d in VALID:
+        out += [f"name: {name}", *hexlines(b), *(f"{k}: {v}" for k, v in d.items()), ""]
+    for name, b, e in INVALID:
+        out += [f"name: {name}", *hexlines(b), f"error: {e}", ""]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "beacons.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

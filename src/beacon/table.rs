@@ -1,0 +1,473 @@
+//! The peer table: who announced what, from where, and how healthy the proxy found them.
+//!
+//! Pure logic over `tokio::time::Instant` (so tests can pause time); the network loop feeds it
+//! datagrams. Invariants: at most [`MAX_PEERS`] peers and [`MAX_SOURCES`] rate-limit buckets;
+//! constant work per datagram; a peer leaves after three of its own announce intervals of
+//! silence, or at once on a goodbye from an address it announced from.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::wire::{self, Beacon, DecodeError, Kind, NodeId};
+
+/// Most peers in the table; announces from further new node ids are dropped.
+pub const MAX_PEERS: usize = 256;
+/// Most source addresses tracked for rate limiting.
+pub const MAX_SOURCES: usize = 4096;
+/// Datagrams per second allowed per source address (token bucket refill rate).
+pub const RATE_PER_SEC: f64 = 20.0;
+/// Token bucket size per source address.
+pub const RATE_BURST: f64 = 40.0;
+/// A peer silent for this many of its intervals is dropped.
+pub const EXPIRY_INTERVALS: u32 = 3;
+/// Addresses remembered per peer (a host on several links or with IPv4 and IPv6).
+const MAX_ADDRS_PER_PEER: usize = 4;
+/// First back-off after a failure reported by the proxy; doubles per consecutive failure.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// What the proxy learned about a peer.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Health {
+    pub consecutive_failures: u32,
+    pub successes: u64,
+    pub failures: u64,
+    /// Not asked again before this.
+    #[serde(skip)]
+    pub backoff_until: Option<Instant>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub node: NodeId,
+    /// Source addresses with the beacon's store port, most recently seen first.
+    pub addrs: Vec<SocketAddr>,
+    pub flags: u16,
+    pub hostname: Option<String>,
+    pub first_seen: Instant,
+    pub last_seen: Instant,
+    /// The peer's own announce interval.
+    pub interval: Duration,
+    pub seq: u32,
+    pub health: Health,
+}
+
+impl Peer {
+    /// The store server address to use: the most recent IPv4 one, else the most recent.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(self.addrs.first())
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    fn expires_at(&self) -> Instant {
+        self.last_seen + self.interval * EXPIRY_INTERVALS
+    }
+
+    pub fn backed_off(&self, now: Instant) -> bool {
+        self.health.backoff_until.is_some_and(|t| t > now)
+    }
+}
+
+/// Counts of what arrived and why anything was dropped.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Counters {
+    pub received: u64,
+    pub announces: u64,
+    pub queries: u64,
+    pub goodbyes: u64,
+    pub too_short: u64,
+    pub invalid: u64,
+    pub wrong_version: u64,
+    pub own: u64,
+    pub rate_limited: u64,
+    pub table_full: u64,
+    pub expired: u64,
+}
+
+/// What one datagram did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new peer.
+    Joined(Beacon),
+    /// A known peer announced again.
+    Refreshed(Beacon),
+    /// A peer said goodbye and left.
+    Left(Beacon),
+    /// Someone asks every host to announce now.
+    Query(Beacon),
+    /// Decoded, but nothing to do (own beacon, goodbye of an unknown peer, table full).
+    Ignored(Beacon, &'static str),
+    /// Not decoded.
+    Invalid(DecodeError),
+    RateLimited,
+}
+
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    peers: HashMap<NodeId, Peer>,
+    buckets: HashMap<IpAddr, Bucket>,
+    counters: Counters,
+}
+
+pub struct PeerTable {
+    /// Our own node id: our beacons come back to us and are ignored.
+    own: NodeId,
+    inner: Mutex<Inner>,
+    /// Woken on every join or leave, for whoever waits for the table to change.
+    changed: tokio::sync::Notify,
+}
+
+impl PeerTable {
+    pub fn new(own: NodeId) -> Self {
+        Self {
+            own,
+            inner: Mutex::new(Inner::default()),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn own(&self) -> NodeId {
+        self.own
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Handles one datagram from `src`.
+    pub fn handle(&self, src: SocketAddr, data: &[u8], now: Instant) -> Outcome {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        inner.counters.received += 1;
+        if !allow(&mut inner.buckets, src.ip(), now) {
+            inner.counters.rate_limited += 1;
+            return Outcome::RateLimited;
+        }
+        let b = match wire::decode(data) {
+            Ok(b) => b,
+            Err(e) => {
+                match e {
+                    DecodeError::TooShort(_) => inner.counters.too_short += 1,
+                    DecodeError::Version(_) => inner.counters.wrong_version += 1,
+                    _ => inner.counters.invalid += 1,
+                }
+                return Outcome::Invalid(e);
+            }
+        };
+        if b.node == self.own {
+            inner.counters.own += 1;
+            return Outcome::Ignored(b, "own beacon");
+        }
+        let outcome = match b.kind {
+            Kind::Query => {
+                inner.counters.queries += 1;
+                Outcome::Query(b)
+            }
+            Kind::Goodbye => {
+                inner.counters.goodbyes += 1;
+                let from_known_addr = inner
+                    .peers
+                    .get(&b.node)
+                    .is_some_and(|p| p.addrs.iter().any(|a| a.ip() == src.ip()));
+                if from_known_addr {
+                    inner.peers.remove(&b.node);
+                    Outcome::Left(b)
+                } else {
+                    Outcome::Ignored(b, "goodbye from an unknown peer or address")
+                }
+            }
+            Kind::Announce => {
+                inner.counters.announces += 1;
+                let addr = SocketAddr::new(src.ip(), b.port);
+                match addr_with_scope(addr, src) {
+                    addr if inner.peers.contains_key(&b.node) => {
+                        if let Some(p) = inner.peers.get_mut(&b.node) {
+                            p.addrs.retain(|a| *a != addr);
+                            p.addrs.insert(0, addr);
+                            p.addrs.truncate(MAX_ADDRS_PER_PEER);
+                            p.flags = b.flags;
+                            p.hostname = b.hostname.clone();
+                            p.last_seen = now;
+                            p.interval = Duration::from_millis(b.interval_ms.into());
+                            p.seq = b.seq;
+                        }
+                        Outcome::Refreshed(b)
+                    }
+                    _ if inner.peers.len() >= MAX_PEERS => {
+                        inner.counters.table_full += 1;
+                        Outcome::Ignored(b, "peer table full")
+                    }
+                    addr => {
+                        inner.peers.insert(
+                            b.node,
+                            Peer {
+                                node: b.node,
+                                addrs: vec![addr],
+                                flags: b.flags,
+                                hostname: b.hostname.clone(),
+                                first_seen: now,
+                                last_seen: now,
+                                interval: Duration::from_millis(b.interval_ms.into()),
+                                seq: b.seq,
+                                health: Health::default(),
+                            },
+                        );
+                        Outcome::Joined(b)
+                    }
+                }
+            }
+        };
+        drop(g);
+        if matches!(outcome, Outcome::Joined(_) | Outcome::Left(_)) {
+            self.changed.notify_waiters();
+        }
+        outcome
+    }
+
+    /// Drops peers silent for three of their intervals; returns them.
+    pub fn expire(&self, now: Instant) -> Vec<Peer> {
+        let mut g = self.lock();
+        let gone: Vec<NodeId> = g
+            .peers
+            .values()
+            .filter(|p| p.expires_at() <= now)
+            .map(|p| p.node)
+            .collect();
+        let removed: Vec<Peer> = gone.iter().filter_map(|n| g.peers.remove(n)).collect();
+        g.counters.expired += removed.len() as u64;
+        // Forget rate-limit buckets that have refilled completely.
+        g.buckets
+            .retain(|_, b| now.duration_since(b.last).as_secs_f64() * RATE_PER_SEC < RATE_BURST);
+        drop(g);
+        if !removed.is_empty() {
+            self.changed.notify_waiters();
+        }
+        removed
+    }
+
+    /// When the next peer will expire, if it stays silent.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.lock().peers.values().map(Peer::expires_at).min()
+    }
+
+    /// Live peers, oldest first.
+    pub fn peers(&self) -> Vec<Peer> {
+        let mut v: Vec<Peer> = self.lock().peers.values().cloned().collect();
+        v.sort_by_key(|p| (p.first_seen, p.node));
+        v
+    }
+
+    pub fn get(&self, node: &NodeId) -> Option<Peer> {
+        self.lock().peers.get(node).cloned()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.lock().counters.clone()
+    }
+
+    /// Resolves when the table next gains or loses a peer.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// The proxy reports a failed or lying answer: back the peer off, exponentially.
+    pub fn report_failure(&self, node: &NodeId, now: Instant) {
+        if let Some(p) = self.lock().peers.get_mut(node) {
+            p.health.failures += 1;
+            p.health.consecutive_failures = p.health.consecutive_failures.saturating_add(1);
+            let exp = p.health.consecutive_failures.saturating_sub(1).min(16);
+            let backoff = BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX);
+            p.health.backoff_until = Some(now + backoff);
+        }
+    }
+
+    pub fn report_success(&self, node: &NodeId) {
+        if let Some(p) = self.lock().peers.get_mut(node) {
+            p.health.successes += 1;
+            p.health.consecutive_failures = 0;
+            p.health.backoff_until = None;
+        }
+    }
+}
+
+/// IPv6 link-local addresses need the scope (interface) they were seen on to be reachable.
+fn addr_with_scope(addr: SocketAddr, src: SocketAddr) -> SocketAddr {
+    match (addr, src) {
+        (SocketAddr::V6(mut a), SocketAddr::V6(s)) => {
+            a.set_scope_id(s.scope_id());
+            SocketAddr::V6(a)
+        }
+        _ => addr,
+    }
+}
+
+/// Token bucket per source; false when the source is over its rate or no bucket is free.
+fn allow(buckets: &mut HashMap<IpAddr, Bucket>, ip: IpAddr, now: Instant) -> bool {
+    if !buckets.contains_key(&ip) && buckets.len() >= MAX_SOURCES {
+        return false;
+    }
+    let b = buckets.entry(ip).or_insert(Bucket {
+        tokens: RATE_BURST,
+        last: now,
+    });
+    let refill = now.duration_since(b.last).as_secs_f64() * RATE_PER_SEC;
+    b.tokens = (b.tokens + refill).min(RATE_BURST);
+    b.last = now;
+    if b.tokens >= 1.0 {
+        b.tokens -= 1.0;
+        true
+    } else {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::beacon::wire::{encode, FLAG_NAR_NONE};
+
+    fn beacon(kind: Kind, node: u8, interval_ms: u32) -> Vec<u8> {
+        encode(&Beacon {
+            kind,
+            flags: FLAG_NAR_NONE,
+            node: NodeId([node; 16]),
+            port: 8380,
+            interval_ms,
+            seq: 1,
+            hostname: Some(format!("host{node}")),
+        })
+    }
+
+    fn src(last: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, last], 8380))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn join_refresh_expire_goodbye() {
+        let t = PeerTable::new(NodeId([0; 16]));
+        let now = Instant::now();
+        assert!(matches!(
+            t.handle(src(2), &beacon(Kind::Announce, 2, 1000), now),
+            Outcome::Joined(_)
+        ));
+        assert!(matches!(
+            t.handle(src(3), &beacon(Kind::Announce, 3, 1000), now),
+            Outcome::Joined(_)
+        ));
+        assert!(matches!(
+            t.handle(src(2), &beacon(Kind::Announce, 2, 1000), now),
+            Outcome::Refreshed(_)
+        ));
+        assert_eq!(t.peers().len(), 2);
+        assert_eq!(t.peers()[0].http_addr(), src(2));
+        // Peer 3 keeps announcing, peer 2 goes silent: gone after three of its intervals.
+        for s in 1..=3 {
+            let at = now + Duration::from_millis(1000 * s - 1);
+            t.handle(src(3), &beacon(Kind::Announce, 3, 1000), at);
+            assert!(t.expire(at).is_empty(), "{s}");
+        }
+        let gone = t.expire(now + Duration::from_millis(3000));
+        assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![NodeId([2; 16])]);
+        // A goodbye from another address does not remove peer 3; from its own it does, at once.
+        let bye = beacon(Kind::Goodbye, 3, 1000);
+        assert!(matches!(t.handle(src(9), &bye, now), Outcome::Ignored(..)));
+        assert!(matches!(t.handle(src(3), &bye, now), Outcome::Left(_)));
+        assert!(t.peers().is_empty());
+        let c = t.counters();
+        assert_eq!((c.expired, c.goodbyes), (1, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn own_beacons_queries_and_garbage() {
+        let t = PeerTable::new(NodeId([7; 16]));
+        let now = Instant::now();
+        assert!(matches!(
+            t.handle(src(2), &beacon(Kind::Announce, 7, 1000), now),
+            Outcome::Ignored(..)
+        ));
+        assert!(matches!(
+            t.handle(src(2), &beacon(Kind::Query, 2, 1000), now),
+            Outcome::Query(_)
+        ));
+        assert!(matches!(
+            t.handle(src(2), b"short", now),
+            Outcome::Invalid(DecodeError::TooShort(5))
+        ));
+        let mut v2 = beacon(Kind::Announce, 2, 1000);
+        v2[4] = 2;
+        assert!(matches!(
+            t.handle(src(2), &v2, now),
+            Outcome::Invalid(DecodeError::Version(2))
+        ));
+        assert!(t.peers().is_empty(), "a query does not add a peer");
+        let c = t.counters();
+        assert_eq!((c.own, c.queries, c.too_short, c.wrong_version), (1, 1, 1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caps_hold_under_a_flood() {
+        let t = PeerTable::new(NodeId([0; 16]));
+        let now = Instant::now();
+        // One source flooding: the burst passes, the rest is rate limited.
+        let mut limited = 0;
+        for i in 0..1000u32 {
+            let mut b = beacon(Kind::Announce, 1, 1000);
+            b[8..12].copy_from_slice(&i.to_be_bytes());
+            if t.handle(src(1), &b, now) == Outcome::RateLimited {
+                limited += 1;
+            }
+        }
+        assert_eq!(limited, 1000 - RATE_BURST as usize);
+        // Many sources, many node ids: the table stops at MAX_PEERS.
+        for i in 0..2000u32 {
+            let ip = SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 1));
+            let mut b = beacon(Kind::Announce, 1, 1000);
+            b[8..12].copy_from_slice(&(i + 100_000).to_be_bytes());
+            t.handle(ip, &b, now);
+        }
+        assert_eq!(t.peers().len(), MAX_PEERS);
+        assert!(t.counters().table_full > 0);
+        // Sources beyond MAX_SOURCES are refused rather than tracked.
+        for i in 0..(MAX_SOURCES as u32 + 100) {
+            let ip = IpAddr::from([11, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            t.handle(SocketAddr::new(ip, 1), b"x", now);
+        }
+        assert!(t.lock().buckets.len() <= MAX_SOURCES);
+        // The rate refills with time.
+        let later = now + Duration::from_secs(1);
+        assert_ne!(
+            t.handle(src(1), &beacon(Kind::Announce, 1, 1000), later),
+            Outcome::RateLimited
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_and_success_resets() {
+        let t = PeerTable::new(NodeId([0; 16]));
+        let now = Instant::now();
+        t.handle(src(2), &beacon(Kind::Announce, 2, 1000), now);
+        let n = NodeId([2; 16]);
+        t.report_failure(&n, now);
+        t.report_failure(&n, now);
+        let p = t.get(&n).expect("peer");
+        assert!(p.backed_off(now + Duration::from_millis(1900)));
+        assert!(!p.backed_off(now + Duration::from_millis(2001)));
+        t.report_success(&n);
+        assert!(!t.get(&n).expect("peer").backed_off(now));
+    }
+}

@@ -1,0 +1,328 @@
+//! The beacon wire format (`proto/beacon.md`): a pure codec, no I/O.
+//!
+//! `decode` checks sizes before it parses and tells "too short" from "invalid"; it never panics
+//! and allocates nothing but the hostname. `encode` writes the canonical form (known extensions
+//! only), which `decode` round-trips.
+
+use std::fmt;
+
+pub const MAGIC: [u8; 4] = *b"LNCB";
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 34;
+/// Longest valid datagram.
+pub const MAX_DATAGRAM: usize = 512;
+pub const MIN_INTERVAL_MS: u32 = 100;
+pub const MAX_INTERVAL_MS: u32 = 3_600_000;
+const MAX_HOSTNAME: usize = 64;
+const EXT_HOSTNAME: u8 = 1;
+
+pub const FLAG_NAR_NONE: u16 = 0x0001;
+pub const FLAG_NAR_ZSTD: u16 = 0x0002;
+pub const FLAG_PROXY: u16 = 0x0004;
+
+/// A random id chosen per process; tells own beacons from others'.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub [u8; 16]);
+
+impl NodeId {
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({self})")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Announce,
+    Query,
+    Goodbye,
+}
+
+impl Kind {
+    fn code(self) -> u8 {
+        match self {
+            Kind::Announce => 1,
+            Kind::Query => 2,
+            Kind::Goodbye => 3,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Announce => "announce",
+            Kind::Query => "query",
+            Kind::Goodbye => "goodbye",
+        }
+    }
+}
+
+/// One decoded beacon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Beacon {
+    pub kind: Kind,
+    pub flags: u16,
+    pub node: NodeId,
+    /// The sender's store server port (0 allowed in query and goodbye).
+    pub port: u16,
+    pub interval_ms: u32,
+    pub seq: u32,
+    pub hostname: Option<String>,
+}
+
+/// Why a datagram was dropped.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("too short: {0} bytes, a beacon has at least {HEADER_LEN}")]
+    TooShort(usize),
+    #[error("too long: {0} bytes, a beacon has at most {MAX_DATAGRAM}")]
+    TooLong(usize),
+    #[error("not a beacon (bad magic)")]
+    Magic,
+    #[error("unsupported version {0}")]
+    Version(u8),
+    #[error("unknown message type {0}")]
+    Type(u8),
+    #[error("announce with port 0")]
+    Port,
+    #[error("interval {0} ms outside {MIN_INTERVAL_MS}..={MAX_INTERVAL_MS}")]
+    Interval(u32),
+    #[error("extension at byte {0} runs past the end")]
+    Truncated(usize),
+    #[error("hostname extension is empty, too long or not UTF-8")]
+    Hostname,
+}
+
+impl DecodeError {
+    /// Short stable name, for counters and test vectors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DecodeError::TooShort(_) => "too-short",
+            DecodeError::TooLong(_) => "too-long",
+            DecodeError::Magic => "magic",
+            DecodeError::Version(_) => "version",
+            DecodeError::Type(_) => "type",
+            DecodeError::Port => "port",
+            DecodeError::Interval(_) => "interval",
+            DecodeError::Truncated(_) => "truncated",
+            DecodeError::Hostname => "hostname",
+        }
+    }
+}
+
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+pub fn decode(b: &[u8]) -> Result<Beacon, DecodeError> {
+    if b.len() < HEADER_LEN {
+        return Err(DecodeError::TooShort(b.len()));
+    }
+    if b.len() > MAX_DATAGRAM {
+        return Err(DecodeError::TooLong(b.len()));
+    }
+    if b[0..4] != MAGIC {
+        return Err(DecodeError::Magic);
+    }
+    if b[4] != VERSION {
+        return Err(DecodeError::Version(b[4]));
+    }
+    let kind = match b[5] {
+        1 => Kind::Announce,
+        2 => Kind::Query,
+        3 => Kind::Goodbye,
+        t => return Err(DecodeError::Type(t)),
+    };
+    let flags = u16_at(b, 6);
+    let mut node = [0u8; 16];
+    node.copy_from_slice(&b[8..24]);
+    let port = u16_at(b, 24);
+    if kind == Kind::Announce && port == 0 {
+        return Err(DecodeError::Port);
+    }
+    let interval_ms = u32_at(b, 26);
+    if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&interval_ms) {
+        return Err(DecodeError::Interval(interval_ms));
+    }
+    let seq = u32_at(b, 30);
+    let mut hostname = None;
+    let mut i = HEADER_LEN;
+    while i < b.len() {
+        if i + 2 > b.len() {
+            return Err(DecodeError::Truncated(i));
+        }
+        let (t, len) = (b[i], b[i + 1] as usize);
+        let value = b.get(i + 2..i + 2 + len).ok_or(DecodeError::Truncated(i))?;
+        if t == EXT_HOSTNAME {
+            let h = std::str::from_utf8(value).map_err(|_| DecodeError::Hostname)?;
+            if h.is_empty() || h.len() > MAX_HOSTNAME {
+                return Err(DecodeError::Hostname);
+            }
+            hostname = Some(h.to_owned());
+        }
+        i += 2 + len;
+    }
+    Ok(Beacon {
+        kind,
+        flags,
+        node: NodeId(node),
+        port,
+        interval_ms,
+        seq,
+        hostname,
+    })
+}
+
+/// Encodes `b`. A hostname longer than 64 bytes is cut at a character boundary.
+pub fn encode(b: &Beacon) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 2 + MAX_HOSTNAME);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(b.kind.code());
+    out.extend_from_slice(&b.flags.to_be_bytes());
+    out.extend_from_slice(&b.node.0);
+    out.extend_from_slice(&b.port.to_be_bytes());
+    out.extend_from_slice(&b.interval_ms.to_be_bytes());
+    out.extend_from_slice(&b.seq.to_be_bytes());
+    if let Some(h) = b.hostname.as_deref().filter(|h| !h.is_empty()) {
+        let mut end = h.len().min(MAX_HOSTNAME);
+        while !h.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.push(EXT_HOSTNAME);
+        out.push(end as u8);
+        out.extend_from_slice(&h.as_bytes()[..end]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The test vectors in `proto/vectors/beacons.txt`: blocks of `key: value` lines.
+    fn vectors() -> Vec<std::collections::BTreeMap<String, String>> {
+        let text = include_str!("../../proto/vectors/beacons.txt");
+        let mut out = Vec::new();
+        let mut cur = std::collections::BTreeMap::new();
+        for line in text.lines().chain(std::iter::once("")) {
+            let line = line.trim();
+            if line.starts_with('#') {
+                continue;
+            }
+            if line.is_empty() {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+                continue;
+            }
+            let (k, v) = line.split_once(':').expect("key: value");
+            let v = v.trim().to_owned();
+            cur.entry(k.trim().to_owned())
+                .and_modify(|old: &mut String| old.push_str(&v))
+                .or_insert(v);
+        }
+        out
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).expect("hex")
+    }
+
+    #[test]
+    fn every_vector_decodes_as_documented() {
+        let vs = vectors();
+        assert!(vs.len() >= 12, "expected the committed vectors, found {}", vs.len());
+        for v in vs {
+            let name = &v["name"];
+            let bytes = unhex(&v["hex"]);
+            let got = decode(&bytes);
+            if let Some(err) = v.get("error") {
+                assert_eq!(got.as_ref().map_err(DecodeError::name), Err(err.as_str()), "{name}");
+                continue;
+            }
+            let b = got.unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(b.kind.name(), v["type"], "{name}");
+            assert_eq!(b.node.to_string(), v["node"], "{name}");
+            assert_eq!(b.port.to_string(), v["port"], "{name}");
+            assert_eq!(format!("{:#06x}", b.flags), v["flags"], "{name}");
+            assert_eq!(b.interval_ms.to_string(), v["interval_ms"], "{name}");
+            assert_eq!(b.seq.to_string(), v["seq"], "{name}");
+            assert_eq!(b.hostname.as_deref().unwrap_or("-"), v["hostname"], "{name}");
+            if v.get("canonical").map(String::as_str) != Some("no") {
+                assert_eq!(encode(&b), bytes, "{name}: canonical encoding");
+            }
+        }
+    }
+
+    fn beacon() -> impl Strategy<Value = Beacon> {
+        (
+            prop_oneof![Just(Kind::Announce), Just(Kind::Query), Just(Kind::Goodbye)],
+            any::<u16>(),
+            any::<[u8; 16]>(),
+            1u16..,
+            MIN_INTERVAL_MS..=MAX_INTERVAL_MS,
+            any::<u32>(),
+            proptest::option::of("[a-zA-Z0-9.-]{1,64}"),
+        )
+            .prop_map(|(kind, flags, node, port, interval_ms, seq, hostname)| Beacon {
+                kind,
+                flags,
+                node: NodeId(node),
+                port,
+                interval_ms,
+                seq,
+                hostname,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(b in beacon()) {
+            let bytes = encode(&b);
+            prop_assert!(bytes.len() <= MAX_DATAGRAM);
+            prop_assert_eq!(decode(&bytes), Ok(b));
+        }
+
+        #[test]
+        fn unknown_extensions_are_skipped(b in beacon(), t in 2u8.., value in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let mut bytes = encode(&b);
+            bytes.push(t);
+            bytes.push(value.len() as u8);
+            bytes.extend_from_slice(&value);
+            prop_assert_eq!(decode(&bytes), Ok(b));
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn any_truncation_of_an_extension_is_an_error(b in beacon(), cut in 1usize..10) {
+            let b = Beacon { hostname: Some("host-name.example".into()), ..b };
+            let bytes = encode(&b);
+            let short = &bytes[..bytes.len() - cut];
+            prop_assert!(decode(short).is_err());
+        }
+    }
+}

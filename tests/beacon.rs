@@ -1,0 +1,273 @@
+//! The beacon on simulated LANs (network namespaces; needs root): discovery over IPv4 and IPv6,
+//! expiry of a dead host, goodbye, the `peers` tool, and a garbage flood.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::netns::{in_netns, require_netns, Lan, TestBeacon};
+use local_nix_cache::beacon::{self, wire::NodeId, BeaconConfig};
+
+fn cfg(groups: Vec<IpAddr>, interval: Duration) -> BeaconConfig {
+    BeaconConfig {
+        groups,
+        interval,
+        ..BeaconConfig::default()
+    }
+}
+
+fn both() -> Vec<IpAddr> {
+    vec![beacon::DEFAULT_GROUP_V4.into(), beacon::DEFAULT_GROUP_V6.into()]
+}
+
+/// Polls until `cond` holds; returns the time it took, or None after `limit`.
+fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if cond() {
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+fn nodes(b: &TestBeacon) -> BTreeSet<NodeId> {
+    b.table.peers().iter().map(|p| p.node).collect()
+}
+
+/// Starts one beacon per host and waits until every table lists every other host.
+fn discover(lan: &Lan, c: &BeaconConfig) -> (Vec<TestBeacon>, Duration) {
+    let t0 = Instant::now();
+    let beacons: Vec<TestBeacon> = lan.hosts.iter().map(|h| TestBeacon::start(h, c.clone())).collect();
+    let all: BTreeSet<NodeId> = beacons.iter().map(TestBeacon::node).collect();
+    let took = wait_for(Duration::from_secs(5), || {
+        beacons.iter().all(|b| {
+            let mut want = all.clone();
+            want.remove(&b.node());
+            nodes(b) == want
+        })
+    });
+    let took = took.unwrap_or_else(|| {
+        let tables: Vec<_> = beacons
+            .iter()
+            .map(|b| (b.node(), nodes(b), b.table.counters()))
+            .collect();
+        panic!("hosts did not discover each other within 5 s: {tables:#?}")
+    });
+    // Measured from the start of the first beacon (includes starting all of them).
+    let _ = took;
+    (beacons, t0.elapsed())
+}
+
+#[test]
+fn three_hosts_discover_each_other_over_ipv4_in_under_a_second() {
+    if !require_netns() {
+        return;
+    }
+    let lan = Lan::new(3);
+    // A long interval: discovery must come from the start-up query, not from periodic announces.
+    let (beacons, took) = discover(
+        &lan,
+        &cfg(vec![beacon::DEFAULT_GROUP_V4.into()], Duration::from_secs(30)),
+    );
+    eprintln!("discovery over IPv4 (3 hosts): {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    for (i, b) in beacons.iter().enumerate() {
+        for p in b.table.peers() {
+            let SocketAddr::V4(a) = p.http_addr() else {
+                panic!("expected an IPv4 address, got {}", p.http_addr())
+            };
+            assert!(lan.hosts.iter().any(|h| h.ip4 == *a.ip()), "{a} is no host's address");
+            assert_ne!(*a.ip(), lan.hosts[i].ip4, "a host lists itself");
+            assert_eq!(a.port(), 8380);
+        }
+    }
+}
+
+#[test]
+fn three_hosts_discover_each_other_over_ipv6_in_under_a_second() {
+    if !require_netns() {
+        return;
+    }
+    let lan = Lan::new(3);
+    let (beacons, took) = discover(
+        &lan,
+        &cfg(vec![beacon::DEFAULT_GROUP_V6.into()], Duration::from_secs(30)),
+    );
+    eprintln!("discovery over IPv6 (3 hosts): {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    for b in &beacons {
+        for p in b.table.peers() {
+            let SocketAddr::V6(a) = p.http_addr() else {
+                panic!("expected an IPv6 address, got {}", p.http_addr())
+            };
+            assert_eq!(a.ip().segments()[0], 0xfe80, "link-local expected: {a}");
+            assert_ne!(a.scope_id(), 0, "a link-local address needs its scope: {a}");
+        }
+    }
+}
+
+#[test]
+fn a_killed_host_leaves_within_three_intervals_and_a_goodbye_removes_at_once() {
+    if !require_netns() {
+        return;
+    }
+    let lan = Lan::new(3);
+    let interval = Duration::from_millis(300);
+    let (mut beacons, _) = discover(&lan, &cfg(both(), interval));
+    let dead = beacons.pop().expect("host 3");
+    let dead_node = dead.node();
+    let t0 = Instant::now();
+    dead.kill();
+    // Not before two intervals' worth of silence (its last announce was at most 1.2 intervals ago).
+    std::thread::sleep(interval);
+    assert!(
+        beacons.iter().all(|b| b.table.get(&dead_node).is_some()),
+        "evicted too early"
+    );
+    let gone = wait_for(interval * 5, || {
+        beacons.iter().all(|b| b.table.get(&dead_node).is_none())
+    });
+    let took = t0.elapsed();
+    eprintln!("eviction after a kill (interval {interval:?}): {took:?}");
+    assert!(gone.is_some(), "dead host still listed after {took:?}");
+    assert!(
+        took <= interval * 3 + Duration::from_millis(150),
+        "eviction took {took:?}, more than three intervals"
+    );
+    // Host 2 leaves cleanly: host 1 drops it long before an interval passes.
+    let leaving = beacons.pop().expect("host 2");
+    let leaving_node = leaving.node();
+    let t0 = Instant::now();
+    leaving.stop();
+    let took = wait_for(Duration::from_secs(2), || beacons[0].table.get(&leaving_node).is_none());
+    eprintln!("removal after a goodbye: {took:?}");
+    let took = took.expect("goodbye did not remove the host");
+    assert!(took < interval / 2, "goodbye took {took:?} (t0 {:?})", t0.elapsed());
+    assert!(beacons[0].table.counters().goodbyes >= 1);
+}
+
+#[test]
+fn peers_tool_lists_hosts_as_json_and_announces() {
+    if !require_netns() {
+        return;
+    }
+    let lan = Lan::new(3);
+    let (beacons, _) = discover(&lan, &cfg(both(), Duration::from_secs(2)));
+    let bin = env!("CARGO_BIN_EXE_local-nix-cache");
+    // Host 1 runs the tool (its in-process beacon is another process as far as the tool knows).
+    let out = lan.hosts[0]
+        .command(bin)
+        .args(["peers", "--json", "--timeout", "1500ms", "--interface", "eth0"])
+        .output()
+        .expect("run peers");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "peers failed: {stderr}");
+    assert!(stderr.contains("listening on 239.255.83.80:8380 via eth0"), "{stderr}");
+    let peers: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    let nodes: BTreeSet<String> = peers
+        .iter()
+        .map(|p| p["node"].as_str().expect("node").to_owned())
+        .collect();
+    let want: BTreeSet<String> = beacons.iter().map(|b| b.node().to_string()).collect();
+    assert_eq!(nodes, want, "{stdout}");
+    for p in &peers {
+        let url = p["url"].as_str().expect("url");
+        assert!(
+            lan.hosts.iter().any(|h| url == format!("http://{}:8380", h.ip4)),
+            "unexpected url {url}"
+        );
+    }
+    // --raw shows decoded datagrams with their sender.
+    let out = lan.hosts[1]
+        .command(bin)
+        .args(["peers", "--raw", "--timeout", "700ms", "--interface", "eth0"])
+        .output()
+        .expect("run peers --raw");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("announce node="), "{stdout}");
+    assert!(stdout.contains(&lan.hosts[2].ip4.to_string()), "{stdout}");
+    // --announce makes the tool a host that the others see.
+    let mut child = lan.hosts[2]
+        .command(bin)
+        .args([
+            "peers",
+            "--announce",
+            "--store-port",
+            "9999",
+            "--interface",
+            "eth0",
+            "--timeout",
+            "3s",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn peers --announce");
+    let seen = wait_for(Duration::from_secs(2), || {
+        beacons[0].table.peers().iter().any(|p| p.http_addr().port() == 9999)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.is_some(), "peers --announce was not seen");
+}
+
+#[test]
+fn garbage_flood_is_counted_and_tables_stay_right() {
+    if !require_netns() {
+        return;
+    }
+    let lan = Lan::new(3);
+    let (beacons, _) = discover(&lan, &cfg(both(), Duration::from_millis(500)));
+    let want: Vec<BTreeSet<NodeId>> = beacons.iter().map(nodes).collect();
+    // Host 3's namespace floods the group: garbage, truncated, oversized, wrong version.
+    let flooder = in_netns(&lan.hosts[2].ns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let to = SocketAddr::from((beacon::DEFAULT_GROUP_V4, beacon::DEFAULT_PORT));
+        let valid = beacon::wire::encode(&beacon::wire::Beacon {
+            kind: beacon::wire::Kind::Announce,
+            flags: 0,
+            node: NodeId([9; 16]),
+            port: 1,
+            interval_ms: 1000,
+            seq: 0,
+            hostname: None,
+        });
+        let t0 = Instant::now();
+        let mut sent = 0u32;
+        for i in 0..5000u32 {
+            if t0.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+            let d: Vec<u8> = match i % 4 {
+                0 => i.to_be_bytes().repeat(3),
+                1 => valid[..20].to_vec(),
+                2 => vec![0x4c; 900],
+                _ => {
+                    let mut v = valid.clone();
+                    v[4] = 9;
+                    v
+                }
+            };
+            if s.send_to(&d, to).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    });
+    let sent = flooder.join().expect("flooder");
+    assert!(sent > 4000, "sent {sent}");
+    std::thread::sleep(Duration::from_millis(700));
+    for (b, w) in beacons.iter().zip(&want) {
+        assert_eq!(&nodes(b), w, "table changed by the flood");
+        let c = b.table.counters();
+        assert!(c.too_short + c.invalid + c.wrong_version + c.rate_limited > 0, "{c:?}");
+    }
+}

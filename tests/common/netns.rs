@@ -1,0 +1,247 @@
+//! Simulated LANs in network namespaces: one bridge namespace, host namespaces wired to it by veth
+//! pairs, IPv4 10.x addresses and IPv6 link-local ones. Everything a test sends stays inside the
+//! namespaces it created; they are deleted on drop, even when the test fails.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use local_nix_cache::beacon::{self, wire::NodeId, BeaconConfig, PeerTable};
+use tokio_util::sync::CancellationToken;
+
+/// True when network namespaces can be made (root, iproute2). Skips locally, fails under CI.
+pub fn require_netns() -> bool {
+    let probe = format!(
+        "lnc-probe-{}-{}",
+        std::process::id(),
+        LAN_COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let ok = Command::new("ip")
+        .args(["netns", "add", &probe])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("CI is set but network namespaces are unavailable (needs root and iproute2)");
+    }
+    eprintln!("SKIPPED: cannot create network namespaces (needs root and iproute2); fails instead under CI");
+    false
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+static LAN_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// One host of a LAN: its namespace, interface and IPv4 address.
+#[derive(Clone, Debug)]
+pub struct NetHost {
+    pub ns: String,
+    pub iface: String,
+    pub ip4: Ipv4Addr,
+}
+
+impl NetHost {
+    /// `ip netns exec NS PROGRAM`, for running a real binary as this host.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, program]);
+        c
+    }
+}
+
+pub struct Lan {
+    bridge_ns: String,
+    pub hosts: Vec<NetHost>,
+}
+
+impl Lan {
+    /// A LAN of `n` hosts on one bridge (IGMP snooping off, so multicast floods like a switch
+    /// without a querier). Each host has `eth0` with 10.77.<lan>.<i>/24, a multicast route, `lo`
+    /// up, and IPv6 duplicate address detection off (link-local addresses usable at once).
+    pub fn new(n: usize) -> Self {
+        let id = LAN_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("lnc{}-{id}", std::process::id());
+        let bridge_ns = format!("{prefix}-br");
+        ip(&["netns", "add", &bridge_ns]);
+        let mut lan = Lan {
+            bridge_ns: bridge_ns.clone(),
+            hosts: Vec::new(),
+        };
+        ip(&[
+            "-n",
+            &bridge_ns,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
+        ip(&["-n", &bridge_ns, "link", "set", "br0", "up"]);
+        for i in 1..=n {
+            let ns = format!("{prefix}-h{i}");
+            ip(&["netns", "add", &ns]);
+            // Registered before anything else can fail, so drop deletes it.
+            let host = NetHost {
+                ns: ns.clone(),
+                iface: "eth0".into(),
+                ip4: Ipv4Addr::new(10, 77, (id % 250) as u8, i as u8),
+            };
+            lan.hosts.push(host.clone());
+            for k in ["all", "default"] {
+                let _ = Command::new("ip")
+                    .args(["netns", "exec", &ns, "sysctl", "-qw"])
+                    .arg(format!("net.ipv6.conf.{k}.accept_dad=0"))
+                    .status();
+            }
+            let peer = format!("vb{i}");
+            ip(&[
+                "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &bridge_ns,
+            ]);
+            ip(&["-n", &bridge_ns, "link", "set", &peer, "master", "br0"]);
+            ip(&["-n", &bridge_ns, "link", "set", &peer, "up"]);
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", host.ip4), "dev", "eth0"]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "eth0"]);
+        }
+        // Wait for IPv6 link-local addresses on every host.
+        for h in &lan.hosts {
+            for _ in 0..100 {
+                let out = Command::new("ip")
+                    .args(["-n", &h.ns, "-6", "addr", "show", "dev", "eth0", "scope", "link"])
+                    .output()
+                    .expect("ip addr");
+                let text = String::from_utf8_lossy(&out.stdout);
+                if text.contains("fe80") && !text.contains("tentative") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        lan
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", &h.ns]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.bridge_ns]).status();
+    }
+}
+
+/// Runs `f` on a new thread inside the network namespace `ns`: sockets it opens live there.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+/// An in-process beacon running as one host of a LAN.
+pub struct TestBeacon {
+    pub table: Arc<PeerTable>,
+    /// Cancelled for a clean stop (the beacon says goodbye).
+    graceful: CancellationToken,
+    /// Cancelled to end the host's thread; without `graceful`, the beacon task is aborted
+    /// mid-flight, as if the host died.
+    end: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestBeacon {
+    /// Starts a beacon on `host` announcing store port 8380 with `cfg` (interfaces default to
+    /// the host's eth0).
+    pub fn start(host: &NetHost, mut cfg: BeaconConfig) -> Self {
+        if cfg.interfaces.is_empty() {
+            cfg.interfaces = vec![host.iface.clone()];
+        }
+        if cfg.announce.is_none() {
+            cfg.announce = Some(beacon::Announce {
+                store_port: 8380,
+                flags: beacon::wire::FLAG_NAR_NONE,
+                hostname: Some(host.ns.clone()),
+            });
+        }
+        let table = Arc::new(PeerTable::new(NodeId::random()));
+        let (graceful, end) = (CancellationToken::new(), CancellationToken::new());
+        let (t, g, e) = (table.clone(), graceful.clone(), end.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = in_netns(&host.ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let sockets = beacon::bind(&cfg).expect("bind beacon");
+                tx.send(()).expect("started");
+                let task = tokio::spawn(beacon::run(sockets, cfg, t, None, g.clone(), true));
+                e.cancelled().await;
+                if g.is_cancelled() {
+                    let _ = task.await;
+                } else {
+                    task.abort();
+                }
+            });
+        });
+        rx.recv_timeout(Duration::from_secs(10)).expect("beacon started");
+        Self {
+            table,
+            graceful,
+            end,
+            thread: Some(thread),
+        }
+    }
+
+    fn join(&mut self) {
+        self.end.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Clean shutdown: sends a goodbye.
+    pub fn stop(mut self) {
+        self.graceful.cancel();
+        self.join();
+    }
+
+    /// As if the host died: no goodbye.
+    pub fn kill(mut self) {
+        self.join();
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.table.own()
+    }
+}
+
+impl Drop for TestBeacon {
+    fn drop(&mut self) {
+        self.graceful.cancel();
+        self.join();
+    }
+}
