@@ -271,3 +271,71 @@ fn garbage_flood_is_counted_and_tables_stay_right() {
         assert!(c.too_short + c.invalid + c.wrong_version + c.rate_limited > 0, "{c:?}");
     }
 }
+
+/// Kills a child by PID on drop (only processes the test started).
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_announces_its_store_server_and_says_goodbye_on_sigterm() {
+    if !require_netns() {
+        return;
+    }
+    let lan = Lan::new(3);
+    let bin = env!("CARGO_BIN_EXE_local-nix-cache");
+    // Host 3 observes with an in-process beacon.
+    let observer = TestBeacon::start(&lan.hosts[2], cfg(both(), Duration::from_secs(5)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut serves: Vec<ChildGuard> = lan.hosts[..2]
+        .iter()
+        .map(|h| {
+            let child = h
+                .command(bin)
+                .args(["serve", "--listen", "0.0.0.0:8380", "--interface", "eth0", "--store"])
+                .arg(format!("unix://{}/absent.sock", dir.path().display()))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn serve");
+            ChildGuard(child)
+        })
+        .collect();
+    let seen = wait_for(Duration::from_secs(5), || observer.table.peers().len() == 2);
+    assert!(seen.is_some(), "serve hosts not seen: {:?}", observer.table.peers());
+    for p in observer.table.peers() {
+        let addr = p.http_addr();
+        assert!(
+            lan.hosts[..2].iter().any(|h| addr == SocketAddr::from((h.ip4, 8380))),
+            "{addr}"
+        );
+        // The announced port is the store server's: it answers there.
+        let out = lan.hosts[2]
+            .command("curl")
+            .args(["-sf", "--max-time", "5", &format!("http://{addr}/nix-cache-info")])
+            .output()
+            .expect("curl");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("StoreDir: /nix/store"),
+            "{addr}"
+        );
+    }
+    // SIGTERM: a clean shutdown sends a goodbye, so the observer drops it at once (the announce
+    // interval is 5 s, expiry would take 15).
+    let first = serves.remove(0);
+    let pid = first.0.id().to_string();
+    let t0 = Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let gone = wait_for(Duration::from_secs(3), || observer.table.peers().len() == 1);
+    assert!(gone.is_some(), "no goodbye after SIGTERM ({:?})", t0.elapsed());
+    drop(first);
+}
