@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::beacon::{self, wire, wire::NodeId, BeaconConfig, PeerTable};
 use crate::narinfo::{PublicKey, TrustedKeys};
 use crate::peers::PeersOptions;
+use crate::proxy::{spool::SpoolLimits, Proxy, ProxyConfig};
 use crate::server::{self, index::Index, StoreServer};
 use crate::store::{Store, StoreAddr};
 
@@ -33,8 +34,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run this host's store server and beacon (and, as it lands, proxy).
-    Serve(ServeArgs),
+    /// Run this host's store server, beacon and proxy.
+    Serve(Box<ServeArgs>),
     /// Multicast debug tool: listen for beacons and print the peer table (no `serve` needed).
     Peers(PeersArgs),
 }
@@ -161,6 +162,37 @@ pub struct ServeArgs {
     /// Time between announces (with ±20% jitter); peers drop us after three missed.
     #[arg(long, default_value = "5s", value_name = "DUR", value_parser = humantime::parse_duration)]
     pub announce_interval: Duration,
+    /// Address of the proxy, the local Nix's substituter (repeatable). Keep it on localhost.
+    #[arg(long = "proxy-listen", value_name = "ADDR", default_values_t = [SocketAddr::from(([127, 0, 0, 1], 8381))])]
+    pub proxy_listen: Vec<SocketAddr>,
+    /// Upstream binary cache the proxy also asks (repeatable); `none`: LAN only.
+    #[arg(long = "upstream", value_name = "URL", default_values_t = ["https://cache.nixos.org".to_owned()])]
+    pub upstreams: Vec<String>,
+    /// Directory for spool files (NARs wait there until verified; unlinked at once).
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Most disk space for spooled NARs, in MiB.
+    #[arg(long, default_value_t = 16384, value_name = "MIB")]
+    pub spool_max_mib: usize,
+    /// Most memory for spooled NARs, in MiB (NARs up to 8 MiB spool in memory).
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    pub spool_mem_mib: usize,
+}
+
+impl ServeArgs {
+    /// The upstream URLs (`none` alone means no upstream).
+    pub fn upstream_urls(&self) -> Result<Vec<url::Url>, SetupError> {
+        if self.upstreams.iter().any(|u| u == "none") {
+            return Ok(Vec::new());
+        }
+        self.upstreams
+            .iter()
+            .map(|u| match url::Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
+                _ => Err(SetupError::Upstream(u.clone())),
+            })
+            .collect()
+    }
 }
 
 impl ServeArgs {
@@ -198,11 +230,16 @@ pub enum SetupError {
     StoreDir(String),
     #[error("beacon: {0}")]
     Beacon(#[from] beacon::BeaconError),
+    #[error("--upstream {0:?} is not an http(s) URL (or `none`)")]
+    Upstream(String),
 }
 
 /// A started node; `addrs` are the store server's bound addresses.
 pub struct Node {
     pub addrs: Vec<SocketAddr>,
+    /// The proxy's bound addresses.
+    pub proxy_addrs: Vec<SocketAddr>,
+    pub proxy: Arc<Proxy>,
     /// The beacon's peer table (none with `--no-beacon`).
     pub peers: Option<Arc<PeerTable>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -233,6 +270,14 @@ pub fn start(args: &ServeArgs, shutdown: CancellationToken) -> Result<Node, Setu
         .iter()
         .map(|&addr| crate::http::bind(addr).map_err(|source| SetupError::Bind { addr, source }))
         .collect::<Result<Vec<_>, _>>()?;
+    let proxy_listeners = args
+        .proxy_listen
+        .iter()
+        .map(|&addr| crate::http::bind(addr).map_err(|source| SetupError::Bind { addr, source }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let upstreams = args.upstream_urls()?;
+    let proxy_keys = keys.clone();
+    let shutdown_proxy = shutdown.clone();
     let real = args.resolved_real_store_dir();
     let store = Store::new(args.store.clone(), args.store_dir.clone(), args.daemon_connections)
         .with_real_store_dir(real.clone());
@@ -281,8 +326,35 @@ pub fn start(args: &ServeArgs, shutdown: CancellationToken) -> Result<Node, Setu
             Err(e) => return Err(e.into()),
         }
     };
+    let spool_dir = args
+        .spool_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("local-nix-cache-spool"));
+    let proxy = Arc::new(Proxy::new(
+        ProxyConfig {
+            store_dir: args.store_dir.clone(),
+            keys: proxy_keys,
+            upstreams,
+            spool: SpoolLimits::new(8 * 1024 * 1024, args.spool_mem_mib, args.spool_max_mib, spool_dir),
+        },
+        peers.clone(),
+    ));
+    let mut proxy_addrs = Vec::new();
+    for l in proxy_listeners {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "proxy listening");
+            proxy_addrs.push(a);
+        }
+        running.tasks.push(tokio::spawn(crate::http::serve(
+            l,
+            proxy.clone(),
+            shutdown_proxy.clone(),
+        )));
+    }
     Ok(Node {
         addrs: running.addrs,
+        proxy_addrs,
+        proxy,
         peers,
         tasks: running.tasks,
     })

@@ -7,5 +7,6 @@ pub mod cli;
 pub mod http;
 pub mod narinfo;
 pub mod peers;
+pub mod proxy;
 pub mod server;
 pub mod store;

@@ -279,6 +279,14 @@ impl SecretKey {
         })
     }
 
+    /// A key from a 32-byte seed (tests and test peers make throwaway keys with it).
+    pub fn from_seed(name: &str, seed: [u8; 32]) -> Self {
+        Self {
+            name: name.to_owned(),
+            key: SigningKey::from_bytes(&seed),
+        }
+    }
+
     pub fn public(&self) -> PublicKey {
         PublicKey {
             name: self.name.clone(),

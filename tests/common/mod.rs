@@ -4,6 +4,7 @@
 //! Tests that need Nix call [`require_nix`]: without Nix they skip locally, but FAIL under `CI`.
 #![allow(dead_code)]
 
+pub mod fake;
 pub mod netns;
 
 use std::io::{Read, Write};
@@ -304,6 +305,11 @@ pub fn serve_args(store: StoreAddr) -> ServeArgs {
         // Never beacon from the root namespace: these tests are about the store server.
         no_beacon: true,
         announce_interval: Duration::from_secs(5),
+        proxy_listen: vec!["127.0.0.1:0".parse().expect("addr")],
+        upstreams: vec!["none".into()],
+        spool_dir: None,
+        spool_max_mib: 1024,
+        spool_mem_mib: 64,
     }
 }
 

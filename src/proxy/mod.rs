@@ -1,0 +1,624 @@
+//! The proxy: the local Nix's substituter (`http://127.0.0.1:8381`).
+//!
+//! For a narinfo it races the live peers of the beacon's table (bounded fan-out) and, hedged after
+//! a short delay, the upstream caches; the first answer that parses, names exactly the requested
+//! path and carries a trusted signature wins, and the rest are cancelled. It hands Nix a narinfo
+//! whose URL is self-describing (`nar/<hash>-<narhash>.nar`, `Compression: none`), so the URL
+//! keeps working after a restart or after the winning peer left: it is resolved afresh from any
+//! source that has those bytes. A NAR is fetched (decompressed on the fly, resumed from another
+//! source with `Range` when one fails mid-way) into a bounded spool and served only after its
+//! size and hash match the signed narinfo.
+//!
+//! Invariants: Nix never receives a byte of a NAR before the whole NAR verified; every miss or
+//! failure is a fast 404, never a 5xx (Nix fails a build after retrying a 5xx); a source that
+//! errs, stalls or lies is backed off; every cache, fan-out and spool is capped.
+
+pub mod source;
+pub mod spool;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
+
+use crate::http::{self as h, Body};
+use crate::narinfo::{NarHash, NarInfo, StorePathHash};
+use crate::server::{index::nar_url, route, Route};
+use source::{Candidate, SourceError, SourceId, Sources};
+use spool::{Spool, SpoolLimits, Verified};
+
+/// Priority in our `/nix-cache-info`: before cache.nixos.org (40) and a peer's store server (30).
+pub const PRIORITY: u32 = 20;
+/// Most peers asked for one narinfo.
+pub const MAX_FANOUT: usize = 8;
+/// Upstreams are asked this long after the peers, unless every peer already answered.
+pub const HEDGE_DELAY: Duration = Duration::from_millis(150);
+/// How long a miss is remembered.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// How long a verified narinfo and its sources are remembered.
+pub const POSITIVE_TTL: Duration = Duration::from_secs(3600);
+/// Entries in each of the narinfo caches.
+pub const MAX_CACHE_ENTRIES: usize = 20_000;
+/// An upstream that could not be reached is skipped for this long (offline: fast misses).
+pub const UPSTREAM_DOWN_FOR: Duration = Duration::from_secs(30);
+/// When looking for every source of a NAR, wait this long after the first one answered.
+const GATHER_GRACE: Duration = Duration::from_millis(300);
+/// Bytes read from a source per chunk.
+const READ_CHUNK: usize = 64 * 1024;
+/// NAR chunks buffered towards Nix.
+const OUT_CHANNEL_CHUNKS: usize = 4;
+
+/// Settings of the proxy, validated.
+pub struct ProxyConfig {
+    pub store_dir: String,
+    pub keys: crate::narinfo::TrustedKeys,
+    pub upstreams: Vec<url::Url>,
+    pub spool: SpoolLimits,
+}
+
+struct Known {
+    /// The verified narinfo as the winning source sent it.
+    info: NarInfo,
+    /// Sources known to have this NAR (the winner first).
+    candidates: Vec<Candidate>,
+    at: Instant,
+}
+
+/// Counters for the status page and logs.
+#[derive(Default, Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub narinfo_hits_peer: u64,
+    pub narinfo_hits_upstream: u64,
+    pub narinfo_misses: u64,
+    pub nars_from_peers: u64,
+    pub nars_from_upstream: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_from_upstream: u64,
+    pub nar_failures: u64,
+    pub lies: u64,
+}
+
+pub struct Proxy {
+    sources: Sources,
+    cache_info: Bytes,
+    spool: SpoolLimits,
+    known: Mutex<HashMap<StorePathHash, Known>>,
+    missing: Mutex<HashMap<StorePathHash, Instant>>,
+    /// Per upstream: skipped until this instant after a connection failure.
+    upstream_down: Mutex<Vec<Option<Instant>>>,
+    stats: Mutex<Stats>,
+}
+
+type SourceFuture<'a> = Pin<Box<dyn Future<Output = (SourceId, Result<Option<Candidate>, SourceError>)> + Send + 'a>>;
+
+impl Proxy {
+    pub fn new(cfg: ProxyConfig, peers: Option<Arc<crate::beacon::PeerTable>>) -> Self {
+        let n = cfg.upstreams.len();
+        Self {
+            cache_info: Bytes::from(format!(
+                "StoreDir: {}\nWantMassQuery: 1\nPriority: {PRIORITY}\n",
+                cfg.store_dir
+            )),
+            sources: Sources::new(peers, cfg.upstreams, cfg.store_dir, cfg.keys),
+            spool: cfg.spool,
+            known: Mutex::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
+            upstream_down: Mutex::new(vec![None; n]),
+            stats: Mutex::new(Stats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn stat(&self, f: impl FnOnce(&mut Stats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Live, not backed-off peers, healthiest first, at most [`MAX_FANOUT`].
+    fn pick_peers(&self) -> Vec<SourceId> {
+        let Some(t) = self.sources.table() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let mut peers: Vec<_> = t.peers().into_iter().filter(|p| !p.backed_off(now)).collect();
+        peers.sort_by_key(|p| (p.health.consecutive_failures, std::cmp::Reverse(p.health.successes)));
+        peers.truncate(MAX_FANOUT);
+        peers.into_iter().map(|p| SourceId::Peer(p.node)).collect()
+    }
+
+    fn live_upstreams(&self) -> Vec<SourceId> {
+        let now = Instant::now();
+        let down = self.upstream_down.lock().unwrap_or_else(|p| p.into_inner());
+        (0..self.sources.upstreams.len())
+            .filter(|i| down.get(*i).copied().flatten().is_none_or(|t| t <= now))
+            .map(SourceId::Upstream)
+            .collect()
+    }
+
+    /// Records how a source did: backs off peers that failed or lied, marks unreachable upstreams.
+    fn judge(&self, s: &SourceId, r: Result<(), &SourceError>) {
+        let now = Instant::now();
+        match (s, r) {
+            (SourceId::Peer(n), Ok(())) => {
+                if let Some(t) = self.sources.table() {
+                    t.report_success(n);
+                }
+            }
+            (SourceId::Peer(n), Err(e)) => {
+                if let Some(t) = self.sources.table() {
+                    t.report_failure(n, now);
+                    if e.is_lie() {
+                        // A lie costs more than a failure: back off as after several failures.
+                        t.report_failure(n, now);
+                        t.report_failure(n, now);
+                    }
+                }
+                if e.is_lie() {
+                    self.stat(|s| s.lies += 1);
+                }
+            }
+            (SourceId::Upstream(i), Err(SourceError::Http(e))) if e.is_connect() || e.is_timeout() => {
+                if let Some(slot) = self.upstream_down.lock().unwrap_or_else(|p| p.into_inner()).get_mut(*i) {
+                    *slot = Some(now + UPSTREAM_DOWN_FOR);
+                }
+            }
+            (SourceId::Upstream(i), Err(SourceError::Timeout)) => {
+                if let Some(slot) = self.upstream_down.lock().unwrap_or_else(|p| p.into_inner()).get_mut(*i) {
+                    *slot = Some(now + UPSTREAM_DOWN_FOR);
+                }
+            }
+            (SourceId::Upstream(_), _) => {}
+        }
+    }
+
+    fn ask<'a>(&'a self, s: SourceId, hash: &'a StorePathHash) -> SourceFuture<'a> {
+        Box::pin(async move {
+            let r = self.sources.narinfo(&s, hash).await;
+            (s, r)
+        })
+    }
+
+    /// Races the sources for the narinfo of `hash`; the first verified answer wins.
+    async fn race(&self, hash: &StorePathHash) -> Option<Candidate> {
+        let peers = self.pick_peers();
+        let mut pending: FuturesUnordered<SourceFuture<'_>> = peers.into_iter().map(|p| self.ask(p, hash)).collect();
+        let mut upstreams_started = false;
+        let hedge = tokio::time::sleep(if pending.is_empty() {
+            Duration::ZERO
+        } else {
+            HEDGE_DELAY
+        });
+        tokio::pin!(hedge);
+        loop {
+            if pending.is_empty() && upstreams_started {
+                return None;
+            }
+            tokio::select! {
+                Some((s, r)) = pending.next(), if !pending.is_empty() => {
+                    match r {
+                        // A good narinfo does not clear a peer's failures: only a verified
+                        // NAR does (a peer may answer narinfo honestly and lie in NARs).
+                        Ok(Some(c)) => return Some(c),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::debug!(source = ?s, %hash, error = %e, "narinfo source failed");
+                            self.judge(&s, Err(&e));
+                        }
+                    }
+                    if pending.is_empty() && !upstreams_started {
+                        upstreams_started = true;
+                        pending.extend(self.live_upstreams().into_iter().map(|u| self.ask(u, hash)));
+                    }
+                }
+                _ = &mut hedge, if !upstreams_started => {
+                    upstreams_started = true;
+                    pending.extend(self.live_upstreams().into_iter().map(|u| self.ask(u, hash)));
+                }
+            }
+        }
+    }
+
+    /// Every source that has the NAR `nar_hash` of `hash` (peers first), excluding `skip`.
+    async fn gather(&self, hash: &StorePathHash, nar_hash: &NarHash, skip: &HashSet<SourceId>) -> Vec<Candidate> {
+        let mut all: Vec<SourceId> = self.pick_peers();
+        all.extend(self.live_upstreams());
+        let mut pending: FuturesUnordered<SourceFuture<'_>> = all
+            .into_iter()
+            .filter(|s| !skip.contains(s))
+            .map(|s| self.ask(s, hash))
+            .collect();
+        let mut found = Vec::new();
+        let mut deadline: Option<Instant> = None;
+        while !pending.is_empty() {
+            let grace = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some((s, r)) = pending.next() => match r {
+                    Ok(Some(c)) if c.info.nar_hash == *nar_hash => {
+                        found.push(c);
+                        deadline.get_or_insert(Instant::now() + GATHER_GRACE);
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.judge(&s, Err(&e)),
+                },
+                _ = grace => break,
+            }
+        }
+        found.sort_by_key(|c| matches!(c.source, SourceId::Upstream(_)));
+        found
+    }
+
+    fn remember(&self, hash: StorePathHash, c: Candidate) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if known.len() >= MAX_CACHE_ENTRIES {
+            known.retain(|_, k| now.duration_since(k.at) < POSITIVE_TTL);
+            if known.len() >= MAX_CACHE_ENTRIES {
+                if let Some(k) = known.keys().next().copied() {
+                    known.remove(&k);
+                }
+            }
+        }
+        let entry = known.entry(hash).or_insert_with(|| Known {
+            info: c.info.clone(),
+            candidates: Vec::new(),
+            at: now,
+        });
+        if entry.info.nar_hash != c.info.nar_hash {
+            *entry = Known {
+                info: c.info.clone(),
+                candidates: Vec::new(),
+                at: now,
+            };
+        }
+        entry.at = now;
+        if !entry.candidates.iter().any(|k| k.source == c.source) {
+            entry.candidates.push(c);
+        }
+    }
+
+    fn known(&self, hash: &StorePathHash) -> Option<(NarInfo, Vec<Candidate>)> {
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let k = known.get(hash)?;
+        (Instant::now().duration_since(k.at) < POSITIVE_TTL).then(|| (k.info.clone(), k.candidates.clone()))
+    }
+
+    fn is_missing(&self, hash: &StorePathHash) -> bool {
+        let mut m = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(hash) {
+            Some(t) if *t > Instant::now() => true,
+            Some(_) => {
+                m.remove(hash);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember_missing(&self, hash: StorePathHash) {
+        let mut m = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if m.len() >= MAX_CACHE_ENTRIES {
+            m.retain(|_, t| *t > now);
+            if m.len() >= MAX_CACHE_ENTRIES {
+                m.clear();
+            }
+        }
+        m.insert(hash, now + NEGATIVE_TTL);
+    }
+
+    /// The narinfo we give Nix: the winner's, pointing at our self-describing NAR URL.
+    fn rewrite(info: &NarInfo) -> Bytes {
+        let mut out = info.clone();
+        out.url = nar_url(&info.store_path.hash(), &info.nar_hash);
+        out.compression = Some("none".into());
+        out.file_hash = None;
+        out.file_size = None;
+        Bytes::from(out.render())
+    }
+
+    async fn narinfo(&self, hash: &StorePathHash) -> Response<Body> {
+        let t0 = Instant::now();
+        if let Some((info, _)) = self.known(hash) {
+            return narinfo_response(Self::rewrite(&info));
+        }
+        if self.is_missing(hash) {
+            return h::not_found();
+        }
+        match self.race(hash).await {
+            Some(c) => {
+                let source = c.source.clone();
+                self.stat(|s| match source {
+                    SourceId::Peer(_) => s.narinfo_hits_peer += 1,
+                    SourceId::Upstream(_) => s.narinfo_hits_upstream += 1,
+                });
+                let body = Self::rewrite(&c.info);
+                tracing::info!(path = %c.info.store_path, source = ?source, ms = t0.elapsed().as_millis() as u64, verdict = "hit", "narinfo");
+                self.remember(*hash, c);
+                narinfo_response(body)
+            }
+            None => {
+                self.stat(|s| s.narinfo_misses += 1);
+                tracing::info!(%hash, ms = t0.elapsed().as_millis() as u64, verdict = "miss", "narinfo");
+                self.remember_missing(*hash);
+                h::not_found()
+            }
+        }
+    }
+
+    /// Fetches and verifies the NAR `nar_hash` of `hash` from the first source that delivers it.
+    async fn fetch_verified(&self, hash: &StorePathHash, nar_hash: &NarHash) -> Option<(Verified, NarInfo, SourceId)> {
+        let (mut info, mut queue) = match self.known(hash) {
+            Some((info, cands)) if info.nar_hash == *nar_hash => (Some(info), cands),
+            _ => (None, Vec::new()),
+        };
+        let mut tried: HashSet<SourceId> = HashSet::new();
+        let mut gathered = false;
+        let mut spool: Option<Spool> = None;
+        // Who contributed the bytes now in the spool.
+        let mut contributors: Vec<SourceId> = Vec::new();
+        let mut allow_resume = true;
+        loop {
+            if queue.is_empty() {
+                if gathered {
+                    return None;
+                }
+                gathered = true;
+                queue = self.gather(hash, nar_hash, &tried).await;
+                if queue.is_empty() {
+                    return None;
+                }
+                info.get_or_insert_with(|| queue[0].info.clone());
+                for c in &queue {
+                    self.remember(*hash, c.clone());
+                }
+            }
+            let c = queue.remove(0);
+            if !tried.insert(c.source.clone()) {
+                continue;
+            }
+            let size = c.info.nar_size;
+            if spool.as_ref().is_none() {
+                match Spool::new(&self.spool, size).await {
+                    Ok(s) => spool = Some(s),
+                    Err(e) => {
+                        tracing::warn!(%hash, error = %e, "cannot spool NAR");
+                        return None;
+                    }
+                }
+            }
+            let sp = spool.as_mut()?;
+            if !(sp.is_empty() || allow_resume && c.resumable()) {
+                let _ = sp.reset();
+                contributors.clear();
+            }
+            match self.copy_into(&c, sp, size).await {
+                Ok(()) => {}
+                Err(CopyError::Lie(e)) => {
+                    tracing::warn!(source = ?c.source, %hash, error = %e, "source sent bad NAR bytes");
+                    self.judge(&c.source, Err(&SourceError::Untrusted));
+                    let _ = sp.reset();
+                    contributors.clear();
+                    continue;
+                }
+                Err(CopyError::Failed(e)) => {
+                    tracing::info!(source = ?c.source, %hash, got = sp.len(), error = %e, "NAR source failed; trying the next");
+                    self.judge(&c.source, Err(&e));
+                    if !sp.is_empty() {
+                        contributors.push(c.source.clone());
+                    }
+                    continue;
+                }
+            }
+            contributors.push(c.source.clone());
+            let full = spool.take()?;
+            match full.verify(nar_hash) {
+                Ok(v) => {
+                    // Only the source that completed the NAR earns credit; one that failed
+                    // mid-way keeps its back-off even though its bytes were right.
+                    self.judge(&c.source, Ok(()));
+                    return Some((v, info.unwrap_or_else(|| c.info.clone()), c.source));
+                }
+                Err(mut back) => {
+                    self.stat(|s| s.lies += 1);
+                    if contributors.len() == 1 {
+                        tracing::warn!(source = ?c.source, %hash, "NAR hash mismatch; source backed off");
+                        self.judge(&c.source, Err(&SourceError::Untrusted));
+                    } else {
+                        // Several sources contributed: cannot tell which lied. Start over, one
+                        // source per attempt, so the next mismatch is attributable.
+                        tracing::warn!(?contributors, %hash, "NAR hash mismatch across sources; refetching whole");
+                        allow_resume = false;
+                        tried.retain(|s| !contributors.contains(s) || *s == c.source);
+                        for s in contributors.iter().filter(|s| **s != c.source) {
+                            if let Some(k) = self
+                                .known(hash)
+                                .and_then(|(_, ks)| ks.into_iter().find(|k| k.source == *s))
+                            {
+                                queue.push(k);
+                            }
+                        }
+                    }
+                    let _ = back.reset();
+                    contributors.clear();
+                    spool = Some(*back);
+                }
+            }
+        }
+    }
+
+    /// Copies the NAR of `c` into the spool from where it stands (resuming with `Range`).
+    async fn copy_into(&self, c: &Candidate, sp: &mut Spool, size: u64) -> Result<(), CopyError> {
+        let from = sp.len();
+        let (mut reader, start) = self.sources.open_nar(c, from).await.map_err(CopyError::Failed)?;
+        let idle = self.sources.timeouts(&c.source).idle;
+        // A source that ignored the range starts at 0: skip what we have.
+        let mut skip = from - start.min(from);
+        if start == 0 && from > 0 {
+            skip = from;
+        }
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut received = 0u64;
+        loop {
+            buf.clear();
+            let n = match tokio::time::timeout(idle, reader.read_buf(&mut buf)).await {
+                Err(_) => return Err(CopyError::Failed(SourceError::Timeout)),
+                Ok(Err(e)) => {
+                    // A corrupt compressed stream is a lie, a broken connection a failure.
+                    return Err(if e.kind() == std::io::ErrorKind::InvalidData {
+                        CopyError::Lie(format!("bad compressed data: {e}"))
+                    } else {
+                        CopyError::Failed(SourceError::Url(format!("read: {e}")))
+                    });
+                }
+                Ok(Ok(n)) => n,
+            };
+            if n == 0 {
+                break;
+            }
+            let mut data = &buf[..n];
+            if skip > 0 {
+                let k = (skip as usize).min(data.len());
+                data = &data[k..];
+                skip -= k as u64;
+            }
+            if data.is_empty() {
+                continue;
+            }
+            if sp.len() + data.len() as u64 > size {
+                return Err(CopyError::Lie(format!("more than the signed NarSize {size}")));
+            }
+            sp.write(data)
+                .await
+                .map_err(|e| CopyError::Failed(SourceError::Url(e.to_string())))?;
+            received += data.len() as u64;
+        }
+        self.stat(|s| match c.source {
+            SourceId::Peer(_) => s.bytes_from_peers += received,
+            SourceId::Upstream(_) => s.bytes_from_upstream += received,
+        });
+        if sp.len() < size {
+            return Err(CopyError::Failed(SourceError::Url(format!(
+                "ended at {} of {size} bytes",
+                sp.len()
+            ))));
+        }
+        Ok(())
+    }
+
+    async fn nar(&self, req: &Request<Incoming>, hash: &StorePathHash, nar_hash: &NarHash) -> Response<Body> {
+        let t0 = Instant::now();
+        let Some((v, info, source)) = self.fetch_verified(hash, nar_hash).await else {
+            self.stat(|s| s.nar_failures += 1);
+            tracing::info!(%hash, ms = t0.elapsed().as_millis() as u64, verdict = "unavailable", "NAR");
+            return h::not_found();
+        };
+        self.stat(|s| match source {
+            SourceId::Peer(_) => s.nars_from_peers += 1,
+            SourceId::Upstream(_) => s.nars_from_upstream += 1,
+        });
+        tracing::info!(path = %info.store_path, source = ?source, bytes = v.len(), ms = t0.elapsed().as_millis() as u64, verdict = "verified", "NAR");
+        let size = v.len();
+        let range = match h::parse_range(req.headers().get(header::RANGE), size) {
+            Ok(r) => r,
+            Err(h::Unsatisfiable) => {
+                let mut r = h::text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
+                if let Ok(hv) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    r.headers_mut().insert(header::CONTENT_RANGE, hv);
+                }
+                return r;
+            }
+        };
+        let (start, end) = range.map_or((0, size.saturating_sub(1)), |r| (r.start, r.end));
+        let body = if req.method() == Method::HEAD || size == 0 {
+            Body::empty()
+        } else {
+            let (tx, rx) = tokio::sync::mpsc::channel(OUT_CHANNEL_CHUNKS);
+            v.stream(start, end, tx);
+            Body::Stream(rx)
+        };
+        let mut r = Response::new(body);
+        let hd = r.headers_mut();
+        hd.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
+        hd.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        if let Ok(len) = HeaderValue::from_str(&(end + 1 - start).min(size).to_string()) {
+            hd.insert(header::CONTENT_LENGTH, len);
+        }
+        if range.is_some() {
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(cr) = HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, cr);
+            }
+        }
+        r
+    }
+}
+
+#[derive(Debug)]
+enum CopyError {
+    /// The source failed (network, timeout, early end): try another, keep what verified-length
+    /// bytes we have for a resume.
+    Failed(SourceError),
+    /// The source sent something provably wrong: discard its bytes.
+    Lie(String),
+}
+
+fn narinfo_response(body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/x-nix-narinfo"));
+    r
+}
+
+impl h::Handler for Proxy {
+    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        let head = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => {
+                let mut r = h::text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                return r;
+            }
+        };
+        let mut resp = match route(req.uri().path()) {
+            Route::CacheInfo => {
+                let mut r = Response::new(Body::from(self.cache_info.clone()));
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/x-nix-cache-info"));
+                r
+            }
+            Route::NarInfo(hash) => self.narinfo(&hash).await,
+            Route::Nar { hash, nar_hash } => self.nar(&req, &hash, &nar_hash).await,
+            Route::NotFound => h::not_found(),
+            Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),
+            Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
+        };
+        if head {
+            if let Body::Full(Some(b)) = resp.body() {
+                let len = b.len();
+                *resp.body_mut() = Body::empty();
+                if let Ok(v) = HeaderValue::from_str(&len.to_string()) {
+                    resp.headers_mut().insert(header::CONTENT_LENGTH, v);
+                }
+            }
+        }
+        resp
+    }
+}

@@ -1,0 +1,290 @@
+//! Where narinfo and NARs come from: LAN peers (from the beacon's table) and upstream caches.
+//!
+//! Peers are reached as `http://<node id>.peer:<port>/`, resolved through the peer table, so a
+//! peer's current address (IPv4, or IPv6 link-local with its scope) is used without putting zone
+//! ids in URLs. Everything a source sends is untrusted: narinfo is checked here (path, signature,
+//! compression), NAR bytes by the caller's spool.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use tokio::io::AsyncRead;
+use url::Url;
+
+use crate::beacon::{wire::NodeId, PeerTable};
+use crate::narinfo::{NarInfo, StorePathHash, TrustedKeys, MAX_NARINFO_BYTES};
+
+/// Host-name suffix that the resolver maps to a peer of the table.
+const PEER_SUFFIX: &str = ".peer";
+
+/// One place to ask.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SourceId {
+    Peer(NodeId),
+    /// Index into the configured upstreams.
+    Upstream(usize),
+}
+
+/// Why a source's answer was not used.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("status {0}")]
+    Status(u16),
+    #[error("narinfo over {MAX_NARINFO_BYTES} bytes")]
+    TooLarge,
+    #[error("narinfo does not parse: {0}")]
+    Parse(#[from] crate::narinfo::ParseError),
+    #[error("narinfo is for {0}, not the path asked for")]
+    WrongPath(String),
+    #[error("narinfo has no signature by a trusted key")]
+    Untrusted,
+    #[error("NAR compression {0:?} not supported")]
+    Compression(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("peer no longer in the table")]
+    Gone,
+    #[error("bad NAR URL {0:?}")]
+    Url(String),
+}
+
+impl SourceError {
+    /// A source that sent something false (not merely failed): worth a harsher back-off.
+    pub fn is_lie(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Parse(_) | SourceError::WrongPath(_) | SourceError::Untrusted | SourceError::TooLarge
+        )
+    }
+}
+
+/// A narinfo that passed every check, with where its NAR is.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub source: SourceId,
+    pub info: NarInfo,
+    /// The NAR URL, resolved against the source's base.
+    pub nar_url: Url,
+}
+
+impl Candidate {
+    /// Uncompressed NARs can be resumed with `Range`.
+    pub fn resumable(&self) -> bool {
+        self.info.compression.as_deref() == Some("none")
+    }
+}
+
+/// Resolves `<node id>.peer` through the peer table; other names through the system resolver.
+struct PeerResolver {
+    table: Option<Arc<PeerTable>>,
+}
+
+impl reqwest::dns::Resolve for PeerResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let name = name.as_str().to_owned();
+        let table = self.table.clone();
+        Box::pin(async move {
+            if let Some(node) = name.strip_suffix(PEER_SUFFIX).and_then(parse_node) {
+                let peer = table.and_then(|t| t.get(&node)).ok_or("peer not in the table")?;
+                let addrs: Vec<SocketAddr> = peer.addrs.clone();
+                return Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs);
+            }
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+fn parse_node(s: &str) -> Option<NodeId> {
+    let bytes = data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).ok()?;
+    Some(NodeId(bytes.try_into().ok()?))
+}
+
+/// Timeouts per kind of source.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Whole narinfo request.
+    pub narinfo: Duration,
+    /// Longest silence while reading a NAR.
+    pub idle: Duration,
+}
+
+pub const PEER_TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_millis(500),
+    narinfo: Duration::from_secs(3),
+    idle: Duration::from_secs(5),
+};
+
+pub const UPSTREAM_TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(3),
+    narinfo: Duration::from_secs(15),
+    idle: Duration::from_secs(30),
+};
+
+/// The HTTP clients and the list of sources.
+pub struct Sources {
+    peers: Option<Arc<PeerTable>>,
+    pub upstreams: Vec<Url>,
+    peer_client: reqwest::Client,
+    upstream_client: reqwest::Client,
+    store_dir: String,
+    keys: TrustedKeys,
+}
+
+impl Sources {
+    pub fn new(peers: Option<Arc<PeerTable>>, upstreams: Vec<Url>, store_dir: String, keys: TrustedKeys) -> Self {
+        let build = |t: Timeouts, no_proxy: bool| {
+            let mut b = reqwest::Client::builder()
+                .connect_timeout(t.connect)
+                .read_timeout(t.idle)
+                .pool_idle_timeout(Duration::from_secs(30))
+                .user_agent(concat!("local-nix-cache/", env!("CARGO_PKG_VERSION")))
+                .dns_resolver(Arc::new(PeerResolver { table: peers.clone() }));
+            if no_proxy {
+                b = b.no_proxy();
+            }
+            b.build().unwrap_or_else(|_| reqwest::Client::new())
+        };
+        Self {
+            peer_client: build(PEER_TIMEOUTS, true),
+            upstream_client: build(UPSTREAM_TIMEOUTS, false),
+            peers,
+            upstreams: upstreams
+                .into_iter()
+                .map(|mut u| {
+                    if !u.path().ends_with('/') {
+                        let p = format!("{}/", u.path());
+                        u.set_path(&p);
+                    }
+                    u
+                })
+                .collect(),
+            store_dir,
+            keys,
+        }
+    }
+
+    pub fn table(&self) -> Option<&Arc<PeerTable>> {
+        self.peers.as_ref()
+    }
+
+    pub fn timeouts(&self, s: &SourceId) -> Timeouts {
+        match s {
+            SourceId::Peer(_) => PEER_TIMEOUTS,
+            SourceId::Upstream(_) => UPSTREAM_TIMEOUTS,
+        }
+    }
+
+    fn client(&self, s: &SourceId) -> &reqwest::Client {
+        match s {
+            SourceId::Peer(_) => &self.peer_client,
+            SourceId::Upstream(_) => &self.upstream_client,
+        }
+    }
+
+    /// Base URL of a source (`None`: the peer left the table).
+    pub fn base(&self, s: &SourceId) -> Option<Url> {
+        match s {
+            SourceId::Peer(node) => {
+                let peer = self.peers.as_ref()?.get(node)?;
+                Url::parse(&format!("http://{node}{PEER_SUFFIX}:{}/", peer.http_addr().port())).ok()
+            }
+            SourceId::Upstream(i) => self.upstreams.get(*i).cloned(),
+        }
+    }
+
+    /// Asks one source for the narinfo of `hash`. `Ok(None)`: the source does not have it.
+    pub async fn narinfo(&self, s: &SourceId, hash: &StorePathHash) -> Result<Option<Candidate>, SourceError> {
+        let base = self.base(s).ok_or(SourceError::Gone)?;
+        let url = base
+            .join(&format!("{hash}.narinfo"))
+            .map_err(|_| SourceError::Url(hash.to_string()))?;
+        let t = self.timeouts(s);
+        let fetch = async {
+            let mut resp = self.client(s).get(url).send().await?;
+            match resp.status().as_u16() {
+                200 => {}
+                404 | 403 | 410 => return Ok(None),
+                other => return Err(SourceError::Status(other)),
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await? {
+                if body.len() + chunk.len() > MAX_NARINFO_BYTES {
+                    return Err(SourceError::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Some(body))
+        };
+        let body = match tokio::time::timeout(t.narinfo, fetch).await {
+            Err(_) => return Err(SourceError::Timeout),
+            Ok(r) => r?,
+        };
+        let Some(body) = body else { return Ok(None) };
+        let text = String::from_utf8_lossy(&body);
+        let info = NarInfo::parse(&self.store_dir, &text)?;
+        if info.store_path.hash() != *hash {
+            return Err(SourceError::WrongPath(info.store_path.to_string()));
+        }
+        if !info.is_trusted(&self.keys) {
+            return Err(SourceError::Untrusted);
+        }
+        let compression = info.compression.clone().unwrap_or_else(|| "bzip2".into());
+        if !matches!(compression.as_str(), "none" | "xz" | "zstd" | "bzip2") {
+            return Err(SourceError::Compression(compression));
+        }
+        let nar_url = base.join(&info.url).map_err(|_| SourceError::Url(info.url.clone()))?;
+        // A peer's NAR URL must stay on that peer (a lying narinfo could point elsewhere).
+        let elsewhere =
+            nar_url.host_str() != base.host_str() || nar_url.port_or_known_default() != base.port_or_known_default();
+        if elsewhere && matches!(s, SourceId::Peer(_)) {
+            return Err(SourceError::Url(info.url.clone()));
+        }
+        Ok(Some(Candidate {
+            source: s.clone(),
+            info,
+            nar_url,
+        }))
+    }
+
+    /// Opens the NAR of `c`, decompressed, from uncompressed byte `from` (only for resumable
+    /// candidates; others always start at 0). Returns the reader and the offset it starts at.
+    pub async fn open_nar(&self, c: &Candidate, from: u64) -> Result<(NarReader, u64), SourceError> {
+        let mut req = self.client(&c.source).get(c.nar_url.clone());
+        let ranged = from > 0 && c.resumable();
+        if ranged {
+            req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
+        }
+        let t = self.timeouts(&c.source);
+        let resp = tokio::time::timeout(t.narinfo, req.send())
+            .await
+            .map_err(|_| SourceError::Timeout)??;
+        let status = resp.status().as_u16();
+        let start = match status {
+            206 if ranged => from,
+            200 => 0,
+            other => return Err(SourceError::Status(other)),
+        };
+        let stream = resp.bytes_stream().map_err(io::Error::other);
+        let raw = tokio::io::BufReader::new(tokio_util::io::StreamReader::new(stream));
+        use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
+        let reader: NarReader = match c.info.compression.as_deref().unwrap_or("bzip2") {
+            "none" => Box::pin(raw),
+            "xz" => Box::pin(XzDecoder::new(raw)),
+            "zstd" => Box::pin(ZstdDecoder::new(raw)),
+            "bzip2" => Box::pin(BzDecoder::new(raw)),
+            other => return Err(SourceError::Compression(other.to_owned())),
+        };
+        Ok((reader, start))
+    }
+}
+
+/// A NAR's uncompressed bytes from one source.
+pub type NarReader = Pin<Box<dyn AsyncRead + Send>>;

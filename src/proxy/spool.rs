@@ -1,0 +1,295 @@
+//! The spool: where a NAR's bytes wait until their hash is verified.
+//!
+//! A single hash over the whole NAR can only be checked at its end, and Nix keeps the bytes it
+//! already got when it resumes a transfer, so unverified bytes must never reach Nix. Small NARs
+//! spool in memory, large ones in an unlinked temp file (gone even if the process dies). Both
+//! have global caps, taken as semaphore permits (1 permit = 1 MiB) before the first byte is
+//! written. Invariant: a [`Verified`] spool exists only after its size and sha256 matched.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::narinfo::NarHash;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Caps on spooled bytes.
+pub struct SpoolLimits {
+    /// Largest NAR spooled in memory.
+    pub mem_one: u64,
+    /// Permits (MiB) for all in-memory spools together.
+    pub mem_total: Arc<Semaphore>,
+    /// Permits (MiB) for all file spools together.
+    pub disk_total: Arc<Semaphore>,
+    /// The number of permits `disk_total` started with: a NAR larger than this never fits.
+    disk_cap_mib: usize,
+    /// Where spool files are created (unlinked at once).
+    pub dir: PathBuf,
+}
+
+impl SpoolLimits {
+    pub fn new(mem_one: u64, mem_total_mib: usize, disk_total_mib: usize, dir: PathBuf) -> Self {
+        Self {
+            mem_one,
+            mem_total: Arc::new(Semaphore::new(mem_total_mib.max(1))),
+            disk_total: Arc::new(Semaphore::new(disk_total_mib.max(1))),
+            disk_cap_mib: disk_total_mib.max(1),
+            dir,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("NAR of {0} bytes exceeds the spool capacity")]
+    TooLarge(u64),
+    #[error("spool I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+enum Store {
+    Mem(BytesMut),
+    File(std::fs::File),
+}
+
+/// A spool being filled, with its running hash.
+pub struct Spool {
+    store: Store,
+    hasher: Sha256,
+    len: u64,
+    expected: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+fn mib(n: u64) -> u32 {
+    n.div_ceil(MIB).max(1).min(u32::MAX as u64) as u32
+}
+
+impl Spool {
+    /// Reserves room for a NAR of `size` bytes: memory if small and available, else disk.
+    pub async fn new(limits: &SpoolLimits, size: u64) -> Result<Self, SpoolError> {
+        let need = mib(size);
+        if size <= limits.mem_one {
+            if let Ok(p) = limits.mem_total.clone().try_acquire_many_owned(need) {
+                return Ok(Self {
+                    store: Store::Mem(BytesMut::with_capacity(size as usize)),
+                    hasher: Sha256::new(),
+                    len: 0,
+                    expected: size,
+                    _permit: p,
+                });
+            }
+        }
+        if need as usize > limits.disk_cap_mib {
+            return Err(SpoolError::TooLarge(size));
+        }
+        let permit = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            limits.disk_total.clone().acquire_many_owned(need),
+        )
+        .await
+        .map_err(|_| SpoolError::TooLarge(size))?
+        .map_err(|_| SpoolError::TooLarge(size))?;
+        std::fs::create_dir_all(&limits.dir)?;
+        let file = tempfile::tempfile_in(&limits.dir)?;
+        Ok(Self {
+            store: Store::File(file),
+            hasher: Sha256::new(),
+            len: 0,
+            expected: size,
+            _permit: permit,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends bytes (the caller checked they fit in the expected size).
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), SpoolError> {
+        self.hasher.update(chunk);
+        match &mut self.store {
+            Store::Mem(b) => b.extend_from_slice(chunk),
+            Store::File(f) => {
+                let offset = self.len;
+                let data = chunk.to_vec();
+                let file = f.try_clone()?;
+                tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+                    .await
+                    .map_err(io::Error::other)??;
+            }
+        }
+        self.len += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Starts over (after a source that lied), keeping the reservation.
+    pub fn reset(&mut self) -> Result<(), SpoolError> {
+        self.hasher = Sha256::new();
+        self.len = 0;
+        match &mut self.store {
+            Store::Mem(b) => b.clear(),
+            Store::File(f) => f.set_len(0)?,
+        }
+        Ok(())
+    }
+
+    /// Checks size and hash; on success the spool becomes servable, else it comes back (boxed)
+    /// for another attempt.
+    pub fn verify(self, want: &NarHash) -> Result<Verified, Box<Spool>> {
+        if self.len != self.expected {
+            return Err(Box::new(self));
+        }
+        let digest: [u8; 32] = self.hasher.clone().finalize().into();
+        if NarHash::from_digest(digest) != *want {
+            return Err(Box::new(self));
+        }
+        Ok(Verified {
+            data: match self.store {
+                Store::Mem(b) => Data::Mem(b.freeze()),
+                Store::File(f) => Data::File(Arc::new(f)),
+            },
+            len: self.len,
+            _permit: Arc::new(self._permit),
+        })
+    }
+}
+
+#[derive(Clone)]
+enum Data {
+    Mem(Bytes),
+    File(Arc<std::fs::File>),
+}
+
+/// A NAR whose size and hash were verified. Cheap to clone; the reservation is released when the
+/// last clone is dropped.
+#[derive(Clone)]
+pub struct Verified {
+    data: Data,
+    len: u64,
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl Verified {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes `start..=end`, as chunks sent into `tx` (blocking reads for file spools happen on a
+    /// blocking thread). Stops early when the receiver goes away.
+    pub fn stream(&self, start: u64, end: u64, tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>) {
+        const CHUNK: u64 = 128 * 1024;
+        match &self.data {
+            Data::Mem(b) => {
+                let b = b.slice(start as usize..=end as usize);
+                tokio::spawn(async move {
+                    let mut off = 0;
+                    while off < b.len() {
+                        let n = (b.len() - off).min(CHUNK as usize);
+                        if tx.send(Ok(b.slice(off..off + n))).await.is_err() {
+                            return;
+                        }
+                        off += n;
+                    }
+                });
+            }
+            Data::File(f) => {
+                let (f, keep) = (f.clone(), self.clone());
+                tokio::task::spawn_blocking(move || {
+                    let _keep = keep;
+                    let mut pos = start;
+                    while pos <= end {
+                        let n = (end + 1 - pos).min(CHUNK) as usize;
+                        let mut buf = vec![0u8; n];
+                        if let Err(e) = f.read_exact_at(&mut buf, pos) {
+                            let _ = tx.blocking_send(Err(e));
+                            return;
+                        }
+                        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                            return;
+                        }
+                        pos += n as u64;
+                    }
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(mem_one: u64) -> SpoolLimits {
+        SpoolLimits::new(mem_one, 4, 64, std::env::temp_dir().join("lnc-spool-test"))
+    }
+
+    fn hash(data: &[u8]) -> NarHash {
+        NarHash::from_digest(Sha256::digest(data).into())
+    }
+
+    async fn collect(v: &Verified, start: u64, end: u64) -> Vec<u8> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        v.stream(start, end, tx);
+        let mut out = Vec::new();
+        while let Some(c) = rx.recv().await {
+            out.extend_from_slice(&c.expect("chunk"));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn memory_and_file_spools_verify_and_serve_ranges() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        for mem_one in [1 << 20, 0] {
+            let l = limits(mem_one);
+            let mut s = Spool::new(&l, data.len() as u64).await.expect("spool");
+            for c in data.chunks(7777) {
+                s.write(c).await.expect("write");
+            }
+            let v = s.verify(&hash(&data)).unwrap_or_else(|_| panic!("verify"));
+            assert_eq!(collect(&v, 0, data.len() as u64 - 1).await, data);
+            assert_eq!(collect(&v, 1000, 200_000).await, &data[1000..=200_000]);
+        }
+    }
+
+    #[tokio::test]
+    async fn wrong_bytes_or_size_do_not_verify() {
+        let data = vec![5u8; 1000];
+        let l = limits(1 << 20);
+        let mut s = Spool::new(&l, 1000).await.expect("spool");
+        s.write(&data[..999]).await.expect("write");
+        s.write(&[6]).await.expect("write");
+        let s = s.verify(&hash(&data)).err().expect("wrong byte must not verify");
+        let mut s = s;
+        s.reset().expect("reset");
+        s.write(&data[..500]).await.expect("write");
+        assert!(s.verify(&hash(&data)).is_err(), "short must not verify");
+    }
+
+    #[tokio::test]
+    async fn caps_are_enforced() {
+        let l = SpoolLimits::new(1 << 20, 1, 2, std::env::temp_dir().join("lnc-spool-test"));
+        let a = Spool::new(&l, 1 << 20).await.expect("first in memory");
+        // Memory is used up: the next small one goes to disk.
+        let b = Spool::new(&l, 1000).await.expect("second on disk");
+        assert!(matches!(b.store, Store::File(_)));
+        // Larger than the whole disk budget: refused at once.
+        assert!(matches!(Spool::new(&l, 10 << 20).await, Err(SpoolError::TooLarge(_))));
+        drop((a, b));
+    }
+}

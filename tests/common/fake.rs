@@ -1,0 +1,332 @@
+//! In-process fake binary caches on loopback, honest or hostile, and a proxy wired to them.
+//! Nothing here needs Nix or root: NARs are made by the crate's own NAR writer and narinfo is
+//! signed with the committed test key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use local_nix_cache::beacon::wire::{encode, Beacon, Kind, NodeId, FLAG_NAR_NONE};
+use local_nix_cache::beacon::PeerTable;
+use local_nix_cache::http::{self as h, Body};
+use local_nix_cache::narinfo::{NarHash, NarInfo, PublicKey, SecretKey, StorePath, TrustedKeys};
+use local_nix_cache::proxy::{spool::SpoolLimits, Proxy, ProxyConfig};
+use sha2::Digest;
+use tokio_util::sync::CancellationToken;
+
+const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/narinfo");
+
+pub fn test_key() -> SecretKey {
+    SecretKey::parse(&std::fs::read_to_string(format!("{DATA}/test-hydra-1.sec")).expect("key")).expect("parse")
+}
+
+pub fn trusted() -> TrustedKeys {
+    TrustedKeys::new(vec![test_key().public()])
+}
+
+/// A store path with its NAR and a correctly signed narinfo.
+#[derive(Clone)]
+pub struct FakePath {
+    pub path: StorePath,
+    pub nar: Bytes,
+    pub info: NarInfo,
+}
+
+impl FakePath {
+    /// A directory tree of `size` bytes of pseudo-random content, as a NAR.
+    pub fn new(name: &str, size: usize, seed: u8) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("out");
+        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+        let data: Vec<u8> = (0..size)
+            .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed)
+            .collect();
+        std::fs::write(root.join("bin/data"), &data).expect("write");
+        std::os::unix::fs::symlink("bin/data", root.join("link")).expect("symlink");
+        let mut nar = Vec::new();
+        local_nix_cache::store::dump::dump(&root, |c| {
+            nar.extend_from_slice(&c);
+            true
+        })
+        .expect("dump");
+        let digest: [u8; 32] = sha2::Sha256::digest(&nar).into();
+        let nar_hash = NarHash::from_digest(digest);
+        let hash: String = (0..32)
+            .map(|i| b"0123456789abcdfghijklmnpqrsvwxyz"[(i * 7 + seed as usize) % 32] as char)
+            .collect();
+        let path = StorePath::parse("/nix/store", &format!("/nix/store/{hash}-{name}")).expect("path");
+        let mut info = NarInfo {
+            store_path: path.clone(),
+            url: format!("nar/{}.nar", nar_hash.to_nix32()),
+            compression: Some("none".into()),
+            file_hash: None,
+            file_size: None,
+            nar_hash,
+            nar_size: nar.len() as u64,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        info.sigs = vec![test_key().sign(&info.fingerprint())];
+        Self {
+            path,
+            nar: Bytes::from(nar),
+            info,
+        }
+    }
+
+    pub fn hash(&self) -> String {
+        self.path.hash().to_string()
+    }
+}
+
+/// How a fake cache answers one URL.
+#[derive(Clone)]
+pub enum Reply {
+    /// 200 with this body, after `delay`; honours `Range: bytes=N-` (206).
+    Ok {
+        body: Bytes,
+        delay: Duration,
+    },
+    Status(u16),
+    /// Sends `first` bytes of a body announced as `total`, then aborts the connection.
+    Truncated {
+        body: Bytes,
+        cut: usize,
+    },
+    /// Sends `first` bytes, then nothing, forever (slowloris).
+    Stall {
+        body: Bytes,
+        cut: usize,
+    },
+    /// 200 that never ends.
+    Endless,
+}
+
+impl Reply {
+    pub fn ok(body: impl Into<Bytes>) -> Self {
+        Reply::Ok {
+            body: body.into(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn slow(body: impl Into<Bytes>, delay: Duration) -> Self {
+        Reply::Ok {
+            body: body.into(),
+            delay,
+        }
+    }
+}
+
+/// A fake binary cache: URL path → reply; records the `Range` headers it saw.
+#[derive(Default)]
+pub struct FakeCache {
+    pub routes: Mutex<HashMap<String, Reply>>,
+    pub ranges: Mutex<Vec<String>>,
+    pub requests: Mutex<Vec<String>>,
+}
+
+impl FakeCache {
+    pub fn set(&self, path: &str, r: Reply) {
+        self.routes.lock().expect("lock").insert(path.to_owned(), r);
+    }
+
+    /// Serves `p` honestly: its narinfo and NAR.
+    pub fn serve_path(&self, p: &FakePath) {
+        self.set(&format!("/{}.narinfo", p.hash()), Reply::ok(p.info.render()));
+        self.set(&format!("/{}", p.info.url), Reply::ok(p.nar.clone()));
+    }
+
+    pub fn requests_for(&self, suffix: &str) -> usize {
+        self.requests
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|r| r.ends_with(suffix))
+            .count()
+    }
+}
+
+impl h::Handler for FakeCache {
+    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        self.requests.lock().expect("lock").push(path.clone());
+        let range = req
+            .headers()
+            .get(http::header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if let Some(r) = &range {
+            self.ranges.lock().expect("lock").push(r.clone());
+        }
+        let reply = self.routes.lock().expect("lock").get(&path).cloned();
+        match reply {
+            None => h::not_found(),
+            Some(Reply::Status(s)) => h::text(StatusCode::from_u16(s).expect("status"), "fake status\n"),
+            Some(Reply::Ok { body, delay }) => {
+                tokio::time::sleep(delay).await;
+                let start = range
+                    .as_deref()
+                    .and_then(|r| r.strip_prefix("bytes="))
+                    .and_then(|r| r.strip_suffix('-'))
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .filter(|n| *n < body.len());
+                match start {
+                    Some(n) => {
+                        let mut r = Response::new(Body::from(body.slice(n..)));
+                        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+                        r.headers_mut().insert(
+                            http::header::CONTENT_RANGE,
+                            format!("bytes {n}-{}/{}", body.len() - 1, body.len())
+                                .parse()
+                                .expect("hv"),
+                        );
+                        r
+                    }
+                    None => Response::new(Body::from(body)),
+                }
+            }
+            Some(Reply::Truncated { body, cut }) => streamed(body, cut, false),
+            Some(Reply::Stall { body, cut }) => streamed(body, cut, true),
+            Some(Reply::Endless) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(2);
+                tokio::spawn(async move {
+                    let chunk = Bytes::from(vec![0u8; 64 * 1024]);
+                    // Bounded: stops after 4 GiB or when the client goes away.
+                    for _ in 0..65_536 {
+                        if tx.send(Ok(chunk.clone())).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                Response::new(Body::Stream(rx))
+            }
+        }
+    }
+}
+
+fn streamed(body: Bytes, cut: usize, stall: bool) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let len = body.len();
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(body.slice(..cut))).await;
+        if stall {
+            // Hold the connection open without sending (bounded: the test ends first).
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        } else {
+            let _ = tx.send(Err(std::io::Error::other("fake truncation"))).await;
+        }
+    });
+    let mut r = Response::new(Body::Stream(rx));
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, len.to_string().parse().expect("hv"));
+    r
+}
+
+/// A runtime with fake caches and a proxy, all on 127.0.0.1.
+pub struct Rig {
+    pub rt: tokio::runtime::Runtime,
+    pub table: Arc<PeerTable>,
+    stop: CancellationToken,
+}
+
+impl Default for Rig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Rig {
+    pub fn new() -> Self {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
+        Self {
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime"),
+            table: Arc::new(PeerTable::new(NodeId([0xee; 16]))),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// Starts a fake cache; returns its address.
+    pub fn cache(&self, c: Arc<FakeCache>) -> SocketAddr {
+        let _g = self.rt.enter();
+        let l = h::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = l.local_addr().expect("addr");
+        self.rt.spawn(h::serve(l, c, self.stop.clone()));
+        addr
+    }
+
+    /// Starts a fake cache and enters it in the peer table, as its beacon would.
+    pub fn peer(&self, c: Arc<FakeCache>, id: u8) -> SocketAddr {
+        let addr = self.cache(c);
+        self.add_peer(addr, id);
+        addr
+    }
+
+    pub fn add_peer(&self, addr: SocketAddr, id: u8) {
+        let b = encode(&Beacon {
+            kind: Kind::Announce,
+            flags: FLAG_NAR_NONE,
+            node: NodeId([id; 16]),
+            port: addr.port(),
+            interval_ms: 3_600_000,
+            seq: 1,
+            hostname: None,
+        });
+        let _g = self.rt.enter();
+        self.table.handle(addr, &b, tokio::time::Instant::now());
+    }
+
+    /// Starts a proxy over the peer table and `upstreams`, trusting the committed test key.
+    pub fn proxy(&self, upstreams: Vec<String>) -> (SocketAddr, Arc<Proxy>) {
+        self.proxy_trusting(upstreams, trusted())
+    }
+
+    /// Starts a proxy over the peer table and `upstreams`; returns its address.
+    pub fn proxy_trusting(&self, upstreams: Vec<String>, keys: TrustedKeys) -> (SocketAddr, Arc<Proxy>) {
+        let _g = self.rt.enter();
+        let spool = std::env::temp_dir().join(format!("lnc-test-spool-{}", std::process::id()));
+        let p = Arc::new(Proxy::new(
+            ProxyConfig {
+                store_dir: "/nix/store".into(),
+                keys,
+                upstreams: upstreams.iter().map(|u| u.parse().expect("url")).collect(),
+                spool: SpoolLimits::new(1 << 20, 16, 256, spool),
+            },
+            Some(self.table.clone()),
+        ));
+        let l = h::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = l.local_addr().expect("addr");
+        self.rt.spawn(h::serve(l, p.clone(), self.stop.clone()));
+        (addr, p)
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// An untrusted key, for narinfo that verifies against nothing we trust.
+pub fn untrusted_key() -> SecretKey {
+    SecretKey::from_seed("evil-1", [7; 32])
+}
+
+pub fn untrusted_public() -> PublicKey {
+    untrusted_key().public()
+}

@@ -1,0 +1,345 @@
+//! The proxy against in-process fake peers and upstreams on loopback: honest, lying, broken and
+//! slow. Each case: the right path still arrives when any honest source has it, wrong bytes are
+//! never delivered as a complete response, and no request hangs.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::fake::*;
+use common::{get, request};
+
+/// What a hostile peer does.
+#[derive(Clone, Copy, Debug)]
+enum Lie {
+    BadSignature,
+    UntrustedKey,
+    OtherPath,
+    MalformedNarinfo,
+    ServerError,
+    WrongNarBytes,
+    TruncatedNar,
+    StalledNar,
+    EndlessNar,
+}
+
+impl Lie {
+    /// Lies in the narinfo make the liar lose the race; lies in the NAR are found by the hash.
+    fn in_narinfo(self) -> bool {
+        matches!(
+            self,
+            Lie::BadSignature | Lie::UntrustedKey | Lie::OtherPath | Lie::MalformedNarinfo | Lie::ServerError
+        )
+    }
+}
+
+fn liar(p: &FakePath, lie: Lie) -> Arc<FakeCache> {
+    let c = Arc::new(FakeCache::default());
+    c.serve_path(p);
+    let ni = format!("/{}.narinfo", p.hash());
+    let nar = format!("/{}", p.info.url);
+    match lie {
+        Lie::BadSignature => {
+            let mut info = p.info.clone();
+            info.nar_size += 1; // signature no longer covers the fingerprint
+            c.set(&ni, Reply::ok(info.render()));
+        }
+        Lie::UntrustedKey => {
+            let mut info = p.info.clone();
+            info.sigs = vec![untrusted_key().sign(&info.fingerprint())];
+            c.set(&ni, Reply::ok(info.render()));
+        }
+        Lie::OtherPath => {
+            let other = FakePath::new("other", 1000, 99);
+            c.set(&ni, Reply::ok(other.info.render()));
+        }
+        Lie::MalformedNarinfo => c.set(&ni, Reply::ok("StorePath: nonsense\nNarHash: x\n")),
+        Lie::ServerError => c.set(&ni, Reply::Status(500)),
+        Lie::WrongNarBytes => {
+            let mut bad = p.nar.to_vec();
+            let mid = bad.len() / 2;
+            bad[mid] ^= 0x55;
+            c.set(&nar, Reply::ok(bad));
+        }
+        Lie::TruncatedNar => c.set(
+            &nar,
+            Reply::Truncated {
+                body: p.nar.clone(),
+                cut: p.nar.len() / 3,
+            },
+        ),
+        Lie::StalledNar => c.set(
+            &nar,
+            Reply::Stall {
+                body: p.nar.clone(),
+                cut: p.nar.len() / 3,
+            },
+        ),
+        Lie::EndlessNar => c.set(&nar, Reply::Endless),
+    }
+    c
+}
+
+/// Fetches narinfo then NAR through the proxy; returns (narinfo status, NAR status, NAR body).
+fn fetch(proxy: std::net::SocketAddr, p: &FakePath) -> (u16, u16, Vec<u8>) {
+    let ni = get(proxy, &format!("/{}.narinfo", p.hash()));
+    if ni.status != 200 {
+        return (ni.status, 0, Vec::new());
+    }
+    let text = String::from_utf8(ni.body).expect("utf8");
+    assert!(text.contains("Compression: none\n"), "{text}");
+    assert!(text.contains(&format!("NarHash: {}\n", p.info.nar_hash)), "{text}");
+    assert!(text.contains("Sig: test-hydra-1:"), "signature kept: {text}");
+    let url = text.lines().find_map(|l| l.strip_prefix("URL: ")).expect("URL");
+    assert_eq!(url, format!("nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32()));
+    let nar = get(proxy, &format!("/{url}"));
+    (200, nar.status, nar.body)
+}
+
+#[test]
+fn every_lie_loses_to_an_honest_peer_and_is_never_delivered_alone() {
+    let p = FakePath::new("hello", 300_000, 1);
+    for lie in [
+        Lie::BadSignature,
+        Lie::UntrustedKey,
+        Lie::OtherPath,
+        Lie::MalformedNarinfo,
+        Lie::ServerError,
+        Lie::WrongNarBytes,
+        Lie::TruncatedNar,
+        Lie::StalledNar,
+        Lie::EndlessNar,
+    ] {
+        // With an honest peer (slower to answer, so the liar is asked first): the right bytes.
+        let rig = Rig::new();
+        rig.peer(liar(&p, lie), 1);
+        let honest = Arc::new(FakeCache::default());
+        honest.serve_path(&p);
+        honest.set(
+            &format!("/{}.narinfo", p.hash()),
+            Reply::slow(p.info.render(), Duration::from_millis(100)),
+        );
+        rig.peer(honest, 2);
+        let (proxy, _) = rig.proxy(vec![]);
+        let t0 = Instant::now();
+        let (ni, nar, body) = fetch(proxy, &p);
+        assert_eq!((ni, nar), (200, 200), "{lie:?} with an honest peer");
+        assert!(body == p.nar, "{lie:?}: wrong bytes delivered");
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{lie:?}: took {:?}",
+            t0.elapsed()
+        );
+        if !lie.in_narinfo() {
+            // The liar was tried for the NAR and is now backed off.
+            let node = local_nix_cache::beacon::wire::NodeId([1; 16]);
+            let peer = rig.table.get(&node).expect("liar still listed");
+            assert!(peer.health.consecutive_failures > 0, "{lie:?}: liar not backed off");
+        }
+        drop(rig);
+
+        // The liar alone: never a complete wrong NAR; a miss instead.
+        let rig = Rig::new();
+        rig.peer(liar(&p, lie), 1);
+        let (proxy, _) = rig.proxy(vec![]);
+        let t0 = Instant::now();
+        let (ni, nar, body) = fetch(proxy, &p);
+        if lie.in_narinfo() {
+            assert_eq!(ni, 404, "{lie:?} alone: narinfo must be a miss");
+        } else {
+            assert_eq!((ni, nar), (200, 404), "{lie:?} alone: NAR must be a miss");
+            assert!(body != p.nar.as_ref() || body.is_empty());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{lie:?} alone: took {:?}",
+            t0.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_peer_that_dies_mid_transfer_is_resumed_from_another_with_range() {
+    let p = FakePath::new("big", 3_000_000, 2); // spools to disk (over the 1 MiB memory limit)
+    let rig = Rig::new();
+    let dying = liar(&p, Lie::TruncatedNar);
+    rig.peer(dying, 1);
+    let honest = Arc::new(FakeCache::default());
+    honest.serve_path(&p);
+    honest.set(
+        &format!("/{}.narinfo", p.hash()),
+        Reply::slow(p.info.render(), Duration::from_millis(100)),
+    );
+    rig.peer(honest.clone(), 2);
+    let (proxy, _) = rig.proxy(vec![]);
+    let (_, nar, body) = fetch(proxy, &p);
+    assert_eq!(nar, 200);
+    assert!(body == p.nar, "wrong bytes");
+    let ranges = honest.ranges.lock().expect("lock").clone();
+    assert_eq!(
+        ranges,
+        vec![format!("bytes={}-", p.nar.len() / 3)],
+        "resumed where the first peer stopped"
+    );
+}
+
+#[test]
+fn upstream_answers_when_no_peer_has_the_path_and_compressed_nars_are_unpacked() {
+    let p = FakePath::new("from-upstream", 200_000, 3);
+    let rig = Rig::new();
+    // A peer that has nothing.
+    rig.peer(Arc::new(FakeCache::default()), 1);
+    // An upstream with an xz-compressed NAR, like cache.nixos.org.
+    let up = Arc::new(FakeCache::default());
+    let xz = rig.rt.block_on(async {
+        use tokio::io::AsyncReadExt;
+        let mut enc = async_compression::tokio::bufread::XzEncoder::new(&p.nar[..]);
+        let mut out = Vec::new();
+        enc.read_to_end(&mut out).await.expect("xz");
+        out
+    });
+    let mut info = p.info.clone();
+    info.compression = Some("xz".into());
+    info.url = format!("nar/{}.nar.xz", p.info.nar_hash.to_nix32());
+    up.set(&format!("/{}.narinfo", p.hash()), Reply::ok(info.render()));
+    up.set(&format!("/{}", info.url), Reply::ok(Bytes::from(xz)));
+    let up_addr = rig.cache(up.clone());
+    let (proxy, px) = rig.proxy(vec![format!("http://{up_addr}/")]);
+    let (ni, nar, body) = fetch(proxy, &p);
+    assert_eq!((ni, nar), (200, 200));
+    assert!(body == p.nar, "decompressed NAR differs");
+    let s = px.stats();
+    assert_eq!((s.narinfo_hits_upstream, s.nars_from_upstream), (1, 1), "{s:?}");
+}
+
+#[test]
+fn offline_misses_are_fast_and_peers_still_serve() {
+    let p = FakePath::new("lan-only", 10_000, 4);
+    let rig = Rig::new();
+    let honest = Arc::new(FakeCache::default());
+    honest.serve_path(&p);
+    rig.peer(honest, 1);
+    // An upstream nobody listens on (a port we bound and closed): connections are refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    let (proxy, _) = rig.proxy(vec![format!("http://{dead_addr}/")]);
+    let (ni, nar, body) = fetch(proxy, &p);
+    assert_eq!((ni, nar), (200, 200));
+    assert!(body == p.nar);
+    for i in 0..20 {
+        let t0 = Instant::now();
+        let miss = get(proxy, &format!("/{:0>32}.narinfo", i));
+        assert_eq!(miss.status, 404, "a miss is a 404, never a 5xx");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "miss {i} took {:?}",
+            t0.elapsed()
+        );
+    }
+}
+
+#[test]
+fn the_fastest_honest_peer_wins_the_narinfo_race() {
+    let p = FakePath::new("race", 1000, 5);
+    let rig = Rig::new();
+    // Four peers that never answer, four that answer after a second, one fast honest peer.
+    for id in 1..=4 {
+        let c = Arc::new(FakeCache::default());
+        c.set(
+            &format!("/{}.narinfo", p.hash()),
+            Reply::Stall {
+                body: Bytes::from(p.info.render()),
+                cut: 10,
+            },
+        );
+        rig.peer(c, id);
+    }
+    for id in 5..=7 {
+        let c = Arc::new(FakeCache::default());
+        c.serve_path(&p);
+        c.set(
+            &format!("/{}.narinfo", p.hash()),
+            Reply::slow(p.info.render(), Duration::from_secs(1)),
+        );
+        rig.peer(c, id);
+    }
+    let fast = Arc::new(FakeCache::default());
+    fast.serve_path(&p);
+    rig.peer(fast, 8);
+    let (proxy, _) = rig.proxy(vec![]);
+    let t0 = Instant::now();
+    let r = get(proxy, &format!("/{}.narinfo", p.hash()));
+    assert_eq!(r.status, 200);
+    assert!(t0.elapsed() < Duration::from_millis(500), "took {:?}", t0.elapsed());
+}
+
+#[test]
+fn nar_urls_survive_a_proxy_restart_and_the_winner_leaving() {
+    let p = FakePath::new("durable", 50_000, 6);
+    let rig = Rig::new();
+    let a = Arc::new(FakeCache::default());
+    a.serve_path(&p);
+    rig.peer(a, 1);
+    let (proxy, _) = rig.proxy(vec![]);
+    let (_, nar, _) = fetch(proxy, &p);
+    assert_eq!(nar, 200);
+    let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+    // A fresh proxy (as after a restart) knows nothing, yet resolves the URL from the peers.
+    let (fresh, _) = rig.proxy(vec![]);
+    let r = get(fresh, &url);
+    assert_eq!(r.status, 200);
+    assert!(r.body == p.nar);
+    // The winning peer leaves; another one has the bytes.
+    let b = Arc::new(FakeCache::default());
+    b.serve_path(&p);
+    rig.peer(b, 2);
+    let bye = local_nix_cache::beacon::wire::encode(&local_nix_cache::beacon::wire::Beacon {
+        kind: local_nix_cache::beacon::wire::Kind::Goodbye,
+        flags: 0,
+        node: local_nix_cache::beacon::wire::NodeId([1; 16]),
+        port: 0,
+        interval_ms: 1000,
+        seq: 2,
+        hostname: None,
+    });
+    let first = rig.table.peers()[0].http_addr();
+    {
+        let _g = rig.rt.enter();
+        rig.table.handle(first, &bye, tokio::time::Instant::now());
+    }
+    assert_eq!(rig.table.peers().len(), 1);
+    let (fresh2, _) = rig.proxy(vec![]);
+    let r = get(fresh2, &url);
+    assert_eq!(r.status, 200);
+    assert!(r.body == p.nar);
+    // Range and HEAD on the proxy's NAR.
+    let r = request(fresh2, "GET", &url, &[("Range", "bytes=100-")]);
+    assert_eq!(r.status, 206);
+    assert!(r.body == p.nar[100..]);
+    assert_eq!(r.header("accept-ranges"), Some("bytes"));
+    let r = request(fresh2, "HEAD", &format!("/{}.narinfo", p.hash()), &[]);
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    // A URL naming a NAR hash nobody has is a 404.
+    let bogus = format!("/nar/{}-{}.nar", p.hash(), "1".repeat(52));
+    assert_eq!(get(fresh2, &bogus).status, 404);
+}
+
+#[test]
+fn cache_info_is_local_and_bad_requests_are_4xx() {
+    let rig = Rig::new();
+    let (proxy, _) = rig.proxy(vec![]);
+    let r = get(proxy, "/nix-cache-info");
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body).expect("utf8");
+    assert!(
+        text.contains("StoreDir: /nix/store\n") && text.contains("Priority: 20\n"),
+        "{text}"
+    );
+    assert_eq!(get(proxy, "/../etc/passwd.narinfo").status, 400);
+    assert_eq!(get(proxy, "/log/x").status, 404);
+    assert_eq!(request(proxy, "PUT", "/x.narinfo", &[]).status, 405);
+}
