@@ -343,3 +343,64 @@ fn cache_info_is_local_and_bad_requests_are_4xx() {
     assert_eq!(get(proxy, "/log/x").status, 404);
     assert_eq!(request(proxy, "PUT", "/x.narinfo", &[]).status, 405);
 }
+
+/// Benchmark (run by `bench/proxy.sh`): narinfo latency through the proxy with 16 peers, of which
+/// 4 never answer and 4 answer after one second, against asking the fastest honest peer alone.
+#[test]
+#[ignore = "benchmark; bench/proxy.sh runs it"]
+fn bench_narinfo_latency_16_peers() {
+    const N: usize = 300;
+    let paths: Vec<FakePath> = (0..N).map(|i| FakePath::new(&format!("p{i}"), 64, i as u8)).collect();
+    let rig = Rig::new();
+    let mut fastest = None;
+    for id in 1..=16u8 {
+        let c = Arc::new(FakeCache::default());
+        for p in &paths {
+            let ni = format!("/{}.narinfo", p.hash());
+            match id {
+                1..=4 => c.set(
+                    &ni,
+                    Reply::Stall {
+                        body: Bytes::from(p.info.render()),
+                        cut: 1,
+                    },
+                ),
+                5..=8 => c.set(&ni, Reply::slow(p.info.render(), Duration::from_secs(1))),
+                _ => c.set(&ni, Reply::ok(p.info.render())),
+            }
+        }
+        let addr = rig.peer(c, id);
+        if id == 9 {
+            fastest = Some(addr);
+        }
+    }
+    let fastest = fastest.expect("peer 9");
+    let (proxy, _) = rig.proxy(vec![]);
+    let measure = |addr: std::net::SocketAddr| -> Vec<f64> {
+        let mut v: Vec<f64> = paths
+            .iter()
+            .map(|p| {
+                let t0 = Instant::now();
+                let r = get(addr, &format!("/{}.narinfo", p.hash()));
+                assert_eq!(r.status, 200);
+                t0.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let direct = measure(fastest);
+    let via = measure(proxy);
+    let pct = |v: &[f64], q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+    println!(
+        "BENCH narinfo latency, {N} distinct paths, 16 peers (4 dead, 4 slow 1 s): \
+         proxy p50 {:.2} ms p99 {:.2} ms max {:.2} ms; fastest honest peer alone p50 {:.2} ms p99 {:.2} ms; \
+         p99 difference {:+.2} ms (target <= +50)",
+        pct(&via, 0.5),
+        pct(&via, 0.99),
+        via[via.len() - 1],
+        pct(&direct, 0.5),
+        pct(&direct, 0.99),
+        pct(&via, 0.99) - pct(&direct, 0.99)
+    );
+}

@@ -40,6 +40,8 @@ pub struct Health {
     /// Not asked again before this.
     #[serde(skip)]
     pub backoff_until: Option<Instant>,
+    /// Smoothed time to answer a narinfo request, in ms (none until one answered).
+    pub latency_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug)]
@@ -293,6 +295,17 @@ impl PeerTable {
             let exp = p.health.consecutive_failures.saturating_sub(1).min(16);
             let backoff = BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX);
             p.health.backoff_until = Some(now + backoff);
+        }
+    }
+
+    /// The proxy measured how long the peer took to answer a narinfo request.
+    pub fn report_latency(&self, node: &NodeId, took: Duration) {
+        if let Some(p) = self.lock().peers.get_mut(node) {
+            let ms = took.as_secs_f64() * 1000.0;
+            p.health.latency_ms = Some(match p.health.latency_ms {
+                Some(old) => old * 0.8 + ms * 0.2,
+                None => ms,
+            });
         }
     }
 

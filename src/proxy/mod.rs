@@ -39,7 +39,7 @@ use spool::{Spool, SpoolLimits, Verified};
 /// Priority in our `/nix-cache-info`: before cache.nixos.org (40) and a peer's store server (30).
 pub const PRIORITY: u32 = 20;
 /// Most peers asked for one narinfo.
-pub const MAX_FANOUT: usize = 8;
+pub const MAX_FANOUT: usize = 16;
 /// Upstreams are asked this long after the peers, unless every peer already answered.
 pub const HEDGE_DELAY: Duration = Duration::from_millis(150);
 /// How long a miss is remembered.
@@ -53,7 +53,7 @@ pub const UPSTREAM_DOWN_FOR: Duration = Duration::from_secs(30);
 /// When looking for every source of a NAR, wait this long after the first one answered.
 const GATHER_GRACE: Duration = Duration::from_millis(300);
 /// Bytes read from a source per chunk.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
 /// NAR chunks buffered towards Nix.
 const OUT_CHANNEL_CHUNKS: usize = 4;
 
@@ -125,14 +125,19 @@ impl Proxy {
         f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    /// Live, not backed-off peers, healthiest first, at most [`MAX_FANOUT`].
+    /// Live, not backed-off peers, at most [`MAX_FANOUT`]: fewest recent failures first, then
+    /// fastest (a peer never measured counts as fast, so newcomers get asked).
     fn pick_peers(&self) -> Vec<SourceId> {
         let Some(t) = self.sources.table() else {
             return Vec::new();
         };
         let now = Instant::now();
         let mut peers: Vec<_> = t.peers().into_iter().filter(|p| !p.backed_off(now)).collect();
-        peers.sort_by_key(|p| (p.health.consecutive_failures, std::cmp::Reverse(p.health.successes)));
+        peers.sort_by(|a, b| {
+            let key = |p: &crate::beacon::Peer| (p.health.consecutive_failures, p.health.latency_ms.unwrap_or(0.0));
+            let (ka, kb) = (key(a), key(b));
+            ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
+        });
         peers.truncate(MAX_FANOUT);
         peers.into_iter().map(|p| SourceId::Peer(p.node)).collect()
     }
@@ -184,7 +189,11 @@ impl Proxy {
 
     fn ask<'a>(&'a self, s: SourceId, hash: &'a StorePathHash) -> SourceFuture<'a> {
         Box::pin(async move {
+            let t0 = Instant::now();
             let r = self.sources.narinfo(&s, hash).await;
+            if let (SourceId::Peer(n), Ok(_), Some(t)) = (&s, &r, self.sources.table()) {
+                t.report_latency(n, t0.elapsed());
+            }
             (s, r)
         })
     }
@@ -427,7 +436,7 @@ impl Proxy {
             }
             contributors.push(c.source.clone());
             let full = spool.take()?;
-            match full.verify(nar_hash) {
+            match full.verify(nar_hash).await {
                 Ok(v) => {
                     // Only the source that completed the NAR earns credit; one that failed
                     // mid-way keeps its back-off even though its bytes were right.
@@ -549,7 +558,10 @@ impl Proxy {
             Body::empty()
         } else {
             let (tx, rx) = tokio::sync::mpsc::channel(OUT_CHANNEL_CHUNKS);
-            v.stream(start, end, tx);
+            let (path, t1) = (info.store_path.to_string(), Instant::now());
+            v.stream(start, end, tx, move |sent| {
+                tracing::info!(%path, bytes = sent, ms = t1.elapsed().as_millis() as u64, "NAR delivered");
+            });
             Body::Stream(rx)
         };
         let mut r = Response::new(body);

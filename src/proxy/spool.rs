@@ -53,15 +53,26 @@ pub enum SpoolError {
     Io(#[from] io::Error),
 }
 
+/// File spools are written in blocks of this size, hashed and written on a blocking thread so
+/// that hashing and disk writes overlap with reading the network.
+const FILE_BLOCK: usize = 1024 * 1024;
+
 enum Store {
     Mem(BytesMut),
-    File(std::fs::File),
+    File {
+        file: Arc<std::fs::File>,
+        /// Bytes not yet hashed and written.
+        pending: BytesMut,
+        /// Bytes already written to the file.
+        written: u64,
+    },
 }
 
 /// A spool being filled, with its running hash.
 pub struct Spool {
     store: Store,
-    hasher: Sha256,
+    /// Taken out while a block is hashed on a blocking thread.
+    hasher: Option<Sha256>,
     len: u64,
     expected: u64,
     _permit: OwnedSemaphorePermit,
@@ -79,7 +90,7 @@ impl Spool {
             if let Ok(p) = limits.mem_total.clone().try_acquire_many_owned(need) {
                 return Ok(Self {
                     store: Store::Mem(BytesMut::with_capacity(size as usize)),
-                    hasher: Sha256::new(),
+                    hasher: Some(Sha256::new()),
                     len: 0,
                     expected: size,
                     _permit: p,
@@ -99,8 +110,12 @@ impl Spool {
         std::fs::create_dir_all(&limits.dir)?;
         let file = tempfile::tempfile_in(&limits.dir)?;
         Ok(Self {
-            store: Store::File(file),
-            hasher: Sha256::new(),
+            store: Store::File {
+                file: Arc::new(file),
+                pending: BytesMut::with_capacity(FILE_BLOCK),
+                written: 0,
+            },
+            hasher: Some(Sha256::new()),
             len: 0,
             expected: size,
             _permit: permit,
@@ -117,47 +132,78 @@ impl Spool {
 
     /// Appends bytes (the caller checked they fit in the expected size).
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), SpoolError> {
-        self.hasher.update(chunk);
+        self.len += chunk.len() as u64;
         match &mut self.store {
-            Store::Mem(b) => b.extend_from_slice(chunk),
-            Store::File(f) => {
-                let offset = self.len;
-                let data = chunk.to_vec();
-                let file = f.try_clone()?;
-                tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
-                    .await
-                    .map_err(io::Error::other)??;
+            Store::Mem(b) => {
+                if let Some(h) = self.hasher.as_mut() {
+                    h.update(chunk);
+                }
+                b.extend_from_slice(chunk);
+                Ok(())
+            }
+            Store::File { pending, .. } => {
+                pending.extend_from_slice(chunk);
+                if pending.len() >= FILE_BLOCK {
+                    self.flush().await?;
+                }
+                Ok(())
             }
         }
-        self.len += chunk.len() as u64;
+    }
+
+    /// Hashes and writes the pending block of a file spool, off the reactor.
+    async fn flush(&mut self) -> Result<(), SpoolError> {
+        let Store::File { file, pending, written } = &mut self.store else {
+            return Ok(());
+        };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let block = pending.split().freeze();
+        pending.reserve(FILE_BLOCK);
+        let (file, offset) = (file.clone(), *written);
+        let mut hasher = self.hasher.take().unwrap_or_default();
+        let (hasher, r) = tokio::task::spawn_blocking(move || {
+            hasher.update(&block);
+            let r = file.write_all_at(&block, offset);
+            (hasher, r.map(|()| block.len() as u64))
+        })
+        .await
+        .map_err(io::Error::other)?;
+        self.hasher = Some(hasher);
+        *written += r?;
         Ok(())
     }
 
     /// Starts over (after a source that lied), keeping the reservation.
     pub fn reset(&mut self) -> Result<(), SpoolError> {
-        self.hasher = Sha256::new();
+        self.hasher = Some(Sha256::new());
         self.len = 0;
         match &mut self.store {
             Store::Mem(b) => b.clear(),
-            Store::File(f) => f.set_len(0)?,
+            Store::File { file, pending, written } => {
+                pending.clear();
+                *written = 0;
+                file.set_len(0)?;
+            }
         }
         Ok(())
     }
 
     /// Checks size and hash; on success the spool becomes servable, else it comes back (boxed)
     /// for another attempt.
-    pub fn verify(self, want: &NarHash) -> Result<Verified, Box<Spool>> {
-        if self.len != self.expected {
+    pub async fn verify(mut self, want: &NarHash) -> Result<Verified, Box<Spool>> {
+        if self.len != self.expected || self.flush().await.is_err() {
             return Err(Box::new(self));
         }
-        let digest: [u8; 32] = self.hasher.clone().finalize().into();
+        let digest: [u8; 32] = self.hasher.clone().unwrap_or_default().finalize().into();
         if NarHash::from_digest(digest) != *want {
             return Err(Box::new(self));
         }
         Ok(Verified {
             data: match self.store {
                 Store::Mem(b) => Data::Mem(b.freeze()),
-                Store::File(f) => Data::File(Arc::new(f)),
+                Store::File { file, .. } => Data::File(file),
             },
             len: self.len,
             _permit: Arc::new(self._permit),
@@ -191,8 +237,15 @@ impl Verified {
 
     /// Bytes `start..=end`, as chunks sent into `tx` (blocking reads for file spools happen on a
     /// blocking thread). Stops early when the receiver goes away.
-    pub fn stream(&self, start: u64, end: u64, tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>) {
-        const CHUNK: u64 = 128 * 1024;
+    /// `done` is called with the bytes delivered once the stream ends (or the client left).
+    pub fn stream(
+        &self,
+        start: u64,
+        end: u64,
+        tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
+        done: impl FnOnce(u64) + Send + 'static,
+    ) {
+        const CHUNK: u64 = 512 * 1024;
         match &self.data {
             Data::Mem(b) => {
                 let b = b.slice(start as usize..=end as usize);
@@ -201,10 +254,12 @@ impl Verified {
                     while off < b.len() {
                         let n = (b.len() - off).min(CHUNK as usize);
                         if tx.send(Ok(b.slice(off..off + n))).await.is_err() {
-                            return;
+                            break;
                         }
                         off += n;
                     }
+                    drop(tx);
+                    done(off as u64);
                 });
             }
             Data::File(f) => {
@@ -217,13 +272,15 @@ impl Verified {
                         let mut buf = vec![0u8; n];
                         if let Err(e) = f.read_exact_at(&mut buf, pos) {
                             let _ = tx.blocking_send(Err(e));
-                            return;
+                            break;
                         }
                         if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                            return;
+                            break;
                         }
                         pos += n as u64;
                     }
+                    drop(tx);
+                    done(pos - start);
                 });
             }
         }
@@ -244,7 +301,7 @@ mod tests {
 
     async fn collect(v: &Verified, start: u64, end: u64) -> Vec<u8> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        v.stream(start, end, tx);
+        v.stream(start, end, tx, |_| {});
         let mut out = Vec::new();
         while let Some(c) = rx.recv().await {
             out.extend_from_slice(&c.expect("chunk"));
@@ -261,7 +318,7 @@ mod tests {
             for c in data.chunks(7777) {
                 s.write(c).await.expect("write");
             }
-            let v = s.verify(&hash(&data)).unwrap_or_else(|_| panic!("verify"));
+            let v = s.verify(&hash(&data)).await.unwrap_or_else(|_| panic!("verify"));
             assert_eq!(collect(&v, 0, data.len() as u64 - 1).await, data);
             assert_eq!(collect(&v, 1000, 200_000).await, &data[1000..=200_000]);
         }
@@ -274,11 +331,11 @@ mod tests {
         let mut s = Spool::new(&l, 1000).await.expect("spool");
         s.write(&data[..999]).await.expect("write");
         s.write(&[6]).await.expect("write");
-        let s = s.verify(&hash(&data)).err().expect("wrong byte must not verify");
+        let s = s.verify(&hash(&data)).await.err().expect("wrong byte must not verify");
         let mut s = s;
         s.reset().expect("reset");
         s.write(&data[..500]).await.expect("write");
-        assert!(s.verify(&hash(&data)).is_err(), "short must not verify");
+        assert!(s.verify(&hash(&data)).await.is_err(), "short must not verify");
     }
 
     #[tokio::test]
@@ -287,7 +344,7 @@ mod tests {
         let a = Spool::new(&l, 1 << 20).await.expect("first in memory");
         // Memory is used up: the next small one goes to disk.
         let b = Spool::new(&l, 1000).await.expect("second on disk");
-        assert!(matches!(b.store, Store::File(_)));
+        assert!(matches!(b.store, Store::File { .. }));
         // Larger than the whole disk budget: refused at once.
         assert!(matches!(Spool::new(&l, 10 << 20).await, Err(SpoolError::TooLarge(_))));
         drop((a, b));

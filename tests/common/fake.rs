@@ -55,8 +55,10 @@ impl FakePath {
         .expect("dump");
         let digest: [u8; 32] = sha2::Sha256::digest(&nar).into();
         let nar_hash = NarHash::from_digest(digest);
-        let hash: String = (0..32)
-            .map(|i| b"0123456789abcdfghijklmnpqrsvwxyz"[(i * 7 + seed as usize) % 32] as char)
+        let id: [u8; 32] = sha2::Sha256::digest(format!("{name}/{seed}")).into();
+        let hash: String = id
+            .iter()
+            .map(|b| b"0123456789abcdfghijklmnpqrsvwxyz"[(*b % 32) as usize] as char)
             .collect();
         let path = StorePath::parse("/nix/store", &format!("/nix/store/{hash}-{name}")).expect("path");
         let mut info = NarInfo {

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Proxy overhead: `nix-store -r` of a 1 GiB path on a client host, straight from a peer's store
+# server vs through the client's own proxy (which finds the peer by beacon, spools and verifies).
+# Two hosts in network namespaces (needs root); the peer's link is shaped with tc tbf (1 Gbit/s by
+# default), then measured once more unshaped. Everything it starts is killed by PID on exit and
+# the namespaces are deleted.
+#   bench/proxy.sh      (BENCH_BIG_MIB=1024 BENCH_RATE=1gbit)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIG_MIB=${BENCH_BIG_MIB:-1024}
+RATE=${BENCH_RATE:-1gbit}
+export PATH=/usr/bin:/bin:/usr/sbin:/sbin:$HOME/.cargo/bin:$PATH
+export NIX_CONFIG=$'substituters =\nexperimental-features = nix-command'
+for p in nix-bin iproute2 curl; do
+    dpkg -s "$p" >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >/dev/null; }
+done
+cargo build --release --locked -q
+BIN=$PWD/target/release/local-nix-cache
+
+D=$(mktemp -d /tmp/lnc-pbench.XXXXXX)
+NS=lncpb$$
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    for n in "$NS-peer" "$NS-client" "$NS-br"; do ip netns del "$n" 2>/dev/null || true; done
+    rm -rf "$D"
+}
+trap cleanup EXIT
+export HOME=$D/home; mkdir -p "$HOME"
+
+echo "building a $BIG_MIB MiB path..." >&2
+cat > "$D/big.nix" <<NIX
+builtins.derivation { name = "lnc-bench-big-$BIG_MIB"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "head -c \$((1024 * 1024 * $BIG_MIB)) /dev/urandom > \$out" ]; PATH = "/usr/bin:/bin"; }
+NIX
+nix-store --generate-binary-cache-key bench-hydra-1 "$D/sk" "$D/pk"
+PK=$(cat "$D/pk")
+BIG=$(nix-build "$D/big.nix" --no-out-link 2>/dev/null)
+nix copy --to "file://$D/cache?secret-key=$D/sk&compression=none" "$BIG" 2>/dev/null
+nix copy --from "file://$D/cache" --to "$D/peer" --option trusted-public-keys "$PK" "$BIG" 2>/dev/null
+rm -rf "$D/cache"
+
+# Two hosts on a bridge.
+ip netns add "$NS-br"; ip netns add "$NS-peer"; ip netns add "$NS-client"
+ip -n "$NS-br" link add br0 type bridge mcast_snooping 0; ip -n "$NS-br" link set br0 up
+i=1
+for h in peer client; do
+    ip -n "$NS-$h" link add eth0 type veth peer name vb$i netns "$NS-br"
+    ip -n "$NS-br" link set vb$i master br0 up
+    ip -n "$NS-$h" addr add 10.88.0.$i/24 dev eth0
+    ip -n "$NS-$h" link set eth0 up; ip -n "$NS-$h" link set lo up
+    ip -n "$NS-$h" route add 224.0.0.0/4 dev eth0
+    i=$((i + 1))
+done
+
+NIX_DAEMON_SOCKET_PATH=$D/peer.sock nix-daemon --store "$D/peer" >/dev/null 2>&1 & PIDS+=($!)
+for _ in $(seq 100); do [ -S "$D/peer.sock" ] && break; sleep 0.05; done
+ip netns exec "$NS-peer" "$BIN" serve --store "unix://$D/peer.sock" --real-store-dir "$D/peer/nix/store" \
+    --listen 0.0.0.0:8380 --interface eth0 --upstream none --trusted-public-key "$PK" >"$D/peer.log" 2>&1 & PIDS+=($!)
+ip netns exec "$NS-client" "$BIN" serve --store "unix://$D/none.sock" --listen 0.0.0.0:8380 --interface eth0 \
+    --upstream none --trusted-public-key "$PK" --spool-dir "${BENCH_SPOOL_DIR:-$D/spool}" >"$D/client.log" 2>&1 & PIDS+=($!)
+H=$(basename "$BIG" | cut -c1-32)
+for _ in $(seq 100); do
+    ip netns exec "$NS-client" curl -sf "http://127.0.0.1:8381/$H.narinfo" >/dev/null && break; sleep 0.1
+done
+
+realise() { # label substituter -> seconds
+    local store=$D/c-$1; rm -rf "$store" "$HOME/.cache"
+    local t0 t1
+    t0=$(date +%s.%N)
+    ip netns exec "$NS-client" env HOME="$HOME" nix-store --store "$store" -r "$BIG" \
+        --option substituters "$2" --option trusted-public-keys "$PK" >/dev/null 2>&1
+    t1=$(date +%s.%N)
+    rm -rf "$store"
+    awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}'
+}
+row() { # label -> table row
+    local direct proxy
+    direct=$(realise direct "http://10.88.0.1:8380")
+    proxy=$(realise proxy "http://127.0.0.1:8381")
+    awk -v l="$1" -v d="$direct" -v p="$proxy" -v mib="$BIG_MIB" 'BEGIN {
+        printf "| %s | %.2f s (%.0f MB/s) | %.2f s (%.0f MB/s) | %.2fx |\n", l, p, mib*1.048576/p, d, mib*1.048576/d, d / p }'
+}
+echo "realising $BIG_MIB MiB..." >&2
+echo
+echo "| link | via proxy | direct from the peer | ratio (direct time / proxy time) |"
+echo "|---|---|---|---|"
+ip netns exec "$NS-peer" tc qdisc add dev eth0 root tbf rate "$RATE" burst 1mb latency 50ms
+row "peer egress shaped to $RATE (tc tbf)"
+ip netns exec "$NS-peer" tc qdisc del dev eth0 root
+row "unshaped veth"
+echo
+echo "narinfo latency (in-process fake peers on loopback):"
+cargo test --release --locked -q --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture 2>/dev/null \
+    | grep -o "BENCH.*" | sed 's/^BENCH /  /'
+echo
+echo "client proxy log (NAR lines):"
+grep -a 'NAR' "$D/client.log" | sed 's/^/  /' | tail -4
