@@ -117,6 +117,23 @@ impl Proxy {
         }
     }
 
+    /// Peers (with health) and counters, as JSON, for `GET /status.json`.
+    pub fn status_json(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let peers: Vec<serde_json::Value> = self
+            .sources
+            .table()
+            .map(|t| t.peers().iter().map(|p| crate::peers::peer_json(p, now)).collect())
+            .unwrap_or_default();
+        let counters = self.sources.table().map(|t| t.counters());
+        serde_json::json!({
+            "peers": peers,
+            "stats": self.stats(),
+            "beacon": counters,
+            "upstreams": self.sources.upstreams.iter().map(|u| u.to_string()).collect::<Vec<_>>(),
+        })
+    }
+
     pub fn stats(&self) -> Stats {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -609,6 +626,12 @@ impl h::Handler for Proxy {
                 return r;
             }
         };
+        if req.uri().path() == "/status.json" {
+            let mut r = Response::new(Body::from(Bytes::from(self.status_json().to_string())));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return r;
+        }
         let mut resp = match route(req.uri().path()) {
             Route::CacheInfo => {
                 let mut r = Response::new(Body::from(self.cache_info.clone()));

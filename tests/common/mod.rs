@@ -6,6 +6,7 @@
 
 pub mod fake;
 pub mod netns;
+pub mod nixlan;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -77,6 +78,8 @@ pub struct Fixture {
     pub closure: Vec<String>,
     /// A 32 MiB path (zeros), for streaming, ranges and stalled clients.
     pub big: String,
+    /// An 8 MiB path of random bytes (incompressible: upstream's xz does not shrink it).
+    pub rand: String,
 }
 
 const FIXTURE_NIX: &str = r#"
@@ -92,7 +95,8 @@ let
   mid = mk "lnc-test-mid" "mkdir -p $out/share; echo ${leaf} > $out/share/leaf; ln -s ${leaf} $out/link; seq 1 20000 > $out/share/numbers";
   top = mk "lnc-test-top" "mkdir -p $out/bin; printf '#!/bin/sh\necho ${mid}\n' > $out/bin/hello; chmod +x $out/bin/hello";
   big = mk "lnc-test-big" "dd if=/dev/zero of=$out bs=1M count=32 2>/dev/null";
-in { inherit top big; }
+  rand = mk "lnc-test-rand" "head -c 8388608 /dev/urandom > $out";
+in { inherit top big rand; }
 "#;
 
 /// Built once per test binary.
@@ -118,10 +122,13 @@ pub fn fixture() -> &'static Fixture {
             "top",
             "-A",
             "big",
+            "-A",
+            "rand",
         ]));
         let mut lines = built.lines();
         let top = lines.next().expect("top").to_owned();
         let big = lines.next().expect("big").to_owned();
+        let rand = lines.next().expect("rand").to_owned();
         let closure: Vec<String> = run(nix("nix-store", &home).args(["-qR", &top]))
             .lines()
             .map(str::to_owned)
@@ -129,7 +136,7 @@ pub fn fixture() -> &'static Fixture {
         assert_eq!(closure.len(), 3, "closure: {closure:?}");
         let cache = root.join("cache");
         let to = format!("file://{}?secret-key={}&compression=xz", cache.display(), sk.display());
-        run(nix("nix", &home).args(["copy", "--to", &to, &top, &big]));
+        run(nix("nix", &home).args(["copy", "--to", &to, &top, &big, &rand]));
         Fixture {
             pk: std::fs::read_to_string(&pk).expect("pk").trim().to_owned(),
             sk_file: sk,
@@ -137,6 +144,7 @@ pub fn fixture() -> &'static Fixture {
             top,
             closure,
             big,
+            rand,
             root,
             _dir: dir,
         }

@@ -1,0 +1,313 @@
+//! Simulated LANs of real Nix hosts: each host is a network namespace with its own chroot store,
+//! private nix-daemon and the real `local-nix-cache serve` binary; one more namespace plays the
+//! upstream "hydra", serving the signed fixture cache over HTTP. Everything is stopped (by PID)
+//! and deleted on drop, even when a test fails.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::netns::{Lan, NetHost};
+use super::{fixture, nix, output, run, Host};
+
+/// The `serve` binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_local-nix-cache")
+}
+
+/// One host of the LAN.
+pub struct NixHost {
+    pub name: String,
+    pub net: NetHost,
+    /// Store and daemon (the daemon's unix socket needs no network).
+    pub store: Host,
+    serve: Option<Child>,
+    log: PathBuf,
+}
+
+impl NixHost {
+    /// `ip netns exec` a command as this host, with a clean Nix environment.
+    pub fn nix_cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.net.ns])
+            .arg("env")
+            .arg(format!("HOME={}", self.store.home.display()))
+            .arg("PATH=/usr/bin:/bin")
+            .arg("NIX_CONFIG=substituters =\nexperimental-features = nix-command")
+            .arg(program);
+        c
+    }
+
+    /// Starts `serve` in this host's namespace. `upstream`: URL or `none`.
+    pub fn start_serve(&mut self, upstream: &str) {
+        assert!(self.serve.is_none(), "{} already serves", self.name);
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.net.ns, bin(), "serve"])
+            .arg("--store")
+            .arg(format!("unix://{}", self.store.socket.display()))
+            .args(["--real-store-dir", &self.store.physical_store()])
+            .args([
+                "--listen",
+                "0.0.0.0:8380",
+                "--interface",
+                "eth0",
+                "--announce-interval",
+                "1s",
+            ])
+            .args(["--upstream", upstream, "--trusted-public-key", &fixture().pk])
+            .arg("--spool-dir")
+            .arg(self.store.dir.path().join("spool"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn serve");
+        self.serve = Some(child);
+        let t0 = Instant::now();
+        while self.http("http://127.0.0.1:8381/nix-cache-info").is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{}: serve did not come up: {}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM (clean: the beacon says goodbye) or SIGKILL (as if the host died).
+    pub fn stop_serve(&mut self, kill: bool) {
+        if let Some(mut c) = self.serve.take() {
+            let sig = if kill { "-KILL" } else { "-TERM" };
+            let _ = Command::new("kill").args([sig, &c.id().to_string()]).status();
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// True while `serve` runs.
+    pub fn serving(&mut self) -> bool {
+        self.serve.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET from inside this host's namespace; the body on 2xx.
+    pub fn http(&self, url: &str) -> Option<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.net.ns, "curl", "-sf", "--max-time", "10", url])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The proxy's `/status.json`.
+    pub fn status(&self) -> serde_json::Value {
+        let body = self
+            .http("http://127.0.0.1:8381/status.json")
+            .unwrap_or_else(|| "{}".into());
+        serde_json::from_str(&body).unwrap_or_default()
+    }
+
+    /// Node ids in this host's peer table.
+    pub fn peer_addrs(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.status()["peers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p["addr"].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// `nix-store -r` of `paths` into this host's store, with this host's proxy as the only
+    /// substituter (as a user of the product would).
+    pub fn realise(&self, paths: &[&str]) -> Output {
+        let mut c = self.nix_cmd("nix-store");
+        c.arg("--store")
+            .arg(&self.store.root)
+            .arg("-r")
+            .args(paths)
+            .args(["--option", "substituters", "http://127.0.0.1:8381"])
+            .args(["--option", "trusted-public-keys", &fixture().pk]);
+        output(&mut c)
+    }
+
+    /// `nix store verify` of `path`'s closure in this host's store (content and signatures).
+    pub fn verify(&self, path: &str) -> Output {
+        let mut c = self.nix_cmd("nix");
+        c.args(["store", "verify", "--store"]).arg(&self.store.root).args([
+            "-r",
+            path,
+            "--option",
+            "trusted-public-keys",
+            &fixture().pk,
+        ]);
+        output(&mut c)
+    }
+
+    pub fn has(&self, path: &str) -> bool {
+        let out = output(
+            nix("nix-store", &self.store.home)
+                .arg("--store")
+                .arg(&self.store.root)
+                .args(["--check-validity", path]),
+        );
+        out.status.success()
+    }
+
+    /// Signatures on `path` in this host's store.
+    pub fn sigs(&self, path: &str) -> String {
+        run(nix("nix", &self.store.home)
+            .args(["path-info", "--sigs", "--store"])
+            .arg(&self.store.root)
+            .arg(path))
+    }
+}
+
+impl Drop for NixHost {
+    fn drop(&mut self) {
+        self.stop_serve(true);
+    }
+}
+
+/// The upstream "hydra": the signed fixture cache over HTTP.
+pub struct Upstream {
+    pub net: NetHost,
+    server: Child,
+}
+
+impl Upstream {
+    pub fn url(&self) -> String {
+        format!("http://{}:8080", self.net.ip4)
+    }
+
+    /// Limits the upstream's egress (what hosts download from it) with `tc tbf`.
+    pub fn shape(&self, rate: &str) {
+        let st = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.net.ns,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                "eth0",
+                "root",
+                "tbf",
+            ])
+            .args(["rate", rate, "burst", "32kbit", "latency", "400ms"])
+            .status()
+            .expect("tc");
+        assert!(st.success(), "tc tbf failed");
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub struct NixLan {
+    pub hosts: Vec<NixHost>,
+    pub upstream: Upstream,
+    /// Declared last: namespaces go after the processes in them.
+    pub lan: Lan,
+}
+
+impl NixLan {
+    /// `stores[i]` lists the paths host i starts with (substituted from the signed cache, so
+    /// they carry test-hydra-1 signatures). The upstream is the last namespace.
+    pub fn new(stores: &[&[&str]]) -> Self {
+        let lan = Lan::new(stores.len() + 1);
+        let up_net = lan.hosts[stores.len()].clone();
+        let cache = fixture().cache_url.trim_start_matches("file://").to_owned();
+        let server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &up_net.ns,
+                "python3",
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+            ])
+            .arg(up_net.ip4.to_string())
+            .args(["--directory", &cache])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn upstream http server");
+        let upstream = Upstream { net: up_net, server };
+        let hosts = stores
+            .iter()
+            .enumerate()
+            .map(|(i, paths)| {
+                let store = Host::with_paths(paths);
+                let log = store.dir.path().join("serve.log");
+                NixHost {
+                    name: format!("host{}", i + 1),
+                    net: lan.hosts[i].clone(),
+                    store,
+                    serve: None,
+                    log,
+                }
+            })
+            .collect();
+        let me = Self { hosts, upstream, lan };
+        let t0 = Instant::now();
+        while me.hosts[0]
+            .http(&format!("{}/nix-cache-info", me.upstream.url()))
+            .is_none()
+        {
+            assert!(t0.elapsed() < Duration::from_secs(10), "upstream did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        me
+    }
+
+    /// Starts `serve` on every host with the given upstream URL (or `none`).
+    pub fn serve_all(&mut self, upstream: &str) {
+        for h in &mut self.hosts {
+            h.start_serve(upstream);
+        }
+    }
+
+    /// Waits until host `i` lists exactly the hosts `others` as peers.
+    pub fn wait_peers(&self, i: usize, others: &[usize], limit: Duration) -> Option<Duration> {
+        let mut want: Vec<String> = others
+            .iter()
+            .map(|j| format!("{}:8380", self.hosts[*j].net.ip4))
+            .collect();
+        want.sort();
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if self.hosts[i].peer_addrs() == want {
+                return Some(t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}

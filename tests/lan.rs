@@ -1,0 +1,319 @@
+//! Multi-host end-to-end suite: real Nix hosts on simulated LANs (network namespaces, each host
+//! with its own chroot store, nix-daemon and the real `serve` binary), an upstream "hydra" in a
+//! namespace of its own. Needs root and Nix; fails rather than skips under CI.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use common::netns::{in_netns, require_netns};
+use common::nixlan::NixLan;
+use common::{fixture, nix, require_nix, run};
+
+fn prerequisites() -> bool {
+    require_nix() && require_netns()
+}
+
+fn ok(what: &str, out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn discovery_hosts_see_each_other_within_a_second_and_a_stopped_host_leaves() {
+    if !prerequisites() {
+        return;
+    }
+    let mut lan = NixLan::new(&[&[], &[], &[]]);
+    let up = lan.upstream.url();
+    let t0 = Instant::now();
+    lan.serve_all(&up);
+    let started = t0.elapsed();
+    for (i, others) in [(0, vec![1, 2]), (1, vec![0, 2]), (2, vec![0, 1])] {
+        let took = lan.wait_peers(i, &others, Duration::from_secs(5));
+        let took = took.unwrap_or_else(|| panic!("host{} sees {:?}", i + 1, lan.hosts[i].peer_addrs()));
+        eprintln!(
+            "host{} saw its peers {took:?} after all serves were up ({started:?} to start them)",
+            i + 1
+        );
+        assert!(took < Duration::from_secs(1), "discovery took {took:?}");
+    }
+    // Killed (no goodbye): gone within three announce intervals (1 s each) plus slack.
+    lan.hosts[2].stop_serve(true);
+    let took = lan
+        .wait_peers(0, &[1], Duration::from_secs(5))
+        .expect("killed host still listed");
+    eprintln!("killed host left host1's table after {took:?}");
+    // Stopped cleanly (goodbye): gone at once.
+    lan.hosts[1].stop_serve(false);
+    let took = lan
+        .wait_peers(0, &[], Duration::from_secs(2))
+        .expect("stopped host still listed");
+    eprintln!("stopped host left host1's table after {took:?}");
+    assert!(took < Duration::from_millis(900), "goodbye took {took:?}");
+}
+
+#[test]
+fn offline_lan_realises_a_closure_only_peers_have() {
+    if !prerequisites() {
+        return;
+    }
+    let f = fixture();
+    let mut lan = NixLan::new(&[&[&f.top], &[]]);
+    lan.upstream.stop(); // the internet is gone
+    let up = lan.upstream.url();
+    lan.serve_all(&up);
+    lan.wait_peers(1, &[0], Duration::from_secs(5)).expect("peer not found");
+    let out = lan.hosts[1].realise(&[&f.top]);
+    ok("nix-store -r through the proxy, offline", &out);
+    ok("nix store verify", &lan.hosts[1].verify(&f.top));
+    for p in &f.closure {
+        assert!(lan.hosts[1].has(p), "{p} not installed");
+        assert!(
+            lan.hosts[1].sigs(p).contains("test-hydra-1:"),
+            "{p} lost its upstream signature"
+        );
+    }
+}
+
+#[test]
+fn privacy_an_unsigned_path_is_never_served_nor_fetched() {
+    if !prerequisites() {
+        return;
+    }
+    let f = fixture();
+    let mut lan = NixLan::new(&[&[&f.top], &[]]);
+    let private = lan.hosts[0].store.add_unsigned("diary.txt", "dear diary\n");
+    lan.serve_all("none");
+    lan.wait_peers(1, &[0], Duration::from_secs(5)).expect("peer not found");
+    let hash = &private["/nix/store/".len().."/nix/store/".len() + 32];
+    let a = lan.hosts[0].net.ip4;
+    // Straight from the owner's store server: indistinguishable from absent.
+    assert!(lan.hosts[1].http(&format!("http://{a}:8380/{hash}.narinfo")).is_none());
+    // Through the other host's proxy: a miss, and the realisation fails.
+    assert!(lan.hosts[1]
+        .http(&format!("http://127.0.0.1:8381/{hash}.narinfo"))
+        .is_none());
+    let out = lan.hosts[1].realise(&[&private]);
+    assert!(!out.status.success(), "an unsigned path was fetched");
+    assert!(!lan.hosts[1].has(&private));
+    // A signed path of the same host is served.
+    assert!(lan.hosts[1]
+        .http(&format!("http://{a}:8380/{}.narinfo", &f.top[11..43]))
+        .is_some());
+}
+
+#[test]
+fn lan_beats_wan_through_the_proxy() {
+    if !prerequisites() {
+        return;
+    }
+    let f = fixture();
+    let mut lan = NixLan::new(&[&[&f.rand], &[]]);
+    lan.upstream.shape("16mbit");
+    let up = lan.upstream.url();
+    lan.serve_all(&up);
+    lan.wait_peers(1, &[0], Duration::from_secs(5)).expect("peer not found");
+    let t0 = Instant::now();
+    ok("realise from the LAN", &lan.hosts[1].realise(&[&f.rand]));
+    let lan_time = t0.elapsed();
+    // The same path straight from the shaped upstream, into a fresh store on the same host.
+    let wan_store = lan.hosts[1].store.dir.path().join("wan-store");
+    let mut c = lan.hosts[1].nix_cmd("nix-store");
+    c.arg("--store")
+        .arg(&wan_store)
+        .args(["-r", &f.rand, "--option", "substituters", &up])
+        .args(["--option", "trusted-public-keys", &f.pk]);
+    let t0 = Instant::now();
+    ok("realise from the shaped upstream", &common::output(&mut c));
+    let wan_time = t0.elapsed();
+    let ratio = wan_time.as_secs_f64() / lan_time.as_secs_f64();
+    println!(
+        "LAN vs WAN (8 MiB, upstream at 16 Mbit/s): proxy {lan_time:?}, upstream {wan_time:?}, {ratio:.1}x faster"
+    );
+    eprintln!("LAN vs WAN: {ratio:.1}x");
+    assert!(ratio > 2.0, "LAN only {ratio:.1}x faster than WAN");
+    assert_eq!(lan.hosts[1].status()["stats"]["nars_from_peers"], 1);
+}
+
+#[test]
+fn hostile_peer_with_a_corrupted_store_cannot_poison_anyone() {
+    if !prerequisites() {
+        return;
+    }
+    let f = fixture();
+    // Host 1 holds a corrupted copy, host 2 an honest one; hosts 3 and 4 fetch.
+    let mut lan = NixLan::new(&[&[&f.top], &[&f.top], &[], &[]]);
+    let mid = f
+        .closure
+        .iter()
+        .find(|p| p.contains("lnc-test-mid"))
+        .expect("mid")
+        .clone();
+    let file = lan.hosts[0]
+        .store
+        .root
+        .join(mid.trim_start_matches('/'))
+        .join("share/numbers");
+    let dir = file.parent().expect("dir").to_owned();
+    run(std::process::Command::new("chmod").arg("u+w").arg(&dir).arg(&file));
+    let mut bytes = std::fs::read(&file).expect("read");
+    bytes[100] ^= 0x20; // same size, different content
+    std::fs::write(&file, &bytes).expect("corrupt");
+    lan.serve_all("none");
+    for i in 2..4 {
+        lan.wait_peers(i, &[0, 1, 5 - i], Duration::from_secs(5))
+            .expect("peers");
+    }
+    ok("realise with an honest peer around", &lan.hosts[2].realise(&[&f.top]));
+    ok("verify", &lan.hosts[2].verify(&f.top));
+    // Only the corrupt host left: the fetch fails, nothing corrupt is installed.
+    lan.hosts[1].stop_serve(false);
+    lan.hosts[2].stop_serve(false);
+    lan.wait_peers(3, &[0], Duration::from_secs(5))
+        .expect("only host1 left");
+    let out = lan.hosts[3].realise(&[&f.top]);
+    assert!(!out.status.success(), "realised from a corrupt peer only");
+    assert!(!lan.hosts[3].has(&mid), "corrupt path installed");
+    let lies = lan.hosts[3].status()["stats"]["lies"].as_u64().unwrap_or(0);
+    assert!(lies > 0, "the hash mismatch was not recorded");
+}
+
+#[test]
+fn peer_dies_mid_transfer_and_another_peer_completes_it() {
+    if !prerequisites() {
+        return;
+    }
+    let f = fixture();
+    let mut lan = NixLan::new(&[&[&f.big], &[], &[]]);
+    // Host 1's link is slow, so its 32 MiB NAR takes seconds.
+    let st = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lan.hosts[0].net.ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "eth0",
+            "root",
+            "tbf",
+        ])
+        .args(["rate", "40mbit", "burst", "32kbit", "latency", "400ms"])
+        .status()
+        .expect("tc");
+    assert!(st.success());
+    lan.serve_all("none");
+    lan.wait_peers(2, &[0, 1], Duration::from_secs(5)).expect("peers");
+    let big = f.big.clone();
+    let fetcher = {
+        let mut c = lan.hosts[2].nix_cmd("nix-store");
+        c.arg("--store")
+            .arg(&lan.hosts[2].store.root)
+            .args(["-r", &big, "--option", "substituters", "http://127.0.0.1:8381"])
+            .args(["--option", "trusted-public-keys", &f.pk])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().expect("spawn nix-store")
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    // Host 2 gets the path meanwhile; host 1 dies mid-transfer.
+    let h2 = &lan.hosts[1].store;
+    run(nix("nix-store", &h2.home).arg("--store").arg(&h2.root).args([
+        "-r",
+        &big,
+        "--option",
+        "substituters",
+        &f.cache_url,
+        "--option",
+        "trusted-public-keys",
+        &f.pk,
+    ]));
+    lan.hosts[0].stop_serve(true);
+    let out = fetcher.wait_with_output().expect("nix-store");
+    ok("realise after the source died", &out);
+    ok("verify", &lan.hosts[2].verify(&big));
+    let log = lan.hosts[2].log();
+    assert!(log.contains("trying the next"), "no failover in the proxy log:\n{log}");
+}
+
+#[test]
+fn beacon_flood_leaves_every_serve_up_and_tables_right() {
+    if !prerequisites() {
+        return;
+    }
+    let mut lan = NixLan::new(&[&[], &[], &[]]);
+    lan.serve_all("none");
+    for (i, others) in [(0, vec![1, 2]), (1, vec![0, 2]), (2, vec![0, 1])] {
+        lan.wait_peers(i, &others, Duration::from_secs(5)).expect("peers");
+    }
+    // The upstream's namespace (on the same LAN) floods the beacon group with garbage.
+    let ns = lan.upstream.net.ns.clone();
+    let sent = in_netns(&ns, || {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let t0 = Instant::now();
+        let mut sent = 0u32;
+        for i in 0..20_000u32 {
+            if t0.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            // Never a valid beacon: bad magic, wrong version, cut short, oversized, or an
+            // announce with an interval of 0 ms. (Valid forged announces would be peers.)
+            let d: Vec<u8> = match i % 5 {
+                0 => i.to_be_bytes().repeat(1 + (i % 150) as usize),
+                1 => [&b"LNCB\x09\x01"[..], &[0u8; 40]].concat(),
+                2 => b"LNCB\x01\x01\x00\x01".repeat(3)[..20].to_vec(),
+                3 => [&b"LNCB\x01\x01"[..], &vec![7u8; 700]].concat(),
+                _ => [&b"LNCB\x01\x01\x00\x01"[..], &[9u8; 16], &[0x20, 0xbc], &[0u8; 8]].concat(),
+            };
+            if s.send_to(&d, "239.255.83.80:8380").is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    })
+    .join()
+    .expect("flooder");
+    assert!(sent > 10_000, "sent {sent}");
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..3 {
+        assert!(
+            lan.hosts[i].serving(),
+            "host{} died in the flood:\n{}",
+            i + 1,
+            lan.hosts[i].log()
+        );
+        let others: Vec<usize> = (0..3).filter(|j| *j != i).collect();
+        lan.wait_peers(i, &others, Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("host{} table wrong: {:?}", i + 1, lan.hosts[i].peer_addrs()));
+        let b = &lan.hosts[i].status()["beacon"];
+        let dropped = ["too_short", "invalid", "rate_limited"]
+            .iter()
+            .map(|k| b[k].as_u64().unwrap_or(0))
+            .sum::<u64>();
+        assert!(dropped > 0, "host{}: flood not counted: {b}", i + 1);
+    }
+}
+
+#[test]
+fn upstream_fallback_for_a_path_no_peer_has() {
+    if !prerequisites() {
+        return;
+    }
+    let f = fixture();
+    let mut lan = NixLan::new(&[&[&f.top], &[]]);
+    let up = lan.upstream.url();
+    lan.serve_all(&up);
+    lan.wait_peers(1, &[0], Duration::from_secs(5)).expect("peer");
+    ok("realise from upstream", &lan.hosts[1].realise(&[&f.rand]));
+    ok("verify", &lan.hosts[1].verify(&f.rand));
+    assert!(lan.hosts[1].sigs(&f.rand).contains("test-hydra-1:"));
+    let stats = &lan.hosts[1].status()["stats"];
+    assert_eq!(stats["nars_from_upstream"], 1, "{stats}");
+}
