@@ -38,6 +38,18 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Multicast debug tool: listen for beacons and print the peer table (no `serve` needed).
     Peers(PeersArgs),
+    /// Print what the local proxy is doing: peers, hits from LAN and upstream, bytes saved.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// The proxy to ask.
+    #[arg(long, default_value = "http://127.0.0.1:8381", value_name = "URL")]
+    pub proxy: String,
+    /// Print the raw JSON summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Beacon flags shared by `serve` and `peers`.
@@ -120,8 +132,43 @@ pub fn hostname() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "plain" => Ok(Self::Plain),
+            "json" => Ok(Self::Json),
+            _ => Err(format!("{s:?} is neither plain nor json")),
+        }
+    }
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Plain => "plain",
+            Self::Json => "json",
+        })
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// TOML file with any of these flags as keys (flags given here override it). Default:
+    /// /etc/local-nix-cache/config.toml when it exists.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr (`RUST_LOG` sets the level, default info).
+    #[arg(long, default_value_t = LogFormat::Plain, value_name = "plain|json")]
+    pub log_format: LogFormat,
     /// Where the nix-daemon is: auto (the system socket, else `nix-daemon --stdio` children),
     /// daemon, unix://SOCKET, stdio, or stdio://STORE.
     #[arg(long, default_value = "auto", value_name = "STORE")]
@@ -373,7 +420,7 @@ mod tests {
             }
             match Cli::parse_from(v).command {
                 Command::Serve(a) => a.resolved_real_store_dir(),
-                Command::Peers(_) => unreachable!("parsed serve"),
+                _ => unreachable!("parsed serve"),
             }
         };
         let p = |s: &str| Some(PathBuf::from(s));

@@ -4,9 +4,11 @@
 
 pub mod beacon;
 pub mod cli;
+pub mod config;
 pub mod http;
 pub mod narinfo;
 pub mod peers;
 pub mod proxy;
 pub mod server;
+pub mod status;
 pub mod store;

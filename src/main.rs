@@ -1,48 +1,76 @@
-//! The `local-nix-cache` binary: parses the command line, sets up logging and the runtime, and
-//! hands over to the library. Errors become a message and exit code 1 here, and only here.
+//! The `local-nix-cache` binary: parses the command line (and `serve`'s config file), sets up
+//! logging and the runtime, and hands over to the library. Errors become a message and exit code
+//! 1 here, and only here.
 
 use anyhow::Context;
-use clap::Parser;
-use local_nix_cache::cli::{self, Cli, Command};
+use clap::{CommandFactory, FromArgMatches};
+use local_nix_cache::cli::{self, Cli, Command, LogFormat};
+use local_nix_cache::config;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let mut log_format = LogFormat::Plain;
+    if let Command::Serve(args) = &mut cli.command {
+        if let Some(path) = config::config_path(args.config.as_deref()) {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {}", path.display()))?;
+            let file = config::ConfigFile::parse(&path, &text)?;
+            let sub = matches.subcommand_matches("serve").context("serve arguments")?;
+            config::apply(args, file, sub, &path, &text)?;
+        }
+        log_format = args.log_format;
+    }
+    init_logging(log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        match cli.command {
-            Command::Serve(args) => {
-                let shutdown = CancellationToken::new();
-                let node = cli::start(&args, shutdown.clone())?;
-                wait_for_signal().await;
-                tracing::info!("shutting down");
-                shutdown.cancel();
-                node.wait().await;
-                Ok(())
-            }
-            Command::Peers(args) => {
-                let stop = CancellationToken::new();
-                let s = stop.clone();
-                tokio::spawn(async move {
+        let r: anyhow::Result<()> = async {
+            match cli.command {
+                Command::Serve(args) => {
+                    let shutdown = CancellationToken::new();
+                    let node = cli::start(&args, shutdown.clone())?;
                     wait_for_signal().await;
-                    s.cancel();
-                });
-                local_nix_cache::peers::run(args.options(), stop).await?;
-                Ok(())
+                    tracing::info!("shutting down");
+                    shutdown.cancel();
+                    node.wait().await;
+                    Ok(())
+                }
+                Command::Peers(args) => {
+                    let stop = CancellationToken::new();
+                    let s = stop.clone();
+                    tokio::spawn(async move {
+                        wait_for_signal().await;
+                        s.cancel();
+                    });
+                    local_nix_cache::peers::run(args.options(), stop).await?;
+                    Ok(())
+                }
+                Command::Status(args) => {
+                    local_nix_cache::status::print(&args).await?;
+                    Ok(())
+                }
             }
         }
+        .await;
+        r
     })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Plain => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 async fn wait_for_signal() {

@@ -56,6 +56,18 @@ const GATHER_GRACE: Duration = Duration::from_millis(300);
 const READ_CHUNK: usize = 256 * 1024;
 /// NAR chunks buffered towards Nix.
 const OUT_CHANNEL_CHUNKS: usize = 4;
+/// Transfers listed on the status page.
+const RECENT_TRANSFERS: usize = 20;
+
+/// One NAR request, for the status page.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Transfer {
+    pub path: String,
+    pub source: String,
+    pub bytes: u64,
+    pub ms: u64,
+    pub verdict: &'static str,
+}
 
 /// Settings of the proxy, validated.
 pub struct ProxyConfig {
@@ -96,6 +108,8 @@ pub struct Proxy {
     /// Per upstream: skipped until this instant after a connection failure.
     upstream_down: Mutex<Vec<Option<Instant>>>,
     stats: Mutex<Stats>,
+    /// The last [`RECENT_TRANSFERS`] NAR requests.
+    recent: Mutex<std::collections::VecDeque<Transfer>>,
 }
 
 type SourceFuture<'a> = Pin<Box<dyn Future<Output = (SourceId, Result<Option<Candidate>, SourceError>)> + Send + 'a>>;
@@ -114,6 +128,30 @@ impl Proxy {
             missing: Mutex::new(HashMap::new()),
             upstream_down: Mutex::new(vec![None; n]),
             stats: Mutex::new(Stats::default()),
+            recent: Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    fn record(&self, t: Transfer) {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() >= RECENT_TRANSFERS {
+            r.pop_back();
+        }
+        r.push_front(t);
+    }
+
+    /// A source as a person reads it.
+    fn describe(&self, s: &SourceId) -> String {
+        match s {
+            SourceId::Peer(n) => match self.sources.table().and_then(|t| t.get(n)) {
+                Some(p) => format!("peer {}", p.http_addr()),
+                None => format!("peer {n}"),
+            },
+            SourceId::Upstream(i) => self
+                .sources
+                .upstreams
+                .get(*i)
+                .map_or("upstream".into(), |u| u.to_string()),
         }
     }
 
@@ -126,9 +164,17 @@ impl Proxy {
             .map(|t| t.peers().iter().map(|p| crate::peers::peer_json(p, now)).collect())
             .unwrap_or_default();
         let counters = self.sources.table().map(|t| t.counters());
+        let recent: Vec<Transfer> = self
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
         serde_json::json!({
             "peers": peers,
             "stats": self.stats(),
+            "recent": recent,
             "beacon": counters,
             "upstreams": self.sources.upstreams.iter().map(|u| u.to_string()).collect::<Vec<_>>(),
         })
@@ -551,6 +597,13 @@ impl Proxy {
         let t0 = Instant::now();
         let Some((v, info, source)) = self.fetch_verified(hash, nar_hash).await else {
             self.stat(|s| s.nar_failures += 1);
+            self.record(Transfer {
+                path: hash.to_string(),
+                source: String::new(),
+                bytes: 0,
+                ms: t0.elapsed().as_millis() as u64,
+                verdict: "unavailable",
+            });
             tracing::info!(%hash, ms = t0.elapsed().as_millis() as u64, verdict = "unavailable", "NAR");
             return h::not_found();
         };
@@ -559,6 +612,13 @@ impl Proxy {
             SourceId::Upstream(_) => s.nars_from_upstream += 1,
         });
         tracing::info!(path = %info.store_path, source = ?source, bytes = v.len(), ms = t0.elapsed().as_millis() as u64, verdict = "verified", "NAR");
+        self.record(Transfer {
+            path: info.store_path.to_string(),
+            source: self.describe(&source),
+            bytes: v.len(),
+            ms: t0.elapsed().as_millis() as u64,
+            verdict: "verified",
+        });
         let size = v.len();
         let range = match h::parse_range(req.headers().get(header::RANGE), size) {
             Ok(r) => r,
@@ -626,10 +686,19 @@ impl h::Handler for Proxy {
                 return r;
             }
         };
-        if req.uri().path() == "/status.json" {
-            let mut r = Response::new(Body::from(Bytes::from(self.status_json().to_string())));
+        let page = match req.uri().path() {
+            "/status.json" => Some((self.status_json().to_string(), "application/json")),
+            "/" => Some((crate::status::html(&self.status_json()), "text/html; charset=utf-8")),
+            "/metrics" => Some((
+                crate::status::metrics(&self.status_json()),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )),
+            _ => None,
+        };
+        if let Some((body, content_type)) = page {
+            let mut r = Response::new(Body::from(Bytes::from(body)));
             r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             return r;
         }
         let mut resp = match route(req.uri().path()) {
@@ -641,7 +710,8 @@ impl h::Handler for Proxy {
             }
             Route::NarInfo(hash) => self.narinfo(&hash).await,
             Route::Nar { hash, nar_hash } => self.nar(&req, &hash, &nar_hash).await,
-            Route::NotFound => h::not_found(),
+            // The installer is the store server's (LAN-facing); the proxy is local only.
+            Route::NotFound | Route::Install | Route::InstallBinary => h::not_found(),
             Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),
             Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
         };

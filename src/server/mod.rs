@@ -23,6 +23,9 @@ use crate::narinfo::{NarHash, StorePathHash, TrustedKeys};
 use crate::store::{NarStream, Store};
 use index::{Entry, Index};
 
+/// The conference one-liner's script; `@PEER@` and `@SHA256@` are filled in per request.
+const INSTALL_SCRIPT: &str = include_str!("install.sh");
+
 /// Priority in `/nix-cache-info`: before cache.nixos.org (40), for clients pointed straight at us.
 pub const PRIORITY: u32 = 30;
 /// NAR chunks buffered between the NAR source and a client (64 KiB from the daemon, 128 KiB from
@@ -40,6 +43,10 @@ pub enum Route {
         hash: StorePathHash,
         nar_hash: NarHash,
     },
+    /// The conference one-liner: `curl -fsSL http://PEER:8380/install | sh`.
+    Install,
+    /// This host's own binary, fetched by the install script.
+    InstallBinary,
     /// Well-formed but not something we serve (`/log/…`, `.ls`, `/realisations/…`): 404.
     NotFound,
     /// Malformed (bad hash alphabet or length, traversal, escapes): 400.
@@ -51,8 +58,11 @@ pub fn route(path: &str) -> Route {
     if path.len() > MAX_PATH_LEN {
         return Route::TooLong;
     }
-    if path == "/nix-cache-info" {
-        return Route::CacheInfo;
+    match path {
+        "/nix-cache-info" => return Route::CacheInfo,
+        "/install" => return Route::Install,
+        "/install/local-nix-cache" => return Route::InstallBinary,
+        _ => {}
     }
     if path.contains(['%', '\\', '\0']) || path.contains("..") || path.contains("//") {
         return Route::BadRequest;
@@ -84,6 +94,8 @@ pub struct StoreServer {
     cache_info: Bytes,
     /// A client that accepts no NAR bytes for this long is dropped, freeing its daemon connection.
     stall_timeout: Duration,
+    /// sha256 and size of this process's binary, computed on the first `/install` request.
+    binary: tokio::sync::OnceCell<Option<(String, u64)>>,
 }
 
 impl StoreServer {
@@ -98,7 +110,101 @@ impl StoreServer {
             keys,
             cache_info,
             stall_timeout: Duration::from_secs(60),
+            binary: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// sha256 (hex) and size of the running binary.
+    async fn binary_digest(&self) -> Option<(String, u64)> {
+        self.binary
+            .get_or_init(|| async {
+                let r = tokio::task::spawn_blocking(|| -> std::io::Result<(String, u64)> {
+                    use sha2::Digest;
+                    let mut f = std::fs::File::open(std::env::current_exe()?)?;
+                    let mut h = sha2::Sha256::new();
+                    let n = std::io::copy(&mut f, &mut h)?;
+                    Ok((data_encoding::HEXLOWER.encode(&h.finalize()), n))
+                })
+                .await;
+                match r {
+                    Ok(Ok(d)) => Some(d),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot read our own binary for /install");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// The install script, for a newcomer who reached us as `host` (the `Host` header).
+    async fn install_script(&self, req: &Request<Incoming>) -> Response<Body> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        // The host ends up inside the script: only characters of a host name or address.
+        let ok = !host.is_empty()
+            && host.len() <= 255
+            && host.bytes().all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c));
+        if !ok {
+            return h::text(StatusCode::BAD_REQUEST, "bad Host header\n");
+        }
+        let Some((sha, _)) = self.binary_digest().await else {
+            return h::not_found();
+        };
+        let script = INSTALL_SCRIPT
+            .replace("@PEER@", &format!("http://{host}"))
+            .replace("@SHA256@", &sha);
+        let mut r = Response::new(Body::from(Bytes::from(script)));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/x-shellscript; charset=utf-8"),
+        );
+        r
+    }
+
+    async fn install_binary(&self) -> Response<Body> {
+        let Some((_, size)) = self.binary_digest().await else {
+            return h::not_found();
+        };
+        let Ok(path) = std::env::current_exe() else {
+            return h::not_found();
+        };
+        let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let Ok(mut f) = std::fs::File::open(&path) else {
+                return;
+            };
+            let mut left = size;
+            while left > 0 {
+                let mut buf = vec![0u8; (128 * 1024).min(left as usize)];
+                match f.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.blocking_send(Err(std::io::Error::other("binary changed while sent")));
+                        return;
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        left -= n as u64;
+                        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(Body::Stream(rx));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        r.headers_mut().insert(header::CONTENT_LENGTH, hv(size.to_string()));
+        r
     }
 
     pub fn with_stall_timeout(mut self, d: Duration) -> Self {
@@ -275,6 +381,8 @@ impl h::Handler for StoreServer {
         };
         let mut resp = match route(req.uri().path()) {
             Route::CacheInfo => ok(self.cache_info.clone(), "text/x-nix-cache-info"),
+            Route::Install => self.install_script(&req).await,
+            Route::InstallBinary => self.install_binary().await,
             Route::NarInfo(hash) => self.narinfo(&hash).await,
             Route::Nar { hash, nar_hash } => self.nar(&req, &hash, &nar_hash).await,
             Route::NotFound => h::not_found(),

@@ -230,6 +230,11 @@ impl Host {
     /// connection dies.
     pub fn stop_daemon(&mut self) {
         if let Some(mut c) = self.daemon.take() {
+            // Frozen first, so it cannot fork a worker between the scan and the kill.
+            let _ = Command::new("kill")
+                .args(["-STOP", &c.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
             for pid in children_of(c.id()) {
                 let _ = Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
@@ -296,6 +301,8 @@ impl Drop for Host {
 /// `serve`'s settings for tests: loopback, port 0, the test key.
 pub fn serve_args(store: StoreAddr) -> ServeArgs {
     ServeArgs {
+        config: None,
+        log_format: cli::LogFormat::Plain,
         store,
         listen: vec!["127.0.0.1:0".parse().expect("addr")],
         trusted_public_keys: vec![fixture().pk.clone()],
