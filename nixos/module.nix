@@ -1,0 +1,126 @@
+# NixOS module for local-nix-cache:
+#   imports = [ /path/to/local-nix-cache/nixos/module.nix ];
+#   services.local-nix-cache.enable = true;
+{ config, lib, pkgs, ... }:
+
+let
+  cfg = config.services.local-nix-cache;
+  inherit (lib) mkEnableOption mkIf mkOption types;
+  toml = pkgs.formats.toml { };
+  configFile = toml.generate "local-nix-cache.toml" ({
+    listen = cfg.listen;
+    proxy-listen = [ cfg.proxyListen ];
+    upstream = if cfg.upstreams == [ ] then [ "none" ] else cfg.upstreams;
+    trusted-public-key = cfg.trustedPublicKeys;
+    interface = cfg.interfaces;
+    spool-dir = "/var/cache/local-nix-cache";
+  } // cfg.settings);
+in
+{
+  options.services.local-nix-cache = {
+    enable = mkEnableOption "local-nix-cache: share Nix store paths with the other hosts of the LAN";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ../default.nix { };
+      defaultText = lib.literalExpression "pkgs.callPackage ./default.nix { }";
+      description = "The local-nix-cache package.";
+    };
+
+    listen = mkOption {
+      type = types.listOf types.str;
+      default = [ "[::]:8380" ];
+      description = "Addresses of the LAN-facing store server (`[::]` is IPv4 and IPv6).";
+    };
+
+    proxyListen = mkOption {
+      type = types.str;
+      default = "127.0.0.1:8381";
+      description = "Address of the proxy that the local Nix uses as a substituter.";
+    };
+
+    upstreams = mkOption {
+      type = types.listOf types.str;
+      default = [ "https://cache.nixos.org" ];
+      description = "Upstream binary caches the proxy asks after the peers; empty: LAN only.";
+    };
+
+    trustedPublicKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+      description = ''
+        Keys whose signatures make a path servable to peers and acceptable from them. Usually the
+        same as `nix.settings.trusted-public-keys`.
+      '';
+    };
+
+    interfaces = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "wlan0" ];
+      description = "Interfaces for the multicast beacon; empty: every up, multicast-capable, non-loopback one.";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open TCP 8380 (store server) and UDP 8380 (beacon) in the firewall.";
+    };
+
+    settings = mkOption {
+      type = toml.type;
+      default = { };
+      example = { announce-interval = "2s"; spool-max-mib = 4096; };
+      description = "Further `serve` settings, by flag name (see `local-nix-cache serve --help`).";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    # Also `serve`'s default config path, so `local-nix-cache status`/`serve` by hand agree.
+    environment.etc."local-nix-cache/config.toml".source = configFile;
+
+    systemd.services.local-nix-cache = {
+      description = "local-nix-cache: share Nix store paths on the LAN";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network-online.target" "nix-daemon.socket" ];
+      wants = [ "network-online.target" ];
+      environment.RUST_LOG = "info";
+      restartTriggers = [ configFile ];
+      serviceConfig = {
+        ExecStart = "${lib.getExe cfg.package} serve --config /etc/local-nix-cache/config.toml";
+        Restart = "on-failure";
+        # Reads the store through the daemon socket (open to all users) and /nix/store
+        # (world-readable); writes only its spool.
+        DynamicUser = true;
+        CacheDirectory = "local-nix-cache";
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        NoNewPrivileges = true;
+        CapabilityBoundingSet = "";
+        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectControlGroups = true;
+        SystemCallArchitectures = "native";
+      };
+    };
+
+    nix.settings = {
+      # Listed first; its Priority (20) also puts it before cache.nixos.org (40).
+      substituters = lib.mkBefore [ "http://${cfg.proxyListen}" ];
+      # Nix remembers a miss for an hour by default, before a peer with the path may appear.
+      narinfo-cache-negative-ttl = lib.mkDefault 30;
+    };
+
+    networking.firewall = mkIf cfg.openFirewall {
+      allowedTCPPorts = [ 8380 ];
+      allowedUDPPorts = [ 8380 ];
+    };
+  };
+}

@@ -1,0 +1,97 @@
+//! Packaging without nixpkgs (not available here): every `.nix` file parses, `default.nix` is a
+//! callPackage-style function, and the NixOS module, evaluated against a stub of lib and pkgs
+//! (`tests/nix/module-eval.nix`), has the documented options and generates a config file that
+//! `serve` itself accepts.
+
+mod common;
+
+use std::path::Path;
+
+use common::{nix, require_nix, run};
+use local_nix_cache::config::ConfigFile;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn nix_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = e.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if p.is_dir() && !matches!(name, "target" | ".git" | "fuzz") {
+            nix_files(&p, out);
+        } else if name.ends_with(".nix") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn every_nix_file_parses() {
+    if !require_nix() {
+        return;
+    }
+    let home = tempfile::tempdir().expect("home");
+    let mut files = Vec::new();
+    nix_files(Path::new(ROOT), &mut files);
+    assert!(files.len() >= 3, "found {files:?}");
+    for f in files {
+        run(nix("nix-instantiate", home.path()).arg("--parse").arg(&f));
+    }
+}
+
+#[test]
+fn default_nix_is_callpackage_style() {
+    if !require_nix() {
+        return;
+    }
+    let home = tempfile::tempdir().expect("home");
+    let args = run(nix("nix-instantiate", home.path()).args([
+        "--eval",
+        "--strict",
+        "--json",
+        "-E",
+        &format!("builtins.functionArgs (import {ROOT}/default.nix)"),
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&args).expect("json");
+    assert!(v.get("lib").is_some() && v.get("rustPlatform").is_some(), "{v}");
+}
+
+#[test]
+fn nixos_module_options_and_generated_config() {
+    if !require_nix() {
+        return;
+    }
+    let home = tempfile::tempdir().expect("home");
+    let out = run(nix("nix-instantiate", home.path())
+        .args(["--eval", "--strict", "--json"])
+        .arg(Path::new(ROOT).join("tests/nix/module-eval.nix")));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let options: Vec<&str> = v["options"]
+        .as_array()
+        .expect("options")
+        .iter()
+        .filter_map(|o| o.as_str())
+        .collect();
+    for want in [
+        "enable",
+        "listen",
+        "proxyListen",
+        "upstreams",
+        "trustedPublicKeys",
+        "interfaces",
+        "openFirewall",
+        "settings",
+    ] {
+        assert!(options.contains(&want), "option {want} missing: {options:?}");
+    }
+    assert_eq!(v["substituters"], serde_json::json!(["http://127.0.0.1:8381"]));
+    assert_eq!(v["negativeTtl"], 30);
+    assert_eq!(v["firewall"]["allowedUDPPorts"], serde_json::json!([8380]));
+    assert_eq!(v["dynamicUser"], true);
+    assert!(v["execStart"]
+        .as_str()
+        .expect("exec")
+        .ends_with("serve --config /etc/local-nix-cache/config.toml"));
+    // The generated config, as TOML, is accepted by serve's own parser (no unknown keys).
+    let toml_text = toml::to_string(&v["configFile"]).expect("to toml");
+    ConfigFile::parse(Path::new("module.toml"), &toml_text).unwrap_or_else(|e| panic!("{e}\n{toml_text}"));
+}
