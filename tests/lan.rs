@@ -316,4 +316,29 @@ fn upstream_fallback_for_a_path_no_peer_has() {
     assert!(lan.hosts[1].sigs(&f.rand).contains("test-hydra-1:"));
     let stats = &lan.hosts[1].status()["stats"];
     assert_eq!(stats["nars_from_upstream"], 1, "{stats}");
+    // What a person sees: `status` in the terminal, the page, the metrics.
+    let out = common::output(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &lan.hosts[1].net.ns])
+            .args([common::nixlan::bin(), "status"]),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("peers: 1"), "{text}");
+    assert!(text.contains("1 from upstream"), "{text}");
+    assert!(text.contains("lnc-test-rand"), "recent transfer missing: {text}");
+    let page = lan.hosts[1].http("http://127.0.0.1:8381/").expect("status page");
+    assert!(
+        page.contains("<h1>local-nix-cache</h1>") && page.contains("lnc-test-rand"),
+        "{page}"
+    );
+    let metrics = lan.hosts[1].http("http://127.0.0.1:8381/metrics").expect("metrics");
+    assert!(
+        metrics.contains("local_nix_cache_nars_total{source=\"upstream\"} 1"),
+        "{metrics}"
+    );
 }
