@@ -26,3 +26,11 @@ stats "3 hosts discover each other, IPv4 (target < 1000)" "discovery over IPv4"
 stats "3 hosts discover each other, IPv6 (target < 1000)" "discovery over IPv6"
 stats "killed host evicted, interval 300 ms (3 intervals = 900)" "eviction after a kill"
 stats "host removed after its goodbye" "removal after a goodbye"
+if [ -n "${BENCH_RESULTS:-}" ]; then
+    med() { grep -F "$1" "$log" | sed -E 's/.*: (Some\()?([0-9.]+)(ms|µs|s)\)?$/\2 \3/' | awk '
+        { v = $1; if ($2 == "µs") v /= 1000; else if ($2 == "s") v *= 1000; print v }' | sort -n | awk '
+        { a[NR] = $1 } END { if (NR) printf "%.1f", a[int((NR + 1) / 2)] }'; }
+    echo "time until new hosts are in each other's tables (3 hosts, IPv4, median)|$(med "discovery over IPv4") ms|-|-|< 1000 ms" >> "$BENCH_RESULTS"
+    echo "time until new hosts are in each other's tables (3 hosts, IPv6, median)|$(med "discovery over IPv6") ms|-|-|< 1000 ms" >> "$BENCH_RESULTS"
+    echo "time until a killed host leaves (interval 300 ms, median)|$(med "eviction after a kill") ms|-|-|<= 900 ms"  >> "$BENCH_RESULTS"
+fi

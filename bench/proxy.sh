@@ -79,6 +79,10 @@ row() { # label -> table row
     local direct proxy
     direct=$(realise direct "http://10.88.0.1:8380")
     proxy=$(realise proxy "http://127.0.0.1:8381")
+    if [ -n "${BENCH_RESULTS:-}" ]; then
+        awk -v l="$1" -v d="$direct" -v p="$proxy" 'BEGIN {
+            printf "nix-store -r 1 GiB via proxy, %s|%.2f s|%.2f s (direct from peer)|%.2fx|>= 0.9x\n", l, p, d, d / p }' >> "$BENCH_RESULTS"
+    fi
     awk -v l="$1" -v d="$direct" -v p="$proxy" -v mib="$BIG_MIB" 'BEGIN {
         printf "| %s | %.2f s (%.0f MB/s) | %.2f s (%.0f MB/s) | %.2fx |\n", l, p, mib*1.048576/p, d, mib*1.048576/d, d / p }'
 }
@@ -92,8 +96,15 @@ ip netns exec "$NS-peer" tc qdisc del dev eth0 root
 row "unshaped veth"
 echo
 echo "narinfo latency (in-process fake peers on loopback):"
-cargo test --release --locked -q --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture 2>/dev/null \
-    | grep -o "BENCH.*" | sed 's/^BENCH /  /'
+LAT=$(cargo test --release --locked -q --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture 2>/dev/null \
+    | grep -o "BENCH.*")
+echo "  ${LAT#BENCH }"
+if [ -n "${BENCH_RESULTS:-}" ]; then
+    p99=$(echo "$LAT" | sed -E 's/.*proxy p50 [0-9.]+ ms p99 ([0-9.]+) ms.*/\1/')
+    base=$(echo "$LAT" | sed -E 's/.*alone p50 [0-9.]+ ms p99 ([0-9.]+) ms.*/\1/')
+    diff=$(echo "$LAT" | sed -E 's/.*p99 difference ([+-][0-9.]+) ms.*/\1/')
+    echo "narinfo p99, 16 peers (4 dead, 4 slow 1 s)|$p99 ms|$base ms (fastest honest peer alone)|$diff ms|<= +50 ms" >> "$BENCH_RESULTS"
+fi
 echo
 echo "client proxy log (NAR lines):"
 grep -a 'NAR' "$D/client.log" | sed 's/^/  /' | tail -4

@@ -132,3 +132,12 @@ echo "| narinfo p99 latency ms | $OURS_P99 | $NGINX_P99 | $(ratio "$OURS_P99" "$
 echo "| NAR MB/s, 1 stream | $OURS_1 | $NGINX_1 | $(ratio "$OURS_1" "$NGINX_1") | >= 0.9x |"
 echo "| NAR MB/s, $STREAMS streams total | $OURS_N | $NGINX_N | $(ratio "$OURS_N" "$NGINX_N") | >= 0.9x |"
 echo "| peak RSS MiB (VmHWM, whole run) | $OURS_RSS | $NGINX_RSS (master+workers) | - | ours <= 32 |"
+if [ -n "${BENCH_RESULTS:-}" ]; then
+    {
+        echo "narinfo req/s, 64 connections (wrk)|$OURS_RPS|$NGINX_RPS (nginx)|$(ratio "$OURS_RPS" "$NGINX_RPS")|>= 1.0x"
+        echo "narinfo p99 ms (wrk)|$OURS_P99|$NGINX_P99 (nginx)|$(ratio "$OURS_P99" "$NGINX_P99")|-"
+        echo "NAR MB/s, one 1 GiB stream|$OURS_1|$NGINX_1 (nginx)|$(ratio "$OURS_1" "$NGINX_1")|>= 0.9x"
+        echo "NAR MB/s, eight 1 GiB streams|$OURS_N|$NGINX_N (nginx)|$(ratio "$OURS_N" "$NGINX_N")|>= 0.9x"
+        echo "peak RSS MiB, whole run incl. eight streams|$OURS_RSS|$NGINX_RSS (nginx)|-|<= 32 MiB"
+    } >> "$BENCH_RESULTS"
+fi

@@ -224,6 +224,10 @@ pub struct ServeArgs {
     /// Most memory for spooled NARs, in MiB (NARs up to 8 MiB spool in memory).
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub spool_mem_mib: usize,
+    /// How the proxy fetches NARs from peers that offer zstd: `zstd` (level 1, measured faster
+    /// on links up to about 4 Gbit/s) or `none`.
+    #[arg(long, default_value = "zstd", value_name = "zstd|none", value_parser = ["zstd", "none"])]
+    pub peer_compression: String,
 }
 
 impl ServeArgs {
@@ -344,7 +348,7 @@ pub fn start(args: &ServeArgs, shutdown: CancellationToken) -> Result<Node, Setu
         let store_port = running.addrs.first().map_or(8380, |a| a.port());
         let announce = beacon::Announce {
             store_port,
-            flags: wire::FLAG_NAR_NONE,
+            flags: wire::FLAG_NAR_NONE | wire::FLAG_NAR_ZSTD | wire::FLAG_PROXY,
             hostname: hostname(),
         };
         let cfg = args.beacon.config(Some(announce), args.announce_interval);
@@ -383,6 +387,7 @@ pub fn start(args: &ServeArgs, shutdown: CancellationToken) -> Result<Node, Setu
             keys: proxy_keys,
             upstreams,
             spool: SpoolLimits::new(8 * 1024 * 1024, args.spool_mem_mib, args.spool_max_mib, spool_dir),
+            peer_zstd: args.peer_compression == "zstd",
         },
         peers.clone(),
     ));

@@ -58,6 +58,7 @@ pub struct ConfigFile {
     spool_dir: Option<PathBuf>,
     spool_max_mib: Option<usize>,
     spool_mem_mib: Option<usize>,
+    peer_compression: Option<Spanned<String>>,
     log_format: Option<Spanned<String>>,
 }
 
@@ -193,6 +194,20 @@ pub fn apply(
             args.spool_dir = Some(v);
         }
     }
+    if let Some(v) = file.peer_compression {
+        if !from_cli("peer_compression") {
+            match v.get_ref().as_str() {
+                "zstd" | "none" => args.peer_compression = v.get_ref().clone(),
+                other => {
+                    return Err(bad(
+                        "peer-compression",
+                        v.span(),
+                        format!("{other:?} is neither zstd nor none"),
+                    ))
+                }
+            }
+        }
+    }
     plain!("spool-max-mib", "spool_max_mib", spool_max_mib, args.spool_max_mib);
     plain!("spool-mem-mib", "spool_mem_mib", spool_mem_mib, args.spool_mem_mib);
     Ok(())
@@ -274,6 +289,7 @@ log-format = "json"
             ("beacon-port = 70000\n", "beacon-port"),
             ("rescan-interval = \"ten\"\n", "rescan-interval"),
             ("log-format = \"xml\"\n", "key `log-format`"),
+            ("\n\npeer-compression = \"brotli\"\n", "line 3: key `peer-compression`"),
         ];
         for (toml, want) in cases {
             let e = serve(&[], toml)

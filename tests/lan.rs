@@ -190,8 +190,9 @@ fn peer_dies_mid_transfer_and_another_peer_completes_it() {
         return;
     }
     let f = fixture();
-    let mut lan = NixLan::new(&[&[&f.big], &[], &[]]);
-    // Host 1's link is slow, so its 32 MiB NAR takes seconds.
+    let mut lan = NixLan::new(&[&[&f.rand], &[], &[]]);
+    // Host 1's link is slow, so its 8 MiB of random bytes (which zstd cannot shrink) take
+    // about four seconds.
     let st = std::process::Command::new("ip")
         .args([
             "netns",
@@ -205,13 +206,13 @@ fn peer_dies_mid_transfer_and_another_peer_completes_it() {
             "root",
             "tbf",
         ])
-        .args(["rate", "40mbit", "burst", "32kbit", "latency", "400ms"])
+        .args(["rate", "16mbit", "burst", "32kbit", "latency", "400ms"])
         .status()
         .expect("tc");
     assert!(st.success());
     lan.serve_all("none");
     lan.wait_peers(2, &[0, 1], Duration::from_secs(5)).expect("peers");
-    let big = f.big.clone();
+    let big = f.rand.clone();
     let fetcher = {
         let mut c = lan.hosts[2].nix_cmd("nix-store");
         c.arg("--store")

@@ -17,7 +17,12 @@ fn nix_store_realises_a_closure_through_the_proxy_from_a_peer_with_upstream_down
     let a = TestNode::start(serve_args(host.store_addr()));
     // The client's proxy knows A as a peer; its upstream is stopped (nothing listens there).
     let rig = Rig::new();
-    rig.add_peer(a.addr, 1);
+    // A real store server offers zstd, as its beacon would say: the NARs cross compressed.
+    rig.add_peer_with_flags(
+        a.addr,
+        1,
+        local_nix_cache::beacon::wire::FLAG_NAR_NONE | local_nix_cache::beacon::wire::FLAG_NAR_ZSTD,
+    );
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead_url = format!("http://{}/", dead.local_addr().expect("addr"));
     drop(dead);
@@ -50,6 +55,7 @@ fn nix_store_realises_a_closure_through_the_proxy_from_a_peer_with_upstream_down
     let s = px.stats();
     assert_eq!(s.nars_from_peers, 3, "{s:?}");
     assert_eq!(s.nars_from_upstream, 0, "{s:?}");
+    assert_eq!(s.nars_zstd_from_peers, 3, "NARs should cross zstd-compressed: {s:?}");
     // The installed files are the peer's (content check in the client's own store).
     let physical = store.join(f.top.trim_start_matches('/')).join("bin/hello");
     let script = std::fs::read_to_string(&physical).expect("installed file");

@@ -164,6 +164,13 @@ fn check_nar_streaming(from_disk: bool) {
     let r = request(node.addr, "GET", &url, &[("Range", &format!("bytes={n}-"))]);
     assert_eq!(r.status, 416);
     assert_eq!(r.header("content-range"), Some(format!("bytes */{n}").as_str()));
+    // The zstd form, as peers fetch it: the same NAR, compressed, no ranges.
+    let z = request(node.addr, "GET", &format!("{url}.zst"), &[("Range", "bytes=10-")]);
+    assert_eq!(z.status, 200, "zstd ignores Range");
+    assert_eq!(z.header("accept-ranges"), None);
+    let unz = zstd::stream::decode_all(&z.body[..]).expect("valid zstd");
+    assert!(unz == want, "zstd NAR differs");
+    assert!(z.body.len() < want.len() / 10, "zeros compress: {} bytes", z.body.len());
     // A NAR URL with the right store hash but another NAR hash is not ours to serve.
     let other = url.replace(&url[url.len() - 56..url.len() - 4], &"1".repeat(52));
     assert_eq!(get(node.addr, &other).status, 404);

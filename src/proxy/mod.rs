@@ -75,6 +75,8 @@ pub struct ProxyConfig {
     pub keys: crate::narinfo::TrustedKeys,
     pub upstreams: Vec<url::Url>,
     pub spool: SpoolLimits,
+    /// Ask peers that announce `nar-zstd` for zstd-compressed NARs.
+    pub peer_zstd: bool,
 }
 
 struct Known {
@@ -97,6 +99,8 @@ pub struct Stats {
     pub bytes_from_upstream: u64,
     pub nar_failures: u64,
     pub lies: u64,
+    /// NARs that crossed the LAN zstd-compressed.
+    pub nars_zstd_from_peers: u64,
 }
 
 pub struct Proxy {
@@ -122,7 +126,7 @@ impl Proxy {
                 "StoreDir: {}\nWantMassQuery: 1\nPriority: {PRIORITY}\n",
                 cfg.store_dir
             )),
-            sources: Sources::new(peers, cfg.upstreams, cfg.store_dir, cfg.keys),
+            sources: Sources::new(peers, cfg.upstreams, cfg.store_dir, cfg.keys).with_peer_zstd(cfg.peer_zstd),
             spool: cfg.spool,
             known: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
@@ -580,8 +584,12 @@ impl Proxy {
                 .map_err(|e| CopyError::Failed(SourceError::Url(e.to_string())))?;
             received += data.len() as u64;
         }
+        let zstd = c.info.compression.as_deref() == Some("zstd");
         self.stat(|s| match c.source {
-            SourceId::Peer(_) => s.bytes_from_peers += received,
+            SourceId::Peer(_) => {
+                s.bytes_from_peers += received;
+                s.nars_zstd_from_peers += u64::from(zstd);
+            }
             SourceId::Upstream(_) => s.bytes_from_upstream += received,
         });
         if sp.len() < size {
@@ -709,7 +717,13 @@ impl h::Handler for Proxy {
                 r
             }
             Route::NarInfo(hash) => self.narinfo(&hash).await,
-            Route::Nar { hash, nar_hash } => self.nar(&req, &hash, &nar_hash).await,
+            Route::Nar {
+                hash,
+                nar_hash,
+                zstd: false,
+            } => self.nar(&req, &hash, &nar_hash).await,
+            // Nix never asks the proxy for compressed NARs.
+            Route::Nar { zstd: true, .. } => h::not_found(),
             // The installer is the store server's (LAN-facing); the proxy is local only.
             Route::NotFound | Route::Install | Route::InstallBinary => h::not_found(),
             Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),

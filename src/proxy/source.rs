@@ -136,9 +136,16 @@ pub struct Sources {
     upstream_client: reqwest::Client,
     store_dir: String,
     keys: TrustedKeys,
+    /// Fetch NARs zstd-compressed from peers that announce it.
+    peer_zstd: bool,
 }
 
 impl Sources {
+    pub fn with_peer_zstd(mut self, on: bool) -> Self {
+        self.peer_zstd = on;
+        self
+    }
+
     pub fn new(peers: Option<Arc<PeerTable>>, upstreams: Vec<Url>, store_dir: String, keys: TrustedKeys) -> Self {
         let build = |t: Timeouts, no_proxy: bool| {
             let mut b = reqwest::Client::builder()
@@ -168,6 +175,7 @@ impl Sources {
                 .collect(),
             store_dir,
             keys,
+            peer_zstd: false,
         }
     }
 
@@ -240,7 +248,26 @@ impl Sources {
         if !matches!(compression.as_str(), "none" | "xz" | "zstd" | "bzip2") {
             return Err(SourceError::Compression(compression));
         }
-        let nar_url = base.join(&info.url).map_err(|_| SourceError::Url(info.url.clone()))?;
+        let mut nar_url = base.join(&info.url).map_err(|_| SourceError::Url(info.url.clone()))?;
+        let mut info = info;
+        // A peer (our store server) that announces zstd sends the same NAR compressed on the fly
+        // at `<url>.zst`: fewer bytes on the LAN; the hash is checked on the decompressed bytes.
+        if let SourceId::Peer(node) = s {
+            let zstd_peer = self
+                .peers
+                .as_ref()
+                .and_then(|t| t.get(node))
+                .is_some_and(|p| p.flags & crate::beacon::wire::FLAG_NAR_ZSTD != 0);
+            if self.peer_zstd
+                && zstd_peer
+                && info.compression.as_deref() == Some("none")
+                && nar_url.path().ends_with(".nar")
+            {
+                let zst = format!("{}.zst", nar_url.path());
+                nar_url.set_path(&zst);
+                info.compression = Some("zstd".into());
+            }
+        }
         // A peer's NAR URL must stay on that peer (a lying narinfo could point elsewhere).
         let elsewhere =
             nar_url.host_str() != base.host_str() || nar_url.port_or_known_default() != base.port_or_known_default();

@@ -39,9 +39,11 @@ const MAX_PATH_LEN: usize = 256;
 pub enum Route {
     CacheInfo,
     NarInfo(StorePathHash),
+    /// `zstd`: the `.nar.zst` form, compressed on the fly for peers (no `Range`).
     Nar {
         hash: StorePathHash,
         nar_hash: NarHash,
+        zstd: bool,
     },
     /// The conference one-liner: `curl -fsSL http://PEER:8380/install | sh`.
     Install,
@@ -73,12 +75,17 @@ pub fn route(path: &str) -> Route {
             Err(_) => Route::BadRequest,
         };
     }
-    if let Some(rest) = path.strip_prefix("/nar/").and_then(|p| p.strip_suffix(".nar")) {
+    let nar = path.strip_prefix("/nar/").and_then(|p| {
+        p.strip_suffix(".nar.zst")
+            .map(|r| (r, true))
+            .or_else(|| p.strip_suffix(".nar").map(|r| (r, false)))
+    });
+    if let Some((rest, zstd)) = nar {
         let parsed = rest
             .split_once('-')
             .and_then(|(a, b)| Some((StorePathHash::parse(a).ok()?, NarHash::parse_nix32(b).ok()?)));
         return match parsed {
-            Some((hash, nar_hash)) => Route::Nar { hash, nar_hash },
+            Some((hash, nar_hash)) => Route::Nar { hash, nar_hash, zstd },
             None => Route::BadRequest,
         };
     }
@@ -242,7 +249,13 @@ impl StoreServer {
         }
     }
 
-    async fn nar(&self, req: &Request<Incoming>, hash: &StorePathHash, nar_hash: &NarHash) -> Response<Body> {
+    async fn nar(
+        &self,
+        req: &Request<Incoming>,
+        hash: &StorePathHash,
+        nar_hash: &NarHash,
+        zstd: bool,
+    ) -> Response<Body> {
         let started = Instant::now();
         let Some(entry) = self.lookup(hash).await.filter(|e| e.nar_hash == *nar_hash) else {
             return h::not_found();
@@ -261,7 +274,8 @@ impl StoreServer {
             }
         };
         let size = info.nar_size;
-        let range = match h::parse_range(req.headers().get(header::RANGE), size) {
+        let range_header = if zstd { None } else { req.headers().get(header::RANGE) };
+        let range = match h::parse_range(range_header, size) {
             Ok(r) => r,
             Err(h::Unsatisfiable) => {
                 let mut r = h::text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
@@ -284,6 +298,15 @@ impl StoreServer {
             let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
             let path = entry.path.to_string();
             let stall = self.stall_timeout;
+            // With zstd, the pump feeds an encoder task, which feeds the client.
+            let (pump_tx, client_rx) = if zstd {
+                let (raw_tx, raw_rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
+                tokio::spawn(compress(raw_rx, tx, stall));
+                (raw_tx, rx)
+            } else {
+                (tx, rx)
+            };
+            let tx = pump_tx;
             tokio::spawn(async move {
                 let r = pump(stream, &tx, start, end, stall).await;
                 let ms = started.elapsed().as_millis() as u64;
@@ -295,9 +318,15 @@ impl StoreServer {
                     }
                 }
             });
-            Body::Stream(rx)
+            Body::Stream(client_rx)
         };
         let mut r = Response::new(body);
+        if zstd {
+            // Length unknown until compressed: chunked, and no ranges.
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
+            return r;
+        }
         let hd = r.headers_mut();
         hd.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
         hd.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -308,6 +337,39 @@ impl StoreServer {
                 .insert(header::CONTENT_RANGE, hv(format!("bytes {start}-{end}/{size}")));
         }
         r
+    }
+}
+
+/// zstd level for NARs sent to peers: level 1 measured best on a 1 Gbit/s link (docs/benchmarks.md),
+/// with about 1.3 MiB of encoder state per stream.
+const PEER_ZSTD_LEVEL: i32 = 1;
+
+/// Compresses the NAR chunks from `raw` into `tx`. An error on `raw` aborts the response, so a
+/// broken NAR never ends in a well-formed zstd frame.
+async fn compress(
+    raw: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    stall: Duration,
+) {
+    use async_compression::tokio::bufread::ZstdEncoder;
+    use tokio::io::AsyncReadExt;
+    let stream = Box::pin(futures_util::stream::unfold(raw, |mut rx| async move {
+        rx.recv().await.map(|x| (x, rx))
+    }));
+    let reader = tokio::io::BufReader::new(tokio_util::io::StreamReader::new(stream));
+    let mut enc = ZstdEncoder::with_quality(reader, async_compression::Level::Precise(PEER_ZSTD_LEVEL));
+    loop {
+        let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
+        let item = match enc.read_buf(&mut buf).await {
+            Ok(0) => return,
+            Ok(_) => Ok(buf.freeze()),
+            Err(e) => Err(e),
+        };
+        let failed = item.is_err();
+        match tokio::time::timeout(stall, tx.send(item)).await {
+            Ok(Ok(())) if !failed => {}
+            _ => return,
+        }
     }
 }
 
@@ -384,7 +446,7 @@ impl h::Handler for StoreServer {
             Route::Install => self.install_script(&req).await,
             Route::InstallBinary => self.install_binary().await,
             Route::NarInfo(hash) => self.narinfo(&hash).await,
-            Route::Nar { hash, nar_hash } => self.nar(&req, &hash, &nar_hash).await,
+            Route::Nar { hash, nar_hash, zstd } => self.nar(&req, &hash, &nar_hash, zstd).await,
             Route::NotFound => h::not_found(),
             Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),
             Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
@@ -447,12 +509,28 @@ mod tests {
         let cases: Vec<(String, Route)> = vec![
             ("/nix-cache-info".into(), Route::CacheInfo),
             (format!("/{h}.narinfo"), Route::NarInfo(hash)),
-            (format!("/nar/{h}-{n}.nar"), Route::Nar { hash, nar_hash }),
+            (
+                format!("/nar/{h}-{n}.nar"),
+                Route::Nar {
+                    hash,
+                    nar_hash,
+                    zstd: false,
+                },
+            ),
+            (
+                format!("/nar/{h}-{n}.nar.zst"),
+                Route::Nar {
+                    hash,
+                    nar_hash,
+                    zstd: true,
+                },
+            ),
             ("/".into(), Route::NotFound),
             (format!("/{h}.ls"), Route::NotFound),
             ("/log/abc.drv".into(), Route::NotFound),
             (format!("/realisations/sha256:{n}!out.doi"), Route::NotFound),
             (format!("/nar/{n}.nar.xz"), Route::NotFound),
+            (format!("/nar/{h}-{n}.nar.zstd"), Route::NotFound),
             (format!("/{}.narinfo", &h[..31]), Route::BadRequest),
             (format!("/{h}e.narinfo"), Route::BadRequest),
             (format!("/{}.narinfo", h.to_uppercase()), Route::BadRequest),

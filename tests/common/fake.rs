@@ -280,9 +280,14 @@ impl Rig {
     }
 
     pub fn add_peer(&self, addr: SocketAddr, id: u8) {
+        self.add_peer_with_flags(addr, id, FLAG_NAR_NONE);
+    }
+
+    /// As `add_peer`, announcing `flags` (e.g. zstd, for a real store server).
+    pub fn add_peer_with_flags(&self, addr: SocketAddr, id: u8, flags: u16) {
         let b = encode(&Beacon {
             kind: Kind::Announce,
-            flags: FLAG_NAR_NONE,
+            flags,
             node: NodeId([id; 16]),
             port: addr.port(),
             interval_ms: 3_600_000,
@@ -308,6 +313,7 @@ impl Rig {
                 keys,
                 upstreams: upstreams.iter().map(|u| u.parse().expect("url")).collect(),
                 spool: SpoolLimits::new(1 << 20, 16, 256, spool),
+                peer_zstd: true,
             },
             Some(self.table.clone()),
         ));

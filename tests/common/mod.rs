@@ -325,6 +325,7 @@ pub fn serve_args(store: StoreAddr) -> ServeArgs {
         spool_dir: None,
         spool_max_mib: 1024,
         spool_mem_mib: 64,
+        peer_compression: "zstd".into(),
     }
 }
 
