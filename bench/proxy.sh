@@ -96,8 +96,8 @@ ip netns exec "$NS-peer" tc qdisc del dev eth0 root
 row "unshaped veth"
 echo
 echo "narinfo latency (in-process fake peers on loopback):"
-LAT=$(cargo test --release --locked -q --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture 2>/dev/null \
-    | grep -o "BENCH.*")
+LAT=$(cargo test --release --locked -q --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture 2>&1 \
+    | grep -o "BENCH.*" || echo "BENCH (the latency test failed; run: cargo test --release --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture)")
 echo "  ${LAT#BENCH }"
 if [ -n "${BENCH_RESULTS:-}" ]; then
     p99=$(echo "$LAT" | sed -E 's/.*proxy p50 [0-9.]+ ms p99 ([0-9.]+) ms.*/\1/')

@@ -173,6 +173,69 @@ pub fn not_found() -> Response<Body> {
     text(StatusCode::NOT_FOUND, "not found\n")
 }
 
+/// A 200 response with `body` of type `content_type`.
+pub fn ok(body: Bytes, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// `Some(true)` for HEAD, `Some(false)` for GET, `None` for any other method.
+pub fn is_head(method: &http::Method) -> Option<bool> {
+    match *method {
+        http::Method::GET => Some(false),
+        http::Method::HEAD => Some(true),
+        _ => None,
+    }
+}
+
+/// The 405 for methods other than GET and HEAD.
+pub fn method_not_allowed() -> Response<Body> {
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    r
+}
+
+/// HEAD answers like GET without the body: drops a full body, keeping its length.
+pub fn strip_for_head(resp: &mut Response<Body>) {
+    if let Body::Full(Some(b)) = resp.body() {
+        let len = b.len();
+        *resp.body_mut() = Body::empty();
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+}
+
+/// The 416 for a range past the end of a body of `size` bytes.
+pub fn range_not_satisfiable(size: u64) -> Response<Body> {
+    let mut r = text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
+    r.headers_mut().insert(
+        header::CONTENT_RANGE,
+        HeaderValue::from_str(&format!("bytes */{size}")).unwrap_or(HeaderValue::from_static("bytes */0")),
+    );
+    r
+}
+
+/// A NAR response: `Accept-Ranges`, the length of `start..=end`, and for a range request 206 with
+/// `Content-Range`. No `Content-Encoding`, so Nix resumes a broken transfer with `Range`.
+pub fn nar_response(body: Body, size: u64, start: u64, end: u64, ranged: bool) -> Response<Body> {
+    let mut r = Response::new(body);
+    let hd = r.headers_mut();
+    hd.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
+    hd.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let len = if size == 0 { 0 } else { end + 1 - start };
+    hd.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if ranged {
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")) {
+            r.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
+    r
+}
+
 /// A `Range` that starts past the end of the body (answer 416).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unsatisfiable;

@@ -221,11 +221,9 @@ fn offline_misses_are_fast_and_peers_still_serve() {
     let honest = Arc::new(FakeCache::default());
     honest.serve_path(&p);
     rig.peer(honest, 1);
-    // An upstream nobody listens on (a port we bound and closed): connections are refused.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead_addr = dead.local_addr().expect("addr");
-    drop(dead);
-    let (proxy, _) = rig.proxy(vec![format!("http://{dead_addr}/")]);
+    // An upstream nobody listens on: connections are refused.
+    let dead_url = common::dead_url();
+    let (proxy, _) = rig.proxy(vec![dead_url]);
     let (ni, nar, body) = fetch(proxy, &p);
     assert_eq!((ni, nar), (200, 200));
     assert!(body == p.nar);

@@ -23,9 +23,7 @@ fn nix_store_realises_a_closure_through_the_proxy_from_a_peer_with_upstream_down
         1,
         local_nix_cache::beacon::wire::FLAG_NAR_NONE | local_nix_cache::beacon::wire::FLAG_NAR_ZSTD,
     );
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead_url = format!("http://{}/", dead.local_addr().expect("addr"));
-    drop(dead);
+    let dead_url = common::dead_url();
     let keys = local_nix_cache::narinfo::TrustedKeys::new(vec![
         local_nix_cache::narinfo::PublicKey::parse(&f.pk).expect("fixture key")
     ]);

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
@@ -411,7 +411,7 @@ impl Proxy {
     async fn narinfo(&self, hash: &StorePathHash) -> Response<Body> {
         let t0 = Instant::now();
         if let Some((info, _)) = self.known(hash) {
-            return narinfo_response(Self::rewrite(&info));
+            return h::ok(Self::rewrite(&info), "text/x-nix-narinfo");
         }
         if self.is_missing(hash) {
             return h::not_found();
@@ -426,7 +426,7 @@ impl Proxy {
                 let body = Self::rewrite(&c.info);
                 tracing::info!(path = %c.info.store_path, source = ?source, ms = t0.elapsed().as_millis() as u64, verdict = "hit", "narinfo");
                 self.remember(*hash, c);
-                narinfo_response(body)
+                h::ok(body, "text/x-nix-narinfo")
             }
             None => {
                 self.stat(|s| s.narinfo_misses += 1);
@@ -630,13 +630,7 @@ impl Proxy {
         let size = v.len();
         let range = match h::parse_range(req.headers().get(header::RANGE), size) {
             Ok(r) => r,
-            Err(h::Unsatisfiable) => {
-                let mut r = h::text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
-                if let Ok(hv) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                    r.headers_mut().insert(header::CONTENT_RANGE, hv);
-                }
-                return r;
-            }
+            Err(h::Unsatisfiable) => return h::range_not_satisfiable(size),
         };
         let (start, end) = range.map_or((0, size.saturating_sub(1)), |r| (r.start, r.end));
         let body = if req.method() == Method::HEAD || size == 0 {
@@ -649,20 +643,7 @@ impl Proxy {
             });
             Body::Stream(rx)
         };
-        let mut r = Response::new(body);
-        let hd = r.headers_mut();
-        hd.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
-        hd.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        if let Ok(len) = HeaderValue::from_str(&(end + 1 - start).min(size).to_string()) {
-            hd.insert(header::CONTENT_LENGTH, len);
-        }
-        if range.is_some() {
-            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
-            if let Ok(cr) = HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")) {
-                r.headers_mut().insert(header::CONTENT_RANGE, cr);
-            }
-        }
-        r
+        h::nar_response(body, size, start, end, range.is_some())
     }
 }
 
@@ -675,24 +656,10 @@ enum CopyError {
     Lie(String),
 }
 
-fn narinfo_response(body: Bytes) -> Response<Body> {
-    let mut r = Response::new(Body::from(body));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/x-nix-narinfo"));
-    r
-}
-
 impl h::Handler for Proxy {
     async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
-        let head = match *req.method() {
-            Method::GET => false,
-            Method::HEAD => true,
-            _ => {
-                let mut r = h::text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
-                r.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-                return r;
-            }
+        let Some(head) = h::is_head(req.method()) else {
+            return h::method_not_allowed();
         };
         let page = match req.uri().path() {
             "/status.json" => Some((self.status_json().to_string(), "application/json")),
@@ -703,40 +670,27 @@ impl h::Handler for Proxy {
             )),
             _ => None,
         };
-        if let Some((body, content_type)) = page {
-            let mut r = Response::new(Body::from(Bytes::from(body)));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-            return r;
-        }
-        let mut resp = match route(req.uri().path()) {
-            Route::CacheInfo => {
-                let mut r = Response::new(Body::from(self.cache_info.clone()));
-                r.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/x-nix-cache-info"));
-                r
-            }
-            Route::NarInfo(hash) => self.narinfo(&hash).await,
-            Route::Nar {
-                hash,
-                nar_hash,
-                zstd: false,
-            } => self.nar(&req, &hash, &nar_hash).await,
-            // Nix never asks the proxy for compressed NARs.
-            Route::Nar { zstd: true, .. } => h::not_found(),
-            // The installer is the store server's (LAN-facing); the proxy is local only.
-            Route::NotFound | Route::Install | Route::InstallBinary => h::not_found(),
-            Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),
-            Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
+        let mut resp = match page {
+            Some((body, content_type)) => h::ok(Bytes::from(body), content_type),
+            None => match route(req.uri().path()) {
+                Route::CacheInfo => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
+                Route::NarInfo(hash) => self.narinfo(&hash).await,
+                Route::Nar {
+                    hash,
+                    nar_hash,
+                    zstd: false,
+                } => self.nar(&req, &hash, &nar_hash).await,
+                // Nix never asks the proxy for compressed NARs; the installer is the store
+                // server's (LAN-facing), the proxy is local only.
+                Route::Nar { zstd: true, .. } | Route::NotFound | Route::Install | Route::InstallBinary => {
+                    h::not_found()
+                }
+                Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),
+                Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
+            },
         };
         if head {
-            if let Body::Full(Some(b)) = resp.body() {
-                let len = b.len();
-                *resp.body_mut() = Body::empty();
-                if let Ok(v) = HeaderValue::from_str(&len.to_string()) {
-                    resp.headers_mut().insert(header::CONTENT_LENGTH, v);
-                }
-            }
+            h::strip_for_head(&mut resp);
         }
         resp
     }

@@ -244,7 +244,7 @@ impl StoreServer {
 
     async fn narinfo(&self, hash: &StorePathHash) -> Response<Body> {
         match self.lookup(hash).await {
-            Some(e) => ok(e.narinfo.clone(), "text/x-nix-narinfo"),
+            Some(e) => h::ok(e.narinfo.clone(), "text/x-nix-narinfo"),
             None => h::not_found(),
         }
     }
@@ -277,12 +277,7 @@ impl StoreServer {
         let range_header = if zstd { None } else { req.headers().get(header::RANGE) };
         let range = match h::parse_range(range_header, size) {
             Ok(r) => r,
-            Err(h::Unsatisfiable) => {
-                let mut r = h::text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
-                r.headers_mut()
-                    .insert(header::CONTENT_RANGE, hv(format!("bytes */{size}")));
-                return r;
-            }
+            Err(h::Unsatisfiable) => return h::range_not_satisfiable(size),
         };
         let (start, end) = range.map_or((0, size - 1), |r| (r.start, r.end));
         let body = if req.method() == Method::HEAD {
@@ -320,23 +315,14 @@ impl StoreServer {
             });
             Body::Stream(client_rx)
         };
-        let mut r = Response::new(body);
         if zstd {
             // Length unknown until compressed: chunked, and no ranges.
+            let mut r = Response::new(body);
             r.headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
             return r;
         }
-        let hd = r.headers_mut();
-        hd.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
-        hd.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        hd.insert(header::CONTENT_LENGTH, hv((end - start + 1).to_string()));
-        if range.is_some() {
-            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
-            r.headers_mut()
-                .insert(header::CONTENT_RANGE, hv(format!("bytes {start}-{end}/{size}")));
-        }
-        r
+        h::nar_response(body, size, start, end, range.is_some())
     }
 }
 
@@ -422,27 +408,13 @@ fn hv(s: String) -> HeaderValue {
     HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-fn ok(body: Bytes, content_type: &'static str) -> Response<Body> {
-    let mut r = Response::new(Body::from(body));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
-}
-
 impl h::Handler for StoreServer {
     async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
-        let head = match *req.method() {
-            Method::GET => false,
-            Method::HEAD => true,
-            _ => {
-                let mut r = h::text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
-                r.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-                return r;
-            }
+        let Some(head) = h::is_head(req.method()) else {
+            return h::method_not_allowed();
         };
         let mut resp = match route(req.uri().path()) {
-            Route::CacheInfo => ok(self.cache_info.clone(), "text/x-nix-cache-info"),
+            Route::CacheInfo => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
             Route::Install => self.install_script(&req).await,
             Route::InstallBinary => self.install_binary().await,
             Route::NarInfo(hash) => self.narinfo(&hash).await,
@@ -452,12 +424,7 @@ impl h::Handler for StoreServer {
             Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
         };
         if head {
-            // HEAD answers like GET, without the body (Content-Length kept).
-            if let Body::Full(Some(b)) = resp.body() {
-                let len = b.len();
-                *resp.body_mut() = Body::empty();
-                resp.headers_mut().insert(header::CONTENT_LENGTH, hv(len.to_string()));
-            }
+            h::strip_for_head(&mut resp);
         }
         resp
     }

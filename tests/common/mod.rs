@@ -450,3 +450,10 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         b = &b[nl + 2 + size + 2..];
     }
 }
+
+/// An `http://127.0.0.1:PORT/` URL where nothing listens (a port bound, then released): a
+/// stopped upstream; connections are refused.
+pub fn dead_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("http://{}/", l.local_addr().expect("addr"))
+}
