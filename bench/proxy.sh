@@ -27,6 +27,7 @@ cleanup() {
     rm -rf "$D"
 }
 trap cleanup EXIT
+ORIG_HOME=$HOME
 export HOME=$D/home; mkdir -p "$HOME"
 
 echo "building a $BIG_MIB MiB path..." >&2
@@ -81,7 +82,8 @@ row() { # label -> table row
     proxy=$(realise proxy "http://127.0.0.1:8381")
     if [ -n "${BENCH_RESULTS:-}" ]; then
         awk -v l="$1" -v d="$direct" -v p="$proxy" 'BEGIN {
-            printf "nix-store -r 1 GiB via proxy, %s|%.2f s|%.2f s (direct from peer)|%.2fx|>= 0.9x\n", l, p, d, d / p }' >> "$BENCH_RESULTS"
+            t = (l ~ /shaped/ && l !~ /unshaped/) ? ">= 0.9x" : "- (reported)"
+            printf "nix-store -r 1 GiB via proxy, %s|%.2f s|%.2f s (direct from peer)|%.2fx|%s\n", l, p, d, d / p, t }' >> "$BENCH_RESULTS"
     fi
     awk -v l="$1" -v d="$direct" -v p="$proxy" -v mib="$BIG_MIB" 'BEGIN {
         printf "| %s | %.2f s (%.0f MB/s) | %.2f s (%.0f MB/s) | %.2fx |\n", l, p, mib*1.048576/p, d, mib*1.048576/d, d / p }'
@@ -96,7 +98,7 @@ ip netns exec "$NS-peer" tc qdisc del dev eth0 root
 row "unshaped veth"
 echo
 echo "narinfo latency (in-process fake peers on loopback):"
-LAT=$(cargo test --release --locked -q --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture 2>&1 \
+LAT=$(HOME=$ORIG_HOME cargo test --release --locked -q --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture 2>&1 \
     | grep -o "BENCH.*" || echo "BENCH (the latency test failed; run: cargo test --release --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture)")
 echo "  ${LAT#BENCH }"
 if [ -n "${BENCH_RESULTS:-}" ]; then
