@@ -327,6 +327,35 @@ fn nar_urls_survive_a_proxy_restart_and_the_winner_leaving() {
 }
 
 #[test]
+fn concurrent_requests_for_one_nar_share_one_fetch() {
+    let p = FakePath::new("shared", 2_000_000, 7);
+    let rig = Rig::new();
+    let peer = Arc::new(FakeCache::default());
+    peer.serve_path(&p);
+    // A slow NAR, so the requests overlap.
+    peer.set(
+        &format!("/{}", p.info.url),
+        Reply::slow(p.nar.clone(), Duration::from_millis(500)),
+    );
+    rig.peer(peer.clone(), 1);
+    let (proxy, _) = rig.proxy(vec![]);
+    assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+    let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || get(proxy, &url))
+        })
+        .collect();
+    for c in clients {
+        let r = c.join().expect("client");
+        assert_eq!(r.status, 200);
+        assert!(r.body == p.nar);
+    }
+    assert_eq!(peer.requests_for(&p.info.url), 1, "three clients, one fetch");
+}
+
+#[test]
 fn cache_info_is_local_and_bad_requests_are_4xx() {
     let rig = Rig::new();
     let (proxy, _) = rig.proxy(vec![]);

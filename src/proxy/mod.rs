@@ -114,7 +114,13 @@ pub struct Proxy {
     stats: Mutex<Stats>,
     /// The last [`RECENT_TRANSFERS`] NAR requests.
     recent: Mutex<std::collections::VecDeque<Transfer>>,
+    /// NAR fetches under way, by NAR hash: concurrent requests for the same NAR (Nix retrying, two
+    /// clients) share one fetch and one spool. Bounded by the open connections.
+    inflight: Mutex<HashMap<NarHash, Arc<tokio::sync::OnceCell<Option<Fetched>>>>>,
 }
+
+/// A verified NAR with the narinfo it was checked against and where it came from.
+type Fetched = (Verified, NarInfo, SourceId);
 
 type SourceFuture<'a> = Pin<Box<dyn Future<Output = (SourceId, Result<Option<Candidate>, SourceError>)> + Send + 'a>>;
 
@@ -133,7 +139,26 @@ impl Proxy {
             upstream_down: Mutex::new(vec![None; n]),
             stats: Mutex::new(Stats::default()),
             recent: Mutex::new(std::collections::VecDeque::new()),
+            inflight: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// [`Self::fetch_verified`], shared by concurrent requests for the same NAR. If the request
+    /// doing the fetch goes away, a waiting one takes over.
+    async fn fetch_shared(&self, hash: &StorePathHash, nar_hash: &NarHash) -> Option<Fetched> {
+        let cell = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(*nar_hash)
+            .or_insert_with(|| Arc::new(tokio::sync::OnceCell::new()))
+            .clone();
+        let r = cell.get_or_init(|| self.fetch_verified(hash, nar_hash)).await.clone();
+        let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(nar_hash).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            m.remove(nar_hash);
+        }
+        r
     }
 
     fn record(&self, t: Transfer) {
@@ -438,7 +463,7 @@ impl Proxy {
     }
 
     /// Fetches and verifies the NAR `nar_hash` of `hash` from the first source that delivers it.
-    async fn fetch_verified(&self, hash: &StorePathHash, nar_hash: &NarHash) -> Option<(Verified, NarInfo, SourceId)> {
+    async fn fetch_verified(&self, hash: &StorePathHash, nar_hash: &NarHash) -> Option<Fetched> {
         let (mut info, mut queue) = match self.known(hash) {
             Some((info, cands)) if info.nar_hash == *nar_hash => (Some(info), cands),
             _ => (None, Vec::new()),
@@ -603,7 +628,7 @@ impl Proxy {
 
     async fn nar(&self, req: &Request<Incoming>, hash: &StorePathHash, nar_hash: &NarHash) -> Response<Body> {
         let t0 = Instant::now();
-        let Some((v, info, source)) = self.fetch_verified(hash, nar_hash).await else {
+        let Some((v, info, source)) = self.fetch_shared(hash, nar_hash).await else {
             self.stat(|s| s.nar_failures += 1);
             self.record(Transfer {
                 path: hash.to_string(),
