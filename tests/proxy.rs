@@ -313,6 +313,14 @@ fn nar_urls_survive_a_proxy_restart_and_the_winner_leaving() {
     let r = get(fresh2, &url);
     assert_eq!(r.status, 200);
     assert!(r.body == p.nar);
+    // HEAD of a NAR answers from the narinfo: the size, no download.
+    let before = rig.table.peers().len();
+    let r = request(fresh2, "HEAD", &url, &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some(p.nar.len().to_string().as_str()));
+    assert!(r.body.is_empty());
+    assert_eq!(rig.table.peers().len(), before);
+    assert_eq!(request(fresh2, "HEAD", &bogus_url(&p), &[]).status, 404);
     // Range and HEAD on the proxy's NAR.
     let r = request(fresh2, "GET", &url, &[("Range", "bytes=100-")]);
     assert_eq!(r.status, 206);
@@ -353,6 +361,25 @@ fn concurrent_requests_for_one_nar_share_one_fetch() {
         assert!(r.body == p.nar);
     }
     assert_eq!(peer.requests_for(&p.info.url), 1, "three clients, one fetch");
+}
+
+fn bogus_url(p: &FakePath) -> String {
+    format!("/nar/{}-{}.nar", p.hash(), "1".repeat(52))
+}
+
+#[test]
+fn head_of_a_nar_downloads_nothing() {
+    let p = FakePath::new("head-only", 500_000, 8);
+    let rig = Rig::new();
+    let peer = Arc::new(FakeCache::default());
+    peer.serve_path(&p);
+    rig.peer(peer.clone(), 1);
+    let (proxy, _) = rig.proxy(vec![]);
+    let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+    let r = request(proxy, "HEAD", &url, &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some(p.nar.len().to_string().as_str()));
+    assert_eq!(peer.requests_for(&p.info.url), 0, "HEAD must not fetch the NAR");
 }
 
 #[test]

@@ -626,7 +626,29 @@ impl Proxy {
         Ok(())
     }
 
+    /// HEAD of a NAR: answered from what the narinfo says (its size, whether a source has it),
+    /// without downloading the NAR, which matters on a metered link.
+    async fn nar_head(&self, req: &Request<Incoming>, hash: &StorePathHash, nar_hash: &NarHash) -> Response<Body> {
+        let size = match self.known(hash) {
+            Some((info, cands)) if info.nar_hash == *nar_hash && !cands.is_empty() => info.nar_size,
+            _ => match self.gather(hash, nar_hash, &HashSet::new()).await.first() {
+                Some(c) => c.info.nar_size,
+                None => return h::not_found(),
+            },
+        };
+        match h::parse_range(req.headers().get(header::RANGE), size) {
+            Ok(r) => {
+                let (start, end) = r.map_or((0, size.saturating_sub(1)), |r| (r.start, r.end));
+                h::nar_response(Body::empty(), size, start, end, r.is_some())
+            }
+            Err(h::Unsatisfiable) => h::range_not_satisfiable(size),
+        }
+    }
+
     async fn nar(&self, req: &Request<Incoming>, hash: &StorePathHash, nar_hash: &NarHash) -> Response<Body> {
+        if req.method() == Method::HEAD {
+            return self.nar_head(req, hash, nar_hash).await;
+        }
         let t0 = Instant::now();
         let Some((v, info, source)) = self.fetch_shared(hash, nar_hash).await else {
             self.stat(|s| s.nar_failures += 1);
