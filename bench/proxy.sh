@@ -38,8 +38,16 @@ NIX
 nix-store --generate-binary-cache-key bench-hydra-1 "$D/sk" "$D/pk"
 PK=$(cat "$D/pk")
 BIG=$(nix-build "$D/big.nix" --no-out-link 2>/dev/null)
-nix copy --to "file://$D/cache?secret-key=$D/sk&compression=none" "$BIG" 2>/dev/null
-nix copy --from "file://$D/cache" --to "$D/peer" --option trusted-public-keys "$PK" "$BIG" 2>/dev/null
+# Real binaries (a copy of /usr/lib/x86_64-linux-gnu, about 1 GB as a NAR): compressible, unlike
+# the random bytes, as real closures are.
+cat > "$D/real.nix" <<'NIX'
+builtins.derivation { name = "lnc-bench-usrlib"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "mkdir $out && cp -a /usr/lib/x86_64-linux-gnu/. $out/ 2>/dev/null; find $out ! -type f ! -type d ! -type l -delete; true" ];
+  PATH = "/usr/bin:/bin"; }
+NIX
+REAL=$(nix-build "$D/real.nix" --no-out-link 2>/dev/null)
+nix copy --to "file://$D/cache?secret-key=$D/sk&compression=none" "$BIG" "$REAL" 2>/dev/null
+nix copy --from "file://$D/cache" --to "$D/peer" --option trusted-public-keys "$PK" "$BIG" "$REAL" 2>/dev/null
 rm -rf "$D/cache"
 
 # Two hosts on a bridge.
@@ -66,26 +74,27 @@ for _ in $(seq 100); do
     ip netns exec "$NS-client" curl -sf "http://127.0.0.1:8381/$H.narinfo" >/dev/null && break; sleep 0.1
 done
 
-realise() { # label substituter -> seconds
+realise() { # label substituter [path] -> seconds
     local store=$D/c-$1; rm -rf "$store" "$HOME/.cache"
     local t0 t1
     t0=$(date +%s.%N)
-    ip netns exec "$NS-client" env HOME="$HOME" nix-store --store "$store" -r "$BIG" \
+    ip netns exec "$NS-client" env HOME="$HOME" nix-store --store "$store" -r "${3:-$BIG}" \
         --option substituters "$2" --option trusted-public-keys "$PK" >/dev/null 2>&1
     t1=$(date +%s.%N)
     rm -rf "$store"
     awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}'
 }
-row() { # label -> table row
-    local direct proxy
-    direct=$(realise direct "http://10.88.0.1:8380")
-    proxy=$(realise proxy "http://127.0.0.1:8381")
+row() { # label [path] -> table row
+    local direct proxy mib
+    direct=$(realise direct "http://10.88.0.1:8380" "${2:-$BIG}")
+    proxy=$(realise proxy "http://127.0.0.1:8381" "${2:-$BIG}")
     if [ -n "${BENCH_RESULTS:-}" ]; then
         awk -v l="$1" -v d="$direct" -v p="$proxy" 'BEGIN {
             t = (l ~ /shaped/ && l !~ /unshaped/) ? ">= 0.9x" : "- (reported)"
-            printf "nix-store -r 1 GiB via proxy, %s|%.2f s|%.2f s (direct from peer)|%.2fx|%s\n", l, p, d, d / p, t }' >> "$BENCH_RESULTS"
+            printf "nix-store -r via proxy, %s|%.2f s|%.2f s (direct from peer)|%.2fx|%s\n", l, p, d, d / p, t }' >> "$BENCH_RESULTS"
     fi
-    awk -v l="$1" -v d="$direct" -v p="$proxy" -v mib="$BIG_MIB" 'BEGIN {
+    mib=$(( $(nix path-info --store "$D/peer" -S "${2:-$BIG}" 2>/dev/null | awk '{print $2}') / 1048576 ))
+    awk -v l="$1" -v d="$direct" -v p="$proxy" -v mib="$mib" 'BEGIN {
         printf "| %s | %.2f s (%.0f MB/s) | %.2f s (%.0f MB/s) | %.2fx |\n", l, p, mib*1.048576/p, d, mib*1.048576/d, d / p }'
 }
 echo "realising $BIG_MIB MiB..." >&2
@@ -93,9 +102,10 @@ echo
 echo "| link | via proxy | direct from the peer | ratio (direct time / proxy time) |"
 echo "|---|---|---|---|"
 ip netns exec "$NS-peer" tc qdisc add dev eth0 root tbf rate "$RATE" burst 1mb latency 50ms
-row "peer egress shaped to $RATE (tc tbf)"
+row "$BIG_MIB MiB random bytes, peer egress shaped to $RATE (tc tbf)"
+row "real binaries ($(nix path-info --store "$D/peer" -S "$REAL" | awk '{printf "%.0f MiB", $2/1048576}') NAR), peer egress shaped to $RATE (tc tbf)" "$REAL"
 ip netns exec "$NS-peer" tc qdisc del dev eth0 root
-row "unshaped veth"
+row "$BIG_MIB MiB random bytes, unshaped veth"
 echo
 echo "narinfo latency (in-process fake peers on loopback):"
 LAT=$(HOME=$ORIG_HOME cargo test --release --locked -q --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture 2>&1 \
