@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::{in_netns, require_netns};
 use common::nixlan::NixLan;
-use common::{fixture, nix, require_nix, run};
+use common::{fixture, require_nix, run};
 
 fn prerequisites() -> bool {
     require_nix() && require_netns()
@@ -225,17 +225,7 @@ fn peer_dies_mid_transfer_and_another_peer_completes_it() {
     };
     std::thread::sleep(Duration::from_millis(1500));
     // Host 2 gets the path meanwhile; host 1 dies mid-transfer.
-    let h2 = &lan.hosts[1].store;
-    run(nix("nix-store", &h2.home).arg("--store").arg(&h2.root).args([
-        "-r",
-        &big,
-        "--option",
-        "substituters",
-        &f.cache_url,
-        "--option",
-        "trusted-public-keys",
-        &f.pk,
-    ]));
+    lan.hosts[1].store.add_paths(&[&big]);
     lan.hosts[0].stop_serve(true);
     let out = fetcher.wait_with_output().expect("nix-store");
     ok("realise after the source died", &out);

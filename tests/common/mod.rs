@@ -170,26 +170,12 @@ impl Host {
     /// A host whose store holds `paths` (with their closures), substituted from the signed cache,
     /// so they carry test-hydra-1 signatures.
     pub fn with_paths(paths: &[&str]) -> Self {
-        let f = fixture();
         let dir = tempfile::Builder::new().prefix("lnc-host").tempdir().expect("tempdir");
         let root = dir.path().join("store");
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).expect("home");
-        let mut cmd = nix("nix-store", &home);
-        cmd.arg("--store").arg(&root).arg("-r").args(paths).args([
-            "--option",
-            "substituters",
-            &f.cache_url,
-            "--option",
-            "trusted-public-keys",
-            &f.pk,
-        ]);
-        if paths.is_empty() {
-            // Just create the store.
-            run(nix("nix-store", &home).arg("--store").arg(&root).arg("--init"));
-        } else {
-            run(&mut cmd);
-        }
+        // Create the store (a daemon started on a store that does not exist yet can spin).
+        run(nix("nix-store", &home).arg("--store").arg(&root).arg("--init"));
         let socket = dir.path().join("daemon.sock");
         let mut h = Self {
             dir,
@@ -198,6 +184,7 @@ impl Host {
             home,
             daemon: None,
         };
+        h.add_paths(paths);
         h.start_daemon();
         h
     }
@@ -244,6 +231,22 @@ impl Host {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Substitutes `paths` (with their closures) into this host's store from the signed cache, so
+    /// they carry test-hydra-1 signatures.
+    pub fn add_paths(&self, paths: &[&str]) {
+        if paths.is_empty() {
+            return;
+        }
+        let f = fixture();
+        run(nix("nix-store", &self.home)
+            .arg("--store")
+            .arg(&self.root)
+            .arg("-r")
+            .args(paths)
+            .args(["--option", "substituters", &f.cache_url])
+            .args(["--option", "trusted-public-keys", &f.pk]));
     }
 
     /// The physical directory of this host's store (`ROOT/nix/store`).
