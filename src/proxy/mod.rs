@@ -80,8 +80,8 @@ pub struct ProxyConfig {
 }
 
 struct Known {
-    /// The verified narinfo as the winning source sent it.
-    info: NarInfo,
+    /// The verified narinfo as the winning source sent it (shared with its candidate).
+    info: Arc<NarInfo>,
     /// Sources known to have this NAR (the winner first).
     candidates: Vec<Candidate>,
     at: Instant,
@@ -120,7 +120,7 @@ pub struct Proxy {
 }
 
 /// A verified NAR with the narinfo it was checked against and where it came from.
-type Fetched = (Verified, NarInfo, SourceId);
+type Fetched = (Verified, Arc<NarInfo>, SourceId);
 
 type SourceFuture<'a> = Pin<Box<dyn Future<Output = (SourceId, Result<Option<Candidate>, SourceError>)> + Send + 'a>>;
 
@@ -393,7 +393,7 @@ impl Proxy {
         }
     }
 
-    fn known(&self, hash: &StorePathHash) -> Option<(NarInfo, Vec<Candidate>)> {
+    fn known(&self, hash: &StorePathHash) -> Option<(Arc<NarInfo>, Vec<Candidate>)> {
         let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let k = known.get(hash)?;
         (Instant::now().duration_since(k.at) < POSITIVE_TTL).then(|| (k.info.clone(), k.candidates.clone()))

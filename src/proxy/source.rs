@@ -68,7 +68,8 @@ impl SourceError {
 #[derive(Clone, Debug)]
 pub struct Candidate {
     pub source: SourceId,
-    pub info: NarInfo,
+    /// Shared: caches hold one copy per source, however often it is cloned.
+    pub info: Arc<NarInfo>,
     /// The NAR URL, resolved against the source's base.
     pub nar_url: Url,
 }
@@ -276,7 +277,7 @@ impl Sources {
         }
         Ok(Some(Candidate {
             source: s.clone(),
-            info,
+            info: Arc::new(info),
             nar_url,
         }))
     }
