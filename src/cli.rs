@@ -388,6 +388,7 @@ pub fn start(args: &ServeArgs, shutdown: CancellationToken) -> Result<Node, Setu
             upstreams,
             spool: SpoolLimits::new(8 * 1024 * 1024, args.spool_mem_mib, args.spool_max_mib, spool_dir),
             peer_zstd: args.peer_compression == "zstd",
+            parallel_min_bytes: crate::proxy::PARALLEL_MIN_BYTES,
         },
         peers.clone(),
     ));

@@ -363,6 +363,55 @@ fn concurrent_requests_for_one_nar_share_one_fetch() {
     assert_eq!(peer.requests_for(&p.info.url), 1, "three clients, one fetch");
 }
 
+#[test]
+fn a_large_nar_is_split_between_peers() {
+    let p = FakePath::new("split", 6_000_000, 9);
+    let rig = Rig::new();
+    let (a, b) = (Arc::new(FakeCache::default()), Arc::new(FakeCache::default()));
+    a.serve_path(&p);
+    b.serve_path(&p);
+    rig.peer(a.clone(), 1);
+    rig.peer(b.clone(), 2);
+    let (proxy, px) = rig.proxy(vec![]);
+    let (ni, nar, body) = fetch(proxy, &p);
+    assert_eq!((ni, nar), (200, 200));
+    assert!(body == p.nar, "split NAR differs");
+    let n = p.nar.len();
+    let mut ranges: Vec<String> = a.ranges.lock().expect("lock").clone();
+    ranges.extend(b.ranges.lock().expect("lock").clone());
+    ranges.sort();
+    assert_eq!(
+        ranges,
+        vec![format!("bytes=0-{}", n / 2 - 1), format!("bytes={}-{}", n / 2, n - 1)]
+    );
+    assert_eq!(px.stats().nars_split, 1);
+}
+
+#[test]
+fn a_lying_segment_is_caught_and_the_nar_refetched_whole() {
+    let p = FakePath::new("split-lie", 6_000_000, 10);
+    let rig = Rig::new();
+    // Wrong in both halves, whichever segment it is asked for.
+    let liar = Arc::new(FakeCache::default());
+    liar.serve_path(&p);
+    let mut bad = p.nar.to_vec();
+    let n = bad.len();
+    bad[n / 4] ^= 1;
+    bad[3 * n / 4] ^= 1;
+    liar.set(&format!("/{}", p.info.url), Reply::ok(bad));
+    rig.peer(liar, 1);
+    let honest = Arc::new(FakeCache::default());
+    honest.serve_path(&p);
+    rig.peer(honest, 2);
+    let (proxy, px) = rig.proxy(vec![]);
+    let (ni, nar, body) = fetch(proxy, &p);
+    assert_eq!((ni, nar), (200, 200));
+    assert!(body == p.nar, "wrong bytes delivered");
+    let s = px.stats();
+    assert_eq!(s.nars_split, 0, "{s:?}");
+    assert!(s.lies >= 1, "{s:?}");
+}
+
 fn bogus_url(p: &FakePath) -> String {
     format!("/nar/{}-{}.nar", p.hash(), "1".repeat(52))
 }

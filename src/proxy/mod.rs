@@ -34,7 +34,7 @@ use crate::http::{self as h, Body};
 use crate::narinfo::{NarHash, NarInfo, StorePathHash};
 use crate::server::{index::nar_url, route, Route};
 use source::{Candidate, SourceError, SourceId, Sources};
-use spool::{Spool, SpoolLimits, Verified};
+use spool::{PositionalSpool, Spool, SpoolLimits, Verified};
 
 /// Priority in our `/nix-cache-info`: before cache.nixos.org (40) and a peer's store server (30).
 pub const PRIORITY: u32 = 20;
@@ -77,7 +77,17 @@ pub struct ProxyConfig {
     pub spool: SpoolLimits,
     /// Ask peers that announce `nar-zstd` for zstd-compressed NARs.
     pub peer_zstd: bool,
+    /// A NAR at least this large is fetched in segments from several peers at once, when
+    /// several have it.
+    pub parallel_min_bytes: u64,
 }
+
+/// Default for [`ProxyConfig::parallel_min_bytes`].
+pub const PARALLEL_MIN_BYTES: u64 = 64 * 1024 * 1024;
+/// Most peers one NAR is split between.
+const MAX_PARALLEL_SOURCES: usize = 4;
+/// Segment bytes written to the spool at a time.
+const SEGMENT_BLOCK: usize = 1024 * 1024;
 
 struct Known {
     /// The verified narinfo as the winning source sent it (shared with its candidate).
@@ -101,6 +111,8 @@ pub struct Stats {
     pub lies: u64,
     /// NARs that crossed the LAN zstd-compressed.
     pub nars_zstd_from_peers: u64,
+    /// NARs fetched in segments from several peers at once.
+    pub nars_split: u64,
 }
 
 pub struct Proxy {
@@ -112,6 +124,8 @@ pub struct Proxy {
     /// Per upstream: skipped until this instant after a connection failure.
     upstream_down: Mutex<Vec<Option<Instant>>>,
     stats: Mutex<Stats>,
+    /// See [`ProxyConfig::parallel_min_bytes`].
+    parallel_min_bytes: u64,
     /// The last [`RECENT_TRANSFERS`] NAR requests.
     recent: Mutex<std::collections::VecDeque<Transfer>>,
     /// NAR fetches under way, by NAR hash: concurrent requests for the same NAR (Nix retrying, two
@@ -134,6 +148,7 @@ impl Proxy {
             )),
             sources: Sources::new(peers, cfg.upstreams, cfg.store_dir, cfg.keys).with_peer_zstd(cfg.peer_zstd),
             spool: cfg.spool,
+            parallel_min_bytes: cfg.parallel_min_bytes,
             known: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
             upstream_down: Mutex::new(vec![None; n]),
@@ -470,6 +485,33 @@ impl Proxy {
         };
         let mut tried: HashSet<SourceId> = HashSet::new();
         let mut gathered = false;
+        // A large NAR (or one we know nothing of): find every source, to split it between peers.
+        let peers_known = queue.iter().filter(|c| matches!(c.source, SourceId::Peer(_))).count();
+        if info.as_ref().is_none_or(|i| i.nar_size >= self.parallel_min_bytes) && peers_known < 2 {
+            gathered = true;
+            for c in self.gather(hash, nar_hash, &tried).await {
+                self.remember(*hash, c.clone());
+                if !queue.iter().any(|q| q.source == c.source) {
+                    queue.push(c);
+                }
+            }
+            if info.is_none() {
+                info = queue.first().map(|c| c.info.clone());
+            }
+        }
+        if let Some(i) = info.clone().filter(|i| i.nar_size >= self.parallel_min_bytes) {
+            let peers: Vec<Candidate> = queue
+                .iter()
+                .filter(|c| matches!(c.source, SourceId::Peer(_)))
+                .take(MAX_PARALLEL_SOURCES)
+                .cloned()
+                .collect();
+            if peers.len() >= 2 {
+                if let Some(v) = self.fetch_parallel(&peers, i.nar_size, nar_hash).await {
+                    return Some((v, i, peers[0].source.clone()));
+                }
+            }
+        }
         let mut spool: Option<Spool> = None;
         // Who contributed the bytes now in the spool.
         let mut contributors: Vec<SourceId> = Vec::new();
@@ -561,6 +603,93 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// Fetches a large NAR in equal segments from several peers at once, written at their
+    /// offsets, then hashes it whole. `None` when a segment failed or the whole does not match
+    /// (the caller then fetches from one source at a time, where a lie can be attributed).
+    async fn fetch_parallel(&self, peers: &[Candidate], size: u64, nar_hash: &NarHash) -> Option<Verified> {
+        let spool = match PositionalSpool::new(&self.spool, size).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot spool NAR for a split fetch");
+                return None;
+            }
+        };
+        let k = peers.len() as u64;
+        let results = futures_util::future::join_all(peers.iter().enumerate().map(|(i, c)| {
+            let (start, end) = (size * i as u64 / k, size * (i as u64 + 1) / k - 1);
+            self.copy_segment(c, &spool, start, end)
+        }))
+        .await;
+        let mut all_ok = true;
+        for (c, r) in peers.iter().zip(&results) {
+            if let Err(e) = r {
+                tracing::info!(source = ?c.source, error = %e, "NAR segment failed; fetching whole instead");
+                self.judge(&c.source, Err(e));
+                all_ok = false;
+            }
+        }
+        if !all_ok {
+            return None;
+        }
+        match spool.verify(nar_hash).await {
+            Some(v) => {
+                for c in peers {
+                    self.judge(&c.source, Ok(()));
+                }
+                self.stat(|s| s.nars_split += 1);
+                Some(v)
+            }
+            None => {
+                self.stat(|s| s.lies += 1);
+                tracing::warn!("NAR segments from several peers do not match the signed hash; refetching whole");
+                None
+            }
+        }
+    }
+
+    /// Copies bytes `start..=end` of a peer's NAR to their place in `spool`.
+    async fn copy_segment(
+        &self,
+        c: &Candidate,
+        spool: &PositionalSpool,
+        start: u64,
+        end: u64,
+    ) -> Result<(), SourceError> {
+        let mut reader = self.sources.open_range(c, start, end).await?;
+        let idle = self.sources.timeouts(&c.source).idle;
+        let want = end + 1 - start;
+        let (mut pos, mut buf) = (start, BytesMut::with_capacity(SEGMENT_BLOCK));
+        loop {
+            let n = match tokio::time::timeout(idle, reader.read_buf(&mut buf)).await {
+                Err(_) => return Err(SourceError::Timeout),
+                Ok(r) => r.map_err(|e| SourceError::Url(format!("read: {e}")))?,
+            };
+            if pos + buf.len() as u64 > end + 1 {
+                return Err(SourceError::Overrun(want));
+            }
+            if n == 0 || buf.len() >= SEGMENT_BLOCK {
+                let block = buf.split().freeze();
+                let len = block.len() as u64;
+                if len > 0 {
+                    spool
+                        .write_at(pos, block)
+                        .await
+                        .map_err(|e| SourceError::Url(e.to_string()))?;
+                    pos += len;
+                    self.stat(|s| s.bytes_from_peers += len);
+                }
+                buf.reserve(SEGMENT_BLOCK);
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        if pos != end + 1 {
+            return Err(SourceError::Short { got: pos - start, want });
+        }
+        Ok(())
     }
 
     /// Copies the NAR of `c` into the spool from where it stands (resuming with `Range`).

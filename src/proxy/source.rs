@@ -52,6 +52,10 @@ pub enum SourceError {
     Gone,
     #[error("bad NAR URL {0:?}")]
     Url(String),
+    #[error("sent more than the {0} bytes asked for")]
+    Overrun(u64),
+    #[error("ended after {got} of {want} bytes")]
+    Short { got: u64, want: u64 },
 }
 
 impl SourceError {
@@ -59,7 +63,11 @@ impl SourceError {
     pub fn is_lie(&self) -> bool {
         matches!(
             self,
-            SourceError::Parse(_) | SourceError::WrongPath(_) | SourceError::Untrusted | SourceError::TooLarge
+            SourceError::Parse(_)
+                | SourceError::WrongPath(_)
+                | SourceError::Untrusted
+                | SourceError::TooLarge
+                | SourceError::Overrun(_)
         )
     }
 }
@@ -78,6 +86,16 @@ impl Candidate {
     /// Uncompressed NARs can be resumed with `Range`.
     pub fn resumable(&self) -> bool {
         self.info.compression.as_deref() == Some("none")
+    }
+
+    /// The uncompressed NAR URL of a peer candidate (its `.nar.zst` form minus `.zst`), where
+    /// byte ranges can be asked for.
+    pub fn plain_url(&self) -> Url {
+        let mut u = self.nar_url.clone();
+        if let Some(p) = u.path().strip_suffix(".nar.zst").map(|p| format!("{p}.nar")) {
+            u.set_path(&p);
+        }
+        u
     }
 }
 
@@ -311,6 +329,31 @@ impl Sources {
             other => return Err(SourceError::Compression(other.to_owned())),
         };
         Ok((reader, start))
+    }
+}
+
+impl Sources {
+    /// Opens bytes `start..=end` of a peer's uncompressed NAR (`Range`; a 206 from `start` is
+    /// required).
+    pub async fn open_range(&self, c: &Candidate, start: u64, end: u64) -> Result<NarReader, SourceError> {
+        let req = self
+            .client(&c.source)
+            .get(c.plain_url())
+            .header(reqwest::header::RANGE, format!("bytes={start}-{end}"));
+        let t = self.timeouts(&c.source);
+        let resp = tokio::time::timeout(t.narinfo, req.send())
+            .await
+            .map_err(|_| SourceError::Timeout)??;
+        let from_start = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(&format!("bytes {start}-")));
+        if resp.status().as_u16() != 206 || !from_start {
+            return Err(SourceError::Status(resp.status().as_u16()));
+        }
+        let stream = resp.bytes_stream().map_err(io::Error::other);
+        Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
     }
 }
 

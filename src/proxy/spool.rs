@@ -211,6 +211,72 @@ impl Spool {
     }
 }
 
+/// A file spool filled out of order (segments from several sources at once) and hashed once, at
+/// the end. Same caps as [`Spool`].
+pub struct PositionalSpool {
+    file: Arc<std::fs::File>,
+    size: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PositionalSpool {
+    pub async fn new(limits: &SpoolLimits, size: u64) -> Result<Self, SpoolError> {
+        let need = mib(size);
+        if need as usize > limits.disk_cap_mib {
+            return Err(SpoolError::TooLarge(size));
+        }
+        let permit = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            limits.disk_total.clone().acquire_many_owned(need),
+        )
+        .await
+        .map_err(|_| SpoolError::TooLarge(size))?
+        .map_err(|_| SpoolError::TooLarge(size))?;
+        std::fs::create_dir_all(&limits.dir)?;
+        let file = tempfile::tempfile_in(&limits.dir)?;
+        file.set_len(size)?;
+        Ok(Self {
+            file: Arc::new(file),
+            size,
+            _permit: permit,
+        })
+    }
+
+    /// Writes `data` at `offset` (the caller keeps segments inside the size).
+    pub async fn write_at(&self, offset: u64, data: Bytes) -> Result<(), SpoolError> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+            .await
+            .map_err(io::Error::other)??;
+        Ok(())
+    }
+
+    /// Hashes the whole file; servable only if it matches.
+    pub async fn verify(self, want: &NarHash) -> Option<Verified> {
+        let (file, size) = (self.file.clone(), self.size);
+        let digest = tokio::task::spawn_blocking(move || -> io::Result<[u8; 32]> {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; FILE_BLOCK];
+            let mut pos = 0;
+            while pos < size {
+                let n = (size - pos).min(FILE_BLOCK as u64) as usize;
+                file.read_exact_at(&mut buf[..n], pos)?;
+                h.update(&buf[..n]);
+                pos += n as u64;
+            }
+            Ok(h.finalize().into())
+        })
+        .await
+        .ok()?
+        .ok()?;
+        (NarHash::from_digest(digest) == *want).then(|| Verified {
+            data: Data::File(self.file),
+            len: self.size,
+            _permit: Arc::new(self._permit),
+        })
+    }
+}
+
 #[derive(Clone)]
 enum Data {
     Mem(Bytes),
@@ -336,6 +402,27 @@ mod tests {
         s.reset().expect("reset");
         s.write(&data[..500]).await.expect("write");
         assert!(s.verify(&hash(&data)).await.is_err(), "short must not verify");
+    }
+
+    #[tokio::test]
+    async fn positional_spool_verifies_out_of_order_writes() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let l = limits(0);
+        let p = PositionalSpool::new(&l, data.len() as u64).await.expect("spool");
+        let mid = 1_234_567;
+        p.write_at(mid as u64, Bytes::copy_from_slice(&data[mid..]))
+            .await
+            .expect("second half");
+        p.write_at(0, Bytes::copy_from_slice(&data[..mid]))
+            .await
+            .expect("first half");
+        let v = p.verify(&hash(&data)).await.expect("verifies");
+        assert_eq!(collect(&v, 0, data.len() as u64 - 1).await, data);
+        let bad = PositionalSpool::new(&l, data.len() as u64).await.expect("spool");
+        bad.write_at(0, Bytes::copy_from_slice(&data[..mid]))
+            .await
+            .expect("only half");
+        assert!(bad.verify(&hash(&data)).await.is_none(), "a hole must not verify");
     }
 
     #[tokio::test]

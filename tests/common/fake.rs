@@ -173,21 +173,28 @@ impl h::Handler for FakeCache {
             Some(Reply::Status(s)) => h::text(StatusCode::from_u16(s).expect("status"), "fake status\n"),
             Some(Reply::Ok { body, delay }) => {
                 tokio::time::sleep(delay).await;
-                let start = range
+                // `bytes=A-` or `bytes=A-B`.
+                let span = range
                     .as_deref()
                     .and_then(|r| r.strip_prefix("bytes="))
-                    .and_then(|r| r.strip_suffix('-'))
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .filter(|n| *n < body.len());
-                match start {
-                    Some(n) => {
-                        let mut r = Response::new(Body::from(body.slice(n..)));
+                    .and_then(|r| r.split_once('-'))
+                    .and_then(|(a, b)| {
+                        let a = a.parse::<usize>().ok()?;
+                        let b = if b.is_empty() {
+                            body.len() - 1
+                        } else {
+                            b.parse::<usize>().ok()?
+                        };
+                        Some((a, b.min(body.len() - 1)))
+                    })
+                    .filter(|(a, b)| a <= b && *a < body.len());
+                match span {
+                    Some((a, b)) => {
+                        let mut r = Response::new(Body::from(body.slice(a..=b)));
                         *r.status_mut() = StatusCode::PARTIAL_CONTENT;
                         r.headers_mut().insert(
                             http::header::CONTENT_RANGE,
-                            format!("bytes {n}-{}/{}", body.len() - 1, body.len())
-                                .parse()
-                                .expect("hv"),
+                            format!("bytes {a}-{b}/{}", body.len()).parse().expect("hv"),
                         );
                         r
                     }
@@ -314,6 +321,9 @@ impl Rig {
                 upstreams: upstreams.iter().map(|u| u.parse().expect("url")).collect(),
                 spool: SpoolLimits::new(1 << 20, 16, 256, spool),
                 peer_zstd: true,
+                // Small, so tests exercise split fetches without huge fixtures (NARs of 4 MiB and
+                // more; the other tests stay below).
+                parallel_min_bytes: 4 << 20,
             },
             Some(self.table.clone()),
         ));
