@@ -23,7 +23,7 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    for n in "$NS-peer" "$NS-client" "$NS-br"; do ip netns del "$n" 2>/dev/null || true; done
+    for n in "$NS-peer" "$NS-peer2" "$NS-client" "$NS-br"; do ip netns del "$n" 2>/dev/null || true; done
     rm -rf "$D"
 }
 trap cleanup EXIT
@@ -48,13 +48,15 @@ NIX
 REAL=$(nix-build "$D/real.nix" --no-out-link 2>/dev/null)
 nix copy --to "file://$D/cache?secret-key=$D/sk&compression=none" "$BIG" "$REAL" 2>/dev/null
 nix copy --from "file://$D/cache" --to "$D/peer" --option trusted-public-keys "$PK" "$BIG" "$REAL" 2>/dev/null
+# A second peer with the random path, for the split-fetch row.
+nix copy --from "file://$D/cache" --to "$D/peer2" --option trusted-public-keys "$PK" "$BIG" 2>/dev/null
 rm -rf "$D/cache"
 
 # Two hosts on a bridge.
-ip netns add "$NS-br"; ip netns add "$NS-peer"; ip netns add "$NS-client"
+ip netns add "$NS-br"; ip netns add "$NS-peer"; ip netns add "$NS-client"; ip netns add "$NS-peer2"
 ip -n "$NS-br" link add br0 type bridge mcast_snooping 0; ip -n "$NS-br" link set br0 up
 i=1
-for h in peer client; do
+for h in peer client peer2; do
     ip -n "$NS-$h" link add eth0 type veth peer name vb$i netns "$NS-br"
     ip -n "$NS-br" link set vb$i master br0 up
     ip -n "$NS-$h" addr add 10.88.0.$i/24 dev eth0
@@ -90,7 +92,7 @@ row() { # label [path] -> table row
     proxy=$(realise proxy "http://127.0.0.1:8381" "${2:-$BIG}")
     if [ -n "${BENCH_RESULTS:-}" ]; then
         awk -v l="$1" -v d="$direct" -v p="$proxy" 'BEGIN {
-            t = (l ~ /shaped/ && l !~ /unshaped/) ? ">= 0.9x" : "- (reported)"
+            t = (l ~ /shaped/ && l !~ /unshaped/ && l !~ /two peers/) ? ">= 0.9x" : "- (reported)"
             printf "nix-store -r via proxy, %s|%.2f s|%.2f s (direct from peer)|%.2fx|%s\n", l, p, d, d / p, t }' >> "$BENCH_RESULTS"
     fi
     mib=$(( $(nix path-info --store "$D/peer" -S "${2:-$BIG}" 2>/dev/null | awk '{print $2}') / 1048576 ))
@@ -104,6 +106,18 @@ echo "|---|---|---|---|"
 ip netns exec "$NS-peer" tc qdisc add dev eth0 root tbf rate "$RATE" burst 1mb latency 50ms
 row "$BIG_MIB MiB random bytes, peer egress shaped to $RATE (tc tbf)"
 row "real binaries ($(nix path-info --store "$D/peer" -S "$REAL" | awk '{printf "%.0f MiB", $2/1048576}') NAR), peer egress shaped to $RATE (tc tbf)" "$REAL"
+# Two peers with the random path, each behind the same shaping: the proxy splits the NAR.
+NIX_DAEMON_SOCKET_PATH=$D/peer2.sock nix-daemon --store "$D/peer2" >/dev/null 2>&1 & PIDS+=($!)
+for _ in $(seq 100); do [ -S "$D/peer2.sock" ] && break; sleep 0.05; done
+ip netns exec "$NS-peer2" tc qdisc add dev eth0 root tbf rate "$RATE" burst 1mb latency 50ms
+ip netns exec "$NS-peer2" "$BIN" serve --store "unix://$D/peer2.sock" --real-store-dir "$D/peer2/nix/store" \
+    --listen 0.0.0.0:8380 --interface eth0 --upstream none --trusted-public-key "$PK" >"$D/peer2.log" 2>&1 & PEER2=$!; PIDS+=($PEER2)
+for _ in $(seq 100); do
+    [ "$(ip netns exec "$NS-client" curl -sf http://127.0.0.1:8381/status.json | grep -o '"node"' | wc -l)" = 2 ] && break; sleep 0.1
+done
+row "$BIG_MIB MiB random bytes, two peers each shaped to $RATE (split fetch; direct = one peer)"
+kill "$PEER2"; sleep 0.5
+ip netns exec "$NS-peer2" tc qdisc del dev eth0 root
 ip netns exec "$NS-peer" tc qdisc del dev eth0 root
 row "$BIG_MIB MiB random bytes, unshaped veth"
 echo

@@ -483,6 +483,16 @@ impl Proxy {
             Some((info, cands)) if info.nar_hash == *nar_hash => (Some(info), cands),
             _ => (None, Vec::new()),
         };
+        // Cached sources may have left the table (or be backed off) since.
+        let now = Instant::now();
+        queue.retain(|c| match &c.source {
+            SourceId::Peer(n) => self
+                .sources
+                .table()
+                .and_then(|t| t.get(n))
+                .is_some_and(|p| !p.backed_off(now)),
+            SourceId::Upstream(_) => true,
+        });
         let mut tried: HashSet<SourceId> = HashSet::new();
         let mut gathered = false;
         // A large NAR (or one we know nothing of): find every source, to split it between peers.
