@@ -97,18 +97,7 @@ impl Spool {
                 });
             }
         }
-        if need as usize > limits.disk_cap_mib {
-            return Err(SpoolError::TooLarge(size));
-        }
-        let permit = tokio::time::timeout(
-            std::time::Duration::from_secs(60),
-            limits.disk_total.clone().acquire_many_owned(need),
-        )
-        .await
-        .map_err(|_| SpoolError::TooLarge(size))?
-        .map_err(|_| SpoolError::TooLarge(size))?;
-        std::fs::create_dir_all(&limits.dir)?;
-        let file = tempfile::tempfile_in(&limits.dir)?;
+        let (permit, file) = reserve_disk(limits, size).await?;
         Ok(Self {
             store: Store::File {
                 file: Arc::new(file),
@@ -211,6 +200,24 @@ impl Spool {
     }
 }
 
+/// Reserves disk for a NAR of `size` bytes (waiting up to a minute for room) and opens an
+/// unlinked temp file for it.
+async fn reserve_disk(limits: &SpoolLimits, size: u64) -> Result<(OwnedSemaphorePermit, std::fs::File), SpoolError> {
+    let need = mib(size);
+    if need as usize > limits.disk_cap_mib {
+        return Err(SpoolError::TooLarge(size));
+    }
+    let permit = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        limits.disk_total.clone().acquire_many_owned(need),
+    )
+    .await
+    .map_err(|_| SpoolError::TooLarge(size))?
+    .map_err(|_| SpoolError::TooLarge(size))?;
+    std::fs::create_dir_all(&limits.dir)?;
+    Ok((permit, tempfile::tempfile_in(&limits.dir)?))
+}
+
 /// A file spool filled out of order (segments from several sources at once) and hashed once, at
 /// the end. Same caps as [`Spool`].
 pub struct PositionalSpool {
@@ -221,19 +228,7 @@ pub struct PositionalSpool {
 
 impl PositionalSpool {
     pub async fn new(limits: &SpoolLimits, size: u64) -> Result<Self, SpoolError> {
-        let need = mib(size);
-        if need as usize > limits.disk_cap_mib {
-            return Err(SpoolError::TooLarge(size));
-        }
-        let permit = tokio::time::timeout(
-            std::time::Duration::from_secs(60),
-            limits.disk_total.clone().acquire_many_owned(need),
-        )
-        .await
-        .map_err(|_| SpoolError::TooLarge(size))?
-        .map_err(|_| SpoolError::TooLarge(size))?;
-        std::fs::create_dir_all(&limits.dir)?;
-        let file = tempfile::tempfile_in(&limits.dir)?;
+        let (permit, file) = reserve_disk(limits, size).await?;
         file.set_len(size)?;
         Ok(Self {
             file: Arc::new(file),
