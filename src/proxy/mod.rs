@@ -280,12 +280,7 @@ impl Proxy {
                     self.stat(|s| s.lies += 1);
                 }
             }
-            (SourceId::Upstream(i), Err(SourceError::Http(e))) if e.is_connect() || e.is_timeout() => {
-                if let Some(slot) = self.upstream_down.lock().unwrap_or_else(|p| p.into_inner()).get_mut(*i) {
-                    *slot = Some(now + UPSTREAM_DOWN_FOR);
-                }
-            }
-            (SourceId::Upstream(i), Err(SourceError::Timeout)) => {
+            (SourceId::Upstream(i), Err(e)) if e.is_unreachable() => {
                 if let Some(slot) = self.upstream_down.lock().unwrap_or_else(|p| p.into_inner()).get_mut(*i) {
                     *slot = Some(now + UPSTREAM_DOWN_FOR);
                 }
@@ -708,10 +703,8 @@ impl Proxy {
         let (mut reader, start) = self.sources.open_nar(c, from).await.map_err(CopyError::Failed)?;
         let idle = self.sources.timeouts(&c.source).idle;
         // A source that ignored the range starts at 0: skip what we have.
-        let mut skip = from - start.min(from);
-        if start == 0 && from > 0 {
-            skip = from;
-        }
+        // `start` is `from` (the range was honoured) or 0 (it was ignored): skip what we have.
+        let mut skip = from - start;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut received = 0u64;
         loop {

@@ -59,6 +59,15 @@ pub enum SourceError {
 }
 
 impl SourceError {
+    /// The source could not be reached or did not answer in time (offline, down).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            SourceError::Http(e) => e.is_connect() || e.is_timeout(),
+            SourceError::Timeout => true,
+            _ => false,
+        }
+    }
+
     /// A source that sent something false (not merely failed): worth a harsher back-off.
     pub fn is_lie(&self) -> bool {
         matches!(
