@@ -64,16 +64,21 @@ fn libc_eafnosupport() -> i32 {
     97 // EAFNOSUPPORT on Linux
 }
 
-/// Serves `handler` on `listener` until `shutdown` is cancelled, then drains.
+/// Serves `handler` on `listener` until `shutdown` is cancelled, then drains: open connections
+/// get [`DRAIN_TIMEOUT`] to finish their responses, and whatever is left is aborted. Connection
+/// tasks are owned here (a `JoinSet`), so none outlives the server.
 pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let local = listener.local_addr().ok();
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = shutdown.cancelled() => break,
         };
+        // Reap finished connections so the set stays as small as the open ones.
+        while conns.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -96,25 +101,29 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, shutdown:
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        conns.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
         });
     }
+    drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!(?local, "connections still open after the drain timeout"),
     }
+    conns.shutdown().await;
 }
 
-/// Response body: nothing, one buffer, or a stream of chunks fed by a producer task through a
-/// bounded channel (so a slow client slows the producer: backpressure). An `Err` item aborts the
-/// response, which the client sees as a truncated transfer.
+/// Response body: nothing, one buffer, a stream of chunks fed by a producer task through a
+/// bounded channel (so a slow client slows the producer: backpressure), or a stream produced
+/// as the client reads (no task of its own: it ends with the connection). An `Err` item aborts
+/// the response, which the client sees as a truncated transfer.
 pub enum Body {
     Full(Option<Bytes>),
     Stream(mpsc::Receiver<Result<Bytes, io::Error>>),
+    Pull(futures_util::stream::BoxStream<'static, Result<Bytes, io::Error>>),
 }
 
 impl Body {
@@ -143,6 +152,7 @@ impl http_body::Body for Body {
         match &mut *self {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+            Body::Pull(s) => s.as_mut().poll_next(cx).map(|o| o.map(|r| r.map(Frame::data))),
         }
     }
 
@@ -153,7 +163,7 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream(_) => SizeHint::default(),
+            Body::Stream(_) | Body::Pull(_) => SizeHint::default(),
         }
     }
 }

@@ -338,14 +338,55 @@ impl TrustedKeys {
     }
 }
 
+/// How a binary cache compressed a NAR (the narinfo's `Compression:` field).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Compression {
+    None,
+    Xz,
+    Zstd,
+    /// Also what Nix reads when the field is absent.
+    #[default]
+    Bzip2,
+    /// Valid for Nix (`br`, `gzip`, `lz4`...) but not decoded here.
+    Other(String),
+}
+
+impl Compression {
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "none" => Self::None,
+            "xz" => Self::Xz,
+            "zstd" => Self::Zstd,
+            "bzip2" => Self::Bzip2,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::None => "none",
+            Self::Xz => "xz",
+            Self::Zstd => "zstd",
+            Self::Bzip2 => "bzip2",
+            Self::Other(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One narinfo, as served by a binary cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NarInfo {
     pub store_path: StorePath,
     /// Where the (possibly compressed) NAR is, relative to the cache root or absolute.
     pub url: String,
-    /// `none`, `xz`, `zstd`, `bzip2`...; `None` means the field was absent, which Nix reads as bzip2.
-    pub compression: Option<String>,
+    /// An absent field is read as bzip2, as Nix does.
+    pub compression: Compression,
     pub file_hash: Option<String>,
     pub file_size: Option<u64>,
     pub nar_hash: NarHash,
@@ -443,7 +484,7 @@ impl NarInfo {
         Ok(Self {
             store_path,
             url: url.to_owned(),
-            compression: raw.compression.map(str::to_owned),
+            compression: raw.compression.map(Compression::parse).unwrap_or_default(),
             file_hash: raw.file_hash.map(str::to_owned),
             file_size,
             nar_hash,
@@ -459,6 +500,19 @@ impl NarInfo {
         fingerprint(&self.store_path, &self.nar_hash, self.nar_size, &self.references)
     }
 
+    /// Roughly the heap memory this narinfo holds, for the caches that keep many of them.
+    pub fn approx_bytes(&self) -> usize {
+        const FIXED: usize = 256;
+        FIXED
+            + self.store_path.as_str().len()
+            + self.url.len()
+            + self.references.iter().map(|r| r.as_str().len() + 24).sum::<usize>()
+            + self.sigs.iter().map(|s| s.len() + 24).sum::<usize>()
+            + self.deriver.as_ref().map_or(0, String::len)
+            + self.ca.as_ref().map_or(0, String::len)
+            + self.file_hash.as_ref().map_or(0, String::len)
+    }
+
     /// True when a signature on this narinfo verifies against `keys`.
     pub fn is_trusted(&self, keys: &TrustedKeys) -> bool {
         keys.verify(&self.fingerprint(), self.sigs.iter().map(String::as_str))
@@ -471,7 +525,7 @@ impl NarInfo {
         let mut s = String::with_capacity(256 + 64 * self.references.len());
         let _ = writeln!(s, "StorePath: {}", self.store_path);
         let _ = writeln!(s, "URL: {}", self.url);
-        let _ = writeln!(s, "Compression: {}", self.compression.as_deref().unwrap_or("bzip2"));
+        let _ = writeln!(s, "Compression: {}", self.compression);
         if let Some(h) = &self.file_hash {
             let _ = writeln!(s, "FileHash: {h}");
         }

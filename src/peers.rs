@@ -69,8 +69,6 @@ pub fn peer_json(p: &Peer, now: Instant) -> serde_json::Value {
         "seq": p.seq,
         "first_seen_ms_ago": now.duration_since(p.first_seen).as_millis() as u64,
         "last_seen_ms_ago": now.duration_since(p.last_seen).as_millis() as u64,
-        "health": p.health,
-        "backed_off": p.backed_off(now),
     })
 }
 

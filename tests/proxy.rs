@@ -122,7 +122,7 @@ fn every_lie_loses_to_an_honest_peer_and_is_never_delivered_alone() {
             Reply::slow(p.info.render(), Duration::from_millis(100)),
         );
         rig.peer(honest, 2);
-        let (proxy, _) = rig.proxy(vec![]);
+        let (proxy, px) = rig.proxy(vec![]);
         let t0 = Instant::now();
         let (ni, nar, body) = fetch(proxy, &p);
         assert_eq!((ni, nar), (200, 200), "{lie:?} with an honest peer");
@@ -134,8 +134,9 @@ fn every_lie_loses_to_an_honest_peer_and_is_never_delivered_alone() {
         );
         if !lie.in_narinfo() {
             // The liar was tried for the NAR and is now backed off.
-            let node = local_nix_cache::beacon::wire::NodeId([1; 16]);
-            let peer = rig.table.get(&node).expect("liar still listed");
+            let node = local_nix_cache::beacon::wire::NodeId([1; 16]).to_string();
+            let st = px.status();
+            let peer = st.peers.iter().find(|p| p.node == node).expect("liar still listed");
             assert!(peer.health.consecutive_failures > 0, "{lie:?}: liar not backed off");
         }
         drop(rig);
@@ -201,7 +202,7 @@ fn upstream_answers_when_no_peer_has_the_path_and_compressed_nars_are_unpacked()
         out
     });
     let mut info = p.info.clone();
-    info.compression = Some("xz".into());
+    info.compression = local_nix_cache::narinfo::Compression::Xz;
     info.url = format!("nar/{}.nar.xz", p.info.nar_hash.to_nix32());
     up.set(&format!("/{}.narinfo", p.hash()), Reply::ok(info.render()));
     up.set(&format!("/{}", info.url), Reply::ok(Bytes::from(xz)));

@@ -17,7 +17,7 @@ fn nix_copies_a_closure_through_the_server_and_it_verifies() {
     let f = fixture();
     let host = Host::with_paths(&[&f.top]);
     let mut args = serve_args(host.store_addr());
-    args.real_store_dir = Some(host.physical_store());
+    args.store.real_store_dir = Some(host.physical_store().into());
     let node = TestNode::start(args);
     let client = tempfile::tempdir().expect("tempdir");
     let (store, home) = (client.path().join("store"), client.path().join("home"));
@@ -123,11 +123,7 @@ fn check_nar_streaming(from_disk: bool) {
     let f = fixture();
     let host = Host::with_paths(&[&f.big, &f.top]);
     let mut args = serve_args(host.store_addr());
-    args.real_store_dir = Some(if from_disk {
-        host.physical_store()
-    } else {
-        "none".into()
-    });
+    args.store.real_store_dir = from_disk.then(|| host.physical_store().into());
     let node = TestNode::start(args);
     // A directory tree with an executable, a symlink and references, whole.
     for p in &f.closure {
@@ -311,8 +307,8 @@ fn stalled_client_releases_its_daemon_connection() {
     let f = fixture();
     let host = Host::with_paths(&[&f.big, &f.top]);
     let mut args = serve_args(host.store_addr());
-    args.daemon_connections = 1;
-    args.client_stall_timeout = 1;
+    args.store.daemon_connections = 1;
+    args.server.client_stall_timeout = std::time::Duration::from_secs(1);
     let node = TestNode::start(args);
     let url = narinfo_url(&node, &f.big);
     let top_url = narinfo_url(&node, &f.top);

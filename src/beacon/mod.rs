@@ -40,6 +40,14 @@ const EXPIRE_MAX_WAIT: Duration = Duration::from_secs(1);
 /// Receive buffer: larger than any valid datagram, so oversized ones are seen (and counted).
 const RECV_BUF: usize = 2048;
 
+/// This machine's host name, for the beacon's informational hostname extension.
+pub fn hostname() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BeaconError {
     #[error("no usable interface for multicast{0}")]

@@ -1,4 +1,5 @@
-//! The peer table: who announced what, from where, and how healthy the proxy found them.
+//! The peer table: who announced what, and from where (membership only: how good a peer is as a
+//! source is the proxy's business, in `proxy::health`).
 //!
 //! Pure logic over `tokio::time::Instant` (so tests can pause time); the network loop feeds it
 //! datagrams. Invariants: at most [`MAX_PEERS`] peers and [`MAX_SOURCES`] rate-limit buckets;
@@ -27,23 +28,6 @@ pub const RATE_BURST: f64 = 40.0;
 pub const EXPIRY_INTERVALS: u32 = 3;
 /// Addresses remembered per peer (a host on several links or with IPv4 and IPv6).
 const MAX_ADDRS_PER_PEER: usize = 4;
-/// First back-off after a failure reported by the proxy; doubles per consecutive failure.
-const BACKOFF_BASE: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
-
-/// What the proxy learned about a peer.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Health {
-    pub consecutive_failures: u32,
-    pub successes: u64,
-    pub failures: u64,
-    /// Not asked again before this.
-    #[serde(skip)]
-    pub backoff_until: Option<Instant>,
-    /// Smoothed time to answer a narinfo request, in ms (none until one answered).
-    pub latency_ms: Option<f64>,
-}
-
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub node: NodeId,
@@ -56,7 +40,6 @@ pub struct Peer {
     /// The peer's own announce interval.
     pub interval: Duration,
     pub seq: u32,
-    pub health: Health,
 }
 
 impl Peer {
@@ -73,14 +56,10 @@ impl Peer {
     fn expires_at(&self) -> Instant {
         self.last_seen + self.interval * EXPIRY_INTERVALS
     }
-
-    pub fn backed_off(&self, now: Instant) -> bool {
-        self.health.backoff_until.is_some_and(|t| t > now)
-    }
 }
 
 /// Counts of what arrived and why anything was dropped.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Counters {
     pub received: u64,
     pub announces: u64,
@@ -226,7 +205,6 @@ impl PeerTable {
                                 last_seen: now,
                                 interval: Duration::from_millis(b.interval_ms.into()),
                                 seq: b.seq,
-                                health: Health::default(),
                             },
                         );
                         Outcome::Joined(b)
@@ -285,36 +263,6 @@ impl PeerTable {
     /// Resolves when the table next gains or loses a peer.
     pub async fn changed(&self) {
         self.changed.notified().await
-    }
-
-    /// The proxy reports a failed or lying answer: back the peer off, exponentially.
-    pub fn report_failure(&self, node: &NodeId, now: Instant) {
-        if let Some(p) = self.lock().peers.get_mut(node) {
-            p.health.failures += 1;
-            p.health.consecutive_failures = p.health.consecutive_failures.saturating_add(1);
-            let exp = p.health.consecutive_failures.saturating_sub(1).min(16);
-            let backoff = BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX);
-            p.health.backoff_until = Some(now + backoff);
-        }
-    }
-
-    /// The proxy measured how long the peer took to answer a narinfo request.
-    pub fn report_latency(&self, node: &NodeId, took: Duration) {
-        if let Some(p) = self.lock().peers.get_mut(node) {
-            let ms = took.as_secs_f64() * 1000.0;
-            p.health.latency_ms = Some(match p.health.latency_ms {
-                Some(old) => old * 0.8 + ms * 0.2,
-                None => ms,
-            });
-        }
-    }
-
-    pub fn report_success(&self, node: &NodeId) {
-        if let Some(p) = self.lock().peers.get_mut(node) {
-            p.health.successes += 1;
-            p.health.consecutive_failures = 0;
-            p.health.backoff_until = None;
-        }
     }
 }
 
@@ -467,20 +415,5 @@ mod tests {
             t.handle(src(1), &beacon(Kind::Announce, 1, 1000), later),
             Outcome::RateLimited
         );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failures_back_off_and_success_resets() {
-        let t = PeerTable::new(NodeId([0; 16]));
-        let now = Instant::now();
-        t.handle(src(2), &beacon(Kind::Announce, 2, 1000), now);
-        let n = NodeId([2; 16]);
-        t.report_failure(&n, now);
-        t.report_failure(&n, now);
-        let p = t.get(&n).expect("peer");
-        assert!(p.backed_off(now + Duration::from_millis(1900)));
-        assert!(!p.backed_off(now + Duration::from_millis(2001)));
-        t.report_success(&n);
-        assert!(!t.get(&n).expect("peer").backed_off(now));
     }
 }

@@ -16,7 +16,8 @@ use tokio::io::AsyncRead;
 use url::Url;
 
 use crate::beacon::{wire::NodeId, PeerTable};
-use crate::narinfo::{NarInfo, StorePathHash, TrustedKeys, MAX_NARINFO_BYTES};
+use crate::narinfo::{Compression, NarInfo, StorePathHash, TrustedKeys, MAX_NARINFO_BYTES};
+use crate::settings::PeerCompression;
 
 /// Host-name suffix that the resolver maps to a peer of the table.
 const PEER_SUFFIX: &str = ".peer";
@@ -46,6 +47,8 @@ pub enum SourceError {
     Untrusted,
     #[error("NAR compression {0:?} not supported")]
     Compression(String),
+    #[error("reading the NAR: {0}")]
+    Read(#[source] io::Error),
     #[error("timed out")]
     Timeout,
     #[error("peer no longer in the table")]
@@ -94,7 +97,7 @@ pub struct Candidate {
 impl Candidate {
     /// Uncompressed NARs can be resumed with `Range`.
     pub fn resumable(&self) -> bool {
-        self.info.compression.as_deref() == Some("none")
+        self.info.compression == Compression::None
     }
 
     /// The uncompressed NAR URL of a peer candidate (its `.nar.zst` form minus `.zst`), where
@@ -164,17 +167,18 @@ pub struct Sources {
     upstream_client: reqwest::Client,
     store_dir: String,
     keys: TrustedKeys,
-    /// Fetch NARs zstd-compressed from peers that announce it.
-    peer_zstd: bool,
+    /// How to fetch NARs from peers that announce a compressed form.
+    peer_compression: PeerCompression,
 }
 
 impl Sources {
-    pub fn with_peer_zstd(mut self, on: bool) -> Self {
-        self.peer_zstd = on;
-        self
-    }
-
-    pub fn new(peers: Option<Arc<PeerTable>>, upstreams: Vec<Url>, store_dir: String, keys: TrustedKeys) -> Self {
+    pub fn new(
+        peers: Option<Arc<PeerTable>>,
+        upstreams: Vec<Url>,
+        store_dir: String,
+        keys: TrustedKeys,
+        peer_compression: PeerCompression,
+    ) -> Self {
         let build = |t: Timeouts, no_proxy: bool| {
             let mut b = reqwest::Client::builder()
                 .connect_timeout(t.connect)
@@ -191,19 +195,10 @@ impl Sources {
             peer_client: build(PEER_TIMEOUTS, true),
             upstream_client: build(UPSTREAM_TIMEOUTS, false),
             peers,
-            upstreams: upstreams
-                .into_iter()
-                .map(|mut u| {
-                    if !u.path().ends_with('/') {
-                        let p = format!("{}/", u.path());
-                        u.set_path(&p);
-                    }
-                    u
-                })
-                .collect(),
+            upstreams,
             store_dir,
             keys,
-            peer_zstd: false,
+            peer_compression,
         }
     }
 
@@ -272,9 +267,8 @@ impl Sources {
         if !info.is_trusted(&self.keys) {
             return Err(SourceError::Untrusted);
         }
-        let compression = info.compression.clone().unwrap_or_else(|| "bzip2".into());
-        if !matches!(compression.as_str(), "none" | "xz" | "zstd" | "bzip2") {
-            return Err(SourceError::Compression(compression));
+        if let Compression::Other(c) = &info.compression {
+            return Err(SourceError::Compression(c.clone()));
         }
         let mut nar_url = base.join(&info.url).map_err(|_| SourceError::Url(info.url.clone()))?;
         let mut info = info;
@@ -286,14 +280,14 @@ impl Sources {
                 .as_ref()
                 .and_then(|t| t.get(node))
                 .is_some_and(|p| p.flags & crate::beacon::wire::FLAG_NAR_ZSTD != 0);
-            if self.peer_zstd
+            if self.peer_compression == PeerCompression::Zstd
                 && zstd_peer
-                && info.compression.as_deref() == Some("none")
+                && info.compression == Compression::None
                 && nar_url.path().ends_with(".nar")
             {
                 let zst = format!("{}.zst", nar_url.path());
                 nar_url.set_path(&zst);
-                info.compression = Some("zstd".into());
+                info.compression = Compression::Zstd;
             }
         }
         // A peer's NAR URL must stay on that peer (a lying narinfo could point elsewhere).
@@ -330,12 +324,12 @@ impl Sources {
         let stream = resp.bytes_stream().map_err(io::Error::other);
         let raw = tokio::io::BufReader::new(tokio_util::io::StreamReader::new(stream));
         use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
-        let reader: NarReader = match c.info.compression.as_deref().unwrap_or("bzip2") {
-            "none" => Box::pin(raw),
-            "xz" => Box::pin(XzDecoder::new(raw)),
-            "zstd" => Box::pin(ZstdDecoder::new(raw)),
-            "bzip2" => Box::pin(BzDecoder::new(raw)),
-            other => return Err(SourceError::Compression(other.to_owned())),
+        let reader: NarReader = match &c.info.compression {
+            Compression::None => Box::pin(raw),
+            Compression::Xz => Box::pin(XzDecoder::new(raw)),
+            Compression::Zstd => Box::pin(ZstdDecoder::new(raw)),
+            Compression::Bzip2 => Box::pin(BzDecoder::new(raw)),
+            Compression::Other(c) => return Err(SourceError::Compression(c.clone())),
         };
         Ok((reader, start))
     }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::narinfo::{NarHash, NarInfo, StorePath, StorePathHash, TrustedKeys};
+use crate::narinfo::{Compression, NarHash, NarInfo, StorePath, StorePathHash, TrustedKeys};
 use crate::store::{PathInfo, Store};
 
 /// Path-info queries in flight during a scan (leaves pool connections for live requests).
@@ -43,8 +43,8 @@ impl Entry {
         }
         let ni = NarInfo {
             store_path: info.path.clone(),
-            url: nar_url(&info.path.hash(), &info.nar_hash),
-            compression: Some("none".into()),
+            url: crate::cache_url::nar_url(&info.path.hash(), &info.nar_hash),
+            compression: Compression::None,
             file_hash: None,
             file_size: None,
             nar_hash: info.nar_hash,
@@ -68,12 +68,6 @@ impl Entry {
     fn cost(&self) -> usize {
         self.narinfo.len() + self.path.as_str().len() + ENTRY_OVERHEAD
     }
-}
-
-/// The NAR URL written into our narinfo: self-describing, so it stays valid as long as any store
-/// holds those exact bytes.
-pub fn nar_url(hash: &StorePathHash, nar_hash: &NarHash) -> String {
-    format!("nar/{hash}-{}.nar", nar_hash.to_nix32())
 }
 
 pub struct Index {

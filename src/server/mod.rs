@@ -13,11 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache_url::{self, CacheRoute, NarEncoding, RouteError};
 use crate::http::{self as h, Body};
 use crate::narinfo::{NarHash, StorePathHash, TrustedKeys};
 use crate::store::{NarStream, Store};
@@ -31,65 +33,22 @@ pub const PRIORITY: u32 = 30;
 /// NAR chunks buffered between the NAR source and a client (64 KiB from the daemon, 128 KiB from
 /// disk): with the source's own buffer, about 1 MiB per stream.
 const NAR_CHANNEL_CHUNKS: usize = 4;
-/// Longest request path we look at; longer ones are 414.
-const MAX_PATH_LEN: usize = 256;
-
-/// What a request path asks for, parsed before anything is looked up.
+/// What a request to the store server asks for: a binary-cache route, or the one-liner's files.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
-    CacheInfo,
-    NarInfo(StorePathHash),
-    /// `zstd`: the `.nar.zst` form, compressed on the fly for peers (no `Range`).
-    Nar {
-        hash: StorePathHash,
-        nar_hash: NarHash,
-        zstd: bool,
-    },
+    Cache(CacheRoute),
     /// The conference one-liner: `curl -fsSL http://PEER:8380/install | sh`.
     Install,
     /// This host's own binary, fetched by the install script.
     InstallBinary,
-    /// Well-formed but not something we serve (`/log/…`, `.ls`, `/realisations/…`): 404.
-    NotFound,
-    /// Malformed (bad hash alphabet or length, traversal, escapes): 400.
-    BadRequest,
-    TooLong,
 }
 
-pub fn route(path: &str) -> Route {
-    if path.len() > MAX_PATH_LEN {
-        return Route::TooLong;
-    }
+pub fn route(path: &str) -> Result<Route, RouteError> {
     match path {
-        "/nix-cache-info" => return Route::CacheInfo,
-        "/install" => return Route::Install,
-        "/install/local-nix-cache" => return Route::InstallBinary,
-        _ => {}
+        "/install" => Ok(Route::Install),
+        "/install/local-nix-cache" => Ok(Route::InstallBinary),
+        _ => cache_url::parse(path).map(Route::Cache),
     }
-    if path.contains(['%', '\\', '\0']) || path.contains("..") || path.contains("//") {
-        return Route::BadRequest;
-    }
-    if let Some(h) = path.strip_prefix('/').and_then(|p| p.strip_suffix(".narinfo")) {
-        return match StorePathHash::parse(h) {
-            Ok(h) => Route::NarInfo(h),
-            Err(_) => Route::BadRequest,
-        };
-    }
-    let nar = path.strip_prefix("/nar/").and_then(|p| {
-        p.strip_suffix(".nar.zst")
-            .map(|r| (r, true))
-            .or_else(|| p.strip_suffix(".nar").map(|r| (r, false)))
-    });
-    if let Some((rest, zstd)) = nar {
-        let parsed = rest
-            .split_once('-')
-            .and_then(|(a, b)| Some((StorePathHash::parse(a).ok()?, NarHash::parse_nix32(b).ok()?)));
-        return match parsed {
-            Some((hash, nar_hash)) => Route::Nar { hash, nar_hash, zstd },
-            None => Route::BadRequest,
-        };
-    }
-    Route::NotFound
 }
 
 /// The store server of one host.
@@ -414,14 +373,16 @@ impl h::Handler for StoreServer {
             return h::method_not_allowed();
         };
         let mut resp = match route(req.uri().path()) {
-            Route::CacheInfo => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
-            Route::Install => self.install_script(&req).await,
-            Route::InstallBinary => self.install_binary().await,
-            Route::NarInfo(hash) => self.narinfo(&hash).await,
-            Route::Nar { hash, nar_hash, zstd } => self.nar(&req, &hash, &nar_hash, zstd).await,
-            Route::NotFound => h::not_found(),
-            Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),
-            Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
+            Ok(Route::Cache(CacheRoute::CacheInfo)) => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
+            Ok(Route::Install) => self.install_script(&req).await,
+            Ok(Route::InstallBinary) => self.install_binary().await,
+            Ok(Route::Cache(CacheRoute::NarInfo(hash))) => self.narinfo(&hash).await,
+            Ok(Route::Cache(CacheRoute::Nar {
+                hash,
+                nar_hash,
+                encoding,
+            })) => self.nar(&req, &hash, &nar_hash, encoding == NarEncoding::Zstd).await,
+            Err(e) => e.into_response(),
         };
         if head {
             h::strip_for_head(&mut resp);
@@ -431,35 +392,42 @@ impl h::Handler for StoreServer {
 }
 
 /// A running store server: the bound addresses and the task handles.
+/// The store server's bound addresses and the tasks to run, by name (the node owns them).
 pub struct Running {
     pub addrs: Vec<SocketAddr>,
-    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub parts: Vec<(&'static str, BoxFuture<'static, ()>)>,
 }
 
-/// Starts serving on already-bound listeners, plus the index maintenance task.
-pub fn spawn(
+/// The store server's parts: the index keeper and one accept loop per listener.
+pub fn parts(
     server: Arc<StoreServer>,
     listeners: Vec<tokio::net::TcpListener>,
     rescan: Duration,
     shutdown: CancellationToken,
 ) -> Running {
     let mut addrs = Vec::new();
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(index::maintain(
-        server.store.clone(),
-        server.index.clone(),
-        server.keys.clone(),
-        rescan,
-        shutdown.clone(),
-    )));
+    let mut parts: Vec<(&'static str, BoxFuture<'static, ()>)> = Vec::new();
+    parts.push((
+        "store index",
+        Box::pin(index::maintain(
+            server.store.clone(),
+            server.index.clone(),
+            server.keys.clone(),
+            rescan,
+            shutdown.clone(),
+        )),
+    ));
     for l in listeners {
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "store server listening");
             addrs.push(a);
         }
-        tasks.push(tokio::spawn(h::serve(l, server.clone(), shutdown.clone())));
+        parts.push((
+            "store server listener",
+            Box::pin(h::serve(l, server.clone(), shutdown.clone())),
+        ));
     }
-    Running { addrs, tasks }
+    Running { addrs, parts }
 }
 
 #[cfg(test)]
@@ -467,51 +435,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routes() {
-        let h = "yvh90pjzcqqmp86sfvgqh3ravrarfipn";
-        let n = "0w4qc5jjz09mr80sp0p2nkvmjrmznpj59b64w0rw4dfqns9py2qd";
-        let hash = StorePathHash::parse(h).expect("hash");
-        let nar_hash = NarHash::parse_nix32(n).expect("nar hash");
-        let long = format!("/{}.narinfo", "a".repeat(300));
-        let cases: Vec<(String, Route)> = vec![
-            ("/nix-cache-info".into(), Route::CacheInfo),
-            (format!("/{h}.narinfo"), Route::NarInfo(hash)),
-            (
-                format!("/nar/{h}-{n}.nar"),
-                Route::Nar {
-                    hash,
-                    nar_hash,
-                    zstd: false,
-                },
-            ),
-            (
-                format!("/nar/{h}-{n}.nar.zst"),
-                Route::Nar {
-                    hash,
-                    nar_hash,
-                    zstd: true,
-                },
-            ),
-            ("/".into(), Route::NotFound),
-            (format!("/{h}.ls"), Route::NotFound),
-            ("/log/abc.drv".into(), Route::NotFound),
-            (format!("/realisations/sha256:{n}!out.doi"), Route::NotFound),
-            (format!("/nar/{n}.nar.xz"), Route::NotFound),
-            (format!("/nar/{h}-{n}.nar.zstd"), Route::NotFound),
-            (format!("/{}.narinfo", &h[..31]), Route::BadRequest),
-            (format!("/{h}e.narinfo"), Route::BadRequest),
-            (format!("/{}.narinfo", h.to_uppercase()), Route::BadRequest),
-            ("/../../etc/passwd.narinfo".into(), Route::BadRequest),
-            (format!("/%2e%2e/{h}.narinfo"), Route::BadRequest),
-            (format!("//{h}.narinfo"), Route::BadRequest),
-            (format!("/nar/{h}-{n}x.nar"), Route::BadRequest),
-            (format!("/nar/{h}.nar"), Route::BadRequest),
-            (format!("/nar/{h}-../{n}.nar"), Route::BadRequest),
-            (format!("/x/{h}.narinfo"), Route::BadRequest),
-            (long, Route::TooLong),
-        ];
-        for (path, want) in cases {
-            assert_eq!(route(&path), want, "{path}");
-        }
+    fn install_routes_before_cache_routes() {
+        assert_eq!(route("/install"), Ok(Route::Install));
+        assert_eq!(route("/install/local-nix-cache"), Ok(Route::InstallBinary));
+        assert_eq!(route("/nix-cache-info"), Ok(Route::Cache(CacheRoute::CacheInfo)));
+        assert_eq!(route("/install/x"), Err(RouteError::NotFound));
+        assert_eq!(route("/install/../x"), Err(RouteError::BadRequest));
     }
 }

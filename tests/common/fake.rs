@@ -13,8 +13,10 @@ use hyper::body::Incoming;
 use local_nix_cache::beacon::wire::{encode, Beacon, Kind, NodeId, FLAG_NAR_NONE};
 use local_nix_cache::beacon::PeerTable;
 use local_nix_cache::http::{self as h, Body};
-use local_nix_cache::narinfo::{NarHash, NarInfo, PublicKey, SecretKey, StorePath, TrustedKeys};
+use local_nix_cache::narinfo::{Compression, NarHash, NarInfo, PublicKey, SecretKey, StorePath, TrustedKeys};
 use local_nix_cache::proxy::{spool::SpoolLimits, Proxy, ProxyConfig};
+use local_nix_cache::settings::{self, PeerCompression};
+use local_nix_cache::status::ProxyWithPages;
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
@@ -64,7 +66,7 @@ impl FakePath {
         let mut info = NarInfo {
             store_path: path.clone(),
             url: format!("nar/{}.nar", nar_hash.to_nix32()),
-            compression: Some("none".into()),
+            compression: Compression::None,
             file_hash: None,
             file_size: None,
             nar_hash,
@@ -318,9 +320,9 @@ impl Rig {
             ProxyConfig {
                 store_dir: "/nix/store".into(),
                 keys,
-                upstreams: upstreams.iter().map(|u| u.parse().expect("url")).collect(),
+                upstreams: upstreams.iter().map(|u| settings::upstream(u).expect("url")).collect(),
                 spool: SpoolLimits::new(1 << 20, 16, 256, spool),
-                peer_zstd: true,
+                peer_compression: PeerCompression::Zstd,
                 // Small, so tests exercise split fetches without huge fixtures (NARs of 4 MiB and
                 // more; the other tests stay below).
                 parallel_min_bytes: 4 << 20,
@@ -329,7 +331,8 @@ impl Rig {
         ));
         let l = h::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = l.local_addr().expect("addr");
-        self.rt.spawn(h::serve(l, p.clone(), self.stop.clone()));
+        let pages = Arc::new(ProxyWithPages(p.clone()));
+        self.rt.spawn(h::serve(l, pages, self.stop.clone()));
         (addr, p)
     }
 }

@@ -15,7 +15,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use local_nix_cache::cli::{self, ServeArgs};
+use local_nix_cache::cli;
+use local_nix_cache::node;
+use local_nix_cache::settings::Settings;
 use local_nix_cache::store::StoreAddr;
 use tokio_util::sync::CancellationToken;
 
@@ -301,35 +303,30 @@ impl Drop for Host {
     }
 }
 
-/// `serve`'s settings for tests: loopback, port 0, the test key.
-pub fn serve_args(store: StoreAddr) -> ServeArgs {
-    ServeArgs {
-        config: None,
-        log_format: cli::LogFormat::Plain,
-        store,
-        listen: vec!["127.0.0.1:0".parse().expect("addr")],
-        trusted_public_keys: vec![fixture().pk.clone()],
-        store_dir: "/nix/store".into(),
-        rescan_interval: 60,
-        daemon_connections: 4,
-        index_max_mib: 64,
-        client_stall_timeout: 60,
-        real_store_dir: None,
-        beacon: cli::BeaconArgs {
-            interfaces: Vec::new(),
-            groups: Vec::new(),
-            beacon_port: 8380,
-        },
-        // Never beacon from the root namespace: these tests are about the store server.
-        no_beacon: true,
-        announce_interval: Duration::from_secs(5),
-        proxy_listen: vec!["127.0.0.1:0".parse().expect("addr")],
-        upstreams: vec!["none".into()],
-        spool_dir: None,
-        spool_max_mib: 1024,
-        spool_mem_mib: 64,
-        peer_compression: "zstd".into(),
-    }
+/// `serve`'s settings for tests: loopback, port 0, the test key, no beacon (never beacon from the
+/// root namespace), no upstream; every other value is `serve`'s own default (the flags are
+/// defined once, in `cli`).
+pub fn serve_args(store: StoreAddr) -> Settings {
+    cli::serve_settings([
+        "--store",
+        &store.to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--proxy-listen",
+        "127.0.0.1:0",
+        "--trusted-public-key",
+        &fixture().pk,
+        "--daemon-connections",
+        "4",
+        "--index-max-mib",
+        "64",
+        "--no-beacon",
+        "--upstream",
+        "none",
+        "--spool-max-mib",
+        "1024",
+    ])
+    .expect("test settings")
 }
 
 /// A node running in-process on its own runtime thread; stopped (and drained) on drop.
@@ -340,7 +337,7 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    pub fn start(args: ServeArgs) -> Self {
+    pub fn start(args: Settings) -> Self {
         let shutdown = CancellationToken::new();
         let (tx, rx) = std::sync::mpsc::channel();
         let token = shutdown.clone();
@@ -351,9 +348,9 @@ impl TestNode {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let node = cli::start(&args, token).expect("start node");
+                let node = node::start(&args, token).expect("start node");
                 tx.send(node.addrs[0]).expect("send addr");
-                node.wait().await;
+                node.wait().await.expect("node ran and stopped cleanly");
             });
         });
         let addr = rx.recv_timeout(Duration::from_secs(10)).expect("node started");

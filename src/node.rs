@@ -1,0 +1,184 @@
+//! One host's `serve`: binds the listeners, starts the store server, the beacon and the proxy
+//! from a [`Settings`], and owns their tasks.
+//!
+//! Every part runs as a task of one `JoinSet` under one cancellation token. A part that ends
+//! before shutdown was asked for, or panics, ends the whole node with an error ([`Node::wait`]):
+//! the process exits non-zero and systemd restarts it, instead of limping on half alive.
+//! Tests start whole nodes in-process on port 0 and read the bound addresses back.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::{Id, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::beacon::{self, wire, wire::NodeId, BeaconConfig, PeerTable};
+use crate::proxy::{Proxy, ProxyConfig};
+use crate::server::{self, index::Index, StoreServer};
+use crate::settings::Settings;
+use crate::store::Store;
+
+/// Errors of start-up, before anything runs.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("beacon: {0}")]
+    Beacon(#[from] beacon::BeaconError),
+}
+
+/// Why a running node stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0} stopped unexpectedly")]
+    PartExited(&'static str),
+    #[error("{part} panicked: {message}")]
+    PartPanicked { part: &'static str, message: String },
+}
+
+/// A started node.
+pub struct Node {
+    /// The store server's bound addresses.
+    pub addrs: Vec<SocketAddr>,
+    /// The proxy's bound addresses.
+    pub proxy_addrs: Vec<SocketAddr>,
+    pub proxy: Arc<Proxy>,
+    /// The beacon's peer table (none without a beacon).
+    pub peers: Option<Arc<PeerTable>>,
+    parts: Parts,
+    shutdown: CancellationToken,
+}
+
+/// The node's tasks, by name.
+#[derive(Default)]
+struct Parts {
+    set: JoinSet<()>,
+    names: HashMap<Id, &'static str>,
+}
+
+impl Parts {
+    fn spawn(&mut self, name: &'static str, part: impl Future<Output = ()> + Send + 'static) {
+        let id = self.set.spawn(part).id();
+        self.names.insert(id, name);
+    }
+}
+
+impl Node {
+    /// Runs until the shutdown token is cancelled and every part has drained (`Ok`), or until a
+    /// part ends or panics on its own (`Err`, after stopping the others).
+    pub async fn wait(mut self) -> Result<(), NodeError> {
+        let mut failure = None;
+        while let Some(r) = self.parts.set.join_next_with_id().await {
+            let name = |id: Id| self.parts.names.get(&id).copied().unwrap_or("a part");
+            let err = match r {
+                Ok(_) if self.shutdown.is_cancelled() => continue,
+                Ok((id, ())) => NodeError::PartExited(name(id)),
+                Err(e) => NodeError::PartPanicked {
+                    part: name(e.id()),
+                    message: panic_message(e),
+                },
+            };
+            tracing::error!(error = %err, "stopping every part");
+            failure.get_or_insert(err);
+            self.shutdown.cancel();
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<tokio::net::TcpListener>, StartError> {
+    addrs
+        .iter()
+        .map(|&addr| crate::http::bind(addr).map_err(|source| StartError::Bind { addr, source }))
+        .collect()
+}
+
+/// Binds and starts every part of `serve`. Must run inside a Tokio runtime.
+pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, StartError> {
+    let listeners = bind_all(&settings.server.listen)?;
+    let proxy_listeners = bind_all(&settings.proxy.listen)?;
+    let st = &settings.store;
+    let store = Store::new(st.addr.clone(), st.store_dir.clone(), st.daemon_connections)
+        .with_real_store_dir(st.real_store_dir.clone());
+    let keys = &settings.server.keys;
+    tracing::info!(store = %st.addr, nar_from_disk = ?st.real_store_dir, keys = ?keys.keys().iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), "starting");
+    let index = Arc::new(Index::new(settings.server.index_max_bytes));
+    let srv =
+        Arc::new(StoreServer::new(store, index, keys.clone()).with_stall_timeout(settings.server.client_stall_timeout));
+    let mut parts = Parts::default();
+    let running = server::parts(srv, listeners, settings.server.rescan_interval, shutdown.clone());
+    let addrs = running.addrs;
+    for (name, part) in running.parts {
+        parts.spawn(name, part);
+    }
+    let peers = match &settings.beacon {
+        None => None,
+        Some(b) => {
+            let announce = beacon::Announce {
+                store_port: addrs.first().map_or(beacon::DEFAULT_PORT, |a| a.port()),
+                flags: wire::FLAG_NAR_NONE | wire::FLAG_NAR_ZSTD | wire::FLAG_PROXY,
+                hostname: beacon::hostname(),
+            };
+            let cfg = BeaconConfig {
+                groups: b.groups.clone(),
+                interfaces: b.interfaces.clone(),
+                port: b.port,
+                announce: Some(announce),
+                interval: b.interval,
+            };
+            match beacon::bind(&cfg) {
+                Ok(sockets) => {
+                    for line in &sockets.report {
+                        tracing::info!("beacon: {line}");
+                    }
+                    let table = Arc::new(PeerTable::new(NodeId::random()));
+                    tracing::info!(node = %table.own(), "beacon started");
+                    let run = beacon::run(sockets, cfg, table.clone(), None, shutdown.clone(), true);
+                    parts.spawn("beacon", run);
+                    Some(table)
+                }
+                // With no usable interface (an offline laptop) the store server still serves.
+                Err(e @ beacon::BeaconError::NoInterface(_)) if b.interfaces.is_empty() => {
+                    tracing::warn!(error = %e, "beacon not started; peers will not find this host");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let proxy = Arc::new(Proxy::new(ProxyConfig::from_settings(settings), peers.clone()));
+    let mut proxy_addrs = Vec::new();
+    for l in proxy_listeners {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "proxy listening");
+            proxy_addrs.push(a);
+        }
+        let handler = Arc::new(crate::status::ProxyWithPages(proxy.clone()));
+        parts.spawn("proxy listener", crate::http::serve(l, handler, shutdown.clone()));
+    }
+    Ok(Node {
+        addrs,
+        proxy_addrs,
+        proxy,
+        peers,
+        parts,
+        shutdown,
+    })
+}
