@@ -274,11 +274,22 @@ impl Rig {
 
     /// Starts a fake cache; returns its address.
     pub fn cache(&self, c: Arc<FakeCache>) -> SocketAddr {
+        self.cache_at(c, "127.0.0.1:0".parse().expect("addr"))
+    }
+
+    /// Starts a fake cache on `addr` (e.g. where a dead upstream used to be).
+    pub fn cache_at(&self, c: Arc<FakeCache>, addr: SocketAddr) -> SocketAddr {
         let _g = self.rt.enter();
-        let l = h::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let l = h::bind(addr).expect("bind");
         let addr = l.local_addr().expect("addr");
         self.rt.spawn(h::serve(l, c, self.stop.clone()));
         addr
+    }
+
+    /// Cancels the shutdown token of every server of the rig (proxy and fakes): they stop
+    /// accepting and drain.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
     }
 
     /// Starts a fake cache and enters it in the peer table, as its beacon would.
@@ -294,6 +305,11 @@ impl Rig {
 
     /// As `add_peer`, announcing `flags` (e.g. zstd, for a real store server).
     pub fn add_peer_with_flags(&self, addr: SocketAddr, id: u8, flags: u16) {
+        self.announce(addr, id, flags, None);
+    }
+
+    /// Enters a peer in the table as its announce would, with a host name.
+    pub fn announce(&self, addr: SocketAddr, id: u8, flags: u16, hostname: Option<&str>) {
         let b = encode(&Beacon {
             kind: Kind::Announce,
             flags,
@@ -301,7 +317,7 @@ impl Rig {
             port: addr.port(),
             interval_ms: 3_600_000,
             seq: 1,
-            hostname: None,
+            hostname: hostname.map(str::to_owned),
         });
         let _g = self.rt.enter();
         self.table.handle(addr, &b, tokio::time::Instant::now());
