@@ -62,22 +62,27 @@ struct Parts {
     names: HashMap<Id, &'static str>,
 }
 
+impl Node {
+    /// Runs until the shutdown token is cancelled and every part has drained (`Ok`), or until a
+    /// part ends or panics on its own (`Err`, after stopping the others).
+    pub async fn wait(self) -> Result<(), NodeError> {
+        self.parts.wait(&self.shutdown).await
+    }
+}
+
 impl Parts {
     fn spawn(&mut self, name: &'static str, part: impl Future<Output = ()> + Send + 'static) {
         let id = self.set.spawn(part).id();
         self.names.insert(id, name);
     }
-}
 
-impl Node {
-    /// Runs until the shutdown token is cancelled and every part has drained (`Ok`), or until a
-    /// part ends or panics on its own (`Err`, after stopping the others).
-    pub async fn wait(mut self) -> Result<(), NodeError> {
+    /// See [`Node::wait`].
+    async fn wait(mut self, shutdown: &CancellationToken) -> Result<(), NodeError> {
         let mut failure = None;
-        while let Some(r) = self.parts.set.join_next_with_id().await {
-            let name = |id: Id| self.parts.names.get(&id).copied().unwrap_or("a part");
+        while let Some(r) = self.set.join_next_with_id().await {
+            let name = |id: Id| self.names.get(&id).copied().unwrap_or("a part");
             let err = match r {
-                Ok(_) if self.shutdown.is_cancelled() => continue,
+                Ok(_) if shutdown.is_cancelled() => continue,
                 Ok((id, ())) => NodeError::PartExited(name(id)),
                 Err(e) => NodeError::PartPanicked {
                     part: name(e.id()),
@@ -86,7 +91,7 @@ impl Node {
             };
             tracing::error!(error = %err, "stopping every part");
             failure.get_or_insert(err);
-            self.shutdown.cancel();
+            shutdown.cancel();
         }
         failure.map_or(Ok(()), Err)
     }
@@ -181,4 +186,41 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
         parts,
         shutdown,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A part that stops or panics on its own ends the node with an error naming it, and the
+    /// other parts are told to stop; after a requested shutdown, ending is normal.
+    #[tokio::test]
+    async fn a_part_that_ends_early_ends_the_node() {
+        for (name, boom) in [("quitter", false), ("panicker", true)] {
+            let shutdown = CancellationToken::new();
+            let mut parts = Parts::default();
+            let s = shutdown.clone();
+            parts.spawn("waits for shutdown", async move { s.cancelled().await });
+            parts.spawn(name, async move {
+                if boom {
+                    panic!("boom");
+                }
+            });
+            let waited = tokio::time::timeout(std::time::Duration::from_secs(5), parts.wait(&shutdown)).await;
+            let err = waited
+                .expect("the node noticed the part ending")
+                .expect_err("a part ended early");
+            assert!(err.to_string().contains(name), "{err}");
+            assert!(shutdown.is_cancelled(), "the other parts were told to stop");
+        }
+        let shutdown = CancellationToken::new();
+        let mut parts = Parts::default();
+        let s = shutdown.clone();
+        parts.spawn("listener", async move { s.cancelled().await });
+        shutdown.cancel();
+        parts
+            .wait(&shutdown)
+            .await
+            .expect("a requested shutdown is not an error");
+    }
 }
