@@ -148,3 +148,79 @@ impl NarinfoCache {
         (k.map.len(), k.bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::narinfo::{Compression, NarHash, StorePath};
+    use crate::proxy::source::SourceId;
+
+    fn candidate(i: u32, refs: usize, source: usize) -> (StorePathHash, Candidate) {
+        let hash: String = format!("{i:0>32}");
+        let path = StorePath::parse("/nix/store", &format!("/nix/store/{hash}-p")).expect("path");
+        let references = (0..refs).map(|_| path.clone()).collect();
+        let info = NarInfo {
+            store_path: path.clone(),
+            url: "nar/x.nar".into(),
+            compression: Compression::None,
+            file_hash: None,
+            file_size: None,
+            nar_hash: NarHash::from_digest([i as u8; 32]),
+            nar_size: 1,
+            references,
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        let c = Candidate {
+            source: SourceId::Upstream(source),
+            info: Arc::new(info),
+            nar_url: url::Url::parse("http://x/nar/x.nar").expect("url"),
+        };
+        (path.hash(), c)
+    }
+
+    #[test]
+    fn the_positive_cache_keeps_its_byte_cap_by_evicting_the_least_recently_used() {
+        let cache = NarinfoCache::default();
+        // About 120 KiB each: the byte cap holds a few hundred.
+        let (first, c) = candidate(0, 1500, 0);
+        let each = c.info.approx_bytes();
+        cache.remember(first, c);
+        let n = (MAX_KNOWN_BYTES / each + 50) as u32;
+        for i in 1..n {
+            let (h, c) = candidate(i, 1500, 0);
+            cache.remember(h, c);
+            if i == 1 {
+                // Touching the first keeps it: the least recently used go first.
+                assert!(cache.known(&first).is_some());
+            }
+        }
+        let (entries, bytes) = cache.usage();
+        assert!(bytes <= MAX_KNOWN_BYTES, "{bytes} bytes cached");
+        assert!(entries < n as usize, "{entries} of {n} kept");
+        assert!(cache.known(&candidate(2, 0, 0).0).is_none(), "an old entry was evicted");
+        assert!(cache.known(&candidate(n - 1, 0, 0).0).is_some(), "the newest is kept");
+        // A second source of a known path joins it, once.
+        let (h, c) = candidate(n - 1, 1500, 1);
+        cache.remember(h, c.clone());
+        cache.remember(h, c);
+        assert_eq!(cache.known(&h).map(|k| k.candidates.len()), Some(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_expire() {
+        let cache = NarinfoCache::default();
+        let (h, c) = candidate(1, 0, 0);
+        cache.remember(h, c);
+        let (m, _) = candidate(2, 0, 0);
+        cache.remember_missing(m);
+        assert!(cache.is_missing(&m) && cache.known(&h).is_some());
+        tokio::time::advance(NEGATIVE_TTL).await;
+        assert!(!cache.is_missing(&m), "a miss is forgotten after NEGATIVE_TTL");
+        assert!(cache.known(&h).is_some());
+        tokio::time::advance(POSITIVE_TTL).await;
+        assert!(cache.known(&h).is_none(), "a hit is forgotten after POSITIVE_TTL");
+        assert_eq!(cache.usage(), (0, 0), "and its bytes released");
+    }
+}
