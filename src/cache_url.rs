@@ -11,6 +11,10 @@ use http::{Response, StatusCode};
 use crate::http::{self as h, Body};
 use crate::narinfo::{NarHash, StorePathHash};
 
+/// Response header in which a store server names its node id (hex), so a proxy can confirm that
+/// the server at an announced address is the node that announced it.
+pub const NODE_HEADER: &str = "x-local-nix-cache-node";
+
 /// Longest request path looked at; longer ones are 414.
 pub const MAX_PATH_LEN: usize = 256;
 

@@ -44,6 +44,8 @@ pub enum NodeError {
 
 /// A started node.
 pub struct Node {
+    /// This node's id: in its beacons and in every store-server answer.
+    pub node_id: NodeId,
     /// The store server's bound addresses.
     pub addrs: Vec<SocketAddr>,
     /// The proxy's bound addresses.
@@ -125,8 +127,14 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     let keys = &settings.server.keys;
     tracing::info!(store = %st.addr, nar_from_disk = ?st.real_store_dir, keys = ?keys.keys().iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), "starting");
     let index = Arc::new(Index::new(settings.server.index_max_bytes));
-    let srv =
-        Arc::new(StoreServer::new(store, index, keys.clone()).with_stall_timeout(settings.server.client_stall_timeout));
+    // One id for the beacon's announces and the store server's answers, so proxies can check
+    // that the server at an announced address is the node that announced it.
+    let node_id = NodeId::random();
+    let srv = Arc::new(
+        StoreServer::new(store, index, keys.clone())
+            .with_stall_timeout(settings.server.client_stall_timeout)
+            .with_node_id(node_id),
+    );
     let mut parts = Parts::default();
     let running = server::parts(srv, listeners, settings.server.rescan_interval, shutdown.clone());
     let addrs = running.addrs;
@@ -153,7 +161,7 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
                     for line in &sockets.report {
                         tracing::info!("beacon: {line}");
                     }
-                    let table = Arc::new(PeerTable::new(NodeId::random()));
+                    let table = Arc::new(PeerTable::new(node_id));
                     tracing::info!(node = %table.own(), "beacon started");
                     let run = beacon::run(sockets, cfg, table.clone(), None, shutdown.clone(), true);
                     parts.spawn("beacon", run);
@@ -179,6 +187,7 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
         parts.spawn("proxy listener", crate::http::serve(l, handler, shutdown.clone()));
     }
     Ok(Node {
+        node_id,
         addrs,
         proxy_addrs,
         proxy,

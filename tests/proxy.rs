@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::fake::*;
 use common::{get, request};
+use local_nix_cache::beacon::wire::{NodeId, FLAG_NAR_NONE};
 
 /// What a hostile peer does.
 #[derive(Clone, Copy, Debug)]
@@ -325,13 +326,9 @@ fn status_renderers_show_the_proxys_real_state() {
     let rig = Rig::new();
     let peer = Arc::new(FakeCache::default());
     peer.serve_path(&p);
+    *peer.node.lock().expect("lock") = Some(NodeId([1; 16]));
     let addr = rig.cache(peer);
-    rig.announce(
-        addr,
-        1,
-        local_nix_cache::beacon::wire::FLAG_NAR_NONE,
-        Some("<script>x</script>"),
-    );
+    rig.announce(addr, NodeId([1; 16]), FLAG_NAR_NONE, Some("<script>x</script>"));
     let (proxy, px) = rig.proxy(vec![common::dead_url()]);
     let (ni, nar, _) = fetch(proxy, &p);
     assert_eq!((ni, nar), (200, 200));

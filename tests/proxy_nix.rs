@@ -18,10 +18,11 @@ fn nix_store_realises_a_closure_through_the_proxy_from_a_peer_with_upstream_down
     // The client's proxy knows A as a peer; its upstream is stopped (nothing listens there).
     let rig = Rig::new();
     // A real store server offers zstd, as its beacon would say: the NARs cross compressed.
-    rig.add_peer_with_flags(
+    rig.announce(
         a.addr,
-        1,
+        a.node_id,
         local_nix_cache::beacon::wire::FLAG_NAR_NONE | local_nix_cache::beacon::wire::FLAG_NAR_ZSTD,
+        None,
     );
     let dead_url = common::dead_url();
     let keys = local_nix_cache::narinfo::TrustedKeys::new(vec![

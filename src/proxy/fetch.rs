@@ -10,6 +10,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
@@ -23,6 +24,57 @@ use crate::narinfo::{Compression, NarHash, NarInfo, StorePathHash};
 
 /// Bytes read from a source per chunk.
 const READ_CHUNK: usize = 256 * 1024;
+/// A source must send at least [`MIN_WINDOW_BYTES`] in every window of this length, or it is
+/// abandoned as a drip (the idle timeout alone lets one byte every few seconds through).
+pub(super) const RATE_WINDOW: Duration = Duration::from_secs(3);
+/// See [`RATE_WINDOW`]: about 5 KiB/s, far below any real link.
+pub(super) const MIN_WINDOW_BYTES: u64 = 16 * 1024;
+/// A peer gets this long, plus the NAR's size at [`PEER_BUDGET_RATE`], to deliver a whole NAR.
+const PEER_BUDGET_BASE: Duration = Duration::from_secs(30);
+/// Bytes per second a peer's budget allows for (a LAN does tens of MB/s).
+const PEER_BUDGET_RATE: u64 = 1024 * 1024;
+
+/// The floor under a source's rate: [`MIN_WINDOW_BYTES`] per [`RATE_WINDOW`], and for peers an
+/// overall deadline.
+pub(super) struct RateFloor {
+    window_start: Instant,
+    in_window: u64,
+    deadline: Option<Instant>,
+}
+
+impl RateFloor {
+    /// For a transfer of `size` bytes from `source`, starting now.
+    pub(super) fn new(source: &SourceId, size: u64) -> Self {
+        let now = Instant::now();
+        let deadline = matches!(source, SourceId::Peer(_))
+            .then(|| now + PEER_BUDGET_BASE + Duration::from_secs(size / PEER_BUDGET_RATE));
+        Self {
+            window_start: now,
+            in_window: 0,
+            deadline,
+        }
+    }
+
+    /// Counts `n` bytes received; an error when the source fell under the floor.
+    pub(super) fn received(&mut self, n: u64) -> Result<(), SourceError> {
+        let now = Instant::now();
+        if self.deadline.is_some_and(|d| now > d) {
+            return Err(SourceError::Timeout);
+        }
+        self.in_window += n;
+        if now.duration_since(self.window_start) >= RATE_WINDOW {
+            if self.in_window < MIN_WINDOW_BYTES {
+                return Err(SourceError::TooSlow {
+                    min_bytes: MIN_WINDOW_BYTES,
+                    window: RATE_WINDOW,
+                });
+            }
+            self.window_start = now;
+            self.in_window = 0;
+        }
+        Ok(())
+    }
+}
 
 /// A verified NAR with the narinfo it was checked against and where it came from.
 pub type Fetched = (Verified, Arc<NarInfo>, SourceId);
@@ -73,19 +125,22 @@ pub(super) struct NarFetch<'p> {
 
 impl<'p> NarFetch<'p> {
     /// Starts from what the cache knows of the NAR, keeping the sources still usable (a cached
-    /// peer may have left the table or be backed off since).
+    /// peer may have left the table, or lied about this NAR since); backed-off peers go last.
     pub(super) fn new(proxy: &'p Proxy, hash: StorePathHash, nar_hash: NarHash) -> Self {
-        let (info, mut queue) = match proxy.cache.known(&hash) {
-            Some(k) if k.info.nar_hash == nar_hash => (Some(k.info), VecDeque::from(k.candidates)),
-            _ => (None, VecDeque::new()),
+        let (info, candidates) = match proxy.cache.known(&hash) {
+            Some(k) if k.info.nar_hash == nar_hash => (Some(k.info), k.candidates),
+            _ => (None, Vec::new()),
         };
         let now = Instant::now();
-        queue.retain(|c| match &c.source {
-            SourceId::Peer(n) => {
-                proxy.sources.table().and_then(|t| t.get(n)).is_some() && !proxy.health.backed_off(n, now)
-            }
-            SourceId::Upstream(_) => true,
-        });
+        let mut usable: Vec<Candidate> = candidates
+            .into_iter()
+            .filter(|c| match &c.source {
+                SourceId::Peer(n) => proxy.peer_usable(n) && proxy.health.may_ask_for(n, &nar_hash),
+                SourceId::Upstream(_) => true,
+            })
+            .collect();
+        usable.sort_by_key(|c| matches!(&c.source, SourceId::Peer(n) if proxy.health.backed_off(n, now)));
+        let queue = VecDeque::from(usable);
         Self {
             proxy,
             hash,
@@ -129,7 +184,7 @@ impl<'p> NarFetch<'p> {
                 Err(CopyError::Spool(e)) => return Err(e.into()),
                 Err(CopyError::Lie(e)) => {
                     tracing::warn!(source = ?c.source, hash = %self.hash, error = %e, "source sent bad NAR bytes");
-                    self.proxy.judge(&c.source, Verdict::Lied);
+                    self.proxy.judge(&c.source, Verdict::LiedAbout(self.nar_hash));
                     self.reset_spool();
                     self.last_error = Some(e);
                 }
@@ -238,7 +293,7 @@ impl<'p> NarFetch<'p> {
             Err(mut back) => {
                 if self.contributors.len() == 1 {
                     tracing::warn!(source = ?c.source, hash = %self.hash, "NAR hash mismatch; source backed off");
-                    self.proxy.judge(&c.source, Verdict::Lied);
+                    self.proxy.judge(&c.source, Verdict::LiedAbout(self.nar_hash));
                 } else {
                     // Several sources contributed: cannot tell which lied. Start over, one
                     // source per attempt, so the next mismatch is attributable.
@@ -272,6 +327,7 @@ impl Proxy {
         let mut skip = from - start;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut received = 0u64;
+        let mut floor = RateFloor::new(&c.source, size.saturating_sub(from));
         loop {
             buf.clear();
             let n = match tokio::time::timeout(idle, reader.read_buf(&mut buf)).await {
@@ -289,6 +345,7 @@ impl Proxy {
             if n == 0 {
                 break;
             }
+            floor.received(n as u64).map_err(CopyError::Failed)?;
             let mut data = &buf[..n];
             if skip > 0 {
                 let k = (skip as usize).min(data.len());

@@ -29,25 +29,34 @@ const GATHER_GRACE: Duration = Duration::from_millis(300);
 type Answer<'a> = Pin<Box<dyn Future<Output = (SourceId, Result<Option<Candidate>, SourceError>)> + Send + 'a>>;
 
 impl Proxy {
-    /// Live, not backed-off peers, at most [`MAX_FANOUT`], best first.
-    pub(super) fn pick_peers(&self) -> Vec<SourceId> {
+    /// Peers that may be asked, at most [`MAX_FANOUT`] of each kind, best first: those in good
+    /// standing, and those backed off (demoted: asked only as a last resort).
+    pub(super) fn pick_peers(&self) -> (Vec<SourceId>, Vec<SourceId>) {
         let Some(t) = self.sources.table() else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
         let now = Instant::now();
+        // One node per address: two nodes cannot serve on one address, so while none of them
+        // is confirmed only the oldest is asked (forged announces naming a victim's address
+        // cost the victim one request, not one per forged node).
+        let mut addrs = HashSet::new();
         let mut peers: Vec<_> = t
             .peers()
             .into_iter()
+            .filter(|p| self.peer_usable(&p.node))
+            .filter(|p| addrs.insert(p.http_addr()))
             .map(|p| (p.node, self.health.peer(&p.node)))
-            .filter(|(_, h)| !h.backed_off(now))
             .collect();
         peers.sort_by(|(_, a), (_, b)| {
             a.consecutive_failures
                 .cmp(&b.consecutive_failures)
                 .then(a.latency_ms.unwrap_or(0.0).total_cmp(&b.latency_ms.unwrap_or(0.0)))
         });
-        peers.truncate(MAX_FANOUT);
-        peers.into_iter().map(|(n, _)| SourceId::Peer(n)).collect()
+        let (good, demoted): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, h)| !h.backed_off(now));
+        let ids = |v: Vec<(crate::beacon::wire::NodeId, _)>| -> Vec<SourceId> {
+            v.into_iter().take(MAX_FANOUT).map(|(n, _)| SourceId::Peer(n)).collect()
+        };
+        (ids(good), ids(demoted))
     }
 
     /// Upstreams not marked unreachable.
@@ -59,13 +68,25 @@ impl Proxy {
             .collect()
     }
 
-    /// Asks one source, timing peers for the fan-out order.
+    /// Asks one source, timing peers for the fan-out order and noting who answers at a peer's
+    /// address.
     fn ask<'a>(&'a self, s: SourceId, hash: &'a StorePathHash) -> Answer<'a> {
         Box::pin(async move {
             let t0 = Instant::now();
             let r = self.sources.narinfo(&s, hash).await;
-            if let (SourceId::Peer(n), Ok(_)) = (&s, &r) {
-                self.health.latency(n, t0.elapsed());
+            if let SourceId::Peer(n) = &s {
+                let addr = self.sources.table().and_then(|t| t.get(n)).map(|p| p.http_addr());
+                match (&r, addr) {
+                    (Ok(_), Some(a)) => {
+                        self.health.latency(n, t0.elapsed());
+                        self.health.addr_owner(a, Some(*n));
+                    }
+                    (Err(SourceError::NotThePeer { found }), Some(a)) => {
+                        let owner = found.as_deref().and_then(super::source::parse_node);
+                        self.health.addr_owner(a, owner);
+                    }
+                    _ => {}
+                }
             }
             (s, r)
         })
@@ -77,11 +98,14 @@ impl Proxy {
         self.judge(s, Verdict::Failed(e));
     }
 
-    /// Races the sources for the narinfo of `hash`; the first verified answer wins.
+    /// Races the sources for the narinfo of `hash`; the first verified answer wins. Demoted
+    /// peers are asked with the upstreams, after the peers in good standing.
     pub(super) async fn race(&self, hash: &StorePathHash) -> Option<Candidate> {
-        let mut pending: FuturesUnordered<Answer<'_>> =
-            self.pick_peers().into_iter().map(|p| self.ask(p, hash)).collect();
-        let mut upstreams_started = false;
+        let (good, demoted) = self.pick_peers();
+        let mut pending: FuturesUnordered<Answer<'_>> = good.into_iter().map(|p| self.ask(p, hash)).collect();
+        // The second wave: demoted peers and the upstreams, after the hedge delay or once every
+        // peer in good standing has answered.
+        let mut second_wave = Some(demoted);
         let hedge = tokio::time::sleep(if pending.is_empty() {
             Duration::ZERO
         } else {
@@ -89,10 +113,10 @@ impl Proxy {
         });
         tokio::pin!(hedge);
         loop {
-            if pending.is_empty() && upstreams_started {
+            if pending.is_empty() && second_wave.is_none() {
                 return None;
             }
-            tokio::select! {
+            let start_second_wave = tokio::select! {
                 Some((s, r)) = pending.next(), if !pending.is_empty() => {
                     match r {
                         // A good narinfo does not clear a peer's failures: only a verified
@@ -101,32 +125,35 @@ impl Proxy {
                         Ok(None) => {}
                         Err(e) => self.judge_answer(&s, hash, &e),
                     }
-                    if pending.is_empty() && !upstreams_started {
-                        upstreams_started = true;
-                        pending.extend(self.live_upstreams().into_iter().map(|u| self.ask(u, hash)));
-                    }
+                    pending.is_empty()
                 }
-                _ = &mut hedge, if !upstreams_started => {
-                    upstreams_started = true;
-                    pending.extend(self.live_upstreams().into_iter().map(|u| self.ask(u, hash)));
+                _ = &mut hedge, if second_wave.is_some() => true,
+            };
+            if start_second_wave {
+                if let Some(mut wave) = second_wave.take() {
+                    wave.extend(self.live_upstreams());
+                    pending.extend(wave.into_iter().map(|s| self.ask(s, hash)));
                 }
             }
         }
     }
 
     /// Every source that has the NAR `nar_hash` of `hash` (peers first), excluding `skip`;
-    /// waits [`GATHER_GRACE`] after the first for the others.
+    /// waits [`GATHER_GRACE`] after the first for the others. Peers that lied about this NAR
+    /// are not asked; demoted peers come after those in good standing.
     pub(super) async fn gather(
         &self,
         hash: &StorePathHash,
         nar_hash: &NarHash,
         skip: &HashSet<SourceId>,
     ) -> Vec<Candidate> {
-        let mut all: Vec<SourceId> = self.pick_peers();
+        let (mut all, demoted) = self.pick_peers();
+        all.extend(demoted);
         all.extend(self.live_upstreams());
         let mut pending: FuturesUnordered<Answer<'_>> = all
             .into_iter()
             .filter(|s| !skip.contains(s))
+            .filter(|s| !matches!(s, SourceId::Peer(n) if !self.health.may_ask_for(n, nar_hash)))
             .map(|s| self.ask(s, hash))
             .collect();
         let mut found = Vec::new();
@@ -150,7 +177,11 @@ impl Proxy {
                 _ = grace => break,
             }
         }
-        found.sort_by_key(|c| matches!(c.source, SourceId::Upstream(_)));
+        let now = Instant::now();
+        found.sort_by_key(|c| match &c.source {
+            SourceId::Peer(n) => u8::from(self.health.backed_off(n, now)),
+            SourceId::Upstream(_) => 2,
+        });
         found
     }
 }

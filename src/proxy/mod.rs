@@ -60,6 +60,10 @@ pub struct ProxyConfig {
     pub peer_compression: PeerCompression,
     /// A NAR at least this large is fetched in segments from several peers at once.
     pub parallel_min_bytes: u64,
+    /// Peers on loopback addresses may be asked: only for tests and one-machine benchmarks
+    /// (beacons from the network never carry one; anything else pointing the proxy at this host's
+    /// own services is refused).
+    pub loopback_peers: bool,
 }
 
 impl ProxyConfig {
@@ -72,6 +76,7 @@ impl ProxyConfig {
             spool: SpoolLimits::new(MEM_SPOOL_ONE, sp.mem_total_mib, sp.disk_total_mib, sp.dir.clone()),
             peer_compression: s.proxy.peer_compression,
             parallel_min_bytes: PARALLEL_MIN_BYTES,
+            loopback_peers: false,
         }
     }
 }
@@ -131,7 +136,14 @@ impl Proxy {
                 "StoreDir: {}\nWantMassQuery: 1\nPriority: {PRIORITY}\n",
                 cfg.store_dir
             )),
-            sources: Sources::new(peers, cfg.upstreams, cfg.store_dir, cfg.keys, cfg.peer_compression),
+            sources: Sources::new(
+                peers,
+                cfg.upstreams,
+                cfg.store_dir,
+                cfg.keys,
+                cfg.peer_compression,
+                cfg.loopback_peers,
+            ),
             health: SourceHealth::new(upstreams),
             cache: cache::NarinfoCache::default(),
             stats: StatsKeeper::default(),
@@ -146,6 +158,16 @@ impl Proxy {
         if self.health.judge(s, v, Instant::now()) {
             self.stats.update(|st| st.lies += 1);
         }
+    }
+
+    /// Whether a peer may be asked at all: still announced, not an impostor, and its address not
+    /// known to belong to another node.
+    fn peer_usable(&self, node: &crate::beacon::wire::NodeId) -> bool {
+        let Some(t) = self.sources.table() else {
+            return false;
+        };
+        t.get(node)
+            .is_some_and(|p| self.health.may_ask(node, p.http_addr(), |other| t.get(other).is_some()))
     }
 
     pub fn stats(&self) -> Stats {

@@ -16,6 +16,7 @@ use tokio::io::AsyncRead;
 use url::Url;
 
 use crate::beacon::{wire::NodeId, PeerTable};
+use crate::cache_url::NODE_HEADER;
 use crate::narinfo::{Compression, NarInfo, StorePathHash, TrustedKeys, MAX_NARINFO_BYTES};
 use crate::settings::PeerCompression;
 
@@ -53,6 +54,12 @@ pub enum SourceError {
     Timeout,
     #[error("peer no longer in the table")]
     Gone,
+    /// The server at the peer's address is not the node that announced it (a forged announce
+    /// naming someone else's address, or an address reused by another host).
+    #[error("the server at the peer's address is node {found:?}, not the one announced")]
+    NotThePeer { found: Option<String> },
+    #[error("sent less than {min_bytes} bytes in {window:?}")]
+    TooSlow { min_bytes: u64, window: Duration },
     #[error("bad NAR URL {0:?}")]
     Url(String),
     #[error("sent more than the {0} bytes asked for")]
@@ -114,16 +121,34 @@ impl Candidate {
 /// Resolves `<node id>.peer` through the peer table; other names through the system resolver.
 struct PeerResolver {
     table: Option<Arc<PeerTable>>,
+    /// Whether peers on loopback addresses may be reached (tests and one-machine benchmarks;
+    /// beacons from the network never carry one, and nothing else may point the proxy at this
+    /// host's own services).
+    loopback_peers: bool,
+}
+
+/// An address a peer may be reached at: a unicast address of another host.
+fn peer_addr_allowed(a: &SocketAddr, loopback_peers: bool) -> bool {
+    let ip = a.ip().to_canonical();
+    !(ip.is_unspecified() || ip.is_multicast() || (ip.is_loopback() && !loopback_peers) || a.port() == 0)
 }
 
 impl reqwest::dns::Resolve for PeerResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let name = name.as_str().to_owned();
         let table = self.table.clone();
+        let loopback_peers = self.loopback_peers;
         Box::pin(async move {
             if let Some(node) = name.strip_suffix(PEER_SUFFIX).and_then(parse_node) {
                 let peer = table.and_then(|t| t.get(&node)).ok_or("peer not in the table")?;
-                let addrs: Vec<SocketAddr> = peer.addrs.clone();
+                let addrs: Vec<SocketAddr> = peer
+                    .addrs
+                    .into_iter()
+                    .filter(|a| peer_addr_allowed(a, loopback_peers))
+                    .collect();
+                if addrs.is_empty() {
+                    return Err("the peer announced no address it may be reached at".into());
+                }
                 return Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs);
             }
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
@@ -132,7 +157,22 @@ impl reqwest::dns::Resolve for PeerResolver {
     }
 }
 
-fn parse_node(s: &str) -> Option<NodeId> {
+/// A peer's answer must come from the node that announced the address: its store server names
+/// its node id in [`NODE_HEADER`]. Upstreams are not checked.
+fn check_node(s: &SourceId, resp: &reqwest::Response) -> Result<(), SourceError> {
+    let SourceId::Peer(node) = s else {
+        return Ok(());
+    };
+    let found = resp.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok());
+    if found.and_then(parse_node) == Some(*node) {
+        return Ok(());
+    }
+    Err(SourceError::NotThePeer {
+        found: found.map(|f| f.chars().take(64).collect()),
+    })
+}
+
+pub(super) fn parse_node(s: &str) -> Option<NodeId> {
     let bytes = data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).ok()?;
     Some(NodeId(bytes.try_into().ok()?))
 }
@@ -178,16 +218,24 @@ impl Sources {
         store_dir: String,
         keys: TrustedKeys,
         peer_compression: PeerCompression,
+        loopback_peers: bool,
     ) -> Self {
-        let build = |t: Timeouts, no_proxy: bool| {
+        let resolver = Arc::new(PeerResolver {
+            table: peers.clone(),
+            loopback_peers,
+        });
+        let build = |t: Timeouts, peer: bool| {
             let mut b = reqwest::Client::builder()
                 .connect_timeout(t.connect)
                 .read_timeout(t.idle)
                 .pool_idle_timeout(Duration::from_secs(30))
                 .user_agent(concat!("local-nix-cache/", env!("CARGO_PKG_VERSION")))
-                .dns_resolver(Arc::new(PeerResolver { table: peers.clone() }));
-            if no_proxy {
-                b = b.no_proxy();
+                .dns_resolver(resolver.clone());
+            if peer {
+                // A peer is asked for its own paths on its own address: a redirect could point
+                // the proxy anywhere (this host's loopback services, a victim), so it is a
+                // failed answer, never followed. No HTTP proxy between LAN hosts either.
+                b = b.no_proxy().redirect(reqwest::redirect::Policy::none());
             }
             b.build().unwrap_or_else(|_| reqwest::Client::new())
         };
@@ -240,6 +288,7 @@ impl Sources {
         let t = self.timeouts(s);
         let fetch = async {
             let mut resp = self.client(s).get(url).send().await?;
+            check_node(s, &resp)?;
             match resp.status().as_u16() {
                 200 => {}
                 404 | 403 | 410 => return Ok(None),
@@ -315,6 +364,7 @@ impl Sources {
         let resp = tokio::time::timeout(t.narinfo, req.send())
             .await
             .map_err(|_| SourceError::Timeout)??;
+        check_node(&c.source, &resp)?;
         let status = resp.status().as_u16();
         let start = match status {
             206 if ranged => from,
@@ -347,6 +397,7 @@ impl Sources {
         let resp = tokio::time::timeout(t.narinfo, req.send())
             .await
             .map_err(|_| SourceError::Timeout)??;
+        check_node(&c.source, &resp)?;
         let from_start = resp
             .headers()
             .get(reqwest::header::CONTENT_RANGE)
@@ -362,3 +413,26 @@ impl Sources {
 
 /// A NAR's uncompressed bytes from one source.
 pub type NarReader = Pin<Box<dyn AsyncRead + Send>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_never_reached_on_this_hosts_own_or_special_addresses() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        for (addr, loopback_ok, want) in [
+            ("10.0.0.2:8380", false, true),
+            ("[fe80::1%2]:8380", false, true),
+            ("127.0.0.1:8380", false, false),
+            ("[::1]:8380", false, false),
+            ("[::ffff:127.0.0.1]:8380", false, false),
+            ("127.0.0.1:8380", true, true),
+            ("0.0.0.0:8380", true, false),
+            ("239.255.83.80:8380", true, false),
+            ("10.0.0.2:0", true, false),
+        ] {
+            assert_eq!(peer_addr_allowed(&a(addr), loopback_ok), want, "{addr} {loopback_ok}");
+        }
+    }
+}

@@ -6,6 +6,7 @@
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
+use super::fetch::RateFloor;
 use super::health::Verdict;
 use super::source::{Candidate, SourceError};
 use super::spool::{PositionalSpool, SpoolError, Verified};
@@ -92,11 +93,13 @@ impl Proxy {
         let idle = self.sources.timeouts(&c.source).idle;
         let want = end + 1 - start;
         let (mut pos, mut buf) = (start, BytesMut::with_capacity(SEGMENT_BLOCK));
+        let mut floor = RateFloor::new(&c.source, want);
         loop {
             let n = match tokio::time::timeout(idle, reader.read_buf(&mut buf)).await {
                 Err(_) => return Err(SourceError::Timeout.into()),
                 Ok(r) => r.map_err(SourceError::Read)?,
             };
+            floor.received(n as u64)?;
             if pos + buf.len() as u64 > end + 1 {
                 return Err(SourceError::Overrun(want).into());
             }

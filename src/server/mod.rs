@@ -62,6 +62,9 @@ pub struct StoreServer {
     stall_timeout: Duration,
     /// sha256 and size of this process's binary, computed on the first `/install` request.
     binary: tokio::sync::OnceCell<Option<(String, u64)>>,
+    /// This node's id, sent in [`cache_url::NODE_HEADER`] on every response, so a proxy can
+    /// confirm it talks to the node that announced this address.
+    node_header: Option<HeaderValue>,
 }
 
 impl StoreServer {
@@ -77,7 +80,13 @@ impl StoreServer {
             cache_info,
             stall_timeout: Duration::from_secs(60),
             binary: tokio::sync::OnceCell::new(),
+            node_header: None,
         }
+    }
+
+    pub fn with_node_id(mut self, node: crate::beacon::wire::NodeId) -> Self {
+        self.node_header = HeaderValue::from_str(&node.to_string()).ok();
+        self
     }
 
     /// sha256 (hex) and size of the running binary.
@@ -386,6 +395,9 @@ impl h::Handler for StoreServer {
         };
         if head {
             h::strip_for_head(&mut resp);
+        }
+        if let Some(n) = &self.node_header {
+            resp.headers_mut().insert(cache_url::NODE_HEADER, n.clone());
         }
         resp
     }

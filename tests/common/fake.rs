@@ -12,6 +12,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use local_nix_cache::beacon::wire::{encode, Beacon, Kind, NodeId, FLAG_NAR_NONE};
 use local_nix_cache::beacon::PeerTable;
+use local_nix_cache::cache_url::NODE_HEADER;
 use local_nix_cache::http::{self as h, Body};
 use local_nix_cache::narinfo::{Compression, NarHash, NarInfo, PublicKey, SecretKey, StorePath, TrustedKeys};
 use local_nix_cache::proxy::{spool::SpoolLimits, Proxy, ProxyConfig};
@@ -110,6 +111,13 @@ pub enum Reply {
     },
     /// 200 that never ends.
     Endless,
+    /// 302 to this URL.
+    Redirect(String),
+    /// The body, one byte per `every` (bounded), then an abort.
+    Drip {
+        body: Bytes,
+        every: Duration,
+    },
 }
 
 impl Reply {
@@ -134,6 +142,8 @@ pub struct FakeCache {
     pub routes: Mutex<HashMap<String, Reply>>,
     pub ranges: Mutex<Vec<String>>,
     pub requests: Mutex<Vec<String>>,
+    /// The node id it names in every answer, as a store server does (set when it plays a peer).
+    pub node: Mutex<Option<NodeId>>,
 }
 
 impl FakeCache {
@@ -170,6 +180,18 @@ impl h::Handler for FakeCache {
             self.ranges.lock().expect("lock").push(r.clone());
         }
         let reply = self.routes.lock().expect("lock").get(&path).cloned();
+        let node = *self.node.lock().expect("lock");
+        let mut resp = Self::reply(reply, range).await;
+        if let Some(n) = node {
+            resp.headers_mut()
+                .insert(NODE_HEADER, n.to_string().parse().expect("header value"));
+        }
+        resp
+    }
+}
+
+impl FakeCache {
+    async fn reply(reply: Option<Reply>, range: Option<String>) -> Response<Body> {
         match reply {
             None => h::not_found(),
             Some(Reply::Status(s)) => h::text(StatusCode::from_u16(s).expect("status"), "fake status\n"),
@@ -205,6 +227,30 @@ impl h::Handler for FakeCache {
             }
             Some(Reply::Truncated { body, cut }) => streamed(body, cut, false),
             Some(Reply::Stall { body, cut }) => streamed(body, cut, true),
+            Some(Reply::Redirect(to)) => {
+                let mut r = h::text(StatusCode::FOUND, "moved\n");
+                r.headers_mut()
+                    .insert(http::header::LOCATION, to.parse().expect("location"));
+                r
+            }
+            Some(Reply::Drip { body, every }) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let len = body.len();
+                tokio::spawn(async move {
+                    // Bounded: one byte per `every`, at most 60 bytes, then the connection ends.
+                    for i in 0..len.min(60) {
+                        if tx.send(Ok(body.slice(i..i + 1))).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(every).await;
+                    }
+                    let _ = tx.send(Err(std::io::Error::other("fake drip ends"))).await;
+                });
+                let mut r = Response::new(Body::Stream(rx));
+                r.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, len.to_string().parse().expect("hv"));
+                r
+            }
             Some(Reply::Endless) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(2);
                 tokio::spawn(async move {
@@ -292,28 +338,22 @@ impl Rig {
         self.stop.cancel();
     }
 
-    /// Starts a fake cache and enters it in the peer table, as its beacon would.
+    /// Starts a fake cache as peer `id` (naming that node id in its answers) and enters it in the
+    /// peer table, as its beacon would.
     pub fn peer(&self, c: Arc<FakeCache>, id: u8) -> SocketAddr {
+        *c.node.lock().expect("lock") = Some(NodeId([id; 16]));
         let addr = self.cache(c);
-        self.add_peer(addr, id);
+        self.announce(addr, NodeId([id; 16]), FLAG_NAR_NONE, None);
         addr
     }
 
-    pub fn add_peer(&self, addr: SocketAddr, id: u8) {
-        self.add_peer_with_flags(addr, id, FLAG_NAR_NONE);
-    }
-
-    /// As `add_peer`, announcing `flags` (e.g. zstd, for a real store server).
-    pub fn add_peer_with_flags(&self, addr: SocketAddr, id: u8, flags: u16) {
-        self.announce(addr, id, flags, None);
-    }
-
-    /// Enters a peer in the table as its announce would, with a host name.
-    pub fn announce(&self, addr: SocketAddr, id: u8, flags: u16, hostname: Option<&str>) {
+    /// Enters node `node` at `addr` in the table as its announce would (e.g. a real store server
+    /// with its flags, or a forged announce naming someone else's address).
+    pub fn announce(&self, addr: SocketAddr, node: NodeId, flags: u16, hostname: Option<&str>) {
         let b = encode(&Beacon {
             kind: Kind::Announce,
             flags,
-            node: NodeId([id; 16]),
+            node,
             port: addr.port(),
             interval_ms: 3_600_000,
             seq: 1,
@@ -339,6 +379,8 @@ impl Rig {
                 upstreams: upstreams.iter().map(|u| settings::upstream(u).expect("url")).collect(),
                 spool: SpoolLimits::new(1 << 20, 16, 256, spool),
                 peer_compression: PeerCompression::Zstd,
+                // The fakes and in-process store servers all live on 127.0.0.1.
+                loopback_peers: true,
                 // Small, so tests exercise split fetches without huge fixtures (NARs of 4 MiB and
                 // more; the other tests stay below).
                 parallel_min_bytes: 4 << 20,

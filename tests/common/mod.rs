@@ -332,6 +332,8 @@ pub fn serve_args(store: StoreAddr) -> Settings {
 /// A node running in-process on its own runtime thread; stopped (and drained) on drop.
 pub struct TestNode {
     pub addr: SocketAddr,
+    /// The node id its store server names in every answer.
+    pub node_id: local_nix_cache::beacon::wire::NodeId,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -349,13 +351,14 @@ impl TestNode {
                 .expect("runtime");
             rt.block_on(async move {
                 let node = node::start(&args, token).expect("start node");
-                tx.send(node.addrs[0]).expect("send addr");
+                tx.send((node.addrs[0], node.node_id)).expect("send addr");
                 node.wait().await.expect("node ran and stopped cleanly");
             });
         });
-        let addr = rx.recv_timeout(Duration::from_secs(10)).expect("node started");
+        let (addr, node_id) = rx.recv_timeout(Duration::from_secs(10)).expect("node started");
         Self {
             addr,
+            node_id,
             shutdown,
             thread: Some(thread),
         }
