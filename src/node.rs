@@ -141,6 +141,7 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     for (name, part) in running.parts {
         parts.spawn(name, part);
     }
+    let mut links = None;
     let peers = match &settings.beacon {
         None => None,
         Some(b) => {
@@ -156,24 +157,17 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
                 announce: Some(announce),
                 interval: b.interval,
             };
-            match beacon::bind(&cfg) {
-                Ok(sockets) => {
-                    for line in &sockets.report {
-                        tracing::info!("beacon: {line}");
-                    }
-                    let table = Arc::new(PeerTable::new(node_id));
-                    tracing::info!(node = %table.own(), "beacon started");
-                    let run = beacon::run(sockets, cfg, table.clone(), None, shutdown.clone(), true);
-                    parts.spawn("beacon", run);
-                    Some(table)
-                }
-                // With no usable interface (an offline laptop) the store server still serves.
-                Err(e @ beacon::BeaconError::NoInterface(_)) if b.interfaces.is_empty() => {
-                    tracing::warn!(error = %e, "beacon not started; peers will not find this host");
-                    None
-                }
-                Err(e) => return Err(e.into()),
+            // Always runs: with no usable interface yet (an offline laptop) it waits for one.
+            let sockets = beacon::bind(&cfg)?;
+            for line in &sockets.report {
+                tracing::info!("beacon: {line}");
             }
+            links = Some(sockets.states.clone());
+            let table = Arc::new(PeerTable::new(node_id));
+            tracing::info!(node = %table.own(), "beacon started");
+            let run = beacon::run(sockets, cfg, table.clone(), None, shutdown.clone(), true);
+            parts.spawn("beacon", run);
+            Some(table)
         }
     };
     let proxy = Arc::new(Proxy::new(ProxyConfig::from_settings(settings), peers.clone()));
@@ -183,7 +177,7 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
             tracing::info!(addr = %a, "proxy listening");
             proxy_addrs.push(a);
         }
-        let handler = Arc::new(crate::status::ProxyWithPages(proxy.clone()));
+        let handler = Arc::new(crate::status::NodePages::new(proxy.clone(), links.clone()));
         parts.spawn("proxy listener", crate::http::serve(l, handler, shutdown.clone()));
     }
     Ok(Node {

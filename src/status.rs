@@ -9,24 +9,60 @@ pub struct ProxyWithPages(pub Arc<Proxy>);
 
 impl Handler for ProxyWithPages {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let page = |body: String, content_type: &'static str| h::ok(Bytes::from(body), content_type);
-        let mut resp = match (h::is_head(req.method()), req.uri().path()) {
-            (Some(_), "/status.json") => page(
-                serde_json::to_string(&self.0.status()).unwrap_or_else(|_| "{}".into()),
-                "application/json",
-            ),
-            (Some(_), "/") => page(html(&self.0.status()), "text/html; charset=utf-8"),
-            (Some(_), "/metrics") => page(
-                metrics(&self.0.status()),
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ),
-            _ => return self.0.handle(req, peer).await,
-        };
-        if h::is_head(req.method()) == Some(true) {
-            h::strip_for_head(&mut resp);
-        }
-        resp
+        pages(&self.0, None, req, peer).await
     }
+}
+
+/// A node's proxy listener: [`ProxyWithPages`] plus the beacon's interface states in the report.
+pub struct NodePages {
+    proxy: Arc<Proxy>,
+    links: Option<Arc<LinkStates>>,
+}
+
+impl NodePages {
+    pub fn new(proxy: Arc<Proxy>, links: Option<Arc<LinkStates>>) -> Self {
+        Self { proxy, links }
+    }
+}
+
+impl Handler for NodePages {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        pages(&self.proxy, self.links.as_deref(), req, peer).await
+    }
+}
+
+/// The proxy's report, with the interface states when there are some.
+pub fn report(proxy: &Proxy, links: Option<&LinkStates>) -> StatusReport {
+    let mut st = proxy.status();
+    if let Some(l) = links {
+        st.interfaces = l.snapshot(tokio::time::Instant::now());
+    }
+    st
+}
+
+async fn pages(
+    proxy: &Arc<Proxy>,
+    links: Option<&LinkStates>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let page = |body: String, content_type: &'static str| h::ok(Bytes::from(body), content_type);
+    let mut resp = match (h::is_head(req.method()), req.uri().path()) {
+        (Some(_), "/status.json") => page(
+            serde_json::to_string(&report(proxy, links)).unwrap_or_else(|_| "{}".into()),
+            "application/json",
+        ),
+        (Some(_), "/") => page(html(&report(proxy, links)), "text/html; charset=utf-8"),
+        (Some(_), "/metrics") => page(
+            metrics(&report(proxy, links)),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        _ => return proxy.handle(req, peer).await,
+    };
+    if h::is_head(req.method()) == Some(true) {
+        h::strip_for_head(&mut resp);
+    }
+    resp
 }
 
 use std::fmt::Write;
@@ -43,6 +79,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use crate::beacon::{LinkState, LinkStates};
 use crate::http::{self as h, Body, Handler};
 use crate::proxy::stats::StatusReport;
 use crate::proxy::Proxy;
@@ -92,6 +129,23 @@ pub fn text(st: &StatusReport) -> String {
             p.health.successes,
             p.health.failures,
             if p.backed_off { "  (backed off)" } else { "" }
+        );
+    }
+    if !st.interfaces.is_empty() && !st.interfaces.iter().any(|i| i.state == LinkState::Joined) {
+        let _ = writeln!(out, "beacon: waiting for a usable network interface");
+    }
+    for i in &st.interfaces {
+        let _ = writeln!(
+            out,
+            "interface {:<12} {:<8} {} ({} s)",
+            i.name,
+            i.state.as_str(),
+            if i.addrs.is_empty() {
+                "-".into()
+            } else {
+                i.addrs.join(", ")
+            },
+            i.since_s
         );
     }
     for u in st.upstreams.iter().filter(|u| !u.reachable) {
@@ -155,6 +209,17 @@ pub fn html(st: &StatusReport) -> String {
             if p.backed_off { "backed off" } else { "ok" }
         );
     }
+    let mut ifaces = String::new();
+    for i in &st.interfaces {
+        let _ = write!(
+            ifaces,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} s</td></tr>",
+            escape(&i.name),
+            i.state.as_str(),
+            escape(&i.addrs.join(", ")),
+            i.since_s
+        );
+    }
     let mut recent = String::new();
     for t in &st.recent {
         let _ = write!(
@@ -175,6 +240,7 @@ td,th{{border:1px solid #ccc;padding:.3em .7em;text-align:left}}th{{background:#
 <body><h1>local-nix-cache</h1>
 <p class="big">{peers} peer(s) &middot; {saved} saved &middot; {lan} NARs from the LAN, {up} from upstream</p>
 <h2>Peers</h2><table><tr><th>address</th><th>host</th><th>served</th><th>failed</th><th>latency</th><th>state</th></tr>{rows}</table>
+<h2>Interfaces</h2><table><tr><th>interface</th><th>state</th><th>addresses</th><th>since</th></tr>{ifaces}</table>
 <h2>Hits</h2><table><tr><th></th><th>LAN</th><th>upstream</th><th>miss</th></tr>
 <tr><th>narinfo</th><td>{ni_lan}</td><td>{ni_up}</td><td>{ni_miss}</td></tr>
 <tr><th>NAR</th><td>{lan}</td><td>{up}</td><td>{fail}</td></tr></table>
@@ -255,6 +321,14 @@ pub fn metrics(st: &StatusReport) -> String {
         "Upstreams skipped after a failed connection",
         down,
     );
+    let ifaces = Family::<Labels, Gauge>::default();
+    for state in [LinkState::Joined, LinkState::Waiting, LinkState::Left] {
+        let n = st.interfaces.iter().filter(|i| i.state == state).count();
+        ifaces
+            .get_or_create(&vec![("state".to_owned(), state.as_str().to_owned())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    r.register("beacon_interfaces", "The beacon's interfaces, by state", ifaces);
     if let Some(b) = &st.beacon {
         r.register(
             "beacon_datagrams",

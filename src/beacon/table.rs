@@ -240,6 +240,32 @@ impl PeerTable {
         removed
     }
 
+    /// Forgets the addresses `gone` matches (reached through a link that went away); a peer left
+    /// with none is dropped. Returns the dropped peers.
+    pub fn forget_addrs(&self, gone: impl Fn(&SocketAddr) -> bool) -> Vec<Peer> {
+        self.remove_where(|p| {
+            p.addrs.retain(|a| !gone(a));
+            p.addrs.is_empty()
+        })
+    }
+
+    /// Drops the peers not heard from since `since` (after a wake-up from suspend, those that
+    /// did not answer the query); returns them.
+    pub fn drop_unheard_since(&self, since: Instant) -> Vec<Peer> {
+        self.remove_where(|p| p.last_seen < since)
+    }
+
+    fn remove_where(&self, mut pred: impl FnMut(&mut Peer) -> bool) -> Vec<Peer> {
+        let mut g = self.lock();
+        let gone: Vec<NodeId> = g.peers.values_mut().filter_map(|p| pred(p).then_some(p.node)).collect();
+        let removed: Vec<Peer> = gone.iter().filter_map(|n| g.peers.remove(n)).collect();
+        drop(g);
+        if !removed.is_empty() {
+            self.changed.notify_waiters();
+        }
+        removed
+    }
+
     /// When the next peer will expire, if it stays silent.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.lock().peers.values().map(Peer::expires_at).min()
@@ -351,6 +377,29 @@ mod tests {
         assert!(t.peers().is_empty());
         let c = t.counters();
         assert_eq!((c.expired, c.goodbyes), (1, 2));
+    }
+
+    /// A peer seen through a link that went away loses that address, and goes when it has no
+    /// other; after a wake-up, peers not heard since are dropped.
+    #[tokio::test(start_paused = true)]
+    async fn departed_links_and_wake_ups_drop_peers() {
+        let t = PeerTable::new(NodeId([0; 16]));
+        let now = Instant::now();
+        let v6: SocketAddr = "[fe80::2%7]:8380".parse().expect("addr");
+        t.handle(src(2), &beacon(Kind::Announce, 2, 1000), now);
+        t.handle(v6, &beacon(Kind::Announce, 2, 1000), now);
+        t.handle(src(3), &beacon(Kind::Announce, 3, 1000), now);
+        let on_v4_link = |a: &SocketAddr| a.is_ipv4();
+        let gone = t.forget_addrs(on_v4_link);
+        assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![NodeId([3; 16])]);
+        let p2 = t.get(&NodeId([2; 16])).expect("peer 2 is still reachable over IPv6");
+        assert_eq!(p2.addrs.len(), 1);
+        assert!(p2.addrs[0].is_ipv6());
+        let later = now + Duration::from_millis(500);
+        t.handle(src(4), &beacon(Kind::Announce, 4, 1000), later);
+        let gone = t.drop_unheard_since(later);
+        assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![NodeId([2; 16])]);
+        assert_eq!(t.peers().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

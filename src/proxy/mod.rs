@@ -226,6 +226,7 @@ impl Proxy {
                     reachable: self.health.upstream_up(i, now),
                 })
                 .collect(),
+            interfaces: Vec::new(),
         }
     }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::health::Health;
 use crate::beacon::table::Counters;
+use crate::beacon::LinkReport;
 
 /// Transfers listed on the status page.
 pub const RECENT_TRANSFERS: usize = 20;
@@ -109,6 +110,10 @@ pub struct StatusReport {
     /// What the beacon received (none without a beacon).
     pub beacon: Option<Counters>,
     pub upstreams: Vec<UpstreamReport>,
+    /// The beacon's interfaces (joined, waiting, left); filled in by the node's status pages
+    /// (the proxy itself does not know them). Empty without a beacon.
+    #[serde(default)]
+    pub interfaces: Vec<LinkReport>,
 }
 
 /// One peer of the table, with the health the proxy found.

@@ -40,6 +40,22 @@ impl NixHost {
 
     /// Starts `serve` in this host's namespace. `upstream`: URL or `none`.
     pub fn start_serve(&mut self, upstream: &str) {
+        self.start_serve_args(
+            upstream,
+            &[
+                "--listen",
+                "0.0.0.0:8380",
+                "--interface",
+                "eth0",
+                "--announce-interval",
+                "1s",
+            ],
+        );
+    }
+
+    /// Starts `serve` with `args` instead of the default listen address, interface and announce
+    /// interval (e.g. every interface, as the NixOS module and the one-liner run it).
+    pub fn start_serve_args(&mut self, upstream: &str, args: &[&str]) {
         assert!(self.serve.is_none(), "{} already serves", self.name);
         let log = std::fs::File::create(&self.log).expect("log file");
         let child = Command::new("ip")
@@ -47,14 +63,7 @@ impl NixHost {
             .arg("--store")
             .arg(format!("unix://{}", self.store.socket.display()))
             .args(["--real-store-dir", &self.store.physical_store()])
-            .args([
-                "--listen",
-                "0.0.0.0:8380",
-                "--interface",
-                "eth0",
-                "--announce-interval",
-                "1s",
-            ])
+            .args(args)
             .args(["--upstream", upstream, "--trusted-public-key", &fixture().pk])
             .arg("--spool-dir")
             .arg(self.store.dir.path().join("spool"))
