@@ -144,7 +144,7 @@ impl Lan {
 
 impl Lan {
     /// Plugs namespace `ns` into this LAN's bridge with a new veth `ifname` (up, `lo` up), with
-    /// `cidr` (e.g. `10.78.0.1/24`) and a multicast route when given; without, the link has only
+    /// `cidr` (e.g. `10.78.0.1/24`) and a multicast route (unless one exists) when given; without, the link has only
     /// its IPv6 link-local address. A roaming host's link appearing.
     pub fn attach(&self, ns: &str, ifname: &str, cidr: Option<&str>) {
         let peer = format!("va{}", LAN_COUNTER.fetch_add(1, Ordering::Relaxed));
@@ -170,7 +170,12 @@ impl Lan {
         ip(&["-n", ns, "link", "set", ifname, "up"]);
         ip(&["-n", ns, "link", "set", "lo", "up"]);
         if cidr.is_some() {
-            ip(&["-n", ns, "route", "add", "224.0.0.0/4", "dev", ifname]);
+            // Fails when another link already has the multicast route (a second LAN): fine, the
+            // beacon picks the interface itself.
+            let _ = Command::new("ip")
+                .args(["-n", ns, "route", "add", "224.0.0.0/4", "dev", ifname])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
