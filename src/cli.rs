@@ -62,8 +62,9 @@ pub struct StatusArgs {
 /// Beacon flags shared by `serve` and `peers`.
 #[derive(Args, Debug, Clone)]
 pub struct BeaconArgs {
-    /// Interface to announce and listen on (repeatable). Default: every interface that is up,
-    /// multicast-capable and not loopback.
+    /// Interface to announce and listen on (repeatable; waited for while it does not exist).
+    /// Default: every interface that is up, multicast-capable and not loopback, followed as they
+    /// come and go.
     #[arg(long = "interface", value_name = "NAME")]
     pub interfaces: Vec<String>,
     /// Multicast group (repeatable; IPv4 and/or IPv6). Default: 239.255.83.80 and ff02::8380.

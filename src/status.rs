@@ -401,3 +401,61 @@ pub async fn print(proxy: &str, json: bool) -> Result<(), StatusError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::beacon::LinkReport;
+    use crate::proxy::stats::Stats;
+
+    /// Every renderer shows the beacon's interfaces and their states.
+    #[test]
+    fn interfaces_are_shown_with_their_state() {
+        let link = |name: &str, state, addrs: &[&str]| LinkReport {
+            name: name.into(),
+            state,
+            addrs: addrs.iter().map(|a| (*a).to_owned()).collect(),
+            since_s: 7,
+        };
+        let mut st = StatusReport {
+            peers: vec![],
+            stats: Stats::default(),
+            recent: vec![],
+            beacon: None,
+            upstreams: vec![],
+            interfaces: vec![
+                link("eth0", LinkState::Joined, &["10.0.0.2", "fe80::/64"]),
+                link("wlan0", LinkState::Waiting, &[]),
+                link("usb0", LinkState::Left, &[]),
+            ],
+        };
+        let t = text(&st);
+        assert!(
+            t.contains("interface eth0") && t.contains("joined") && t.contains("10.0.0.2, fe80::/64"),
+            "{t}"
+        );
+        assert!(t.contains("interface wlan0") && t.contains("waiting"), "{t}");
+        assert!(t.contains("interface usb0") && t.contains("left"), "{t}");
+        let h = html(&st);
+        assert!(
+            h.contains("<td>eth0</td><td>joined</td><td>10.0.0.2, fe80::/64</td>"),
+            "{h}"
+        );
+        assert!(h.contains("<td>usb0</td><td>left</td>"), "{h}");
+        let m = metrics(&st);
+        for s in ["joined", "waiting", "left"] {
+            assert!(
+                m.contains(&format!("local_nix_cache_beacon_interfaces{{state=\"{s}\"}} 1")),
+                "{m}"
+            );
+        }
+        // Only waiting and left: the terminal says the beacon waits for a network.
+        st.interfaces.remove(0);
+        assert!(text(&st).contains("waiting for a usable network interface"));
+        // A report from a proxy without the field still reads (older `serve`).
+        let mut v = serde_json::to_value(&st).expect("json");
+        v.as_object_mut().expect("object").remove("interfaces");
+        let back: StatusReport = serde_json::from_value(v).expect("reads without interfaces");
+        assert!(back.interfaces.is_empty());
+    }
+}

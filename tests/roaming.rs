@@ -6,11 +6,13 @@
 
 mod common;
 
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::netns::{detach, ip_in, require_netns, sysctl_in, Lan};
+use common::netns::{detach, ip_in, require_netns, sysctl_in, Lan, TestBeacon};
 use common::nixlan::{NixHost, NixLan};
 use common::{fixture, require_nix};
+use local_nix_cache::beacon::BeaconConfig;
 
 fn prerequisites() -> bool {
     require_nix() && require_netns()
@@ -306,6 +308,55 @@ fn an_interface_that_goes_away_drops_its_peers_without_an_error_loop() {
     no_error_loop(&lan.hosts[1]);
     let text = lan.hosts[1].http("http://127.0.0.1:8381/").expect("status page");
     assert!(text.contains("eth0") && text.contains("left"), "{text}");
+}
+
+/// `peers --announce` on a named interface that does not exist yet waits for it (no error), joins
+/// it when it appears, and is heard there.
+#[test]
+fn peers_announce_waits_for_its_named_interface() {
+    if !require_netns() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let (a, b) = (lan.hosts[0].clone(), lan.hosts[1].clone());
+    detach(&a.ns, "eth0");
+    let listener = TestBeacon::start(&b, BeaconConfig::default());
+    let child = a
+        .command(common::nixlan::bin())
+        .args([
+            "peers",
+            "--announce",
+            "--interface",
+            "eth0",
+            "--interval",
+            "30s",
+            "--timeout",
+            "6s",
+        ])
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn peers");
+    std::thread::sleep(Duration::from_secs(2));
+    lan.attach(&a.ns, "eth0", Some(&format!("{}/24", a.ip4)));
+    let heard = wait_for(Duration::from_secs(4), || {
+        listener
+            .table
+            .peers()
+            .iter()
+            .any(|p| p.addrs.iter().any(|s| s.ip() == std::net::IpAddr::V4(a.ip4)))
+    });
+    let out = child.wait_with_output().expect("peers ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "peers failed: {err}");
+    assert!(err.contains("interface eth0: waiting"), "{err}");
+    assert!(err.contains("interface eth0: joined"), "{err}");
+    assert!(
+        heard.is_some(),
+        "the announce on the new link was not heard; peers said:\n{err}"
+    );
 }
 
 fn beacon_rescan() -> Duration {
