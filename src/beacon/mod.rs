@@ -148,6 +148,15 @@ impl Link {
     }
 }
 
+/// The addresses a link will use once `i` (its new state) is applied to `l`.
+fn addrs_of(i: &Interface, l: &Link) -> String {
+    let mut a: Vec<String> = i.v4.iter().map(|a| a.to_string()).collect();
+    if l.v6 {
+        a.push("fe80::/64".into());
+    }
+    a.join(", ")
+}
+
 /// What a re-scan found.
 #[derive(Default, Debug)]
 struct Changes {
@@ -345,7 +354,8 @@ impl Sockets {
             l.v6 = want6;
             if fresh {
                 ch.fresh.push(n.clone());
-                ch.lines.push(format!("joined {n} ({})", l.addrs().join(", ")));
+                let what = if old.is_some() { "announcing again on" } else { "joined" };
+                ch.lines.push(format!("{what} {n} ({})", addrs_of(&i, &l)));
             }
             l.iface = i;
             self.states.set(&n, LinkState::Joined, l.addrs(), now);
