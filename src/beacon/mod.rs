@@ -19,6 +19,7 @@ pub mod links;
 mod membership;
 pub mod table;
 pub mod wake;
+pub use wake::WAKE_GRACE;
 pub mod watch;
 pub mod wire;
 
@@ -63,9 +64,6 @@ pub const RESCAN_INTERVAL_NO_NETLINK: Duration = Duration::from_secs(2);
 const RESCAN_DEBOUNCE: Duration = Duration::from_millis(100);
 /// Most interfaces joined at once; further ones are left waiting (with a warning in the states).
 pub const MAX_LINKS: usize = 16;
-/// After a wake-up from suspend, peers that have not answered the query within this long are
-/// dropped (they may have gone while we slept).
-pub const WAKE_GRACE: Duration = Duration::from_secs(2);
 
 /// This machine's host name, for the beacon's informational hostname extension.
 pub fn hostname() -> Option<String> {
@@ -224,9 +222,7 @@ pub async fn run(
     let mut next_announce = start + jittered(cfg.interval);
     let mut rescan_at = start + rescan_every;
     let mut scan_failing = false;
-    let mut sleep = wake::SleepDetector::new(wake::clocks());
-    // After a wake-up: when it was, and when peers not heard since are dropped.
-    let mut woke: Option<(Instant, Instant)> = None;
+    let mut wake_watch = wake::WakeWatch::new(wake::clocks());
     let mut reply_at: Option<Instant> = None;
     // No reply sent yet: the first query is answered after the jitter alone.
     let mut last_reply = start.checked_sub(QUERY_REPLY_MIN_GAP).unwrap_or(start);
@@ -238,7 +234,7 @@ pub async fn run(
         let next_look = table
             .next_expiry()
             .unwrap_or(far)
-            .min(woke.map_or(far, |w| w.1))
+            .min(wake_watch.due().unwrap_or(far))
             .min(Instant::now() + EXPIRE_MAX_WAIT);
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -300,20 +296,14 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(next_look) => {
                 let now = Instant::now();
-                if let Some(slept) = sleep.check(wake::clocks()) {
+                if let Some(slept) = wake_watch.look(wake::clocks(), now) {
                     tracing::info!(?slept, "beacon: woke up from suspend; re-announcing and asking who is still here");
                     rescan_at = now;
                     sender.hello(&sockets, None).await;
                     burst = burst_from(now);
-                    woke = Some((now, now + WAKE_GRACE));
                 }
-                if let Some((at, until)) = woke {
-                    if now >= until {
-                        woke = None;
-                        for p in table.drop_unheard_since(at) {
-                            tracing::info!(node = %p.node, "peer dropped: silent since the wake-up");
-                        }
-                    }
+                for p in wake_watch.drop_silent(&table, now) {
+                    tracing::info!(node = %p.node, "peer dropped: silent since the wake-up");
                 }
                 for p in table.expire(now) {
                     tracing::info!(node = %p.node, addr = %p.http_addr(), "peer expired");

@@ -5,6 +5,14 @@
 use std::time::Duration;
 
 use nix::time::{clock_gettime, ClockId};
+use tokio::time::Instant;
+
+use super::{Peer, PeerTable};
+
+/// After a wake-up from suspend, peers that have not answered the query within this long are
+/// dropped (they may have gone while we slept; without this they would be tried until three of
+/// their intervals passed, and monotonic time did not count the sleep).
+pub const WAKE_GRACE: Duration = Duration::from_secs(2);
 
 /// A gap between the two clocks larger than this is a sleep (the loop looks at least once a
 /// second, so scheduling delays stay far below it).
@@ -39,9 +47,92 @@ impl SleepDetector {
     }
 }
 
+/// The beacon loop's view of suspend: notices a wake-up ([`WakeWatch::look`], after which the
+/// loop re-announces and queries) and, [`WAKE_GRACE`] later, drops the peers not heard since.
+#[derive(Debug)]
+pub struct WakeWatch {
+    detector: SleepDetector,
+    /// The last wake-up, while its grace runs.
+    woke: Option<Instant>,
+}
+
+impl WakeWatch {
+    pub fn new(clocks: (Duration, Duration)) -> Self {
+        Self {
+            detector: SleepDetector::new(clocks),
+            woke: None,
+        }
+    }
+
+    /// Takes a clock reading at `now`; on a wake-up returns how long the machine slept.
+    pub fn look(&mut self, clocks: (Duration, Duration), now: Instant) -> Option<Duration> {
+        let slept = self.detector.check(clocks)?;
+        self.woke = Some(now);
+        Some(slept)
+    }
+
+    /// When the peers not heard since the wake-up are due to be dropped.
+    pub fn due(&self) -> Option<Instant> {
+        self.woke.map(|w| w + WAKE_GRACE)
+    }
+
+    /// Once the grace is over: drops the peers silent since the wake-up, and returns them.
+    pub fn drop_silent(&mut self, table: &PeerTable, now: Instant) -> Vec<Peer> {
+        match self.woke {
+            Some(w) if now >= w + WAKE_GRACE => {
+                self.woke = None;
+                table.drop_unheard_since(w)
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::beacon::wire::{encode, Beacon, Kind, NodeId};
+
+    /// After a wake-up, a peer that answers within the grace stays, one that went while we slept
+    /// is dropped at the end of the grace (not three intervals later).
+    #[tokio::test(start_paused = true)]
+    async fn peers_silent_since_a_wake_up_are_dropped_after_the_grace() {
+        let table = PeerTable::new(NodeId([0; 16]));
+        let announce = |n: u8| {
+            encode(&Beacon {
+                kind: Kind::Announce,
+                flags: 0,
+                node: NodeId([n; 16]),
+                port: 8380,
+                interval_ms: 30_000,
+                seq: 1,
+                hostname: None,
+            })
+        };
+        let src = |n: u8| std::net::SocketAddr::from(([10, 0, 0, n], 8380));
+        let t0 = Instant::now();
+        table.handle(src(1), &announce(1), t0);
+        table.handle(src(2), &announce(2), t0);
+        let mut w = WakeWatch::new((s(10), s(10)));
+        assert_eq!(w.look((s(11), s(11)), t0), None);
+        assert!(
+            w.drop_silent(&table, t0 + WAKE_GRACE * 2).is_empty(),
+            "no wake-up, no drop"
+        );
+        // Monotonic time advanced 1 s, boot time an hour: we slept.
+        let woke = t0 + Duration::from_secs(1);
+        assert!(w.look((s(12), s(3611)), woke).is_some());
+        assert_eq!(w.due(), Some(woke + WAKE_GRACE));
+        table.handle(src(1), &announce(1), woke + Duration::from_millis(100));
+        assert!(
+            w.drop_silent(&table, woke + WAKE_GRACE / 2).is_empty(),
+            "grace not over"
+        );
+        let gone = w.drop_silent(&table, woke + WAKE_GRACE);
+        assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), [NodeId([2; 16])]);
+        assert_eq!(table.peers().len(), 1);
+        assert_eq!(w.due(), None);
+    }
 
     fn s(x: u64) -> Duration {
         Duration::from_secs(x)
