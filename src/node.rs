@@ -148,6 +148,8 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
                 store_port: addrs.first().map_or(beacon::DEFAULT_PORT, |a| a.port()),
                 flags: wire::FLAG_NAR_NONE | wire::FLAG_NAR_ZSTD | wire::FLAG_PROXY,
                 hostname: beacon::hostname(),
+                summary: None,
+                secret: rand::random(),
             };
             let cfg = BeaconConfig {
                 groups: b.groups.clone(),

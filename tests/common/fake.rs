@@ -342,7 +342,8 @@ impl Rig {
     /// peer table, as its beacon would.
     pub fn peer(&self, c: Arc<FakeCache>, id: u8) -> SocketAddr {
         *c.node.lock().expect("lock") = Some(NodeId([id; 16]));
-        let addr = self.cache(c);
+        // Each peer on its own loopback address, as hosts of a LAN have theirs.
+        let addr = self.cache_at(c, SocketAddr::from(([127, 1, 0, id], 0)));
         self.announce(addr, NodeId([id; 16]), FLAG_NAR_NONE, None);
         addr
     }
@@ -358,6 +359,9 @@ impl Rig {
             interval_ms: 3_600_000,
             seq: 1,
             hostname: hostname.map(str::to_owned),
+            summary: None,
+            commitment: None,
+            proof: None,
         });
         let _g = self.rt.enter();
         self.table.handle(addr, &b, tokio::time::Instant::now());
