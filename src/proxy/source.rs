@@ -193,6 +193,9 @@ pub const PEER_TIMEOUTS: Timeouts = Timeouts {
     idle: Duration::from_secs(5),
 };
 
+/// Whole summary request to a peer.
+pub const SUMMARY_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub const UPSTREAM_TIMEOUTS: Timeouts = Timeouts {
     connect: Duration::from_secs(3),
     narinfo: Duration::from_secs(15),
@@ -386,6 +389,35 @@ impl Sources {
 }
 
 impl Sources {
+    /// A peer's content summary (`since`: the version held, for a delta), at most
+    /// `summary::MAX_SUMMARY_BYTES`, within [`SUMMARY_TIMEOUT`].
+    pub async fn summary(&self, node: &NodeId, since: Option<u64>) -> Result<bytes::Bytes, SourceError> {
+        let s = SourceId::Peer(*node);
+        let mut url = self.base(&s).ok_or(SourceError::Gone)?;
+        url.set_path("/summary");
+        if let Some(v) = since {
+            url.set_query(Some(&format!("since={v}")));
+        }
+        let fetch = async {
+            let mut resp = self.peer_client.get(url).send().await?;
+            check_node(&s, &resp)?;
+            if resp.status().as_u16() != 200 {
+                return Err(SourceError::Status(resp.status().as_u16()));
+            }
+            let mut body = bytes::BytesMut::new();
+            while let Some(chunk) = resp.chunk().await? {
+                if body.len() + chunk.len() > crate::summary::MAX_SUMMARY_BYTES {
+                    return Err(SourceError::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(body.freeze())
+        };
+        tokio::time::timeout(SUMMARY_TIMEOUT, fetch)
+            .await
+            .map_err(|_| SourceError::Timeout)?
+    }
+
     /// Opens bytes `start..=end` of a peer's uncompressed NAR (`Range`; a 206 from `start` is
     /// required).
     pub async fn open_range(&self, c: &Candidate, start: u64, end: u64) -> Result<NarReader, SourceError> {

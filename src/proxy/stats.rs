@@ -19,6 +19,8 @@ pub struct Stats {
     pub narinfo_hits_peer: u64,
     pub narinfo_hits_upstream: u64,
     pub narinfo_misses: u64,
+    /// Narinfo requests sent to peers (lookups and gathering).
+    pub narinfo_peer_requests: u64,
     pub nars_from_peers: u64,
     pub nars_from_upstream: u64,
     pub bytes_from_peers: u64,
@@ -61,7 +63,6 @@ pub struct Transfer {
     pub ms: u64,
     pub verdict: TransferVerdict,
     /// Why it was unavailable (empty when verified).
-    #[serde(default)]
     pub reason: String,
 }
 
@@ -109,6 +110,8 @@ pub struct StatusReport {
     /// What the beacon received (none without a beacon).
     pub beacon: Option<Counters>,
     pub upstreams: Vec<UpstreamReport>,
+    /// Memory held by peers' content summaries.
+    pub summary_bytes: u64,
 }
 
 /// One peer of the table, with the health the proxy found.
@@ -120,6 +123,8 @@ pub struct PeerReport {
     pub hostname: Option<String>,
     pub health: Health,
     pub backed_off: bool,
+    /// The version of its content summary this proxy holds (none: not fetched, or none published).
+    pub summary: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
