@@ -5,6 +5,7 @@
 pub mod beacon;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod http;
 pub mod narinfo;
 pub mod peers;

@@ -111,19 +111,22 @@ impl Candidate {
 /// Resolves `<node id>.peer` through the peer table; other names through the system resolver.
 struct PeerResolver {
     table: Option<Arc<PeerTable>>,
+    /// resolv.conf's nameservers, not getaddrinfo (the static binary has no NSS).
+    system: Arc<crate::dns::SystemResolver>,
 }
 
 impl reqwest::dns::Resolve for PeerResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let name = name.as_str().to_owned();
         let table = self.table.clone();
+        let system = self.system.clone();
         Box::pin(async move {
             if let Some(node) = name.strip_suffix(PEER_SUFFIX).and_then(parse_node) {
                 let peer = table.and_then(|t| t.get(&node)).ok_or("peer not in the table")?;
                 let addrs: Vec<SocketAddr> = peer.addrs.clone();
                 return Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs);
             }
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> = system.lookup(&name).await?;
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }
@@ -175,13 +178,17 @@ impl Sources {
     }
 
     pub fn new(peers: Option<Arc<PeerTable>>, upstreams: Vec<Url>, store_dir: String, keys: TrustedKeys) -> Self {
+        let system = Arc::new(crate::dns::SystemResolver::default());
         let build = |t: Timeouts, no_proxy: bool| {
             let mut b = reqwest::Client::builder()
                 .connect_timeout(t.connect)
                 .read_timeout(t.idle)
                 .pool_idle_timeout(Duration::from_secs(30))
                 .user_agent(concat!("local-nix-cache/", env!("CARGO_PKG_VERSION")))
-                .dns_resolver(Arc::new(PeerResolver { table: peers.clone() }));
+                .dns_resolver(Arc::new(PeerResolver {
+                    table: peers.clone(),
+                    system: system.clone(),
+                }));
             if no_proxy {
                 b = b.no_proxy();
             }

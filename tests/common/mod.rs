@@ -7,6 +7,7 @@
 pub mod fake;
 pub mod netns;
 pub mod nixlan;
+pub mod roots;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
