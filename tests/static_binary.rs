@@ -7,11 +7,11 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::netns::{require_netns, Lan};
-use common::roots::{elf_facts, release_bin, EmptyRoot};
+use common::roots::{curl, elf_facts, release_bin, EmptyRoot, Reap};
 use common::{fixture, hash_of, output, require_nix, Host};
 
 /// The size the issue asks for; today's binary is well below (see the report printed below).
@@ -31,26 +31,6 @@ fn release_binary_is_static_stripped_and_small() {
         "{} bytes > {MAX_BINARY_BYTES}",
         bytes.len()
     );
-}
-
-/// Kills (by PID) and reaps a child on drop, so a failing assertion leaves nothing running.
-struct Reap(Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `curl` inside namespace `ns`: the body of a 2xx answer.
-fn curl(ns: &str, url: &str) -> Option<Vec<u8>> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "curl", "-sf", "--max-time", "10", url])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status.success().then_some(out.stdout)
 }
 
 #[test]

@@ -151,3 +151,68 @@ pub fn elf_facts(bytes: &[u8]) -> ElfFacts {
         debug_info: names.iter().any(|n| n == ".debug_info"),
     }
 }
+
+/// Where [`in_nix_root`] binds a host's directory inside a Nix root.
+pub const HOST_MOUNT: &str = "/mnt/lnc-host";
+
+/// `sh -c` script for `ROOT HOST_DIR PROGRAM ARGS...`: mounts, then execs PROGRAM chrooted.
+/// (No single quotes in it: [`nix_root_wrapper`] quotes it with them.)
+const NIX_ROOT_SCRIPT: &str = r#"r=$1; d=$2; shift 2
+mount -t proc proc "$r/proc"
+mount --rbind /dev "$r/dev"
+mkdir -p "$r/mnt/lnc-host"
+mount --bind "$d" "$r/mnt/lnc-host"
+exec chroot "$r" "$@""#;
+
+/// A shell script that runs `program` of the Nix in `root` as [`in_nix_root`] does, passing its
+/// arguments on: put it in a `PATH` directory as `nix-daemon` and `serve --store stdio://...`
+/// spawns Nix 2.26's `nix-daemon --stdio` children.
+pub fn nix_root_wrapper(root: &Path, host_dir: &Path, program: &str) -> String {
+    format!(
+        "#!/bin/sh\nPATH=/usr/sbin:/usr/bin:/sbin:/bin\nexec unshare -m --propagation private sh -euc '{NIX_ROOT_SCRIPT}' sh '{}' '{}' {program} \"$@\"\n",
+        root.display(),
+        host_dir.display()
+    )
+}
+
+/// Kills (by PID) and reaps a child on drop, so a failing assertion leaves nothing running.
+pub struct Reap(pub std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `curl` inside network namespace `ns`: the body of a 2xx answer.
+pub fn curl(ns: &str, url: &str) -> Option<Vec<u8>> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-sf", "--max-time", "10", url])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status.success().then_some(out.stdout)
+}
+
+/// `PROGRAM` of the Nix in `root`, chrooted, in a private mount namespace with `/proc`, `/dev`
+/// and `host_dir` (on [`HOST_MOUNT`]) mounted; environment as [`super::nix`] sets it, so `home`
+/// should be under `host_dir` (pass paths as seen inside: `HOST_MOUNT/...`). Execs all the way
+/// down: the child's PID is the program's. The root's nix.conf has no build users, no sandbox.
+pub fn in_nix_root(root: &Path, host_dir: &Path, program: &str, home: &Path) -> Command {
+    let inner_home = home
+        .strip_prefix(host_dir)
+        .map(|rel| Path::new(HOST_MOUNT).join(rel))
+        .unwrap_or_else(|_| PathBuf::from("/tmp"));
+    let mut c = Command::new("unshare");
+    c.args(["-m", "--propagation", "private", "sh", "-euc", NIX_ROOT_SCRIPT])
+        .arg("sh")
+        .arg(root)
+        .arg(host_dir)
+        .arg(program)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", inner_home)
+        .env("NIX_CONFIG", "substituters =\nexperimental-features = nix-command")
+        .env_remove("NIX_REMOTE");
+    c
+}
