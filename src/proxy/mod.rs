@@ -861,9 +861,11 @@ impl h::Handler for Proxy {
                 } => self.nar(&req, &hash, &nar_hash).await,
                 // Nix never asks the proxy for compressed NARs; the installer is the store
                 // server's (LAN-facing), the proxy is local only.
-                Route::Nar { zstd: true, .. } | Route::NotFound | Route::Install | Route::InstallBinary => {
-                    h::not_found()
-                }
+                Route::Nar { zstd: true, .. }
+                | Route::NotFound
+                | Route::Install
+                | Route::InstallBinary
+                | Route::InstallSource => h::not_found(),
                 Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),
                 Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
             },

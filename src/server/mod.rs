@@ -7,6 +7,7 @@
 //! its build on a 5xx, but moves on after a 404).
 
 pub mod index;
+pub mod source;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub enum Route {
     Install,
     /// This host's own binary, fetched by the install script.
     InstallBinary,
+    /// This host's own source (`source::TARBALL`), for the NixOS module snippet.
+    InstallSource,
     /// Well-formed but not something we serve (`/log/…`, `.ls`, `/realisations/…`): 404.
     NotFound,
     /// Malformed (bad hash alphabet or length, traversal, escapes): 400.
@@ -64,6 +67,7 @@ pub fn route(path: &str) -> Route {
         "/nix-cache-info" => return Route::CacheInfo,
         "/install" => return Route::Install,
         "/install/local-nix-cache" => return Route::InstallBinary,
+        "/install/source.tar" => return Route::InstallSource,
         _ => {}
     }
     if path.contains(['%', '\\', '\0']) || path.contains("..") || path.contains("//") {
@@ -165,7 +169,9 @@ impl StoreServer {
         };
         let script = INSTALL_SCRIPT
             .replace("@PEER@", &format!("http://{host}"))
-            .replace("@SHA256@", &sha);
+            .replace("@SHA256@", &sha)
+            .replace("@SOURCE_NARHASH@", source::NAR_HASH)
+            .replace("@ARCH@", std::env::consts::ARCH);
         let mut r = Response::new(Body::from(Bytes::from(script)));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -417,6 +423,7 @@ impl h::Handler for StoreServer {
             Route::CacheInfo => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
             Route::Install => self.install_script(&req).await,
             Route::InstallBinary => self.install_binary().await,
+            Route::InstallSource => h::ok(Bytes::from_static(source::TARBALL), "application/x-tar"),
             Route::NarInfo(hash) => self.narinfo(&hash).await,
             Route::Nar { hash, nar_hash, zstd } => self.nar(&req, &hash, &nar_hash, zstd).await,
             Route::NotFound => h::not_found(),

@@ -64,10 +64,17 @@ impl NixHost {
 
     /// Starts `serve` in this host's namespace. `upstream`: URL or `none`.
     pub fn start_serve(&mut self, upstream: &str) {
+        self.start_serve_with(std::path::Path::new(bin()), upstream);
+    }
+
+    /// [`Self::start_serve`] with another build of the binary (e.g. the static release one).
+    pub fn start_serve_with(&mut self, binary: &std::path::Path, upstream: &str) {
         assert!(self.serve.is_none(), "{} already serves", self.name);
         let log = std::fs::File::create(&self.log).expect("log file");
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.net.ns, bin(), "serve"])
+            .args(["netns", "exec", &self.net.ns])
+            .arg(binary)
+            .arg("serve")
             .arg("--store")
             .arg(format!("unix://{}", self.store.socket.display()))
             .args(["--real-store-dir", &self.store.physical_store()])
