@@ -241,7 +241,9 @@ fn tools_without_lib64(dir: &Path) -> Option<std::path::PathBuf> {
 }
 
 /// The one-liner on a host that plays NixOS: `/etc/NIXOS`, `/etc/nix/nix.conf` a symlink into a
-/// read-only `/etc/static`, no `/lib64`, in a private mount namespace inside namespace `ns`.
+/// read-only `/etc/static`, no `/lib64`, in a private mount namespace inside namespace `ns`
+/// (`/usr/local` is a fresh tmpfs there: an installer that took this for another distribution
+/// cannot write to this machine's).
 fn nixos_one_liner(ns: &str, fake: &Path, tools: &Path, home: &Path, peer: &str) -> Command {
     let mut c = Command::new("ip");
     c.args([
@@ -259,7 +261,8 @@ fn nixos_one_liner(ns: &str, fake: &Path, tools: &Path, home: &Path, peer: &str)
         r#"etc=$1; tools=$2; home=$3; peer=$4
 mount --bind "$etc/static" "$etc/static"
 mount -o remount,bind,ro "$etc/static"
-mount --bind "$etc" /etc
+mount --rbind "$etc" /etc
+mount -t tmpfs tmpfs /usr/local
 mount -t tmpfs tmpfs "$(readlink -f /lib64)"
 exec "$tools/env" -i HOME="$home" PATH="$tools" "$tools/sh" -c "curl -fsSL http://$peer:8380/install | sh""#,
     )
@@ -430,7 +433,8 @@ fn installer_refuses_an_unsupported_architecture_clearly() {
     .expect("uname");
     common::run(Command::new("chmod").arg("755").arg(tools.join("uname")));
     let path = format!("{}:/usr/bin:/bin", tools.display());
-    let out = one_liner(&lan.hosts[1].net.ns, &home, &peer, &path, &[])
+    // LNC_NO_START: an installer that wrongly went ahead ends instead of running `serve`.
+    let out = one_liner(&lan.hosts[1].net.ns, &home, &peer, &path, &[("LNC_NO_START", "1")])
         .output()
         .expect("run");
     assert!(!out.status.success());
