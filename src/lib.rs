@@ -6,6 +6,7 @@ pub mod beacon;
 pub mod cache_url;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod http;
 pub mod narinfo;
 pub mod node;

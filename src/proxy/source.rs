@@ -125,6 +125,8 @@ struct PeerResolver {
     /// beacons from the network never carry one, and nothing else may point the proxy at this
     /// host's own services).
     loopback_peers: bool,
+    /// resolv.conf's nameservers, not getaddrinfo (the static binary has no NSS).
+    system: Arc<crate::dns::SystemResolver>,
 }
 
 /// An address a peer may be reached at: a unicast address of another host.
@@ -138,6 +140,7 @@ impl reqwest::dns::Resolve for PeerResolver {
         let name = name.as_str().to_owned();
         let table = self.table.clone();
         let loopback_peers = self.loopback_peers;
+        let system = self.system.clone();
         Box::pin(async move {
             if let Some(node) = name.strip_suffix(PEER_SUFFIX).and_then(parse_node) {
                 let peer = table.and_then(|t| t.get(&node)).ok_or("peer not in the table")?;
@@ -151,7 +154,7 @@ impl reqwest::dns::Resolve for PeerResolver {
                 }
                 return Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs);
             }
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> = system.lookup(&name).await?;
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }
@@ -226,6 +229,7 @@ impl Sources {
         let resolver = Arc::new(PeerResolver {
             table: peers.clone(),
             loopback_peers,
+            system: Arc::new(crate::dns::SystemResolver::default()),
         });
         let build = |t: Timeouts, peer: bool| {
             let mut b = reqwest::Client::builder()

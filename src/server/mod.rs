@@ -7,6 +7,7 @@
 //! its build on a 5xx, but moves on after a 404).
 
 pub mod index;
+pub mod source;
 pub mod summary;
 
 use std::net::SocketAddr;
@@ -44,12 +45,15 @@ pub enum Route {
     InstallBinary,
     /// The content summary (`?since=VERSION` for a delta), for peers' proxies.
     Summary,
+    /// This host's own source (`source::TARBALL`), for the NixOS module snippet.
+    InstallSource,
 }
 
 pub fn route(path: &str) -> Result<Route, RouteError> {
     match path {
         "/install" => Ok(Route::Install),
         "/install/local-nix-cache" => Ok(Route::InstallBinary),
+        "/install/source.tar" => Ok(Route::InstallSource),
         "/summary" => Ok(Route::Summary),
         _ => cache_url::parse(path).map(Route::Cache),
     }
@@ -157,7 +161,9 @@ impl StoreServer {
         };
         let script = INSTALL_SCRIPT
             .replace("@PEER@", &format!("http://{host}"))
-            .replace("@SHA256@", &sha);
+            .replace("@SHA256@", &sha)
+            .replace("@SOURCE_NARHASH@", source::NAR_HASH)
+            .replace("@ARCH@", std::env::consts::ARCH);
         let mut r = Response::new(Body::from(Bytes::from(script)));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -409,6 +415,7 @@ impl h::Handler for StoreServer {
             Ok(Route::Cache(CacheRoute::CacheInfo)) => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
             Ok(Route::Install) => self.install_script(&req).await,
             Ok(Route::InstallBinary) => self.install_binary().await,
+            Ok(Route::InstallSource) => h::ok(Bytes::from_static(source::TARBALL), "application/x-tar"),
             Ok(Route::Summary) => self.summary(&req),
             Ok(Route::Cache(CacheRoute::NarInfo(hash))) => self.narinfo(&hash).await,
             Ok(Route::Cache(CacheRoute::Nar {
