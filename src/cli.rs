@@ -126,6 +126,8 @@ impl PeersArgs {
             store_port: self.store_port,
             flags: wire::FLAG_NAR_NONE,
             hostname: beacon::hostname(),
+            summary: None,
+            secret: rand::random(),
         });
         PeersOptions {
             beacon: self.beacon.config(announce, self.interval),

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::beacon::{self, wire, wire::NodeId, BeaconConfig, PeerTable};
 use crate::proxy::{Proxy, ProxyConfig};
-use crate::server::{self, index::Index, StoreServer};
+use crate::server::{self, index::Index, summary, StoreServer};
 use crate::settings::Settings;
 use crate::store::Store;
 
@@ -127,13 +127,17 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     let keys = &settings.server.keys;
     tracing::info!(store = %st.addr, nar_from_disk = ?st.real_store_dir, keys = ?keys.keys().iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), "starting");
     let index = Arc::new(Index::new(settings.server.index_max_bytes));
+    let publisher = Arc::new(summary::Publisher::new(index.clone()));
+    let (delivered, learn_rx) = tokio::sync::mpsc::channel(summary::LEARN_QUEUE);
+    let learner = summary::learn(store.clone(), index.clone(), keys.clone(), learn_rx, shutdown.clone());
     // One id for the beacon's announces and the store server's answers, so proxies can check
     // that the server at an announced address is the node that announced it.
     let node_id = NodeId::random();
     let srv = Arc::new(
         StoreServer::new(store, index, keys.clone())
             .with_stall_timeout(settings.server.client_stall_timeout)
-            .with_node_id(node_id),
+            .with_node_id(node_id)
+            .with_summary(publisher.clone()),
     );
     let mut parts = Parts::default();
     let running = server::parts(srv, listeners, settings.server.rescan_interval, shutdown.clone());
@@ -141,6 +145,8 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     for (name, part) in running.parts {
         parts.spawn(name, part);
     }
+    parts.spawn("content summary", publisher.clone().run(shutdown.clone()));
+    parts.spawn("learner", learner);
     let mut links = None;
     let peers = match &settings.beacon {
         None => None,
@@ -149,6 +155,8 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
                 store_port: addrs.first().map_or(beacon::DEFAULT_PORT, |a| a.port()),
                 flags: wire::FLAG_NAR_NONE | wire::FLAG_NAR_ZSTD | wire::FLAG_PROXY,
                 hostname: beacon::hostname(),
+                summary: Some(publisher.version_handle()),
+                secret: rand::random(),
             };
             let cfg = BeaconConfig {
                 groups: b.groups.clone(),
@@ -170,7 +178,13 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
             Some(table)
         }
     };
-    let proxy = Arc::new(Proxy::new(ProxyConfig::from_settings(settings), peers.clone()));
+    let mut proxy_config = ProxyConfig::from_settings(settings);
+    proxy_config.delivered = Some(delivered);
+    let proxy = Arc::new(Proxy::new(proxy_config, peers.clone()));
+    parts.spawn(
+        "peer summaries",
+        crate::proxy::summaries::PeerSummaries::run(proxy.clone(), shutdown.clone()),
+    );
     let mut proxy_addrs = Vec::new();
     for l in proxy_listeners {
         if let Ok(a) = l.local_addr() {

@@ -428,6 +428,7 @@ mod tests {
                 link("wlan0", LinkState::Waiting, &[]),
                 link("usb0", LinkState::Left, &[]),
             ],
+            summary_bytes: 0,
         };
         let t = text(&st);
         assert!(

@@ -431,6 +431,9 @@ fn nar_urls_survive_a_proxy_restart_and_the_winner_leaving() {
         interval_ms: 1000,
         seq: 2,
         hostname: None,
+        summary: None,
+        commitment: None,
+        proof: None,
     });
     let first = rig.table.peers()[0].http_addr();
     {

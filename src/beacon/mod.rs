@@ -94,6 +94,11 @@ pub struct Announce {
     pub store_port: u16,
     pub flags: u16,
     pub hostname: Option<String>,
+    /// The current version of the store server's content summary, read at every announce.
+    pub summary: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// This run's goodbye secret: announces carry its commitment, the goodbye the secret, so a
+    /// goodbye cannot be forged.
+    pub secret: [u8; wire::SECRET_LEN],
 }
 
 #[derive(Clone, Debug)]
@@ -153,6 +158,14 @@ impl Sender {
                 .clamp(wire::MIN_INTERVAL_MS.into(), wire::MAX_INTERVAL_MS.into()) as u32,
             seq: self.seq,
             hostname: a.and_then(|a| a.hostname.clone()),
+            summary: a
+                .and_then(|a| a.summary.as_ref())
+                .filter(|_| kind == Kind::Announce)
+                .map(|v| v.load(std::sync::atomic::Ordering::Relaxed)),
+            commitment: a
+                .filter(|_| kind == Kind::Announce)
+                .map(|a| wire::commitment(&a.secret)),
+            proof: a.filter(|_| kind == Kind::Goodbye).map(|a| a.secret),
         })
     }
 

@@ -107,6 +107,9 @@ mod tests {
                 interval_ms: 30_000,
                 seq: 1,
                 hostname: None,
+                summary: None,
+                commitment: None,
+                proof: None,
             })
         };
         let src = |n: u8| std::net::SocketAddr::from(([10, 0, 0, n], 8380));

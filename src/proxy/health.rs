@@ -58,7 +58,6 @@ pub struct Health {
     #[serde(skip)]
     pub backoff_until: Option<Instant>,
     /// The server at this peer's address named another node (or none): never asked again.
-    #[serde(default)]
     pub impostor: bool,
 }
 

@@ -14,13 +14,22 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
+use rand::seq::SliceRandom;
+
 use super::health::Verdict;
 use super::source::{Candidate, SourceError, SourceId};
+use super::summaries::Hint;
 use super::Proxy;
 use crate::narinfo::{NarHash, StorePathHash};
 
-/// Most peers asked for one narinfo.
+/// Most peers asked for one narinfo when summaries do not narrow it down.
 pub const MAX_FANOUT: usize = 16;
+/// Peers whose summary says "maybe" asked for one narinfo.
+pub const MAYBE_FANOUT: usize = 3;
+/// Peers with no current summary asked besides, when other peers publish summaries.
+pub const UNKNOWN_SAMPLE: usize = 2;
+/// Peers whose summary says "no", asked when gathering a NAR's sources (see `pick_peers`).
+pub const NO_SAMPLE: usize = 4;
 /// Upstreams are asked this long after the peers, unless every peer already answered.
 pub const HEDGE_DELAY: Duration = Duration::from_millis(150);
 /// When looking for every source of a NAR, wait this long after the first one answered.
@@ -29,13 +38,21 @@ const GATHER_GRACE: Duration = Duration::from_millis(300);
 type Answer<'a> = Pin<Box<dyn Future<Output = (SourceId, Result<Option<Candidate>, SourceError>)> + Send + 'a>>;
 
 impl Proxy {
-    /// Peers that may be asked, at most [`MAX_FANOUT`] of each kind, best first: those in good
-    /// standing, and those backed off (demoted: asked only as a last resort).
-    pub(super) fn pick_peers(&self) -> (Vec<SourceId>, Vec<SourceId>) {
+    /// Whom to ask for `hash`, in two waves: first peers in good standing whose summary says
+    /// "maybe" (at most [`MAYBE_FANOUT`], chosen at random so a crowd fetching one closure
+    /// spreads over every host that has it), with a random sample of peers whose summary is
+    /// unknown ([`UNKNOWN_SAMPLE`]; up to [`MAX_FANOUT`] when no peer publishes one); then, as a
+    /// last resort, backed-off (demoted) peers that may have it. Peers whose current summary
+    /// says "no" are not asked in a lookup. With `all` (gathering every source of a NAR a fetch
+    /// needs), every candidate, and in the last wave also [`NO_SAMPLE`] peers whose summary says
+    /// "no": a host may have gained the path since (built it, copied it) before its index did.
+    pub(super) fn pick_peers(&self, hash: &StorePathHash, all: bool) -> (Vec<SourceId>, Vec<SourceId>) {
         let Some(t) = self.sources.table() else {
             return (Vec::new(), Vec::new());
         };
         let now = Instant::now();
+        let key = crate::summary::key(hash);
+        let mut rng = rand::thread_rng();
         // One node per address: two nodes cannot serve on one address, so while none of them
         // is confirmed only the oldest is asked (forged announces naming a victim's address
         // cost the victim one request, not one per forged node).
@@ -45,18 +62,33 @@ impl Proxy {
             .into_iter()
             .filter(|p| self.peer_usable(&p.node))
             .filter(|p| addrs.insert(p.http_addr()))
-            .map(|p| (p.node, self.health.peer(&p.node)))
+            .map(|p| {
+                let hint = self.summaries.hint(&p.node, p.summary, key);
+                (p.node, self.health.peer(&p.node), hint, p.summary.is_some())
+            })
             .collect();
-        peers.sort_by(|(_, a), (_, b)| {
-            a.consecutive_failures
-                .cmp(&b.consecutive_failures)
-                .then(a.latency_ms.unwrap_or(0.0).total_cmp(&b.latency_ms.unwrap_or(0.0)))
-        });
-        let (good, demoted): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, h)| !h.backed_off(now));
-        let ids = |v: Vec<(crate::beacon::wire::NodeId, _)>| -> Vec<SourceId> {
-            v.into_iter().take(MAX_FANOUT).map(|(n, _)| SourceId::Peer(n)).collect()
+        let any_summaries = peers.iter().any(|(_, _, _, s)| *s);
+        // Random order first, then the stable sort by health keeps ties random.
+        peers.shuffle(&mut rng);
+        peers.sort_by_key(|(_, h, _, _)| h.consecutive_failures);
+        let ids = |v: Vec<(crate::beacon::wire::NodeId, _, Hint, _)>, n: usize| -> Vec<SourceId> {
+            v.into_iter().take(n).map(|(n, _, _, _)| SourceId::Peer(n)).collect()
         };
-        (ids(good), ids(demoted))
+        let (no, peers): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, _, hint, _)| *hint == Hint::No);
+        let (good, demoted): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, h, _, _)| !h.backed_off(now));
+        let (maybe, unknown): (Vec<_>, Vec<_>) = good.into_iter().partition(|(_, _, hint, _)| *hint == Hint::Maybe);
+        let (maybe_n, unknown_n) = match (all, any_summaries) {
+            (true, _) => (MAX_FANOUT, MAX_FANOUT),
+            (false, true) => (MAYBE_FANOUT, UNKNOWN_SAMPLE),
+            (false, false) => (0, MAX_FANOUT),
+        };
+        let mut first = ids(maybe, maybe_n);
+        first.extend(ids(unknown, unknown_n));
+        let mut last = ids(demoted, MAX_FANOUT);
+        if all {
+            last.extend(ids(no, NO_SAMPLE));
+        }
+        (first, last)
     }
 
     /// Upstreams not marked unreachable.
@@ -71,6 +103,9 @@ impl Proxy {
     /// Asks one source, timing peers for the fan-out order and noting who answers at a peer's
     /// address.
     fn ask<'a>(&'a self, s: SourceId, hash: &'a StorePathHash) -> Answer<'a> {
+        if matches!(s, SourceId::Peer(_)) {
+            self.stats.update(|st| st.narinfo_peer_requests += 1);
+        }
         Box::pin(async move {
             let t0 = Instant::now();
             let r = self.sources.narinfo(&s, hash).await;
@@ -101,7 +136,7 @@ impl Proxy {
     /// Races the sources for the narinfo of `hash`; the first verified answer wins. Demoted
     /// peers are asked with the upstreams, after the peers in good standing.
     pub(super) async fn race(&self, hash: &StorePathHash) -> Option<Candidate> {
-        let (good, demoted) = self.pick_peers();
+        let (good, demoted) = self.pick_peers(hash, false);
         let mut pending: FuturesUnordered<Answer<'_>> = good.into_iter().map(|p| self.ask(p, hash)).collect();
         // The second wave: demoted peers and the upstreams, after the hedge delay or once every
         // peer in good standing has answered.
@@ -147,7 +182,7 @@ impl Proxy {
         nar_hash: &NarHash,
         skip: &HashSet<SourceId>,
     ) -> Vec<Candidate> {
-        let (mut all, demoted) = self.pick_peers();
+        let (mut all, demoted) = self.pick_peers(hash, true);
         all.extend(demoted);
         all.extend(self.live_upstreams());
         let mut pending: FuturesUnordered<Answer<'_>> = all

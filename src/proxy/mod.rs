@@ -22,6 +22,7 @@ pub mod source;
 pub mod split;
 pub mod spool;
 pub mod stats;
+pub mod summaries;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -64,6 +65,9 @@ pub struct ProxyConfig {
     /// (beacons from the network never carry one; anything else pointing the proxy at this host's
     /// own services is refused).
     pub loopback_peers: bool,
+    /// Told every store path delivered to the local Nix, so this host's store server can offer
+    /// it to peers soon (see `server::summary::learn`).
+    pub delivered: Option<tokio::sync::mpsc::Sender<crate::narinfo::StorePath>>,
 }
 
 impl ProxyConfig {
@@ -77,6 +81,7 @@ impl ProxyConfig {
             peer_compression: s.proxy.peer_compression,
             parallel_min_bytes: PARALLEL_MIN_BYTES,
             loopback_peers: false,
+            delivered: None,
         }
     }
 }
@@ -88,12 +93,16 @@ pub struct Proxy {
     sources: Sources,
     health: SourceHealth,
     cache: cache::NarinfoCache,
+    /// Peers' content summaries (kept current by [`summaries::PeerSummaries::run`]).
+    summaries: summaries::PeerSummaries,
     stats: StatsKeeper,
     /// `/nix-cache-info`, rendered once.
     cache_info: Bytes,
     spool: SpoolLimits,
     /// See [`ProxyConfig::parallel_min_bytes`].
     parallel_min_bytes: u64,
+    /// See [`ProxyConfig::delivered`].
+    delivered: Option<tokio::sync::mpsc::Sender<crate::narinfo::StorePath>>,
     /// NAR fetches under way, by NAR hash: concurrent requests for the same NAR (Nix retrying, two
     /// clients) share one fetch and one spool. Bounded by the open connections.
     inflight: Mutex<HashMap<NarHash, Arc<OnceCell<SharedFetch>>>>,
@@ -146,9 +155,11 @@ impl Proxy {
             ),
             health: SourceHealth::new(upstreams),
             cache: cache::NarinfoCache::default(),
+            summaries: summaries::PeerSummaries::default(),
             stats: StatsKeeper::default(),
             spool: cfg.spool,
             parallel_min_bytes: cfg.parallel_min_bytes,
+            delivered: cfg.delivered,
             inflight: Mutex::new(HashMap::new()),
         }
     }
@@ -206,6 +217,7 @@ impl Proxy {
                             hostname: p.hostname.clone(),
                             backed_off: health.backed_off(now),
                             health,
+                            summary: self.summaries.version(&p.node),
                         }
                     })
                     .collect()
@@ -227,6 +239,7 @@ impl Proxy {
                 })
                 .collect(),
             interfaces: Vec::new(),
+            summary_bytes: self.summaries.bytes() as u64,
         }
     }
 
@@ -349,9 +362,16 @@ impl Proxy {
         let size = v.len();
         let range = h::parse_range(req.headers().get(header::RANGE), size).map_err(|_| ProxyError::Range(size))?;
         let (start, end) = range.map_or((0, size.saturating_sub(1)), |r| (r.start, r.end));
-        let (path, t1) = (info.store_path.to_string(), Instant::now());
+        let (path, t1) = (info.store_path.clone(), Instant::now());
+        let delivered = self.delivered.clone().filter(|_| end + 1 == size);
         let body = v.body(start, end, move |sent| {
             tracing::info!(%path, bytes = sent, ms = t1.elapsed().as_millis() as u64, "NAR delivered");
+            if sent == size - start {
+                // Full queue: the store rescan finds it later.
+                if let Some(tx) = delivered {
+                    let _ = tx.try_send(path);
+                }
+            }
         });
         Ok(h::nar_response(body, size, start, end, range.is_some()))
     }

@@ -125,6 +125,8 @@ struct PeerResolver {
     /// beacons from the network never carry one, and nothing else may point the proxy at this
     /// host's own services).
     loopback_peers: bool,
+    /// resolv.conf's nameservers, not getaddrinfo (the static binary has no NSS).
+    system: Arc<crate::dns::SystemResolver>,
 }
 
 /// An address a peer may be reached at: a unicast address of another host.
@@ -138,6 +140,7 @@ impl reqwest::dns::Resolve for PeerResolver {
         let name = name.as_str().to_owned();
         let table = self.table.clone();
         let loopback_peers = self.loopback_peers;
+        let system = self.system.clone();
         Box::pin(async move {
             if let Some(node) = name.strip_suffix(PEER_SUFFIX).and_then(parse_node) {
                 let peer = table.and_then(|t| t.get(&node)).ok_or("peer not in the table")?;
@@ -151,7 +154,7 @@ impl reqwest::dns::Resolve for PeerResolver {
                 }
                 return Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs);
             }
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> = system.lookup(&name).await?;
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }
@@ -193,6 +196,9 @@ pub const PEER_TIMEOUTS: Timeouts = Timeouts {
     idle: Duration::from_secs(5),
 };
 
+/// Whole summary request to a peer.
+pub const SUMMARY_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub const UPSTREAM_TIMEOUTS: Timeouts = Timeouts {
     connect: Duration::from_secs(3),
     narinfo: Duration::from_secs(15),
@@ -223,6 +229,7 @@ impl Sources {
         let resolver = Arc::new(PeerResolver {
             table: peers.clone(),
             loopback_peers,
+            system: Arc::new(crate::dns::SystemResolver::default()),
         });
         let build = |t: Timeouts, peer: bool| {
             let mut b = reqwest::Client::builder()
@@ -386,6 +393,35 @@ impl Sources {
 }
 
 impl Sources {
+    /// A peer's content summary (`since`: the version held, for a delta), at most
+    /// `summary::MAX_SUMMARY_BYTES`, within [`SUMMARY_TIMEOUT`].
+    pub async fn summary(&self, node: &NodeId, since: Option<u64>) -> Result<bytes::Bytes, SourceError> {
+        let s = SourceId::Peer(*node);
+        let mut url = self.base(&s).ok_or(SourceError::Gone)?;
+        url.set_path("/summary");
+        if let Some(v) = since {
+            url.set_query(Some(&format!("since={v}")));
+        }
+        let fetch = async {
+            let mut resp = self.peer_client.get(url).send().await?;
+            check_node(&s, &resp)?;
+            if resp.status().as_u16() != 200 {
+                return Err(SourceError::Status(resp.status().as_u16()));
+            }
+            let mut body = bytes::BytesMut::new();
+            while let Some(chunk) = resp.chunk().await? {
+                if body.len() + chunk.len() > crate::summary::MAX_SUMMARY_BYTES {
+                    return Err(SourceError::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(body.freeze())
+        };
+        tokio::time::timeout(SUMMARY_TIMEOUT, fetch)
+            .await
+            .map_err(|_| SourceError::Timeout)?
+    }
+
     /// Opens bytes `start..=end` of a peer's uncompressed NAR (`Range`; a 206 from `start` is
     /// required).
     pub async fn open_range(&self, c: &Candidate, start: u64, end: u64) -> Result<NarReader, SourceError> {

@@ -20,6 +20,8 @@ pub struct Stats {
     pub narinfo_hits_peer: u64,
     pub narinfo_hits_upstream: u64,
     pub narinfo_misses: u64,
+    /// Narinfo requests sent to peers (lookups and gathering).
+    pub narinfo_peer_requests: u64,
     pub nars_from_peers: u64,
     pub nars_from_upstream: u64,
     pub bytes_from_peers: u64,
@@ -62,7 +64,6 @@ pub struct Transfer {
     pub ms: u64,
     pub verdict: TransferVerdict,
     /// Why it was unavailable (empty when verified).
-    #[serde(default)]
     pub reason: String,
 }
 
@@ -114,6 +115,8 @@ pub struct StatusReport {
     /// (the proxy itself does not know them). Empty without a beacon.
     #[serde(default)]
     pub interfaces: Vec<LinkReport>,
+    /// Memory held by peers' content summaries.
+    pub summary_bytes: u64,
 }
 
 /// One peer of the table, with the health the proxy found.
@@ -125,6 +128,8 @@ pub struct PeerReport {
     pub hostname: Option<String>,
     pub health: Health,
     pub backed_off: bool,
+    /// The version of its content summary this proxy holds (none: not fetched, or none published).
+    pub summary: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

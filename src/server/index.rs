@@ -8,7 +8,7 @@
 //! `max_bytes` of rendered narinfo (past that, paths are served through the daemon, uncached).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,8 @@ pub struct Index {
     bytes: AtomicUsize,
     /// Cap on `bytes`.
     max_bytes: usize,
+    /// Bumped on every change of the set of hashes (for the content summary).
+    generation: AtomicU64,
 }
 
 impl Index {
@@ -84,7 +86,19 @@ impl Index {
             map: RwLock::new(HashMap::new()),
             bytes: AtomicUsize::new(0),
             max_bytes,
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Changes whenever a hash enters or leaves the index.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Every hash in the index, with the generation they belong to.
+    pub fn hashes(&self) -> (u64, Vec<StorePathHash>) {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        (self.generation(), map.keys().copied().collect())
     }
 
     pub fn get(&self, hash: &StorePathHash) -> Option<Arc<Entry>> {
@@ -99,8 +113,13 @@ impl Index {
         if self.bytes.load(Ordering::Relaxed) + cost > self.max_bytes {
             return e;
         }
-        if let Some(old) = map.insert(e.path.hash(), e.clone()) {
-            self.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
+        match map.insert(e.path.hash(), e.clone()) {
+            Some(old) => {
+                self.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
+            }
+            None => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+            }
         }
         self.bytes.fetch_add(cost, Ordering::Relaxed);
         e
@@ -109,6 +128,7 @@ impl Index {
     pub fn remove(&self, hash: &StorePathHash) {
         if let Some(old) = self.map.write().unwrap_or_else(|p| p.into_inner()).remove(hash) {
             self.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -131,6 +151,7 @@ impl Index {
             let keep = valid.contains(h);
             if !keep {
                 self.bytes.fetch_sub(e.cost(), Ordering::Relaxed);
+                self.generation.fetch_add(1, Ordering::AcqRel);
             }
             keep
         });

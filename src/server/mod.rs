@@ -7,6 +7,8 @@
 //! its build on a 5xx, but moves on after a 404).
 
 pub mod index;
+pub mod source;
+pub mod summary;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,12 +43,18 @@ pub enum Route {
     Install,
     /// This host's own binary, fetched by the install script.
     InstallBinary,
+    /// The content summary (`?since=VERSION` for a delta), for peers' proxies.
+    Summary,
+    /// This host's own source (`source::TARBALL`), for the NixOS module snippet.
+    InstallSource,
 }
 
 pub fn route(path: &str) -> Result<Route, RouteError> {
     match path {
         "/install" => Ok(Route::Install),
         "/install/local-nix-cache" => Ok(Route::InstallBinary),
+        "/install/source.tar" => Ok(Route::InstallSource),
+        "/summary" => Ok(Route::Summary),
         _ => cache_url::parse(path).map(Route::Cache),
     }
 }
@@ -65,6 +73,8 @@ pub struct StoreServer {
     /// This node's id, sent in [`cache_url::NODE_HEADER`] on every response, so a proxy can
     /// confirm it talks to the node that announced this address.
     node_header: Option<HeaderValue>,
+    /// The content summary, when published.
+    summary: Option<Arc<summary::Publisher>>,
 }
 
 impl StoreServer {
@@ -81,7 +91,25 @@ impl StoreServer {
             stall_timeout: Duration::from_secs(60),
             binary: tokio::sync::OnceCell::new(),
             node_header: None,
+            summary: None,
         }
+    }
+
+    pub fn with_summary(mut self, p: Arc<summary::Publisher>) -> Self {
+        self.summary = Some(p);
+        self
+    }
+
+    fn summary(&self, req: &Request<Incoming>) -> Response<Body> {
+        let Some(p) = &self.summary else {
+            return h::not_found();
+        };
+        let since = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("since="))
+            .and_then(|v| v.parse::<u64>().ok());
+        h::ok(p.response(since), "application/octet-stream")
     }
 
     pub fn with_node_id(mut self, node: crate::beacon::wire::NodeId) -> Self {
@@ -133,7 +161,9 @@ impl StoreServer {
         };
         let script = INSTALL_SCRIPT
             .replace("@PEER@", &format!("http://{host}"))
-            .replace("@SHA256@", &sha);
+            .replace("@SHA256@", &sha)
+            .replace("@SOURCE_NARHASH@", source::NAR_HASH)
+            .replace("@ARCH@", std::env::consts::ARCH);
         let mut r = Response::new(Body::from(Bytes::from(script)));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -385,6 +415,8 @@ impl h::Handler for StoreServer {
             Ok(Route::Cache(CacheRoute::CacheInfo)) => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
             Ok(Route::Install) => self.install_script(&req).await,
             Ok(Route::InstallBinary) => self.install_binary().await,
+            Ok(Route::InstallSource) => h::ok(Bytes::from_static(source::TARBALL), "application/x-tar"),
+            Ok(Route::Summary) => self.summary(&req),
             Ok(Route::Cache(CacheRoute::NarInfo(hash))) => self.narinfo(&hash).await,
             Ok(Route::Cache(CacheRoute::Nar {
                 hash,

@@ -14,10 +14,14 @@ use local_nix_cache::beacon::wire::{encode, Beacon, Kind, NodeId, FLAG_NAR_NONE}
 use local_nix_cache::beacon::PeerTable;
 use local_nix_cache::cache_url::NODE_HEADER;
 use local_nix_cache::http::{self as h, Body};
-use local_nix_cache::narinfo::{Compression, NarHash, NarInfo, PublicKey, SecretKey, StorePath, TrustedKeys};
+use local_nix_cache::narinfo::{
+    Compression, NarHash, NarInfo, PublicKey, SecretKey, StorePath, StorePathHash, TrustedKeys,
+};
+use local_nix_cache::proxy::summaries::PeerSummaries;
 use local_nix_cache::proxy::{spool::SpoolLimits, Proxy, ProxyConfig};
 use local_nix_cache::settings::{self, PeerCompression};
 use local_nix_cache::status::ProxyWithPages;
+use local_nix_cache::summary;
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
@@ -155,6 +159,22 @@ impl FakeCache {
     pub fn serve_path(&self, p: &FakePath) {
         self.set(&format!("/{}.narinfo", p.hash()), Reply::ok(p.info.render()));
         self.set(&format!("/{}", p.info.url), Reply::ok(p.nar.clone()));
+    }
+
+    /// Publishes a content summary of the paths it serves (`GET /summary`), as version
+    /// `version`; returns the version, for the announce.
+    pub fn publish_summary(&self, version: u64) -> u64 {
+        let keys: Vec<u64> = self
+            .routes
+            .lock()
+            .expect("lock")
+            .keys()
+            .filter_map(|r| r.strip_prefix('/').and_then(|r| r.strip_suffix(".narinfo")))
+            .map(|h| summary::key(&StorePathHash::parse(h).expect("hash")))
+            .collect();
+        let body = summary::encode_full(version, &keys).expect("summary");
+        self.set("/summary", Reply::ok(body));
+        version
     }
 
     pub fn requests_for(&self, suffix: &str) -> usize {
@@ -342,14 +362,28 @@ impl Rig {
     /// peer table, as its beacon would.
     pub fn peer(&self, c: Arc<FakeCache>, id: u8) -> SocketAddr {
         *c.node.lock().expect("lock") = Some(NodeId([id; 16]));
-        let addr = self.cache(c);
+        // Each peer on its own loopback address, as hosts of a LAN have theirs.
+        let addr = self.cache_at(c, SocketAddr::from(([127, 1, 0, id], 0)));
         self.announce(addr, NodeId([id; 16]), FLAG_NAR_NONE, None);
+        addr
+    }
+
+    /// As `peer`, announcing the summary the fake publishes.
+    pub fn peer_with_summary(&self, c: Arc<FakeCache>, id: u8) -> SocketAddr {
+        let version = c.publish_summary(1);
+        *c.node.lock().expect("lock") = Some(NodeId([id; 16]));
+        let addr = self.cache_at(c, SocketAddr::from(([127, 1, 0, id], 0)));
+        self.announce_full(addr, NodeId([id; 16]), FLAG_NAR_NONE, None, Some(version));
         addr
     }
 
     /// Enters node `node` at `addr` in the table as its announce would (e.g. a real store server
     /// with its flags, or a forged announce naming someone else's address).
     pub fn announce(&self, addr: SocketAddr, node: NodeId, flags: u16, hostname: Option<&str>) {
+        self.announce_full(addr, node, flags, hostname, None);
+    }
+
+    fn announce_full(&self, addr: SocketAddr, node: NodeId, flags: u16, hostname: Option<&str>, summary: Option<u64>) {
         let b = encode(&Beacon {
             kind: Kind::Announce,
             flags,
@@ -358,6 +392,9 @@ impl Rig {
             interval_ms: 3_600_000,
             seq: 1,
             hostname: hostname.map(str::to_owned),
+            summary,
+            commitment: None,
+            proof: None,
         });
         let _g = self.rt.enter();
         self.table.handle(addr, &b, tokio::time::Instant::now());
@@ -379,8 +416,9 @@ impl Rig {
                 upstreams: upstreams.iter().map(|u| settings::upstream(u).expect("url")).collect(),
                 spool: SpoolLimits::new(1 << 20, 16, 256, spool),
                 peer_compression: PeerCompression::Zstd,
-                // The fakes and in-process store servers all live on 127.0.0.1.
+                // The fakes and in-process store servers all live on loopback.
                 loopback_peers: true,
+                delivered: None,
                 // Small, so tests exercise split fetches without huge fixtures (NARs of 4 MiB and
                 // more; the other tests stay below).
                 parallel_min_bytes: 4 << 20,
@@ -391,6 +429,7 @@ impl Rig {
         let addr = l.local_addr().expect("addr");
         let pages = Arc::new(ProxyWithPages(p.clone()));
         self.rt.spawn(h::serve(l, pages, self.stop.clone()));
+        self.rt.spawn(PeerSummaries::run(p.clone(), self.stop.clone()));
         (addr, p)
     }
 }

@@ -7,6 +7,7 @@
 pub mod fake;
 pub mod netns;
 pub mod nixlan;
+pub mod roots;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -166,12 +167,21 @@ pub struct Host {
     pub socket: PathBuf,
     pub home: PathBuf,
     daemon: Option<Child>,
+    /// When set: the daemon is this Nix root's (e.g. Nix 2.26 from `roots::nix226_root`), run
+    /// chrooted with this host's directory bound at [`roots::HOST_MOUNT`].
+    pub nix_root: Option<PathBuf>,
 }
 
 impl Host {
     /// A host whose store holds `paths` (with their closures), substituted from the signed cache,
     /// so they carry test-hydra-1 signatures.
     pub fn with_paths(paths: &[&str]) -> Self {
+        Self::with_paths_on(paths, None)
+    }
+
+    /// As [`Self::with_paths`], with the daemon of the Nix in `nix_root` (a Debian root with
+    /// `nix-bin`, see [`roots::nix226_root`]) instead of this machine's.
+    pub fn with_paths_on(paths: &[&str], nix_root: Option<&Path>) -> Self {
         let dir = tempfile::Builder::new().prefix("lnc-host").tempdir().expect("tempdir");
         let root = dir.path().join("store");
         let home = dir.path().join("home");
@@ -185,6 +195,7 @@ impl Host {
             socket,
             home,
             daemon: None,
+            nix_root: nix_root.map(Path::to_path_buf),
         };
         h.add_paths(paths);
         h.start_daemon();
@@ -194,10 +205,23 @@ impl Host {
     pub fn start_daemon(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
         let _ = std::fs::remove_file(&self.socket);
-        let child = nix("nix-daemon", &self.home)
-            .env("NIX_DAEMON_SOCKET_PATH", &self.socket)
-            .arg("--store")
-            .arg(&self.root)
+        let mut cmd = match &self.nix_root {
+            None => {
+                let mut c = nix("nix-daemon", &self.home);
+                c.env("NIX_DAEMON_SOCKET_PATH", &self.socket)
+                    .arg("--store")
+                    .arg(&self.root);
+                c
+            }
+            Some(r) => {
+                let name = self.socket.file_name().expect("socket name").to_string_lossy();
+                let mut c = roots::in_nix_root(r, self.dir.path(), "nix-daemon", &self.home);
+                c.env("NIX_DAEMON_SOCKET_PATH", format!("{}/{name}", roots::HOST_MOUNT))
+                    .args(["--store", &format!("{}/store", roots::HOST_MOUNT)]);
+                c
+            }
+        };
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

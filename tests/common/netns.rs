@@ -244,6 +244,8 @@ impl TestBeacon {
                 store_port: 8380,
                 flags: beacon::wire::FLAG_NAR_NONE,
                 hostname: Some(host.ns.clone()),
+                summary: None,
+                secret: rand::random(),
             });
         }
         let table = Arc::new(PeerTable::new(NodeId::random()));
