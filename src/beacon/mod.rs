@@ -161,7 +161,9 @@ impl Sender {
             summary: a
                 .and_then(|a| a.summary.as_ref())
                 .filter(|_| kind == Kind::Announce)
-                .map(|v| v.load(std::sync::atomic::Ordering::Relaxed)),
+                .map(|v| v.load(std::sync::atomic::Ordering::Relaxed))
+                // 0: nothing published yet.
+                .filter(|v| *v != 0),
             commitment: a
                 .filter(|_| kind == Kind::Announce)
                 .map(|a| wire::commitment(&a.secret)),

@@ -78,6 +78,9 @@ pub struct Index {
     max_bytes: usize,
     /// Bumped on every change of the set of hashes (for the content summary).
     generation: AtomicU64,
+    /// A full scan of the store succeeded: the index holds every servable path (up to the
+    /// memory cap), so a summary of it is complete.
+    complete: std::sync::atomic::AtomicBool,
 }
 
 impl Index {
@@ -87,7 +90,18 @@ impl Index {
             bytes: AtomicUsize::new(0),
             max_bytes,
             generation: AtomicU64::new(0),
+            complete: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the index complete (after a full scan; tests).
+    pub fn mark_complete(&self) {
+        self.complete.store(true, Ordering::Release);
+    }
+
+    /// True once a full scan succeeded (see the field).
+    pub fn complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
     }
 
     /// Changes whenever a hash enters or leaves the index.
@@ -172,13 +186,16 @@ pub async fn maintain(
     loop {
         let t0 = Instant::now();
         match scan(&store, &index, &keys, &mut unservable).await {
-            Ok((valid, added)) => tracing::info!(
-                servable = index.len(),
-                valid,
-                added,
-                ms = t0.elapsed().as_millis() as u64,
-                "store scanned"
-            ),
+            Ok((valid, added)) => {
+                index.mark_complete();
+                tracing::info!(
+                    servable = index.len(),
+                    valid,
+                    added,
+                    ms = t0.elapsed().as_millis() as u64,
+                    "store scanned"
+                )
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "store scan failed; serving from the daemon directly until the next one")
             }

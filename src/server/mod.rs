@@ -109,7 +109,10 @@ impl StoreServer {
             .query()
             .and_then(|q| q.strip_prefix("since="))
             .and_then(|v| v.parse::<u64>().ok());
-        h::ok(p.response(since), "application/octet-stream")
+        match p.response(since) {
+            Some(b) => h::ok(b, "application/octet-stream"),
+            None => h::not_found(),
+        }
     }
 
     pub fn with_node_id(mut self, node: crate::beacon::wire::NodeId) -> Self {

@@ -3,8 +3,11 @@
 //!
 //! The [`Publisher`] rebuilds the summary from the index at most every [`REBUILD_EVERY`] when
 //! the index changed, bumps the version the beacon announces, and remembers the last
-//! [`MAX_LOG`] additions so peers fetch deltas. Versions carry a random per-process epoch in
-//! their high 32 bits, so a delta is never computed against another run's numbering.
+//! [`MAX_LOG`] additions so peers fetch deltas. Nothing is published before the first full scan
+//! of the store succeeded (a summary of a half-filled index would tell peers "no" for paths this
+//! host has): until then the beacon announces no version, and peers ask this host as one with
+//! no summary. Versions carry a random, non-zero per-process epoch in their high 32 bits, so a
+//! delta is never computed against another run's numbering.
 //! Memory: the set of keys (about 16 bytes a path), the encoded summary (about 2.3 bytes a path)
 //! and the log (16 bytes an entry): under 1 MiB for 20,000 paths.
 //!
@@ -29,6 +32,8 @@ use crate::narinfo::{StorePath, TrustedKeys};
 use crate::store::Store;
 use crate::summary;
 
+/// The version the beacon reads before anything was published (it then announces none).
+pub const UNPUBLISHED: u64 = 0;
 /// The summary is rebuilt at most this often (when the index changed).
 pub const REBUILD_EVERY: Duration = Duration::from_secs(1);
 /// Additions remembered for deltas.
@@ -59,18 +64,19 @@ struct State {
 
 pub struct Publisher {
     index: Arc<Index>,
-    /// The current version, read by the beacon at every announce.
+    /// The current version, read by the beacon at every announce; [`UNPUBLISHED`] until the
+    /// first complete summary.
     version: Arc<AtomicU64>,
     state: Mutex<State>,
 }
 
 impl Publisher {
     pub fn new(index: Arc<Index>) -> Self {
-        let epoch = u64::from(rand::random::<u32>()) << 32;
+        let epoch = u64::from(rand::random::<u32>() | 1) << 32;
         let full = summary::encode_full(epoch, &[]).unwrap_or_default();
         Self {
             index,
-            version: Arc::new(AtomicU64::new(epoch)),
+            version: Arc::new(AtomicU64::new(UNPUBLISHED)),
             state: Mutex::new(State {
                 generation: None,
                 version: epoch,
@@ -87,8 +93,11 @@ impl Publisher {
         self.version.clone()
     }
 
-    /// Rebuilds the summary if the index changed since the last build.
+    /// Rebuilds the summary if the index changed since the last build (once it is complete).
     pub fn refresh(&self) {
+        if !self.index.complete() {
+            return;
+        }
         if self.state.lock().unwrap_or_else(|p| p.into_inner()).generation == Some(self.index.generation()) {
             return;
         }
@@ -124,15 +133,17 @@ impl Publisher {
         self.version.store(version, Ordering::Release);
     }
 
-    /// The summary for a peer that has version `since` (a delta when possible).
-    pub fn response(&self, since: Option<u64>) -> Bytes {
+    /// The summary for a peer that has version `since` (a delta when possible); `None` before
+    /// anything was published.
+    pub fn response(&self, since: Option<u64>) -> Option<Bytes> {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.generation?;
         match since {
             Some(s) if s >= st.log_floor && s <= st.version => {
                 let keys: Vec<u64> = st.log.iter().filter(|(v, _)| *v > s).map(|(_, k)| *k).collect();
-                summary::encode_delta(s, st.version, &keys)
+                Some(summary::encode_delta(s, st.version, &keys))
             }
-            _ => st.full.clone(),
+            _ => Some(st.full.clone()),
         }
     }
 
@@ -219,8 +230,16 @@ mod tests {
             index.insert(entry(i));
         }
         p.refresh();
+        assert_eq!(
+            p.version_handle().load(Ordering::Acquire),
+            UNPUBLISHED,
+            "not before a full scan"
+        );
+        assert!(p.response(None).is_none());
+        index.mark_complete();
+        p.refresh();
         let v1 = p.version_handle().load(Ordering::Acquire);
-        let Summary::Full { version, filter } = decode(&p.response(None)).expect("full") else {
+        let Summary::Full { version, filter } = decode(&p.response(None).expect("published")).expect("full") else {
             panic!("full")
         };
         assert_eq!(version, v1);
@@ -234,7 +253,8 @@ mod tests {
         p.refresh();
         let v2 = p.version_handle().load(Ordering::Acquire);
         assert!(v2 > v1);
-        let Summary::Delta { from, version, keys } = decode(&p.response(Some(v1))).expect("delta") else {
+        let Summary::Delta { from, version, keys } = decode(&p.response(Some(v1)).expect("published")).expect("delta")
+        else {
             panic!("delta")
         };
         assert_eq!((from, version), (v1, v2));
@@ -245,11 +265,11 @@ mod tests {
         assert_eq!(keys, want);
         // A version from another run, or too old: the full summary.
         assert!(matches!(
-            decode(&p.response(Some(3))).expect("full"),
+            decode(&p.response(Some(3)).expect("published")).expect("full"),
             Summary::Full { .. }
         ));
         assert!(matches!(
-            decode(&p.response(Some(v2 + 1))).expect("full"),
+            decode(&p.response(Some(v2 + 1)).expect("published")).expect("full"),
             Summary::Full { .. }
         ));
     }
