@@ -7,6 +7,7 @@
 //! its build on a 5xx, but moves on after a 404).
 
 pub mod index;
+pub mod transfers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,10 +19,11 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{self as h, Body};
+use crate::http::{self as h, Body, ConnLimits, Pace, PaceError};
 use crate::narinfo::{NarHash, StorePathHash, TrustedKeys};
 use crate::store::{NarStream, Store};
-use index::{Entry, Index};
+use index::{Entry, Index, MissQueue};
+use transfers::Transfers;
 
 /// The conference one-liner's script; `@PEER@` and `@SHA256@` are filled in per request.
 const INSTALL_SCRIPT: &str = include_str!("install.sh");
@@ -33,6 +35,38 @@ pub const PRIORITY: u32 = 30;
 const NAR_CHANNEL_CHUNKS: usize = 4;
 /// Longest request path we look at; longer ones are 414.
 const MAX_PATH_LEN: usize = 256;
+/// Store-server connections at most; a low open-file limit lowers it ([`connection_limits`]).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Fewest store-server connections, however low the open-file limit.
+const MIN_CONNECTIONS: usize = 16;
+/// Open files kept out of the store server's connection cap: the proxy's listener and its
+/// upstream and peer connections get at least as many as the store server, after this reserve
+/// for daemon connections, NAR files being read, spool files, beacon sockets and the binary.
+pub const FD_RESERVE: u64 = 256;
+/// Connections per client address (IPv6: per /64): a Nix client opens up to 25
+/// (`http-connections`); past it, the address's own oldest idle connection is closed.
+pub const MAX_CONNECTIONS_PER_ADDR: usize = 32;
+/// Request headers must arrive within this time (LAN clients send them at once); also the
+/// longest a kept-alive connection may sit idle.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the listeners wait for the first index scan before accepting (until then a miss
+/// would have to ask the daemon, which shows in the answer's timing).
+const FIRST_SCAN_WAIT: Duration = Duration::from_secs(30);
+
+/// The store server's connection limits under an open-file limit of `nofile`: half of what is
+/// left after [`FD_RESERVE`], so the proxy on the same process can never be starved of
+/// descriptors by LAN clients.
+pub fn connection_limits(nofile: Option<u64>) -> ConnLimits {
+    let max = match nofile {
+        Some(n) => (n.saturating_sub(FD_RESERVE) / 2).clamp(MIN_CONNECTIONS as u64, MAX_CONNECTIONS as u64) as usize,
+        None => MAX_CONNECTIONS,
+    };
+    ConnLimits {
+        max,
+        per_addr: MAX_CONNECTIONS_PER_ADDR.min(max),
+        header_timeout: HEADER_TIMEOUT,
+    }
+}
 
 /// What a request path asks for, parsed before anything is looked up.
 #[derive(Debug, PartialEq, Eq)]
@@ -103,10 +137,15 @@ pub struct StoreServer {
     stall_timeout: Duration,
     /// sha256 and size of this process's binary, computed on the first `/install` request.
     binary: tokio::sync::OnceCell<Option<(String, u64)>>,
+    /// Slots for streamed bodies: a cap, a share per address, a queue with a deadline.
+    transfers: Arc<Transfers>,
+    /// Misses to check against the daemon off the response path (a path signed after start).
+    misses: Arc<MissQueue>,
 }
 
 impl StoreServer {
     pub fn new(store: Store, index: Arc<Index>, keys: TrustedKeys) -> Self {
+        let daemon_streams = store.daemon_nar_streams();
         let cache_info = Bytes::from(format!(
             "StoreDir: {}\nWantMassQuery: 1\nPriority: {PRIORITY}\n",
             store.store_dir()
@@ -118,7 +157,25 @@ impl StoreServer {
             cache_info,
             stall_timeout: Duration::from_secs(60),
             binary: tokio::sync::OnceCell::new(),
+            // Through the daemon, a transfer holds a daemon connection: no more transfers than
+            // the connections NAR streams may use, so the fair queue decides who gets them.
+            transfers: Arc::new(match daemon_streams {
+                Some(n) => Transfers::new(
+                    n.min(transfers::MAX_TRANSFERS),
+                    transfers::MAX_TRANSFERS_PER_ADDR,
+                    transfers::MAX_WAITING_PER_ADDR,
+                    transfers::QUEUE_WAIT,
+                ),
+                None => Transfers::default(),
+            }),
+            misses: Arc::new(MissQueue::new()),
         }
+    }
+
+    /// Replaces the transfer limits (tests use small ones).
+    pub fn with_transfers(mut self, t: Transfers) -> Self {
+        self.transfers = Arc::new(t);
+        self
     }
 
     /// sha256 (hex) and size of the running binary.
@@ -174,38 +231,35 @@ impl StoreServer {
         r
     }
 
-    async fn install_binary(&self) -> Response<Body> {
+    async fn install_binary(&self, peer: SocketAddr, head: bool) -> Response<Body> {
         let Some((_, size)) = self.binary_digest().await else {
             return h::not_found();
         };
         let Ok(path) = std::env::current_exe() else {
             return h::not_found();
         };
-        let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
-        tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let Ok(mut f) = std::fs::File::open(&path) else {
-                return;
-            };
-            let mut left = size;
-            while left > 0 {
-                let mut buf = vec![0u8; (128 * 1024).min(left as usize)];
-                match f.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.blocking_send(Err(std::io::Error::other("binary changed while sent")));
-                        return;
-                    }
-                    Ok(n) => {
-                        buf.truncate(n);
-                        left -= n as u64;
-                        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                            return;
-                        }
-                    }
+        let body = if head {
+            Body::empty()
+        } else {
+            let permit = match self.transfers.acquire(peer.ip()).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "no transfer slot for /install; answering 404");
+                    return h::not_found();
                 }
-            }
-        });
-        let mut r = Response::new(Body::Stream(rx));
+            };
+            let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
+            let stall = self.stall_timeout;
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = send_file(&path, size, &tx, Pace::new(stall)).await {
+                    tracing::info!(%peer, error = %e, "binary transfer aborted");
+                    let _ = tx.try_send(Err(std::io::Error::other(e)));
+                }
+            });
+            Body::Stream(rx)
+        };
+        let mut r = Response::new(body);
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
@@ -219,27 +273,20 @@ impl StoreServer {
         self
     }
 
-    /// The servable entry for `hash`: from the index, else asked of the daemon (and indexed).
-    /// Daemon errors are logged and count as a miss.
+    /// The servable entry for `hash`, from the index alone: a miss costs the same whether the
+    /// path is absent, unsigned or untrusted, and is checked against the daemon afterwards, off
+    /// the response path (a path signed after the last scan is then served from the next
+    /// request on). Until the first scan succeeded, or once the index is full, the daemon is
+    /// asked before answering, doing the same number of round trips for every kind of miss.
     async fn lookup(&self, hash: &StorePathHash) -> Option<Arc<Entry>> {
         if let Some(e) = self.index.get(hash) {
             return Some(e);
         }
-        let r = async {
-            let Some(path) = self.store.path_from_hash_part(hash).await? else {
-                return Ok(None);
-            };
-            self.store.path_info(&path).await
+        if self.index.is_ready() && !self.index.is_full() {
+            self.misses.push(*hash);
+            return None;
         }
-        .await;
-        match r {
-            Ok(Some(info)) => Entry::servable(&info, &self.keys).map(|e| self.index.insert(e)),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(%hash, error = %e, "daemon lookup failed; answering 404");
-                None
-            }
-        }
+        index::lookup_daemon(&self.store, &self.index, &self.keys, hash).await
     }
 
     async fn narinfo(&self, hash: &StorePathHash) -> Response<Body> {
@@ -252,6 +299,7 @@ impl StoreServer {
     async fn nar(
         &self,
         req: &Request<Incoming>,
+        peer: SocketAddr,
         hash: &StorePathHash,
         nar_hash: &NarHash,
         zstd: bool,
@@ -259,6 +307,18 @@ impl StoreServer {
         let started = Instant::now();
         let Some(entry) = self.lookup(hash).await.filter(|e| e.nar_hash == *nar_hash) else {
             return h::not_found();
+        };
+        // A slot first (the queue may take a while), then the validity check right before the NAR.
+        let permit = if req.method() == Method::HEAD {
+            None
+        } else {
+            match self.transfers.acquire(peer.ip()).await {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    tracing::info!(%peer, path = %entry.path, error = %e, "no transfer slot; answering 404");
+                    return h::not_found();
+                }
+            }
         };
         // The daemon's NarFromPath does not check validity: ask for the path info right before,
         // and make sure it still is the NAR the URL names.
@@ -296,14 +356,15 @@ impl StoreServer {
             // With zstd, the pump feeds an encoder task, which feeds the client.
             let (pump_tx, client_rx) = if zstd {
                 let (raw_tx, raw_rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
-                tokio::spawn(compress(raw_rx, tx, stall));
+                tokio::spawn(compress(raw_rx, tx, Pace::new(stall), permit.clone()));
                 (raw_tx, rx)
             } else {
                 (tx, rx)
             };
             let tx = pump_tx;
             tokio::spawn(async move {
-                let r = pump(stream, &tx, start, end, stall).await;
+                let _permit = permit;
+                let r = pump(stream, &tx, start, end, Pace::new(stall)).await;
                 let ms = started.elapsed().as_millis() as u64;
                 match r {
                     Ok(bytes) => tracing::info!(%path, bytes, ms, "NAR served"),
@@ -331,11 +392,12 @@ impl StoreServer {
 const PEER_ZSTD_LEVEL: i32 = 1;
 
 /// Compresses the NAR chunks from `raw` into `tx`. An error on `raw` aborts the response, so a
-/// broken NAR never ends in a well-formed zstd frame.
-async fn compress(
+/// broken NAR never ends in a well-formed zstd frame. Holds the transfer's slot until done.
+async fn compress<P>(
     raw: mpsc::Receiver<Result<Bytes, std::io::Error>>,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
-    stall: Duration,
+    mut pace: Pace,
+    _permit: P,
 ) {
     use async_compression::tokio::bufread::ZstdEncoder;
     use tokio::io::AsyncReadExt;
@@ -352,9 +414,13 @@ async fn compress(
             Err(e) => Err(e),
         };
         let failed = item.is_err();
-        match tokio::time::timeout(stall, tx.send(item)).await {
-            Ok(Ok(())) if !failed => {}
-            _ => return,
+        match pace.send(&tx, item).await {
+            Ok(()) if !failed => {}
+            Ok(()) => return,
+            Err(e) => {
+                tracing::info!(error = %e, "compressed NAR transfer aborted");
+                return;
+            }
         }
     }
 }
@@ -364,10 +430,8 @@ async fn compress(
 enum PumpError {
     #[error(transparent)]
     Store(#[from] crate::store::Error),
-    #[error("client accepted no data for {0:?}")]
-    Stalled(Duration),
-    #[error("client went away")]
-    Gone,
+    #[error(transparent)]
+    Client(#[from] PaceError),
 }
 
 /// Copies bytes `start..=end` of the NAR to the client. Returns the bytes sent.
@@ -376,7 +440,7 @@ async fn pump(
     tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
     start: u64,
     end: u64,
-    stall: Duration,
+    mut pace: Pace,
 ) -> Result<u64, PumpError> {
     let mut pos = 0u64;
     let mut sent = 0u64;
@@ -390,11 +454,7 @@ async fn pump(
         let to = ((end + 1).min(c_end) - c_start) as usize;
         let piece = chunk.slice(from..to);
         sent += piece.len() as u64;
-        match tokio::time::timeout(stall, tx.send(Ok(piece))).await {
-            Err(_) => return Err(PumpError::Stalled(stall)),
-            Ok(Err(_)) => return Err(PumpError::Gone),
-            Ok(Ok(())) => {}
-        }
+        pace.send(tx, Ok(piece)).await?;
         if c_end > end {
             // The client asked for less than the whole NAR; the connection is dropped mid-NAR.
             return Ok(sent);
@@ -409,16 +469,16 @@ fn hv(s: String) -> HeaderValue {
 }
 
 impl h::Handler for StoreServer {
-    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let Some(head) = h::is_head(req.method()) else {
             return h::method_not_allowed();
         };
         let mut resp = match route(req.uri().path()) {
             Route::CacheInfo => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
             Route::Install => self.install_script(&req).await,
-            Route::InstallBinary => self.install_binary().await,
+            Route::InstallBinary => self.install_binary(peer, head).await,
             Route::NarInfo(hash) => self.narinfo(&hash).await,
-            Route::Nar { hash, nar_hash, zstd } => self.nar(&req, &hash, &nar_hash, zstd).await,
+            Route::Nar { hash, nar_hash, zstd } => self.nar(&req, peer, &hash, &nar_hash, zstd).await,
             Route::NotFound => h::not_found(),
             Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),
             Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
@@ -436,7 +496,9 @@ pub struct Running {
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Starts serving on already-bound listeners, plus the index maintenance task.
+/// Starts serving on already-bound listeners, plus the index maintenance and miss-check tasks.
+/// The listeners accept once the first index scan is done (at most [`FIRST_SCAN_WAIT`]); their
+/// connection cap follows this process's open-file limit ([`connection_limits`]).
 pub fn spawn(
     server: Arc<StoreServer>,
     listeners: Vec<tokio::net::TcpListener>,
@@ -452,14 +514,71 @@ pub fn spawn(
         rescan,
         shutdown.clone(),
     )));
+    tasks.push(tokio::spawn(index::check_misses(
+        server.store.clone(),
+        server.index.clone(),
+        server.keys.clone(),
+        server.misses.clone(),
+        shutdown.clone(),
+    )));
+    let limits = connection_limits(h::nofile_limit());
+    tracing::info!(
+        connections = limits.max,
+        per_address = limits.per_addr,
+        transfers = transfers::MAX_TRANSFERS,
+        "store server limits"
+    );
+    let admission = Arc::new(h::Admission::new(limits));
     for l in listeners {
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "store server listening");
             addrs.push(a);
         }
-        tasks.push(tokio::spawn(h::serve(l, server.clone(), shutdown.clone())));
+        let (server, admission, shutdown) = (server.clone(), admission.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            let scanned = server.index.first_scan_done();
+            tokio::select! {
+                _ = scanned.cancelled() => {}
+                _ = tokio::time::sleep(FIRST_SCAN_WAIT) => tracing::warn!("first store scan still running; serving anyway"),
+                _ = shutdown.cancelled() => return,
+            }
+            h::serve_with(l, server, admission, shutdown).await
+        }));
     }
     Running { addrs, tasks }
+}
+
+/// Streams `size` bytes of the file at `path` to `tx`, paced. Fails if the file changed size.
+async fn send_file(
+    path: &std::path::Path,
+    size: u64,
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    mut pace: Pace,
+) -> Result<(), FileSendError> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut left = size;
+    while left > 0 {
+        let mut buf = bytes::BytesMut::with_capacity((128 * 1024).min(left as usize));
+        let n = f.read_buf(&mut buf).await?;
+        if n == 0 {
+            return Err(FileSendError::Changed);
+        }
+        left = left.saturating_sub(n as u64);
+        pace.send(tx, Ok(buf.freeze())).await?;
+    }
+    Ok(())
+}
+
+/// Why sending the binary stopped early.
+#[derive(Debug, thiserror::Error)]
+enum FileSendError {
+    #[error("reading the binary: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the binary changed while sent")]
+    Changed,
+    #[error(transparent)]
+    Client(#[from] PaceError),
 }
 
 #[cfg(test)]
