@@ -4,8 +4,10 @@
 //! Invariant: at most `max` bodies (default [`MAX_TRANSFERS`]) are streamed at once, at most
 //! [`MAX_TRANSFERS_PER_ADDR`] of them to one client address (IPv6: one /64), and at most
 //! [`MAX_WAITING_PER_ADDR`] more of that address wait. A freed slot goes to the waiting request
-//! whose address streams the fewest bodies (ties: the earliest), so an honest newcomer gets the
-//! next free slot however many requests a few attacking addresses keep queued. A request that
+//! whose address streams the fewest bodies (ties: the address with the fewest waiting, then the
+//! earliest), so an honest newcomer gets the next free slot however many requests attacking
+//! addresses keep queued (unless they spread over more addresses than there are slots, each
+//! with a single request: then it waits its turn among them). A request that
 //! cannot start within [`QUEUE_WAIT`] is answered like a miss (404), before any header is sent.
 //! Together with [`crate::http::Pace`] (a transfer lives only while its client keeps up), this
 //! bounds the blocking threads, daemon connections, encoders and buffers clients can make the
@@ -67,7 +69,8 @@ impl State {
         }
     }
 
-    /// Hands free slots to waiters: fewest streaming for their address first, then the earliest.
+    /// Hands free slots to waiters: the address streaming the fewest first, among those the one
+    /// with the fewest requests waiting, then the earliest.
     fn dispatch(&mut self, max_per_addr: usize) {
         while self.free > 0 {
             let best = self
@@ -75,11 +78,11 @@ impl State {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, w)| {
-                    let streaming = self.keys.get(&w.key).map_or(0, |k| k.0);
-                    (streaming < max_per_addr).then_some((streaming, i))
+                    let (streaming, waiting) = self.keys.get(&w.key).copied().unwrap_or((0, 0));
+                    (streaming < max_per_addr).then_some((streaming, waiting, i))
                 })
                 .min();
-            let Some((_, i)) = best else { return };
+            let Some((_, _, i)) = best else { return };
             let Some(w) = self.queue.remove(i) else { return };
             let k = self.keys.entry(w.key).or_insert((0, 0));
             k.1 -= 1;
@@ -285,6 +288,26 @@ mod tests {
             t.state.lock().expect("lock").keys.is_empty(),
             "entries of gone clients are dropped"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn among_addresses_streaming_nothing_the_one_asking_least_goes_first() {
+        let t = Arc::new(Transfers::new(1, 4, 8, Duration::from_secs(60)));
+        let held = t.acquire(ip("10.0.0.1")).await.expect("held");
+        // Three requests from an address that streams nothing yet, queued before the honest one.
+        let mut queued = Vec::new();
+        for _ in 0..3 {
+            let t = t.clone();
+            queued.push(tokio::spawn(async move { t.acquire(ip("10.0.0.66")).await }));
+            tokio::task::yield_now().await;
+        }
+        let th = t.clone();
+        let honest = tokio::spawn(async move { th.acquire(ip("10.0.0.7")).await });
+        tokio::task::yield_now().await;
+        drop(held);
+        let p = honest.await.expect("join").expect("honest first");
+        assert!(queued.iter().all(|q| !q.is_finished()));
+        drop(p);
     }
 
     #[tokio::test(start_paused = true)]
