@@ -320,7 +320,8 @@ struct ServeProcess {
 }
 
 impl ServeProcess {
-    fn start(host: &Host, nofile: u64) -> Self {
+    /// `nofile`: the open-file limit (soft and hard) to start it under, else the inherited one.
+    fn start(host: &Host, nofile: Option<u64>) -> Self {
         use std::os::unix::process::CommandExt;
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_local-nix-cache"));
         cmd.args([
@@ -340,12 +341,14 @@ impl ServeProcess {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, nofile, nofile)
-                    .map_err(std::io::Error::from)
-            });
+        if let Some(n) = nofile {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+                        .map_err(std::io::Error::from)
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn serve");
         let stderr = child.stderr.take().expect("stderr");
@@ -408,7 +411,7 @@ fn the_proxy_keeps_accepting_when_the_store_server_is_flooded() {
     }
     let f = fixture();
     let host = Host::with_paths(&[&f.top]);
-    let serve = ServeProcess::start(&host, 1024);
+    let serve = ServeProcess::start(&host, Some(1024));
     let narinfo = format!("/{}.narinfo", hash_of(&f.top));
     // Ready: the store server answers.
     let t0 = Instant::now();
@@ -534,4 +537,232 @@ fn private_and_absent_paths_take_the_same_time() {
         (p - 0.5).abs() < 0.05,
         "timing tells private from absent: P(private slower) = {p:.3} (z = {z:.1}), medians {mu:.0} vs {ma:.0} us"
     );
+}
+
+/// Resident memory of a process in MiB (`VmRSS`), and its thread count.
+fn rss_and_threads(pid: u32) -> (f64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field("VmRSS:") / 1024.0, field("Threads:") as usize)
+}
+
+/// Samples a process's RSS and threads every 50 ms until dropped; keeps the peaks.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(f64, usize)>>,
+}
+
+impl Sampler {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (mut rss, mut thr) = (0.0f64, 0usize);
+            // Bounded: at most 10 minutes of samples.
+            for _ in 0..12_000 {
+                let (r, t) = rss_and_threads(pid);
+                rss = rss.max(r);
+                thr = thr.max(t);
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (rss, thr)
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Peak RSS (MiB) and peak threads.
+    fn finish(mut self) -> (f64, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().and_then(|h| h.join().ok()).unwrap_or((0.0, 0))
+    }
+}
+
+/// A signed path of `mib` MiB of text-like bytes (6 bits of entropy per byte: zstd has work to
+/// do) in `host`'s store.
+fn add_signed_blob(host: &Host, mib: usize) -> String {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let data: Vec<u8> = (0..mib * 1024 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            alphabet[(x >> 58) as usize]
+        })
+        .collect();
+    let file = host.dir.path().join(format!("blob-{mib}"));
+    std::fs::write(&file, data).expect("write blob");
+    let path = run(nix("nix-store", &host.home)
+        .arg("--store")
+        .arg(&host.root)
+        .arg("--add")
+        .arg(&file));
+    let sk = fixture().sk_file.to_str().expect("utf8").to_owned();
+    run(nix("nix", &host.home)
+        .args(["store", "sign", "--store"])
+        .arg(&host.root)
+        .args(["--key-file", &sk, &path]));
+    path
+}
+
+/// `n` clients from distinct addresses fetch `url` at once; how many got a complete 200.
+fn crowd(dst: SocketAddr, url: &str, n: usize, want_len: Option<usize>) -> usize {
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let url = url.to_owned();
+            std::thread::spawn(move || match get_from(lo(i), dst, &url, Duration::from_secs(60)) {
+                Ok((200, body)) => match want_len {
+                    Some(len) => body.len() == len,
+                    // Chunked (zstd): complete when the last chunk arrived.
+                    None => body.ends_with(b"0\r\n\r\n"),
+                },
+                _ => false,
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or(false))
+        .filter(|&ok| ok)
+        .count()
+}
+
+/// One line of bench/hostile.sh's table.
+#[allow(clippy::too_many_arguments)]
+fn report(what: &str, ok: &str, secs: f64, base: f64, peak: f64, after: f64, threads: usize) {
+    println!("BENCH-HOSTILE|{what}|{ok}|{secs:.1}|{base:.1}|{peak:.1}|{after:.1}|{threads}");
+}
+
+/// Memory and threads of the real `serve` (release build under bench/run) under each attack and
+/// a crowd of 100 clients on one 64 MiB NAR, plain and zstd. Figures, no thresholds:
+/// `bench/hostile.sh` prints them; docs/benchmarks.md keeps a run.
+#[test]
+#[ignore = "benchmark: run by bench/hostile.sh"]
+fn bench_store_server_under_attack() {
+    if !require_nix() || !require_fds(8192) {
+        return;
+    }
+    let f = fixture();
+    let host = Host::with_paths(&[&f.top, &f.big]);
+    let blob = add_signed_blob(&host, 64);
+    let serve = ServeProcess::start(&host, None);
+    let pid = serve.child.id();
+    let narinfo = format!("/{}.narinfo", hash_of(&blob));
+    let t0 = Instant::now();
+    let url = loop {
+        if let Ok((200, body)) = get_from(HONEST, serve.store, &narinfo, Duration::from_secs(5)) {
+            let text = String::from_utf8_lossy(&body).to_string();
+            break text
+                .lines()
+                .find_map(|l| l.strip_prefix("URL: "))
+                .map(|u| format!("/{u}"))
+                .expect("URL");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "serve never served the blob");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let nar_len = host.dump(&blob).len();
+    let settle = || {
+        std::thread::sleep(Duration::from_secs(3));
+        rss_and_threads(pid).0
+    };
+    let base = settle();
+    let thr = rss_and_threads(pid).1;
+    report("baseline: serving, no clients", "-", 0.0, base, base, base, thr);
+    for (what, u, len) in [
+        ("100 clients, one 64 MiB NAR", url.clone(), Some(nar_len)),
+        ("100 clients, one 64 MiB NAR as .nar.zst", format!("{url}.zst"), None),
+    ] {
+        let before = settle();
+        let s = Sampler::start(pid);
+        let t = Instant::now();
+        let ok = crowd(serve.store, &u, 100, len);
+        let secs = t.elapsed().as_secs_f64();
+        let (peak, thr) = s.finish();
+        report(what, &format!("{ok}/100 complete"), secs, before, peak, settle(), thr);
+    }
+    // 600 clients that never read, for 25 s, plus one honest NAR among them.
+    {
+        let before = settle();
+        let s = Sampler::start(pid);
+        let t = Instant::now();
+        let mut held = Vec::new();
+        for i in 0..600 {
+            if let Ok(mut c) = connect_from(lo(i / 10), serve.store, Some(4096)) {
+                if write!(c, "GET {url} HTTP/1.1\r\nHost: t\r\n\r\n").is_ok() {
+                    held.push(c);
+                }
+            }
+        }
+        let honest = get_from(HONEST, serve.store, &url, Duration::from_secs(60));
+        let ok = matches!(&honest, Ok((200, b)) if b.len() == nar_len);
+        std::thread::sleep(Duration::from_secs(25).saturating_sub(t.elapsed()));
+        let (peak, thr) = s.finish();
+        drop(held);
+        report(
+            "600 clients that never read a 64 MiB NAR (25 s)",
+            &format!("honest NAR {}", if ok { "complete" } else { "FAILED" }),
+            t.elapsed().as_secs_f64(),
+            before,
+            peak,
+            settle(),
+            thr,
+        );
+    }
+    // 2000 idle connections and 45 new ones a second for 20 s; narinfo latency of an honest client.
+    {
+        let before = settle();
+        let s = Sampler::start(pid);
+        let t = Instant::now();
+        let mut idle = Vec::new();
+        for i in 0..2000 {
+            if let Ok(c) = connect_from(lo(i / 20), serve.store, None) {
+                idle.push(c);
+            }
+        }
+        let mut worst = Duration::ZERO;
+        let mut ok = 0;
+        let mut i = 0;
+        while t.elapsed() < Duration::from_secs(20) {
+            for _ in 0..5 {
+                if let Ok(c) = connect_from(lo(1000 + i % 500), serve.store, None) {
+                    idle.push(c);
+                }
+                i += 1;
+            }
+            let q = Instant::now();
+            if matches!(
+                get_from(HONEST, serve.store, &narinfo, Duration::from_secs(30)),
+                Ok((200, _))
+            ) {
+                ok += 1;
+            }
+            worst = worst.max(q.elapsed());
+            std::thread::sleep(Duration::from_millis(110));
+        }
+        let (peak, thr) = s.finish();
+        drop(idle);
+        report(
+            "2000 idle connections + 45/s (20 s)",
+            &format!("{ok} narinfo 200, slowest {:.1} ms", worst.as_secs_f64() * 1000.0),
+            t.elapsed().as_secs_f64(),
+            before,
+            peak,
+            settle(),
+            thr,
+        );
+    }
 }
