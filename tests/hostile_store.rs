@@ -267,6 +267,47 @@ fn clients_that_never_read_do_not_pin_threads_or_starve_nars() {
     drop(held);
 }
 
+/// Attack 1, `/install/local-nix-cache`: the binary was sent from a blocking thread with no stall
+/// timeout at all, so a client that stopped reading pinned the thread for as long as it liked.
+/// Now the binary is paced like a NAR: a client that stalls past `--client-stall-timeout` is cut
+/// off, and the rest of the body never comes.
+#[test]
+fn install_binary_cuts_off_a_stalled_client() {
+    if !require_nix() {
+        return;
+    }
+    let host = Host::with_paths(&[]);
+    let mut args = serve_args(host.store_addr());
+    args.client_stall_timeout = 1;
+    let node = TestNode::start(args);
+    let mut s = connect_from(HONEST, node.addr, Some(4096)).expect("connect");
+    write!(
+        s,
+        "GET /install/local-nix-cache HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    // Stop reading well past the stall timeout, then read what still comes.
+    std::thread::sleep(Duration::from_secs(5));
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut r = BufReader::new(s);
+    let (status, len) = read_head(&mut r).expect("head");
+    assert_eq!(status, 200);
+    let len = len.expect("Content-Length");
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("after {got} of {len} bytes: {e}"),
+        }
+    }
+    assert!(
+        got < len,
+        "a client that stalled for 5 s still got all {len} bytes: no stall timeout"
+    );
+}
+
 /// Attack 2: 2000 idle connections (and 45 more a second) used to fill the 1024-connection cap,
 /// so a narinfo request waited up to the 30 s header timeout. Now a newcomer takes the place of
 /// the oldest idle connection.
