@@ -201,6 +201,8 @@ pub struct Admission {
 
 #[derive(Default)]
 struct ConnTable {
+    /// Most connections open at once since [`Admission::take_peak`] last looked.
+    peak: usize,
     next_id: u64,
     conns: HashMap<u64, Arc<ConnState>>,
     per_key: HashMap<IpAddr, usize>,
@@ -244,6 +246,14 @@ impl Admission {
         self.limits
     }
 
+    /// Most connections open at once since the last call (and now).
+    pub fn take_peak(&self) -> usize {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let peak = t.peak.max(t.conns.len());
+        t.peak = t.conns.len();
+        peak
+    }
+
     /// Open connections now.
     pub fn open(&self) -> usize {
         self.table.lock().unwrap_or_else(|p| p.into_inner()).conns.len()
@@ -272,6 +282,7 @@ impl Admission {
         });
         state.touch();
         t.conns.insert(state.id, state.clone());
+        t.peak = t.peak.max(t.conns.len());
         *t.per_key.entry(key).or_insert(0) += 1;
         Some(Slot {
             state,
@@ -388,33 +399,18 @@ pub fn raise_nofile_limit() -> Option<u64> {
     }
 }
 
-/// Prepares the process for serving many clients; call once at start, before any other thread
-/// exists: raises the open-file limit ([`raise_nofile_limit`]) and keeps memory freed after a
-/// burst of transfers from staying with the allocator ([`limit_allocator_retention`]).
-pub fn prepare_process() {
-    raise_nofile_limit();
-    limit_allocator_retention();
-}
-
-/// Allocations above this size get their own mapping, returned to the system when freed; the
-/// heap is trimmed when this much is free at its top. Fixed values turn off glibc's dynamic
-/// thresholds, which rise to the largest block freed so far (a zstd encoder's 1.3 MiB, a 128 KiB
-/// NAR chunk) and then keep tens of MiB after a crowd of transfers has gone (measured in
-/// `bench/hostile.sh`: 64 MiB held after a 100-client zstd crowd, 19 MiB with these).
-const MALLOC_THRESHOLD: i32 = 128 * 1024;
-
-/// See [`MALLOC_THRESHOLD`]. glibc only; other allocators (musl) return memory on their own.
-pub fn limit_allocator_retention() {
+/// Hands memory that is free inside the allocator back to the system (glibc keeps what a burst
+/// of transfers freed in its per-thread arenas: 27 MiB after a 100-client crowd on one NAR,
+/// 64 MiB after the same crowd with zstd, measured by `bench/hostile.sh`). Takes a few ms; the
+/// store server calls it when its transfers have gone idle. A no-op outside glibc (musl's
+/// allocator returns memory by itself).
+pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        use nix::libc::{mallopt, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD};
-        // SAFETY: mallopt only sets allocator parameters; it is called at start-up, before the
-        // runtime's threads exist, as glibc requires of its tunables.
-        let ok = unsafe {
-            mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD) == 1 && mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD) == 1
-        };
-        if !ok {
-            tracing::warn!("cannot set the allocator's thresholds; memory may stay high after bursts");
+        // SAFETY: malloc_trim only walks the allocator's own free lists (under its locks) and
+        // returns unused pages to the kernel; it touches no memory the program owns.
+        unsafe {
+            nix::libc::malloc_trim(0);
         }
     }
 }

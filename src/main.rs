@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         log_format = args.log_format;
     }
     init_logging(log_format);
-    local_nix_cache::http::prepare_process();
+    local_nix_cache::http::raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -717,7 +717,7 @@ fn bench_store_server_under_attack() {
     };
     let nar_len = host.dump(&blob).len();
     let settle = || {
-        std::thread::sleep(Duration::from_secs(3));
+        std::thread::sleep(Duration::from_secs(5));
         rss_and_threads(pid).0
     };
     let base = settle();

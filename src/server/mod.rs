@@ -44,11 +44,14 @@ const MIN_CONNECTIONS: usize = 16;
 /// for daemon connections, NAR files being read, spool files, beacon sockets and the binary.
 pub const FD_RESERVE: u64 = 256;
 /// Connections per client address (IPv6: per /64): a Nix client opens up to 25
-/// (`http-connections`); past it, the address's own oldest idle connection is closed.
-pub const MAX_CONNECTIONS_PER_ADDR: usize = 32;
+/// (`http-connections`), a benchmark 64; past it, the address's own oldest idle connection is
+/// closed.
+pub const MAX_CONNECTIONS_PER_ADDR: usize = 64;
 /// Request headers must arrive within this time (LAN clients send them at once); also the
 /// longest a kept-alive connection may sit idle.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the server looks whether its transfers went idle, to hand freed memory back.
+const TRIM_CHECK: Duration = Duration::from_secs(2);
 /// Longest the listeners wait for the first index scan before accepting (until then a miss
 /// would have to ask the daemon, which shows in the answer's timing).
 const FIRST_SCAN_WAIT: Duration = Duration::from_secs(30);
@@ -529,6 +532,11 @@ pub fn spawn(
         "store server limits"
     );
     let admission = Arc::new(h::Admission::new(limits));
+    tasks.push(tokio::spawn(release_memory_when_idle(
+        server.transfers.clone(),
+        admission.clone(),
+        shutdown.clone(),
+    )));
     for l in listeners {
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "store server listening");
@@ -546,6 +554,37 @@ pub fn spawn(
         }));
     }
     Running { addrs, tasks }
+}
+
+/// Connections that count as a burst: once the open ones fall to a quarter of such a peak,
+/// the memory they freed is handed back.
+const CONNECTION_BURST: usize = 256;
+
+/// After a burst (of transfers, once none runs or waits; of connections, once most have
+/// closed), hands the memory it freed back to the system ([`h::release_free_memory`]), so RSS
+/// returns near its baseline.
+async fn release_memory_when_idle(
+    transfers: Arc<Transfers>,
+    admission: Arc<h::Admission>,
+    shutdown: CancellationToken,
+) {
+    let mut seen = 0;
+    let mut conn_peak = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TRIM_CHECK) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        conn_peak = conn_peak.max(admission.take_peak());
+        let open = admission.open();
+        let conns_gone = conn_peak >= CONNECTION_BURST && open <= conn_peak / 4;
+        if conns_gone {
+            conn_peak = open;
+        }
+        if transfers.went_idle(&mut seen) || conns_gone {
+            let _ = tokio::task::spawn_blocking(h::release_free_memory).await;
+        }
+    }
 }
 
 /// Streams `size` bytes of the file at `path` to `tx`, paced. Fails if the file changed size.

@@ -49,6 +49,10 @@ pub struct Transfers {
 #[derive(Default)]
 struct State {
     free: usize,
+    /// All slots (free ones included).
+    max: usize,
+    /// Slots granted so far: tells whether any transfer ran since the last look.
+    granted: u64,
     /// Per client key present: (streaming, waiting). Removed when both are zero.
     keys: HashMap<IpAddr, (usize, usize)>,
     /// Waiting requests in arrival order.
@@ -89,6 +93,7 @@ impl State {
             if w.grant.send(()).is_ok() {
                 k.0 += 1;
                 self.free -= 1;
+                self.granted += 1;
             } else {
                 self.forget_if_idle(w.key);
             }
@@ -168,6 +173,7 @@ impl Transfers {
         Self {
             state: Mutex::new(State {
                 free: max.max(1),
+                max: max.max(1),
                 ..State::default()
             }),
             max_per_addr: max_per_addr.max(1),
@@ -191,6 +197,7 @@ impl Transfers {
             if free > 0 && k.0 < self.max_per_addr {
                 k.0 += 1;
                 st.free -= 1;
+                st.granted += 1;
                 return Ok(Permit {
                     transfers: self.clone(),
                     key,
@@ -221,6 +228,17 @@ impl Transfers {
             }
             _ => Err(Refused::Timeout(self.wait)),
         }
+    }
+
+    /// True if no transfer runs or waits now but some ran since the last call that said so
+    /// (`seen` keeps the count of grants between calls).
+    pub fn went_idle(&self, seen: &mut u64) -> bool {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.free == st.max && st.queue.is_empty() && st.granted != *seen {
+            *seen = st.granted;
+            return true;
+        }
+        false
     }
 
     /// Slots free now.
@@ -330,6 +348,18 @@ mod tests {
         assert_eq!(t.available(), 1, "the slot is free again, not given to the gone waiter");
         let st = t.state.lock().expect("lock");
         assert!(st.keys.is_empty() && st.queue.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn went_idle_once_per_burst() {
+        let t = Arc::new(Transfers::new(2, 2, 0, Duration::from_secs(1)));
+        let mut seen = 0;
+        assert!(!t.went_idle(&mut seen), "nothing ran yet");
+        let p = t.acquire(ip("10.0.0.1")).await.expect("p");
+        assert!(!t.went_idle(&mut seen), "still running");
+        drop(p);
+        assert!(t.went_idle(&mut seen));
+        assert!(!t.went_idle(&mut seen), "once per burst");
     }
 
     #[tokio::test(start_paused = true)]
