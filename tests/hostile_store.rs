@@ -280,6 +280,8 @@ fn install_binary_cuts_off_a_stalled_client() {
     let mut args = serve_args(host.store_addr());
     args.client_stall_timeout = 1;
     let node = TestNode::start(args);
+    // The script first: the binary's digest is computed then, not while the client below stalls.
+    assert_eq!(get(node.addr, "/install").status, 200);
     let mut s = connect_from(HONEST, node.addr, Some(4096)).expect("connect");
     write!(
         s,
