@@ -2,22 +2,21 @@
 //!
 //! A path enters the index only after one of its signatures verified against a trusted key, so a
 //! narinfo hit costs one hash lookup and no daemon round trip. The index is filled by a full scan
-//! at start and refreshed by periodic rescans (new paths added, vanished paths dropped). A miss is
-//! answered from the index alone (404), so an absent path and an unsigned one cost the very same
-//! work and time; the [`MissQueue`] then checks the missed hash against the daemon in the
-//! background, so a path added or signed between scans is served from the next request on.
-//! Invariant: every entry was verified against the trusted keys; memory is capped at `max_bytes`
-//! of rendered narinfo (past that, paths are served through the daemon, uncached, and a miss asks
-//! the daemon before answering, with the same number of round trips for every kind of miss).
+//! at start, refreshed by periodic rescans (new paths added, vanished paths dropped), and on a miss
+//! the server asks the daemon before answering 404 ([`lookup_daemon`]), so a path added between
+//! scans is found at once. Invariant: every entry was verified against the trusted keys; memory is
+//! capped at `max_bytes` of rendered narinfo (past that, paths are served through the daemon,
+//! uncached). A miss costs the daemon the same two round trips whether the path is absent,
+//! unsigned or untrusted, and the server answers every miss at the same time after the request
+//! (`server::MISS_ANSWER_AFTER`), so its timing does not tell them apart.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::narinfo::{NarHash, NarInfo, StorePath, StorePathHash, TrustedKeys};
@@ -27,11 +26,6 @@ use crate::store::{PathInfo, Store};
 const SCAN_CONCURRENCY: usize = 4;
 /// Rough per-entry overhead beyond the narinfo text (map slot, Arc, path string).
 const ENTRY_OVERHEAD: usize = 192;
-/// The index counts as full when less than this is left (about one large narinfo).
-const FULL_MARGIN: usize = 64 * 1024;
-/// Missed hashes waiting for their background check; more are dropped (the next periodic scan
-/// still finds new paths). Memory: a hash and a set slot each, a few KiB in all.
-pub const MISS_QUEUE: usize = 256;
 
 /// One servable path.
 #[derive(Debug)]
@@ -91,10 +85,6 @@ pub struct Index {
     bytes: AtomicUsize,
     /// Cap on `bytes`.
     max_bytes: usize,
-    /// A scan completed: the index holds every servable path, so a miss may be answered from it.
-    ready: AtomicBool,
-    /// Cancelled once the first scan ended, well or not (the listeners wait for it).
-    first_scan: CancellationToken,
 }
 
 impl Index {
@@ -103,24 +93,7 @@ impl Index {
             map: RwLock::new(HashMap::new()),
             bytes: AtomicUsize::new(0),
             max_bytes,
-            ready: AtomicBool::new(false),
-            first_scan: CancellationToken::new(),
         }
-    }
-
-    /// True once a scan has completed.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    /// Cancelled when the first scan has ended (successfully or not).
-    pub fn first_scan_done(&self) -> CancellationToken {
-        self.first_scan.clone()
-    }
-
-    /// True when another entry might not fit.
-    pub fn is_full(&self) -> bool {
-        self.bytes.load(Ordering::Relaxed) + FULL_MARGIN > self.max_bytes
     }
 
     pub fn get(&self, hash: &StorePathHash) -> Option<Arc<Entry>> {
@@ -187,24 +160,17 @@ pub async fn maintain(
     loop {
         let t0 = Instant::now();
         match scan(&store, &index, &keys, &mut unservable).await {
-            Ok((valid, added)) => {
-                index.ready.store(true, Ordering::Release);
-                if index.is_full() {
-                    tracing::warn!("index full (--index-max-mib): misses now ask the daemon before answering");
-                }
-                tracing::info!(
-                    servable = index.len(),
-                    valid,
-                    added,
-                    ms = t0.elapsed().as_millis() as u64,
-                    "store scanned"
-                )
-            }
+            Ok((valid, added)) => tracing::info!(
+                servable = index.len(),
+                valid,
+                added,
+                ms = t0.elapsed().as_millis() as u64,
+                "store scanned"
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, "store scan failed; serving from the daemon directly until the next one")
             }
         }
-        index.first_scan.cancel();
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.cancelled() => return,
@@ -252,69 +218,10 @@ async fn scan(
     Ok((valid.len(), added))
 }
 
-/// Hashes that missed the index, waiting to be checked against the daemon off the response path.
-pub struct MissQueue {
-    tx: mpsc::Sender<StorePathHash>,
-    /// Taken by [`check_misses`].
-    rx: Mutex<Option<mpsc::Receiver<StorePathHash>>>,
-    /// Queued hashes, so a hash asked for again and again is checked once.
-    pending: Mutex<HashSet<StorePathHash>>,
-}
-
-impl Default for MissQueue {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl MissQueue {
-    pub fn new() -> Self {
-        let (tx, rx) = mpsc::channel(MISS_QUEUE);
-        Self {
-            tx,
-            rx: Mutex::new(Some(rx)),
-            pending: Mutex::new(HashSet::new()),
-        }
-    }
-
-    /// Queues `hash` for a check unless it is queued already or the queue is full. Constant work,
-    /// whatever the hash.
-    pub fn push(&self, hash: StorePathHash) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.len() < MISS_QUEUE && pending.insert(hash) && self.tx.try_send(hash).is_err() {
-            pending.remove(&hash);
-        }
-    }
-}
-
-/// Checks missed hashes against the daemon, one at a time (so live requests keep the rest of
-/// the daemon connections), indexing those that turn out servable, until `shutdown`.
-pub async fn check_misses(
-    store: Store,
-    index: Arc<Index>,
-    keys: TrustedKeys,
-    queue: Arc<MissQueue>,
-    shutdown: CancellationToken,
-) {
-    let Some(mut rx) = queue.rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-        return;
-    };
-    loop {
-        let hash = tokio::select! {
-            h = rx.recv() => match h { Some(h) => h, None => return },
-            _ = shutdown.cancelled() => return,
-        };
-        if index.get(&hash).is_none() {
-            lookup_daemon(&store, &index, &keys, &hash).await;
-        }
-        queue.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
-    }
-}
-
 /// Asks the daemon for `hash` and indexes it if servable. Two round trips whether or not the
 /// path exists (for an absent one, the second asks for a path that cannot be valid), so the
-/// daemon's work does not tell an unsigned path from an absent one. Daemon errors are logged and
-/// count as a miss.
+/// daemon's work hardly differs between an unsigned and an absent path. Daemon errors are logged
+/// and count as a miss.
 pub async fn lookup_daemon(
     store: &Store,
     index: &Index,

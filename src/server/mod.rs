@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::http::{self as h, Body, ConnLimits, Pace, PaceError};
 use crate::narinfo::{NarHash, StorePathHash, TrustedKeys};
 use crate::store::{NarStream, Store};
-use index::{Entry, Index, MissQueue};
+use index::{Entry, Index};
 use transfers::Transfers;
 
 /// The conference one-liner's script; `@PEER@` and `@SHA256@` are filled in per request.
@@ -52,9 +52,11 @@ pub const MAX_CONNECTIONS_PER_ADDR: usize = 64;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the server looks whether its transfers went idle, to hand freed memory back.
 const TRIM_CHECK: Duration = Duration::from_secs(2);
-/// Longest the listeners wait for the first index scan before accepting (until then a miss
-/// would have to ask the daemon, which shows in the answer's timing).
-const FIRST_SCAN_WAIT: Duration = Duration::from_secs(30);
+/// A miss (absent, unsigned or untrusted path) is answered this long after the request arrived,
+/// not sooner: the daemon's answers take longer for a path it holds than for one it does not,
+/// and a peer timing the 404s must not learn which private paths exist. Well above the two
+/// daemon round trips of a miss (about 0.2 ms), small beside a Nix client's other waits.
+pub const MISS_ANSWER_AFTER: Duration = Duration::from_millis(5);
 
 /// The store server's connection limits under an open-file limit of `nofile`: half of what is
 /// left after [`FD_RESERVE`], so the proxy on the same process can never be starved of
@@ -142,8 +144,6 @@ pub struct StoreServer {
     binary: tokio::sync::OnceCell<Option<(String, u64)>>,
     /// Slots for streamed bodies: a cap, a share per address, a queue with a deadline.
     transfers: Arc<Transfers>,
-    /// Misses to check against the daemon off the response path (a path signed after start).
-    misses: Arc<MissQueue>,
 }
 
 impl StoreServer {
@@ -171,7 +171,6 @@ impl StoreServer {
                 ),
                 None => Transfers::default(),
             }),
-            misses: Arc::new(MissQueue::new()),
         }
     }
 
@@ -276,24 +275,23 @@ impl StoreServer {
         self
     }
 
-    /// The servable entry for `hash`, from the index alone: a miss costs the same whether the
-    /// path is absent, unsigned or untrusted, and is checked against the daemon afterwards, off
-    /// the response path (a path signed after the last scan is then served from the next
-    /// request on). Until the first scan succeeded, or once the index is full, the daemon is
-    /// asked before answering, doing the same number of round trips for every kind of miss.
-    async fn lookup(&self, hash: &StorePathHash) -> Option<Arc<Entry>> {
+    /// The servable entry for `hash`: from the index, else asked of the daemon (and indexed), so
+    /// a path added or signed since the last scan is served at once. A miss is answered
+    /// [`MISS_ANSWER_AFTER`] after `arrived`, whatever the daemon took (when it took longer, as
+    /// soon as it answered).
+    async fn lookup(&self, hash: &StorePathHash, arrived: tokio::time::Instant) -> Option<Arc<Entry>> {
         if let Some(e) = self.index.get(hash) {
             return Some(e);
         }
-        if self.index.is_ready() && !self.index.is_full() {
-            self.misses.push(*hash);
-            return None;
+        let found = index::lookup_daemon(&self.store, &self.index, &self.keys, hash).await;
+        if found.is_none() {
+            tokio::time::sleep_until(arrived + MISS_ANSWER_AFTER).await;
         }
-        index::lookup_daemon(&self.store, &self.index, &self.keys, hash).await
+        found
     }
 
-    async fn narinfo(&self, hash: &StorePathHash) -> Response<Body> {
-        match self.lookup(hash).await {
+    async fn narinfo(&self, hash: &StorePathHash, arrived: tokio::time::Instant) -> Response<Body> {
+        match self.lookup(hash, arrived).await {
             Some(e) => h::ok(e.narinfo.clone(), "text/x-nix-narinfo"),
             None => h::not_found(),
         }
@@ -306,9 +304,10 @@ impl StoreServer {
         hash: &StorePathHash,
         nar_hash: &NarHash,
         zstd: bool,
+        arrived: tokio::time::Instant,
     ) -> Response<Body> {
         let started = Instant::now();
-        let Some(entry) = self.lookup(hash).await.filter(|e| e.nar_hash == *nar_hash) else {
+        let Some(entry) = self.lookup(hash, arrived).await.filter(|e| e.nar_hash == *nar_hash) else {
             return h::not_found();
         };
         // A slot first (the queue may take a while), then the validity check right before the NAR.
@@ -473,6 +472,7 @@ fn hv(s: String) -> HeaderValue {
 
 impl h::Handler for StoreServer {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let arrived = tokio::time::Instant::now();
         let Some(head) = h::is_head(req.method()) else {
             return h::method_not_allowed();
         };
@@ -480,8 +480,8 @@ impl h::Handler for StoreServer {
             Route::CacheInfo => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
             Route::Install => self.install_script(&req).await,
             Route::InstallBinary => self.install_binary(peer, head).await,
-            Route::NarInfo(hash) => self.narinfo(&hash).await,
-            Route::Nar { hash, nar_hash, zstd } => self.nar(&req, peer, &hash, &nar_hash, zstd).await,
+            Route::NarInfo(hash) => self.narinfo(&hash, arrived).await,
+            Route::Nar { hash, nar_hash, zstd } => self.nar(&req, peer, &hash, &nar_hash, zstd, arrived).await,
             Route::NotFound => h::not_found(),
             Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),
             Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
@@ -499,9 +499,9 @@ pub struct Running {
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Starts serving on already-bound listeners, plus the index maintenance and miss-check tasks.
-/// The listeners accept once the first index scan is done (at most [`FIRST_SCAN_WAIT`]); their
-/// connection cap follows this process's open-file limit ([`connection_limits`]).
+/// Starts serving on already-bound listeners, plus the index maintenance task and the one that
+/// hands memory back after bursts. The connection cap follows this process's open-file limit
+/// ([`connection_limits`]).
 pub fn spawn(
     server: Arc<StoreServer>,
     listeners: Vec<tokio::net::TcpListener>,
@@ -515,13 +515,6 @@ pub fn spawn(
         server.index.clone(),
         server.keys.clone(),
         rescan,
-        shutdown.clone(),
-    )));
-    tasks.push(tokio::spawn(index::check_misses(
-        server.store.clone(),
-        server.index.clone(),
-        server.keys.clone(),
-        server.misses.clone(),
         shutdown.clone(),
     )));
     let limits = connection_limits(h::nofile_limit());
@@ -542,16 +535,12 @@ pub fn spawn(
             tracing::info!(addr = %a, "store server listening");
             addrs.push(a);
         }
-        let (server, admission, shutdown) = (server.clone(), admission.clone(), shutdown.clone());
-        tasks.push(tokio::spawn(async move {
-            let scanned = server.index.first_scan_done();
-            tokio::select! {
-                _ = scanned.cancelled() => {}
-                _ = tokio::time::sleep(FIRST_SCAN_WAIT) => tracing::warn!("first store scan still running; serving anyway"),
-                _ = shutdown.cancelled() => return,
-            }
-            h::serve_with(l, server, admission, shutdown).await
-        }));
+        tasks.push(tokio::spawn(h::serve_with(
+            l,
+            server.clone(),
+            admission.clone(),
+            shutdown.clone(),
+        )));
     }
     Running { addrs, tasks }
 }
