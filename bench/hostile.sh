@@ -2,7 +2,7 @@
 # The store server under the attacks of issue #13 and a crowd on one holder: the real `serve`
 # (release) on loopback, attackers and clients in the test process from distinct 127.0.0.x
 # addresses (tests/hostile_store.rs, bench_store_server_under_attack). Prints RSS and threads of
-# the serve process: before, peak during, and 3 s after each phase. Bounded: about 90 s.
+# the serve process: before, peak during, and 5 s after each phase. Bounded: about 90 s.
 #   bench/hostile.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ out=$(cargo test --release --locked -q --test hostile_store -- --ignored --nocap
 }
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 echo
-echo "| phase | outcome | seconds | RSS before MiB | RSS peak MiB | RSS 3 s after MiB | peak threads |"
+echo "| phase | outcome | seconds | RSS before MiB | RSS peak MiB | RSS 5 s after MiB | peak threads |"
 echo "|---|---|---|---|---|---|---|"
 echo "$out" | grep -o "BENCH-HOSTILE|.*" | while IFS='|' read -r _ what ok secs base peak after thr; do
     echo "| $what | $ok | $secs | $base | $peak | $after | $thr |"
