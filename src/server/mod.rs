@@ -614,6 +614,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_connection_cap_leaves_descriptors_for_the_proxy() {
+        for (nofile, want) in [
+            (None, MAX_CONNECTIONS),
+            (Some(1024), 384),
+            (Some(4096), 1024),
+            (Some(524_288), 1024),
+            (Some(300), 22),
+            (Some(256), MIN_CONNECTIONS),
+            (Some(0), MIN_CONNECTIONS),
+        ] {
+            let l = connection_limits(nofile);
+            assert_eq!(l.max, want, "{nofile:?}");
+            assert!(l.per_addr <= l.max);
+            if let Some(n) = nofile.filter(|&n| n >= 2 * FD_RESERVE) {
+                // What the store server may hold leaves at least as much for the rest.
+                assert!(l.max as u64 <= n - FD_RESERVE - l.max as u64, "{n}");
+            }
+        }
+    }
+
+    #[test]
     fn routes() {
         let h = "yvh90pjzcqqmp86sfvgqh3ravrarfipn";
         let n = "0w4qc5jjz09mr80sp0p2nkvmjrmznpj59b64w0rw4dfqns9py2qd";
