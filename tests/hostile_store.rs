@@ -182,26 +182,30 @@ fn slow_reader(src: Ipv4Addr, dst: SocketAddr, url: &str, stop: &AtomicBool) {
     }
 }
 
-/// Attack 1: eight clients read a large NAR at 1-2 KB/s and reconnect when dropped. Through the
-/// daemon (the default 8 connections) they used to hold every daemon connection, and every other
-/// NAR request got a 404 after 10 s. Now a transfer lives only while its client keeps up, NAR
-/// streams leave connections for queries, and a freed slot goes to the address streaming least.
+/// Attack 1: eight clients read a large NAR at 1-2 KB/s and reconnect when dropped (four the
+/// plain NAR of 32 MiB, four an incompressible one as `.nar.zst`, which also holds an encoder).
+/// Through the daemon (the default 8 connections) they used to hold every daemon connection, and
+/// every other NAR request got a 404 after 10 s. Now a transfer lives only while its client keeps
+/// up, NAR streams leave connections for queries, and a freed slot goes to the address streaming
+/// least.
 #[test]
 fn slow_readers_do_not_starve_other_nar_requests() {
     if !require_nix() {
         return;
     }
     let f = fixture();
-    let host = Host::with_paths(&[&f.big, &f.top]);
+    let host = Host::with_paths(&[&f.big, &f.rand, &f.top]);
     let mut args = serve_args(host.store_addr());
     args.real_store_dir = Some("none".into());
     args.daemon_connections = 8;
     let node = TestNode::start(args);
     let big = nar_url(&node, &f.big);
+    let rand_zst = format!("{}.zst", nar_url(&node, &f.rand));
     let top = nar_url(&node, &f.top);
     let mut attack = Attack::new();
     for i in 0..8 {
-        let (url, addr) = (big.clone(), node.addr);
+        let url = if i % 2 == 0 { big.clone() } else { rand_zst.clone() };
+        let addr = node.addr;
         attack.spawn(Duration::from_secs(120), move |stop| {
             slow_reader(lo(i), addr, &url, stop)
         });
