@@ -14,8 +14,8 @@ export NIX_CONFIG=$'substituters =\nexperimental-features = nix-command'
 for p in nix-bin iproute2 curl; do
     dpkg -s "$p" >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >/dev/null; }
 done
-cargo build --release --locked -q
-BIN=$PWD/target/release/local-nix-cache
+# The same static release binary `./run serve` runs and newcomers download.
+BIN=$(./run build -q)
 
 D=$(mktemp -d /tmp/lnc-pbench.XXXXXX)
 NS=lncpb$$

@@ -82,8 +82,9 @@ in
     systemd.services.local-nix-cache = {
       description = "local-nix-cache: share Nix store paths on the LAN";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network-online.target" "nix-daemon.socket" ];
-      wants = [ "network-online.target" ];
+      # No network-online.target: the beacon follows interfaces as they come and go (a laptop
+      # boots offline and joins a network later), so waiting for "online" would only delay start.
+      after = [ "nix-daemon.socket" ];
       environment.RUST_LOG = "info";
       restartTriggers = [ configFile ];
       serviceConfig = {

@@ -1,22 +1,29 @@
-//! Command-line interface: clap definitions, turned into validated settings before anything runs.
+//! Command-line interface: clap definitions only, turned into typed, validated values
+//! ([`Settings`], [`PeersOptions`]) before anything runs.
 //!
-//! `serve` runs one host's parts; each part adds its own flags to it. Parsing is separate from
-//! running so tests can start a whole node in-process.
+//! Every `serve` flag is defined once, here: its name is also its key in the config file (which
+//! [`parse`] turns into arguments placed before the real ones, so clap parses everything and the
+//! command line wins), and the NixOS module's options and the tests' defaults follow it. Values
+//! are checked by clap's value parsers, so a bad value is reported with the flag (or the config
+//! key and line) before anything starts.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::beacon::{self, wire, wire::NodeId, BeaconConfig, PeerTable};
+use crate::beacon::{self, wire, BeaconConfig};
+use crate::config::{self, ConfigError};
 use crate::narinfo::{PublicKey, TrustedKeys};
 use crate::peers::PeersOptions;
-use crate::proxy::{spool::SpoolLimits, Proxy, ProxyConfig};
-use crate::server::{self, index::Index, StoreServer};
-use crate::store::{Store, StoreAddr};
+use crate::settings::{
+    self, BeaconSettings, LogFormat, PeerCompression, ProxySettings, ServerSettings, Settings, SpoolSettings,
+    StoreSettings,
+};
+use crate::store::StoreAddr;
 
 /// The key of cache.nixos.org, trusted by default.
 pub const CACHE_NIXOS_ORG_KEY: &str = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
@@ -55,8 +62,9 @@ pub struct StatusArgs {
 /// Beacon flags shared by `serve` and `peers`.
 #[derive(Args, Debug, Clone)]
 pub struct BeaconArgs {
-    /// Interface to announce and listen on (repeatable). Default: every interface that is up,
-    /// multicast-capable and not loopback.
+    /// Interface to announce and listen on (repeatable; waited for while it does not exist).
+    /// Default: every interface that is up, multicast-capable and not loopback, followed as they
+    /// come and go.
     #[arg(long = "interface", value_name = "NAME")]
     pub interfaces: Vec<String>,
     /// Multicast group (repeatable; IPv4 and/or IPv6). Default: 239.255.83.80 and ff02::8380.
@@ -68,14 +76,18 @@ pub struct BeaconArgs {
 }
 
 impl BeaconArgs {
+    /// The groups to use: the given ones, else the defaults.
+    fn groups(&self) -> Vec<IpAddr> {
+        if self.groups.is_empty() {
+            BeaconConfig::default().groups
+        } else {
+            self.groups.clone()
+        }
+    }
+
     fn config(&self, announce: Option<beacon::Announce>, interval: Duration) -> BeaconConfig {
-        let d = BeaconConfig::default();
         BeaconConfig {
-            groups: if self.groups.is_empty() {
-                d.groups
-            } else {
-                self.groups.clone()
-            },
+            groups: self.groups(),
             interfaces: self.interfaces.clone(),
             port: self.beacon_port,
             announce,
@@ -113,7 +125,9 @@ impl PeersArgs {
         let announce = self.announce.then(|| beacon::Announce {
             store_port: self.store_port,
             flags: wire::FLAG_NAR_NONE,
-            hostname: hostname(),
+            hostname: beacon::hostname(),
+            summary: None,
+            secret: rand::random(),
         });
         PeersOptions {
             beacon: self.beacon.config(announce, self.interval),
@@ -124,42 +138,6 @@ impl PeersArgs {
     }
 }
 
-/// This machine's host name, for the beacon's informational hostname extension.
-pub fn hostname() -> Option<String> {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .filter(|h| !h.is_empty())
-}
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LogFormat {
-    #[default]
-    Plain,
-    Json,
-}
-
-impl std::str::FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "plain" => Ok(Self::Plain),
-            "json" => Ok(Self::Json),
-            _ => Err(format!("{s:?} is neither plain nor json")),
-        }
-    }
-}
-
-impl std::fmt::Display for LogFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Plain => "plain",
-            Self::Json => "json",
-        })
-    }
-}
-
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// TOML file with any of these flags as keys (flags given here override it). Default:
@@ -167,7 +145,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Log format on stderr (`RUST_LOG` sets the level, default info).
-    #[arg(long, default_value_t = LogFormat::Plain, value_name = "plain|json")]
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
     /// Where the nix-daemon is: auto (the system socket, else `nix-daemon --stdio` children),
     /// daemon, unix://SOCKET, stdio, or stdio://STORE.
@@ -177,23 +155,23 @@ pub struct ServeArgs {
     #[arg(long = "listen", value_name = "ADDR", default_values_t = [SocketAddr::from(([0u16; 8], 8380))])]
     pub listen: Vec<SocketAddr>,
     /// Serve only paths signed by one of these keys (repeatable; `name:base64`).
-    #[arg(long = "trusted-public-key", value_name = "KEY", default_values_t = [CACHE_NIXOS_ORG_KEY.to_owned()])]
-    pub trusted_public_keys: Vec<String>,
+    #[arg(long = "trusted-public-key", value_name = "KEY", default_value = CACHE_NIXOS_ORG_KEY, value_parser = parse_key)]
+    pub trusted_public_keys: Vec<PublicKey>,
     /// The store directory Nix uses.
-    #[arg(long, default_value = "/nix/store", value_name = "DIR")]
+    #[arg(long, default_value = "/nix/store", value_name = "DIR", value_parser = settings::store_dir)]
     pub store_dir: String,
     /// Seconds between rescans of the store for new and removed paths.
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub rescan_interval: u64,
     /// Most nix-daemon connections open at once.
-    #[arg(long, default_value_t = 8, value_name = "N")]
-    pub daemon_connections: usize,
+    #[arg(long, default_value_t = 8, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub daemon_connections: u32,
     /// Most memory for the index of servable narinfo, in MiB.
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     pub index_max_mib: usize,
     /// Seconds a client may accept no NAR bytes before its transfer is dropped (and its daemon
     /// connection freed).
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub client_stall_timeout: u64,
     /// Where the store directory physically is, to read NARs from disk once the daemon vouched
     /// for a path (faster than through the daemon); `none` streams every NAR through the daemon.
@@ -213,8 +191,8 @@ pub struct ServeArgs {
     #[arg(long = "proxy-listen", value_name = "ADDR", default_values_t = [SocketAddr::from(([127, 0, 0, 1], 8381))])]
     pub proxy_listen: Vec<SocketAddr>,
     /// Upstream binary cache the proxy also asks (repeatable); `none`: LAN only.
-    #[arg(long = "upstream", value_name = "URL", default_values_t = ["https://cache.nixos.org".to_owned()])]
-    pub upstreams: Vec<String>,
+    #[arg(long = "upstream", value_name = "URL", default_value = "https://cache.nixos.org", value_parser = parse_upstream)]
+    pub upstreams: Vec<Upstream>,
     /// Directory for spool files (NARs wait there until verified; unlinked at once).
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
@@ -224,193 +202,142 @@ pub struct ServeArgs {
     /// Most memory for spooled NARs, in MiB (NARs up to 8 MiB spool in memory).
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub spool_mem_mib: usize,
-    /// How the proxy fetches NARs from peers that offer zstd: `zstd` (level 1, measured faster
-    /// on links up to about 4 Gbit/s) or `none`.
-    #[arg(long, default_value = "zstd", value_name = "zstd|none", value_parser = ["zstd", "none"])]
-    pub peer_compression: String,
+    /// How the proxy fetches NARs from peers that offer a compressed form.
+    #[arg(long, value_enum, default_value_t = PeerCompression::Zstd)]
+    pub peer_compression: PeerCompression,
 }
 
-impl ServeArgs {
-    /// The upstream URLs (`none` alone means no upstream).
-    pub fn upstream_urls(&self) -> Result<Vec<url::Url>, SetupError> {
-        if self.upstreams.iter().any(|u| u == "none") {
-            return Ok(Vec::new());
-        }
-        self.upstreams
-            .iter()
-            .map(|u| match url::Url::parse(u) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
-                _ => Err(SetupError::Upstream(u.clone())),
-            })
-            .collect()
+/// One `--upstream` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// `none`: no upstream at all (LAN only).
+    None,
+    Url(url::Url),
+}
+
+fn parse_upstream(s: &str) -> Result<Upstream, settings::SettingError> {
+    if s == "none" {
+        return Ok(Upstream::None);
     }
+    settings::upstream(s).map(Upstream::Url)
+}
+
+fn parse_key(s: &str) -> Result<PublicKey, crate::narinfo::ParseError> {
+    PublicKey::parse(s)
 }
 
 impl ServeArgs {
-    /// The physical store directory NARs are read from, if any.
-    pub fn resolved_real_store_dir(&self) -> Option<PathBuf> {
-        match self.real_store_dir.as_deref() {
+    /// The typed settings these arguments describe (every value was checked by its parser).
+    pub fn settings(&self) -> Settings {
+        let real_store_dir = match self.real_store_dir.as_deref() {
             Some("none") => None,
             Some(dir) => Some(dir.into()),
-            None => match &self.store {
-                StoreAddr::Auto | StoreAddr::Stdio { store: None } => Some(self.store_dir.clone().into()),
-                StoreAddr::Unix(p) if p.as_os_str() == crate::store::DEFAULT_SOCKET => {
-                    Some(self.store_dir.clone().into())
-                }
-                StoreAddr::Stdio { store: Some(root) } if root.starts_with('/') => {
-                    Some(PathBuf::from(root).join(self.store_dir.trim_start_matches('/')))
-                }
-                _ => None,
+            None => settings::default_real_store_dir(&self.store, &self.store_dir),
+        };
+        let upstreams = if self.upstreams.contains(&Upstream::None) {
+            Vec::new()
+        } else {
+            self.upstreams
+                .iter()
+                .filter_map(|u| match u {
+                    Upstream::Url(u) => Some(u.clone()),
+                    Upstream::None => None,
+                })
+                .collect()
+        };
+        Settings {
+            store: StoreSettings {
+                addr: self.store.clone(),
+                store_dir: self.store_dir.clone(),
+                real_store_dir,
+                daemon_connections: self.daemon_connections as usize,
+            },
+            server: ServerSettings {
+                listen: self.listen.clone(),
+                keys: TrustedKeys::new(self.trusted_public_keys.clone()),
+                rescan_interval: Duration::from_secs(self.rescan_interval),
+                index_max_bytes: self.index_max_mib.saturating_mul(1024 * 1024),
+                client_stall_timeout: Duration::from_secs(self.client_stall_timeout),
+            },
+            beacon: (!self.no_beacon).then(|| BeaconSettings {
+                interfaces: self.beacon.interfaces.clone(),
+                groups: self.beacon.groups(),
+                port: self.beacon.beacon_port,
+                interval: self.announce_interval,
+            }),
+            proxy: ProxySettings {
+                listen: self.proxy_listen.clone(),
+                upstreams,
+                spool: SpoolSettings {
+                    dir: self
+                        .spool_dir
+                        .clone()
+                        .unwrap_or_else(|| std::env::temp_dir().join("local-nix-cache-spool")),
+                    mem_total_mib: self.spool_mem_mib,
+                    disk_total_mib: self.spool_max_mib,
+                },
+                peer_compression: self.peer_compression,
             },
         }
     }
 }
 
-/// Errors of `serve`'s set-up, before it runs.
+/// Why the command line (with the config file) could not be parsed.
 #[derive(Debug, thiserror::Error)]
-pub enum SetupError {
-    #[error("bad --trusted-public-key: {0}")]
-    Key(#[from] crate::narinfo::ParseError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("--store-dir {0:?} must be an absolute path without a trailing slash")]
-    StoreDir(String),
-    #[error("beacon: {0}")]
-    Beacon(#[from] beacon::BeaconError),
-    #[error("--upstream {0:?} is not an http(s) URL (or `none`)")]
-    Upstream(String),
+pub enum CliError {
+    /// Bad flags, `--help` or `--version`: clap prints and exits.
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
-/// A started node; `addrs` are the store server's bound addresses.
-pub struct Node {
-    pub addrs: Vec<SocketAddr>,
-    /// The proxy's bound addresses.
-    pub proxy_addrs: Vec<SocketAddr>,
-    pub proxy: Arc<Proxy>,
-    /// The beacon's peer table (none with `--no-beacon`).
-    pub peers: Option<Arc<PeerTable>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Node {
-    /// Waits until every part has stopped (after the shutdown token is cancelled).
-    pub async fn wait(self) {
-        for t in self.tasks {
-            let _ = t.await;
-        }
-    }
-}
-
-/// Binds and starts every part of `serve`.
-pub fn start(args: &ServeArgs, shutdown: CancellationToken) -> Result<Node, SetupError> {
-    if !args.store_dir.starts_with('/') || (args.store_dir.len() > 1 && args.store_dir.ends_with('/')) {
-        return Err(SetupError::StoreDir(args.store_dir.clone()));
-    }
-    let keys = TrustedKeys::new(
-        args.trusted_public_keys
-            .iter()
-            .map(|k| PublicKey::parse(k))
-            .collect::<Result<_, _>>()?,
-    );
-    let listeners = args
-        .listen
-        .iter()
-        .map(|&addr| crate::http::bind(addr).map_err(|source| SetupError::Bind { addr, source }))
-        .collect::<Result<Vec<_>, _>>()?;
-    let proxy_listeners = args
-        .proxy_listen
-        .iter()
-        .map(|&addr| crate::http::bind(addr).map_err(|source| SetupError::Bind { addr, source }))
-        .collect::<Result<Vec<_>, _>>()?;
-    let upstreams = args.upstream_urls()?;
-    let proxy_keys = keys.clone();
-    let shutdown_proxy = shutdown.clone();
-    let real = args.resolved_real_store_dir();
-    let store = Store::new(args.store.clone(), args.store_dir.clone(), args.daemon_connections)
-        .with_real_store_dir(real.clone());
-    tracing::info!(store = %args.store, nar_from_disk = ?real, keys = ?keys.keys().iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), "starting");
-    let index = Arc::new(Index::new(args.index_max_mib.saturating_mul(1024 * 1024)));
-    let stall = Duration::from_secs(args.client_stall_timeout.max(1));
-    let srv = Arc::new(StoreServer::new(store, index, keys).with_stall_timeout(stall));
-    let mut running = server::spawn(
-        srv,
-        listeners,
-        Duration::from_secs(args.rescan_interval.max(1)),
-        shutdown.clone(),
-    );
-    let peers = if args.no_beacon {
-        None
-    } else {
-        let store_port = running.addrs.first().map_or(8380, |a| a.port());
-        let announce = beacon::Announce {
-            store_port,
-            flags: wire::FLAG_NAR_NONE | wire::FLAG_NAR_ZSTD | wire::FLAG_PROXY,
-            hostname: hostname(),
-        };
-        let cfg = args.beacon.config(Some(announce), args.announce_interval);
-        match beacon::bind(&cfg) {
-            Ok(sockets) => {
-                for line in &sockets.report {
-                    tracing::info!("beacon: {line}");
-                }
-                let table = Arc::new(PeerTable::new(NodeId::random()));
-                tracing::info!(node = %table.own(), "beacon started");
-                running.tasks.push(tokio::spawn(beacon::run(
-                    sockets,
-                    cfg,
-                    table.clone(),
-                    None,
-                    shutdown,
-                    true,
-                )));
-                Some(table)
-            }
-            // With no usable interface (an offline laptop) the store server still serves.
-            Err(e @ beacon::BeaconError::NoInterface(_)) if args.beacon.interfaces.is_empty() => {
-                tracing::warn!(error = %e, "beacon not started; peers will not find this host");
-                None
-            }
-            Err(e) => return Err(e.into()),
-        }
+/// Parses the command line. For `serve`, the config file (`--config`, else
+/// [`config::SYSTEM_CONFIG`] if present) becomes arguments placed right after `serve`, leaving out
+/// every setting the command line gives itself, so the command line wins and every value goes
+/// through the same parser.
+pub fn parse(argv: Vec<OsString>) -> Result<Cli, CliError> {
+    let cli = Cli::try_parse_from(&argv)?;
+    let Command::Serve(args) = &cli.command else {
+        return Ok(cli);
     };
-    let spool_dir = args
-        .spool_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("local-nix-cache-spool"));
-    let proxy = Arc::new(Proxy::new(
-        ProxyConfig {
-            store_dir: args.store_dir.clone(),
-            keys: proxy_keys,
-            upstreams,
-            spool: SpoolLimits::new(8 * 1024 * 1024, args.spool_mem_mib, args.spool_max_mib, spool_dir),
-            peer_zstd: args.peer_compression == "zstd",
-            parallel_min_bytes: crate::proxy::PARALLEL_MIN_BYTES,
-        },
-        peers.clone(),
-    ));
-    let mut proxy_addrs = Vec::new();
-    for l in proxy_listeners {
-        if let Ok(a) = l.local_addr() {
-            tracing::info!(addr = %a, "proxy listening");
-            proxy_addrs.push(a);
-        }
-        running.tasks.push(tokio::spawn(crate::http::serve(
-            l,
-            proxy.clone(),
-            shutdown_proxy.clone(),
-        )));
+    let Some(path) = config::config_path(args.config.as_deref()) else {
+        return Ok(cli);
+    };
+    let cmd = Cli::command();
+    let given = cmd.clone().try_get_matches_from(&argv)?;
+    let serve_cmd = cmd
+        .find_subcommand("serve")
+        .cloned()
+        .unwrap_or_else(|| clap::Command::new("serve"));
+    let on_command_line = |id: &str| {
+        given
+            .subcommand_matches("serve")
+            .is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
+    };
+    let from_file = config::load_as_args(&serve_cmd, &path, &on_command_line)?;
+    // `serve` is argv[1]: the top level has no options of its own.
+    let mut merged = argv;
+    let rest = merged.split_off(2.min(merged.len()));
+    merged.extend(from_file);
+    merged.extend(rest);
+    let matches = Cli::command().try_get_matches_from(merged)?;
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+/// `serve`'s settings from flags alone (no config file), as tests and tools build them.
+pub fn serve_settings<I, T>(flags: I) -> Result<Settings, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let argv = ["local-nix-cache".into(), "serve".into()]
+        .into_iter()
+        .chain(flags.into_iter().map(Into::into));
+    match Cli::try_parse_from(argv)?.command {
+        Command::Serve(args) => Ok(args.settings()),
+        _ => Err(Cli::command().error(clap::error::ErrorKind::InvalidSubcommand, "not serve")),
     }
-    Ok(Node {
-        addrs: running.addrs,
-        proxy_addrs,
-        proxy,
-        peers,
-        tasks: running.tasks,
-    })
 }
 
 #[cfg(test)]
@@ -419,23 +346,130 @@ mod tests {
 
     #[test]
     fn real_store_dir_defaults_follow_the_store() {
-        let args = |store: &str, real: Option<&str>| {
-            let mut v = vec!["local-nix-cache", "serve", "--store", store];
+        let real = |store: &str, real: Option<&str>| {
+            let mut v = vec!["--store", store];
             if let Some(r) = real {
                 v.extend(["--real-store-dir", r]);
             }
-            match Cli::parse_from(v).command {
-                Command::Serve(a) => a.resolved_real_store_dir(),
-                _ => unreachable!("parsed serve"),
-            }
+            serve_settings(v).expect("settings").store.real_store_dir
         };
         let p = |s: &str| Some(PathBuf::from(s));
-        assert_eq!(args("auto", None), p("/nix/store"));
-        assert_eq!(args("daemon", None), p("/nix/store"));
-        assert_eq!(args("stdio", None), p("/nix/store"));
-        assert_eq!(args("stdio:///tmp/hostA", None), p("/tmp/hostA/nix/store"));
-        assert_eq!(args("unix:///tmp/a.sock", None), None);
-        assert_eq!(args("unix:///tmp/a.sock", Some("/x/store")), p("/x/store"));
-        assert_eq!(args("auto", Some("none")), None);
+        assert_eq!(real("auto", None), p("/nix/store"));
+        assert_eq!(real("daemon", None), p("/nix/store"));
+        assert_eq!(real("stdio", None), p("/nix/store"));
+        assert_eq!(real("stdio:///tmp/hostA", None), p("/tmp/hostA/nix/store"));
+        assert_eq!(real("unix:///tmp/a.sock", None), None);
+        assert_eq!(real("unix:///tmp/a.sock", Some("/x/store")), p("/x/store"));
+        assert_eq!(real("auto", Some("none")), None);
+    }
+
+    #[test]
+    fn values_are_checked_by_their_flag() {
+        for (flags, want) in [
+            (vec!["--store-dir", "nix/store"], "--store-dir"),
+            (vec!["--store-dir", "/nix/store/"], "--store-dir"),
+            (vec!["--upstream", "ftp://x"], "--upstream"),
+            (vec!["--trusted-public-key", "nokey"], "--trusted-public-key"),
+            (vec!["--rescan-interval", "0"], "--rescan-interval"),
+            (vec!["--peer-compression", "brotli"], "--peer-compression"),
+        ] {
+            let e = serve_settings(flags.clone())
+                .err()
+                .unwrap_or_else(|| panic!("{flags:?} accepted"));
+            assert!(e.to_string().contains(want), "{flags:?}: {e}");
+        }
+        let s = serve_settings(["--upstream", "http://a/x", "--upstream", "none"]).expect("settings");
+        assert!(s.proxy.upstreams.is_empty(), "none means no upstream");
+        let s = serve_settings(["--upstream", "http://a/x"]).expect("settings");
+        assert_eq!(s.proxy.upstreams[0].as_str(), "http://a/x/");
+        assert!(serve_settings(["--no-beacon"]).expect("settings").beacon.is_none());
+    }
+
+    /// Parses `argv` after `serve`, with `toml` as the config file, as `main` does.
+    fn serve(argv: &[&str], toml: &str) -> Result<Settings, CliError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, toml).expect("write");
+        let mut full: Vec<OsString> = vec!["local-nix-cache".into(), "serve".into()];
+        full.push("--config".into());
+        full.push(path.clone().into());
+        full.extend(argv.iter().map(OsString::from));
+        match parse(full)?.command {
+            Command::Serve(args) => Ok(args.settings()),
+            _ => panic!("serve"),
+        }
+    }
+
+    #[test]
+    fn file_sets_what_flags_do_not() {
+        let toml = r#"
+store = "unix:///run/a.sock"
+listen = ["0.0.0.0:9000", "[::1]:9001"]
+trusted-public-key = ["k-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+upstream = ["none"]
+interface = ["eth0"]
+group = ["239.1.2.3"]
+announce-interval = "2s"
+spool-max-mib = 100
+spool-mem-mib = 10
+daemon-connections = 3
+peer-compression = "none"
+"#;
+        let s = serve(&["--spool-max-mib", "7", "--listen", "127.0.0.1:1"], toml).expect("config");
+        assert_eq!(s.store.addr.to_string(), "unix:///run/a.sock");
+        assert_eq!(
+            s.server.listen,
+            vec!["127.0.0.1:1".parse().expect("addr")],
+            "the flag wins, not appends"
+        );
+        assert_eq!(s.server.keys.keys()[0].name, "k-1");
+        assert!(s.proxy.upstreams.is_empty());
+        let b = s.beacon.expect("beacon");
+        assert_eq!(b.interfaces, vec!["eth0".to_owned()]);
+        assert_eq!(b.interval, std::time::Duration::from_secs(2));
+        assert_eq!(s.proxy.spool.disk_total_mib, 7, "the flag overrides the file");
+        assert_eq!(s.proxy.spool.mem_total_mib, 10);
+        assert_eq!(s.store.daemon_connections, 3);
+        assert_eq!(s.proxy.peer_compression, crate::settings::PeerCompression::None);
+        // Untouched settings keep their defaults.
+        assert_eq!(s.store.store_dir, "/nix/store");
+        let s = serve(&[], "no-beacon = true\n").expect("config");
+        assert!(s.beacon.is_none());
+        let s = serve(&[], "no-beacon = false\n").expect("config");
+        assert!(s.beacon.is_some());
+    }
+
+    #[test]
+    fn bad_config_names_key_and_line() {
+        let cases = [
+            ("store = \"auto\"\nbogus-key = 1\n", "line 2: key `bogus-key`"),
+            (
+                "listen = [\"0.0.0.0:1\"]\n\nstore = \"ftp://x\"\n",
+                "line 3: key `store`",
+            ),
+            ("\nlisten = [\"not an address\"]\n", "line 2: key `listen`"),
+            ("announce-interval = \"soon\"\n", "line 1: key `announce-interval`"),
+            ("\nbeacon-port = 70000\n", "line 2: key `beacon-port`"),
+            ("rescan-interval = \"ten\"\n", "line 1: key `rescan-interval`"),
+            ("rescan-interval = 0\n", "line 1: key `rescan-interval`"),
+            ("log-format = \"xml\"\n", "line 1: key `log-format`"),
+            ("\n\npeer-compression = \"brotli\"\n", "line 3: key `peer-compression`"),
+            ("\ntrusted-public-key = [\"bad\"]\n", "line 2: key `trusted-public-key`"),
+            ("upstream = [\"ftp://x\"]\n", "line 1: key `upstream`"),
+            ("\n\n\nstore-dir = \"relative\"\n", "line 4: key `store-dir`"),
+            ("real-store-dir = 5\nspool-dir = true\n", "line 2: key `spool-dir`"),
+            ("no-beacon = \"yes\"\n", "line 1: key `no-beacon`"),
+            ("daemon-connections = [1, 2]\n", "line 1: key `daemon-connections`"),
+            ("config = \"/x\"\n", "line 1: key `config`"),
+        ];
+        for (toml, want) in cases {
+            let e = serve(&[], toml)
+                .err()
+                .unwrap_or_else(|| panic!("{toml:?} accepted"))
+                .to_string();
+            assert!(e.contains(want), "{toml:?}: {e}");
+        }
+        let e = serve(&[], "store = [").expect_err("bad toml").to_string();
+        assert!(e.contains("line 1"), "{e}");
     }
 }

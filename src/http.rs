@@ -72,8 +72,10 @@ fn libc_eafnosupport() -> i32 {
     97 // EAFNOSUPPORT on Linux
 }
 
-/// Serves `handler` on `listener` until `shutdown` is cancelled, then drains. Admission with the
-/// default limits ([`ConnLimits::default`]), a fresh table per listener.
+/// Serves `handler` on `listener` until `shutdown` is cancelled, then drains: open connections
+/// get [`DRAIN_TIMEOUT`] to finish their responses, and whatever is left is aborted. Connection
+/// tasks are owned here (a `JoinSet`), so none outlives the server. Admission with the default
+/// limits ([`ConnLimits::default`]), a fresh table per listener.
 pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, shutdown: CancellationToken) {
     serve_with(
         listener,
@@ -99,7 +101,10 @@ pub async fn serve_with<H: Handler>(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let local = listener.local_addr().ok();
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        // Reap finished connections so the set stays as small as the open ones.
+        while conns.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -132,7 +137,7 @@ pub async fn serve_with<H: Handler>(
             .max_buf_size(MAX_READ_BUF)
             .serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        conns.spawn(async move {
             tokio::select! {
                 r = conn => if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -142,10 +147,12 @@ pub async fn serve_with<H: Handler>(
             drop(slot);
         });
     }
+    drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!(?local, "connections still open after the drain timeout"),
     }
+    conns.shutdown().await;
 }
 
 /// Largest read buffer of one connection (request line and headers must fit): bounds the memory
@@ -509,6 +516,7 @@ impl Pace {
 pub enum Body {
     Full(Option<Bytes>),
     Stream(mpsc::Receiver<Result<Bytes, io::Error>>),
+    Pull(futures_util::stream::BoxStream<'static, Result<Bytes, io::Error>>),
 }
 
 impl Body {
@@ -537,6 +545,7 @@ impl http_body::Body for Body {
         match &mut *self {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+            Body::Pull(s) => s.as_mut().poll_next(cx).map(|o| o.map(|r| r.map(Frame::data))),
         }
     }
 
@@ -547,7 +556,7 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream(_) => SizeHint::default(),
+            Body::Stream(_) | Body::Pull(_) => SizeHint::default(),
         }
     }
 }

@@ -3,24 +3,20 @@
 //! 1 here, and only here.
 
 use anyhow::Context;
-use clap::{CommandFactory, FromArgMatches};
-use local_nix_cache::cli::{self, Cli, Command, LogFormat};
-use local_nix_cache::config;
+use local_nix_cache::cli::{self, CliError, Command};
+use local_nix_cache::settings::LogFormat;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
-    let matches = Cli::command().get_matches();
-    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let mut log_format = LogFormat::Plain;
-    if let Command::Serve(args) = &mut cli.command {
-        if let Some(path) = config::config_path(args.config.as_deref()) {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {}", path.display()))?;
-            let file = config::ConfigFile::parse(&path, &text)?;
-            let sub = matches.subcommand_matches("serve").context("serve arguments")?;
-            config::apply(args, file, sub, &path, &text)?;
-        }
-        log_format = args.log_format;
-    }
+    let cli = match cli::parse(std::env::args_os().collect()) {
+        Ok(c) => c,
+        Err(CliError::Clap(e)) => e.exit(),
+        Err(e) => return Err(e.into()),
+    };
+    let log_format = match &cli.command {
+        Command::Serve(args) => args.log_format,
+        _ => LogFormat::Plain,
+    };
     init_logging(log_format);
     local_nix_cache::http::raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -28,35 +24,34 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let r: anyhow::Result<()> = async {
-            match cli.command {
-                Command::Serve(args) => {
-                    let shutdown = CancellationToken::new();
-                    let node = cli::start(&args, shutdown.clone())?;
+        match cli.command {
+            Command::Serve(args) => {
+                let shutdown = CancellationToken::new();
+                let node = local_nix_cache::node::start(&args.settings(), shutdown.clone())?;
+                let s = shutdown.clone();
+                tokio::spawn(async move {
                     wait_for_signal().await;
                     tracing::info!("shutting down");
-                    shutdown.cancel();
-                    node.wait().await;
-                    Ok(())
-                }
-                Command::Peers(args) => {
-                    let stop = CancellationToken::new();
-                    let s = stop.clone();
-                    tokio::spawn(async move {
-                        wait_for_signal().await;
-                        s.cancel();
-                    });
-                    local_nix_cache::peers::run(args.options(), stop).await?;
-                    Ok(())
-                }
-                Command::Status(args) => {
-                    local_nix_cache::status::print(&args).await?;
-                    Ok(())
-                }
+                    s.cancel();
+                });
+                node.wait().await?;
+                Ok(())
+            }
+            Command::Peers(args) => {
+                let stop = CancellationToken::new();
+                let s = stop.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    s.cancel();
+                });
+                local_nix_cache::peers::run(args.options(), stop).await?;
+                Ok(())
+            }
+            Command::Status(args) => {
+                local_nix_cache::status::print(&args.proxy, args.json).await?;
+                Ok(())
             }
         }
-        .await;
-        r
     })
 }
 

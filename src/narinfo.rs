@@ -5,11 +5,12 @@
 //! [`TrustedKeys::verify`] returns true only for an ed25519 signature by a trusted key over the
 //! exact fingerprint `1;<path>;<narHash>;<narSize>;<sorted full references>` that Nix signs.
 
-use std::collections::BTreeSet;
 use std::fmt;
 
 use data_encoding::{BASE64, HEXLOWER_PERMISSIVE};
-use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+
+mod keys;
+pub use keys::{fingerprint, PublicKey, SecretKey, TrustedKeys};
 
 /// Nix's base-32 alphabet (no `e`, `o`, `u`, `t`).
 const NIX32_ALPHABET: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
@@ -211,130 +212,44 @@ impl fmt::Debug for NarHash {
     }
 }
 
-/// The fingerprint Nix signs: `1;<path>;<narHash>;<narSize>;<refs>`, references as full paths,
-/// sorted, comma-joined.
-pub fn fingerprint(path: &StorePath, nar_hash: &NarHash, nar_size: u64, references: &[StorePath]) -> String {
-    let refs: BTreeSet<&str> = references.iter().map(StorePath::as_str).collect();
-    let refs: Vec<&str> = refs.into_iter().collect();
-    format!("1;{path};{nar_hash};{nar_size};{}", refs.join(","))
+/// How a binary cache compressed a NAR (the narinfo's `Compression:` field).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Compression {
+    None,
+    Xz,
+    Zstd,
+    /// Also what Nix reads when the field is absent.
+    #[default]
+    Bzip2,
+    /// Valid for Nix (`br`, `gzip`, `lz4`...) but not decoded here.
+    Other(String),
 }
 
-fn split_key(s: &str, len: usize) -> Result<(&str, Vec<u8>), ParseError> {
-    let err = || ParseError::Key(truncate_for_error(s), len);
-    let (name, b64) = s.trim().split_once(':').ok_or_else(err)?;
-    if name.is_empty() {
-        return Err(err());
+impl Compression {
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "none" => Self::None,
+            "xz" => Self::Xz,
+            "zstd" => Self::Zstd,
+            "bzip2" => Self::Bzip2,
+            other => Self::Other(other.to_owned()),
+        }
     }
-    let bytes = BASE64.decode(b64.as_bytes()).map_err(|_| err())?;
-    if bytes.len() != len {
-        return Err(err());
-    }
-    Ok((name, bytes))
-}
 
-/// A public key Nix style: `name:base64(32 bytes)`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PublicKey {
-    pub name: String,
-    key: VerifyingKey,
-}
-
-impl PublicKey {
-    pub fn parse(s: &str) -> Result<Self, ParseError> {
-        let (name, bytes) = split_key(s, 32)?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| ParseError::Key(truncate_for_error(s), 32))?;
-        let key = VerifyingKey::from_bytes(&arr).map_err(|_| ParseError::Key(truncate_for_error(s), 32))?;
-        Ok(Self {
-            name: name.to_owned(),
-            key,
-        })
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::None => "none",
+            Self::Xz => "xz",
+            Self::Zstd => "zstd",
+            Self::Bzip2 => "bzip2",
+            Self::Other(s) => s,
+        }
     }
 }
 
-impl fmt::Display for PublicKey {
+impl fmt::Display for Compression {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.name, BASE64.encode(self.key.as_bytes()))
-    }
-}
-
-/// A secret key as `nix-store --generate-binary-cache-key` writes it: `name:base64(64 bytes)`.
-/// Used by tests and test peers; the daemon itself never signs.
-pub struct SecretKey {
-    pub name: String,
-    key: SigningKey,
-}
-
-impl SecretKey {
-    pub fn parse(s: &str) -> Result<Self, ParseError> {
-        let (name, bytes) = split_key(s, 64)?;
-        let arr: [u8; 64] = bytes
-            .try_into()
-            .map_err(|_| ParseError::Key(truncate_for_error(s), 64))?;
-        let key = SigningKey::from_keypair_bytes(&arr).map_err(|_| ParseError::Key(truncate_for_error(s), 64))?;
-        Ok(Self {
-            name: name.to_owned(),
-            key,
-        })
-    }
-
-    /// A key from a 32-byte seed (tests and test peers make throwaway keys with it).
-    pub fn from_seed(name: &str, seed: [u8; 32]) -> Self {
-        Self {
-            name: name.to_owned(),
-            key: SigningKey::from_bytes(&seed),
-        }
-    }
-
-    pub fn public(&self) -> PublicKey {
-        PublicKey {
-            name: self.name.clone(),
-            key: self.key.verifying_key(),
-        }
-    }
-
-    /// A `name:base64` signature over `fingerprint`.
-    pub fn sign(&self, fingerprint: &str) -> String {
-        let sig = self.key.sign(fingerprint.as_bytes());
-        format!("{}:{}", self.name, BASE64.encode(&sig.to_bytes()))
-    }
-}
-
-/// The keys whose signatures make a path servable (store server) or acceptable (proxy).
-#[derive(Clone, Debug, Default)]
-pub struct TrustedKeys {
-    keys: Vec<PublicKey>,
-}
-
-impl TrustedKeys {
-    pub fn new(keys: Vec<PublicKey>) -> Self {
-        Self { keys }
-    }
-
-    pub fn keys(&self) -> &[PublicKey] {
-        &self.keys
-    }
-
-    /// True when at least one of `sigs` (`name:base64`) is a valid signature of `fingerprint` by a
-    /// trusted key of that name. Malformed signatures are ignored, not errors: a path may carry
-    /// signatures by keys we know nothing of.
-    pub fn verify<'a>(&self, fingerprint: &str, sigs: impl IntoIterator<Item = &'a str>) -> bool {
-        sigs.into_iter().any(|sig| {
-            let Some((name, b64)) = sig.split_once(':') else {
-                return false;
-            };
-            let Some(key) = self.keys.iter().find(|k| k.name == name) else {
-                return false;
-            };
-            let Ok(bytes) = BASE64.decode(b64.as_bytes()) else {
-                return false;
-            };
-            let Ok(sig) = ed25519_dalek::Signature::from_slice(&bytes) else {
-                return false;
-            };
-            key.key.verify_strict(fingerprint.as_bytes(), &sig).is_ok()
-        })
+        f.write_str(self.as_str())
     }
 }
 
@@ -344,8 +259,8 @@ pub struct NarInfo {
     pub store_path: StorePath,
     /// Where the (possibly compressed) NAR is, relative to the cache root or absolute.
     pub url: String,
-    /// `none`, `xz`, `zstd`, `bzip2`...; `None` means the field was absent, which Nix reads as bzip2.
-    pub compression: Option<String>,
+    /// An absent field is read as bzip2, as Nix does.
+    pub compression: Compression,
     pub file_hash: Option<String>,
     pub file_size: Option<u64>,
     pub nar_hash: NarHash,
@@ -443,7 +358,7 @@ impl NarInfo {
         Ok(Self {
             store_path,
             url: url.to_owned(),
-            compression: raw.compression.map(str::to_owned),
+            compression: raw.compression.map(Compression::parse).unwrap_or_default(),
             file_hash: raw.file_hash.map(str::to_owned),
             file_size,
             nar_hash,
@@ -459,6 +374,19 @@ impl NarInfo {
         fingerprint(&self.store_path, &self.nar_hash, self.nar_size, &self.references)
     }
 
+    /// Roughly the heap memory this narinfo holds, for the caches that keep many of them.
+    pub fn approx_bytes(&self) -> usize {
+        const FIXED: usize = 256;
+        FIXED
+            + self.store_path.as_str().len()
+            + self.url.len()
+            + self.references.iter().map(|r| r.as_str().len() + 24).sum::<usize>()
+            + self.sigs.iter().map(|s| s.len() + 24).sum::<usize>()
+            + self.deriver.as_ref().map_or(0, String::len)
+            + self.ca.as_ref().map_or(0, String::len)
+            + self.file_hash.as_ref().map_or(0, String::len)
+    }
+
     /// True when a signature on this narinfo verifies against `keys`.
     pub fn is_trusted(&self, keys: &TrustedKeys) -> bool {
         keys.verify(&self.fingerprint(), self.sigs.iter().map(String::as_str))
@@ -471,7 +399,7 @@ impl NarInfo {
         let mut s = String::with_capacity(256 + 64 * self.references.len());
         let _ = writeln!(s, "StorePath: {}", self.store_path);
         let _ = writeln!(s, "URL: {}", self.url);
-        let _ = writeln!(s, "Compression: {}", self.compression.as_deref().unwrap_or("bzip2"));
+        let _ = writeln!(s, "Compression: {}", self.compression);
         if let Some(h) = &self.file_hash {
             let _ = writeln!(s, "FileHash: {h}");
         }

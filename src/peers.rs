@@ -3,7 +3,8 @@
 //! Joins the beacon groups, asks every host to announce now (a query), and prints the live peer
 //! table: as it changes, and once more at the end (`--timeout`). `--json` prints one JSON object
 //! per peer (stdout stays pure JSON lines; diagnostics go to stderr), `--raw` every datagram with
-//! its decoded form or decode error, `--announce` makes this tool a test host.
+//! its decoded form or decode error, `--announce` makes this tool a test host. With no usable
+//! interface it waits for one (interfaces are reported on stderr as they are joined and left).
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -17,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::beacon::wire::{NodeId, FLAG_NAR_NONE, FLAG_NAR_ZSTD, FLAG_PROXY};
-use crate::beacon::{self, BeaconConfig, Outcome, Peer, PeerTable, RawDatagram};
+use crate::beacon::{self, BeaconConfig, LinkState, Outcome, Peer, PeerTable, RawDatagram};
 
 /// Options of the `peers` command, already validated.
 pub struct PeersOptions {
@@ -69,8 +70,6 @@ pub fn peer_json(p: &Peer, now: Instant) -> serde_json::Value {
         "seq": p.seq,
         "first_seen_ms_ago": now.duration_since(p.first_seen).as_millis() as u64,
         "last_seen_ms_ago": now.duration_since(p.last_seen).as_millis() as u64,
-        "health": p.health,
-        "backed_off": p.backed_off(now),
     })
 }
 
@@ -137,6 +136,8 @@ pub async fn run(opts: PeersOptions, stop: CancellationToken) -> Result<usize, b
     for line in &sockets.report {
         eprintln!("{line}");
     }
+    let links = sockets.states.clone();
+    let mut link_seen: Vec<(String, LinkState)> = Vec::new();
     let table = Arc::new(PeerTable::new(NodeId::random()));
     let (raw_tx, mut raw_rx) = mpsc::channel::<RawDatagram>(1024);
     let shutdown = CancellationToken::new();
@@ -157,8 +158,19 @@ pub async fn run(opts: PeersOptions, stop: CancellationToken) -> Result<usize, b
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
             Some(d) = raw_rx.recv() => { let _ = writeln!(out, "{}", raw_line(&d, opts.json)); }
             _ = table.changed() => {}
+            _ = links.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
+        // Interfaces as they change (stderr: stdout stays the peer list or pure JSON).
+        let now_links: Vec<(String, LinkState)> = links
+            .snapshot(Instant::now())
+            .into_iter()
+            .map(|l| (l.name, l.state))
+            .collect();
+        for (name, state) in now_links.iter().filter(|l| !link_seen.contains(l)) {
+            eprintln!("interface {name}: {}", state.as_str());
+        }
+        link_seen = now_links;
         // Report joins and leaves (the table notifies on both; expiry is checked by the beacon).
         let now = Instant::now();
         let peers = table.peers();

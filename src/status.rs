@@ -1,10 +1,88 @@
-//! What the cache is doing, three ways: the proxy's `GET /` HTML page, `GET /metrics` in
-//! Prometheus text format, and `local-nix-cache status` in the terminal. All render the same
-//! JSON summary (`GET /status.json`). Anything a peer announced (hostnames) is escaped.
+//! What the cache is doing, three ways: the `GET /` HTML page on the proxy's port, `GET /metrics`
+//! (OpenMetrics text, written by the `prometheus-client` crate) and `local-nix-cache status` in
+//! the terminal. All three render the proxy's one typed [`StatusReport`], which is also `GET
+//! /status.json`; the `status` command reads that JSON back into the same type, so a renamed
+//! field is an error, not a silent zero. Anything a peer announced (hostnames) is escaped.
+
+/// The proxy's listener: these pages, and every other request to the proxy itself.
+pub struct ProxyWithPages(pub Arc<Proxy>);
+
+impl Handler for ProxyWithPages {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        pages(&self.0, None, req, peer).await
+    }
+}
+
+/// A node's proxy listener: [`ProxyWithPages`] plus the beacon's interface states in the report.
+pub struct NodePages {
+    proxy: Arc<Proxy>,
+    links: Option<Arc<LinkStates>>,
+}
+
+impl NodePages {
+    pub fn new(proxy: Arc<Proxy>, links: Option<Arc<LinkStates>>) -> Self {
+        Self { proxy, links }
+    }
+}
+
+impl Handler for NodePages {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        pages(&self.proxy, self.links.as_deref(), req, peer).await
+    }
+}
+
+/// The proxy's report, with the interface states when there are some.
+pub fn report(proxy: &Proxy, links: Option<&LinkStates>) -> StatusReport {
+    let mut st = proxy.status();
+    if let Some(l) = links {
+        st.interfaces = l.snapshot(tokio::time::Instant::now());
+    }
+    st
+}
+
+async fn pages(
+    proxy: &Arc<Proxy>,
+    links: Option<&LinkStates>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let page = |body: String, content_type: &'static str| h::ok(Bytes::from(body), content_type);
+    let mut resp = match (h::is_head(req.method()), req.uri().path()) {
+        (Some(_), "/status.json") => page(
+            serde_json::to_string(&report(proxy, links)).unwrap_or_else(|_| "{}".into()),
+            "application/json",
+        ),
+        (Some(_), "/") => page(html(&report(proxy, links)), "text/html; charset=utf-8"),
+        (Some(_), "/metrics") => page(
+            metrics(&report(proxy, links)),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        _ => return proxy.handle(req, peer).await,
+    };
+    if h::is_head(req.method()) == Some(true) {
+        h::strip_for_head(&mut resp);
+    }
+    resp
+}
 
 use std::fmt::Write;
 
-use serde_json::Value;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::beacon::{LinkState, LinkStates};
+use crate::http::{self as h, Body, Handler};
+use crate::proxy::stats::StatusReport;
+use crate::proxy::Proxy;
 
 /// Escapes text for HTML.
 pub fn escape(s: &str) -> String {
@@ -20,10 +98,6 @@ pub fn escape(s: &str) -> String {
         }
     }
     out
-}
-
-fn u(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or(0)
 }
 
 fn human_bytes(n: u64) -> String {
@@ -42,60 +116,77 @@ fn human_bytes(n: u64) -> String {
 }
 
 /// The terminal summary.
-pub fn text(st: &Value) -> String {
-    let s = &st["stats"];
+pub fn text(st: &StatusReport) -> String {
+    let s = &st.stats;
     let mut out = String::new();
-    let peers = st["peers"].as_array().cloned().unwrap_or_default();
-    let _ = writeln!(out, "peers: {}", peers.len());
-    for p in &peers {
-        let h = &p["health"];
+    let _ = writeln!(out, "peers: {}", st.peers.len());
+    for p in &st.peers {
         let _ = writeln!(
             out,
             "  {:<24} {:<20} ok {:>5}  failed {:>4}{}",
-            p["addr"].as_str().unwrap_or("?"),
-            p["hostname"].as_str().unwrap_or("-"),
-            u(h, "successes"),
-            u(h, "failures"),
-            if p["backed_off"].as_bool().unwrap_or(false) {
-                "  (backed off)"
-            } else {
-                ""
-            }
+            p.addr,
+            p.hostname.as_deref().unwrap_or("-"),
+            p.health.successes,
+            p.health.failures,
+            if p.backed_off { "  (backed off)" } else { "" }
         );
+    }
+    if !st.interfaces.is_empty() && !st.interfaces.iter().any(|i| i.state == LinkState::Joined) {
+        let _ = writeln!(out, "beacon: waiting for a usable network interface");
+    }
+    for i in &st.interfaces {
+        let _ = writeln!(
+            out,
+            "interface {:<12} {:<8} {} ({} s)",
+            i.name,
+            i.state.as_str(),
+            if i.addrs.is_empty() {
+                "-".into()
+            } else {
+                i.addrs.join(", ")
+            },
+            i.since_s
+        );
+    }
+    for u in st.upstreams.iter().filter(|u| !u.reachable) {
+        let _ = writeln!(out, "upstream {} unreachable (skipped for now)", u.url);
     }
     let _ = writeln!(
         out,
         "narinfo: {} from peers, {} from upstream, {} misses",
-        u(s, "narinfo_hits_peer"),
-        u(s, "narinfo_hits_upstream"),
-        u(s, "narinfo_misses")
+        s.narinfo_hits_peer, s.narinfo_hits_upstream, s.narinfo_misses
     );
     let _ = writeln!(
         out,
         "NARs: {} from peers ({}), {} from upstream ({}), {} unavailable, {} lies caught",
-        u(s, "nars_from_peers"),
-        human_bytes(u(s, "bytes_from_peers")),
-        u(s, "nars_from_upstream"),
-        human_bytes(u(s, "bytes_from_upstream")),
-        u(s, "nar_failures"),
-        u(s, "lies")
+        s.nars_from_peers,
+        human_bytes(s.bytes_from_peers),
+        s.nars_from_upstream,
+        human_bytes(s.bytes_from_upstream),
+        s.nar_failures,
+        s.lies
     );
     let _ = writeln!(
         out,
         "bytes saved (not fetched upstream): {}",
-        human_bytes(u(s, "bytes_from_peers"))
+        human_bytes(s.bytes_from_peers)
     );
-    if let Some(recent) = st["recent"].as_array().filter(|r| !r.is_empty()) {
+    if !st.recent.is_empty() {
         let _ = writeln!(out, "recent transfers:");
-        for t in recent {
+        for t in &st.recent {
             let _ = writeln!(
                 out,
-                "  {} {} {} {} ms {}",
-                t["verdict"].as_str().unwrap_or("?"),
-                t["path"].as_str().unwrap_or("?"),
-                human_bytes(u(t, "bytes")),
-                u(t, "ms"),
-                t["source"].as_str().unwrap_or("")
+                "  {} {} {} {} ms {}{}",
+                t.verdict.as_str(),
+                t.path,
+                human_bytes(t.bytes),
+                t.ms,
+                t.source,
+                if t.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", t.reason)
+                }
             );
         }
     }
@@ -103,36 +194,42 @@ pub fn text(st: &Value) -> String {
 }
 
 /// The status page.
-pub fn html(st: &Value) -> String {
-    let s = &st["stats"];
+pub fn html(st: &StatusReport) -> String {
+    let s = &st.stats;
     let mut rows = String::new();
-    for p in st["peers"].as_array().cloned().unwrap_or_default() {
-        let h = &p["health"];
+    for p in &st.peers {
         let _ = write!(
             rows,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(p["addr"].as_str().unwrap_or("?")),
-            escape(p["hostname"].as_str().unwrap_or("-")),
-            u(h, "successes"),
-            u(h, "failures"),
-            h["latency_ms"].as_f64().map_or("-".into(), |l| format!("{l:.1} ms")),
-            if p["backed_off"].as_bool().unwrap_or(false) {
-                "backed off"
-            } else {
-                "ok"
-            }
+            escape(&p.addr),
+            escape(p.hostname.as_deref().unwrap_or("-")),
+            p.health.successes,
+            p.health.failures,
+            p.health.latency_ms.map_or("-".into(), |l| format!("{l:.1} ms")),
+            if p.backed_off { "backed off" } else { "ok" }
+        );
+    }
+    let mut ifaces = String::new();
+    for i in &st.interfaces {
+        let _ = write!(
+            ifaces,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} s</td></tr>",
+            escape(&i.name),
+            i.state.as_str(),
+            escape(&i.addrs.join(", ")),
+            i.since_s
         );
     }
     let mut recent = String::new();
-    for t in st["recent"].as_array().cloned().unwrap_or_default() {
+    for t in &st.recent {
         let _ = write!(
             recent,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} ms</td><td>{}</td></tr>",
-            escape(t["path"].as_str().unwrap_or("?")),
-            escape(t["source"].as_str().unwrap_or("")),
-            human_bytes(u(&t, "bytes")),
-            u(&t, "ms"),
-            escape(t["verdict"].as_str().unwrap_or("?"))
+            escape(&t.path),
+            escape(&t.source),
+            human_bytes(t.bytes),
+            t.ms,
+            escape(t.verdict.as_str())
         );
     }
     format!(
@@ -143,6 +240,7 @@ td,th{{border:1px solid #ccc;padding:.3em .7em;text-align:left}}th{{background:#
 <body><h1>local-nix-cache</h1>
 <p class="big">{peers} peer(s) &middot; {saved} saved &middot; {lan} NARs from the LAN, {up} from upstream</p>
 <h2>Peers</h2><table><tr><th>address</th><th>host</th><th>served</th><th>failed</th><th>latency</th><th>state</th></tr>{rows}</table>
+<h2>Interfaces</h2><table><tr><th>interface</th><th>state</th><th>addresses</th><th>since</th></tr>{ifaces}</table>
 <h2>Hits</h2><table><tr><th></th><th>LAN</th><th>upstream</th><th>miss</th></tr>
 <tr><th>narinfo</th><td>{ni_lan}</td><td>{ni_up}</td><td>{ni_miss}</td></tr>
 <tr><th>NAR</th><td>{lan}</td><td>{up}</td><td>{fail}</td></tr></table>
@@ -150,94 +248,113 @@ td,th{{border:1px solid #ccc;padding:.3em .7em;text-align:left}}th{{background:#
 <h2>Recent transfers</h2><table><tr><th>path</th><th>source</th><th>size</th><th>time</th><th>verdict</th></tr>{recent}</table>
 </body></html>
 "#,
-        peers = st["peers"].as_array().map_or(0, Vec::len),
-        saved = human_bytes(u(s, "bytes_from_peers")),
-        lan = u(s, "nars_from_peers"),
-        up = u(s, "nars_from_upstream"),
-        fail = u(s, "nar_failures"),
-        ni_lan = u(s, "narinfo_hits_peer"),
-        ni_up = u(s, "narinfo_hits_upstream"),
-        ni_miss = u(s, "narinfo_misses"),
-        lies = u(s, "lies"),
+        peers = st.peers.len(),
+        saved = human_bytes(s.bytes_from_peers),
+        lan = s.nars_from_peers,
+        up = s.nars_from_upstream,
+        fail = s.nar_failures,
+        ni_lan = s.narinfo_hits_peer,
+        ni_up = s.narinfo_hits_upstream,
+        ni_miss = s.narinfo_misses,
+        lies = s.lies,
     )
 }
 
-/// Prometheus text exposition.
-pub fn metrics(st: &Value) -> String {
-    let s = &st["stats"];
-    let b = &st["beacon"];
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-        let _ = writeln!(
-            out,
-            "# HELP local_nix_cache_{name} {help}\n# TYPE local_nix_cache_{name} {kind}"
+type Labels = Vec<(String, String)>;
+
+/// A counter family with one label, set from `(label value, count)` pairs.
+fn counters(label: &str, samples: &[(&str, u64)]) -> Family<Labels, Counter> {
+    let f = Family::<Labels, Counter>::default();
+    for (value, n) in samples {
+        f.get_or_create(&vec![(label.to_owned(), (*value).to_owned())])
+            .inc_by(*n);
+    }
+    f
+}
+
+/// Metrics in OpenMetrics text (what Prometheus scrapes), names prefixed `local_nix_cache_`.
+pub fn metrics(st: &StatusReport) -> String {
+    let s = &st.stats;
+    let mut r = Registry::with_prefix("local_nix_cache");
+    let peers = Gauge::<i64>::default();
+    peers.set(i64::try_from(st.peers.len()).unwrap_or(i64::MAX));
+    r.register("peers", "Peers in the beacon's table", peers);
+    r.register(
+        "narinfo",
+        "Narinfo requests answered, by result",
+        counters(
+            "result",
+            &[
+                ("peer", s.narinfo_hits_peer),
+                ("upstream", s.narinfo_hits_upstream),
+                ("miss", s.narinfo_misses),
+            ],
+        ),
+    );
+    r.register(
+        "nars",
+        "NARs delivered after verification, by source; unavailable ones",
+        counters(
+            "source",
+            &[
+                ("peer", s.nars_from_peers),
+                ("upstream", s.nars_from_upstream),
+                ("none", s.nar_failures),
+            ],
+        ),
+    );
+    r.register(
+        "nar_bytes",
+        "NAR bytes fetched, by source",
+        counters(
+            "source",
+            &[("peer", s.bytes_from_peers), ("upstream", s.bytes_from_upstream)],
+        ),
+    );
+    let lies = Counter::<u64>::default();
+    lies.inc_by(s.lies);
+    r.register("lies", "Answers rejected as false (signature, path, hash)", lies);
+    let down = Gauge::<i64>::default();
+    down.set(st.upstreams.iter().filter(|u| !u.reachable).count() as i64);
+    r.register(
+        "upstreams_unreachable",
+        "Upstreams skipped after a failed connection",
+        down,
+    );
+    let ifaces = Family::<Labels, Gauge>::default();
+    for state in [LinkState::Joined, LinkState::Waiting, LinkState::Left] {
+        let n = st.interfaces.iter().filter(|i| i.state == state).count();
+        ifaces
+            .get_or_create(&vec![("state".to_owned(), state.as_str().to_owned())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    r.register("beacon_interfaces", "The beacon's interfaces, by state", ifaces);
+    if let Some(b) = &st.beacon {
+        r.register(
+            "beacon_datagrams",
+            "Beacon datagrams, by what became of them",
+            counters(
+                "kind",
+                &[
+                    ("received", b.received),
+                    ("announces", b.announces),
+                    ("queries", b.queries),
+                    ("goodbyes", b.goodbyes),
+                    ("too_short", b.too_short),
+                    ("invalid", b.invalid),
+                    ("wrong_version", b.wrong_version),
+                    ("own", b.own),
+                    ("rate_limited", b.rate_limited),
+                    ("table_full", b.table_full),
+                    ("expired", b.expired),
+                ],
+            ),
         );
-        for (labels, v) in samples {
-            let _ = writeln!(out, "local_nix_cache_{name}{labels} {v}");
-        }
-    };
-    metric(
-        "peers",
-        "gauge",
-        "Peers in the beacon's table.",
-        &[("", st["peers"].as_array().map_or(0, Vec::len) as u64)],
-    );
-    metric(
-        "narinfo_total",
-        "counter",
-        "Narinfo requests answered, by result.",
-        &[
-            ("{result=\"peer\"}", u(s, "narinfo_hits_peer")),
-            ("{result=\"upstream\"}", u(s, "narinfo_hits_upstream")),
-            ("{result=\"miss\"}", u(s, "narinfo_misses")),
-        ],
-    );
-    metric(
-        "nars_total",
-        "counter",
-        "NARs delivered after verification, by source; unavailable ones.",
-        &[
-            ("{source=\"peer\"}", u(s, "nars_from_peers")),
-            ("{source=\"upstream\"}", u(s, "nars_from_upstream")),
-            ("{source=\"none\"}", u(s, "nar_failures")),
-        ],
-    );
-    metric(
-        "nar_bytes_total",
-        "counter",
-        "NAR bytes fetched, by source.",
-        &[
-            ("{source=\"peer\"}", u(s, "bytes_from_peers")),
-            ("{source=\"upstream\"}", u(s, "bytes_from_upstream")),
-        ],
-    );
-    metric(
-        "lies_total",
-        "counter",
-        "Answers rejected as false (signature, path, hash).",
-        &[("", u(s, "lies"))],
-    );
-    let keys = [
-        "received",
-        "announces",
-        "queries",
-        "goodbyes",
-        "too_short",
-        "invalid",
-        "wrong_version",
-        "own",
-        "rate_limited",
-        "table_full",
-        "expired",
-    ];
-    let labels: Vec<String> = keys.iter().map(|k| format!("{{kind=\"{k}\"}}")).collect();
-    let samples: Vec<(&str, u64)> = labels.iter().zip(keys).map(|(l, k)| (l.as_str(), u(b, k))).collect();
-    metric(
-        "beacon_datagrams_total",
-        "counter",
-        "Beacon datagrams, by what became of them.",
-        &samples,
-    );
+    }
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {
+        tracing::warn!(error = %e, "cannot encode metrics");
+    }
     out
 }
 
@@ -249,13 +366,17 @@ pub enum StatusError {
         #[source]
         source: reqwest::Error,
     },
-    #[error("{url} did not answer JSON: {message}")]
-    Json { url: String, message: String },
+    #[error("{url} did not answer a status report: {source}")]
+    Json {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
-/// `local-nix-cache status`: fetches the proxy's summary and prints it.
-pub async fn print(args: &crate::cli::StatusArgs) -> Result<(), StatusError> {
-    let url = format!("{}/status.json", args.proxy.trim_end_matches('/'));
+/// `local-nix-cache status`: fetches the proxy's report and prints it (as JSON with `json`).
+pub async fn print(proxy: &str, json: bool) -> Result<(), StatusError> {
+    let url = format!("{}/status.json", proxy.trim_end_matches('/'));
     let fetch = async {
         reqwest::Client::builder()
             .no_proxy()
@@ -272,12 +393,9 @@ pub async fn print(args: &crate::cli::StatusArgs) -> Result<(), StatusError> {
         url: url.clone(),
         source,
     })?;
-    let st: Value = serde_json::from_slice(&body).map_err(|e| StatusError::Json {
-        url,
-        message: e.to_string(),
-    })?;
-    if args.json {
-        println!("{st}");
+    let st: StatusReport = serde_json::from_slice(&body).map_err(|source| StatusError::Json { url, source })?;
+    if json {
+        println!("{}", serde_json::to_string(&st).unwrap_or_default());
     } else {
         print!("{}", text(&st));
     }
@@ -287,47 +405,58 @@ pub async fn print(args: &crate::cli::StatusArgs) -> Result<(), StatusError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::beacon::LinkReport;
+    use crate::proxy::stats::Stats;
 
-    fn sample() -> Value {
-        serde_json::json!({
-            "peers": [{"addr": "10.0.0.2:8380", "hostname": "<script>alert(1)</script>",
-                       "health": {"successes": 3, "failures": 1, "latency_ms": 1.5}, "backed_off": false}],
-            "stats": {"narinfo_hits_peer": 5, "narinfo_hits_upstream": 2, "narinfo_misses": 1,
-                      "nars_from_peers": 4, "nars_from_upstream": 1, "bytes_from_peers": 3145728,
-                      "bytes_from_upstream": 1024, "nar_failures": 0, "lies": 2},
-            "beacon": {"received": 10, "announces": 8},
-            "recent": [{"path": "/nix/store/x-hello", "source": "peer 10.0.0.2", "bytes": 1024, "ms": 3, "verdict": "verified"}],
-        })
-    }
-
+    /// Every renderer shows the beacon's interfaces and their states.
     #[test]
-    fn page_escapes_what_peers_announce() {
-        let h = html(&sample());
-        assert!(!h.contains("<script>"), "{h}");
-        assert!(h.contains("&lt;script&gt;"));
-        assert!(h.contains("3.0 MiB saved"));
-        assert!(h.contains("/nix/store/x-hello"));
-    }
-
-    #[test]
-    fn metrics_are_prometheus_text() {
-        let m = metrics(&sample());
-        assert!(m.contains("# TYPE local_nix_cache_narinfo_total counter"));
-        assert!(m.contains("local_nix_cache_narinfo_total{result=\"peer\"} 5"));
-        assert!(m.contains("local_nix_cache_peers 1"));
-        assert!(m.contains("local_nix_cache_beacon_datagrams_total{kind=\"announces\"} 8"));
-        for line in m.lines().filter(|l| !l.starts_with('#')) {
-            let (name, value) = line.rsplit_once(' ').expect("sample line");
-            assert!(name.starts_with("local_nix_cache_"), "{line}");
-            assert!(value.parse::<u64>().is_ok(), "{line}");
+    fn interfaces_are_shown_with_their_state() {
+        let link = |name: &str, state, addrs: &[&str]| LinkReport {
+            name: name.into(),
+            state,
+            addrs: addrs.iter().map(|a| (*a).to_owned()).collect(),
+            since_s: 7,
+        };
+        let mut st = StatusReport {
+            peers: vec![],
+            stats: Stats::default(),
+            recent: vec![],
+            beacon: None,
+            upstreams: vec![],
+            interfaces: vec![
+                link("eth0", LinkState::Joined, &["10.0.0.2", "fe80::/64"]),
+                link("wlan0", LinkState::Waiting, &[]),
+                link("usb0", LinkState::Left, &[]),
+            ],
+            summary_bytes: 0,
+        };
+        let t = text(&st);
+        assert!(
+            t.contains("interface eth0") && t.contains("joined") && t.contains("10.0.0.2, fe80::/64"),
+            "{t}"
+        );
+        assert!(t.contains("interface wlan0") && t.contains("waiting"), "{t}");
+        assert!(t.contains("interface usb0") && t.contains("left"), "{t}");
+        let h = html(&st);
+        assert!(
+            h.contains("<td>eth0</td><td>joined</td><td>10.0.0.2, fe80::/64</td>"),
+            "{h}"
+        );
+        assert!(h.contains("<td>usb0</td><td>left</td>"), "{h}");
+        let m = metrics(&st);
+        for s in ["joined", "waiting", "left"] {
+            assert!(
+                m.contains(&format!("local_nix_cache_beacon_interfaces{{state=\"{s}\"}} 1")),
+                "{m}"
+            );
         }
-    }
-
-    #[test]
-    fn terminal_summary() {
-        let t = text(&sample());
-        assert!(t.contains("peers: 1"));
-        assert!(t.contains("NARs: 4 from peers (3.0 MiB)"));
-        assert!(t.contains("verified /nix/store/x-hello"));
+        // Only waiting and left: the terminal says the beacon waits for a network.
+        st.interfaces.remove(0);
+        assert!(text(&st).contains("waiting for a usable network interface"));
+        // A report from a proxy without the field still reads (older `serve`).
+        let mut v = serde_json::to_value(&st).expect("json");
+        v.as_object_mut().expect("object").remove("interfaces");
+        let back: StatusReport = serde_json::from_value(v).expect("reads without interfaces");
+        assert!(back.interfaces.is_empty());
     }
 }

@@ -239,6 +239,9 @@ fn garbage_flood_is_counted_and_tables_stay_right() {
             interval_ms: 1000,
             seq: 0,
             hostname: None,
+            summary: None,
+            commitment: None,
+            proof: None,
         });
         let t0 = Instant::now();
         let mut sent = 0u32;

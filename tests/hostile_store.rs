@@ -196,8 +196,8 @@ fn slow_readers_do_not_starve_other_nar_requests() {
     let f = fixture();
     let host = Host::with_paths(&[&f.big, &f.rand, &f.top]);
     let mut args = serve_args(host.store_addr());
-    args.real_store_dir = Some("none".into());
-    args.daemon_connections = 8;
+    args.store.real_store_dir = None;
+    args.store.daemon_connections = 8;
     let node = TestNode::start(args);
     let big = nar_url(&node, &f.big);
     let rand_zst = format!("{}.zst", nar_url(&node, &f.rand));
@@ -234,7 +234,7 @@ fn clients_that_never_read_do_not_pin_threads_or_starve_nars() {
     let f = fixture();
     let host = Host::with_paths(&[&f.big, &f.top]);
     let mut args = serve_args(host.store_addr());
-    args.real_store_dir = Some(host.physical_store());
+    args.store.real_store_dir = Some(host.physical_store().into());
     let node = TestNode::start(args);
     let big = nar_url(&node, &f.big);
     let top = nar_url(&node, &f.top);
@@ -282,7 +282,7 @@ fn install_binary_cuts_off_a_stalled_client() {
     }
     let host = Host::with_paths(&[]);
     let mut args = serve_args(host.store_addr());
-    args.client_stall_timeout = 1;
+    args.server.client_stall_timeout = std::time::Duration::from_secs(1);
     let node = TestNode::start(args);
     // The script first: the binary's digest is computed then, not while the client below stalls.
     assert_eq!(get(node.addr, "/install").status, 200);

@@ -126,7 +126,7 @@ fn lan_beats_wan_through_the_proxy() {
     let wan_store = lan.hosts[1].store.dir.path().join("wan-store");
     let mut c = lan.hosts[1].nix_cmd("nix-store");
     c.arg("--store")
-        .arg(&wan_store)
+        .arg(lan.hosts[1].client_path(&wan_store))
         .args(["-r", &f.rand, "--option", "substituters", &up])
         .args(["--option", "trusted-public-keys", &f.pk]);
     let t0 = Instant::now();
@@ -216,7 +216,7 @@ fn peer_dies_mid_transfer_and_another_peer_completes_it() {
     let fetcher = {
         let mut c = lan.hosts[2].nix_cmd("nix-store");
         c.arg("--store")
-            .arg(&lan.hosts[2].store.root)
+            .arg(lan.hosts[2].client_store())
             .args(["-r", &big, "--option", "substituters", "http://127.0.0.1:8381"])
             .args(["--option", "trusted-public-keys", &f.pk])
             .stdout(std::process::Stdio::piped())
@@ -332,4 +332,39 @@ fn upstream_fallback_for_a_path_no_peer_has() {
         metrics.contains("local_nix_cache_nars_total{source=\"upstream\"} 1"),
         "{metrics}"
     );
+}
+
+/// Nix 2.8 and Nix 2.26 hosts share with each other both ways, offline: 2.26's client gets a
+/// closure from a 2.8 host's daemon, 2.8's client a path from a 2.26 host's daemon.
+#[test]
+fn mixed_lan_nix_2_8_and_2_26_hosts_share_both_ways() {
+    if !prerequisites() || common::roots::nix226_root().is_none() {
+        return;
+    }
+    let f = fixture();
+    let mut lan = NixLan::new(&[&[&f.top], &[&f.rand]]);
+    assert!(
+        lan.hosts[0].nix_version().contains("2.8"),
+        "{}",
+        lan.hosts[0].nix_version()
+    );
+    assert!(
+        lan.hosts[1].nix_version().contains("2.26"),
+        "{}",
+        lan.hosts[1].nix_version()
+    );
+    lan.upstream.stop();
+    let up = lan.upstream.url();
+    lan.serve_all(&up);
+    lan.wait_peers(0, &[1], Duration::from_secs(5))
+        .expect("host2 not found");
+    lan.wait_peers(1, &[0], Duration::from_secs(5))
+        .expect("host1 not found");
+    ok("2.26 realises from a 2.8 host", &lan.hosts[1].realise(&[&f.top]));
+    ok("2.26 verifies", &lan.hosts[1].verify(&f.top));
+    ok("2.8 realises from a 2.26 host", &lan.hosts[0].realise(&[&f.rand]));
+    ok("2.8 verifies", &lan.hosts[0].verify(&f.rand));
+    for (i, n) in [(0, 1), (1, 3)] {
+        assert_eq!(lan.hosts[i].status()["stats"]["nars_from_peers"], n, "host{}", i + 1);
+    }
 }

@@ -7,8 +7,9 @@ mod common;
 
 use std::path::Path;
 
+use clap::CommandFactory;
 use common::{nix, require_nix, run};
-use local_nix_cache::config::ConfigFile;
+use local_nix_cache::cli::{self, Cli};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -91,7 +92,43 @@ fn nixos_module_options_and_generated_config() {
         .as_str()
         .expect("exec")
         .ends_with("serve --config /etc/local-nix-cache/config.toml"));
-    // The generated config, as TOML, is accepted by serve's own parser (no unknown keys).
+    // The generated config, as TOML, is accepted by serve's own parser (no unknown keys, every
+    // value valid for its flag).
     let toml_text = toml::to_string(&v["configFile"]).expect("to toml");
-    ConfigFile::parse(Path::new("module.toml"), &toml_text).unwrap_or_else(|e| panic!("{e}\n{toml_text}"));
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, &toml_text).expect("write");
+    let argv = ["local-nix-cache", "serve", "--config"].map(std::ffi::OsString::from);
+    let mut argv = argv.to_vec();
+    argv.push(path.into());
+    cli::parse(argv).unwrap_or_else(|e| panic!("{e}\n{toml_text}"));
+    // The module's own options default to what `serve` defaults to: the flags are the one place.
+    let serve = Cli::command().find_subcommand("serve").cloned().expect("serve");
+    let default = |flag: &str| -> Vec<String> {
+        let arg = serve
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag))
+            .unwrap_or_else(|| panic!("no flag --{flag}"));
+        arg.get_default_values()
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect()
+    };
+    let d = &v["defaults"];
+    let strings = |j: &serde_json::Value| -> Vec<String> {
+        match j {
+            serde_json::Value::Array(a) => a.iter().map(|x| x.as_str().expect("string").to_owned()).collect(),
+            serde_json::Value::String(s) => vec![s.clone()],
+            other => panic!("unexpected default {other}"),
+        }
+    };
+    for (option, flag) in [
+        ("listen", "listen"),
+        ("proxyListen", "proxy-listen"),
+        ("upstreams", "upstream"),
+        ("trustedPublicKeys", "trusted-public-key"),
+        ("interfaces", "interface"),
+    ] {
+        assert_eq!(strings(&d[option]), default(flag), "option {option} vs --{flag}");
+    }
 }

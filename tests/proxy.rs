@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::fake::*;
 use common::{get, request};
+use local_nix_cache::beacon::wire::{NodeId, FLAG_NAR_NONE};
 
 /// What a hostile peer does.
 #[derive(Clone, Copy, Debug)]
@@ -122,7 +123,7 @@ fn every_lie_loses_to_an_honest_peer_and_is_never_delivered_alone() {
             Reply::slow(p.info.render(), Duration::from_millis(100)),
         );
         rig.peer(honest, 2);
-        let (proxy, _) = rig.proxy(vec![]);
+        let (proxy, px) = rig.proxy(vec![]);
         let t0 = Instant::now();
         let (ni, nar, body) = fetch(proxy, &p);
         assert_eq!((ni, nar), (200, 200), "{lie:?} with an honest peer");
@@ -134,8 +135,9 @@ fn every_lie_loses_to_an_honest_peer_and_is_never_delivered_alone() {
         );
         if !lie.in_narinfo() {
             // The liar was tried for the NAR and is now backed off.
-            let node = local_nix_cache::beacon::wire::NodeId([1; 16]);
-            let peer = rig.table.get(&node).expect("liar still listed");
+            let node = local_nix_cache::beacon::wire::NodeId([1; 16]).to_string();
+            let st = px.status();
+            let peer = st.peers.iter().find(|p| p.node == node).expect("liar still listed");
             assert!(peer.health.consecutive_failures > 0, "{lie:?}: liar not backed off");
         }
         drop(rig);
@@ -201,7 +203,7 @@ fn upstream_answers_when_no_peer_has_the_path_and_compressed_nars_are_unpacked()
         out
     });
     let mut info = p.info.clone();
-    info.compression = Some("xz".into());
+    info.compression = local_nix_cache::narinfo::Compression::Xz;
     info.url = format!("nar/{}.nar.xz", p.info.nar_hash.to_nix32());
     up.set(&format!("/{}.narinfo", p.hash()), Reply::ok(info.render()));
     up.set(&format!("/{}", info.url), Reply::ok(Bytes::from(xz)));
@@ -236,6 +238,133 @@ fn offline_misses_are_fast_and_peers_still_serve() {
             "miss {i} took {:?}",
             t0.elapsed()
         );
+    }
+}
+
+/// The "upstream is down" memory: after a refused connection the upstream is skipped for a while
+/// (offline laptops get fast misses), even once something listens there again.
+#[test]
+fn an_unreachable_upstream_is_skipped_for_a_while() {
+    let p = FakePath::new("after-outage", 1000, 14);
+    let rig = Rig::new();
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let (proxy, px) = rig.proxy(vec![format!("http://{addr}/")]);
+    // Nothing listens yet: refused, marked down.
+    assert_eq!(get(proxy, &format!("/{:0>32}.narinfo", 1)).status, 404);
+    assert!(
+        !px.status().upstreams[0].reachable,
+        "the refused upstream is marked down"
+    );
+    // The upstream comes back with the path, but stays skipped until the mark expires.
+    let up = Arc::new(FakeCache::default());
+    up.serve_path(&p);
+    rig.cache_at(up.clone(), addr);
+    assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 404);
+    assert_eq!(
+        up.requests.lock().expect("lock").len(),
+        0,
+        "a down upstream is not asked"
+    );
+}
+
+/// The negative narinfo cache: a miss is remembered briefly, so Nix asking again at once costs
+/// no request to any source; after the TTL the path is found.
+#[test]
+fn a_miss_is_remembered_briefly() {
+    let p = FakePath::new("late", 1000, 15);
+    let rig = Rig::new();
+    let up = Arc::new(FakeCache::default());
+    let addr = rig.cache(up.clone());
+    let (proxy, _) = rig.proxy(vec![format!("http://{addr}/")]);
+    let ni = format!("/{}.narinfo", p.hash());
+    assert_eq!(get(proxy, &ni).status, 404);
+    assert_eq!(up.requests_for(".narinfo"), 1);
+    up.serve_path(&p);
+    assert_eq!(get(proxy, &ni).status, 404, "the miss is remembered");
+    assert_eq!(up.requests_for(".narinfo"), 1, "a remembered miss asks no source");
+    std::thread::sleep(local_nix_cache::proxy::cache::NEGATIVE_TTL + Duration::from_millis(200));
+    assert_eq!(get(proxy, &ni).status, 200, "found once the miss expired");
+    assert_eq!(up.requests_for(".narinfo"), 2);
+}
+
+/// Graceful drain: on shutdown the proxy stops accepting at once, but a NAR already being
+/// fetched for a client is still delivered whole.
+#[test]
+fn shutdown_drains_requests_in_flight() {
+    let p = FakePath::new("in-flight", 300_000, 16);
+    let rig = Rig::new();
+    let peer = Arc::new(FakeCache::default());
+    peer.serve_path(&p);
+    peer.set(
+        &format!("/{}", p.info.url),
+        Reply::slow(p.nar.clone(), Duration::from_millis(1500)),
+    );
+    rig.peer(peer, 1);
+    let (proxy, _) = rig.proxy(vec![]);
+    assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+    let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+    let client = std::thread::spawn(move || get(proxy, &url));
+    std::thread::sleep(Duration::from_millis(500));
+    rig.shutdown();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        std::net::TcpStream::connect(proxy).is_err(),
+        "no new connection after shutdown"
+    );
+    let r = client.join().expect("client");
+    assert_eq!(r.status, 200, "the request in flight was answered");
+    assert!(r.body == p.nar, "and delivered whole ({} bytes)", r.body.len());
+}
+
+/// The status page, `/metrics` and `status` render the proxy's real report, not a sample.
+#[test]
+fn status_renderers_show_the_proxys_real_state() {
+    let p = FakePath::new("shown", 5000, 17);
+    let rig = Rig::new();
+    let peer = Arc::new(FakeCache::default());
+    peer.serve_path(&p);
+    *peer.node.lock().expect("lock") = Some(NodeId([1; 16]));
+    let addr = rig.cache(peer);
+    rig.announce(addr, NodeId([1; 16]), FLAG_NAR_NONE, Some("<script>x</script>"));
+    let (proxy, px) = rig.proxy(vec![common::dead_url()]);
+    let (ni, nar, _) = fetch(proxy, &p);
+    assert_eq!((ni, nar), (200, 200));
+    assert_eq!(get(proxy, &format!("/{:0>32}.narinfo", 7)).status, 404);
+    let st = px.status();
+    // The JSON that `status` reads back is the same report.
+    let json = get(proxy, "/status.json");
+    let back: local_nix_cache::proxy::stats::StatusReport = serde_json::from_slice(&json.body).expect("report");
+    assert_eq!(back.stats, st.stats);
+    let text = local_nix_cache::status::text(&st);
+    assert!(text.contains("peers: 1"), "{text}");
+    assert!(
+        text.contains("narinfo: 1 from peers, 0 from upstream, 1 misses"),
+        "{text}"
+    );
+    assert!(text.contains("NARs: 1 from peers (5.5 KiB)"), "{text}");
+    assert!(text.contains(&format!("verified {}", p.path)), "{text}");
+    assert!(text.contains("unreachable"), "the dead upstream is shown: {text}");
+    let page = String::from_utf8(get(proxy, "/").body).expect("utf8");
+    assert!(
+        page.contains("&lt;script&gt;x&lt;/script&gt;") && !page.contains("<script>"),
+        "{page}"
+    );
+    assert!(page.contains(&addr.to_string()), "{page}");
+    assert!(page.contains("1 NARs from the LAN"), "{page}");
+    let m = String::from_utf8(get(proxy, "/metrics").body).expect("utf8");
+    for want in [
+        "local_nix_cache_nars_total{source=\"peer\"} 1",
+        "local_nix_cache_narinfo_total{result=\"miss\"} 1",
+        "local_nix_cache_peers 1",
+        "local_nix_cache_upstreams_unreachable 1",
+        "local_nix_cache_beacon_datagrams_total{kind=\"announces\"} 1",
+        "# TYPE local_nix_cache_nars counter",
+        "# EOF",
+    ] {
+        assert!(m.contains(want), "{want} missing from\n{m}");
     }
 }
 
@@ -302,6 +431,9 @@ fn nar_urls_survive_a_proxy_restart_and_the_winner_leaving() {
         interval_ms: 1000,
         seq: 2,
         hostname: None,
+        summary: None,
+        commitment: None,
+        proof: None,
     });
     let first = rig.table.peers()[0].http_addr();
     {

@@ -1,40 +1,132 @@
-//! The store server against a real nix-daemon on a chroot store and the real Nix client.
+//! The store server against a real nix-daemon on a chroot store and the real Nix client: this
+//! machine's Nix 2.8, and (the `_nix226` tests) the daemon and client of Nix 2.26 from the Debian
+//! 13 root that `./run nix-root` builds.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::roots::{self, HOST_MOUNT};
 use common::*;
-use local_nix_cache::store::StoreAddr;
+use local_nix_cache::store::{DaemonConnection, StoreAddr};
+
+/// The Nix a test runs against: `Some(None)` this machine's (2.8), `Some(Some(root))` Nix 2.26
+/// from the Debian 13 root; `None`: skip (missing locally; under CI it already failed).
+fn daemon_nix(nix226: bool) -> Option<Option<PathBuf>> {
+    if !require_nix() {
+        return None;
+    }
+    if !nix226 {
+        return Some(None);
+    }
+    roots::nix226_root().map(Some)
+}
+
+#[test]
+fn handshake_negotiates_the_newest_protocol_both_speak() {
+    let Some(Some(root)) = daemon_nix(true) else {
+        return;
+    };
+    let f = fixture();
+    let old = Host::with_paths(&[&f.top]);
+    let new = Host::with_paths_on(&[&f.top], Some(&root));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for (host, minor, version) in [(&old, 34, "2.8"), (&new, 38, "2.26")] {
+        rt.block_on(async {
+            let s = tokio::net::UnixStream::connect(&host.socket).await.expect("connect");
+            let (r, w) = s.into_split();
+            let hs = DaemonConnection::handshake(Box::pin(r), Box::pin(w), None);
+            let mut c = tokio::time::timeout(Duration::from_secs(20), hs)
+                .await
+                .unwrap_or_else(|_| panic!("handshake with Nix {version} hangs"))
+                .expect("handshake");
+            assert_eq!(c.minor(), minor, "protocol with Nix {version}");
+            let v = c.daemon_version.clone().unwrap_or_default();
+            assert!(v.starts_with(version), "daemon says {v:?}, wanted Nix {version}");
+            // The connection works at that version: path info, and a NAR to its end.
+            let info = c.query_path_info(f.top.clone()).await.expect("info").expect("valid");
+            assert!(info.sigs.iter().any(|s| s.starts_with("test-hydra-1:")), "{info:?}");
+            assert_eq!(
+                c.query_path_from_hash_part(hash_of(&f.top).to_owned())
+                    .await
+                    .expect("hash part"),
+                Some(f.top.clone())
+            );
+            c.start_nar_from_path(f.top.clone()).await.expect("NarFromPath");
+            let mut framer = local_nix_cache::store::nar::NarFramer::new();
+            let mut nar = Vec::new();
+            while let Some(chunk) = c
+                .read_nar_chunk(&mut framer, Duration::from_secs(20))
+                .await
+                .expect("NAR chunk")
+            {
+                nar.extend_from_slice(&chunk);
+            }
+            assert!(nar == host.dump(&f.top), "NAR from Nix {version}'s daemon");
+            assert!(c.is_valid_path(f.top.clone()).await.expect("valid"), "after a NAR");
+        });
+    }
+}
 
 #[test]
 fn nix_copies_a_closure_through_the_server_and_it_verifies() {
-    if !require_nix() {
+    check_nix_copy(false);
+}
+
+/// Nix 2.26's daemon behind the server and Nix 2.26 as the client.
+#[test]
+fn nix_copies_a_closure_through_the_server_and_it_verifies_nix226() {
+    check_nix_copy(true);
+}
+
+/// Makes a command of the client's Nix.
+type NixCmd<'a> = Box<dyn Fn(&str) -> Command + 'a>;
+
+fn check_nix_copy(nix226: bool) {
+    let Some(nix_root) = daemon_nix(nix226) else {
         return;
-    }
+    };
     let f = fixture();
-    let host = Host::with_paths(&[&f.top]);
+    let host = Host::with_paths_on(&[&f.top], nix_root.as_deref());
     let mut args = serve_args(host.store_addr());
-    args.real_store_dir = Some(host.physical_store());
+    args.store.real_store_dir = Some(host.physical_store().into());
     let node = TestNode::start(args);
     let client = tempfile::tempdir().expect("tempdir");
-    let (store, home) = (client.path().join("store"), client.path().join("home"));
+    let home = client.path().join("home");
     std::fs::create_dir_all(&home).expect("home");
-    run(nix("nix", &home)
-        .args(["copy", "--from", &node.url(), "--to"])
-        .arg(&store)
-        .arg(&f.top)
+    // The client's chroot store, as its Nix sees it, and that Nix.
+    let (store, client_nix): (String, NixCmd) = match &nix_root {
+        None => (
+            client.path().join("store").display().to_string(),
+            Box::new(|p: &str| nix(p, &home)),
+        ),
+        Some(r) => (
+            format!("{HOST_MOUNT}/store"),
+            Box::new(|p: &str| roots::in_nix_root(r, client.path(), p, &home)),
+        ),
+    };
+    let version = run(client_nix("nix").arg("--version"));
+    assert!(version.contains(if nix226 { "2.26" } else { "2.8" }), "{version}");
+    run(client_nix("nix")
+        .args(["copy", "--from", &node.url(), "--to", &store, &f.top])
         .args(["--option", "trusted-public-keys", &f.pk]));
     // Content and signatures verify in the client's store (checked there, not in /nix/store).
-    run(nix("nix", &home)
-        .args(["store", "verify", "--store"])
-        .arg(&store)
-        .args(["-r", &f.top, "--option", "trusted-public-keys", &f.pk]));
-    let info = run(nix("nix", &home)
-        .args(["path-info", "--json", "-r", "--store"])
-        .arg(&store)
+    run(client_nix("nix").args(["store", "verify", "--store", &store]).args([
+        "-r",
+        &f.top,
+        "--option",
+        "trusted-public-keys",
+        &f.pk,
+    ]));
+    let info = run(client_nix("nix")
+        .args(["path-info", "--json", "-r", "--store", &store])
         .arg(&f.top));
     for p in &f.closure {
         assert!(info.contains(p.as_str()), "{p} missing from the copy: {info}");
@@ -48,11 +140,20 @@ fn nix_copies_a_closure_through_the_server_and_it_verifies() {
 
 #[test]
 fn unsigned_path_is_indistinguishable_from_absent() {
-    if !require_nix() {
+    check_unsigned(false);
+}
+
+#[test]
+fn unsigned_path_is_indistinguishable_from_absent_nix226() {
+    check_unsigned(true);
+}
+
+fn check_unsigned(nix226: bool) {
+    let Some(nix_root) = daemon_nix(nix226) else {
         return;
-    }
+    };
     let f = fixture();
-    let host = Host::with_paths(&[&f.top]);
+    let host = Host::with_paths_on(&[&f.top], nix_root.as_deref());
     let private = host.add_unsigned("secret.txt", "a private note\n");
     let node = TestNode::start(serve_args(host.store_addr()));
     let absent = "/0000000000000000000000000000000a.narinfo";
@@ -106,28 +207,29 @@ fn narinfo_url(node: &TestNode, path: &str) -> String {
 
 #[test]
 fn nar_streams_with_length_and_ranges_through_the_daemon() {
-    check_nar_streaming(false);
+    check_nar_streaming(false, false);
+}
+
+#[test]
+fn nar_streams_with_length_and_ranges_through_the_daemon_nix226() {
+    check_nar_streaming(false, true);
 }
 
 #[test]
 fn nar_streams_with_length_and_ranges_from_disk() {
-    check_nar_streaming(true);
+    check_nar_streaming(true, false);
 }
 
 /// The NAR served equals `nix-store --dump`, whole and in ranges, read through the daemon's
 /// NarFromPath or from the physical store directory.
-fn check_nar_streaming(from_disk: bool) {
-    if !require_nix() {
+fn check_nar_streaming(from_disk: bool, nix226: bool) {
+    let Some(nix_root) = daemon_nix(nix226) else {
         return;
-    }
+    };
     let f = fixture();
-    let host = Host::with_paths(&[&f.big, &f.top]);
+    let host = Host::with_paths_on(&[&f.big, &f.top], nix_root.as_deref());
     let mut args = serve_args(host.store_addr());
-    args.real_store_dir = Some(if from_disk {
-        host.physical_store()
-    } else {
-        "none".into()
-    });
+    args.store.real_store_dir = from_disk.then(|| host.physical_store().into());
     let node = TestNode::start(args);
     // A directory tree with an executable, a symlink and references, whole.
     for p in &f.closure {
@@ -253,11 +355,20 @@ fn nix_cache_info_advertises_the_store() {
 
 #[test]
 fn daemon_restart_is_survived() {
-    if !require_nix() {
+    check_daemon_restart(false);
+}
+
+#[test]
+fn daemon_restart_is_survived_nix226() {
+    check_daemon_restart(true);
+}
+
+fn check_daemon_restart(nix226: bool) {
+    let Some(nix_root) = daemon_nix(nix226) else {
         return;
-    }
+    };
     let f = fixture();
-    let mut host = Host::with_paths(&[&f.top]);
+    let mut host = Host::with_paths_on(&[&f.top], nix_root.as_deref());
     let node = TestNode::start(serve_args(host.store_addr()));
     let url = narinfo_url(&node, &f.top); // also warms the pool
     assert_eq!(get(node.addr, &url).status, 200);
@@ -303,16 +414,87 @@ fn stdio_children_serve_without_a_socket() {
     assert!(r.body == host.dump(&f.top));
 }
 
+/// `serve --store stdio://...` with Nix 2.26's `nix-daemon --stdio` children: the real binary in
+/// a network namespace of its own (its `PATH` finds a wrapper that runs 2.26's daemon chrooted).
 #[test]
-fn stalled_client_releases_its_daemon_connection() {
-    if !require_nix() {
+fn stdio_children_serve_without_a_socket_nix226() {
+    let Some(Some(root)) = daemon_nix(true) else {
+        return;
+    };
+    if !netns::require_netns() {
         return;
     }
     let f = fixture();
-    let host = Host::with_paths(&[&f.big, &f.top]);
+    let mut host = Host::with_paths_on(&[&f.top], Some(&root));
+    host.stop_daemon();
+    let bin_dir = host.dir.path().join("bin");
+    std::fs::create_dir_all(&bin_dir).expect("bin dir");
+    let wrapper = bin_dir.join("nix-daemon");
+    std::fs::write(&wrapper, roots::nix_root_wrapper(&root, host.dir.path(), "nix-daemon")).expect("wrapper");
+    run(Command::new("chmod").arg("755").arg(&wrapper));
+    let lan = netns::Lan::new(1);
+    let ns = lan.hosts[0].ns.clone();
+    let log_path = host.dir.path().join("serve.log");
+    let serve = Command::new("ip")
+        .args(["netns", "exec", &ns, "env"])
+        .arg(format!("PATH={}:/usr/sbin:/usr/bin:/sbin:/bin", bin_dir.display()))
+        .args([nixlan::bin(), "serve", "--no-beacon", "--upstream", "none"])
+        .args(["--listen", "127.0.0.1:8380", "--proxy-listen", "127.0.0.1:8381"])
+        .args([
+            "--store",
+            &format!("stdio://{HOST_MOUNT}/store"),
+            "--real-store-dir",
+            "none",
+        ])
+        .args(["--trusted-public-key", &f.pk, "--spool-dir"])
+        .arg(host.dir.path().join("spool"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).expect("log"))
+        .spawn()
+        .expect("spawn serve");
+    let _serve = roots::Reap(serve);
+    let narinfo_url = format!("http://127.0.0.1:8380/{}.narinfo", hash_of(&f.top));
+    let t0 = Instant::now();
+    let narinfo = loop {
+        if let Some(n) = roots::curl(&ns, &narinfo_url) {
+            break String::from_utf8_lossy(&n).into_owned();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "serve with 2.26 stdio children did not serve {narinfo_url}: {}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let url = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).expect("URL");
+    let nar = roots::curl(&ns, &format!("http://127.0.0.1:8380/{url}")).expect("NAR");
+    // `HOST_MOUNT/store` exists only inside the 2.26 root's mount namespace: only children
+    // started through the wrapper can have served this.
+    assert!(nar == host.dump(&f.top), "NAR through 2.26 stdio children");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+#[test]
+fn stalled_client_releases_its_daemon_connection() {
+    check_stalled(false);
+}
+
+#[test]
+fn stalled_client_releases_its_daemon_connection_nix226() {
+    check_stalled(true);
+}
+
+fn check_stalled(nix226: bool) {
+    let Some(nix_root) = daemon_nix(nix226) else {
+        return;
+    };
+    let f = fixture();
+    let host = Host::with_paths_on(&[&f.big, &f.top], nix_root.as_deref());
     let mut args = serve_args(host.store_addr());
-    args.daemon_connections = 1;
-    args.client_stall_timeout = 1;
+    args.store.daemon_connections = 1;
+    args.server.client_stall_timeout = std::time::Duration::from_secs(1);
     let node = TestNode::start(args);
     let url = narinfo_url(&node, &f.big);
     let top_url = narinfo_url(&node, &f.top);

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes beacons.txt: beacon test vectors made straight from proto/beacon.md, independently of
 the Rust codec (which the vectors then check). Run: python3 proto/vectors/gen.py"""
+import hashlib
 import os
 import struct
 import sys
@@ -26,8 +27,13 @@ def padded_to(total):
     return b
 
 
+S = bytes(range(16))  # a goodbye secret
+C = hashlib.sha256(S).digest()[:16]  # its commitment
+
+
 def fields(**kw):
-    d = dict(type="announce", node=N.hex(), port=8380, flags="0x0001", interval_ms=5000, seq=1, hostname="-")
+    d = dict(type="announce", node=N.hex(), port=8380, flags="0x0001", interval_ms=5000, seq=1, hostname="-",
+             summary="-", commitment="-", proof="-")
     d.update(kw)
     return d
 
@@ -43,6 +49,10 @@ VALID = [
     ("shortest interval, lowest port", hdr(interval=100, port=1), fields(port=1, interval_ms=100)),
     ("longest interval, highest port", hdr(interval=3600000, port=65535), fields(port=65535, interval_ms=3600000)),
     ("exactly 512 bytes", padded_to(512), fields(canonical="no")),
+    ("announce with summary version and goodbye commitment",
+     hdr(flags=0x0007) + ext(1, b"h") + ext(2, struct.pack(">Q", 2**40 + 7)) + ext(3, C),
+     fields(flags="0x0007", hostname="h", summary=2**40 + 7, commitment=C.hex())),
+    ("goodbye with its proof", hdr(kind=3, seq=9) + ext(4, S), fields(type="goodbye", seq=9, proof=S.hex())),
 ]
 
 INVALID = [
@@ -64,6 +74,9 @@ INVALID = [
     ("empty hostname", hdr() + ext(1, b""), "hostname"),
     ("hostname not UTF-8", hdr() + ext(1, b"\xff\xfe"), "hostname"),
     ("hostname of 65 bytes", hdr() + ext(1, b"a" * 65), "hostname"),
+    ("summary version of 7 bytes", hdr() + ext(2, b"\x00" * 7), "extension-length"),
+    ("commitment of 15 bytes", hdr() + ext(3, C[:15]), "extension-length"),
+    ("proof of 17 bytes", hdr(kind=3) + ext(4, S + b"\x00"), "extension-length"),
 ]
 
 
@@ -89,7 +102,7 @@ def main():
         "# blank-line separated; hex lines concatenate. Valid vectors list the decoded fields;",
         "# `canonical: no` marks datagrams that decode but that the encoder would not produce",
         "# (unknown extensions). Invalid vectors give the error kind: too-short, too-long, magic,",
-        "# version, type, port, interval, truncated, hostname.",
+        "# version, type, port, interval, truncated, hostname, extension-length.",
         "",
     ]
     for name, b, d in VALID:

@@ -1,27 +1,43 @@
 //! The beacon: our UDP multicast protocol (`proto/beacon.md`) that announces this host and
 //! builds the peer table, over IPv4 and IPv6.
 //!
-//! [`wire`] is the pure codec, [`table`] the peer table, this module the sockets and the one loop
-//! that receives, announces, answers queries and expires peers. Invariants: one task per beacon
-//! (nothing is spawned per datagram); multicast TTL and hop limit are 1; the beacon never
-//! triggers a fetch, it only tells the proxy where it may ask.
+//! [`wire`] is the pure codec, [`table`] the peer table, [`iface`] the interfaces, [`links`] their
+//! reported states, `membership` the sockets and the groups joined per interface, [`watch`] the
+//! kernel's notices of interface changes, [`wake`] the suspend detector, this module the one loop
+//! that receives, announces, answers queries, expires peers and follows the interfaces. Invariants: one task per beacon (nothing is spawned
+//! per datagram); multicast TTL and hop limit are 1; the beacon never triggers a fetch, it only
+//! tells the proxy where it may ask.
+//!
+//! Roaming: the sockets are bound once; groups are joined and left per interface as interfaces
+//! appear, go, come back or change addresses (a netlink notice triggers a re-scan, and a
+//! periodic re-scan is the safety net). A new link gets an announce, a query and the start-up
+//! burst at once; a departing link gets a goodbye while it still can, and the peers reachable
+//! only through it are forgotten. With no usable interface the beacon waits.
 
+pub mod iface;
+pub mod links;
+mod membership;
 pub mod table;
+pub mod wake;
+pub use wake::WAKE_GRACE;
+pub mod watch;
 pub mod wire;
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use iface::{choose_interfaces, has_multicast_route_v4, list_interfaces, Interface};
+pub use links::{LinkReport, LinkState, LinkStates};
+pub use membership::{bind, Sockets};
+use membership::{lost, recv};
 pub use table::{Outcome, Peer, PeerTable};
 use wire::{Beacon as Datagram, Kind, NodeId};
 
@@ -29,7 +45,8 @@ pub const DEFAULT_PORT: u16 = 8380;
 pub const DEFAULT_GROUP_V4: Ipv4Addr = Ipv4Addr::new(239, 255, 83, 80);
 pub const DEFAULT_GROUP_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x8380);
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
-/// Extra announces right after start, in case the first datagrams are lost.
+/// Extra announces right after start (and after a new link or a wake-up), in case the first
+/// datagrams are lost.
 const START_BURST: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(300)];
 /// Answers to queries are delayed by up to this much, so hosts do not answer in one burst.
 const QUERY_REPLY_JITTER_MS: u64 = 50;
@@ -39,13 +56,25 @@ const QUERY_REPLY_MIN_GAP: Duration = Duration::from_millis(250);
 const EXPIRE_MAX_WAIT: Duration = Duration::from_secs(1);
 /// Receive buffer: larger than any valid datagram, so oversized ones are seen (and counted).
 const RECV_BUF: usize = 2048;
+/// Periodic re-scan of the interfaces: the safety net behind the netlink notices.
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
+/// Periodic re-scan when netlink notices are unavailable.
+pub const RESCAN_INTERVAL_NO_NETLINK: Duration = Duration::from_secs(2);
+/// Wait after a netlink notice before re-scanning, so a burst of notices costs one re-scan.
+const RESCAN_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Most interfaces joined at once; further ones are left waiting (with a warning in the states).
+pub const MAX_LINKS: usize = 16;
+
+/// This machine's host name, for the beacon's informational hostname extension.
+pub fn hostname() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BeaconError {
-    #[error("no usable interface for multicast{0}")]
-    NoInterface(String),
-    #[error("interface {0} not found or not up")]
-    UnknownInterface(String),
     #[error("{0} is not a multicast group")]
     NotMulticast(IpAddr),
     #[error("listing interfaces: {0}")]
@@ -65,13 +94,19 @@ pub struct Announce {
     pub store_port: u16,
     pub flags: u16,
     pub hostname: Option<String>,
+    /// The current version of the store server's content summary, read at every announce.
+    pub summary: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// This run's goodbye secret: announces carry its commitment, the goodbye the secret, so a
+    /// goodbye cannot be forged.
+    pub secret: [u8; wire::SECRET_LEN],
 }
 
 #[derive(Clone, Debug)]
 pub struct BeaconConfig {
     /// Multicast groups; each must be IPv4 (224.0.0.0/4) or IPv6 (ff00::/8).
     pub groups: Vec<IpAddr>,
-    /// Interface names; empty: every up, multicast-capable, non-loopback interface.
+    /// Interface names; empty: every up, multicast-capable, non-loopback interface. Named ones
+    /// that do not exist yet are waited for.
     pub interfaces: Vec<String>,
     /// UDP port of the beacon.
     pub port: u16,
@@ -92,234 +127,6 @@ impl Default for BeaconConfig {
     }
 }
 
-/// A network interface as the beacon sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Interface {
-    pub name: String,
-    pub index: u32,
-    pub v4: Vec<Ipv4Addr>,
-    /// Has an IPv6 link-local address (needed to send IPv6 multicast).
-    pub v6_link_local: bool,
-    pub multicast: bool,
-    pub loopback: bool,
-}
-
-/// Interfaces that are up, with their addresses.
-pub fn list_interfaces() -> Result<Vec<Interface>, BeaconError> {
-    use nix::net::if_::InterfaceFlags as F;
-    let mut out: Vec<Interface> = Vec::new();
-    for ifa in nix::ifaddrs::getifaddrs().map_err(BeaconError::Interfaces)? {
-        if !ifa.flags.contains(F::IFF_UP) {
-            continue;
-        }
-        let pos = match out.iter().position(|i| i.name == ifa.interface_name) {
-            Some(p) => p,
-            None => {
-                let index = nix::net::if_::if_nametoindex(ifa.interface_name.as_str()).unwrap_or(0);
-                out.push(Interface {
-                    name: ifa.interface_name.clone(),
-                    index,
-                    v4: Vec::new(),
-                    v6_link_local: false,
-                    multicast: ifa.flags.contains(F::IFF_MULTICAST),
-                    loopback: ifa.flags.contains(F::IFF_LOOPBACK),
-                });
-                out.len() - 1
-            }
-        };
-        if let Some(addr) = ifa.address {
-            if let Some(v4) = addr.as_sockaddr_in() {
-                out[pos].v4.push(v4.ip());
-            } else if let Some(v6) = addr.as_sockaddr_in6() {
-                if (v6.ip().segments()[0] & 0xffc0) == 0xfe80 {
-                    out[pos].v6_link_local = true;
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The interfaces to use: those named, or every up, multicast-capable, non-loopback one.
-pub fn choose_interfaces(all: &[Interface], names: &[String]) -> Result<Vec<Interface>, BeaconError> {
-    if names.is_empty() {
-        let chosen: Vec<Interface> = all.iter().filter(|i| i.multicast && !i.loopback).cloned().collect();
-        if chosen.is_empty() {
-            return Err(BeaconError::NoInterface(
-                " (no up, multicast-capable, non-loopback interface)".into(),
-            ));
-        }
-        return Ok(chosen);
-    }
-    names
-        .iter()
-        .map(|n| {
-            all.iter()
-                .find(|i| &i.name == n)
-                .cloned()
-                .ok_or_else(|| BeaconError::UnknownInterface(n.clone()))
-        })
-        .collect()
-}
-
-/// True when the IPv4 routing table sends 224.0.0.0 out of `iface` (a multicast route or a default
-/// route on it). Without one, joins and sends may fail or leave by another interface.
-pub fn has_multicast_route_v4(iface: &str) -> bool {
-    let Ok(text) = std::fs::read_to_string("/proc/net/route") else {
-        return true; // cannot tell: do not warn
-    };
-    let group = u32::from_le_bytes([224, 0, 0, 0]);
-    text.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() < 8 || f[0] != iface {
-            return false;
-        }
-        let (Ok(dest), Ok(mask)) = (u32::from_str_radix(f[1], 16), u32::from_str_radix(f[7], 16)) else {
-            return false;
-        };
-        group & mask == dest & mask
-    })
-}
-
-/// One bound family: its socket and the interfaces it joined on.
-struct Family {
-    sock: UdpSocket,
-    groups: Vec<IpAddr>,
-    ifaces: Vec<Interface>,
-}
-
-/// The sockets of a running beacon, with a description of what it listens on.
-pub struct Sockets {
-    v4: Option<Family>,
-    v6: Option<Family>,
-    /// Human-readable lines: what was joined, and warnings.
-    pub report: Vec<String>,
-}
-
-/// Binds the beacon port and joins the groups on the chosen interfaces.
-pub fn bind(cfg: &BeaconConfig) -> Result<Sockets, BeaconError> {
-    for g in &cfg.groups {
-        if !g.is_multicast() {
-            return Err(BeaconError::NotMulticast(*g));
-        }
-    }
-    let all = list_interfaces()?;
-    let ifaces = choose_interfaces(&all, &cfg.interfaces)?;
-    let mut report = Vec::new();
-    let sock_err = |what: String| move |source| BeaconError::Socket { what, source };
-    let groups4: Vec<Ipv4Addr> = cfg
-        .groups
-        .iter()
-        .filter_map(|g| match g {
-            IpAddr::V4(a) => Some(*a),
-            _ => None,
-        })
-        .collect();
-    let groups6: Vec<Ipv6Addr> = cfg
-        .groups
-        .iter()
-        .filter_map(|g| match g {
-            IpAddr::V6(a) => Some(*a),
-            _ => None,
-        })
-        .collect();
-
-    let mut v4 = None;
-    let if4: Vec<Interface> = ifaces.iter().filter(|i| !i.v4.is_empty()).cloned().collect();
-    if !groups4.is_empty() && !if4.is_empty() {
-        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(sock_err("ipv4".into()))?;
-        s.set_reuse_address(true).map_err(sock_err("SO_REUSEADDR".into()))?;
-        s.set_reuse_port(true).map_err(sock_err("SO_REUSEPORT".into()))?;
-        s.set_multicast_all_v4(false)
-            .map_err(sock_err("IP_MULTICAST_ALL".into()))?;
-        s.set_multicast_ttl_v4(1).map_err(sock_err("IP_MULTICAST_TTL".into()))?;
-        s.set_multicast_loop_v4(true)
-            .map_err(sock_err("IP_MULTICAST_LOOP".into()))?;
-        s.set_nonblocking(true).map_err(sock_err("nonblocking".into()))?;
-        let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.port));
-        s.bind(&bind.into()).map_err(sock_err(format!("bind {bind}")))?;
-        let mut joined = Vec::new();
-        for i in &if4 {
-            for g in &groups4 {
-                match s.join_multicast_v4(g, &i.v4[0]) {
-                    Ok(()) => report.push(format!("listening on {g}:{} via {} ({})", cfg.port, i.name, i.v4[0])),
-                    Err(e) => report.push(format!("warning: cannot join {g} on {}: {e}", i.name)),
-                }
-            }
-            if !i.loopback && !has_multicast_route_v4(&i.name) {
-                report.push(format!(
-                    "warning: no IPv4 multicast route on {0}; if peers do not show up: ip route add 224.0.0.0/4 dev {0}",
-                    i.name
-                ));
-            }
-            joined.push(i.clone());
-        }
-        let sock = UdpSocket::from_std(s.into()).map_err(sock_err("register".into()))?;
-        v4 = Some(Family {
-            sock,
-            groups: groups4.iter().map(|g| IpAddr::V4(*g)).collect(),
-            ifaces: joined,
-        });
-    }
-
-    let mut v6 = None;
-    let if6: Vec<Interface> = ifaces
-        .iter()
-        .filter(|i| i.v6_link_local && i.index != 0)
-        .cloned()
-        .collect();
-    if !groups6.is_empty() && !if6.is_empty() {
-        let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).map_err(sock_err("ipv6".into()))?;
-        s.set_only_v6(true).map_err(sock_err("IPV6_V6ONLY".into()))?;
-        s.set_reuse_address(true).map_err(sock_err("SO_REUSEADDR".into()))?;
-        s.set_reuse_port(true).map_err(sock_err("SO_REUSEPORT".into()))?;
-        s.set_multicast_all_v6(false)
-            .map_err(sock_err("IPV6_MULTICAST_ALL".into()))?;
-        s.set_multicast_hops_v6(1)
-            .map_err(sock_err("IPV6_MULTICAST_HOPS".into()))?;
-        s.set_multicast_loop_v6(true)
-            .map_err(sock_err("IPV6_MULTICAST_LOOP".into()))?;
-        s.set_nonblocking(true).map_err(sock_err("nonblocking".into()))?;
-        let bind = SocketAddr::from((Ipv6Addr::UNSPECIFIED, cfg.port));
-        s.bind(&bind.into()).map_err(sock_err(format!("bind {bind}")))?;
-        let mut joined = Vec::new();
-        for i in &if6 {
-            for g in &groups6 {
-                match s.join_multicast_v6(g, i.index) {
-                    Ok(()) => report.push(format!(
-                        "listening on [{g}]:{} via {} (index {})",
-                        cfg.port, i.name, i.index
-                    )),
-                    Err(e) => report.push(format!("warning: cannot join {g} on {}: {e}", i.name)),
-                }
-            }
-            joined.push(i.clone());
-        }
-        let sock = UdpSocket::from_std(s.into()).map_err(sock_err("register".into()))?;
-        v6 = Some(Family {
-            sock,
-            groups: groups6.iter().map(|g| IpAddr::V6(*g)).collect(),
-            ifaces: joined,
-        });
-    }
-    for i in &ifaces {
-        if i.v4.is_empty() && !i.v6_link_local {
-            report.push(format!(
-                "warning: {} has no IPv4 address and no IPv6 link-local address",
-                i.name
-            ));
-        }
-    }
-    if v4.is_none() && v6.is_none() {
-        return Err(BeaconError::NoInterface(format!(
-            " among {:?} for groups {:?}",
-            ifaces.iter().map(|i| &i.name).collect::<Vec<_>>(),
-            cfg.groups
-        )));
-    }
-    Ok(Sockets { v4, v6, report })
-}
-
 /// One received datagram, for `peers --raw`.
 #[derive(Clone, Debug)]
 pub struct RawDatagram {
@@ -328,20 +135,19 @@ pub struct RawDatagram {
     pub outcome: Outcome,
 }
 
-/// Sends beacons of one kind on every interface of every family.
+/// Builds the beacons this host sends.
 struct Sender {
     node: NodeId,
     announce: Option<Announce>,
     interval: Duration,
-    port: u16,
     seq: u32,
 }
 
 impl Sender {
-    async fn send(&mut self, s: &Sockets, kind: Kind) {
+    fn datagram(&mut self, kind: Kind) -> Vec<u8> {
         self.seq = self.seq.wrapping_add(1);
         let a = self.announce.as_ref();
-        let d = Datagram {
+        wire::encode(&Datagram {
             kind,
             flags: a.map_or(0, |a| a.flags),
             node: self.node,
@@ -352,44 +158,33 @@ impl Sender {
                 .clamp(wire::MIN_INTERVAL_MS.into(), wire::MAX_INTERVAL_MS.into()) as u32,
             seq: self.seq,
             hostname: a.and_then(|a| a.hostname.clone()),
-        };
-        let bytes = wire::encode(&d);
-        if let Some(f) = &s.v4 {
-            for i in &f.ifaces {
-                let sock = socket2::SockRef::from(&f.sock);
-                if let Err(e) = sock.set_multicast_if_v4(&i.v4[0]) {
-                    tracing::debug!(iface = %i.name, error = %e, "IP_MULTICAST_IF");
-                    continue;
-                }
-                for g in &f.groups {
-                    if let Err(e) = f.sock.send_to(&bytes, SocketAddr::new(*g, self.port)).await {
-                        tracing::debug!(iface = %i.name, %g, error = %e, "beacon send failed");
-                    }
-                }
-            }
+            summary: a
+                .and_then(|a| a.summary.as_ref())
+                .filter(|_| kind == Kind::Announce)
+                .map(|v| v.load(std::sync::atomic::Ordering::Relaxed))
+                // 0: nothing published yet.
+                .filter(|v| *v != 0),
+            commitment: a
+                .filter(|_| kind == Kind::Announce)
+                .map(|a| wire::commitment(&a.secret)),
+            proof: a.filter(|_| kind == Kind::Goodbye).map(|a| a.secret),
+        })
+    }
+
+    /// An announce (when announcing) and a query, on `only` or every link.
+    async fn hello(&mut self, s: &Sockets, only: Option<&[String]>) {
+        if self.announce.is_some() {
+            let a = self.datagram(Kind::Announce);
+            s.send(&a, only).await;
         }
-        if let Some(f) = &s.v6 {
-            for i in &f.ifaces {
-                let sock = socket2::SockRef::from(&f.sock);
-                if let Err(e) = sock.set_multicast_if_v6(i.index) {
-                    tracing::debug!(iface = %i.name, error = %e, "IPV6_MULTICAST_IF");
-                    continue;
-                }
-                for g in &f.groups {
-                    let IpAddr::V6(g6) = g else { continue };
-                    let to = SocketAddrV6::new(*g6, self.port, 0, i.index);
-                    if let Err(e) = f.sock.send_to(&bytes, to).await {
-                        tracing::debug!(iface = %i.name, %g, error = %e, "beacon send failed");
-                    }
-                }
-            }
-        }
+        let q = self.datagram(Kind::Query);
+        s.send(&q, only).await;
     }
 }
 
-async fn recv(f: &Option<Family>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-    match f {
-        Some(f) => f.sock.recv_from(buf).await,
+async fn watch_changed(w: &Option<watch::Watcher>) {
+    match w {
+        Some(w) => w.changed().await,
         None => std::future::pending().await,
     }
 }
@@ -400,10 +195,10 @@ fn jittered(interval: Duration) -> Duration {
 }
 
 /// Runs the beacon until `shutdown`: answers queries, announces (if configured), expires peers,
-/// and says goodbye at the end. `raw`, if given, receives every datagram (for `peers --raw`).
-/// `goodbye: false` skips the goodbye (tests of a host that dies).
+/// follows the interfaces, and says goodbye at the end. `raw`, if given, receives every datagram
+/// (for `peers --raw`). `goodbye: false` skips the goodbye (tests of a host that dies).
 pub async fn run(
-    sockets: Sockets,
+    mut sockets: Sockets,
     cfg: BeaconConfig,
     table: Arc<PeerTable>,
     raw: Option<mpsc::Sender<RawDatagram>>,
@@ -414,21 +209,35 @@ pub async fn run(
         node: table.own(),
         announce: cfg.announce.clone(),
         interval: cfg.interval,
-        port: cfg.port,
         seq: 0,
     };
     let announcing = cfg.announce.is_some();
-    let start = Instant::now();
-    if announcing {
-        sender.send(&sockets, Kind::Announce).await;
-    }
-    sender.send(&sockets, Kind::Query).await;
-    let mut burst: VecDeque<Instant> = if announcing {
-        START_BURST.iter().map(|d| start + *d).collect()
-    } else {
-        VecDeque::new()
+    let watcher = match watch::Watcher::new() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "no netlink notices of interface changes; re-scanning every {:?}", RESCAN_INTERVAL_NO_NETLINK);
+            None
+        }
     };
+    let rescan_every = if watcher.is_some() {
+        RESCAN_INTERVAL
+    } else {
+        RESCAN_INTERVAL_NO_NETLINK
+    };
+    let start = Instant::now();
+    sender.hello(&sockets, None).await;
+    let burst_from = |t: Instant| -> VecDeque<Instant> {
+        if announcing {
+            START_BURST.iter().map(|d| t + *d).collect()
+        } else {
+            VecDeque::new()
+        }
+    };
+    let mut burst = burst_from(start);
     let mut next_announce = start + jittered(cfg.interval);
+    let mut rescan_at = start + rescan_every;
+    let mut scan_failing = false;
+    let mut wake_watch = wake::WakeWatch::new(wake::clocks());
     let mut reply_at: Option<Instant> = None;
     // No reply sent yet: the first query is answered after the jitter alone.
     let mut last_reply = start.checked_sub(QUERY_REPLY_MIN_GAP).unwrap_or(start);
@@ -437,12 +246,56 @@ pub async fn run(
     loop {
         let next_burst = burst.front().copied().unwrap_or(far);
         let next_send = if announcing { next_announce.min(next_burst) } else { far };
+        let next_look = table
+            .next_expiry()
+            .unwrap_or(far)
+            .min(wake_watch.due().unwrap_or(far))
+            .min(Instant::now() + EXPIRE_MAX_WAIT);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             r = recv(&sockets.v4, &mut buf4) => handle(&table, &raw, r, &buf4, &mut reply_at, last_reply, announcing).await,
             r = recv(&sockets.v6, &mut buf6) => handle(&table, &raw, r, &buf6, &mut reply_at, last_reply, announcing).await,
+            _ = watch_changed(&watcher) => {
+                rescan_at = rescan_at.min(Instant::now() + RESCAN_DEBOUNCE);
+            }
+            _ = tokio::time::sleep_until(rescan_at) => {
+                let now = Instant::now();
+                rescan_at = now + rescan_every;
+                match sockets.rescan(now) {
+                    Ok(ch) => {
+                        scan_failing = false;
+                        for line in &ch.lines {
+                            tracing::info!("beacon: {line}");
+                        }
+                        if !ch.gone.is_empty() && announcing && goodbye {
+                            // While it still can: a link that lost an address or was excluded
+                            // can still carry it; one that is down or removed cannot (ignored).
+                            let bye = sender.datagram(Kind::Goodbye);
+                            for l in &ch.gone {
+                                sockets.send_on(l, &bye).await;
+                            }
+                        }
+                        if !ch.lost_nets.is_empty() || !ch.lost_scopes.is_empty() {
+                            for p in table.forget_addrs(|a| lost(&ch, a)) {
+                                tracing::info!(node = %p.node, "peer dropped: its link went away");
+                            }
+                        }
+                        if !ch.fresh.is_empty() {
+                            sender.hello(&sockets, Some(&ch.fresh)).await;
+                            burst = burst_from(Instant::now());
+                        }
+                    }
+                    Err(e) => {
+                        if !scan_failing {
+                            tracing::warn!(error = %e, "beacon: cannot list interfaces (will retry)");
+                        }
+                        scan_failing = true;
+                    }
+                }
+            }
             _ = tokio::time::sleep_until(next_send) => {
-                sender.send(&sockets, Kind::Announce).await;
+                let a = sender.datagram(Kind::Announce);
+                sockets.send(&a, None).await;
                 let now = Instant::now();
                 if burst.front().is_some_and(|t| *t <= now) {
                     burst.pop_front();
@@ -451,19 +304,31 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep_until(reply_at.unwrap_or(far)) => {
-                sender.send(&sockets, Kind::Announce).await;
+                let a = sender.datagram(Kind::Announce);
+                sockets.send(&a, None).await;
                 reply_at = None;
                 last_reply = Instant::now();
             }
-            _ = tokio::time::sleep_until(table.next_expiry().unwrap_or(far).min(Instant::now() + EXPIRE_MAX_WAIT)) => {
-                for p in table.expire(Instant::now()) {
+            _ = tokio::time::sleep_until(next_look) => {
+                let now = Instant::now();
+                if let Some(slept) = wake_watch.look(wake::clocks(), now) {
+                    tracing::info!(?slept, "beacon: woke up from suspend; re-announcing and asking who is still here");
+                    rescan_at = now;
+                    sender.hello(&sockets, None).await;
+                    burst = burst_from(now);
+                }
+                for p in wake_watch.drop_silent(&table, now) {
+                    tracing::info!(node = %p.node, "peer dropped: silent since the wake-up");
+                }
+                for p in table.expire(now) {
                     tracing::info!(node = %p.node, addr = %p.http_addr(), "peer expired");
                 }
             }
         }
     }
     if announcing && goodbye {
-        sender.send(&sockets, Kind::Goodbye).await;
+        let bye = sender.datagram(Kind::Goodbye);
+        sockets.send(&bye, None).await;
     }
 }
 

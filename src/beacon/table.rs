@@ -1,23 +1,42 @@
-//! The peer table: who announced what, from where, and how healthy the proxy found them.
+//! The peer table: who announced what, and from where (membership only: how good a peer is as a
+//! source is the proxy's business, in `proxy::health`).
 //!
 //! Pure logic over `tokio::time::Instant` (so tests can pause time); the network loop feeds it
-//! datagrams. Invariants: at most [`MAX_PEERS`] peers and [`MAX_SOURCES`] rate-limit buckets;
-//! constant work per datagram; a peer leaves after three of its own announce intervals of
-//! silence, or at once on a goodbye from an address it announced from.
+//! datagrams. A peer leaves after three of its own announce intervals of silence, or at once on
+//! a goodbye: one carrying the secret whose commitment its announces carried, or, from a peer
+//! that announced no commitment (an older version), one from an address it announced from.
+//!
+//! Under pressure, established peers stay: a peer is *established* once it has announced
+//! [`ESTABLISHED_ANNOUNCES`] times; when the table is full, a new node id may only take the place
+//! of a peer still on probation, so a flood of new identities churns the probation entries and
+//! never the hall's real hosts. One source address holds at most [`MAX_PEERS_PER_ADDR`] node ids.
+//! Rate-limit buckets are an LRU of [`MAX_SOURCES`]: a new source evicts the least recently seen
+//! one (which starts afresh if it comes back), so spoofed sources cannot lock an honest peer out.
+//!
+//! Bounds: [`MAX_PEERS`] peers (about 400 bytes each with a hostname: under 1 MiB), buckets for
+//! [`MAX_SOURCES`] sources (about 64 bytes each); constant work per datagram except a new node
+//! id's admission (linear in the table, bounded by the rate limits).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use lru::LruCache;
 use serde::Serialize;
 use tokio::time::Instant;
 
 use super::wire::{self, Beacon, DecodeError, Kind, NodeId};
 
-/// Most peers in the table; announces from further new node ids are dropped.
-pub const MAX_PEERS: usize = 256;
-/// Most source addresses tracked for rate limiting.
+/// Most peers in the table (a hall of hundreds of hosts, with room to spare).
+pub const MAX_PEERS: usize = 2048;
+/// Most node ids announced from one source address: a host restarting gets a new id while its
+/// old one has not expired yet, and a test bed may run a few `serve` on one address.
+pub const MAX_PEERS_PER_ADDR: usize = 4;
+/// Announces after which a peer is established (no longer on probation).
+pub const ESTABLISHED_ANNOUNCES: u32 = 3;
+/// Source addresses tracked for rate limiting (LRU).
 pub const MAX_SOURCES: usize = 4096;
 /// Datagrams per second allowed per source address (token bucket refill rate).
 pub const RATE_PER_SEC: f64 = 20.0;
@@ -27,23 +46,6 @@ pub const RATE_BURST: f64 = 40.0;
 pub const EXPIRY_INTERVALS: u32 = 3;
 /// Addresses remembered per peer (a host on several links or with IPv4 and IPv6).
 const MAX_ADDRS_PER_PEER: usize = 4;
-/// First back-off after a failure reported by the proxy; doubles per consecutive failure.
-const BACKOFF_BASE: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
-
-/// What the proxy learned about a peer.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Health {
-    pub consecutive_failures: u32,
-    pub successes: u64,
-    pub failures: u64,
-    /// Not asked again before this.
-    #[serde(skip)]
-    pub backoff_until: Option<Instant>,
-    /// Smoothed time to answer a narinfo request, in ms (none until one answered).
-    pub latency_ms: Option<f64>,
-}
-
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub node: NodeId,
@@ -56,7 +58,12 @@ pub struct Peer {
     /// The peer's own announce interval.
     pub interval: Duration,
     pub seq: u32,
-    pub health: Health,
+    /// Version of the peer's content summary, when it publishes one.
+    pub summary: Option<u64>,
+    /// Commitment to its goodbye secret, when it announced one.
+    pub commitment: Option<[u8; wire::SECRET_LEN]>,
+    /// Announces received from it.
+    pub announces: u32,
 }
 
 impl Peer {
@@ -70,17 +77,18 @@ impl Peer {
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    fn expires_at(&self) -> Instant {
-        self.last_seen + self.interval * EXPIRY_INTERVALS
+    /// Announced often enough to be kept over newcomers when the table is full.
+    pub fn established(&self) -> bool {
+        self.announces >= ESTABLISHED_ANNOUNCES
     }
 
-    pub fn backed_off(&self, now: Instant) -> bool {
-        self.health.backoff_until.is_some_and(|t| t > now)
+    fn expires_at(&self) -> Instant {
+        self.last_seen + self.interval * EXPIRY_INTERVALS
     }
 }
 
 /// Counts of what arrived and why anything was dropped.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Counters {
     pub received: u64,
     pub announces: u64,
@@ -119,11 +127,53 @@ struct Bucket {
     last: Instant,
 }
 
-#[derive(Default)]
 struct Inner {
     peers: HashMap<NodeId, Peer>,
-    buckets: HashMap<IpAddr, Bucket>,
+    /// Rate-limit buckets by source (LRU: new sources evict the least recently seen).
+    buckets: LruCache<IpAddr, Bucket>,
     counters: Counters,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            peers: HashMap::new(),
+            buckets: LruCache::new(NonZeroUsize::new(MAX_SOURCES).unwrap_or(NonZeroUsize::MIN)),
+            counters: Counters::default(),
+        }
+    }
+}
+
+impl Inner {
+    /// Makes room for a new node id from `ip`: false when its address already holds its share,
+    /// or the table is full of established peers.
+    fn admit(&mut self, ip: IpAddr) -> Result<(), &'static str> {
+        let from_addr = self
+            .peers
+            .values()
+            .filter(|p| p.addrs.first().is_some_and(|a| a.ip() == ip))
+            .count();
+        if from_addr >= MAX_PEERS_PER_ADDR {
+            return Err("address holds its share of node ids");
+        }
+        if self.peers.len() < MAX_PEERS {
+            return Ok(());
+        }
+        // Full: the newest of the least-announced probation entries makes room.
+        let victim = self
+            .peers
+            .values()
+            .filter(|p| !p.established())
+            .min_by_key(|p| (p.announces, std::cmp::Reverse(p.first_seen)))
+            .map(|p| p.node);
+        match victim {
+            Some(v) => {
+                self.peers.remove(&v);
+                Ok(())
+            }
+            None => Err("peer table full"),
+        }
+    }
 }
 
 pub struct PeerTable {
@@ -182,15 +232,17 @@ impl PeerTable {
             }
             Kind::Goodbye => {
                 inner.counters.goodbyes += 1;
-                let from_known_addr = inner
-                    .peers
-                    .get(&b.node)
-                    .is_some_and(|p| p.addrs.iter().any(|a| a.ip() == src.ip()));
-                if from_known_addr {
+                let genuine = inner.peers.get(&b.node).is_some_and(|p| match p.commitment {
+                    // It committed to a secret: only that secret says goodbye.
+                    Some(c) => b.proof.is_some_and(|s| wire::commitment(&s) == c),
+                    // An older peer: from an address it announced from.
+                    None => p.addrs.iter().any(|a| a.ip() == src.ip()),
+                });
+                if genuine {
                     inner.peers.remove(&b.node);
                     Outcome::Left(b)
                 } else {
-                    Outcome::Ignored(b, "goodbye from an unknown peer or address")
+                    Outcome::Ignored(b, "goodbye without the peer's proof, or from an unknown peer")
                 }
             }
             Kind::Announce => {
@@ -199,6 +251,11 @@ impl PeerTable {
                 match addr_with_scope(addr, src) {
                     addr if inner.peers.contains_key(&b.node) => {
                         if let Some(p) = inner.peers.get_mut(&b.node) {
+                            // A node that committed to a goodbye secret keeps that commitment:
+                            // announces naming it with another one are someone else's.
+                            if p.commitment.is_some() && b.commitment != p.commitment {
+                                return Outcome::Ignored(b, "announce with another node's commitment");
+                            }
                             p.addrs.retain(|a| *a != addr);
                             p.addrs.insert(0, addr);
                             p.addrs.truncate(MAX_ADDRS_PER_PEER);
@@ -207,14 +264,16 @@ impl PeerTable {
                             p.last_seen = now;
                             p.interval = Duration::from_millis(b.interval_ms.into());
                             p.seq = b.seq;
+                            p.summary = b.summary;
+                            p.announces = p.announces.saturating_add(1);
                         }
                         Outcome::Refreshed(b)
                     }
-                    _ if inner.peers.len() >= MAX_PEERS => {
-                        inner.counters.table_full += 1;
-                        Outcome::Ignored(b, "peer table full")
-                    }
                     addr => {
+                        if let Err(why) = inner.admit(addr.ip()) {
+                            inner.counters.table_full += 1;
+                            return Outcome::Ignored(b, why);
+                        }
                         inner.peers.insert(
                             b.node,
                             Peer {
@@ -226,7 +285,9 @@ impl PeerTable {
                                 last_seen: now,
                                 interval: Duration::from_millis(b.interval_ms.into()),
                                 seq: b.seq,
-                                health: Health::default(),
+                                summary: b.summary,
+                                commitment: b.commitment,
+                                announces: 1,
                             },
                         );
                         Outcome::Joined(b)
@@ -252,9 +313,32 @@ impl PeerTable {
             .collect();
         let removed: Vec<Peer> = gone.iter().filter_map(|n| g.peers.remove(n)).collect();
         g.counters.expired += removed.len() as u64;
-        // Forget rate-limit buckets that have refilled completely.
-        g.buckets
-            .retain(|_, b| now.duration_since(b.last).as_secs_f64() * RATE_PER_SEC < RATE_BURST);
+        drop(g);
+        if !removed.is_empty() {
+            self.changed.notify_waiters();
+        }
+        removed
+    }
+
+    /// Forgets the addresses `gone` matches (reached through a link that went away); a peer left
+    /// with none is dropped. Returns the dropped peers.
+    pub fn forget_addrs(&self, gone: impl Fn(&SocketAddr) -> bool) -> Vec<Peer> {
+        self.remove_where(|p| {
+            p.addrs.retain(|a| !gone(a));
+            p.addrs.is_empty()
+        })
+    }
+
+    /// Drops the peers not heard from since `since` (after a wake-up from suspend, those that
+    /// did not answer the query); returns them.
+    pub fn drop_unheard_since(&self, since: Instant) -> Vec<Peer> {
+        self.remove_where(|p| p.last_seen < since)
+    }
+
+    fn remove_where(&self, mut pred: impl FnMut(&mut Peer) -> bool) -> Vec<Peer> {
+        let mut g = self.lock();
+        let gone: Vec<NodeId> = g.peers.values_mut().filter_map(|p| pred(p).then_some(p.node)).collect();
+        let removed: Vec<Peer> = gone.iter().filter_map(|n| g.peers.remove(n)).collect();
         drop(g);
         if !removed.is_empty() {
             self.changed.notify_waiters();
@@ -286,36 +370,6 @@ impl PeerTable {
     pub async fn changed(&self) {
         self.changed.notified().await
     }
-
-    /// The proxy reports a failed or lying answer: back the peer off, exponentially.
-    pub fn report_failure(&self, node: &NodeId, now: Instant) {
-        if let Some(p) = self.lock().peers.get_mut(node) {
-            p.health.failures += 1;
-            p.health.consecutive_failures = p.health.consecutive_failures.saturating_add(1);
-            let exp = p.health.consecutive_failures.saturating_sub(1).min(16);
-            let backoff = BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX);
-            p.health.backoff_until = Some(now + backoff);
-        }
-    }
-
-    /// The proxy measured how long the peer took to answer a narinfo request.
-    pub fn report_latency(&self, node: &NodeId, took: Duration) {
-        if let Some(p) = self.lock().peers.get_mut(node) {
-            let ms = took.as_secs_f64() * 1000.0;
-            p.health.latency_ms = Some(match p.health.latency_ms {
-                Some(old) => old * 0.8 + ms * 0.2,
-                None => ms,
-            });
-        }
-    }
-
-    pub fn report_success(&self, node: &NodeId) {
-        if let Some(p) = self.lock().peers.get_mut(node) {
-            p.health.successes += 1;
-            p.health.consecutive_failures = 0;
-            p.health.backoff_until = None;
-        }
-    }
 }
 
 /// IPv6 link-local addresses need the scope (interface) they were seen on to be reachable.
@@ -329,12 +383,10 @@ fn addr_with_scope(addr: SocketAddr, src: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Token bucket per source; false when the source is over its rate or no bucket is free.
-fn allow(buckets: &mut HashMap<IpAddr, Bucket>, ip: IpAddr, now: Instant) -> bool {
-    if !buckets.contains_key(&ip) && buckets.len() >= MAX_SOURCES {
-        return false;
-    }
-    let b = buckets.entry(ip).or_insert(Bucket {
+/// Token bucket per source (the least recently seen source's bucket makes room for a new one);
+/// false when the source is over its rate.
+fn allow(buckets: &mut LruCache<IpAddr, Bucket>, ip: IpAddr, now: Instant) -> bool {
+    let b = buckets.get_or_insert_mut(ip, || Bucket {
         tokens: RATE_BURST,
         last: now,
     });
@@ -363,7 +415,32 @@ mod tests {
             interval_ms,
             seq: 1,
             hostname: Some(format!("host{node}")),
+            summary: None,
+            commitment: None,
+            proof: None,
         })
+    }
+
+    /// An announce of node `id` (4 bytes, so thousands of distinct ids).
+    fn announce_of(id: u32, commitment: Option<[u8; 16]>) -> Vec<u8> {
+        let mut node = [7u8; 16];
+        node[..4].copy_from_slice(&id.to_be_bytes());
+        encode(&Beacon {
+            kind: Kind::Announce,
+            flags: FLAG_NAR_NONE,
+            node: NodeId(node),
+            port: 8380,
+            interval_ms: 1000,
+            seq: 1,
+            hostname: None,
+            summary: Some(5),
+            commitment,
+            proof: None,
+        })
+    }
+
+    fn ip(i: u32) -> SocketAddr {
+        SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 8380))
     }
 
     fn src(last: u8) -> SocketAddr {
@@ -403,6 +480,29 @@ mod tests {
         assert!(t.peers().is_empty());
         let c = t.counters();
         assert_eq!((c.expired, c.goodbyes), (1, 2));
+    }
+
+    /// A peer seen through a link that went away loses that address, and goes when it has no
+    /// other; after a wake-up, peers not heard since are dropped.
+    #[tokio::test(start_paused = true)]
+    async fn departed_links_and_wake_ups_drop_peers() {
+        let t = PeerTable::new(NodeId([0; 16]));
+        let now = Instant::now();
+        let v6: SocketAddr = "[fe80::2%7]:8380".parse().expect("addr");
+        t.handle(src(2), &beacon(Kind::Announce, 2, 1000), now);
+        t.handle(v6, &beacon(Kind::Announce, 2, 1000), now);
+        t.handle(src(3), &beacon(Kind::Announce, 3, 1000), now);
+        let on_v4_link = |a: &SocketAddr| a.is_ipv4();
+        let gone = t.forget_addrs(on_v4_link);
+        assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![NodeId([3; 16])]);
+        let p2 = t.get(&NodeId([2; 16])).expect("peer 2 is still reachable over IPv6");
+        assert_eq!(p2.addrs.len(), 1);
+        assert!(p2.addrs[0].is_ipv6());
+        let later = now + Duration::from_millis(500);
+        t.handle(src(4), &beacon(Kind::Announce, 4, 1000), later);
+        let gone = t.drop_unheard_since(later);
+        assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![NodeId([2; 16])]);
+        assert_eq!(t.peers().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -446,16 +546,12 @@ mod tests {
             }
         }
         assert_eq!(limited, 1000 - RATE_BURST as usize);
-        // Many sources, many node ids: the table stops at MAX_PEERS.
-        for i in 0..2000u32 {
-            let ip = SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 1));
-            let mut b = beacon(Kind::Announce, 1, 1000);
-            b[8..12].copy_from_slice(&(i + 100_000).to_be_bytes());
-            t.handle(ip, &b, now);
-        }
-        assert_eq!(t.peers().len(), MAX_PEERS);
-        assert!(t.counters().table_full > 0);
-        // Sources beyond MAX_SOURCES are refused rather than tracked.
+        assert_eq!(
+            t.peers().len(),
+            MAX_PEERS_PER_ADDR,
+            "one address holds its share of node ids"
+        );
+        // Sources beyond MAX_SOURCES evict the least recently seen, never grow the map.
         for i in 0..(MAX_SOURCES as u32 + 100) {
             let ip = IpAddr::from([11, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
             t.handle(SocketAddr::new(ip, 1), b"x", now);
@@ -469,18 +565,92 @@ mod tests {
         );
     }
 
+    /// A goodbye needs the secret whose commitment the announces carried; a forged one (from the
+    /// peer's own address even) is ignored.
     #[tokio::test(start_paused = true)]
-    async fn failures_back_off_and_success_resets() {
+    async fn only_the_committed_secret_says_goodbye() {
         let t = PeerTable::new(NodeId([0; 16]));
         let now = Instant::now();
-        t.handle(src(2), &beacon(Kind::Announce, 2, 1000), now);
-        let n = NodeId([2; 16]);
-        t.report_failure(&n, now);
-        t.report_failure(&n, now);
-        let p = t.get(&n).expect("peer");
-        assert!(p.backed_off(now + Duration::from_millis(1900)));
-        assert!(!p.backed_off(now + Duration::from_millis(2001)));
-        t.report_success(&n);
-        assert!(!t.get(&n).expect("peer").backed_off(now));
+        let secret = [9u8; 16];
+        assert!(matches!(
+            t.handle(ip(1), &announce_of(1, Some(wire::commitment(&secret))), now),
+            Outcome::Joined(_)
+        ));
+        let bye = |proof: Option<[u8; 16]>| {
+            let mut b = wire::decode(&announce_of(1, None)).expect("decode");
+            b.kind = Kind::Goodbye;
+            b.proof = proof;
+            encode(&b)
+        };
+        assert!(matches!(t.handle(ip(1), &bye(None), now), Outcome::Ignored(..)));
+        assert!(matches!(
+            t.handle(ip(1), &bye(Some([8; 16])), now),
+            Outcome::Ignored(..)
+        ));
+        assert_eq!(t.peers().len(), 1, "forged goodbyes leave the peer in");
+        // Its commitment cannot be replaced by another announce under its node id either.
+        assert!(matches!(
+            t.handle(ip(2), &announce_of(1, Some([1; 16])), now),
+            Outcome::Ignored(..)
+        ));
+        assert_eq!(t.peers()[0].http_addr(), ip(1));
+        assert!(matches!(t.handle(ip(3), &bye(Some(secret)), now), Outcome::Left(_)));
+        assert!(t.peers().is_empty());
+    }
+
+    /// A full table keeps its established peers against a flood of new identities from many
+    /// addresses, and a newcomer still gets in, in place of a probation entry.
+    #[tokio::test(start_paused = true)]
+    async fn established_peers_stay_and_newcomers_get_in_under_pressure() {
+        let t = PeerTable::new(NodeId([0; 16]));
+        let mut now = Instant::now();
+        // 1000 honest hosts, established (three announces each).
+        for round in 0..ESTABLISHED_ANNOUNCES {
+            for i in 0..1000 {
+                t.handle(ip(i), &announce_of(i, None), now);
+            }
+            now += Duration::from_millis(300 * u64::from(round + 1));
+        }
+        assert_eq!(t.peers().iter().filter(|p| p.established()).count(), 1000);
+        // A flood of 5000 new identities from 1250 addresses (four each, the most an address
+        // holds): the table fills with them, but no established peer leaves.
+        for i in 0..5000u32 {
+            t.handle(ip(20_000 + i / 4), &announce_of(100_000 + i, None), now);
+        }
+        let peers = t.peers();
+        assert_eq!(peers.len(), MAX_PEERS);
+        assert_eq!(
+            peers.iter().filter(|p| p.established()).count(),
+            1000,
+            "established peers stay"
+        );
+        // A newcomer (or a returning host with a new node id) still gets in.
+        assert!(matches!(
+            t.handle(ip(5000), &announce_of(5000, None), now),
+            Outcome::Joined(_)
+        ));
+        // Garbage from more spoofed sources than the rate limiter tracks does not lock an honest
+        // peer out of the rate limits.
+        for i in 0..(MAX_SOURCES as u32 * 2) {
+            let spoofed = IpAddr::from([12, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            t.handle(SocketAddr::new(spoofed, 1), b"garbage", now);
+        }
+        assert!(matches!(
+            t.handle(ip(7), &announce_of(7, None), now),
+            Outcome::Refreshed(_)
+        ));
+        // A table of established peers only keeps them all: a newcomer waits for an expiry.
+        let t = PeerTable::new(NodeId([0; 16]));
+        for _ in 0..ESTABLISHED_ANNOUNCES {
+            for i in 0..MAX_PEERS as u32 {
+                t.handle(ip(i), &announce_of(i, None), now);
+            }
+            now += Duration::from_millis(200);
+        }
+        assert!(matches!(
+            t.handle(ip(40_000), &announce_of(40_000, None), now),
+            Outcome::Ignored(..)
+        ));
+        assert_eq!(t.peers().iter().filter(|p| p.established()).count(), MAX_PEERS);
     }
 }

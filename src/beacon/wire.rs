@@ -15,6 +15,11 @@ pub const MIN_INTERVAL_MS: u32 = 100;
 pub const MAX_INTERVAL_MS: u32 = 3_600_000;
 const MAX_HOSTNAME: usize = 64;
 const EXT_HOSTNAME: u8 = 1;
+const EXT_SUMMARY: u8 = 2;
+const EXT_COMMITMENT: u8 = 3;
+const EXT_PROOF: u8 = 4;
+/// Length of a goodbye secret and of its commitment.
+pub const SECRET_LEN: usize = 16;
 
 pub const FLAG_NAR_NONE: u16 = 0x0001;
 pub const FLAG_NAR_ZSTD: u16 = 0x0002;
@@ -81,6 +86,22 @@ pub struct Beacon {
     pub interval_ms: u32,
     pub seq: u32,
     pub hostname: Option<String>,
+    /// The version of the sender's content summary (`GET /summary`), when it publishes one.
+    pub summary: Option<u64>,
+    /// In an announce: the hash of this run's goodbye secret ([`commitment`]).
+    pub commitment: Option<[u8; SECRET_LEN]>,
+    /// In a goodbye: the secret whose commitment the announces carried.
+    pub proof: Option<[u8; SECRET_LEN]>,
+}
+
+/// The commitment announced for a goodbye secret: the first 16 bytes of its sha256. Only the
+/// host that chose the secret can send a goodbye that matches its announces.
+pub fn commitment(secret: &[u8; SECRET_LEN]) -> [u8; SECRET_LEN] {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(secret);
+    let mut out = [0u8; SECRET_LEN];
+    out.copy_from_slice(&d[..SECRET_LEN]);
+    out
 }
 
 /// Why a datagram was dropped.
@@ -104,6 +125,8 @@ pub enum DecodeError {
     Truncated(usize),
     #[error("hostname extension is empty, too long or not UTF-8")]
     Hostname,
+    #[error("extension {0} has the wrong length")]
+    ExtensionLength(u8),
 }
 
 impl DecodeError {
@@ -119,6 +142,7 @@ impl DecodeError {
             DecodeError::Interval(_) => "interval",
             DecodeError::Truncated(_) => "truncated",
             DecodeError::Hostname => "hostname",
+            DecodeError::ExtensionLength(_) => "extension-length",
         }
     }
 }
@@ -163,6 +187,10 @@ pub fn decode(b: &[u8]) -> Result<Beacon, DecodeError> {
     }
     let seq = u32_at(b, 30);
     let mut hostname = None;
+    let (mut summary, mut commitment, mut proof) = (None, None, None);
+    let fixed = |t: u8, v: &[u8]| -> Result<[u8; SECRET_LEN], DecodeError> {
+        v.try_into().map_err(|_| DecodeError::ExtensionLength(t))
+    };
     let mut i = HEADER_LEN;
     while i < b.len() {
         if i + 2 > b.len() {
@@ -176,6 +204,13 @@ pub fn decode(b: &[u8]) -> Result<Beacon, DecodeError> {
                 return Err(DecodeError::Hostname);
             }
             hostname = Some(h.to_owned());
+        } else if t == EXT_SUMMARY {
+            let v: [u8; 8] = value.try_into().map_err(|_| DecodeError::ExtensionLength(t))?;
+            summary = Some(u64::from_be_bytes(v));
+        } else if t == EXT_COMMITMENT {
+            commitment = Some(fixed(t, value)?);
+        } else if t == EXT_PROOF {
+            proof = Some(fixed(t, value)?);
         }
         i += 2 + len;
     }
@@ -187,6 +222,9 @@ pub fn decode(b: &[u8]) -> Result<Beacon, DecodeError> {
         interval_ms,
         seq,
         hostname,
+        summary,
+        commitment,
+        proof,
     })
 }
 
@@ -209,6 +247,16 @@ pub fn encode(b: &Beacon) -> Vec<u8> {
         out.push(EXT_HOSTNAME);
         out.push(end as u8);
         out.extend_from_slice(&h.as_bytes()[..end]);
+    }
+    if let Some(v) = b.summary {
+        out.extend_from_slice(&[EXT_SUMMARY, 8]);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+    for (t, v) in [(EXT_COMMITMENT, b.commitment), (EXT_PROOF, b.proof)] {
+        if let Some(v) = v {
+            out.extend_from_slice(&[t, SECRET_LEN as u8]);
+            out.extend_from_slice(&v);
+        }
     }
     out
 }
@@ -268,6 +316,15 @@ mod tests {
             assert_eq!(b.interval_ms.to_string(), v["interval_ms"], "{name}");
             assert_eq!(b.seq.to_string(), v["seq"], "{name}");
             assert_eq!(b.hostname.as_deref().unwrap_or("-"), v["hostname"], "{name}");
+            let hex = |x: Option<[u8; SECRET_LEN]>| x.map_or("-".into(), |x| data_encoding::HEXLOWER.encode(&x));
+            let field = |k: &str| v.get(k).map_or("-", String::as_str).to_owned();
+            assert_eq!(
+                b.summary.map_or("-".into(), |s| s.to_string()),
+                field("summary"),
+                "{name}"
+            );
+            assert_eq!(hex(b.commitment), field("commitment"), "{name}");
+            assert_eq!(hex(b.proof), field("proof"), "{name}");
             if v.get("canonical").map(String::as_str) != Some("no") {
                 assert_eq!(encode(&b), bytes, "{name}: canonical encoding");
             }
@@ -283,16 +340,26 @@ mod tests {
             MIN_INTERVAL_MS..=MAX_INTERVAL_MS,
             any::<u32>(),
             proptest::option::of("[a-zA-Z0-9.-]{1,64}"),
+            (
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<[u8; SECRET_LEN]>()),
+                proptest::option::of(any::<[u8; SECRET_LEN]>()),
+            ),
         )
-            .prop_map(|(kind, flags, node, port, interval_ms, seq, hostname)| Beacon {
-                kind,
-                flags,
-                node: NodeId(node),
-                port,
-                interval_ms,
-                seq,
-                hostname,
-            })
+            .prop_map(
+                |(kind, flags, node, port, interval_ms, seq, hostname, (summary, commitment, proof))| Beacon {
+                    kind,
+                    flags,
+                    node: NodeId(node),
+                    port,
+                    interval_ms,
+                    seq,
+                    hostname,
+                    summary,
+                    commitment,
+                    proof,
+                },
+            )
     }
 
     proptest! {
@@ -304,7 +371,7 @@ mod tests {
         }
 
         #[test]
-        fn unknown_extensions_are_skipped(b in beacon(), t in 2u8.., value in proptest::collection::vec(any::<u8>(), 0..100)) {
+        fn unknown_extensions_are_skipped(b in beacon(), t in 5u8.., value in proptest::collection::vec(any::<u8>(), 0..100)) {
             let mut bytes = encode(&b);
             bytes.push(t);
             bytes.push(value.len() as u8);

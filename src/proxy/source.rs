@@ -16,7 +16,9 @@ use tokio::io::AsyncRead;
 use url::Url;
 
 use crate::beacon::{wire::NodeId, PeerTable};
-use crate::narinfo::{NarInfo, StorePathHash, TrustedKeys, MAX_NARINFO_BYTES};
+use crate::cache_url::NODE_HEADER;
+use crate::narinfo::{Compression, NarInfo, StorePathHash, TrustedKeys, MAX_NARINFO_BYTES};
+use crate::settings::PeerCompression;
 
 /// Host-name suffix that the resolver maps to a peer of the table.
 const PEER_SUFFIX: &str = ".peer";
@@ -46,10 +48,18 @@ pub enum SourceError {
     Untrusted,
     #[error("NAR compression {0:?} not supported")]
     Compression(String),
+    #[error("reading the NAR: {0}")]
+    Read(#[source] io::Error),
     #[error("timed out")]
     Timeout,
     #[error("peer no longer in the table")]
     Gone,
+    /// The server at the peer's address is not the node that announced it (a forged announce
+    /// naming someone else's address, or an address reused by another host).
+    #[error("the server at the peer's address is node {found:?}, not the one announced")]
+    NotThePeer { found: Option<String> },
+    #[error("sent less than {min_bytes} bytes in {window:?}")]
+    TooSlow { min_bytes: u64, window: Duration },
     #[error("bad NAR URL {0:?}")]
     Url(String),
     #[error("sent more than the {0} bytes asked for")]
@@ -94,7 +104,7 @@ pub struct Candidate {
 impl Candidate {
     /// Uncompressed NARs can be resumed with `Range`.
     pub fn resumable(&self) -> bool {
-        self.info.compression.as_deref() == Some("none")
+        self.info.compression == Compression::None
     }
 
     /// The uncompressed NAR URL of a peer candidate (its `.nar.zst` form minus `.zst`), where
@@ -111,25 +121,61 @@ impl Candidate {
 /// Resolves `<node id>.peer` through the peer table; other names through the system resolver.
 struct PeerResolver {
     table: Option<Arc<PeerTable>>,
+    /// Whether peers on loopback addresses may be reached (tests and one-machine benchmarks;
+    /// beacons from the network never carry one, and nothing else may point the proxy at this
+    /// host's own services).
+    loopback_peers: bool,
+    /// resolv.conf's nameservers, not getaddrinfo (the static binary has no NSS).
+    system: Arc<crate::dns::SystemResolver>,
+}
+
+/// An address a peer may be reached at: a unicast address of another host.
+fn peer_addr_allowed(a: &SocketAddr, loopback_peers: bool) -> bool {
+    let ip = a.ip().to_canonical();
+    !(ip.is_unspecified() || ip.is_multicast() || (ip.is_loopback() && !loopback_peers) || a.port() == 0)
 }
 
 impl reqwest::dns::Resolve for PeerResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let name = name.as_str().to_owned();
         let table = self.table.clone();
+        let loopback_peers = self.loopback_peers;
+        let system = self.system.clone();
         Box::pin(async move {
             if let Some(node) = name.strip_suffix(PEER_SUFFIX).and_then(parse_node) {
                 let peer = table.and_then(|t| t.get(&node)).ok_or("peer not in the table")?;
-                let addrs: Vec<SocketAddr> = peer.addrs.clone();
+                let addrs: Vec<SocketAddr> = peer
+                    .addrs
+                    .into_iter()
+                    .filter(|a| peer_addr_allowed(a, loopback_peers))
+                    .collect();
+                if addrs.is_empty() {
+                    return Err("the peer announced no address it may be reached at".into());
+                }
                 return Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs);
             }
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> = system.lookup(&name).await?;
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }
 }
 
-fn parse_node(s: &str) -> Option<NodeId> {
+/// A peer's answer must come from the node that announced the address: its store server names
+/// its node id in [`NODE_HEADER`]. Upstreams are not checked.
+fn check_node(s: &SourceId, resp: &reqwest::Response) -> Result<(), SourceError> {
+    let SourceId::Peer(node) = s else {
+        return Ok(());
+    };
+    let found = resp.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok());
+    if found.and_then(parse_node) == Some(*node) {
+        return Ok(());
+    }
+    Err(SourceError::NotThePeer {
+        found: found.map(|f| f.chars().take(64).collect()),
+    })
+}
+
+pub(super) fn parse_node(s: &str) -> Option<NodeId> {
     let bytes = data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).ok()?;
     Some(NodeId(bytes.try_into().ok()?))
 }
@@ -150,6 +196,9 @@ pub const PEER_TIMEOUTS: Timeouts = Timeouts {
     idle: Duration::from_secs(5),
 };
 
+/// Whole summary request to a peer.
+pub const SUMMARY_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub const UPSTREAM_TIMEOUTS: Timeouts = Timeouts {
     connect: Duration::from_secs(3),
     narinfo: Duration::from_secs(15),
@@ -164,26 +213,36 @@ pub struct Sources {
     upstream_client: reqwest::Client,
     store_dir: String,
     keys: TrustedKeys,
-    /// Fetch NARs zstd-compressed from peers that announce it.
-    peer_zstd: bool,
+    /// How to fetch NARs from peers that announce a compressed form.
+    peer_compression: PeerCompression,
 }
 
 impl Sources {
-    pub fn with_peer_zstd(mut self, on: bool) -> Self {
-        self.peer_zstd = on;
-        self
-    }
-
-    pub fn new(peers: Option<Arc<PeerTable>>, upstreams: Vec<Url>, store_dir: String, keys: TrustedKeys) -> Self {
-        let build = |t: Timeouts, no_proxy: bool| {
+    pub fn new(
+        peers: Option<Arc<PeerTable>>,
+        upstreams: Vec<Url>,
+        store_dir: String,
+        keys: TrustedKeys,
+        peer_compression: PeerCompression,
+        loopback_peers: bool,
+    ) -> Self {
+        let resolver = Arc::new(PeerResolver {
+            table: peers.clone(),
+            loopback_peers,
+            system: Arc::new(crate::dns::SystemResolver::default()),
+        });
+        let build = |t: Timeouts, peer: bool| {
             let mut b = reqwest::Client::builder()
                 .connect_timeout(t.connect)
                 .read_timeout(t.idle)
                 .pool_idle_timeout(Duration::from_secs(30))
                 .user_agent(concat!("local-nix-cache/", env!("CARGO_PKG_VERSION")))
-                .dns_resolver(Arc::new(PeerResolver { table: peers.clone() }));
-            if no_proxy {
-                b = b.no_proxy();
+                .dns_resolver(resolver.clone());
+            if peer {
+                // A peer is asked for its own paths on its own address: a redirect could point
+                // the proxy anywhere (this host's loopback services, a victim), so it is a
+                // failed answer, never followed. No HTTP proxy between LAN hosts either.
+                b = b.no_proxy().redirect(reqwest::redirect::Policy::none());
             }
             b.build().unwrap_or_else(|_| reqwest::Client::new())
         };
@@ -191,19 +250,10 @@ impl Sources {
             peer_client: build(PEER_TIMEOUTS, true),
             upstream_client: build(UPSTREAM_TIMEOUTS, false),
             peers,
-            upstreams: upstreams
-                .into_iter()
-                .map(|mut u| {
-                    if !u.path().ends_with('/') {
-                        let p = format!("{}/", u.path());
-                        u.set_path(&p);
-                    }
-                    u
-                })
-                .collect(),
+            upstreams,
             store_dir,
             keys,
-            peer_zstd: false,
+            peer_compression,
         }
     }
 
@@ -245,6 +295,7 @@ impl Sources {
         let t = self.timeouts(s);
         let fetch = async {
             let mut resp = self.client(s).get(url).send().await?;
+            check_node(s, &resp)?;
             match resp.status().as_u16() {
                 200 => {}
                 404 | 403 | 410 => return Ok(None),
@@ -272,9 +323,8 @@ impl Sources {
         if !info.is_trusted(&self.keys) {
             return Err(SourceError::Untrusted);
         }
-        let compression = info.compression.clone().unwrap_or_else(|| "bzip2".into());
-        if !matches!(compression.as_str(), "none" | "xz" | "zstd" | "bzip2") {
-            return Err(SourceError::Compression(compression));
+        if let Compression::Other(c) = &info.compression {
+            return Err(SourceError::Compression(c.clone()));
         }
         let mut nar_url = base.join(&info.url).map_err(|_| SourceError::Url(info.url.clone()))?;
         let mut info = info;
@@ -286,14 +336,14 @@ impl Sources {
                 .as_ref()
                 .and_then(|t| t.get(node))
                 .is_some_and(|p| p.flags & crate::beacon::wire::FLAG_NAR_ZSTD != 0);
-            if self.peer_zstd
+            if self.peer_compression == PeerCompression::Zstd
                 && zstd_peer
-                && info.compression.as_deref() == Some("none")
+                && info.compression == Compression::None
                 && nar_url.path().ends_with(".nar")
             {
                 let zst = format!("{}.zst", nar_url.path());
                 nar_url.set_path(&zst);
-                info.compression = Some("zstd".into());
+                info.compression = Compression::Zstd;
             }
         }
         // A peer's NAR URL must stay on that peer (a lying narinfo could point elsewhere).
@@ -321,6 +371,7 @@ impl Sources {
         let resp = tokio::time::timeout(t.narinfo, req.send())
             .await
             .map_err(|_| SourceError::Timeout)??;
+        check_node(&c.source, &resp)?;
         let status = resp.status().as_u16();
         let start = match status {
             206 if ranged => from,
@@ -330,18 +381,47 @@ impl Sources {
         let stream = resp.bytes_stream().map_err(io::Error::other);
         let raw = tokio::io::BufReader::new(tokio_util::io::StreamReader::new(stream));
         use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
-        let reader: NarReader = match c.info.compression.as_deref().unwrap_or("bzip2") {
-            "none" => Box::pin(raw),
-            "xz" => Box::pin(XzDecoder::new(raw)),
-            "zstd" => Box::pin(ZstdDecoder::new(raw)),
-            "bzip2" => Box::pin(BzDecoder::new(raw)),
-            other => return Err(SourceError::Compression(other.to_owned())),
+        let reader: NarReader = match &c.info.compression {
+            Compression::None => Box::pin(raw),
+            Compression::Xz => Box::pin(XzDecoder::new(raw)),
+            Compression::Zstd => Box::pin(ZstdDecoder::new(raw)),
+            Compression::Bzip2 => Box::pin(BzDecoder::new(raw)),
+            Compression::Other(c) => return Err(SourceError::Compression(c.clone())),
         };
         Ok((reader, start))
     }
 }
 
 impl Sources {
+    /// A peer's content summary (`since`: the version held, for a delta), at most
+    /// `summary::MAX_SUMMARY_BYTES`, within [`SUMMARY_TIMEOUT`].
+    pub async fn summary(&self, node: &NodeId, since: Option<u64>) -> Result<bytes::Bytes, SourceError> {
+        let s = SourceId::Peer(*node);
+        let mut url = self.base(&s).ok_or(SourceError::Gone)?;
+        url.set_path("/summary");
+        if let Some(v) = since {
+            url.set_query(Some(&format!("since={v}")));
+        }
+        let fetch = async {
+            let mut resp = self.peer_client.get(url).send().await?;
+            check_node(&s, &resp)?;
+            if resp.status().as_u16() != 200 {
+                return Err(SourceError::Status(resp.status().as_u16()));
+            }
+            let mut body = bytes::BytesMut::new();
+            while let Some(chunk) = resp.chunk().await? {
+                if body.len() + chunk.len() > crate::summary::MAX_SUMMARY_BYTES {
+                    return Err(SourceError::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(body.freeze())
+        };
+        tokio::time::timeout(SUMMARY_TIMEOUT, fetch)
+            .await
+            .map_err(|_| SourceError::Timeout)?
+    }
+
     /// Opens bytes `start..=end` of a peer's uncompressed NAR (`Range`; a 206 from `start` is
     /// required).
     pub async fn open_range(&self, c: &Candidate, start: u64, end: u64) -> Result<NarReader, SourceError> {
@@ -353,6 +433,7 @@ impl Sources {
         let resp = tokio::time::timeout(t.narinfo, req.send())
             .await
             .map_err(|_| SourceError::Timeout)??;
+        check_node(&c.source, &resp)?;
         let from_start = resp
             .headers()
             .get(reqwest::header::CONTENT_RANGE)
@@ -368,3 +449,26 @@ impl Sources {
 
 /// A NAR's uncompressed bytes from one source.
 pub type NarReader = Pin<Box<dyn AsyncRead + Send>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_never_reached_on_this_hosts_own_or_special_addresses() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        for (addr, loopback_ok, want) in [
+            ("10.0.0.2:8380", false, true),
+            ("[fe80::1%2]:8380", false, true),
+            ("127.0.0.1:8380", false, false),
+            ("[::1]:8380", false, false),
+            ("[::ffff:127.0.0.1]:8380", false, false),
+            ("127.0.0.1:8380", true, true),
+            ("0.0.0.0:8380", true, false),
+            ("239.255.83.80:8380", true, false),
+            ("10.0.0.2:0", true, false),
+        ] {
+            assert_eq!(peer_addr_allowed(&a(addr), loopback_ok), want, "{addr} {loopback_ok}");
+        }
+    }
+}

@@ -296,55 +296,54 @@ impl Verified {
         self.len == 0
     }
 
-    /// Bytes `start..=end`, as chunks sent into `tx` (blocking reads for file spools happen on a
-    /// blocking thread). Stops early when the receiver goes away.
-    /// `done` is called with the bytes delivered once the stream ends (or the client left).
-    pub fn stream(
-        &self,
-        start: u64,
-        end: u64,
-        tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
-        done: impl FnOnce(u64) + Send + 'static,
-    ) {
+    /// Bytes `start..=end` as a response body that reads a chunk each time the client is ready
+    /// for one (a file spool reads it on a blocking thread, one chunk at a time, so a client that
+    /// stops reading holds no thread). `done` is called with the bytes delivered when the body is
+    /// finished or dropped (the client left).
+    pub fn body(&self, start: u64, end: u64, done: impl FnOnce(u64) + Send + 'static) -> crate::http::Body {
         const CHUNK: u64 = 512 * 1024;
-        match &self.data {
-            Data::Mem(b) => {
-                let b = b.slice(start as usize..=end as usize);
-                tokio::spawn(async move {
-                    let mut off = 0;
-                    while off < b.len() {
-                        let n = (b.len() - off).min(CHUNK as usize);
-                        if tx.send(Ok(b.slice(off..off + n))).await.is_err() {
-                            break;
-                        }
-                        off += n;
-                    }
-                    drop(tx);
-                    done(off as u64);
-                });
-            }
-            Data::File(f) => {
-                let (f, keep) = (f.clone(), self.clone());
-                tokio::task::spawn_blocking(move || {
-                    let _keep = keep;
-                    let mut pos = start;
-                    while pos <= end {
-                        let n = (end + 1 - pos).min(CHUNK) as usize;
-                        let mut buf = vec![0u8; n];
-                        if let Err(e) = f.read_exact_at(&mut buf, pos) {
-                            let _ = tx.blocking_send(Err(e));
-                            break;
-                        }
-                        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                            break;
-                        }
-                        pos += n as u64;
-                    }
-                    drop(tx);
-                    done(pos - start);
-                });
+        struct Sent<F: FnOnce(u64)> {
+            bytes: u64,
+            done: Option<F>,
+        }
+        impl<F: FnOnce(u64)> Drop for Sent<F> {
+            fn drop(&mut self) {
+                if let Some(f) = self.done.take() {
+                    f(self.bytes);
+                }
             }
         }
+        let sent = Sent {
+            bytes: 0,
+            done: Some(done),
+        };
+        let stream = futures_util::stream::unfold((self.clone(), start, sent), move |(v, pos, mut sent)| async move {
+            if pos > end || v.len == 0 {
+                return None;
+            }
+            let n = (end + 1 - pos).min(CHUNK);
+            let chunk = match &v.data {
+                Data::Mem(b) => Ok(b.slice(pos as usize..(pos + n) as usize)),
+                Data::File(f) => {
+                    let f = f.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; n as usize];
+                        f.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)))
+                }
+            };
+            match chunk {
+                Ok(c) => {
+                    sent.bytes += n;
+                    Some((Ok(c), (v, pos + n, sent)))
+                }
+                // An error ends the body after it is sent.
+                Err(e) => Some((Err(e), (v, end + 1, sent))),
+            }
+        });
+        crate::http::Body::Pull(Box::pin(stream))
     }
 }
 
@@ -361,12 +360,17 @@ mod tests {
     }
 
     async fn collect(v: &Verified, start: u64, end: u64) -> Vec<u8> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        v.stream(start, end, tx, |_| {});
-        let mut out = Vec::new();
-        while let Some(c) = rx.recv().await {
-            out.extend_from_slice(&c.expect("chunk"));
-        }
+        use http_body_util::BodyExt;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let body = v.body(start, end, move |n| {
+            let _ = tx.send(n);
+        });
+        let out = body.collect().await.expect("body").to_bytes().to_vec();
+        assert_eq!(
+            rx.try_recv().ok(),
+            Some(out.len() as u64),
+            "done() reports the bytes sent"
+        );
         out
     }
 

@@ -11,7 +11,7 @@
 //! (`server::MISS_ANSWER_AFTER`), so its timing does not tell them apart.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::narinfo::{NarHash, NarInfo, StorePath, StorePathHash, TrustedKeys};
+use crate::narinfo::{Compression, NarHash, NarInfo, StorePath, StorePathHash, TrustedKeys};
 use crate::store::{PathInfo, Store};
 
 /// Path-info queries in flight during a scan (leaves pool connections for live requests).
@@ -46,8 +46,8 @@ impl Entry {
         }
         let ni = NarInfo {
             store_path: info.path.clone(),
-            url: nar_url(&info.path.hash(), &info.nar_hash),
-            compression: Some("none".into()),
+            url: crate::cache_url::nar_url(&info.path.hash(), &info.nar_hash),
+            compression: Compression::None,
             file_hash: None,
             file_size: None,
             nar_hash: info.nar_hash,
@@ -73,18 +73,17 @@ impl Entry {
     }
 }
 
-/// The NAR URL written into our narinfo: self-describing, so it stays valid as long as any store
-/// holds those exact bytes.
-pub fn nar_url(hash: &StorePathHash, nar_hash: &NarHash) -> String {
-    format!("nar/{hash}-{}.nar", nar_hash.to_nix32())
-}
-
 pub struct Index {
     map: RwLock<HashMap<StorePathHash, Arc<Entry>>>,
     /// Approximate memory held by entries.
     bytes: AtomicUsize,
     /// Cap on `bytes`.
     max_bytes: usize,
+    /// Bumped on every change of the set of hashes (for the content summary).
+    generation: AtomicU64,
+    /// A full scan of the store succeeded: the index holds every servable path (up to the
+    /// memory cap), so a summary of it is complete.
+    complete: std::sync::atomic::AtomicBool,
 }
 
 impl Index {
@@ -93,7 +92,30 @@ impl Index {
             map: RwLock::new(HashMap::new()),
             bytes: AtomicUsize::new(0),
             max_bytes,
+            generation: AtomicU64::new(0),
+            complete: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the index complete (after a full scan; tests).
+    pub fn mark_complete(&self) {
+        self.complete.store(true, Ordering::Release);
+    }
+
+    /// True once a full scan succeeded (see the field).
+    pub fn complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
+    }
+
+    /// Changes whenever a hash enters or leaves the index.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Every hash in the index, with the generation they belong to.
+    pub fn hashes(&self) -> (u64, Vec<StorePathHash>) {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        (self.generation(), map.keys().copied().collect())
     }
 
     pub fn get(&self, hash: &StorePathHash) -> Option<Arc<Entry>> {
@@ -108,8 +130,13 @@ impl Index {
         if self.bytes.load(Ordering::Relaxed) + cost > self.max_bytes {
             return e;
         }
-        if let Some(old) = map.insert(e.path.hash(), e.clone()) {
-            self.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
+        match map.insert(e.path.hash(), e.clone()) {
+            Some(old) => {
+                self.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
+            }
+            None => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+            }
         }
         self.bytes.fetch_add(cost, Ordering::Relaxed);
         e
@@ -118,6 +145,7 @@ impl Index {
     pub fn remove(&self, hash: &StorePathHash) {
         if let Some(old) = self.map.write().unwrap_or_else(|p| p.into_inner()).remove(hash) {
             self.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -140,6 +168,7 @@ impl Index {
             let keep = valid.contains(h);
             if !keep {
                 self.bytes.fetch_sub(e.cost(), Ordering::Relaxed);
+                self.generation.fetch_add(1, Ordering::AcqRel);
             }
             keep
         });
@@ -160,13 +189,16 @@ pub async fn maintain(
     loop {
         let t0 = Instant::now();
         match scan(&store, &index, &keys, &mut unservable).await {
-            Ok((valid, added)) => tracing::info!(
-                servable = index.len(),
-                valid,
-                added,
-                ms = t0.elapsed().as_millis() as u64,
-                "store scanned"
-            ),
+            Ok((valid, added)) => {
+                index.mark_complete();
+                tracing::info!(
+                    servable = index.len(),
+                    valid,
+                    added,
+                    ms = t0.elapsed().as_millis() as u64,
+                    "store scanned"
+                )
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "store scan failed; serving from the daemon directly until the next one")
             }

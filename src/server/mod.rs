@@ -7,6 +7,8 @@
 //! its build on a 5xx, but moves on after a 404).
 
 pub mod index;
+pub mod source;
+pub mod summary;
 pub mod transfers;
 
 use std::net::SocketAddr;
@@ -14,11 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache_url::{self, CacheRoute, NarEncoding, RouteError};
 use crate::http::{self as h, Body, ConnLimits, Pace, PaceError};
 use crate::narinfo::{NarHash, StorePathHash, TrustedKeys};
 use crate::store::{NarStream, Store};
@@ -33,8 +37,6 @@ pub const PRIORITY: u32 = 30;
 /// NAR chunks buffered between the NAR source and a client (64 KiB from the daemon, 128 KiB from
 /// disk): with the source's own buffer, about 1 MiB per stream.
 const NAR_CHANNEL_CHUNKS: usize = 4;
-/// Longest request path we look at; longer ones are 414.
-const MAX_PATH_LEN: usize = 256;
 /// Store-server connections at most; a low open-file limit lowers it ([`connection_limits`]).
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Fewest store-server connections, however low the open-file limit.
@@ -73,62 +75,28 @@ pub fn connection_limits(nofile: Option<u64>) -> ConnLimits {
     }
 }
 
-/// What a request path asks for, parsed before anything is looked up.
+/// What a request to the store server asks for: a binary-cache route, or the one-liner's files.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
-    CacheInfo,
-    NarInfo(StorePathHash),
-    /// `zstd`: the `.nar.zst` form, compressed on the fly for peers (no `Range`).
-    Nar {
-        hash: StorePathHash,
-        nar_hash: NarHash,
-        zstd: bool,
-    },
+    Cache(CacheRoute),
     /// The conference one-liner: `curl -fsSL http://PEER:8380/install | sh`.
     Install,
     /// This host's own binary, fetched by the install script.
     InstallBinary,
-    /// Well-formed but not something we serve (`/log/…`, `.ls`, `/realisations/…`): 404.
-    NotFound,
-    /// Malformed (bad hash alphabet or length, traversal, escapes): 400.
-    BadRequest,
-    TooLong,
+    /// The content summary (`?since=VERSION` for a delta), for peers' proxies.
+    Summary,
+    /// This host's own source (`source::TARBALL`), for the NixOS module snippet.
+    InstallSource,
 }
 
-pub fn route(path: &str) -> Route {
-    if path.len() > MAX_PATH_LEN {
-        return Route::TooLong;
-    }
+pub fn route(path: &str) -> Result<Route, RouteError> {
     match path {
-        "/nix-cache-info" => return Route::CacheInfo,
-        "/install" => return Route::Install,
-        "/install/local-nix-cache" => return Route::InstallBinary,
-        _ => {}
+        "/install" => Ok(Route::Install),
+        "/install/local-nix-cache" => Ok(Route::InstallBinary),
+        "/install/source.tar" => Ok(Route::InstallSource),
+        "/summary" => Ok(Route::Summary),
+        _ => cache_url::parse(path).map(Route::Cache),
     }
-    if path.contains(['%', '\\', '\0']) || path.contains("..") || path.contains("//") {
-        return Route::BadRequest;
-    }
-    if let Some(h) = path.strip_prefix('/').and_then(|p| p.strip_suffix(".narinfo")) {
-        return match StorePathHash::parse(h) {
-            Ok(h) => Route::NarInfo(h),
-            Err(_) => Route::BadRequest,
-        };
-    }
-    let nar = path.strip_prefix("/nar/").and_then(|p| {
-        p.strip_suffix(".nar.zst")
-            .map(|r| (r, true))
-            .or_else(|| p.strip_suffix(".nar").map(|r| (r, false)))
-    });
-    if let Some((rest, zstd)) = nar {
-        let parsed = rest
-            .split_once('-')
-            .and_then(|(a, b)| Some((StorePathHash::parse(a).ok()?, NarHash::parse_nix32(b).ok()?)));
-        return match parsed {
-            Some((hash, nar_hash)) => Route::Nar { hash, nar_hash, zstd },
-            None => Route::BadRequest,
-        };
-    }
-    Route::NotFound
 }
 
 /// The store server of one host.
@@ -144,6 +112,11 @@ pub struct StoreServer {
     binary: tokio::sync::OnceCell<Option<(String, u64)>>,
     /// Slots for streamed bodies: a cap, a share per address, a queue with a deadline.
     transfers: Arc<Transfers>,
+    /// This node's id, sent in [`cache_url::NODE_HEADER`] on every response, so a proxy can
+    /// confirm it talks to the node that announced this address.
+    node_header: Option<HeaderValue>,
+    /// The content summary, when published.
+    summary: Option<Arc<summary::Publisher>>,
 }
 
 impl StoreServer {
@@ -171,7 +144,34 @@ impl StoreServer {
                 ),
                 None => Transfers::default(),
             }),
+            node_header: None,
+            summary: None,
         }
+    }
+
+    pub fn with_summary(mut self, p: Arc<summary::Publisher>) -> Self {
+        self.summary = Some(p);
+        self
+    }
+
+    fn summary(&self, req: &Request<Incoming>) -> Response<Body> {
+        let Some(p) = &self.summary else {
+            return h::not_found();
+        };
+        let since = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("since="))
+            .and_then(|v| v.parse::<u64>().ok());
+        match p.response(since) {
+            Some(b) => h::ok(b, "application/octet-stream"),
+            None => h::not_found(),
+        }
+    }
+
+    pub fn with_node_id(mut self, node: crate::beacon::wire::NodeId) -> Self {
+        self.node_header = HeaderValue::from_str(&node.to_string()).ok();
+        self
     }
 
     /// Replaces the transfer limits (tests use small ones).
@@ -224,7 +224,9 @@ impl StoreServer {
         };
         let script = INSTALL_SCRIPT
             .replace("@PEER@", &format!("http://{host}"))
-            .replace("@SHA256@", &sha);
+            .replace("@SHA256@", &sha)
+            .replace("@SOURCE_NARHASH@", source::NAR_HASH)
+            .replace("@ARCH@", std::env::consts::ARCH);
         let mut r = Response::new(Body::from(Bytes::from(script)));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -477,46 +479,60 @@ impl h::Handler for StoreServer {
             return h::method_not_allowed();
         };
         let mut resp = match route(req.uri().path()) {
-            Route::CacheInfo => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
-            Route::Install => self.install_script(&req).await,
-            Route::InstallBinary => self.install_binary(peer, head).await,
-            Route::NarInfo(hash) => self.narinfo(&hash, arrived).await,
-            Route::Nar { hash, nar_hash, zstd } => self.nar(&req, peer, &hash, &nar_hash, zstd, arrived).await,
-            Route::NotFound => h::not_found(),
-            Route::BadRequest => h::text(StatusCode::BAD_REQUEST, "bad request\n"),
-            Route::TooLong => h::text(StatusCode::URI_TOO_LONG, "request path too long\n"),
+            Ok(Route::Cache(CacheRoute::CacheInfo)) => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
+            Ok(Route::Install) => self.install_script(&req).await,
+            Ok(Route::InstallBinary) => self.install_binary(peer, head).await,
+            Ok(Route::InstallSource) => h::ok(Bytes::from_static(source::TARBALL), "application/x-tar"),
+            Ok(Route::Summary) => self.summary(&req),
+            Ok(Route::Cache(CacheRoute::NarInfo(hash))) => self.narinfo(&hash, arrived).await,
+            Ok(Route::Cache(CacheRoute::Nar {
+                hash,
+                nar_hash,
+                encoding,
+            })) => {
+                self.nar(&req, peer, &hash, &nar_hash, encoding == NarEncoding::Zstd, arrived)
+                    .await
+            }
+            Err(e) => e.into_response(),
         };
         if head {
             h::strip_for_head(&mut resp);
+        }
+        if let Some(n) = &self.node_header {
+            resp.headers_mut().insert(cache_url::NODE_HEADER, n.clone());
         }
         resp
     }
 }
 
 /// A running store server: the bound addresses and the task handles.
+/// The store server's bound addresses and the tasks to run, by name (the node owns them).
 pub struct Running {
     pub addrs: Vec<SocketAddr>,
-    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub parts: Vec<(&'static str, BoxFuture<'static, ()>)>,
 }
 
-/// Starts serving on already-bound listeners, plus the index maintenance task and the one that
-/// hands memory back after bursts. The connection cap follows this process's open-file limit
+/// The store server's parts: the index keeper, the task that hands memory back after bursts,
+/// and one accept loop per listener. The connection cap follows this process's open-file limit
 /// ([`connection_limits`]).
-pub fn spawn(
+pub fn parts(
     server: Arc<StoreServer>,
     listeners: Vec<tokio::net::TcpListener>,
     rescan: Duration,
     shutdown: CancellationToken,
 ) -> Running {
     let mut addrs = Vec::new();
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(index::maintain(
-        server.store.clone(),
-        server.index.clone(),
-        server.keys.clone(),
-        rescan,
-        shutdown.clone(),
-    )));
+    let mut parts: Vec<(&'static str, BoxFuture<'static, ()>)> = Vec::new();
+    parts.push((
+        "store index",
+        Box::pin(index::maintain(
+            server.store.clone(),
+            server.index.clone(),
+            server.keys.clone(),
+            rescan,
+            shutdown.clone(),
+        )),
+    ));
     let limits = connection_limits(h::nofile_limit());
     tracing::info!(
         connections = limits.max,
@@ -525,24 +541,25 @@ pub fn spawn(
         "store server limits"
     );
     let admission = Arc::new(h::Admission::new(limits));
-    tasks.push(tokio::spawn(release_memory_when_idle(
-        server.transfers.clone(),
-        admission.clone(),
-        shutdown.clone(),
-    )));
+    parts.push((
+        "memory release",
+        Box::pin(release_memory_when_idle(
+            server.transfers.clone(),
+            admission.clone(),
+            shutdown.clone(),
+        )),
+    ));
     for l in listeners {
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "store server listening");
             addrs.push(a);
         }
-        tasks.push(tokio::spawn(h::serve_with(
-            l,
-            server.clone(),
-            admission.clone(),
-            shutdown.clone(),
-        )));
+        parts.push((
+            "store server listener",
+            Box::pin(h::serve_with(l, server.clone(), admission.clone(), shutdown.clone())),
+        ));
     }
-    Running { addrs, tasks }
+    Running { addrs, parts }
 }
 
 /// Connections that count as a burst: once the open ones fall to a quarter of such a peak,
@@ -635,51 +652,11 @@ mod tests {
     }
 
     #[test]
-    fn routes() {
-        let h = "yvh90pjzcqqmp86sfvgqh3ravrarfipn";
-        let n = "0w4qc5jjz09mr80sp0p2nkvmjrmznpj59b64w0rw4dfqns9py2qd";
-        let hash = StorePathHash::parse(h).expect("hash");
-        let nar_hash = NarHash::parse_nix32(n).expect("nar hash");
-        let long = format!("/{}.narinfo", "a".repeat(300));
-        let cases: Vec<(String, Route)> = vec![
-            ("/nix-cache-info".into(), Route::CacheInfo),
-            (format!("/{h}.narinfo"), Route::NarInfo(hash)),
-            (
-                format!("/nar/{h}-{n}.nar"),
-                Route::Nar {
-                    hash,
-                    nar_hash,
-                    zstd: false,
-                },
-            ),
-            (
-                format!("/nar/{h}-{n}.nar.zst"),
-                Route::Nar {
-                    hash,
-                    nar_hash,
-                    zstd: true,
-                },
-            ),
-            ("/".into(), Route::NotFound),
-            (format!("/{h}.ls"), Route::NotFound),
-            ("/log/abc.drv".into(), Route::NotFound),
-            (format!("/realisations/sha256:{n}!out.doi"), Route::NotFound),
-            (format!("/nar/{n}.nar.xz"), Route::NotFound),
-            (format!("/nar/{h}-{n}.nar.zstd"), Route::NotFound),
-            (format!("/{}.narinfo", &h[..31]), Route::BadRequest),
-            (format!("/{h}e.narinfo"), Route::BadRequest),
-            (format!("/{}.narinfo", h.to_uppercase()), Route::BadRequest),
-            ("/../../etc/passwd.narinfo".into(), Route::BadRequest),
-            (format!("/%2e%2e/{h}.narinfo"), Route::BadRequest),
-            (format!("//{h}.narinfo"), Route::BadRequest),
-            (format!("/nar/{h}-{n}x.nar"), Route::BadRequest),
-            (format!("/nar/{h}.nar"), Route::BadRequest),
-            (format!("/nar/{h}-../{n}.nar"), Route::BadRequest),
-            (format!("/x/{h}.narinfo"), Route::BadRequest),
-            (long, Route::TooLong),
-        ];
-        for (path, want) in cases {
-            assert_eq!(route(&path), want, "{path}");
-        }
+    fn install_routes_before_cache_routes() {
+        assert_eq!(route("/install"), Ok(Route::Install));
+        assert_eq!(route("/install/local-nix-cache"), Ok(Route::InstallBinary));
+        assert_eq!(route("/nix-cache-info"), Ok(Route::Cache(CacheRoute::CacheInfo)));
+        assert_eq!(route("/install/x"), Err(RouteError::NotFound));
+        assert_eq!(route("/install/../x"), Err(RouteError::BadRequest));
     }
 }

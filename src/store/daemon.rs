@@ -1,7 +1,8 @@
 //! One connection to a nix-daemon, speaking its worker protocol.
 //!
-//! Works with the unmodified daemon of Nix 2.8 (protocol 1.34) and newer (we announce 1.35 and use
-//! the minimum of both versions). A connection does one operation at a time. Invariant: after any
+//! Works with the unmodified daemon of Nix 2.8 (protocol 1.34) and newer: we announce 1.38 and use
+//! the minimum of both versions (Nix 2.26 speaks 1.38; from 1.38 on, both sides also exchange
+//! feature sets, where we offer none). A connection does one operation at a time. Invariant: after any
 //! error the connection is marked broken and must be dropped, because some daemon errors leave the
 //! stream in an unknown state.
 
@@ -18,8 +19,13 @@ use super::Error;
 
 const WORKER_MAGIC_1: u64 = 0x6e69_7863;
 const WORKER_MAGIC_2: u64 = 0x6478_696f;
-/// Protocol 1.35: the newest we speak fully without 1.38's feature negotiation.
-pub const CLIENT_VERSION: u64 = (1 << 8) | 35;
+/// Protocol 1.38, the newest we speak (1.36 added AddPermRoot, 1.37 BuildResult CPU times: ops we
+/// do not use; 1.38 added the feature exchange). Checked against the real daemons of Nix 2.8 and 2.26.
+pub const CLIENT_VERSION: u64 = (1 << 8) | 38;
+/// First protocol with the feature exchange right after the version exchange.
+const FEATURES_MINOR: u64 = 38;
+/// Most feature names we read from a daemon (Nix 2.26 offers none; each name is a short string).
+const MAX_FEATURES: u64 = 256;
 /// Oldest daemon protocol we accept (Nix 2.3 speaks 1.21).
 const MIN_DAEMON_MINOR: u64 = 21;
 
@@ -68,6 +74,8 @@ pub struct DaemonConnection {
     minor: u64,
     /// The daemon's own version string (protocol ≥ 1.33).
     pub daemon_version: Option<String>,
+    /// Features the daemon offered (protocol ≥ 1.38); we use none of them.
+    pub daemon_features: Vec<String>,
     /// Set after an error or an unfinished NAR: the stream position is unknown.
     broken: bool,
     /// For `nix-daemon --stdio` children: killed when the connection is dropped.
@@ -86,6 +94,7 @@ impl DaemonConnection {
             w: BufWriter::new(write),
             minor: 0,
             daemon_version: None,
+            daemon_features: Vec::new(),
             broken: false,
             _child: child,
         };
@@ -105,6 +114,12 @@ impl DaemonConnection {
         }
         c.minor = (daemon & 0xff).min(CLIENT_VERSION & 0xff);
         c.write_u64(CLIENT_VERSION).await?;
+        if c.minor >= FEATURES_MINOR {
+            // Our features: none. The daemon's: read and dropped (the intersection is empty).
+            c.write_u64(0).await?;
+            c.flush().await?;
+            c.daemon_features = c.read_strings_max(MAX_FEATURES).await?;
+        }
         if c.minor >= 14 {
             c.write_u64(0).await?; // no CPU affinity
         }
@@ -352,8 +367,12 @@ impl DaemonConnection {
     }
 
     async fn read_strings(&mut self) -> Result<Vec<String>, Error> {
+        self.read_strings_max(MAX_LIST).await
+    }
+
+    async fn read_strings_max(&mut self, max: u64) -> Result<Vec<String>, Error> {
         let n = self.read_u64().await?;
-        if n > MAX_LIST {
+        if n > max {
             return Err(Error::Protocol(format!("daemon list of {n} entries")));
         }
         let mut out = Vec::with_capacity(n.min(4096) as usize);

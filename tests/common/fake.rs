@@ -12,9 +12,16 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use local_nix_cache::beacon::wire::{encode, Beacon, Kind, NodeId, FLAG_NAR_NONE};
 use local_nix_cache::beacon::PeerTable;
+use local_nix_cache::cache_url::NODE_HEADER;
 use local_nix_cache::http::{self as h, Body};
-use local_nix_cache::narinfo::{NarHash, NarInfo, PublicKey, SecretKey, StorePath, TrustedKeys};
+use local_nix_cache::narinfo::{
+    Compression, NarHash, NarInfo, PublicKey, SecretKey, StorePath, StorePathHash, TrustedKeys,
+};
+use local_nix_cache::proxy::summaries::PeerSummaries;
 use local_nix_cache::proxy::{spool::SpoolLimits, Proxy, ProxyConfig};
+use local_nix_cache::settings::{self, PeerCompression};
+use local_nix_cache::status::ProxyWithPages;
+use local_nix_cache::summary;
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
@@ -64,7 +71,7 @@ impl FakePath {
         let mut info = NarInfo {
             store_path: path.clone(),
             url: format!("nar/{}.nar", nar_hash.to_nix32()),
-            compression: Some("none".into()),
+            compression: Compression::None,
             file_hash: None,
             file_size: None,
             nar_hash,
@@ -108,6 +115,13 @@ pub enum Reply {
     },
     /// 200 that never ends.
     Endless,
+    /// 302 to this URL.
+    Redirect(String),
+    /// The body, one byte per `every` (bounded), then an abort.
+    Drip {
+        body: Bytes,
+        every: Duration,
+    },
 }
 
 impl Reply {
@@ -132,6 +146,8 @@ pub struct FakeCache {
     pub routes: Mutex<HashMap<String, Reply>>,
     pub ranges: Mutex<Vec<String>>,
     pub requests: Mutex<Vec<String>>,
+    /// The node id it names in every answer, as a store server does (set when it plays a peer).
+    pub node: Mutex<Option<NodeId>>,
 }
 
 impl FakeCache {
@@ -143,6 +159,22 @@ impl FakeCache {
     pub fn serve_path(&self, p: &FakePath) {
         self.set(&format!("/{}.narinfo", p.hash()), Reply::ok(p.info.render()));
         self.set(&format!("/{}", p.info.url), Reply::ok(p.nar.clone()));
+    }
+
+    /// Publishes a content summary of the paths it serves (`GET /summary`), as version
+    /// `version`; returns the version, for the announce.
+    pub fn publish_summary(&self, version: u64) -> u64 {
+        let keys: Vec<u64> = self
+            .routes
+            .lock()
+            .expect("lock")
+            .keys()
+            .filter_map(|r| r.strip_prefix('/').and_then(|r| r.strip_suffix(".narinfo")))
+            .map(|h| summary::key(&StorePathHash::parse(h).expect("hash")))
+            .collect();
+        let body = summary::encode_full(version, &keys).expect("summary");
+        self.set("/summary", Reply::ok(body));
+        version
     }
 
     pub fn requests_for(&self, suffix: &str) -> usize {
@@ -168,6 +200,18 @@ impl h::Handler for FakeCache {
             self.ranges.lock().expect("lock").push(r.clone());
         }
         let reply = self.routes.lock().expect("lock").get(&path).cloned();
+        let node = *self.node.lock().expect("lock");
+        let mut resp = Self::reply(reply, range).await;
+        if let Some(n) = node {
+            resp.headers_mut()
+                .insert(NODE_HEADER, n.to_string().parse().expect("header value"));
+        }
+        resp
+    }
+}
+
+impl FakeCache {
+    async fn reply(reply: Option<Reply>, range: Option<String>) -> Response<Body> {
         match reply {
             None => h::not_found(),
             Some(Reply::Status(s)) => h::text(StatusCode::from_u16(s).expect("status"), "fake status\n"),
@@ -203,6 +247,30 @@ impl h::Handler for FakeCache {
             }
             Some(Reply::Truncated { body, cut }) => streamed(body, cut, false),
             Some(Reply::Stall { body, cut }) => streamed(body, cut, true),
+            Some(Reply::Redirect(to)) => {
+                let mut r = h::text(StatusCode::FOUND, "moved\n");
+                r.headers_mut()
+                    .insert(http::header::LOCATION, to.parse().expect("location"));
+                r
+            }
+            Some(Reply::Drip { body, every }) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let len = body.len();
+                tokio::spawn(async move {
+                    // Bounded: one byte per `every`, at most 60 bytes, then the connection ends.
+                    for i in 0..len.min(60) {
+                        if tx.send(Ok(body.slice(i..i + 1))).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(every).await;
+                    }
+                    let _ = tx.send(Err(std::io::Error::other("fake drip ends"))).await;
+                });
+                let mut r = Response::new(Body::Stream(rx));
+                r.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, len.to_string().parse().expect("hv"));
+                r
+            }
             Some(Reply::Endless) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(2);
                 tokio::spawn(async move {
@@ -272,34 +340,61 @@ impl Rig {
 
     /// Starts a fake cache; returns its address.
     pub fn cache(&self, c: Arc<FakeCache>) -> SocketAddr {
+        self.cache_at(c, "127.0.0.1:0".parse().expect("addr"))
+    }
+
+    /// Starts a fake cache on `addr` (e.g. where a dead upstream used to be).
+    pub fn cache_at(&self, c: Arc<FakeCache>, addr: SocketAddr) -> SocketAddr {
         let _g = self.rt.enter();
-        let l = h::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let l = h::bind(addr).expect("bind");
         let addr = l.local_addr().expect("addr");
         self.rt.spawn(h::serve(l, c, self.stop.clone()));
         addr
     }
 
-    /// Starts a fake cache and enters it in the peer table, as its beacon would.
+    /// Cancels the shutdown token of every server of the rig (proxy and fakes): they stop
+    /// accepting and drain.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Starts a fake cache as peer `id` (naming that node id in its answers) and enters it in the
+    /// peer table, as its beacon would.
     pub fn peer(&self, c: Arc<FakeCache>, id: u8) -> SocketAddr {
-        let addr = self.cache(c);
-        self.add_peer(addr, id);
+        *c.node.lock().expect("lock") = Some(NodeId([id; 16]));
+        // Each peer on its own loopback address, as hosts of a LAN have theirs.
+        let addr = self.cache_at(c, SocketAddr::from(([127, 1, 0, id], 0)));
+        self.announce(addr, NodeId([id; 16]), FLAG_NAR_NONE, None);
         addr
     }
 
-    pub fn add_peer(&self, addr: SocketAddr, id: u8) {
-        self.add_peer_with_flags(addr, id, FLAG_NAR_NONE);
+    /// As `peer`, announcing the summary the fake publishes.
+    pub fn peer_with_summary(&self, c: Arc<FakeCache>, id: u8) -> SocketAddr {
+        let version = c.publish_summary(1);
+        *c.node.lock().expect("lock") = Some(NodeId([id; 16]));
+        let addr = self.cache_at(c, SocketAddr::from(([127, 1, 0, id], 0)));
+        self.announce_full(addr, NodeId([id; 16]), FLAG_NAR_NONE, None, Some(version));
+        addr
     }
 
-    /// As `add_peer`, announcing `flags` (e.g. zstd, for a real store server).
-    pub fn add_peer_with_flags(&self, addr: SocketAddr, id: u8, flags: u16) {
+    /// Enters node `node` at `addr` in the table as its announce would (e.g. a real store server
+    /// with its flags, or a forged announce naming someone else's address).
+    pub fn announce(&self, addr: SocketAddr, node: NodeId, flags: u16, hostname: Option<&str>) {
+        self.announce_full(addr, node, flags, hostname, None);
+    }
+
+    fn announce_full(&self, addr: SocketAddr, node: NodeId, flags: u16, hostname: Option<&str>, summary: Option<u64>) {
         let b = encode(&Beacon {
             kind: Kind::Announce,
             flags,
-            node: NodeId([id; 16]),
+            node,
             port: addr.port(),
             interval_ms: 3_600_000,
             seq: 1,
-            hostname: None,
+            hostname: hostname.map(str::to_owned),
+            summary,
+            commitment: None,
+            proof: None,
         });
         let _g = self.rt.enter();
         self.table.handle(addr, &b, tokio::time::Instant::now());
@@ -318,9 +413,12 @@ impl Rig {
             ProxyConfig {
                 store_dir: "/nix/store".into(),
                 keys,
-                upstreams: upstreams.iter().map(|u| u.parse().expect("url")).collect(),
+                upstreams: upstreams.iter().map(|u| settings::upstream(u).expect("url")).collect(),
                 spool: SpoolLimits::new(1 << 20, 16, 256, spool),
-                peer_zstd: true,
+                peer_compression: PeerCompression::Zstd,
+                // The fakes and in-process store servers all live on loopback.
+                loopback_peers: true,
+                delivered: None,
                 // Small, so tests exercise split fetches without huge fixtures (NARs of 4 MiB and
                 // more; the other tests stay below).
                 parallel_min_bytes: 4 << 20,
@@ -329,7 +427,9 @@ impl Rig {
         ));
         let l = h::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = l.local_addr().expect("addr");
-        self.rt.spawn(h::serve(l, p.clone(), self.stop.clone()));
+        let pages = Arc::new(ProxyWithPages(p.clone()));
+        self.rt.spawn(h::serve(l, pages, self.stop.clone()));
+        self.rt.spawn(PeerSummaries::run(p.clone(), self.stop.clone()));
         (addr, p)
     }
 }

@@ -7,6 +7,7 @@
 pub mod fake;
 pub mod netns;
 pub mod nixlan;
+pub mod roots;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,7 +16,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use local_nix_cache::cli::{self, ServeArgs};
+use local_nix_cache::cli;
+use local_nix_cache::node;
+use local_nix_cache::settings::Settings;
 use local_nix_cache::store::StoreAddr;
 use tokio_util::sync::CancellationToken;
 
@@ -164,12 +167,21 @@ pub struct Host {
     pub socket: PathBuf,
     pub home: PathBuf,
     daemon: Option<Child>,
+    /// When set: the daemon is this Nix root's (e.g. Nix 2.26 from `roots::nix226_root`), run
+    /// chrooted with this host's directory bound at [`roots::HOST_MOUNT`].
+    pub nix_root: Option<PathBuf>,
 }
 
 impl Host {
     /// A host whose store holds `paths` (with their closures), substituted from the signed cache,
     /// so they carry test-hydra-1 signatures.
     pub fn with_paths(paths: &[&str]) -> Self {
+        Self::with_paths_on(paths, None)
+    }
+
+    /// As [`Self::with_paths`], with the daemon of the Nix in `nix_root` (a Debian root with
+    /// `nix-bin`, see [`roots::nix226_root`]) instead of this machine's.
+    pub fn with_paths_on(paths: &[&str], nix_root: Option<&Path>) -> Self {
         let dir = tempfile::Builder::new().prefix("lnc-host").tempdir().expect("tempdir");
         let root = dir.path().join("store");
         let home = dir.path().join("home");
@@ -183,6 +195,7 @@ impl Host {
             socket,
             home,
             daemon: None,
+            nix_root: nix_root.map(Path::to_path_buf),
         };
         h.add_paths(paths);
         h.start_daemon();
@@ -192,10 +205,23 @@ impl Host {
     pub fn start_daemon(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
         let _ = std::fs::remove_file(&self.socket);
-        let child = nix("nix-daemon", &self.home)
-            .env("NIX_DAEMON_SOCKET_PATH", &self.socket)
-            .arg("--store")
-            .arg(&self.root)
+        let mut cmd = match &self.nix_root {
+            None => {
+                let mut c = nix("nix-daemon", &self.home);
+                c.env("NIX_DAEMON_SOCKET_PATH", &self.socket)
+                    .arg("--store")
+                    .arg(&self.root);
+                c
+            }
+            Some(r) => {
+                let name = self.socket.file_name().expect("socket name").to_string_lossy();
+                let mut c = roots::in_nix_root(r, self.dir.path(), "nix-daemon", &self.home);
+                c.env("NIX_DAEMON_SOCKET_PATH", format!("{}/{name}", roots::HOST_MOUNT))
+                    .args(["--store", &format!("{}/store", roots::HOST_MOUNT)]);
+                c
+            }
+        };
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -301,46 +327,43 @@ impl Drop for Host {
     }
 }
 
-/// `serve`'s settings for tests: loopback, port 0, the test key.
-pub fn serve_args(store: StoreAddr) -> ServeArgs {
-    ServeArgs {
-        config: None,
-        log_format: cli::LogFormat::Plain,
-        store,
-        listen: vec!["127.0.0.1:0".parse().expect("addr")],
-        trusted_public_keys: vec![fixture().pk.clone()],
-        store_dir: "/nix/store".into(),
-        rescan_interval: 60,
-        daemon_connections: 4,
-        index_max_mib: 64,
-        client_stall_timeout: 60,
-        real_store_dir: None,
-        beacon: cli::BeaconArgs {
-            interfaces: Vec::new(),
-            groups: Vec::new(),
-            beacon_port: 8380,
-        },
-        // Never beacon from the root namespace: these tests are about the store server.
-        no_beacon: true,
-        announce_interval: Duration::from_secs(5),
-        proxy_listen: vec!["127.0.0.1:0".parse().expect("addr")],
-        upstreams: vec!["none".into()],
-        spool_dir: None,
-        spool_max_mib: 1024,
-        spool_mem_mib: 64,
-        peer_compression: "zstd".into(),
-    }
+/// `serve`'s settings for tests: loopback, port 0, the test key, no beacon (never beacon from the
+/// root namespace), no upstream; every other value is `serve`'s own default (the flags are
+/// defined once, in `cli`).
+pub fn serve_args(store: StoreAddr) -> Settings {
+    cli::serve_settings([
+        "--store",
+        &store.to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--proxy-listen",
+        "127.0.0.1:0",
+        "--trusted-public-key",
+        &fixture().pk,
+        "--daemon-connections",
+        "4",
+        "--index-max-mib",
+        "64",
+        "--no-beacon",
+        "--upstream",
+        "none",
+        "--spool-max-mib",
+        "1024",
+    ])
+    .expect("test settings")
 }
 
 /// A node running in-process on its own runtime thread; stopped (and drained) on drop.
 pub struct TestNode {
     pub addr: SocketAddr,
+    /// The node id its store server names in every answer.
+    pub node_id: local_nix_cache::beacon::wire::NodeId,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl TestNode {
-    pub fn start(args: ServeArgs) -> Self {
+    pub fn start(args: Settings) -> Self {
         let shutdown = CancellationToken::new();
         let (tx, rx) = std::sync::mpsc::channel();
         let token = shutdown.clone();
@@ -351,14 +374,15 @@ impl TestNode {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let node = cli::start(&args, token).expect("start node");
-                tx.send(node.addrs[0]).expect("send addr");
-                node.wait().await;
+                let node = node::start(&args, token).expect("start node");
+                tx.send((node.addrs[0], node.node_id)).expect("send addr");
+                node.wait().await.expect("node ran and stopped cleanly");
             });
         });
-        let addr = rx.recv_timeout(Duration::from_secs(10)).expect("node started");
+        let (addr, node_id) = rx.recv_timeout(Duration::from_secs(10)).expect("node started");
         Self {
             addr,
+            node_id,
             shutdown,
             thread: Some(thread),
         }

@@ -142,6 +142,66 @@ impl Lan {
     }
 }
 
+impl Lan {
+    /// Plugs namespace `ns` into this LAN's bridge with a new veth `ifname` (up, `lo` up), with
+    /// `cidr` (e.g. `10.78.0.1/24`) and a multicast route (unless one exists) when given; without, the link has only
+    /// its IPv6 link-local address. A roaming host's link appearing.
+    pub fn attach(&self, ns: &str, ifname: &str, cidr: Option<&str>) {
+        let peer = format!("va{}", LAN_COUNTER.fetch_add(1, Ordering::Relaxed));
+        ip(&[
+            "-n",
+            ns,
+            "link",
+            "add",
+            ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            &self.bridge_ns,
+        ]);
+        ip(&["-n", &self.bridge_ns, "link", "set", &peer, "master", "br0"]);
+        ip(&["-n", &self.bridge_ns, "link", "set", &peer, "up"]);
+        if let Some(c) = cidr {
+            ip(&["-n", ns, "addr", "add", c, "dev", ifname]);
+        }
+        ip(&["-n", ns, "link", "set", ifname, "up"]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        if cidr.is_some() {
+            // Fails when another link already has the multicast route (a second LAN): fine, the
+            // beacon picks the interface itself.
+            let _ = Command::new("ip")
+                .args(["-n", ns, "route", "add", "224.0.0.0/4", "dev", ifname])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Removes interface `ifname` from namespace `ns` (its veth peer goes with it): a link gone.
+pub fn detach(ns: &str, ifname: &str) {
+    ip(&["-n", ns, "link", "del", ifname]);
+}
+
+/// `ip -n NS ARGS...` inside a test's own namespace (asserts success).
+pub fn ip_in(ns: &str, args: &[&str]) {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    ip(&all);
+}
+
+/// Sets a sysctl inside a test's own namespace.
+pub fn sysctl_in(ns: &str, key: &str, value: &str) {
+    let st = Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-qw"])
+        .arg(format!("{key}={value}"))
+        .status()
+        .expect("sysctl");
+    assert!(st.success(), "sysctl {key}={value} in {ns}");
+}
+
 impl Drop for Lan {
     fn drop(&mut self) {
         for h in &self.hosts {
@@ -184,6 +244,8 @@ impl TestBeacon {
                 store_port: 8380,
                 flags: beacon::wire::FLAG_NAR_NONE,
                 hostname: Some(host.ns.clone()),
+                summary: None,
+                secret: rand::random(),
             });
         }
         let table = Arc::new(PeerTable::new(NodeId::random()));

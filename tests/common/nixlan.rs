@@ -1,13 +1,16 @@
 //! Simulated LANs of real Nix hosts: each host is a network namespace with its own chroot store,
 //! private nix-daemon and the real `local-nix-cache serve` binary; one more namespace plays the
 //! upstream "hydra", serving the signed fixture cache over HTTP. Everything is stopped (by PID)
-//! and deleted on drop, even when a test fails.
+//! and deleted on drop, even when a test fails. The LAN is mixed: every second host (host2,
+//! host4, ...) runs Nix 2.26 (daemon and client, from `roots::nix226_root`), the others this
+//! machine's Nix 2.8.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::netns::{Lan, NetHost};
+use super::roots::{self, HOST_MOUNT};
 use super::{fixture, nix, output, run, Host};
 
 /// The `serve` binary under test.
@@ -25,9 +28,22 @@ pub struct NixHost {
     log: PathBuf,
 }
 
+/// `serve`'s flags for a test host, besides store, upstream, key and spool.
+const DEFAULT_SERVE_ARGS: &[&str] = &[
+    "--listen",
+    "0.0.0.0:8380",
+    "--interface",
+    "eth0",
+    "--announce-interval",
+    "1s",
+];
+
 impl NixHost {
     /// `ip netns exec` a command as this host, with a clean Nix environment.
     pub fn nix_cmd(&self, program: &str) -> Command {
+        if let Some(r) = &self.store.nix_root {
+            return roots::in_nix_root_ns(Some(&self.net.ns), r, self.store.dir.path(), program, &self.store.home);
+        }
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.net.ns])
             .arg("env")
@@ -38,23 +54,51 @@ impl NixHost {
         c
     }
 
+    /// This host's store as its Nix client ([`Self::nix_cmd`]) names it.
+    pub fn client_store(&self) -> String {
+        self.client_path(&self.store.root)
+    }
+
+    /// A path under this host's directory as its Nix client sees it.
+    pub fn client_path(&self, p: &std::path::Path) -> String {
+        match (&self.store.nix_root, p.strip_prefix(self.store.dir.path())) {
+            (Some(_), Ok(rel)) => std::path::Path::new(HOST_MOUNT).join(rel).display().to_string(),
+            _ => p.display().to_string(),
+        }
+    }
+
+    /// `nix --version` of this host's client.
+    pub fn nix_version(&self) -> String {
+        run(self.nix_cmd("nix").arg("--version"))
+    }
+
     /// Starts `serve` in this host's namespace. `upstream`: URL or `none`.
     pub fn start_serve(&mut self, upstream: &str) {
+        self.start_serve_args(upstream, DEFAULT_SERVE_ARGS);
+    }
+
+    /// [`Self::start_serve`] with another build of the binary (e.g. the static release one).
+    pub fn start_serve_with(&mut self, binary: &std::path::Path, upstream: &str) {
+        self.start_serve_full(binary, upstream, DEFAULT_SERVE_ARGS);
+    }
+
+    /// Starts `serve` with `args` instead of the default listen address, interface and announce
+    /// interval (e.g. every interface, as the NixOS module and the one-liner run it).
+    pub fn start_serve_args(&mut self, upstream: &str, args: &[&str]) {
+        self.start_serve_full(std::path::Path::new(bin()), upstream, args);
+    }
+
+    fn start_serve_full(&mut self, binary: &std::path::Path, upstream: &str, args: &[&str]) {
         assert!(self.serve.is_none(), "{} already serves", self.name);
         let log = std::fs::File::create(&self.log).expect("log file");
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.net.ns, bin(), "serve"])
+            .args(["netns", "exec", &self.net.ns])
+            .arg(binary)
+            .arg("serve")
             .arg("--store")
             .arg(format!("unix://{}", self.store.socket.display()))
             .args(["--real-store-dir", &self.store.physical_store()])
-            .args([
-                "--listen",
-                "0.0.0.0:8380",
-                "--interface",
-                "eth0",
-                "--announce-interval",
-                "1s",
-            ])
+            .args(args)
             .args(["--upstream", upstream, "--trusted-public-key", &fixture().pk])
             .arg("--spool-dir")
             .arg(self.store.dir.path().join("spool"))
@@ -138,7 +182,7 @@ impl NixHost {
     pub fn realise(&self, paths: &[&str]) -> Output {
         let mut c = self.nix_cmd("nix-store");
         c.arg("--store")
-            .arg(&self.store.root)
+            .arg(self.client_store())
             .arg("-r")
             .args(paths)
             .args(["--option", "substituters", "http://127.0.0.1:8381"])
@@ -149,7 +193,7 @@ impl NixHost {
     /// `nix store verify` of `path`'s closure in this host's store (content and signatures).
     pub fn verify(&self, path: &str) -> Output {
         let mut c = self.nix_cmd("nix");
-        c.args(["store", "verify", "--store"]).arg(&self.store.root).args([
+        c.args(["store", "verify", "--store"]).arg(self.client_store()).args([
             "-r",
             path,
             "--option",
@@ -260,11 +304,13 @@ impl NixLan {
             .spawn()
             .expect("spawn upstream http server");
         let upstream = Upstream { net: up_net, server };
+        let nix226 = roots::nix226_root_for_mixed_lan();
         let hosts = stores
             .iter()
             .enumerate()
             .map(|(i, paths)| {
-                let store = Host::with_paths(paths);
+                let nix_root = nix226.as_deref().filter(|_| i % 2 == 1);
+                let store = Host::with_paths_on(paths, nix_root);
                 let log = store.dir.path().join("serve.log");
                 NixHost {
                     name: format!("host{}", i + 1),

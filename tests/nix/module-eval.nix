@@ -39,6 +39,8 @@ let
 in
 {
   options = builtins.attrNames m.options.services.local-nix-cache;
+  # The options' defaults, compared with `serve`'s own flag defaults.
+  defaults = builtins.mapAttrs (_: o: o.default or null) m.options.services.local-nix-cache;
   substituters = m.config.nix.settings.substituters;
   negativeTtl = m.config.nix.settings.narinfo-cache-negative-ttl;
   firewall = m.config.networking.firewall;

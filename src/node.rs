@@ -1,0 +1,243 @@
+//! One host's `serve`: binds the listeners, starts the store server, the beacon and the proxy
+//! from a [`Settings`], and owns their tasks.
+//!
+//! Every part runs as a task of one `JoinSet` under one cancellation token. A part that ends
+//! before shutdown was asked for, or panics, ends the whole node with an error ([`Node::wait`]):
+//! the process exits non-zero and systemd restarts it, instead of limping on half alive.
+//! Tests start whole nodes in-process on port 0 and read the bound addresses back.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::{Id, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::beacon::{self, wire, wire::NodeId, BeaconConfig, PeerTable};
+use crate::proxy::{Proxy, ProxyConfig};
+use crate::server::{self, index::Index, summary, StoreServer};
+use crate::settings::Settings;
+use crate::store::Store;
+
+/// Errors of start-up, before anything runs.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("beacon: {0}")]
+    Beacon(#[from] beacon::BeaconError),
+}
+
+/// Why a running node stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0} stopped unexpectedly")]
+    PartExited(&'static str),
+    #[error("{part} panicked: {message}")]
+    PartPanicked { part: &'static str, message: String },
+}
+
+/// A started node.
+pub struct Node {
+    /// This node's id: in its beacons and in every store-server answer.
+    pub node_id: NodeId,
+    /// The store server's bound addresses.
+    pub addrs: Vec<SocketAddr>,
+    /// The proxy's bound addresses.
+    pub proxy_addrs: Vec<SocketAddr>,
+    pub proxy: Arc<Proxy>,
+    /// The beacon's peer table (none without a beacon).
+    pub peers: Option<Arc<PeerTable>>,
+    parts: Parts,
+    shutdown: CancellationToken,
+}
+
+/// The node's tasks, by name.
+#[derive(Default)]
+struct Parts {
+    set: JoinSet<()>,
+    names: HashMap<Id, &'static str>,
+}
+
+impl Node {
+    /// Runs until the shutdown token is cancelled and every part has drained (`Ok`), or until a
+    /// part ends or panics on its own (`Err`, after stopping the others).
+    pub async fn wait(self) -> Result<(), NodeError> {
+        self.parts.wait(&self.shutdown).await
+    }
+}
+
+impl Parts {
+    fn spawn(&mut self, name: &'static str, part: impl Future<Output = ()> + Send + 'static) {
+        let id = self.set.spawn(part).id();
+        self.names.insert(id, name);
+    }
+
+    /// See [`Node::wait`].
+    async fn wait(mut self, shutdown: &CancellationToken) -> Result<(), NodeError> {
+        let mut failure = None;
+        while let Some(r) = self.set.join_next_with_id().await {
+            let name = |id: Id| self.names.get(&id).copied().unwrap_or("a part");
+            let err = match r {
+                Ok(_) if shutdown.is_cancelled() => continue,
+                Ok((id, ())) => NodeError::PartExited(name(id)),
+                Err(e) => NodeError::PartPanicked {
+                    part: name(e.id()),
+                    message: panic_message(e),
+                },
+            };
+            tracing::error!(error = %err, "stopping every part");
+            failure.get_or_insert(err);
+            shutdown.cancel();
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<tokio::net::TcpListener>, StartError> {
+    addrs
+        .iter()
+        .map(|&addr| crate::http::bind(addr).map_err(|source| StartError::Bind { addr, source }))
+        .collect()
+}
+
+/// Binds and starts every part of `serve`. Must run inside a Tokio runtime.
+pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, StartError> {
+    let listeners = bind_all(&settings.server.listen)?;
+    let proxy_listeners = bind_all(&settings.proxy.listen)?;
+    let st = &settings.store;
+    let store = Store::new(st.addr.clone(), st.store_dir.clone(), st.daemon_connections)
+        .with_real_store_dir(st.real_store_dir.clone());
+    let keys = &settings.server.keys;
+    tracing::info!(store = %st.addr, nar_from_disk = ?st.real_store_dir, keys = ?keys.keys().iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), "starting");
+    let index = Arc::new(Index::new(settings.server.index_max_bytes));
+    let publisher = Arc::new(summary::Publisher::new(index.clone()));
+    let (delivered, learn_rx) = tokio::sync::mpsc::channel(summary::LEARN_QUEUE);
+    let learner = summary::learn(store.clone(), index.clone(), keys.clone(), learn_rx, shutdown.clone());
+    // One id for the beacon's announces and the store server's answers, so proxies can check
+    // that the server at an announced address is the node that announced it.
+    let node_id = NodeId::random();
+    let srv = Arc::new(
+        StoreServer::new(store, index, keys.clone())
+            .with_stall_timeout(settings.server.client_stall_timeout)
+            .with_node_id(node_id)
+            .with_summary(publisher.clone()),
+    );
+    let mut parts = Parts::default();
+    let running = server::parts(srv, listeners, settings.server.rescan_interval, shutdown.clone());
+    let addrs = running.addrs;
+    for (name, part) in running.parts {
+        parts.spawn(name, part);
+    }
+    parts.spawn("content summary", publisher.clone().run(shutdown.clone()));
+    parts.spawn("learner", learner);
+    let mut links = None;
+    let peers = match &settings.beacon {
+        None => None,
+        Some(b) => {
+            let announce = beacon::Announce {
+                store_port: addrs.first().map_or(beacon::DEFAULT_PORT, |a| a.port()),
+                flags: wire::FLAG_NAR_NONE | wire::FLAG_NAR_ZSTD | wire::FLAG_PROXY,
+                hostname: beacon::hostname(),
+                summary: Some(publisher.version_handle()),
+                secret: rand::random(),
+            };
+            let cfg = BeaconConfig {
+                groups: b.groups.clone(),
+                interfaces: b.interfaces.clone(),
+                port: b.port,
+                announce: Some(announce),
+                interval: b.interval,
+            };
+            // Always runs: with no usable interface yet (an offline laptop) it waits for one.
+            let sockets = beacon::bind(&cfg)?;
+            for line in &sockets.report {
+                tracing::info!("beacon: {line}");
+            }
+            links = Some(sockets.states.clone());
+            let table = Arc::new(PeerTable::new(node_id));
+            tracing::info!(node = %table.own(), "beacon started");
+            let run = beacon::run(sockets, cfg, table.clone(), None, shutdown.clone(), true);
+            parts.spawn("beacon", run);
+            Some(table)
+        }
+    };
+    let mut proxy_config = ProxyConfig::from_settings(settings);
+    proxy_config.delivered = Some(delivered);
+    let proxy = Arc::new(Proxy::new(proxy_config, peers.clone()));
+    parts.spawn(
+        "peer summaries",
+        crate::proxy::summaries::PeerSummaries::run(proxy.clone(), shutdown.clone()),
+    );
+    let mut proxy_addrs = Vec::new();
+    for l in proxy_listeners {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "proxy listening");
+            proxy_addrs.push(a);
+        }
+        let handler = Arc::new(crate::status::NodePages::new(proxy.clone(), links.clone()));
+        parts.spawn("proxy listener", crate::http::serve(l, handler, shutdown.clone()));
+    }
+    Ok(Node {
+        node_id,
+        addrs,
+        proxy_addrs,
+        proxy,
+        peers,
+        parts,
+        shutdown,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A part that stops or panics on its own ends the node with an error naming it, and the
+    /// other parts are told to stop; after a requested shutdown, ending is normal.
+    #[tokio::test]
+    async fn a_part_that_ends_early_ends_the_node() {
+        for (name, boom) in [("quitter", false), ("panicker", true)] {
+            let shutdown = CancellationToken::new();
+            let mut parts = Parts::default();
+            let s = shutdown.clone();
+            parts.spawn("waits for shutdown", async move { s.cancelled().await });
+            parts.spawn(name, async move {
+                if boom {
+                    panic!("boom");
+                }
+            });
+            let waited = tokio::time::timeout(std::time::Duration::from_secs(5), parts.wait(&shutdown)).await;
+            let err = waited
+                .expect("the node noticed the part ending")
+                .expect_err("a part ended early");
+            assert!(err.to_string().contains(name), "{err}");
+            assert!(shutdown.is_cancelled(), "the other parts were told to stop");
+        }
+        let shutdown = CancellationToken::new();
+        let mut parts = Parts::default();
+        let s = shutdown.clone();
+        parts.spawn("listener", async move { s.cancelled().await });
+        shutdown.cancel();
+        parts
+            .wait(&shutdown)
+            .await
+            .expect("a requested shutdown is not an error");
+    }
+}

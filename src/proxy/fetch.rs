@@ -1,0 +1,380 @@
+//! Fetching one NAR into the spool until it verifies: [`NarFetch`], a small state machine whose
+//! methods are its transitions.
+//!
+//! Sources are tried one at a time (a large NAR is first split between peers, see `split`). A
+//! source that fails mid-way leaves its bytes for the next one to resume with `Range`; one that
+//! sends provably wrong bytes (more than NarSize, corrupt compression) loses them at once. The
+//! whole NAR is hashed at the end: a mismatch with one contributor is that source's lie; with
+//! several, the fetch starts over one source at a time so the next mismatch is attributable.
+//! Every source is tried at most once per fetch, and every source is looked for at most once.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
+
+use super::health::Verdict;
+use super::source::{Candidate, SourceError, SourceId};
+use super::spool::{Spool, SpoolError, Verified};
+use super::Proxy;
+use crate::narinfo::{Compression, NarHash, NarInfo, StorePathHash};
+
+/// Bytes read from a source per chunk.
+const READ_CHUNK: usize = 256 * 1024;
+/// A source must send at least [`MIN_WINDOW_BYTES`] in every window of this length, or it is
+/// abandoned as a drip (the idle timeout alone lets one byte every few seconds through).
+pub(super) const RATE_WINDOW: Duration = Duration::from_secs(3);
+/// See [`RATE_WINDOW`]: about 5 KiB/s, far below any real link.
+pub(super) const MIN_WINDOW_BYTES: u64 = 16 * 1024;
+/// A peer gets this long, plus the NAR's size at [`PEER_BUDGET_RATE`], to deliver a whole NAR.
+const PEER_BUDGET_BASE: Duration = Duration::from_secs(30);
+/// Bytes per second a peer's budget allows for (a LAN does tens of MB/s).
+const PEER_BUDGET_RATE: u64 = 1024 * 1024;
+
+/// The floor under a source's rate: [`MIN_WINDOW_BYTES`] per [`RATE_WINDOW`], and for peers an
+/// overall deadline.
+pub(super) struct RateFloor {
+    window_start: Instant,
+    in_window: u64,
+    deadline: Option<Instant>,
+}
+
+impl RateFloor {
+    /// For a transfer of `size` bytes from `source`, starting now.
+    pub(super) fn new(source: &SourceId, size: u64) -> Self {
+        let now = Instant::now();
+        let deadline = matches!(source, SourceId::Peer(_))
+            .then(|| now + PEER_BUDGET_BASE + Duration::from_secs(size / PEER_BUDGET_RATE));
+        Self {
+            window_start: now,
+            in_window: 0,
+            deadline,
+        }
+    }
+
+    /// Counts `n` bytes received; an error when the source fell under the floor.
+    pub(super) fn received(&mut self, n: u64) -> Result<(), SourceError> {
+        let now = Instant::now();
+        if self.deadline.is_some_and(|d| now > d) {
+            return Err(SourceError::Timeout);
+        }
+        self.in_window += n;
+        if now.duration_since(self.window_start) >= RATE_WINDOW {
+            if self.in_window < MIN_WINDOW_BYTES {
+                return Err(SourceError::TooSlow {
+                    min_bytes: MIN_WINDOW_BYTES,
+                    window: RATE_WINDOW,
+                });
+            }
+            self.window_start = now;
+            self.in_window = 0;
+        }
+        Ok(())
+    }
+}
+
+/// A verified NAR with the narinfo it was checked against and where it came from.
+pub type Fetched = (Verified, Arc<NarInfo>, SourceId);
+
+/// Why a NAR could not be delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no source has the NAR")]
+    NoSource,
+    #[error("cannot spool the NAR: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("every source failed ({tried} tried); last: {last}")]
+    Exhausted { tried: usize, last: String },
+}
+
+/// How copying from one source ended.
+#[derive(Debug)]
+enum CopyError {
+    /// The source failed (network, timeout, early end): try another, keep its bytes for a resume.
+    Failed(SourceError),
+    /// The source sent something provably wrong: discard its bytes.
+    Lie(String),
+    /// Our side failed (the spool): no source is to blame.
+    Spool(SpoolError),
+}
+
+/// One NAR being fetched.
+pub(super) struct NarFetch<'p> {
+    proxy: &'p Proxy,
+    hash: StorePathHash,
+    nar_hash: NarHash,
+    /// The narinfo the NAR is checked against (the first source's when none was cached).
+    info: Option<Arc<NarInfo>>,
+    /// Sources still to try, in order.
+    queue: VecDeque<Candidate>,
+    /// Sources already tried.
+    tried: HashSet<SourceId>,
+    /// Every source was already asked.
+    gathered: bool,
+    spool: Option<Spool>,
+    /// Sources whose bytes are in the spool.
+    contributors: Vec<SourceId>,
+    /// False after a mismatch with several contributors: no more resuming across sources.
+    allow_resume: bool,
+    /// The last failure, for the error.
+    last_error: Option<String>,
+}
+
+impl<'p> NarFetch<'p> {
+    /// Starts from what the cache knows of the NAR, keeping the sources still usable (a cached
+    /// peer may have left the table, or lied about this NAR since); backed-off peers go last.
+    pub(super) fn new(proxy: &'p Proxy, hash: StorePathHash, nar_hash: NarHash) -> Self {
+        let (info, candidates) = match proxy.cache.known(&hash) {
+            Some(k) if k.info.nar_hash == nar_hash => (Some(k.info), k.candidates),
+            _ => (None, Vec::new()),
+        };
+        let now = Instant::now();
+        let mut usable: Vec<Candidate> = candidates
+            .into_iter()
+            .filter(|c| match &c.source {
+                SourceId::Peer(n) => proxy.peer_usable(n) && proxy.health.may_ask_for(n, &nar_hash),
+                SourceId::Upstream(_) => true,
+            })
+            .collect();
+        usable.sort_by_key(|c| matches!(&c.source, SourceId::Peer(n) if proxy.health.backed_off(n, now)));
+        let queue = VecDeque::from(usable);
+        Self {
+            proxy,
+            hash,
+            nar_hash,
+            info,
+            queue,
+            tried: HashSet::new(),
+            gathered: false,
+            spool: None,
+            contributors: Vec::new(),
+            allow_resume: true,
+            last_error: None,
+        }
+    }
+
+    /// Runs the fetch to a verified NAR or an error.
+    pub(super) async fn run(mut self) -> Result<Fetched, FetchError> {
+        let peers_known = self
+            .queue
+            .iter()
+            .filter(|c| matches!(c.source, SourceId::Peer(_)))
+            .count();
+        let large = self
+            .info
+            .as_ref()
+            .is_none_or(|i| i.nar_size >= self.proxy.parallel_min_bytes);
+        // A large NAR (or one we know nothing of): find every source, to split it between peers.
+        if large && peers_known < 2 {
+            self.gather().await;
+        }
+        if let Some(done) = self.try_split().await {
+            return Ok(done);
+        }
+        while let Some(c) = self.next_source().await {
+            match self.copy_from(&c).await {
+                Ok(()) => {
+                    if let Some(done) = self.verify(&c).await {
+                        return Ok(done);
+                    }
+                }
+                Err(CopyError::Spool(e)) => return Err(e.into()),
+                Err(CopyError::Lie(e)) => {
+                    tracing::warn!(source = ?c.source, hash = %self.hash, error = %e, "source sent bad NAR bytes");
+                    self.proxy.judge(&c.source, Verdict::LiedAbout(self.nar_hash));
+                    self.reset_spool();
+                    self.last_error = Some(e);
+                }
+                Err(CopyError::Failed(e)) => {
+                    let got = self.spool.as_ref().map_or(0, Spool::len);
+                    tracing::info!(source = ?c.source, hash = %self.hash, got, error = %e, "NAR source failed; trying the next");
+                    self.proxy.judge(&c.source, Verdict::Failed(&e));
+                    if got > 0 {
+                        self.contributors.push(c.source.clone());
+                    }
+                    self.last_error = Some(e.to_string());
+                }
+            }
+        }
+        Err(match self.last_error {
+            None => FetchError::NoSource,
+            Some(last) => FetchError::Exhausted {
+                tried: self.tried.len(),
+                last,
+            },
+        })
+    }
+
+    /// Asks every source not tried yet (once per fetch) and queues those with this NAR.
+    async fn gather(&mut self) {
+        self.gathered = true;
+        for c in self.proxy.gather(&self.hash, &self.nar_hash, &self.tried).await {
+            self.proxy.cache.remember(self.hash, c.clone());
+            if !self.queue.iter().any(|q| q.source == c.source) {
+                self.queue.push_back(c);
+            }
+        }
+        if self.info.is_none() {
+            self.info = self.queue.front().map(|c| c.info.clone());
+        }
+    }
+
+    /// A large NAR with several peers: split between them (see `split`).
+    async fn try_split(&mut self) -> Option<Fetched> {
+        let info = self
+            .info
+            .clone()
+            .filter(|i| i.nar_size >= self.proxy.parallel_min_bytes)?;
+        let peers: Vec<Candidate> = self
+            .queue
+            .iter()
+            .filter(|c| matches!(c.source, SourceId::Peer(_)))
+            .take(super::split::MAX_PARALLEL_SOURCES)
+            .cloned()
+            .collect();
+        if peers.len() < 2 {
+            return None;
+        }
+        let v = self.proxy.fetch_parallel(&peers, info.nar_size, &self.nar_hash).await?;
+        Some((v, info, peers[0].source.clone()))
+    }
+
+    /// The next source not tried yet; when none is left, every source is asked once more.
+    async fn next_source(&mut self) -> Option<Candidate> {
+        loop {
+            match self.queue.pop_front() {
+                Some(c) if self.tried.insert(c.source.clone()) => return Some(c),
+                Some(_) => continue,
+                None if self.gathered => return None,
+                None => self.gather().await,
+            }
+        }
+    }
+
+    fn reset_spool(&mut self) {
+        if let Some(sp) = self.spool.as_mut() {
+            let _ = sp.reset();
+        }
+        self.contributors.clear();
+    }
+
+    /// Copies the NAR of `c` into the spool, resuming where the bytes stand when `c` allows it.
+    async fn copy_from(&mut self, c: &Candidate) -> Result<(), CopyError> {
+        let size = c.info.nar_size;
+        if self.spool.is_none() {
+            self.spool = Some(Spool::new(&self.proxy.spool, size).await.map_err(CopyError::Spool)?);
+        }
+        let resume = self.allow_resume && c.resumable();
+        if self.spool.as_ref().is_some_and(|sp| !sp.is_empty() && !resume) {
+            self.reset_spool();
+        }
+        let Some(sp) = self.spool.as_mut() else {
+            return Err(CopyError::Spool(SpoolError::Io(std::io::Error::other("spool missing"))));
+        };
+        self.proxy.copy_into(c, sp, size).await
+    }
+
+    /// Hashes the full spool: a verified NAR, or (on a mismatch) the liar judged and the spool
+    /// emptied for the next source.
+    async fn verify(&mut self, c: &Candidate) -> Option<Fetched> {
+        self.contributors.push(c.source.clone());
+        let full = self.spool.take()?;
+        match full.verify(&self.nar_hash).await {
+            Ok(v) => {
+                // Only the source that completed the NAR earns credit; one that failed mid-way
+                // keeps its back-off even though its bytes were right.
+                self.proxy.judge(&c.source, Verdict::Delivered);
+                let info = self.info.clone().unwrap_or_else(|| c.info.clone());
+                Some((v, info, c.source.clone()))
+            }
+            Err(mut back) => {
+                if self.contributors.len() == 1 {
+                    tracing::warn!(source = ?c.source, hash = %self.hash, "NAR hash mismatch; source backed off");
+                    self.proxy.judge(&c.source, Verdict::LiedAbout(self.nar_hash));
+                } else {
+                    // Several sources contributed: cannot tell which lied. Start over, one
+                    // source per attempt, so the next mismatch is attributable.
+                    tracing::warn!(contributors = ?self.contributors, hash = %self.hash, "NAR hash mismatch across sources; refetching whole");
+                    self.proxy.stats.update(|s| s.lies += 1);
+                    self.allow_resume = false;
+                    let others: Vec<SourceId> = self.contributors.iter().filter(|s| **s != c.source).cloned().collect();
+                    self.tried.retain(|s| !others.contains(s));
+                    if let Some(k) = self.proxy.cache.known(&self.hash) {
+                        self.queue
+                            .extend(k.candidates.into_iter().filter(|k| others.contains(&k.source)));
+                    }
+                }
+                self.last_error = Some("NAR hash mismatch".into());
+                let _ = back.reset();
+                self.contributors.clear();
+                self.spool = Some(*back);
+                None
+            }
+        }
+    }
+}
+
+impl Proxy {
+    /// Copies the NAR of `c` into the spool from where it stands (resuming with `Range`).
+    async fn copy_into(&self, c: &Candidate, sp: &mut Spool, size: u64) -> Result<(), CopyError> {
+        let from = sp.len();
+        let (mut reader, start) = self.sources.open_nar(c, from).await.map_err(CopyError::Failed)?;
+        let idle = self.sources.timeouts(&c.source).idle;
+        // `start` is `from` (the range was honoured) or 0 (it was ignored): skip what we have.
+        let mut skip = from - start;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut received = 0u64;
+        let mut floor = RateFloor::new(&c.source, size.saturating_sub(from));
+        loop {
+            buf.clear();
+            let n = match tokio::time::timeout(idle, reader.read_buf(&mut buf)).await {
+                Err(_) => return Err(CopyError::Failed(SourceError::Timeout)),
+                Ok(Err(e)) => {
+                    // A corrupt compressed stream is a lie, a broken connection a failure.
+                    return Err(if e.kind() == std::io::ErrorKind::InvalidData {
+                        CopyError::Lie(format!("bad compressed data: {e}"))
+                    } else {
+                        CopyError::Failed(SourceError::Read(e))
+                    });
+                }
+                Ok(Ok(n)) => n,
+            };
+            if n == 0 {
+                break;
+            }
+            floor.received(n as u64).map_err(CopyError::Failed)?;
+            let mut data = &buf[..n];
+            if skip > 0 {
+                let k = (skip as usize).min(data.len());
+                data = &data[k..];
+                skip -= k as u64;
+            }
+            if data.is_empty() {
+                continue;
+            }
+            if sp.len() + data.len() as u64 > size {
+                return Err(CopyError::Lie(format!("more than the signed NarSize {size}")));
+            }
+            sp.write(data).await.map_err(CopyError::Spool)?;
+            received += data.len() as u64;
+        }
+        let zstd = c.info.compression == Compression::Zstd;
+        self.stats.update(|s| match c.source {
+            SourceId::Peer(_) => {
+                s.bytes_from_peers += received;
+                s.nars_zstd_from_peers += u64::from(zstd);
+            }
+            SourceId::Upstream(_) => s.bytes_from_upstream += received,
+        });
+        if sp.len() < size {
+            return Err(CopyError::Failed(SourceError::Short {
+                got: sp.len(),
+                want: size,
+            }));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,294 @@
+//! How good each source has been: the proxy's policy, kept apart from the beacon's membership.
+//!
+//! Peers that fail are backed off exponentially, a lie counts as [`LIE_WEIGHT`] failures, a
+//! verified NAR clears a peer's failures; the narinfo latency is smoothed for the fan-out order.
+//! Back-off demotes, it does not exclude: a backed-off peer is asked last, as a last resort. A
+//! wrong NAR counts first against that path on that peer: the peer is not asked for that NAR
+//! again (for [`BAD_PATH_FOR`]), but stays a source of everything else, since one bad file on a
+//! disk says little about the rest. A server at a peer's address that is not the node that
+//! announced it is an impostor: never asked again, and no other node claiming that address is
+//! asked while the address is known to belong to someone else. An upstream that could not be
+//! reached is skipped for [`UPSTREAM_DOWN_FOR`] (offline: fast misses).
+//!
+//! Bounds (LRU, least recently used forgotten first): health of [`MAX_TRACKED_PEERS`] peers
+//! (about 100 bytes each), [`MAX_BAD_PATHS`] bad (peer, NAR) pairs (about 80 bytes each),
+//! [`MAX_ADDR_OWNERS`] address owners (about 80 bytes each): under 1 MiB in all; one slot per
+//! configured upstream.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::source::{SourceError, SourceId};
+use crate::beacon::wire::NodeId;
+use crate::narinfo::NarHash;
+
+/// First back-off after a failure; doubles per consecutive failure.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A source caught lying is backed off as after this many failures.
+pub const LIE_WEIGHT: u32 = 3;
+/// An upstream that could not be reached is skipped for this long (offline: fast misses).
+pub const UPSTREAM_DOWN_FOR: Duration = Duration::from_secs(30);
+/// Peers whose health is remembered (more than the peer table holds).
+pub const MAX_TRACKED_PEERS: usize = 4096;
+/// A peer that sent a wrong NAR is not asked for that NAR again for this long.
+pub const BAD_PATH_FOR: Duration = Duration::from_secs(3600);
+/// (peer, NAR) pairs remembered as bad.
+pub const MAX_BAD_PATHS: usize = 4096;
+/// Addresses whose real owner (the node id its server names) is remembered.
+pub const MAX_ADDR_OWNERS: usize = 4096;
+/// How long an address's owner is trusted without a new answer from it (addresses get reused).
+pub const ADDR_OWNER_FOR: Duration = Duration::from_secs(600);
+
+/// What the proxy learned about one peer.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    pub consecutive_failures: u32,
+    pub successes: u64,
+    pub failures: u64,
+    /// Smoothed time to answer a narinfo request, in ms (none until one answered).
+    pub latency_ms: Option<f64>,
+    /// Asked only as a last resort before this.
+    #[serde(skip)]
+    pub backoff_until: Option<Instant>,
+    /// The server at this peer's address named another node (or none): never asked again.
+    pub impostor: bool,
+}
+
+impl Health {
+    pub fn backed_off(&self, now: Instant) -> bool {
+        self.backoff_until.is_some_and(|t| t > now)
+    }
+}
+
+/// How a source did, as the proxy judged it.
+#[derive(Debug)]
+pub enum Verdict<'a> {
+    /// Delivered a NAR that verified.
+    Delivered,
+    /// Failed, timed out or sent something unusable; lies among these are weighted.
+    Failed(&'a SourceError),
+    /// Sent bytes of this NAR that did not match its signed hash and size.
+    LiedAbout(NarHash),
+}
+
+pub struct SourceHealth {
+    peers: Mutex<LruCache<NodeId, Health>>,
+    /// (peer, NAR) pairs the peer sent wrong bytes for, and when.
+    bad_paths: Mutex<LruCache<(NodeId, NarHash), Instant>>,
+    /// Which node the server at an address named (`None`: no node id at all), and when.
+    addr_owners: Mutex<LruCache<SocketAddr, (Option<NodeId>, Instant)>>,
+    /// Per upstream: skipped until this instant.
+    upstream_down: Mutex<Vec<Option<Instant>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn cap(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
+}
+
+impl SourceHealth {
+    pub fn new(upstreams: usize) -> Self {
+        Self {
+            peers: Mutex::new(LruCache::new(cap(MAX_TRACKED_PEERS))),
+            bad_paths: Mutex::new(LruCache::new(cap(MAX_BAD_PATHS))),
+            addr_owners: Mutex::new(LruCache::new(cap(MAX_ADDR_OWNERS))),
+            upstream_down: Mutex::new(vec![None; upstreams]),
+        }
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, LruCache<NodeId, Health>> {
+        lock(&self.peers)
+    }
+
+    /// Records a verdict. Returns true when it was a lie (for the counters).
+    pub fn judge(&self, s: &SourceId, v: Verdict<'_>, now: Instant) -> bool {
+        let lie = match &v {
+            Verdict::Delivered => false,
+            Verdict::Failed(e) => e.is_lie(),
+            Verdict::LiedAbout(_) => true,
+        };
+        match s {
+            SourceId::Peer(n) => {
+                if let Verdict::LiedAbout(nar) = v {
+                    lock(&self.bad_paths).put((*n, nar), now);
+                }
+                let mut peers = self.peers();
+                let h = peers.get_or_insert_mut(*n, Health::default);
+                match v {
+                    Verdict::Delivered => {
+                        h.successes += 1;
+                        h.consecutive_failures = 0;
+                        h.backoff_until = None;
+                    }
+                    Verdict::Failed(SourceError::NotThePeer { .. }) => {
+                        h.failures += 1;
+                        h.impostor = true;
+                    }
+                    Verdict::Failed(_) | Verdict::LiedAbout(_) => {
+                        let weight = if lie { LIE_WEIGHT } else { 1 };
+                        h.failures += 1;
+                        h.consecutive_failures = h.consecutive_failures.saturating_add(weight);
+                        let exp = h.consecutive_failures.saturating_sub(1).min(16);
+                        h.backoff_until = Some(now + BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX));
+                    }
+                }
+            }
+            SourceId::Upstream(i) => {
+                if matches!(v, Verdict::Failed(e) if e.is_unreachable()) {
+                    if let Some(slot) = self.upstream_down.lock().unwrap_or_else(|p| p.into_inner()).get_mut(*i) {
+                        *slot = Some(now + UPSTREAM_DOWN_FOR);
+                    }
+                }
+            }
+        }
+        lie
+    }
+
+    /// A peer answered a narinfo request in `took`.
+    pub fn latency(&self, node: &NodeId, took: Duration) {
+        let ms = took.as_secs_f64() * 1000.0;
+        let mut peers = self.peers();
+        let h = peers.get_or_insert_mut(*node, Health::default);
+        h.latency_ms = Some(match h.latency_ms {
+            Some(old) => old * 0.8 + ms * 0.2,
+            None => ms,
+        });
+    }
+
+    /// The health of a peer (default for one never judged).
+    pub fn peer(&self, node: &NodeId) -> Health {
+        self.peers().peek(node).cloned().unwrap_or_default()
+    }
+
+    /// Backed off: asked only as a last resort.
+    pub fn backed_off(&self, node: &NodeId, now: Instant) -> bool {
+        self.peers().peek(node).is_some_and(|h| h.backed_off(now))
+    }
+
+    /// Whether `node` may be asked at all (for anything) at `addr`: not an impostor, and `addr`
+    /// not known (recently) to belong to another node that is still announced, or to none.
+    pub fn may_ask(&self, node: &NodeId, addr: SocketAddr, still_announced: impl Fn(&NodeId) -> bool) -> bool {
+        if self.peers().peek(node).is_some_and(|h| h.impostor) {
+            return false;
+        }
+        match lock(&self.addr_owners).peek(&addr) {
+            Some((owner, at)) if at.elapsed() < ADDR_OWNER_FOR => match owner {
+                Some(o) => o == node || !still_announced(o),
+                None => false,
+            },
+            _ => true,
+        }
+    }
+
+    /// Records which node the server at `addr` named (after any answer from a peer).
+    pub fn addr_owner(&self, addr: SocketAddr, owner: Option<NodeId>) {
+        lock(&self.addr_owners).put(addr, (owner, Instant::now()));
+    }
+
+    /// False when `node` sent wrong bytes for this NAR recently.
+    pub fn may_ask_for(&self, node: &NodeId, nar: &NarHash) -> bool {
+        let mut bad = lock(&self.bad_paths);
+        match bad.peek(&(*node, *nar)) {
+            Some(at) if at.elapsed() < BAD_PATH_FOR => false,
+            Some(_) => {
+                bad.pop(&(*node, *nar));
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// True unless the upstream was found unreachable less than [`UPSTREAM_DOWN_FOR`] ago.
+    pub fn upstream_up(&self, i: usize, now: Instant) -> bool {
+        let down = self.upstream_down.lock().unwrap_or_else(|p| p.into_inner());
+        down.get(i).copied().flatten().is_none_or(|t| t <= now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_lies_weigh_more_and_success_resets() {
+        let h = SourceHealth::new(1);
+        let now = Instant::now();
+        let n = NodeId([2; 16]);
+        let p = SourceId::Peer(n);
+        assert!(!h.judge(&p, Verdict::Failed(&SourceError::Timeout), now));
+        assert!(!h.judge(&p, Verdict::Failed(&SourceError::Timeout), now));
+        assert!(h.backed_off(&n, now + Duration::from_millis(1900)));
+        assert!(!h.backed_off(&n, now + Duration::from_millis(2001)));
+        h.judge(&p, Verdict::Delivered, now);
+        assert!(!h.backed_off(&n, now));
+        assert_eq!(h.peer(&n).successes, 1);
+        // One lie backs off as long as three failures, and marks that NAR on that peer only.
+        let (bad, good) = (NarHash::from_digest([1; 32]), NarHash::from_digest([2; 32]));
+        assert!(h.judge(&p, Verdict::LiedAbout(bad), now));
+        assert_eq!(h.peer(&n).consecutive_failures, LIE_WEIGHT);
+        assert!(h.backed_off(&n, now + Duration::from_millis(3900)));
+        assert!(!h.backed_off(&n, now + Duration::from_millis(4001)));
+        assert!(!h.may_ask_for(&n, &bad));
+        assert!(h.may_ask_for(&n, &good), "one bad NAR does not shut the peer out");
+        assert!(h.may_ask_for(&NodeId([3; 16]), &bad));
+        tokio::time::advance(BAD_PATH_FOR).await;
+        assert!(h.may_ask_for(&n, &bad), "forgiven after BAD_PATH_FOR");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn impostors_and_addresses_of_others_are_not_asked() {
+        let h = SourceHealth::new(0);
+        let (real, forged, other) = (NodeId([1; 16]), NodeId([2; 16]), NodeId([3; 16]));
+        let addr: SocketAddr = "10.0.0.5:8380".parse().expect("addr");
+        let live = |_: &NodeId| true;
+        assert!(h.may_ask(&forged, addr, live), "unknown: asked once");
+        h.judge(
+            &SourceId::Peer(forged),
+            Verdict::Failed(&SourceError::NotThePeer { found: None }),
+            Instant::now(),
+        );
+        h.addr_owner(addr, Some(real));
+        assert!(!h.may_ask(&forged, addr, live), "an impostor is never asked again");
+        assert!(
+            !h.may_ask(&other, addr, live),
+            "nor is another node claiming a known address"
+        );
+        assert!(h.may_ask(&real, addr, live), "its owner is");
+        assert!(
+            h.may_ask(&other, addr, |n| *n != real),
+            "once the owner left, the address is free"
+        );
+        let nobody: SocketAddr = "10.0.0.6:8380".parse().expect("addr");
+        h.addr_owner(nobody, None);
+        assert!(
+            !h.may_ask(&real, nobody, live),
+            "a server that names no node is no peer"
+        );
+        tokio::time::advance(ADDR_OWNER_FOR).await;
+        assert!(
+            h.may_ask(&real, nobody, live),
+            "address records expire (addresses get reused)"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_upstream_is_skipped_for_a_while() {
+        let h = SourceHealth::new(2);
+        let now = Instant::now();
+        h.judge(&SourceId::Upstream(1), Verdict::Failed(&SourceError::Timeout), now);
+        h.judge(&SourceId::Upstream(0), Verdict::Failed(&SourceError::Status(500)), now);
+        assert!(h.upstream_up(0, now), "a 500 is an answer, not unreachable");
+        assert!(!h.upstream_up(1, now));
+        assert!(h.upstream_up(1, now + UPSTREAM_DOWN_FOR));
+    }
+}

@@ -1,0 +1,140 @@
+//! The proxy's counters, its last few transfers and the report built from them for the status
+//! page, `/metrics` and `status`. Bounded: fixed counters and at most [`RECENT_TRANSFERS`]
+//! transfers.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::health::Health;
+use crate::beacon::table::Counters;
+use crate::beacon::LinkReport;
+
+/// Transfers listed on the status page.
+pub const RECENT_TRANSFERS: usize = 20;
+
+/// Counters since start.
+#[derive(Default, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub narinfo_hits_peer: u64,
+    pub narinfo_hits_upstream: u64,
+    pub narinfo_misses: u64,
+    /// Narinfo requests sent to peers (lookups and gathering).
+    pub narinfo_peer_requests: u64,
+    pub nars_from_peers: u64,
+    pub nars_from_upstream: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_from_upstream: u64,
+    /// NAR requests answered 404 because no source delivered.
+    pub nar_failures: u64,
+    /// Answers rejected as false (signature, path, hash).
+    pub lies: u64,
+    /// NARs that crossed the LAN zstd-compressed.
+    pub nars_zstd_from_peers: u64,
+    /// NARs fetched in segments from several peers at once.
+    pub nars_split: u64,
+}
+
+/// What became of one NAR request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferVerdict {
+    /// Delivered after its hash matched.
+    Verified,
+    /// No source delivered it: answered 404.
+    Unavailable,
+}
+
+impl TransferVerdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Verified => "verified",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// One NAR request, for the status page.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub path: String,
+    pub source: String,
+    pub bytes: u64,
+    pub ms: u64,
+    pub verdict: TransferVerdict,
+    /// Why it was unavailable (empty when verified).
+    pub reason: String,
+}
+
+#[derive(Default)]
+pub struct StatsKeeper {
+    stats: Mutex<Stats>,
+    recent: Mutex<VecDeque<Transfer>>,
+}
+
+impl StatsKeeper {
+    pub fn update(&self, f: impl FnOnce(&mut Stats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    pub fn get(&self) -> Stats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn record(&self, t: Transfer) {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() >= RECENT_TRANSFERS {
+            r.pop_back();
+        }
+        r.push_front(t);
+    }
+
+    /// The last transfers, newest first.
+    pub fn recent(&self) -> Vec<Transfer> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// The proxy's state, for people and for Prometheus.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub peers: Vec<PeerReport>,
+    pub stats: Stats,
+    /// The last NAR requests, newest first.
+    pub recent: Vec<Transfer>,
+    /// What the beacon received (none without a beacon).
+    pub beacon: Option<Counters>,
+    pub upstreams: Vec<UpstreamReport>,
+    /// The beacon's interfaces (joined, waiting, left); filled in by the node's status pages
+    /// (the proxy itself does not know them). Empty without a beacon.
+    #[serde(default)]
+    pub interfaces: Vec<LinkReport>,
+    /// Memory held by peers' content summaries.
+    pub summary_bytes: u64,
+}
+
+/// One peer of the table, with the health the proxy found.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerReport {
+    pub node: String,
+    /// The store server's address.
+    pub addr: String,
+    pub hostname: Option<String>,
+    pub health: Health,
+    pub backed_off: bool,
+    /// The version of its content summary this proxy holds (none: not fetched, or none published).
+    pub summary: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamReport {
+    pub url: String,
+    /// False while skipped after a failed connection.
+    pub reachable: bool,
+}

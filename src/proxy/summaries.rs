@@ -1,0 +1,281 @@
+//! Peers' content summaries, kept current, so a lookup asks the peers that may have a path
+//! instead of a fixed few (see `crate::summary` for what a summary is).
+//!
+//! The beacon carries each peer's summary version; [`PeerSummaries::run`] fetches a summary (a
+//! delta when it can) whenever a peer announces a version it does not have, at most
+//! [`FETCH_AT_ONCE`] at a time and at most once per [`MIN_FETCH_GAP`] per peer, through the
+//! proxy's peer client (so the node-id check, the timeouts and the no-redirect rule apply).
+//! What a summary says is only a hint: "no" for a peer whose summary is stale or missing is
+//! treated as "unknown", and every answer is still checked like any other.
+//!
+//! Bounds: one summary per peer in the table (entries of peers that left are dropped), each at
+//! most `summary::MAX_SUMMARY_BYTES` plus [`MAX_ADDED`] keys from deltas (then a full one is
+//! fetched); all together at most [`MAX_TOTAL_BYTES`] (beyond it, new peers stay "unknown").
+//! A newcomer in a hall of 500 hosts with 20,000 paths each downloads about 23 MB once, then
+//! deltas.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::StreamExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use xorf::BinaryFuse16;
+
+use super::Proxy;
+use crate::beacon::wire::NodeId;
+use crate::summary::{self, Summary};
+
+/// Summaries fetched at once.
+pub const FETCH_AT_ONCE: usize = 4;
+/// A peer's summary is fetched at most this often.
+pub const MIN_FETCH_GAP: Duration = Duration::from_secs(1);
+/// How often the table is checked for new versions.
+const CHECK_EVERY: Duration = Duration::from_millis(500);
+/// Keys kept from deltas per peer before a full summary is fetched instead.
+pub const MAX_ADDED: usize = 65_536;
+/// Memory for all summaries together.
+pub const MAX_TOTAL_BYTES: usize = 48 * 1024 * 1024;
+
+/// What a peer's summary says of a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hint {
+    /// Its current summary holds the path (or a false positive, about 1 in 65,000).
+    Maybe,
+    /// Its current summary does not hold the path.
+    No,
+    /// No current summary: it publishes none, it changed since, or it was not fetched yet.
+    Unknown,
+}
+
+struct Held {
+    version: u64,
+    filter: Option<BinaryFuse16>,
+    added: HashSet<u64>,
+    bytes: usize,
+}
+
+impl Held {
+    fn size(filter: Option<&BinaryFuse16>, added: usize) -> usize {
+        filter.map_or(0, |f| f.fingerprints.len() * 2) + added * 16 + 128
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    held: HashMap<NodeId, Held>,
+    /// When each peer's summary was last asked for.
+    asked: HashMap<NodeId, Instant>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+pub struct PeerSummaries {
+    inner: Mutex<Inner>,
+}
+
+impl PeerSummaries {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What `node`'s summary says of `key`, given the version it announces now.
+    pub fn hint(&self, node: &NodeId, announced: Option<u64>, key: u64) -> Hint {
+        let Some(announced) = announced else {
+            return Hint::Unknown;
+        };
+        let inner = self.lock();
+        let Some(h) = inner.held.get(node) else {
+            return Hint::Unknown;
+        };
+        if h.added.contains(&key) || summary::may_contain(h.filter.as_ref(), key) {
+            Hint::Maybe
+        } else if h.version == announced {
+            Hint::No
+        } else {
+            Hint::Unknown
+        }
+    }
+
+    /// Applies a fetched summary. False when it did not fit (a delta from another version, or
+    /// over a memory cap): then nothing is held for the peer, so its next summary is a full one.
+    fn apply(&self, node: NodeId, s: Summary) -> bool {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let old = inner.held.remove(&node);
+        if let Some(o) = &old {
+            inner.bytes -= o.bytes;
+        }
+        let held = match (s, old) {
+            (Summary::Full { version, filter }, _) => Held {
+                bytes: Held::size(filter.as_ref(), 0),
+                version,
+                filter,
+                added: HashSet::new(),
+            },
+            (Summary::Delta { from, version, keys }, Some(mut o)) if o.version == from => {
+                o.added.extend(keys);
+                if o.added.len() > MAX_ADDED {
+                    return false;
+                }
+                o.version = version;
+                o.bytes = Held::size(o.filter.as_ref(), o.added.len());
+                o
+            }
+            _ => return false,
+        };
+        if inner.bytes + held.bytes > MAX_TOTAL_BYTES {
+            return false;
+        }
+        inner.bytes += held.bytes;
+        inner.held.insert(node, held);
+        true
+    }
+
+    /// Drops what is held of peers that left.
+    fn retain(&self, live: &HashSet<NodeId>) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let mut freed = 0;
+        inner.held.retain(|n, h| {
+            let keep = live.contains(n);
+            if !keep {
+                freed += h.bytes;
+            }
+            keep
+        });
+        inner.bytes -= freed;
+        inner.asked.retain(|n, _| live.contains(n));
+    }
+
+    /// Bytes held, for the status report.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// The version held of `node`'s summary.
+    pub fn version(&self, node: &NodeId) -> Option<u64> {
+        self.lock().held.get(node).map(|h| h.version)
+    }
+
+    /// Peers whose announced version we lack and that were not asked too recently, marked as
+    /// asked now; with the version we hold (for a delta).
+    fn due(&self, announced: &[(NodeId, u64)]) -> Vec<(NodeId, Option<u64>)> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (node, v) in announced {
+            let have = inner.held.get(node).map(|h| h.version);
+            if have == Some(*v) {
+                continue;
+            }
+            if inner
+                .asked
+                .get(node)
+                .is_some_and(|t| now.duration_since(*t) < MIN_FETCH_GAP)
+            {
+                continue;
+            }
+            inner.asked.insert(*node, now);
+            out.push((*node, have));
+        }
+        out
+    }
+
+    /// Keeps the summaries of the table's peers current until `shutdown`.
+    pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
+        let Some(table) = proxy.sources.table().cloned() else {
+            return shutdown.cancelled().await;
+        };
+        let me = &proxy.summaries;
+        loop {
+            let peers = table.peers();
+            me.retain(&peers.iter().map(|p| p.node).collect());
+            let announced: Vec<(NodeId, u64)> = peers
+                .iter()
+                .filter(|p| proxy.peer_usable(&p.node))
+                .filter_map(|p| p.summary.map(|v| (p.node, v)))
+                .collect();
+            let due = me.due(&announced);
+            let work = futures_util::stream::iter(due)
+                .map(|(node, have)| {
+                    let proxy = &proxy;
+                    async move { (node, have, proxy.sources.summary(&node, have).await) }
+                })
+                .buffer_unordered(FETCH_AT_ONCE)
+                .for_each(|(node, have, r)| async move {
+                    match r.map(|b| summary::decode(&b)) {
+                        // One that does not fit leaves nothing held: the next fetch is full.
+                        Ok(Ok(s)) => {
+                            if !me.apply(node, s) {
+                                tracing::debug!(%node, ?have, "summary not kept");
+                            }
+                        }
+                        Ok(Err(e)) => tracing::debug!(%node, error = %e, "bad summary"),
+                        Err(e) => tracing::debug!(%node, error = %e, "summary not fetched"),
+                    }
+                });
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = work => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(CHECK_EVERY) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u64) -> u64 {
+        i.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    #[tokio::test]
+    async fn hints_follow_the_announced_version_and_deltas() {
+        let s = PeerSummaries::default();
+        let n = NodeId([1; 16]);
+        let keys: Vec<u64> = (0..1000).map(key).collect();
+        assert_eq!(s.hint(&n, Some(1), key(5)), Hint::Unknown, "nothing fetched yet");
+        let full = summary::decode(&summary::encode_full(1, &keys).expect("encode")).expect("decode");
+        assert!(s.apply(n, full));
+        assert_eq!(s.hint(&n, Some(1), key(5)), Hint::Maybe);
+        assert_eq!(s.hint(&n, Some(1), key(5000)), Hint::No);
+        assert_eq!(s.hint(&n, None, key(5)), Hint::Unknown, "it stopped publishing");
+        // It announces version 2: what we hold is stale, so "no" becomes "unknown".
+        assert_eq!(s.hint(&n, Some(2), key(5000)), Hint::Unknown);
+        assert!(s.apply(
+            n,
+            Summary::Delta {
+                from: 1,
+                version: 2,
+                keys: vec![key(5000)]
+            }
+        ));
+        assert_eq!(s.hint(&n, Some(2), key(5000)), Hint::Maybe);
+        assert_eq!(s.hint(&n, Some(2), key(6000)), Hint::No);
+        assert_eq!(s.due(&[(n, 2)]), vec![], "current");
+        // A delta from a version we do not hold does not apply, and leaves nothing held, so
+        // the next fetch is a full summary.
+        assert!(!s.apply(
+            n,
+            Summary::Delta {
+                from: 7,
+                version: 8,
+                keys: vec![]
+            }
+        ));
+        assert_eq!(s.hint(&n, Some(8), key(5)), Hint::Unknown);
+        tokio::time::sleep(MIN_FETCH_GAP).await;
+        assert_eq!(s.due(&[(n, 8)]), vec![(n, None)]);
+        assert_eq!(s.due(&[(NodeId([2; 16]), 1)]), vec![(NodeId([2; 16]), None)]);
+        assert_eq!(s.due(&[(NodeId([2; 16]), 1)]), vec![], "not asked again at once");
+        s.retain(&HashSet::new());
+        assert_eq!(s.bytes(), 0, "peers that left take their summaries along");
+    }
+}

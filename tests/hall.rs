@@ -1,0 +1,93 @@
+//! The conference hall at a scale a test can afford (issue: 500 hosts on one link): many peers,
+//! one holder of each path. In-process fake peers on loopback addresses, publishing content
+//! summaries as store servers do; the proxy must find the one holder on the first lookup with
+//! few requests, instead of asking a fixed few.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::fake::*;
+use common::get;
+
+const PEERS: u8 = 48;
+const PATHS: usize = 24;
+
+fn nar_url(p: &FakePath) -> String {
+    format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32())
+}
+
+/// Each path is held by exactly one peer, the holders spread over the whole table.
+fn hall(rig: &Rig, with_summaries: bool) -> Vec<FakePath> {
+    let paths: Vec<FakePath> = (0..PATHS)
+        .map(|i| FakePath::new(&format!("p{i}"), 2000, i as u8))
+        .collect();
+    for id in 1..=PEERS {
+        let c = Arc::new(FakeCache::default());
+        // Peers 2, 4, 6, ... hold one path each: half the hall has nothing we want.
+        if id % 2 == 0 {
+            c.serve_path(&paths[(id as usize / 2 - 1) % PATHS]);
+        }
+        if with_summaries {
+            rig.peer_with_summary(c, id);
+        } else {
+            rig.peer(c, id);
+        }
+    }
+    paths
+}
+
+/// With summaries: every path is found on its first lookup, from its one holder, asking about
+/// one peer per lookup.
+#[test]
+fn one_holder_among_many_is_found_with_few_requests() {
+    let rig = Rig::new();
+    let paths = hall(&rig, true);
+    let (proxy, px) = rig.proxy(vec![]);
+    // The proxy fetches every peer's summary first (a newcomer learns the hall).
+    let t0 = Instant::now();
+    while px.status().peers.iter().filter(|p| p.summary.is_some()).count() < PEERS as usize {
+        assert!(t0.elapsed() < Duration::from_secs(20), "summaries not fetched");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in &paths {
+        assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200, "{}", p.path);
+        let nar = get(proxy, &nar_url(p));
+        assert_eq!(nar.status, 200);
+        assert!(nar.body == p.nar);
+    }
+    let s = px.stats();
+    assert_eq!(s.narinfo_hits_peer, PATHS as u64);
+    let per_lookup = s.narinfo_peer_requests as f64 / PATHS as f64;
+    assert!(per_lookup <= 2.0, "{per_lookup} peer requests per lookup ({s:?})");
+    // A miss asks no peer at all.
+    let before = px.stats().narinfo_peer_requests;
+    assert_eq!(get(proxy, &format!("/{:0>32}.narinfo", 9)).status, 404);
+    assert_eq!(
+        px.stats().narinfo_peer_requests,
+        before,
+        "a path no summary holds asks no peer"
+    );
+}
+
+/// Without summaries (an older hall): the fan-out is a random sample, not the same peers every
+/// time, so over a few lookups every peer is asked (a fixed fan-out never asks a holder outside
+/// its first 16).
+#[test]
+fn without_summaries_the_fan_out_rotates() {
+    let rig = Rig::new();
+    let caches: Vec<Arc<FakeCache>> = (1..=PEERS)
+        .map(|id| {
+            let c = Arc::new(FakeCache::default());
+            rig.peer(c.clone(), id);
+            c
+        })
+        .collect();
+    let (proxy, _) = rig.proxy(vec![]);
+    for i in 0..20 {
+        assert_eq!(get(proxy, &format!("/{:0>32}.narinfo", i)).status, 404);
+    }
+    let asked = caches.iter().filter(|c| c.requests_for(".narinfo") > 0).count();
+    assert!(asked > 40, "only {asked} of {PEERS} peers were ever asked");
+}

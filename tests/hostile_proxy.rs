@@ -1,0 +1,158 @@
+//! The proxy against hostile peers on the same link (issue: a hostile LAN, attacks 4 to 7): a
+//! forged announce that names a victim's address, a peer that redirects, a winner that drips,
+//! and two peers with one corrupt path each. In-process fakes on loopback; each test is bounded.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::fake::*;
+use common::get;
+use local_nix_cache::beacon::wire::{NodeId, FLAG_NAR_NONE};
+
+fn nar_url(p: &FakePath) -> String {
+    format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32())
+}
+
+/// Reflection: announces forged with many node ids, each naming a victim's address, make the
+/// proxy send the victim at most one request in all (the victim's answer does not name the
+/// announced node, so neither that node nor any other claiming the address is asked again).
+#[test]
+fn a_forged_announce_costs_the_victim_at_most_one_request() {
+    let p = FakePath::new("reflect", 1000, 20);
+    let rig = Rig::new();
+    let victim = Arc::new(FakeCache::default());
+    let victim_addr = rig.cache(victim.clone());
+    for i in 0..8u8 {
+        rig.announce(victim_addr, NodeId([100 + i; 16]), FLAG_NAR_NONE, None);
+    }
+    let honest = Arc::new(FakeCache::default());
+    honest.serve_path(&p);
+    rig.peer(honest, 1);
+    let (proxy, px) = rig.proxy(vec![]);
+    for i in 0..50 {
+        assert_eq!(get(proxy, &format!("/{:0>32}.narinfo", i)).status, 404);
+    }
+    assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+    assert_eq!(get(proxy, &nar_url(&p)).status, 200);
+    let sent = victim.requests.lock().expect("lock").len();
+    assert!(sent <= 1, "the victim got {sent} requests");
+    let st = px.status();
+    let impostors = st.peers.iter().filter(|p| p.health.impostor).count();
+    assert!(impostors >= 1, "the forged node that was asked is marked");
+}
+
+/// Redirects: a peer answering narinfo or NAR with a 302 is a failed answer, never followed
+/// (it could point the proxy at this host's own loopback services, or at a victim).
+#[test]
+fn a_redirecting_peer_is_not_followed() {
+    let p = FakePath::new("redirect", 2000, 21);
+    let rig = Rig::new();
+    let victim = Arc::new(FakeCache::default());
+    let victim_addr = rig.cache(victim.clone());
+    // Peer 1 redirects its narinfo; peer 2 sends an honest narinfo but redirects the NAR; both
+    // answer first. Peer 3 is honest but slower.
+    let to = |path: &str| format!("http://{victim_addr}{path}");
+    let narinfo = format!("/{}.narinfo", p.hash());
+    let r1 = Arc::new(FakeCache::default());
+    r1.set(&narinfo, Reply::Redirect(to(&narinfo)));
+    let r2 = Arc::new(FakeCache::default());
+    r2.serve_path(&p);
+    r2.set(&format!("/{}", p.info.url), Reply::Redirect(to("/nar")));
+    let honest = Arc::new(FakeCache::default());
+    honest.serve_path(&p);
+    honest.set(&narinfo, Reply::slow(p.info.render(), Duration::from_millis(300)));
+    rig.peer(r1, 1);
+    rig.peer(r2, 2);
+    rig.peer(honest, 3);
+    let (proxy, _) = rig.proxy(vec![]);
+    assert_eq!(get(proxy, &narinfo).status, 200);
+    let nar = get(proxy, &nar_url(&p));
+    assert_eq!(nar.status, 200);
+    assert!(nar.body == p.nar, "the NAR came from the honest peer");
+    assert_eq!(
+        victim.requests.lock().expect("lock").len(),
+        0,
+        "no redirect was followed"
+    );
+}
+
+/// A winner that drips: it answers the narinfo first, then sends the NAR a byte at a time. It
+/// is abandoned under the rate floor, marked, and the honest peer delivers, well within Nix's
+/// patience.
+#[test]
+fn a_dripping_winner_is_abandoned_for_an_honest_peer() {
+    let p = FakePath::new("drip", 20_000, 22);
+    let rig = Rig::new();
+    let drip = Arc::new(FakeCache::default());
+    drip.serve_path(&p);
+    drip.set(
+        &format!("/{}", p.info.url),
+        Reply::Drip {
+            body: p.nar.clone(),
+            every: Duration::from_millis(500),
+        },
+    );
+    let honest = Arc::new(FakeCache::default());
+    honest.serve_path(&p);
+    honest.set(
+        &format!("/{}.narinfo", p.hash()),
+        Reply::slow(p.info.render(), Duration::from_millis(300)),
+    );
+    rig.peer(drip, 1);
+    rig.peer(honest, 2);
+    let (proxy, px) = rig.proxy(vec![]);
+    assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+    let t0 = Instant::now();
+    let nar = get(proxy, &nar_url(&p));
+    let took = t0.elapsed();
+    assert_eq!(nar.status, 200);
+    assert!(nar.body == p.nar);
+    // The drip alone would take 30 s to end (60 bytes, one per 500 ms); the rate floor
+    // abandons it after one window.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let st = px.status();
+    let dripper = st
+        .peers
+        .iter()
+        .find(|x| x.node == NodeId([1; 16]).to_string())
+        .expect("dripper listed");
+    assert!(dripper.health.failures > 0, "the dripping peer is marked");
+}
+
+/// Two peers, each with one corrupt path (bit rot): a wrong NAR counts against that path on
+/// that peer first, so the other path is still fetched from it; both paths arrive.
+#[test]
+fn one_bad_path_does_not_shut_out_a_good_peer() {
+    let (x, y) = (FakePath::new("x", 3000, 23), FakePath::new("y", 3000, 24));
+    let rig = Rig::new();
+    let slow = Duration::from_millis(300);
+    let corrupt = |p: &FakePath| {
+        let mut bad = p.nar.to_vec();
+        let last = bad.len() - 100;
+        bad[last] ^= 0xff;
+        Reply::ok(bad)
+    };
+    // Peer A: X corrupt (answers first), Y intact (answers later). Peer B: the other way round.
+    let a = Arc::new(FakeCache::default());
+    a.serve_path(&x);
+    a.serve_path(&y);
+    a.set(&format!("/{}", x.info.url), corrupt(&x));
+    a.set(&format!("/{}.narinfo", y.hash()), Reply::slow(y.info.render(), slow));
+    let b = Arc::new(FakeCache::default());
+    b.serve_path(&x);
+    b.serve_path(&y);
+    b.set(&format!("/{}", y.info.url), corrupt(&y));
+    b.set(&format!("/{}.narinfo", x.hash()), Reply::slow(x.info.render(), slow));
+    rig.peer(a, 1);
+    rig.peer(b, 2);
+    let (proxy, px) = rig.proxy(vec![]);
+    for p in [&x, &y] {
+        assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+        let nar = get(proxy, &nar_url(p));
+        assert_eq!(nar.status, 200, "{} with both peers up", p.path);
+        assert!(nar.body == p.nar, "{}: right bytes", p.path);
+    }
+    assert_eq!(px.stats().lies, 2, "both corrupt NARs were caught");
+}
