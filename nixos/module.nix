@@ -90,6 +90,9 @@ in
       serviceConfig = {
         ExecStart = "${lib.getExe cfg.package} serve --config /etc/local-nix-cache/config.toml";
         Restart = "on-failure";
+        # Room for 1,024 LAN connections plus the proxy's; the store server derives its
+        # connection cap from this limit (docs/security.md).
+        LimitNOFILE = 65536;
         # Reads the store through the daemon socket (open to all users) and /nix/store
         # (world-readable); writes only its spool.
         DynamicUser = true;

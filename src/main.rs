@@ -18,6 +18,7 @@ fn main() -> anyhow::Result<()> {
         _ => LogFormat::Plain,
     };
     init_logging(log_format);
+    local_nix_cache::http::raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -3,9 +3,12 @@
 //! A path enters the index only after one of its signatures verified against a trusted key, so a
 //! narinfo hit costs one hash lookup and no daemon round trip. The index is filled by a full scan
 //! at start, refreshed by periodic rescans (new paths added, vanished paths dropped), and on a miss
-//! the server asks the daemon before answering 404, so a path added between scans is found at
-//! once. Invariant: every entry was verified against the trusted keys; memory is capped at
-//! `max_bytes` of rendered narinfo (past that, paths are served through the daemon, uncached).
+//! the server asks the daemon before answering 404 ([`lookup_daemon`]), so a path added between
+//! scans is found at once. Invariant: every entry was verified against the trusted keys; memory is
+//! capped at `max_bytes` of rendered narinfo (past that, paths are served through the daemon,
+//! uncached). A miss costs the daemon the same two round trips whether the path is absent,
+//! unsigned or untrusted, and the server answers every miss at the same time after the request
+//! (`server::MISS_ANSWER_AFTER`), so its timing does not tell them apart.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -245,4 +248,37 @@ async fn scan(
         }
     }
     Ok((valid.len(), added))
+}
+
+/// Asks the daemon for `hash` and indexes it if servable. Two round trips whether or not the
+/// path exists (for an absent one, the second asks for a path that cannot be valid), so the
+/// daemon's work hardly differs between an unsigned and an absent path. Daemon errors are logged
+/// and count as a miss.
+pub async fn lookup_daemon(
+    store: &Store,
+    index: &Index,
+    keys: &TrustedKeys,
+    hash: &StorePathHash,
+) -> Option<Arc<Entry>> {
+    let r = async {
+        match store.path_from_hash_part(hash).await? {
+            Some(path) => store.path_info(&path).await,
+            None => {
+                let decoy = format!("{}/{hash}-absent", store.store_dir());
+                if let Ok(p) = StorePath::parse(store.store_dir(), &decoy) {
+                    store.path_info(&p).await?;
+                }
+                Ok(None)
+            }
+        }
+    }
+    .await;
+    match r {
+        Ok(Some(info)) => Entry::servable(&info, keys).map(|e| index.insert(e)),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(%hash, error = %e, "daemon lookup failed; answering 404");
+            None
+        }
+    }
 }

@@ -9,6 +9,7 @@
 pub mod index;
 pub mod source;
 pub mod summary;
+pub mod transfers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,10 +23,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache_url::{self, CacheRoute, NarEncoding, RouteError};
-use crate::http::{self as h, Body};
+use crate::http::{self as h, Body, ConnLimits, Pace, PaceError};
 use crate::narinfo::{NarHash, StorePathHash, TrustedKeys};
 use crate::store::{NarStream, Store};
 use index::{Entry, Index};
+use transfers::Transfers;
 
 /// The conference one-liner's script; `@PEER@` and `@SHA256@` are filled in per request.
 const INSTALL_SCRIPT: &str = include_str!("install.sh");
@@ -35,6 +37,44 @@ pub const PRIORITY: u32 = 30;
 /// NAR chunks buffered between the NAR source and a client (64 KiB from the daemon, 128 KiB from
 /// disk): with the source's own buffer, about 1 MiB per stream.
 const NAR_CHANNEL_CHUNKS: usize = 4;
+/// Store-server connections at most; a low open-file limit lowers it ([`connection_limits`]).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Fewest store-server connections, however low the open-file limit.
+const MIN_CONNECTIONS: usize = 16;
+/// Open files kept out of the store server's connection cap: the proxy's listener and its
+/// upstream and peer connections get at least as many as the store server, after this reserve
+/// for daemon connections, NAR files being read, spool files, beacon sockets and the binary.
+pub const FD_RESERVE: u64 = 256;
+/// Connections per client address (IPv6: per /64): a Nix client opens up to 25
+/// (`http-connections`), a benchmark 64; past it, the address's own oldest idle connection is
+/// closed.
+pub const MAX_CONNECTIONS_PER_ADDR: usize = 64;
+/// Request headers must arrive within this time (LAN clients send them at once); also the
+/// longest a kept-alive connection may sit idle.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the server looks whether its transfers went idle, to hand freed memory back.
+const TRIM_CHECK: Duration = Duration::from_secs(2);
+/// A miss (absent, unsigned or untrusted path) is answered this long after the request arrived,
+/// not sooner: the daemon's answers take longer for a path it holds than for one it does not,
+/// and a peer timing the 404s must not learn which private paths exist. Well above the two
+/// daemon round trips of a miss (about 0.2 ms), small beside a Nix client's other waits.
+pub const MISS_ANSWER_AFTER: Duration = Duration::from_millis(5);
+
+/// The store server's connection limits under an open-file limit of `nofile`: half of what is
+/// left after [`FD_RESERVE`], so the proxy on the same process can never be starved of
+/// descriptors by LAN clients.
+pub fn connection_limits(nofile: Option<u64>) -> ConnLimits {
+    let max = match nofile {
+        Some(n) => (n.saturating_sub(FD_RESERVE) / 2).clamp(MIN_CONNECTIONS as u64, MAX_CONNECTIONS as u64) as usize,
+        None => MAX_CONNECTIONS,
+    };
+    ConnLimits {
+        max,
+        per_addr: MAX_CONNECTIONS_PER_ADDR.min(max),
+        header_timeout: HEADER_TIMEOUT,
+    }
+}
+
 /// What a request to the store server asks for: a binary-cache route, or the one-liner's files.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
@@ -70,6 +110,8 @@ pub struct StoreServer {
     stall_timeout: Duration,
     /// sha256 and size of this process's binary, computed on the first `/install` request.
     binary: tokio::sync::OnceCell<Option<(String, u64)>>,
+    /// Slots for streamed bodies: a cap, a share per address, a queue with a deadline.
+    transfers: Arc<Transfers>,
     /// This node's id, sent in [`cache_url::NODE_HEADER`] on every response, so a proxy can
     /// confirm it talks to the node that announced this address.
     node_header: Option<HeaderValue>,
@@ -79,6 +121,7 @@ pub struct StoreServer {
 
 impl StoreServer {
     pub fn new(store: Store, index: Arc<Index>, keys: TrustedKeys) -> Self {
+        let daemon_streams = store.daemon_nar_streams();
         let cache_info = Bytes::from(format!(
             "StoreDir: {}\nWantMassQuery: 1\nPriority: {PRIORITY}\n",
             store.store_dir()
@@ -90,6 +133,17 @@ impl StoreServer {
             cache_info,
             stall_timeout: Duration::from_secs(60),
             binary: tokio::sync::OnceCell::new(),
+            // Through the daemon, a transfer holds a daemon connection: no more transfers than
+            // the connections NAR streams may use, so the fair queue decides who gets them.
+            transfers: Arc::new(match daemon_streams {
+                Some(n) => Transfers::new(
+                    n.min(transfers::MAX_TRANSFERS),
+                    transfers::MAX_TRANSFERS_PER_ADDR,
+                    transfers::MAX_WAITING_PER_ADDR,
+                    transfers::QUEUE_WAIT,
+                ),
+                None => Transfers::default(),
+            }),
             node_header: None,
             summary: None,
         }
@@ -117,6 +171,12 @@ impl StoreServer {
 
     pub fn with_node_id(mut self, node: crate::beacon::wire::NodeId) -> Self {
         self.node_header = HeaderValue::from_str(&node.to_string()).ok();
+        self
+    }
+
+    /// Replaces the transfer limits (tests use small ones).
+    pub fn with_transfers(mut self, t: Transfers) -> Self {
+        self.transfers = Arc::new(t);
         self
     }
 
@@ -175,38 +235,35 @@ impl StoreServer {
         r
     }
 
-    async fn install_binary(&self) -> Response<Body> {
+    async fn install_binary(&self, peer: SocketAddr, head: bool) -> Response<Body> {
         let Some((_, size)) = self.binary_digest().await else {
             return h::not_found();
         };
         let Ok(path) = std::env::current_exe() else {
             return h::not_found();
         };
-        let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
-        tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let Ok(mut f) = std::fs::File::open(&path) else {
-                return;
-            };
-            let mut left = size;
-            while left > 0 {
-                let mut buf = vec![0u8; (128 * 1024).min(left as usize)];
-                match f.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.blocking_send(Err(std::io::Error::other("binary changed while sent")));
-                        return;
-                    }
-                    Ok(n) => {
-                        buf.truncate(n);
-                        left -= n as u64;
-                        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                            return;
-                        }
-                    }
+        let body = if head {
+            Body::empty()
+        } else {
+            let permit = match self.transfers.acquire(peer.ip()).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "no transfer slot for /install; answering 404");
+                    return h::not_found();
                 }
-            }
-        });
-        let mut r = Response::new(Body::Stream(rx));
+            };
+            let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
+            let stall = self.stall_timeout;
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = send_file(&path, size, &tx, Pace::new(stall)).await {
+                    tracing::info!(%peer, error = %e, "binary transfer aborted");
+                    let _ = tx.try_send(Err(std::io::Error::other(e)));
+                }
+            });
+            Body::Stream(rx)
+        };
+        let mut r = Response::new(body);
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
@@ -220,31 +277,23 @@ impl StoreServer {
         self
     }
 
-    /// The servable entry for `hash`: from the index, else asked of the daemon (and indexed).
-    /// Daemon errors are logged and count as a miss.
-    async fn lookup(&self, hash: &StorePathHash) -> Option<Arc<Entry>> {
+    /// The servable entry for `hash`: from the index, else asked of the daemon (and indexed), so
+    /// a path added or signed since the last scan is served at once. A miss is answered
+    /// [`MISS_ANSWER_AFTER`] after `arrived`, whatever the daemon took (when it took longer, as
+    /// soon as it answered).
+    async fn lookup(&self, hash: &StorePathHash, arrived: tokio::time::Instant) -> Option<Arc<Entry>> {
         if let Some(e) = self.index.get(hash) {
             return Some(e);
         }
-        let r = async {
-            let Some(path) = self.store.path_from_hash_part(hash).await? else {
-                return Ok(None);
-            };
-            self.store.path_info(&path).await
+        let found = index::lookup_daemon(&self.store, &self.index, &self.keys, hash).await;
+        if found.is_none() {
+            tokio::time::sleep_until(arrived + MISS_ANSWER_AFTER).await;
         }
-        .await;
-        match r {
-            Ok(Some(info)) => Entry::servable(&info, &self.keys).map(|e| self.index.insert(e)),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(%hash, error = %e, "daemon lookup failed; answering 404");
-                None
-            }
-        }
+        found
     }
 
-    async fn narinfo(&self, hash: &StorePathHash) -> Response<Body> {
-        match self.lookup(hash).await {
+    async fn narinfo(&self, hash: &StorePathHash, arrived: tokio::time::Instant) -> Response<Body> {
+        match self.lookup(hash, arrived).await {
             Some(e) => h::ok(e.narinfo.clone(), "text/x-nix-narinfo"),
             None => h::not_found(),
         }
@@ -253,13 +302,27 @@ impl StoreServer {
     async fn nar(
         &self,
         req: &Request<Incoming>,
+        peer: SocketAddr,
         hash: &StorePathHash,
         nar_hash: &NarHash,
         zstd: bool,
+        arrived: tokio::time::Instant,
     ) -> Response<Body> {
         let started = Instant::now();
-        let Some(entry) = self.lookup(hash).await.filter(|e| e.nar_hash == *nar_hash) else {
+        let Some(entry) = self.lookup(hash, arrived).await.filter(|e| e.nar_hash == *nar_hash) else {
             return h::not_found();
+        };
+        // A slot first (the queue may take a while), then the validity check right before the NAR.
+        let permit = if req.method() == Method::HEAD {
+            None
+        } else {
+            match self.transfers.acquire(peer.ip()).await {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    tracing::info!(%peer, path = %entry.path, error = %e, "no transfer slot; answering 404");
+                    return h::not_found();
+                }
+            }
         };
         // The daemon's NarFromPath does not check validity: ask for the path info right before,
         // and make sure it still is the NAR the URL names.
@@ -297,14 +360,15 @@ impl StoreServer {
             // With zstd, the pump feeds an encoder task, which feeds the client.
             let (pump_tx, client_rx) = if zstd {
                 let (raw_tx, raw_rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
-                tokio::spawn(compress(raw_rx, tx, stall));
+                tokio::spawn(compress(raw_rx, tx, Pace::new(stall), permit.clone()));
                 (raw_tx, rx)
             } else {
                 (tx, rx)
             };
             let tx = pump_tx;
             tokio::spawn(async move {
-                let r = pump(stream, &tx, start, end, stall).await;
+                let _permit = permit;
+                let r = pump(stream, &tx, start, end, Pace::new(stall)).await;
                 let ms = started.elapsed().as_millis() as u64;
                 match r {
                     Ok(bytes) => tracing::info!(%path, bytes, ms, "NAR served"),
@@ -332,11 +396,12 @@ impl StoreServer {
 const PEER_ZSTD_LEVEL: i32 = 1;
 
 /// Compresses the NAR chunks from `raw` into `tx`. An error on `raw` aborts the response, so a
-/// broken NAR never ends in a well-formed zstd frame.
-async fn compress(
+/// broken NAR never ends in a well-formed zstd frame. Holds the transfer's slot until done.
+async fn compress<P>(
     raw: mpsc::Receiver<Result<Bytes, std::io::Error>>,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
-    stall: Duration,
+    mut pace: Pace,
+    _permit: P,
 ) {
     use async_compression::tokio::bufread::ZstdEncoder;
     use tokio::io::AsyncReadExt;
@@ -353,9 +418,13 @@ async fn compress(
             Err(e) => Err(e),
         };
         let failed = item.is_err();
-        match tokio::time::timeout(stall, tx.send(item)).await {
-            Ok(Ok(())) if !failed => {}
-            _ => return,
+        match pace.send(&tx, item).await {
+            Ok(()) if !failed => {}
+            Ok(()) => return,
+            Err(e) => {
+                tracing::info!(error = %e, "compressed NAR transfer aborted");
+                return;
+            }
         }
     }
 }
@@ -365,10 +434,8 @@ async fn compress(
 enum PumpError {
     #[error(transparent)]
     Store(#[from] crate::store::Error),
-    #[error("client accepted no data for {0:?}")]
-    Stalled(Duration),
-    #[error("client went away")]
-    Gone,
+    #[error(transparent)]
+    Client(#[from] PaceError),
 }
 
 /// Copies bytes `start..=end` of the NAR to the client. Returns the bytes sent.
@@ -377,7 +444,7 @@ async fn pump(
     tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
     start: u64,
     end: u64,
-    stall: Duration,
+    mut pace: Pace,
 ) -> Result<u64, PumpError> {
     let mut pos = 0u64;
     let mut sent = 0u64;
@@ -391,11 +458,7 @@ async fn pump(
         let to = ((end + 1).min(c_end) - c_start) as usize;
         let piece = chunk.slice(from..to);
         sent += piece.len() as u64;
-        match tokio::time::timeout(stall, tx.send(Ok(piece))).await {
-            Err(_) => return Err(PumpError::Stalled(stall)),
-            Ok(Err(_)) => return Err(PumpError::Gone),
-            Ok(Ok(())) => {}
-        }
+        pace.send(tx, Ok(piece)).await?;
         if c_end > end {
             // The client asked for less than the whole NAR; the connection is dropped mid-NAR.
             return Ok(sent);
@@ -410,22 +473,26 @@ fn hv(s: String) -> HeaderValue {
 }
 
 impl h::Handler for StoreServer {
-    async fn handle(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let arrived = tokio::time::Instant::now();
         let Some(head) = h::is_head(req.method()) else {
             return h::method_not_allowed();
         };
         let mut resp = match route(req.uri().path()) {
             Ok(Route::Cache(CacheRoute::CacheInfo)) => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
             Ok(Route::Install) => self.install_script(&req).await,
-            Ok(Route::InstallBinary) => self.install_binary().await,
+            Ok(Route::InstallBinary) => self.install_binary(peer, head).await,
             Ok(Route::InstallSource) => h::ok(Bytes::from_static(source::TARBALL), "application/x-tar"),
             Ok(Route::Summary) => self.summary(&req),
-            Ok(Route::Cache(CacheRoute::NarInfo(hash))) => self.narinfo(&hash).await,
+            Ok(Route::Cache(CacheRoute::NarInfo(hash))) => self.narinfo(&hash, arrived).await,
             Ok(Route::Cache(CacheRoute::Nar {
                 hash,
                 nar_hash,
                 encoding,
-            })) => self.nar(&req, &hash, &nar_hash, encoding == NarEncoding::Zstd).await,
+            })) => {
+                self.nar(&req, peer, &hash, &nar_hash, encoding == NarEncoding::Zstd, arrived)
+                    .await
+            }
             Err(e) => e.into_response(),
         };
         if head {
@@ -445,7 +512,9 @@ pub struct Running {
     pub parts: Vec<(&'static str, BoxFuture<'static, ()>)>,
 }
 
-/// The store server's parts: the index keeper and one accept loop per listener.
+/// The store server's parts: the index keeper, the task that hands memory back after bursts,
+/// and one accept loop per listener. The connection cap follows this process's open-file limit
+/// ([`connection_limits`]).
 pub fn parts(
     server: Arc<StoreServer>,
     listeners: Vec<tokio::net::TcpListener>,
@@ -464,6 +533,22 @@ pub fn parts(
             shutdown.clone(),
         )),
     ));
+    let limits = connection_limits(h::nofile_limit());
+    tracing::info!(
+        connections = limits.max,
+        per_address = limits.per_addr,
+        transfers = transfers::MAX_TRANSFERS,
+        "store server limits"
+    );
+    let admission = Arc::new(h::Admission::new(limits));
+    parts.push((
+        "memory release",
+        Box::pin(release_memory_when_idle(
+            server.transfers.clone(),
+            admission.clone(),
+            shutdown.clone(),
+        )),
+    ));
     for l in listeners {
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "store server listening");
@@ -471,15 +556,100 @@ pub fn parts(
         }
         parts.push((
             "store server listener",
-            Box::pin(h::serve(l, server.clone(), shutdown.clone())),
+            Box::pin(h::serve_with(l, server.clone(), admission.clone(), shutdown.clone())),
         ));
     }
     Running { addrs, parts }
 }
 
+/// Connections that count as a burst: once the open ones fall to a quarter of such a peak,
+/// the memory they freed is handed back.
+const CONNECTION_BURST: usize = 256;
+
+/// After a burst (of transfers, once none runs or waits; of connections, once most have
+/// closed), hands the memory it freed back to the system ([`h::release_free_memory`]), so RSS
+/// returns near its baseline.
+async fn release_memory_when_idle(
+    transfers: Arc<Transfers>,
+    admission: Arc<h::Admission>,
+    shutdown: CancellationToken,
+) {
+    let mut seen = 0;
+    let mut conn_peak = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TRIM_CHECK) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        conn_peak = conn_peak.max(admission.take_peak());
+        let open = admission.open();
+        let conns_gone = conn_peak >= CONNECTION_BURST && open <= conn_peak / 4;
+        if conns_gone {
+            conn_peak = open;
+        }
+        if transfers.went_idle(&mut seen) || conns_gone {
+            let _ = tokio::task::spawn_blocking(h::release_free_memory).await;
+        }
+    }
+}
+
+/// Streams `size` bytes of the file at `path` to `tx`, paced. Fails if the file changed size.
+async fn send_file(
+    path: &std::path::Path,
+    size: u64,
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    mut pace: Pace,
+) -> Result<(), FileSendError> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut left = size;
+    while left > 0 {
+        let mut buf = bytes::BytesMut::with_capacity((128 * 1024).min(left as usize));
+        let n = f.read_buf(&mut buf).await?;
+        if n == 0 {
+            return Err(FileSendError::Changed);
+        }
+        left = left.saturating_sub(n as u64);
+        pace.send(tx, Ok(buf.freeze())).await?;
+    }
+    Ok(())
+}
+
+/// Why sending the binary stopped early.
+#[derive(Debug, thiserror::Error)]
+enum FileSendError {
+    #[error("reading the binary: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the binary changed while sent")]
+    Changed,
+    #[error(transparent)]
+    Client(#[from] PaceError),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_connection_cap_leaves_descriptors_for_the_proxy() {
+        for (nofile, want) in [
+            (None, MAX_CONNECTIONS),
+            (Some(1024), 384),
+            (Some(4096), 1024),
+            (Some(524_288), 1024),
+            (Some(300), 22),
+            (Some(256), MIN_CONNECTIONS),
+            (Some(0), MIN_CONNECTIONS),
+        ] {
+            let l = connection_limits(nofile);
+            assert_eq!(l.max, want, "{nofile:?}");
+            assert!(l.per_addr <= l.max);
+            if let Some(n) = nofile.filter(|&n| n >= 2 * FD_RESERVE) {
+                // What the store server may hold leaves at least as much for the rest.
+                assert!(l.max as u64 <= n - FD_RESERVE - l.max as u64, "{n}");
+            }
+        }
+    }
 
     #[test]
     fn install_routes_before_cache_routes() {

@@ -4,7 +4,9 @@
 //! by hash part, and NAR streams. Underneath, a bounded [`pool`] of daemon connections (over the
 //! daemon socket, or `nix-daemon --stdio` children when there is no socket). Invariants: every
 //! operation has a deadline, so a stuck daemon never pins a request; a connection that saw any
-//! error is dropped, never reused; a daemon restart costs at most one retried operation.
+//! error is dropped, never reused; a daemon restart costs at most one retried operation; NAR
+//! streams through the daemon never hold the last [`QUERY_RESERVE`] connections, so queries
+//! (path info before each NAR, miss checks, scans) always find one.
 
 pub mod daemon;
 pub mod dump;
@@ -14,7 +16,10 @@ mod pool;
 use std::io;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -31,6 +36,8 @@ pub const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 pub const OP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest wait for the daemon to produce the next NAR bytes.
 pub const NAR_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Daemon connections NAR streams leave to queries (when the pool has more than this).
+pub const QUERY_RESERVE: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -160,6 +167,9 @@ impl PathInfo {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// One permit per daemon connection a NAR stream may hold: the pool size less
+    /// [`QUERY_RESERVE`] (at least one).
+    nar_streams: Arc<Semaphore>,
     /// The logical store directory (`/nix/store`), for parsing what the daemon returns.
     store_dir: String,
     /// Where the store directory physically is, when this process can read it: NARs are then
@@ -173,8 +183,14 @@ const DUMP_CHANNEL_CHUNKS: usize = 2;
 
 impl Store {
     pub fn new(addr: StoreAddr, store_dir: impl Into<String>, pool_size: usize) -> Self {
+        let streams = if pool_size > QUERY_RESERVE {
+            pool_size - QUERY_RESERVE
+        } else {
+            pool_size.max(1)
+        };
         Self {
             pool: Pool::new(addr, pool_size),
+            nar_streams: Arc::new(Semaphore::new(streams)),
             store_dir: store_dir.into(),
             real_store_dir: None,
         }
@@ -188,6 +204,15 @@ impl Store {
 
     pub fn store_dir(&self) -> &str {
         &self.store_dir
+    }
+
+    /// NAR streams that can run at once when NARs come through the daemon (no physical store
+    /// directory), `None` when they are read from disk.
+    pub fn daemon_nar_streams(&self) -> Option<usize> {
+        match self.real_store_dir {
+            None => Some(self.nar_streams.available_permits()),
+            Some(_) => None,
+        }
     }
 
     /// Runs one query on a pooled connection, with a deadline and one retry on a fresh
@@ -257,6 +282,10 @@ impl Store {
             }
         }
         let path = info.path.to_string();
+        let stream_permit = tokio::time::timeout(pool::POOL_WAIT, self.nar_streams.clone().acquire_owned())
+            .await
+            .map_err(|_| Error::Busy)?
+            .map_err(|_| Error::Busy)?;
         let mut retried = false;
         loop {
             let mut conn = self.pool.get().await?;
@@ -266,6 +295,7 @@ impl Store {
                         source: Source::Daemon {
                             conn: Box::new(conn),
                             framer: NarFramer::new(),
+                            _permit: stream_permit,
                         },
                         path,
                         nar_size: info.nar_size,
@@ -308,6 +338,8 @@ enum Source {
     Daemon {
         conn: Box<pool::PooledConn>,
         framer: NarFramer,
+        /// One of the connections NAR streams may hold.
+        _permit: OwnedSemaphorePermit,
     },
     /// A blocking thread dumping the path from disk; it stops when this receiver is dropped.
     Disk(tokio::sync::mpsc::Receiver<Result<Bytes, dump::DumpError>>),
@@ -328,7 +360,7 @@ impl NarStream {
     /// from the path info's (a complete NAR of the wrong size is never delivered whole).
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, Error> {
         let chunk = match &mut self.source {
-            Source::Daemon { conn, framer } => conn.read_nar_chunk(framer, NAR_IDLE_TIMEOUT).await?,
+            Source::Daemon { conn, framer, .. } => conn.read_nar_chunk(framer, NAR_IDLE_TIMEOUT).await?,
             Source::Disk(rx) => match tokio::time::timeout(NAR_IDLE_TIMEOUT, rx.recv()).await {
                 Err(_) => return Err(Error::Timeout("reading a NAR from disk")),
                 Ok(None) => None,

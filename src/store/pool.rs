@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::{DaemonConnection, Error, StoreAddr, DEFAULT_SOCKET, OP_TIMEOUT};
 
 /// Longest wait for a free connection before a request gives up (and answers like a miss).
-const POOL_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const POOL_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct Pool {

@@ -1,0 +1,380 @@
+//! Admission of NAR (and binary) transfers: a global cap, a share per client address, and one
+//! fair queue with a deadline.
+//!
+//! Invariant: at most `max` bodies (default [`MAX_TRANSFERS`]) are streamed at once, at most
+//! [`MAX_TRANSFERS_PER_ADDR`] of them to one client address (IPv6: one /64), and at most
+//! [`MAX_WAITING_PER_ADDR`] more of that address wait. A freed slot goes to the waiting request
+//! whose address streams the fewest bodies (ties: the address with the fewest waiting, then the
+//! earliest), so an honest newcomer gets the next free slot however many requests attacking
+//! addresses keep queued (unless they spread over more addresses than there are slots, each
+//! with a single request: then it waits its turn among them). A request that
+//! cannot start within [`QUEUE_WAIT`] is answered like a miss (404), before any header is sent.
+//! Together with [`crate::http::Pace`] (a transfer lives only while its client keeps up), this
+//! bounds the blocking threads, daemon connections, encoders and buffers clients can make the
+//! server hold.
+//!
+//! Memory per transfer, worst case (a `.nar.zst` from disk): the dump's buffer and channel
+//! (3 × 128 KiB), the raw and client channels (2 × 4 × 128 KiB), hyper's write buffer (one
+//! chunk), the zstd level-1 encoder (about 1.3 MiB): under 3 MiB, so under 96 MiB for
+//! [`MAX_TRANSFERS`]. The table itself: one entry per waiting request and per address present.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::http::addr_key;
+
+/// Bodies streamed at once (NARs, compressed or not, and the installer's binary).
+pub const MAX_TRANSFERS: usize = 32;
+/// Bodies streamed at once to one client address: a peer's proxy or a Nix client fetching in
+/// parallel gets a fair share, and a few addresses cannot take every slot.
+pub const MAX_TRANSFERS_PER_ADDR: usize = 8;
+/// Requests of one address that may wait for a slot (beyond those it streams); more are 404 at
+/// once.
+pub const MAX_WAITING_PER_ADDR: usize = 8;
+/// Longest wait for a slot; then 404, like a miss (a Nix client moves on to its next substituter).
+pub const QUEUE_WAIT: Duration = Duration::from_secs(20);
+
+/// The transfer slots of one server.
+pub struct Transfers {
+    state: Mutex<State>,
+    max_per_addr: usize,
+    max_waiting_per_addr: usize,
+    wait: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    free: usize,
+    /// All slots (free ones included).
+    max: usize,
+    /// Slots granted so far: tells whether any transfer ran since the last look.
+    granted: u64,
+    /// Per client key present: (streaming, waiting). Removed when both are zero.
+    keys: HashMap<IpAddr, (usize, usize)>,
+    /// Waiting requests in arrival order.
+    queue: VecDeque<Waiter>,
+    next_id: u64,
+}
+
+struct Waiter {
+    id: u64,
+    key: IpAddr,
+    grant: oneshot::Sender<()>,
+}
+
+impl State {
+    fn forget_if_idle(&mut self, key: IpAddr) {
+        if self.keys.get(&key) == Some(&(0, 0)) {
+            self.keys.remove(&key);
+        }
+    }
+
+    /// Hands free slots to waiters: the address streaming the fewest first, among those the one
+    /// with the fewest requests waiting, then the earliest.
+    fn dispatch(&mut self, max_per_addr: usize) {
+        while self.free > 0 {
+            let best = self
+                .queue
+                .iter()
+                .enumerate()
+                .filter_map(|(i, w)| {
+                    let (streaming, waiting) = self.keys.get(&w.key).copied().unwrap_or((0, 0));
+                    (streaming < max_per_addr).then_some((streaming, waiting, i))
+                })
+                .min();
+            let Some((_, _, i)) = best else { return };
+            let Some(w) = self.queue.remove(i) else { return };
+            let k = self.keys.entry(w.key).or_insert((0, 0));
+            k.1 -= 1;
+            if w.grant.send(()).is_ok() {
+                k.0 += 1;
+                self.free -= 1;
+                self.granted += 1;
+            } else {
+                self.forget_if_idle(w.key);
+            }
+        }
+    }
+}
+
+/// A held transfer slot, released on drop.
+pub struct Permit {
+    transfers: Arc<Transfers>,
+    key: IpAddr,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut st = self.transfers.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = st.keys.get_mut(&self.key) {
+            k.0 -= 1;
+        }
+        st.free += 1;
+        st.forget_if_idle(self.key);
+        st.dispatch(self.transfers.max_per_addr);
+    }
+}
+
+/// Takes a waiter out of the queue if its request gave up (timeout, or the client went away).
+struct WaitGuard<'a> {
+    transfers: &'a Arc<Transfers>,
+    id: u64,
+    key: IpAddr,
+    rx: oneshot::Receiver<()>,
+    /// The grant was taken over by a [`Permit`].
+    granted: bool,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if self.granted {
+            return;
+        }
+        let mut st = self.transfers.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = st.queue.iter().position(|w| w.id == self.id) {
+            st.queue.remove(i);
+            if let Some(k) = st.keys.get_mut(&self.key) {
+                k.1 -= 1;
+            }
+            st.forget_if_idle(self.key);
+        } else if self.rx.try_recv().is_ok() {
+            // Granted, but nobody will use it: give the slot back.
+            if let Some(k) = st.keys.get_mut(&self.key) {
+                k.0 -= 1;
+            }
+            st.free += 1;
+            st.forget_if_idle(self.key);
+            st.dispatch(self.transfers.max_per_addr);
+        }
+    }
+}
+
+/// Why no slot was given.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("too many transfers from this address waiting")]
+    AddrQueueFull,
+    #[error("no transfer slot within {0:?}")]
+    Timeout(Duration),
+}
+
+impl Default for Transfers {
+    fn default() -> Self {
+        Self::new(MAX_TRANSFERS, MAX_TRANSFERS_PER_ADDR, MAX_WAITING_PER_ADDR, QUEUE_WAIT)
+    }
+}
+
+impl Transfers {
+    pub fn new(max: usize, max_per_addr: usize, max_waiting_per_addr: usize, wait: Duration) -> Self {
+        Self {
+            state: Mutex::new(State {
+                free: max.max(1),
+                max: max.max(1),
+                ..State::default()
+            }),
+            max_per_addr: max_per_addr.max(1),
+            max_waiting_per_addr,
+            wait,
+        }
+    }
+
+    /// Waits (at most the queue wait) for a slot for a client at `ip`.
+    pub async fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refused> {
+        let key = addr_key(ip);
+        let (id, rx) = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let free = st.free;
+            let k = st.keys.entry(key).or_insert((0, 0));
+            if k.0 + k.1 >= self.max_per_addr + self.max_waiting_per_addr {
+                return Err(Refused::AddrQueueFull);
+            }
+            // Free slots are always handed to waiters first, so with a free slot nobody who
+            // could use it is waiting.
+            if free > 0 && k.0 < self.max_per_addr {
+                k.0 += 1;
+                st.free -= 1;
+                st.granted += 1;
+                return Ok(Permit {
+                    transfers: self.clone(),
+                    key,
+                });
+            }
+            k.1 += 1;
+            st.next_id += 1;
+            let id = st.next_id;
+            let (tx, rx) = oneshot::channel();
+            st.queue.push_back(Waiter { id, key, grant: tx });
+            (id, rx)
+        };
+        let mut guard = WaitGuard {
+            transfers: self,
+            id,
+            key,
+            rx,
+            granted: false,
+        };
+        match tokio::time::timeout(self.wait, &mut guard.rx).await {
+            Ok(Ok(())) => {
+                // Granted: the slot is ours; the guard must not give it back.
+                guard.granted = true;
+                Ok(Permit {
+                    transfers: self.clone(),
+                    key,
+                })
+            }
+            _ => Err(Refused::Timeout(self.wait)),
+        }
+    }
+
+    /// True if no transfer runs or waits now but some ran since the last call that said so
+    /// (`seen` keeps the count of grants between calls).
+    pub fn went_idle(&self, seen: &mut u64) -> bool {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.free == st.max && st.queue.is_empty() && st.granted != *seen {
+            *seen = st.granted;
+            return true;
+        }
+        false
+    }
+
+    /// Slots free now.
+    pub fn available(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).free
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caps_per_address_and_in_all() {
+        let t = Arc::new(Transfers::new(3, 2, 1, Duration::from_secs(5)));
+        let a1 = t.acquire(ip("10.0.0.1")).await.expect("a1");
+        let _a2 = t.acquire(ip("10.0.0.1")).await.expect("a2");
+        // The address's share is used up: a third waits (its one waiting place), a fourth is refused.
+        let t3 = t.clone();
+        let a3 = tokio::spawn(async move { t3.acquire(ip("10.0.0.1")).await });
+        tokio::task::yield_now().await;
+        assert_eq!(t.acquire(ip("10.0.0.1")).await.err(), Some(Refused::AddrQueueFull));
+        // Another address still gets the last slot at once, though a3 waits.
+        let _b1 = t.acquire(ip("10.0.0.2")).await.expect("b1");
+        assert_eq!(t.available(), 0);
+        // a1's slot goes to a3.
+        drop(a1);
+        assert!(a3.await.expect("join").is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_slot_goes_to_the_address_streaming_least() {
+        let t = Arc::new(Transfers::new(4, 4, 8, Duration::from_secs(60)));
+        // An attacker at one address holds every slot and queues more.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(t.acquire(ip("10.0.0.66")).await.expect("attacker"));
+        }
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            let t = t.clone();
+            queued.push(tokio::spawn(async move { t.acquire(ip("10.0.0.66")).await }));
+            tokio::task::yield_now().await;
+        }
+        // The honest client comes last but gets the first slot freed.
+        let th = t.clone();
+        let honest = tokio::spawn(async move { th.acquire(ip("10.0.0.7")).await });
+        tokio::task::yield_now().await;
+        held.pop();
+        let p = honest.await.expect("join").expect("honest got the freed slot");
+        assert!(
+            queued.iter().all(|q| !q.is_finished()),
+            "no attacker request overtook it"
+        );
+        drop(p);
+        drop(held);
+        for q in queued {
+            assert!(q.await.expect("join").is_ok());
+        }
+        assert!(
+            t.state.lock().expect("lock").keys.is_empty(),
+            "entries of gone clients are dropped"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn among_addresses_streaming_nothing_the_one_asking_least_goes_first() {
+        let t = Arc::new(Transfers::new(1, 4, 8, Duration::from_secs(60)));
+        let held = t.acquire(ip("10.0.0.1")).await.expect("held");
+        // Three requests from an address that streams nothing yet, queued before the honest one.
+        let mut queued = Vec::new();
+        for _ in 0..3 {
+            let t = t.clone();
+            queued.push(tokio::spawn(async move { t.acquire(ip("10.0.0.66")).await }));
+            tokio::task::yield_now().await;
+        }
+        let th = t.clone();
+        let honest = tokio::spawn(async move { th.acquire(ip("10.0.0.7")).await });
+        tokio::task::yield_now().await;
+        drop(held);
+        let p = honest.await.expect("join").expect("honest first");
+        assert!(queued.iter().all(|q| !q.is_finished()));
+        drop(p);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_server_refuses_after_the_queue_wait_and_a_given_up_wait_leaves_no_trace() {
+        let t = Arc::new(Transfers::new(1, 1, 4, Duration::from_secs(5)));
+        let held = t.acquire(ip("10.0.0.1")).await.expect("held");
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(
+            t.acquire(ip("10.0.0.2")).await.err(),
+            Some(Refused::Timeout(Duration::from_secs(5)))
+        );
+        assert_eq!(t0.elapsed(), Duration::from_secs(5));
+        // A waiter whose client went away (future dropped) leaves the queue.
+        let t2 = t.clone();
+        let gone = tokio::spawn(async move { t2.acquire(ip("10.0.0.3")).await });
+        tokio::task::yield_now().await;
+        gone.abort();
+        let _ = gone.await;
+        drop(held);
+        assert_eq!(t.available(), 1, "the slot is free again, not given to the gone waiter");
+        let st = t.state.lock().expect("lock");
+        assert!(st.keys.is_empty() && st.queue.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn went_idle_once_per_burst() {
+        let t = Arc::new(Transfers::new(2, 2, 0, Duration::from_secs(1)));
+        let mut seen = 0;
+        assert!(!t.went_idle(&mut seen), "nothing ran yet");
+        let p = t.acquire(ip("10.0.0.1")).await.expect("p");
+        assert!(!t.went_idle(&mut seen), "still running");
+        drop(p);
+        assert!(t.went_idle(&mut seen));
+        assert!(!t.went_idle(&mut seen), "once per burst");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
+        let t = Arc::new(Transfers::new(8, 1, 0, Duration::from_secs(1)));
+        let _x = t.acquire(ip("fd00:1:2:3::1")).await.expect("first of the /64");
+        assert!(
+            t.acquire(ip("fd00:1:2:3:ffff::9")).await.is_err(),
+            "same /64, same share"
+        );
+        assert!(t.acquire(ip("fd00:1:2:4::1")).await.is_ok(), "another /64");
+        let _v4 = t.acquire(ip("192.0.2.7")).await.expect("v4");
+        assert!(
+            t.acquire(ip("::ffff:192.0.2.7")).await.is_err(),
+            "mapped v4 is the same client"
+        );
+    }
+}
