@@ -17,6 +17,10 @@ use common::{fixture, hash_of, output, require_nix, Host};
 /// The size the issue asks for; today's binary is well below (see the report printed below).
 const MAX_BINARY_BYTES: u64 = 15 * 1024 * 1024;
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn release_binary_is_static_stripped_and_small() {
     let Some(bin) = release_bin() else { return };
@@ -33,6 +37,10 @@ fn release_binary_is_static_stripped_and_small() {
     );
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn runs_in_an_empty_root_version_serve_and_peers() {
     if !require_nix() || !require_netns() {

@@ -26,6 +26,10 @@ fn daemon_nix(nix226: bool) -> Option<Option<PathBuf>> {
     roots::nix226_root().map(Some)
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn handshake_negotiates_the_newest_protocol_both_speak() {
     let Some(Some(root)) = daemon_nix(true) else {
@@ -75,12 +79,20 @@ fn handshake_negotiates_the_newest_protocol_both_speak() {
     }
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn nix_copies_a_closure_through_the_server_and_it_verifies() {
     check_nix_copy(false);
 }
 
 /// Nix 2.26's daemon behind the server and Nix 2.26 as the client.
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn nix_copies_a_closure_through_the_server_and_it_verifies_nix226() {
     check_nix_copy(true);
@@ -138,11 +150,19 @@ fn check_nix_copy(nix226: bool) {
     );
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn unsigned_path_is_indistinguishable_from_absent() {
     check_unsigned(false);
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn unsigned_path_is_indistinguishable_from_absent_nix226() {
     check_unsigned(true);
@@ -205,16 +225,28 @@ fn narinfo_url(node: &TestNode, path: &str) -> String {
         .expect("URL")
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn nar_streams_with_length_and_ranges_through_the_daemon() {
     check_nar_streaming(false, false);
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn nar_streams_with_length_and_ranges_through_the_daemon_nix226() {
     check_nar_streaming(false, true);
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn nar_streams_with_length_and_ranges_from_disk() {
     check_nar_streaming(true, false);
@@ -278,6 +310,10 @@ fn check_nar_streaming(from_disk: bool, nix226: bool) {
     assert_eq!(get(node.addr, &other).status, 404);
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn hostile_requests_get_4xx_and_the_server_keeps_serving() {
     if !require_nix() {
@@ -330,6 +366,10 @@ fn hostile_requests_get_4xx_and_the_server_keeps_serving() {
     assert_eq!(get(node.addr, &format!("/{h}.narinfo")).status, 200);
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn nix_cache_info_advertises_the_store() {
     if !require_nix() {
@@ -353,11 +393,19 @@ fn nix_cache_info_advertises_the_store() {
     assert!(head.body.is_empty());
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn daemon_restart_is_survived() {
     check_daemon_restart(false);
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn daemon_restart_is_survived_nix226() {
     check_daemon_restart(true);
@@ -396,6 +444,10 @@ fn check_daemon_restart(nix226: bool) {
     );
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn stdio_children_serve_without_a_socket() {
     if !require_nix() {
@@ -416,6 +468,10 @@ fn stdio_children_serve_without_a_socket() {
 
 /// `serve --store stdio://...` with Nix 2.26's `nix-daemon --stdio` children: the real binary in
 /// a network namespace of its own (its `PATH` finds a wrapper that runs 2.26's daemon chrooted).
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn stdio_children_serve_without_a_socket_nix226() {
     let Some(Some(root)) = daemon_nix(true) else {
@@ -476,11 +532,19 @@ fn stdio_children_serve_without_a_socket_nix226() {
     assert!(!log.contains("ERROR"), "{log}");
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn stalled_client_releases_its_daemon_connection() {
     check_stalled(false);
 }
 
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
 #[test]
 fn stalled_client_releases_its_daemon_connection_nix226() {
     check_stalled(true);
