@@ -472,4 +472,30 @@ peer-compression = "none"
         let e = serve(&[], "store = [").expect_err("bad toml").to_string();
         assert!(e.contains("line 1"), "{e}");
     }
+
+    /// The README's table of `serve` flags lists exactly the flags defined here.
+    #[test]
+    fn the_readme_lists_every_serve_flag() {
+        let readme = include_str!("../README.md");
+        let table = readme
+            .split("## `serve`")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("the README has a serve section");
+        let mut listed: Vec<&str> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `--"))
+            .filter_map(|l| l.split('`').next())
+            .collect();
+        listed.sort_unstable();
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").expect("serve");
+        let mut defined: Vec<&str> = serve
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| !matches!(*l, "help" | "version"))
+            .collect();
+        defined.sort_unstable();
+        assert_eq!(listed, defined, "README.md's serve table vs the flags");
+    }
 }
