@@ -7,6 +7,8 @@
 //! its build on a 5xx, but moves on after a 404).
 
 pub mod index;
+mod install;
+pub mod limits;
 pub mod source;
 pub mod summary;
 pub mod transfers;
@@ -17,41 +19,24 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache_url::{self, CacheRoute, NarEncoding, RouteError};
-use crate::http::{self as h, Body, ConnLimits, Pace, PaceError};
+use crate::http::{self as h, Body, Pace, PaceError};
 use crate::narinfo::{NarHash, StorePathHash, TrustedKeys};
 use crate::store::{NarStream, Store};
 use index::{Entry, Index};
+pub use limits::{connection_limits, MAX_CONNECTIONS};
 use transfers::Transfers;
-
-/// The conference one-liner's script; `@PEER@` and `@SHA256@` are filled in per request.
-const INSTALL_SCRIPT: &str = include_str!("install.sh");
 
 /// Priority in `/nix-cache-info`: before cache.nixos.org (40), for clients pointed straight at us.
 pub const PRIORITY: u32 = 30;
 /// NAR chunks buffered between the NAR source and a client (64 KiB from the daemon, 128 KiB from
 /// disk): with the source's own buffer, about 1 MiB per stream.
 const NAR_CHANNEL_CHUNKS: usize = 4;
-/// Store-server connections at most; a low open-file limit lowers it ([`connection_limits`]).
-pub const MAX_CONNECTIONS: usize = 1024;
-/// Fewest store-server connections, however low the open-file limit.
-const MIN_CONNECTIONS: usize = 16;
-/// Open files kept out of the store server's connection cap: the proxy's listener and its
-/// upstream and peer connections get at least as many as the store server, after this reserve
-/// for daemon connections, NAR files being read, spool files, beacon sockets and the binary.
-pub const FD_RESERVE: u64 = 256;
-/// Connections per client address (IPv6: per /64): a Nix client opens up to 25
-/// (`http-connections`), a benchmark 64; past it, the address's own oldest idle connection is
-/// closed.
-pub const MAX_CONNECTIONS_PER_ADDR: usize = 64;
-/// Request headers must arrive within this time (LAN clients send them at once); also the
-/// longest a kept-alive connection may sit idle.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the server looks whether its transfers went idle, to hand freed memory back.
 const TRIM_CHECK: Duration = Duration::from_secs(2);
 /// A miss (absent, unsigned or untrusted path) is answered this long after the request arrived,
@@ -59,21 +44,6 @@ const TRIM_CHECK: Duration = Duration::from_secs(2);
 /// and a peer timing the 404s must not learn which private paths exist. Well above the two
 /// daemon round trips of a miss (about 0.2 ms), small beside a Nix client's other waits.
 pub const MISS_ANSWER_AFTER: Duration = Duration::from_millis(5);
-
-/// The store server's connection limits under an open-file limit of `nofile`: half of what is
-/// left after [`FD_RESERVE`], so the proxy on the same process can never be starved of
-/// descriptors by LAN clients.
-pub fn connection_limits(nofile: Option<u64>) -> ConnLimits {
-    let max = match nofile {
-        Some(n) => (n.saturating_sub(FD_RESERVE) / 2).clamp(MIN_CONNECTIONS as u64, MAX_CONNECTIONS as u64) as usize,
-        None => MAX_CONNECTIONS,
-    };
-    ConnLimits {
-        max,
-        per_addr: MAX_CONNECTIONS_PER_ADDR.min(max),
-        header_timeout: HEADER_TIMEOUT,
-    }
-}
 
 /// What a request to the store server asks for: a binary-cache route, or the one-liner's files.
 #[derive(Debug, PartialEq, Eq)]
@@ -178,98 +148,6 @@ impl StoreServer {
     pub fn with_transfers(mut self, t: Transfers) -> Self {
         self.transfers = Arc::new(t);
         self
-    }
-
-    /// sha256 (hex) and size of the running binary.
-    async fn binary_digest(&self) -> Option<(String, u64)> {
-        self.binary
-            .get_or_init(|| async {
-                let r = tokio::task::spawn_blocking(|| -> std::io::Result<(String, u64)> {
-                    use sha2::Digest;
-                    let mut f = std::fs::File::open(std::env::current_exe()?)?;
-                    let mut h = sha2::Sha256::new();
-                    let n = std::io::copy(&mut f, &mut h)?;
-                    Ok((data_encoding::HEXLOWER.encode(&h.finalize()), n))
-                })
-                .await;
-                match r {
-                    Ok(Ok(d)) => Some(d),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "cannot read our own binary for /install");
-                        None
-                    }
-                    Err(_) => None,
-                }
-            })
-            .await
-            .clone()
-    }
-
-    /// The install script, for a newcomer who reached us as `host` (the `Host` header).
-    async fn install_script(&self, req: &Request<Incoming>) -> Response<Body> {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("");
-        // The host ends up inside the script: only characters of a host name or address.
-        let ok = !host.is_empty()
-            && host.len() <= 255
-            && host.bytes().all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c));
-        if !ok {
-            return h::text(StatusCode::BAD_REQUEST, "bad Host header\n");
-        }
-        let Some((sha, _)) = self.binary_digest().await else {
-            return h::not_found();
-        };
-        let script = INSTALL_SCRIPT
-            .replace("@PEER@", &format!("http://{host}"))
-            .replace("@SHA256@", &sha)
-            .replace("@SOURCE_NARHASH@", source::NAR_HASH)
-            .replace("@ARCH@", std::env::consts::ARCH);
-        let mut r = Response::new(Body::from(Bytes::from(script)));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/x-shellscript; charset=utf-8"),
-        );
-        r
-    }
-
-    async fn install_binary(&self, peer: SocketAddr, head: bool) -> Response<Body> {
-        let Some((_, size)) = self.binary_digest().await else {
-            return h::not_found();
-        };
-        let Ok(path) = std::env::current_exe() else {
-            return h::not_found();
-        };
-        let body = if head {
-            Body::empty()
-        } else {
-            let permit = match self.transfers.acquire(peer.ip()).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::info!(%peer, error = %e, "no transfer slot for /install; answering 404");
-                    return h::not_found();
-                }
-            };
-            let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
-            let stall = self.stall_timeout;
-            tokio::spawn(async move {
-                let _permit = permit;
-                if let Err(e) = send_file(&path, size, &tx, Pace::new(stall)).await {
-                    tracing::info!(%peer, error = %e, "binary transfer aborted");
-                    let _ = tx.try_send(Err(std::io::Error::other(e)));
-                }
-            });
-            Body::Stream(rx)
-        };
-        let mut r = Response::new(body);
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        r.headers_mut().insert(header::CONTENT_LENGTH, hv(size.to_string()));
-        r
     }
 
     pub fn with_stall_timeout(mut self, d: Duration) -> Self {
@@ -593,63 +471,9 @@ async fn release_memory_when_idle(
     }
 }
 
-/// Streams `size` bytes of the file at `path` to `tx`, paced. Fails if the file changed size.
-async fn send_file(
-    path: &std::path::Path,
-    size: u64,
-    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
-    mut pace: Pace,
-) -> Result<(), FileSendError> {
-    use tokio::io::AsyncReadExt;
-    let mut f = tokio::fs::File::open(path).await?;
-    let mut left = size;
-    while left > 0 {
-        let mut buf = bytes::BytesMut::with_capacity((128 * 1024).min(left as usize));
-        let n = f.read_buf(&mut buf).await?;
-        if n == 0 {
-            return Err(FileSendError::Changed);
-        }
-        left = left.saturating_sub(n as u64);
-        pace.send(tx, Ok(buf.freeze())).await?;
-    }
-    Ok(())
-}
-
-/// Why sending the binary stopped early.
-#[derive(Debug, thiserror::Error)]
-enum FileSendError {
-    #[error("reading the binary: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the binary changed while sent")]
-    Changed,
-    #[error(transparent)]
-    Client(#[from] PaceError),
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_connection_cap_leaves_descriptors_for_the_proxy() {
-        for (nofile, want) in [
-            (None, MAX_CONNECTIONS),
-            (Some(1024), 384),
-            (Some(4096), 1024),
-            (Some(524_288), 1024),
-            (Some(300), 22),
-            (Some(256), MIN_CONNECTIONS),
-            (Some(0), MIN_CONNECTIONS),
-        ] {
-            let l = connection_limits(nofile);
-            assert_eq!(l.max, want, "{nofile:?}");
-            assert!(l.per_addr <= l.max);
-            if let Some(n) = nofile.filter(|&n| n >= 2 * FD_RESERVE) {
-                // What the store server may hold leaves at least as much for the rest.
-                assert!(l.max as u64 <= n - FD_RESERVE - l.max as u64, "{n}");
-            }
-        }
-    }
 
     #[test]
     fn install_routes_before_cache_routes() {

@@ -1,0 +1,251 @@
+//! Tests of `table`.
+use super::*;
+use crate::beacon::wire::{encode, FLAG_NAR_NONE};
+
+fn beacon(kind: Kind, node: u8, interval_ms: u32) -> Vec<u8> {
+    encode(&Beacon {
+        kind,
+        flags: FLAG_NAR_NONE,
+        node: NodeId([node; 16]),
+        port: 8380,
+        interval_ms,
+        seq: 1,
+        hostname: Some(format!("host{node}")),
+        summary: None,
+        commitment: None,
+        proof: None,
+    })
+}
+
+/// An announce of node `id` (4 bytes, so thousands of distinct ids).
+fn announce_of(id: u32, commitment: Option<[u8; 16]>) -> Vec<u8> {
+    let mut node = [7u8; 16];
+    node[..4].copy_from_slice(&id.to_be_bytes());
+    encode(&Beacon {
+        kind: Kind::Announce,
+        flags: FLAG_NAR_NONE,
+        node: NodeId(node),
+        port: 8380,
+        interval_ms: 1000,
+        seq: 1,
+        hostname: None,
+        summary: Some(5),
+        commitment,
+        proof: None,
+    })
+}
+
+fn ip(i: u32) -> SocketAddr {
+    SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 8380))
+}
+
+fn src(last: u8) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, last], 8380))
+}
+
+#[tokio::test(start_paused = true)]
+async fn join_refresh_expire_goodbye() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let now = Instant::now();
+    assert!(matches!(
+        t.handle(src(2), &beacon(Kind::Announce, 2, 1000), now),
+        Outcome::Joined(_)
+    ));
+    assert!(matches!(
+        t.handle(src(3), &beacon(Kind::Announce, 3, 1000), now),
+        Outcome::Joined(_)
+    ));
+    assert!(matches!(
+        t.handle(src(2), &beacon(Kind::Announce, 2, 1000), now),
+        Outcome::Refreshed(_)
+    ));
+    assert_eq!(t.peers().len(), 2);
+    assert_eq!(t.peers()[0].http_addr(), src(2));
+    // Peer 3 keeps announcing, peer 2 goes silent: gone after three of its intervals.
+    for s in 1..=3 {
+        let at = now + Duration::from_millis(1000 * s - 1);
+        t.handle(src(3), &beacon(Kind::Announce, 3, 1000), at);
+        assert!(t.expire(at).is_empty(), "{s}");
+    }
+    let gone = t.expire(now + Duration::from_millis(3000));
+    assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![NodeId([2; 16])]);
+    // A goodbye from another address does not remove peer 3; from its own it does, at once.
+    let bye = beacon(Kind::Goodbye, 3, 1000);
+    assert!(matches!(t.handle(src(9), &bye, now), Outcome::Ignored(..)));
+    assert!(matches!(t.handle(src(3), &bye, now), Outcome::Left(_)));
+    assert!(t.peers().is_empty());
+    let c = t.counters();
+    assert_eq!((c.expired, c.goodbyes), (1, 2));
+}
+
+/// A peer seen through a link that went away loses that address, and goes when it has no
+/// other; after a wake-up, peers not heard since are dropped.
+#[tokio::test(start_paused = true)]
+async fn departed_links_and_wake_ups_drop_peers() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let now = Instant::now();
+    let v6: SocketAddr = "[fe80::2%7]:8380".parse().expect("addr");
+    t.handle(src(2), &beacon(Kind::Announce, 2, 1000), now);
+    t.handle(v6, &beacon(Kind::Announce, 2, 1000), now);
+    t.handle(src(3), &beacon(Kind::Announce, 3, 1000), now);
+    let on_v4_link = |a: &SocketAddr| a.is_ipv4();
+    let gone = t.forget_addrs(on_v4_link);
+    assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![NodeId([3; 16])]);
+    let p2 = t.get(&NodeId([2; 16])).expect("peer 2 is still reachable over IPv6");
+    assert_eq!(p2.addrs.len(), 1);
+    assert!(p2.addrs[0].is_ipv6());
+    let later = now + Duration::from_millis(500);
+    t.handle(src(4), &beacon(Kind::Announce, 4, 1000), later);
+    let gone = t.drop_unheard_since(later);
+    assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![NodeId([2; 16])]);
+    assert_eq!(t.peers().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn own_beacons_queries_and_garbage() {
+    let t = PeerTable::new(NodeId([7; 16]));
+    let now = Instant::now();
+    assert!(matches!(
+        t.handle(src(2), &beacon(Kind::Announce, 7, 1000), now),
+        Outcome::Ignored(..)
+    ));
+    assert!(matches!(
+        t.handle(src(2), &beacon(Kind::Query, 2, 1000), now),
+        Outcome::Query(_)
+    ));
+    assert!(matches!(
+        t.handle(src(2), b"short", now),
+        Outcome::Invalid(DecodeError::TooShort(5))
+    ));
+    let mut v2 = beacon(Kind::Announce, 2, 1000);
+    v2[4] = 2;
+    assert!(matches!(
+        t.handle(src(2), &v2, now),
+        Outcome::Invalid(DecodeError::Version(2))
+    ));
+    assert!(t.peers().is_empty(), "a query does not add a peer");
+    let c = t.counters();
+    assert_eq!((c.own, c.queries, c.too_short, c.wrong_version), (1, 1, 1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn caps_hold_under_a_flood() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let now = Instant::now();
+    // One source flooding: the burst passes, the rest is rate limited.
+    let mut limited = 0;
+    for i in 0..1000u32 {
+        let mut b = beacon(Kind::Announce, 1, 1000);
+        b[8..12].copy_from_slice(&i.to_be_bytes());
+        if t.handle(src(1), &b, now) == Outcome::RateLimited {
+            limited += 1;
+        }
+    }
+    assert_eq!(limited, 1000 - RATE_BURST as usize);
+    assert_eq!(
+        t.peers().len(),
+        MAX_PEERS_PER_ADDR,
+        "one address holds its share of node ids"
+    );
+    // Sources beyond MAX_SOURCES evict the least recently seen, never grow the map.
+    for i in 0..(MAX_SOURCES as u32 + 100) {
+        let ip = IpAddr::from([11, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+        t.handle(SocketAddr::new(ip, 1), b"x", now);
+    }
+    assert!(t.lock().buckets.len() <= MAX_SOURCES);
+    // The rate refills with time.
+    let later = now + Duration::from_secs(1);
+    assert_ne!(
+        t.handle(src(1), &beacon(Kind::Announce, 1, 1000), later),
+        Outcome::RateLimited
+    );
+}
+
+/// A goodbye needs the secret whose commitment the announces carried; a forged one (from the
+/// peer's own address even) is ignored.
+#[tokio::test(start_paused = true)]
+async fn only_the_committed_secret_says_goodbye() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let now = Instant::now();
+    let secret = [9u8; 16];
+    assert!(matches!(
+        t.handle(ip(1), &announce_of(1, Some(wire::commitment(&secret))), now),
+        Outcome::Joined(_)
+    ));
+    let bye = |proof: Option<[u8; 16]>| {
+        let mut b = wire::decode(&announce_of(1, None)).expect("decode");
+        b.kind = Kind::Goodbye;
+        b.proof = proof;
+        encode(&b)
+    };
+    assert!(matches!(t.handle(ip(1), &bye(None), now), Outcome::Ignored(..)));
+    assert!(matches!(
+        t.handle(ip(1), &bye(Some([8; 16])), now),
+        Outcome::Ignored(..)
+    ));
+    assert_eq!(t.peers().len(), 1, "forged goodbyes leave the peer in");
+    // Its commitment cannot be replaced by another announce under its node id either.
+    assert!(matches!(
+        t.handle(ip(2), &announce_of(1, Some([1; 16])), now),
+        Outcome::Ignored(..)
+    ));
+    assert_eq!(t.peers()[0].http_addr(), ip(1));
+    assert!(matches!(t.handle(ip(3), &bye(Some(secret)), now), Outcome::Left(_)));
+    assert!(t.peers().is_empty());
+}
+
+/// A full table keeps its established peers against a flood of new identities from many
+/// addresses, and a newcomer still gets in, in place of a probation entry.
+#[tokio::test(start_paused = true)]
+async fn established_peers_stay_and_newcomers_get_in_under_pressure() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let mut now = Instant::now();
+    // 1000 honest hosts, established (three announces each).
+    for round in 0..ESTABLISHED_ANNOUNCES {
+        for i in 0..1000 {
+            t.handle(ip(i), &announce_of(i, None), now);
+        }
+        now += Duration::from_millis(300 * u64::from(round + 1));
+    }
+    assert_eq!(t.peers().iter().filter(|p| p.established()).count(), 1000);
+    // A flood of 5000 new identities from 1250 addresses (four each, the most an address
+    // holds): the table fills with them, but no established peer leaves.
+    for i in 0..5000u32 {
+        t.handle(ip(20_000 + i / 4), &announce_of(100_000 + i, None), now);
+    }
+    let peers = t.peers();
+    assert_eq!(peers.len(), MAX_PEERS);
+    assert_eq!(
+        peers.iter().filter(|p| p.established()).count(),
+        1000,
+        "established peers stay"
+    );
+    // A newcomer (or a returning host with a new node id) still gets in.
+    assert!(matches!(
+        t.handle(ip(5000), &announce_of(5000, None), now),
+        Outcome::Joined(_)
+    ));
+    // Garbage from more spoofed sources than the rate limiter tracks does not lock an honest
+    // peer out of the rate limits.
+    for i in 0..(MAX_SOURCES as u32 * 2) {
+        let spoofed = IpAddr::from([12, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+        t.handle(SocketAddr::new(spoofed, 1), b"garbage", now);
+    }
+    assert!(matches!(
+        t.handle(ip(7), &announce_of(7, None), now),
+        Outcome::Refreshed(_)
+    ));
+    // A table of established peers only keeps them all: a newcomer waits for an expiry.
+    let t = PeerTable::new(NodeId([0; 16]));
+    for _ in 0..ESTABLISHED_ANNOUNCES {
+        for i in 0..MAX_PEERS as u32 {
+            t.handle(ip(i), &announce_of(i, None), now);
+        }
+        now += Duration::from_millis(200);
+    }
+    assert!(matches!(
+        t.handle(ip(40_000), &announce_of(40_000, None), now),
+        Outcome::Ignored(..)
+    ));
+    assert_eq!(t.peers().iter().filter(|p| p.established()).count(), MAX_PEERS);
+}

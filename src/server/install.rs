@@ -1,0 +1,142 @@
+//! The conference one-liner: `GET /install` (the script, with this peer's address and the
+//! binary's sha256 filled in) and `GET /install/local-nix-cache` (this process's own binary,
+//! paced like every streamed body).
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+
+use super::*;
+
+/// The conference one-liner's script; `@PEER@` and `@SHA256@` are filled in per request.
+const INSTALL_SCRIPT: &str = include_str!("install.sh");
+
+impl StoreServer {
+    /// sha256 (hex) and size of the running binary.
+    async fn binary_digest(&self) -> Option<(String, u64)> {
+        self.binary
+            .get_or_init(|| async {
+                let r = tokio::task::spawn_blocking(|| -> std::io::Result<(String, u64)> {
+                    use sha2::Digest;
+                    let mut f = std::fs::File::open(std::env::current_exe()?)?;
+                    let mut h = sha2::Sha256::new();
+                    let n = std::io::copy(&mut f, &mut h)?;
+                    Ok((data_encoding::HEXLOWER.encode(&h.finalize()), n))
+                })
+                .await;
+                match r {
+                    Ok(Ok(d)) => Some(d),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot read our own binary for /install");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// The install script, for a newcomer who reached us as `host` (the `Host` header).
+    pub(super) async fn install_script(&self, req: &Request<Incoming>) -> Response<Body> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        // The host ends up inside the script: only characters of a host name or address.
+        let ok = !host.is_empty()
+            && host.len() <= 255
+            && host.bytes().all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c));
+        if !ok {
+            return h::text(StatusCode::BAD_REQUEST, "bad Host header\n");
+        }
+        let Some((sha, _)) = self.binary_digest().await else {
+            return h::not_found();
+        };
+        let script = INSTALL_SCRIPT
+            .replace("@PEER@", &format!("http://{host}"))
+            .replace("@SHA256@", &sha)
+            .replace("@SOURCE_NARHASH@", source::NAR_HASH)
+            .replace("@ARCH@", std::env::consts::ARCH);
+        let mut r = Response::new(Body::from(Bytes::from(script)));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/x-shellscript; charset=utf-8"),
+        );
+        r
+    }
+
+    pub(super) async fn install_binary(&self, peer: SocketAddr, head: bool) -> Response<Body> {
+        let Some((_, size)) = self.binary_digest().await else {
+            return h::not_found();
+        };
+        let Ok(path) = std::env::current_exe() else {
+            return h::not_found();
+        };
+        let body = if head {
+            Body::empty()
+        } else {
+            let permit = match self.transfers.acquire(peer.ip()).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "no transfer slot for /install; answering 404");
+                    return h::not_found();
+                }
+            };
+            let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
+            let stall = self.stall_timeout;
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = send_file(&path, size, &tx, Pace::new(stall)).await {
+                    tracing::info!(%peer, error = %e, "binary transfer aborted");
+                    let _ = tx.try_send(Err(std::io::Error::other(e)));
+                }
+            });
+            Body::Stream(rx)
+        };
+        let mut r = Response::new(body);
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        r.headers_mut().insert(header::CONTENT_LENGTH, hv(size.to_string()));
+        r
+    }
+}
+
+/// Streams `size` bytes of the file at `path` to `tx`, paced. Fails if the file changed size.
+async fn send_file(
+    path: &std::path::Path,
+    size: u64,
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    mut pace: Pace,
+) -> Result<(), FileSendError> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut left = size;
+    while left > 0 {
+        let mut buf = bytes::BytesMut::with_capacity((128 * 1024).min(left as usize));
+        let n = f.read_buf(&mut buf).await?;
+        if n == 0 {
+            return Err(FileSendError::Changed);
+        }
+        left = left.saturating_sub(n as u64);
+        pace.send(tx, Ok(buf.freeze())).await?;
+    }
+    Ok(())
+}
+
+/// Why sending the binary stopped early.
+#[derive(Debug, thiserror::Error)]
+enum FileSendError {
+    #[error("reading the binary: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the binary changed while sent")]
+    Changed,
+    #[error(transparent)]
+    Client(#[from] PaceError),
+}
