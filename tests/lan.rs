@@ -120,6 +120,43 @@ fn privacy_an_unsigned_path_is_never_served_nor_fetched() {
         .is_some());
 }
 
+/// A path one host has just substituted is found on the LAN by the others within two announce
+/// intervals (1 s here) plus the fixed delays on the way (the learner looks 1 s after delivery,
+/// the summary is rebuilt at most every second, peers check for new versions every 0.5 s: with
+/// the default 5 s interval, all of it fits in two intervals): its store server learns it from
+/// its own proxy, the next announce carries the new summary version, and the other proxies fetch
+/// the delta. The upstream is stopped before the second host asks, so only the LAN can serve it.
+#[cfg_attr(
+    any(lnc_no_nix, lnc_no_netns),
+    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
+)]
+#[test]
+fn a_path_just_substituted_is_found_on_the_lan_within_two_intervals() {
+    if !prerequisites() {
+        return;
+    }
+    let f = fixture();
+    let mut lan = NixLan::new(&[&[], &[]]);
+    let up = lan.upstream.url();
+    lan.serve_all(&up);
+    lan.wait_peers(1, &[0], Duration::from_secs(5)).expect("peer not found");
+    // Host 2 holds host 1's (empty) summary before host 1 gets the path.
+    let t0 = Instant::now();
+    while lan.hosts[1].status()["peers"][0]["summary"].is_null() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no summary fetched");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ok("host 1 substitutes from upstream", &lan.hosts[0].realise(&[&f.rand]));
+    lan.upstream.stop();
+    // Two announce intervals and the fixed delays.
+    std::thread::sleep(Duration::from_secs(2) + Duration::from_millis(2500));
+    ok(
+        "host 2 realises from host 1, upstream gone",
+        &lan.hosts[1].realise(&[&f.rand]),
+    );
+    assert_eq!(lan.hosts[1].status()["stats"]["nars_from_peers"], 1);
+}
+
 #[cfg_attr(
     any(lnc_no_nix, lnc_no_netns),
     ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
