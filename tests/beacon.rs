@@ -1,5 +1,6 @@
 //! The beacon on simulated LANs (network namespaces; needs root): discovery over IPv4 and IPv6,
-//! expiry of a dead host, goodbye, the `peers` tool, and a garbage flood.
+//! expiry of a dead host, goodbye, the `peers` tool, a garbage flood, the hall's traffic budget,
+//! the cost of a newcomer's start, and on-link checks.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::netns::{in_netns, require_netns, Lan, TestBeacon};
+use common::netns::{in_netns, require_netns, Lan, Sniffer, TestBeacon};
 use local_nix_cache::beacon::{self, wire::NodeId, BeaconConfig};
 
 fn cfg(groups: Vec<IpAddr>, interval: Duration) -> BeaconConfig {
@@ -341,4 +342,45 @@ fn serve_announces_its_store_server_and_says_goodbye_on_sigterm() {
     let gone = wait_for(Duration::from_secs(3), || observer.table.peers().len() == 1);
     assert!(gone.is_some(), "no goodbye after SIGTERM ({:?})", t0.elapsed());
     drop(first);
+}
+
+/// Beacon bytes per second on the link (headers included) over what `seen` recorded in `dur`.
+fn rate(seen: &[common::netns::Seen], dur: Duration) -> f64 {
+    seen.iter().map(|s| s.wire_bytes()).sum::<usize>() as f64 / dur.as_secs_f64()
+}
+
+#[test]
+fn beacon_traffic_stays_within_the_budget_however_many_hosts_announce() {
+    if !require_netns() {
+        return;
+    }
+    // 24 hosts asking for 150 ms intervals would put about 30 KB/s on the link; the budget
+    // stretches their intervals so the total stays under 8 KB/s.
+    let n = 24;
+    let lan = Lan::new(n + 1);
+    let c = cfg(both(), Duration::from_millis(150));
+    let beacons: Vec<TestBeacon> = lan.hosts[1..].iter().map(|h| TestBeacon::start(h, c.clone())).collect();
+    let full = wait_for(Duration::from_secs(15), || {
+        beacons.iter().all(|b| b.table.peers().len() == n - 1)
+    });
+    assert!(full.is_some(), "the hosts did not all find each other");
+    // Settle: every host has announced with its stretched interval.
+    std::thread::sleep(Duration::from_secs(3));
+    let window = Duration::from_secs(6);
+    let seen = Sniffer::start(&lan.hosts[0], window).finish();
+    let bps = rate(&seen, window);
+    eprintln!(
+        "{n} hosts asking for 150 ms: {} datagrams, {bps:.0} B/s on the link",
+        seen.len()
+    );
+    assert!(bps <= 8_000.0, "{bps:.0} B/s on the link");
+    // Nobody expired: receivers follow each host's announced (stretched) interval.
+    for b in &beacons {
+        assert_eq!(
+            b.table.peers().len(),
+            n - 1,
+            "a host lost peers: {:?}",
+            b.table.counters()
+        );
+    }
 }

@@ -352,6 +352,25 @@ impl Sockets {
         }
     }
 
+    /// Bytes on the wire of one round of a `len`-byte beacon: one datagram per group on every
+    /// joined link and family, headers included (for the traffic budget).
+    pub(super) fn round_bytes(&self, len: usize) -> usize {
+        let n4 = self.v4.as_ref().map_or(0, |f| f.groups.len());
+        let n6 = self.v6.as_ref().map_or(0, |f| f.groups.len());
+        self.links
+            .values()
+            .map(|l| {
+                let v4 = if l.v4.is_some() {
+                    n4 * (len + super::V4_OVERHEAD)
+                } else {
+                    0
+                };
+                let v6 = if l.v6 { n6 * (len + super::V6_OVERHEAD) } else { 0 };
+                v4 + v6
+            })
+            .sum()
+    }
+
     /// Sends on every joined link, or only on those named in `only`.
     pub(super) async fn send(&self, bytes: &[u8], only: Option<&[String]>) {
         for (n, l) in &self.links {

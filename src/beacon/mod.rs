@@ -64,6 +64,28 @@ pub const RESCAN_INTERVAL_NO_NETLINK: Duration = Duration::from_secs(2);
 const RESCAN_DEBOUNCE: Duration = Duration::from_millis(100);
 /// Most interfaces joined at once; further ones are left waiting (with a warning in the states).
 pub const MAX_LINKS: usize = 16;
+/// Bytes per second that the periodic announces of the whole hall may take on a link (IP and UDP
+/// headers included), like RTCP's report budget: each host stretches its interval so that
+/// (hosts x its bytes per round) / interval stays within it. 6 KB/s leaves 2 KB/s of the 8 KB/s
+/// beacon budget for queries, their answers and start-up bursts.
+pub const ANNOUNCE_BUDGET_BYTES_PER_SEC: u64 = 6_000;
+/// IPv4 (20) and UDP (8) header bytes of a beacon on the link.
+pub(crate) const V4_OVERHEAD: usize = 28;
+/// IPv6 (40) and UDP (8) header bytes of a beacon on the link.
+pub(crate) const V6_OVERHEAD: usize = 48;
+
+/// The announce interval under the traffic budget: `configured`, or longer when `hosts` (the
+/// table's peers plus this host) each sending `round_bytes` per interval would exceed
+/// [`ANNOUNCE_BUDGET_BYTES_PER_SEC`]. Capped at the wire's maximum interval.
+pub fn budgeted_interval(configured: Duration, hosts: usize, round_bytes: usize) -> Duration {
+    let need_ms = (hosts as u64)
+        .saturating_mul(round_bytes as u64)
+        .saturating_mul(1000)
+        .div_ceil(ANNOUNCE_BUDGET_BYTES_PER_SEC);
+    configured
+        .max(Duration::from_millis(need_ms))
+        .min(Duration::from_millis(wire::MAX_INTERVAL_MS.into()))
+}
 
 /// This machine's host name, for the beacon's informational hostname extension.
 pub fn hostname() -> Option<String> {
@@ -141,13 +163,15 @@ struct Sender {
     announce: Option<Announce>,
     interval: Duration,
     seq: u32,
+    /// Length of the last announce, for the traffic budget (the next one is the same size).
+    last_len: usize,
 }
 
 impl Sender {
     fn datagram(&mut self, kind: Kind) -> Vec<u8> {
         self.seq = self.seq.wrapping_add(1);
         let a = self.announce.as_ref();
-        wire::encode(&Datagram {
+        let bytes = wire::encode(&Datagram {
             kind,
             flags: a.map_or(0, |a| a.flags),
             node: self.node,
@@ -168,7 +192,17 @@ impl Sender {
                 .filter(|_| kind == Kind::Announce)
                 .map(|a| wire::commitment(&a.secret)),
             proof: a.filter(|_| kind == Kind::Goodbye).map(|a| a.secret),
-        })
+        });
+        if kind == Kind::Announce {
+            self.last_len = bytes.len();
+        }
+        bytes
+    }
+
+    /// Stretches the interval to the traffic budget for a table of `peers` (called before each
+    /// periodic announce, which then carries it).
+    fn budget(&mut self, configured: Duration, peers: usize, s: &Sockets) {
+        self.interval = budgeted_interval(configured, peers + 1, s.round_bytes(self.last_len));
     }
 
     /// An announce (when announcing) and a query, on `only` or every link.
@@ -210,6 +244,7 @@ pub async fn run(
         announce: cfg.announce.clone(),
         interval: cfg.interval,
         seq: 0,
+        last_len: wire::HEADER_LEN,
     };
     let announcing = cfg.announce.is_some();
     let watcher = match watch::Watcher::new() {
@@ -294,13 +329,14 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep_until(next_send) => {
+                sender.budget(cfg.interval, table.len(), &sockets);
                 let a = sender.datagram(Kind::Announce);
                 sockets.send(&a, None).await;
                 let now = Instant::now();
                 if burst.front().is_some_and(|t| *t <= now) {
                     burst.pop_front();
                 } else {
-                    next_announce = now + jittered(cfg.interval);
+                    next_announce = now + jittered(sender.interval);
                 }
             }
             _ = tokio::time::sleep_until(reply_at.unwrap_or(far)) => {
@@ -368,5 +404,36 @@ async fn handle(
             bytes: buf[..n].to_vec(),
             outcome,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interval_stretches_so_the_hall_stays_within_the_budget() {
+        let five = Duration::from_secs(5);
+        // A small hall keeps the configured interval.
+        assert_eq!(budgeted_interval(five, 10, 200), five);
+        // 500 hosts of 200 bytes a round: 100 KB per round, over 6 KB/s: 16.7 s.
+        let i = budgeted_interval(five, 500, 200);
+        assert_eq!(
+            i,
+            Duration::from_millis((500 * 200 * 1000u64).div_ceil(ANNOUNCE_BUDGET_BYTES_PER_SEC))
+        );
+        for hosts in [1usize, 10, 100, 300, 500, 2049] {
+            let i = budgeted_interval(Duration::from_millis(100), hosts, 220);
+            let rate = (hosts * 220) as f64 / i.as_secs_f64();
+            assert!(
+                rate <= ANNOUNCE_BUDGET_BYTES_PER_SEC as f64 + 1.0,
+                "{hosts} hosts: {rate} B/s"
+            );
+        }
+        // Never beyond what the wire can carry.
+        assert_eq!(
+            budgeted_interval(five, usize::MAX, usize::MAX),
+            Duration::from_millis(wire::MAX_INTERVAL_MS.into())
+        );
     }
 }

@@ -358,6 +358,15 @@ impl PeerTable {
         v
     }
 
+    /// Number of peers in the table.
+    pub fn len(&self) -> usize {
+        self.lock().peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn get(&self, node: &NodeId) -> Option<Peer> {
         self.lock().peers.get(node).cloned()
     }
