@@ -384,3 +384,43 @@ fn beacon_traffic_stays_within_the_budget_however_many_hosts_announce() {
         );
     }
 }
+
+#[test]
+fn a_newcomers_start_in_a_hall_of_100_causes_at_most_64_datagrams() {
+    if !require_netns() {
+        return;
+    }
+    let n = 100;
+    // hosts[0]: the sniffer; 1..=n: the hall; n+1: the newcomer.
+    let lan = Lan::new(n + 2);
+    // A long interval: no periodic announce falls in the measured window (the first comes 48 s
+    // after a host's start at the earliest), so every datagram seen is the start's doing.
+    let c = cfg(both(), Duration::from_secs(120));
+    let t0 = Instant::now();
+    let hall: Vec<TestBeacon> = lan.hosts[1..=n]
+        .iter()
+        .map(|h| TestBeacon::start(h, c.clone()))
+        .collect();
+    // Let the hall's own start-up traffic die down.
+    std::thread::sleep(Duration::from_secs(2));
+    let window = Duration::from_secs(3);
+    let sniffer = Sniffer::start(&lan.hosts[0], window);
+    let newcomer = TestBeacon::start(&lan.hosts[n + 1], c.clone());
+    let seen = sniffer.finish();
+    assert!(
+        t0.elapsed() < Duration::from_secs(45),
+        "too slow to set up: periodic announces would be counted"
+    );
+    let learnt = newcomer.table.peers().len();
+    eprintln!(
+        "newcomer in a hall of {n}: {} datagrams ({} B) on the link, learnt {learnt} hosts",
+        seen.len(),
+        seen.iter().map(|s| s.wire_bytes()).sum::<usize>()
+    );
+    assert!(seen.len() <= 64, "{} datagrams after one start", seen.len());
+    assert!(learnt >= 5, "the newcomer learnt only {learnt} hosts from the answers");
+    // Every host of the hall heard the newcomer's announce.
+    for b in &hall {
+        assert!(b.table.get(&newcomer.node()).is_some());
+    }
+}

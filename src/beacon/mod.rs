@@ -48,8 +48,19 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 /// Extra announces right after start (and after a new link or a wake-up), in case the first
 /// datagrams are lost.
 const START_BURST: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(300)];
-/// Answers to queries are delayed by up to this much, so hosts do not answer in one burst.
-const QUERY_REPLY_JITTER_MS: u64 = 50;
+/// Answers to queries are delayed by up to this much, so hosts do not answer in one burst and
+/// each can hear the others' answers before its own (duplicate suppression).
+const QUERY_REPLY_JITTER_MS: u64 = 400;
+/// Hosts that answer one query, on average: each answers with probability
+/// `min(1, QUERY_ANSWERS / hosts)`, and keeps quiet once it heard this many other hosts announce
+/// after the query (mDNS-style duplicate suppression). A newcomer's start therefore costs its own
+/// 8 datagrams (announce and query, then two more announces, on IPv4 and IPv6) plus about
+/// `2 x QUERY_ANSWERS` answers, whatever the size of the hall; it learns the rest of the hall from
+/// their periodic announces.
+pub const QUERY_ANSWERS: usize = 12;
+/// Queries from one node this close together are one query (sent over IPv4 and IPv6, or on
+/// several links): answered or not once.
+const QUERY_SAME: Duration = Duration::from_secs(1);
 /// At most one answer to queries per this long.
 const QUERY_REPLY_MIN_GAP: Duration = Duration::from_millis(250);
 /// Longest sleep between looks for silent peers (the loop also wakes at the earliest expiry).
@@ -273,9 +284,13 @@ pub async fn run(
     let mut rescan_at = start + rescan_every;
     let mut scan_failing = false;
     let mut wake_watch = wake::WakeWatch::new(wake::clocks());
-    let mut reply_at: Option<Instant> = None;
-    // No reply sent yet: the first query is answered after the jitter alone.
-    let mut last_reply = start.checked_sub(QUERY_REPLY_MIN_GAP).unwrap_or(start);
+    let mut reply = Reply {
+        at: None,
+        // No reply sent yet: the first query is answered after the jitter alone.
+        last: start.checked_sub(QUERY_REPLY_MIN_GAP).unwrap_or(start),
+        heard: Vec::new(),
+        asked: None,
+    };
     let (mut buf4, mut buf6) = (vec![0u8; RECV_BUF], vec![0u8; RECV_BUF]);
     let far = start + Duration::from_secs(86_400 * 365);
     loop {
@@ -288,8 +303,8 @@ pub async fn run(
             .min(Instant::now() + EXPIRE_MAX_WAIT);
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = recv(&sockets.v4, &mut buf4) => handle(&table, &raw, r, &buf4, &mut reply_at, last_reply, announcing).await,
-            r = recv(&sockets.v6, &mut buf6) => handle(&table, &raw, r, &buf6, &mut reply_at, last_reply, announcing).await,
+            r = recv(&sockets.v4, &mut buf4) => handle(&table, &raw, r, &buf4, &mut reply, announcing).await,
+            r = recv(&sockets.v6, &mut buf6) => handle(&table, &raw, r, &buf6, &mut reply, announcing).await,
             _ = watch_changed(&watcher) => {
                 rescan_at = rescan_at.min(Instant::now() + RESCAN_DEBOUNCE);
             }
@@ -339,11 +354,11 @@ pub async fn run(
                     next_announce = now + jittered(sender.interval);
                 }
             }
-            _ = tokio::time::sleep_until(reply_at.unwrap_or(far)) => {
+            _ = tokio::time::sleep_until(reply.at.unwrap_or(far)) => {
                 let a = sender.datagram(Kind::Announce);
                 sockets.send(&a, None).await;
-                reply_at = None;
-                last_reply = Instant::now();
+                reply.at = None;
+                reply.last = Instant::now();
             }
             _ = tokio::time::sleep_until(next_look) => {
                 let now = Instant::now();
@@ -368,13 +383,29 @@ pub async fn run(
     }
 }
 
+/// A pending answer to a query.
+struct Reply {
+    /// When to answer; `None`: no answer due.
+    at: Option<Instant>,
+    /// When we last answered (answers are at least [`QUERY_REPLY_MIN_GAP`] apart).
+    last: Instant,
+    /// Other hosts heard announcing since the query (at most [`QUERY_ANSWERS`] node ids).
+    heard: Vec<NodeId>,
+    /// The last query we decided on: who asked, and when.
+    asked: Option<(NodeId, Instant)>,
+}
+
+/// Whether this host answers a query in a hall of `hosts`, given a uniform draw `u` in [0, 1).
+fn answers(hosts: usize, u: f64) -> bool {
+    u * (hosts as f64) < QUERY_ANSWERS as f64
+}
+
 async fn handle(
     table: &PeerTable,
     raw: &Option<mpsc::Sender<RawDatagram>>,
     r: io::Result<(usize, SocketAddr)>,
     buf: &[u8],
-    reply_at: &mut Option<Instant>,
-    last_reply: Instant,
+    reply: &mut Reply,
     announcing: bool,
 ) {
     let (n, src) = match r {
@@ -391,10 +422,33 @@ async fn handle(
     match &outcome {
         Outcome::Joined(b) => tracing::info!(node = %b.node, %src, port = b.port, "peer joined"),
         Outcome::Left(b) => tracing::info!(node = %b.node, %src, "peer said goodbye"),
-        Outcome::Query(_) if announcing && reply_at.is_none() => {
-            let earliest = last_reply + QUERY_REPLY_MIN_GAP;
-            let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..=QUERY_REPLY_JITTER_MS));
-            *reply_at = Some((now + jitter).max(earliest));
+        Outcome::Query(q)
+            if announcing
+                && reply.at.is_none()
+                // The same query over the other family (or link): decided already.
+                && !reply.asked.is_some_and(|(n, t)| n == q.node && now < t + QUERY_SAME) =>
+        {
+            reply.asked = Some((q.node, now));
+            let mut rng = rand::thread_rng();
+            if answers(table.len() + 1, rng.gen()) {
+                let earliest = reply.last + QUERY_REPLY_MIN_GAP;
+                let jitter = Duration::from_millis(rng.gen_range(0..=QUERY_REPLY_JITTER_MS));
+                reply.at = Some((now + jitter).max(earliest));
+                reply.heard.clear();
+            }
+        }
+        _ => {}
+    }
+    match &outcome {
+        Outcome::Joined(b) | Outcome::Refreshed(b) if reply.at.is_some() => {
+            if !reply.heard.contains(&b.node) {
+                reply.heard.push(b.node);
+            }
+            if reply.heard.len() >= QUERY_ANSWERS {
+                // Enough hosts answered already: ours would add nothing.
+                reply.at = None;
+                reply.heard.clear();
+            }
         }
         _ => {}
     }
@@ -410,6 +464,25 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_is_answered_by_about_query_answers_hosts_whatever_the_hall() {
+        // Small halls: everyone answers.
+        for hosts in 1..=QUERY_ANSWERS {
+            assert!(answers(hosts, 0.999));
+        }
+        for hosts in [50usize, 100, 500, 2049] {
+            let draws = 10_000;
+            let yes = (0..draws)
+                .filter(|i| answers(hosts, (*i as f64 + 0.5) / draws as f64))
+                .count() as f64;
+            let expected = QUERY_ANSWERS as f64 / hosts as f64 * draws as f64;
+            assert!(
+                (yes - expected).abs() <= 1.0,
+                "{hosts} hosts: {yes} of {draws} vs {expected}"
+            );
+        }
+    }
 
     #[test]
     fn the_interval_stretches_so_the_hall_stays_within_the_budget() {

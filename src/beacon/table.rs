@@ -331,8 +331,14 @@ impl PeerTable {
 
     /// Drops the peers not heard from since `since` (after a wake-up from suspend, those that
     /// did not answer the query); returns them.
-    pub fn drop_unheard_since(&self, since: Instant) -> Vec<Peer> {
-        self.remove_where(|p| p.last_seen < since)
+    /// Of those, only the ones `due` says.
+    pub fn drop_unheard_since(&self, since: Instant, due: impl Fn(&Peer) -> bool) -> Vec<Peer> {
+        self.remove_where(|p| p.last_seen < since && due(p))
+    }
+
+    /// How many peers were not heard from since `since`.
+    pub fn unheard_since(&self, since: Instant) -> usize {
+        self.lock().peers.values().filter(|p| p.last_seen < since).count()
     }
 
     fn remove_where(&self, mut pred: impl FnMut(&mut Peer) -> bool) -> Vec<Peer> {
@@ -509,7 +515,7 @@ mod tests {
         assert!(p2.addrs[0].is_ipv6());
         let later = now + Duration::from_millis(500);
         t.handle(src(4), &beacon(Kind::Announce, 4, 1000), later);
-        let gone = t.drop_unheard_since(later);
+        let gone = t.drop_unheard_since(later, |_| true);
         assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![NodeId([2; 16])]);
         assert_eq!(t.peers().len(), 1);
     }
