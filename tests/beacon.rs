@@ -424,3 +424,63 @@ fn a_newcomers_start_in_a_hall_of_100_causes_at_most_64_datagrams() {
         assert!(b.table.get(&newcomer.node()).is_some());
     }
 }
+
+/// An announce from `node` (no commitment), as an attacker would forge it.
+fn forged(node: u8) -> Vec<u8> {
+    beacon::wire::encode(&beacon::wire::Beacon {
+        kind: beacon::wire::Kind::Announce,
+        flags: beacon::wire::FLAG_NAR_NONE,
+        node: NodeId([node; 16]),
+        port: 8380,
+        interval_ms: 5000,
+        seq: 1,
+        hostname: None,
+        summary: None,
+        commitment: None,
+        proof: None,
+    })
+}
+
+#[test]
+fn a_unicast_announce_or_one_from_a_source_off_the_link_is_dropped() {
+    if !require_netns() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let victim = TestBeacon::start(&lan.hosts[0], cfg(both(), Duration::from_secs(30)));
+    let target = SocketAddr::from((lan.hosts[0].ip4, beacon::DEFAULT_PORT));
+    // The sender's second address: not in any subnet of the victim's link (a /32 of another net,
+    // as a datagram routed in from two hops away would carry).
+    common::netns::ip_in(&lan.hosts[1].ns, &["addr", "add", "10.99.0.2/32", "dev", "eth0"]);
+    let sender = in_netns(&lan.hosts[1].ns, move || {
+        let group = SocketAddr::from((beacon::DEFAULT_GROUP_V4, beacon::DEFAULT_PORT));
+        let unicast = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let off = std::net::UdpSocket::bind("10.99.0.2:0").expect("bind off-link source");
+        socket2::SockRef::from(&off)
+            .set_multicast_if_v4(&std::net::Ipv4Addr::new(10, 99, 0, 2))
+            .expect("multicast if");
+        let on = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for _ in 0..5 {
+            unicast.send_to(&forged(1), target).expect("send unicast");
+            off.send_to(&forged(2), group).expect("send from off the link");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The control: the same announce, multicast from the sender's own address, is accepted.
+        on.send_to(&forged(3), group).expect("send on link");
+    });
+    sender.join().expect("sender");
+    let got = wait_for(Duration::from_secs(2), || victim.table.get(&NodeId([3; 16])).is_some());
+    assert!(got.is_some(), "the on-link control announce was not accepted");
+    std::thread::sleep(Duration::from_millis(200));
+    let c = victim.table.counters();
+    eprintln!("counters after the forged announces: {c:?}");
+    assert_eq!(c.off_link, 10, "each forged announce is counted as off the link");
+    assert!(
+        victim.table.get(&NodeId([1; 16])).is_none(),
+        "a unicast announce was accepted"
+    );
+    assert!(
+        victim.table.get(&NodeId([2; 16])).is_none(),
+        "an announce from a source off the link was accepted"
+    );
+}

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 pub use iface::{choose_interfaces, has_multicast_route_v4, list_interfaces, Interface};
 pub use links::{LinkReport, LinkState, LinkStates};
 pub use membership::{bind, Sockets};
-use membership::{lost, recv};
+use membership::{lost, recv, Received};
 pub use table::{Outcome, Peer, PeerTable};
 use wire::{Beacon as Datagram, Kind, NodeId};
 
@@ -292,6 +292,7 @@ pub async fn run(
         asked: None,
     };
     let (mut buf4, mut buf6) = (vec![0u8; RECV_BUF], vec![0u8; RECV_BUF]);
+    let (mut cmsg4, mut cmsg6) = (membership::cmsg_buffer(), membership::cmsg_buffer());
     let far = start + Duration::from_secs(86_400 * 365);
     loop {
         let next_burst = burst.front().copied().unwrap_or(far);
@@ -303,8 +304,8 @@ pub async fn run(
             .min(Instant::now() + EXPIRE_MAX_WAIT);
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = recv(&sockets.v4, &mut buf4) => handle(&table, &raw, r, &buf4, &mut reply, announcing).await,
-            r = recv(&sockets.v6, &mut buf6) => handle(&table, &raw, r, &buf6, &mut reply, announcing).await,
+            r = recv(&sockets.v4, &mut buf4, &mut cmsg4) => handle(&table, &raw, &sockets, r, &buf4, &mut reply, announcing).await,
+            r = recv(&sockets.v6, &mut buf6, &mut cmsg6) => handle(&table, &raw, &sockets, r, &buf6, &mut reply, announcing).await,
             _ = watch_changed(&watcher) => {
                 rescan_at = rescan_at.min(Instant::now() + RESCAN_DEBOUNCE);
             }
@@ -403,12 +404,13 @@ fn answers(hosts: usize, u: f64) -> bool {
 async fn handle(
     table: &PeerTable,
     raw: &Option<mpsc::Sender<RawDatagram>>,
-    r: io::Result<(usize, SocketAddr)>,
+    sockets: &Sockets,
+    r: io::Result<Received>,
     buf: &[u8],
     reply: &mut Reply,
     announcing: bool,
 ) {
-    let (n, src) = match r {
+    let r = match r {
         Ok(x) => x,
         Err(e) => {
             tracing::debug!(error = %e, "beacon receive failed");
@@ -417,8 +419,12 @@ async fn handle(
             return;
         }
     };
+    let (n, src) = (r.len.min(buf.len()), r.src);
     let now = Instant::now();
-    let outcome = table.handle(src, &buf[..n], now);
+    let outcome = match sockets.on_link(&r) {
+        Ok(()) => table.handle(src, &buf[..n], now),
+        Err(why) => table.off_link(why),
+    };
     match &outcome {
         Outcome::Joined(b) => tracing::info!(node = %b.node, %src, port = b.port, "peer joined"),
         Outcome::Left(b) => tracing::info!(node = %b.node, %src, "peer said goodbye"),

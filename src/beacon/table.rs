@@ -100,6 +100,9 @@ pub struct Counters {
     pub own: u64,
     pub rate_limited: u64,
     pub table_full: u64,
+    /// Failed the on-link checks (unicast, or a source not on the link).
+    #[serde(default)]
+    pub off_link: u64,
     pub expired: u64,
 }
 
@@ -118,6 +121,8 @@ pub enum Outcome {
     Ignored(Beacon, &'static str),
     /// Not decoded.
     Invalid(DecodeError),
+    /// Not from this link (not decoded): why.
+    OffLink(&'static str),
     RateLimited,
 }
 
@@ -199,6 +204,14 @@ impl PeerTable {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a datagram that failed the on-link checks (`why`), and says so.
+    pub fn off_link(&self, why: &'static str) -> Outcome {
+        let mut g = self.lock();
+        g.counters.received += 1;
+        g.counters.off_link += 1;
+        Outcome::OffLink(why)
     }
 
     /// Handles one datagram from `src`.
