@@ -484,3 +484,44 @@ fn a_unicast_announce_or_one_from_a_source_off_the_link_is_dropped() {
         "an announce from a source off the link was accepted"
     );
 }
+
+#[test]
+fn a_newcomer_learns_a_hall_of_100_within_10_s_by_peer_exchange() {
+    if !require_netns() {
+        return;
+    }
+    let n = 100;
+    let lan = Lan::new(n + 1);
+    // A 30 s interval: a newcomer cannot wait for the periodic announces, and only about 12
+    // hosts answer its query; the rest must come from `GET /peers`.
+    let c = cfg(both(), Duration::from_secs(30));
+    let hall: Vec<TestBeacon> = lan.hosts[..n]
+        .iter()
+        .map(|h| TestBeacon::start_serving_peers(h, c.clone()))
+        .collect();
+    // The hall converges with its periodic announces (within 1.2 intervals).
+    let settled = wait_for(Duration::from_secs(45), || {
+        hall.iter().all(|b| b.table.peers().len() == n - 1)
+    });
+    assert!(settled.is_some(), "the hall did not converge");
+    let t0 = Instant::now();
+    let newcomer = TestBeacon::start(&lan.hosts[n], c.clone());
+    let took = wait_for(Duration::from_secs(10), || newcomer.table.peers().len() == n);
+    let learnt = newcomer.table.peers();
+    let direct = learnt.iter().filter(|p| p.announces > 0).count();
+    eprintln!(
+        "newcomer in a hall of {n}: {} peers after {:?} ({direct} heard directly)",
+        learnt.len(),
+        t0.elapsed()
+    );
+    assert!(took.is_some(), "learnt {} of {n} within 10 s", learnt.len());
+    // Every entry points at a real host of the hall, on the link.
+    for p in &learnt {
+        let ip = p.http_addr().ip();
+        assert!(
+            lan.hosts.iter().any(|h| IpAddr::V4(h.ip4) == ip)
+                || matches!(ip, IpAddr::V6(a) if a.segments()[0] == 0xfe80),
+            "{ip} is no host of the hall"
+        );
+    }
+}

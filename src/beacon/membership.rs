@@ -360,6 +360,18 @@ impl Sockets {
         }
     }
 
+    /// Where entries learnt by peer exchange may point: the subnets of the joined IPv4 links.
+    pub(super) fn pex_on_link(&self) -> super::pex::OnLink {
+        super::pex::OnLink {
+            v4_nets: self
+                .links
+                .values()
+                .filter(|l| l.v4.is_some())
+                .flat_map(|l| l.iface.v4_nets.iter().copied())
+                .collect(),
+        }
+    }
+
     /// Bytes on the wire of one round of a `len`-byte beacon: one datagram per group on every
     /// joined link and family, headers included (for the traffic budget).
     pub(super) fn round_bytes(&self, len: usize) -> usize {

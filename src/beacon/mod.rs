@@ -17,6 +17,7 @@
 pub mod iface;
 pub mod links;
 mod membership;
+pub mod pex;
 pub mod table;
 pub mod wake;
 pub use wake::WAKE_GRACE;
@@ -280,6 +281,9 @@ pub async fn run(
         }
     };
     let mut burst = burst_from(start);
+    // Peer exchange after the sampled answers to our query came in (one task at a time).
+    let mut pex_at = Some(start + pex::PEX_DELAY);
+    let mut pex_task: Option<tokio::task::JoinHandle<usize>> = None;
     let mut next_announce = start + jittered(cfg.interval);
     let mut rescan_at = start + rescan_every;
     let mut scan_failing = false;
@@ -334,6 +338,7 @@ pub async fn run(
                         if !ch.fresh.is_empty() {
                             sender.hello(&sockets, Some(&ch.fresh)).await;
                             burst = burst_from(Instant::now());
+                            pex_at = Some(Instant::now() + pex::PEX_DELAY);
                         }
                     }
                     Err(e) => {
@@ -353,6 +358,17 @@ pub async fn run(
                     burst.pop_front();
                 } else {
                     next_announce = now + jittered(sender.interval);
+                }
+            }
+            _ = tokio::time::sleep_until(pex_at.unwrap_or(far)) => {
+                pex_at = None;
+                if pex_task.as_ref().is_none_or(|t| t.is_finished()) {
+                    let (t, on) = (table.clone(), sockets.pex_on_link());
+                    pex_task = Some(tokio::spawn(async move {
+                        let n = pex::exchange(t, on).await;
+                        tracing::debug!(learnt = n, "beacon: peer exchange");
+                        n
+                    }));
                 }
             }
             _ = tokio::time::sleep_until(reply.at.unwrap_or(far)) => {
@@ -377,6 +393,9 @@ pub async fn run(
                 }
             }
         }
+    }
+    if let Some(t) = pex_task {
+        t.abort();
     }
     if announcing && goodbye {
         let bye = sender.datagram(Kind::Goodbye);

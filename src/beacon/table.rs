@@ -206,6 +206,42 @@ impl PeerTable {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Enters a peer heard of through peer exchange (`pex`), on probation with zero announces,
+    /// unless it is known already or the table's admission refuses it. True when entered.
+    pub fn learn(
+        &self,
+        node: NodeId,
+        addr: SocketAddr,
+        flags: u16,
+        interval: Duration,
+        summary: Option<u64>,
+        now: Instant,
+    ) -> bool {
+        let mut g = self.lock();
+        if node == self.own || g.peers.contains_key(&node) || g.admit(addr.ip()).is_err() {
+            return false;
+        }
+        g.peers.insert(
+            node,
+            Peer {
+                node,
+                addrs: vec![addr],
+                flags,
+                hostname: None,
+                first_seen: now,
+                last_seen: now,
+                interval,
+                seq: 0,
+                summary,
+                commitment: None,
+                announces: 0,
+            },
+        );
+        drop(g);
+        self.changed.notify_waiters();
+        true
+    }
+
     /// Counts a datagram that failed the on-link checks (`why`), and says so.
     pub fn off_link(&self, why: &'static str) -> Outcome {
         let mut g = self.lock();
@@ -268,6 +304,13 @@ impl PeerTable {
                             // announces naming it with another one are someone else's.
                             if p.commitment.is_some() && b.commitment != p.commitment {
                                 return Outcome::Ignored(b, "announce with another node's commitment");
+                            }
+                            if p.announces == 0 {
+                                // Heard of through peer exchange: its own announce replaces
+                                // what the list said, and its commitment now counts.
+                                p.addrs.clear();
+                                p.commitment = b.commitment;
+                                p.first_seen = now;
                             }
                             p.addrs.retain(|a| *a != addr);
                             p.addrs.insert(0, addr);
@@ -433,6 +476,54 @@ fn allow(buckets: &mut LruCache<IpAddr, Bucket>, ip: IpAddr, now: Instant) -> bo
 mod tests {
     use super::*;
     use crate::beacon::wire::{encode, FLAG_NAR_NONE};
+
+    /// A peer heard of through peer exchange is on probation until it announces; its own
+    /// announce replaces the listed address and sets its commitment; a known node is not
+    /// overwritten; a silent one expires after three of its (listed) intervals.
+    #[test]
+    fn a_peer_heard_of_is_replaced_by_its_own_announce() {
+        let t = PeerTable::new(NodeId([0; 16]));
+        let now = Instant::now();
+        let bogus = SocketAddr::from(([10, 0, 0, 66], 8380));
+        assert!(t.learn(NodeId([1; 16]), bogus, 0, Duration::from_secs(5), None, now));
+        assert!(
+            !t.learn(NodeId([1; 16]), src(9), 0, Duration::from_secs(5), None, now),
+            "known"
+        );
+        assert!(
+            !t.learn(NodeId([0; 16]), src(9), 0, Duration::from_secs(5), None, now),
+            "own"
+        );
+        let p = t.get(&NodeId([1; 16])).expect("learnt");
+        assert_eq!((p.announces, p.established()), (0, false));
+        let c = [5u8; 16];
+        let a = encode(&Beacon {
+            kind: Kind::Announce,
+            flags: FLAG_NAR_NONE,
+            node: NodeId([1; 16]),
+            port: 8380,
+            interval_ms: 5000,
+            seq: 1,
+            hostname: None,
+            summary: None,
+            commitment: Some(c),
+            proof: None,
+        });
+        assert!(matches!(
+            t.handle(src(1), &a, now + Duration::from_secs(1)),
+            Outcome::Refreshed(_)
+        ));
+        let p = t.get(&NodeId([1; 16])).expect("still there");
+        assert_eq!(
+            p.addrs,
+            [SocketAddr::new(src(1).ip(), 8380)],
+            "the listed address is gone"
+        );
+        assert_eq!(p.commitment, Some(c));
+        assert!(t.learn(NodeId([2; 16]), src(2), 0, Duration::from_secs(5), None, now));
+        let gone = t.expire(now + Duration::from_secs(15));
+        assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), [NodeId([2; 16])]);
+    }
 
     fn beacon(kind: Kind, node: u8, interval_ms: u32) -> Vec<u8> {
         encode(&Beacon {

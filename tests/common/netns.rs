@@ -235,7 +235,17 @@ pub struct TestBeacon {
 impl TestBeacon {
     /// Starts a beacon on `host` announcing store port 8380 with `cfg` (interfaces default to
     /// the host's eth0).
-    pub fn start(host: &NetHost, mut cfg: BeaconConfig) -> Self {
+    pub fn start(host: &NetHost, cfg: BeaconConfig) -> Self {
+        Self::start_inner(host, cfg, false)
+    }
+
+    /// As [`TestBeacon::start`], and answers `GET /peers` on TCP 8380 (the store port it
+    /// announces) with `beacon::pex::render` of its table, as a store server does.
+    pub fn start_serving_peers(host: &NetHost, cfg: BeaconConfig) -> Self {
+        Self::start_inner(host, cfg, true)
+    }
+
+    fn start_inner(host: &NetHost, mut cfg: BeaconConfig, serve_peers: bool) -> Self {
         if cfg.interfaces.is_empty() {
             cfg.interfaces = vec![host.iface.clone()];
         }
@@ -259,6 +269,16 @@ impl TestBeacon {
                 .expect("runtime");
             rt.block_on(async move {
                 let sockets = beacon::bind(&cfg).expect("bind beacon");
+                if serve_peers {
+                    let l = tokio::net::TcpListener::bind("0.0.0.0:8380").await.expect("bind peers");
+                    let table = t.clone();
+                    tokio::spawn(async move {
+                        while let Ok((mut c, _)) = l.accept().await {
+                            let table = table.clone();
+                            tokio::spawn(async move { answer_peers(&mut c, &table).await });
+                        }
+                    });
+                }
                 tx.send(()).expect("started");
                 let task = tokio::spawn(beacon::run(sockets, cfg, t, None, g.clone(), true));
                 e.cancelled().await;
@@ -391,4 +411,31 @@ impl Sniffer {
     pub fn finish(self) -> Vec<Seen> {
         self.thread.join().expect("sniffer thread")
     }
+}
+
+/// Answers one HTTP request on `c` with the peer list of `table` (tests' stand-in for the store
+/// server's `GET /peers`; same rendering).
+async fn answer_peers(c: &mut tokio::net::TcpStream, table: &PeerTable) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(2), read).await.is_err() {
+        return;
+    }
+    let body = beacon::pex::render(table);
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = c.write_all(head.as_bytes()).await;
+    let _ = c.write_all(body.as_bytes()).await;
+    let _ = c.shutdown().await;
 }
