@@ -466,7 +466,9 @@ async fn handle(
     }
     match &outcome {
         Outcome::Joined(b) | Outcome::Refreshed(b) if reply.at.is_some() => {
-            if !reply.heard.contains(&b.node) {
+            // The asker's own announces (its start burst) are no answers.
+            let asker = reply.asked.is_some_and(|(n, _)| n == b.node);
+            if !asker && !reply.heard.contains(&b.node) {
                 reply.heard.push(b.node);
             }
             if reply.heard.len() >= QUERY_ANSWERS {
