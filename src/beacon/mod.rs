@@ -2,11 +2,15 @@
 //! builds the peer table, over IPv4 and IPv6.
 //!
 //! [`wire`] is the pure codec, [`table`] the peer table, [`iface`] the interfaces, [`links`] their
-//! reported states, `membership` the sockets and the groups joined per interface, [`watch`] the
-//! kernel's notices of interface changes, [`wake`] the suspend detector, this module the one loop
-//! that receives, announces, answers queries, expires peers and follows the interfaces. Invariants: one task per beacon (nothing is spawned
-//! per datagram); multicast TTL and hop limit are 1; the beacon never triggers a fetch, it only
-//! tells the proxy where it may ask.
+//! reported states, `membership` the sockets, the groups joined per interface and the on-link
+//! checks, [`watch`] the kernel's notices of interface changes, [`wake`] the suspend detector,
+//! [`pex`] the peer exchange, this module the one loop that receives, announces (within the
+//! hall's traffic budget), answers queries (sampled), expires peers and follows the interfaces.
+//! Invariants: one task per beacon, plus at most one peer-exchange task at a time (nothing is
+//! spawned per datagram); multicast TTL and hop limit are 1, and only datagrams from the link
+//! count; the beacon never triggers a narinfo or NAR fetch (its only request is the peer
+//! exchange's `GET /peers`, at most 3 after our own start or a new link), it only tells the
+//! proxy where it may ask.
 //!
 //! Roaming: the sockets are bound once; groups are joined and left per interface as interfaces
 //! appear, go, come back or change addresses (a netlink notice triggers a re-scan, and a
