@@ -525,3 +525,45 @@ fn a_newcomer_learns_a_hall_of_100_within_10_s_by_peer_exchange() {
         );
     }
 }
+
+#[test]
+fn serve_lists_the_peers_its_beacon_heard_at_get_peers() {
+    if !require_netns() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let bin = env!("CARGO_BIN_EXE_local-nix-cache");
+    let observer = TestBeacon::start(&lan.hosts[1], cfg(both(), Duration::from_secs(5)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serve = ChildGuard(
+        lan.hosts[0]
+            .command(bin)
+            .args(["serve", "--listen", "0.0.0.0:8380", "--interface", "eth0", "--store"])
+            .arg(format!("unix://{}/absent.sock", dir.path().display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn serve"),
+    );
+    let seen = wait_for(Duration::from_secs(5), || observer.table.peers().len() == 1);
+    assert!(seen.is_some(), "serve not seen");
+    let url = format!("http://{}:8380/peers", lan.hosts[0].ip4);
+    let want = format!("{} {}:8380 ", observer.node(), lan.hosts[1].ip4);
+    let mut body = String::new();
+    // The observer's announces reach serve within its start burst; poll briefly.
+    let listed = wait_for(Duration::from_secs(5), || {
+        let out = lan.hosts[1]
+            .command("curl")
+            .args(["-sf", "--max-time", "2", &url])
+            .output()
+            .expect("curl");
+        body = String::from_utf8_lossy(&out.stdout).into_owned();
+        body.lines().any(|l| l.starts_with(&want))
+    });
+    assert!(
+        listed.is_some(),
+        "GET /peers does not list the observer ({want}): {body:?}"
+    );
+    let entries = beacon::pex::parse(&body);
+    assert!(entries.iter().any(|e| e.node == observer.node()), "{body:?}");
+}
