@@ -133,11 +133,14 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     // One id for the beacon's announces and the store server's answers, so proxies can check
     // that the server at an announced address is the node that announced it.
     let node_id = NodeId::random();
+    // The beacon's table, shared with the store server's `GET /peers`.
+    let table = settings.beacon.as_ref().map(|_| Arc::new(PeerTable::new(node_id)));
     let srv = Arc::new(
         StoreServer::new(store, index, keys.clone())
             .with_stall_timeout(settings.server.client_stall_timeout)
             .with_node_id(node_id)
-            .with_summary(publisher.clone()),
+            .with_summary(publisher.clone())
+            .with_peers(table.clone()),
     );
     let mut parts = Parts::default();
     let running = server::parts(srv, listeners, settings.server.rescan_interval, shutdown.clone());
@@ -148,9 +151,8 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     parts.spawn("content summary", publisher.clone().run(shutdown.clone()));
     parts.spawn("learner", learner);
     let mut links = None;
-    let peers = match &settings.beacon {
-        None => None,
-        Some(b) => {
+    let peers = match (&settings.beacon, table) {
+        (Some(b), Some(table)) => {
             let announce = beacon::Announce {
                 store_port: addrs.first().map_or(beacon::DEFAULT_PORT, |a| a.port()),
                 flags: wire::FLAG_NAR_NONE | wire::FLAG_NAR_ZSTD | wire::FLAG_PROXY,
@@ -171,12 +173,12 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
                 tracing::info!("beacon: {line}");
             }
             links = Some(sockets.states.clone());
-            let table = Arc::new(PeerTable::new(node_id));
             tracing::info!(node = %table.own(), "beacon started");
             let run = beacon::run(sockets, cfg, table.clone(), None, shutdown.clone(), true);
             parts.spawn("beacon", run);
             Some(table)
         }
+        _ => None,
     };
     let mut proxy_config = ProxyConfig::from_settings(settings);
     proxy_config.delivered = Some(delivered);

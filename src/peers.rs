@@ -94,10 +94,11 @@ fn raw_line(d: &RawDatagram, json: bool) -> String {
         Outcome::Ignored(b, _) => ("ignored", Some(b)),
         Outcome::Invalid(_) => ("invalid", None),
         Outcome::RateLimited => ("rate-limited", None),
+        Outcome::OffLink(_) => ("off-link", None),
     };
     let detail = match &d.outcome {
         Outcome::Invalid(e) => e.to_string(),
-        Outcome::Ignored(_, why) => (*why).to_owned(),
+        Outcome::Ignored(_, why) | Outcome::OffLink(why) => (*why).to_owned(),
         _ => String::new(),
     };
     if json {
@@ -216,8 +217,8 @@ pub async fn run(opts: PeersOptions, stop: CancellationToken) -> Result<usize, b
     }
     let c = table.counters();
     eprintln!(
-        "datagrams: {} received, {} announces, {} queries, {} goodbyes; dropped: {} too short, {} invalid, {} wrong version, {} own, {} rate limited, {} table full; {} expired",
-        c.received, c.announces, c.queries, c.goodbyes, c.too_short, c.invalid, c.wrong_version, c.own, c.rate_limited, c.table_full, c.expired
+        "datagrams: {} received, {} announces, {} queries, {} goodbyes; dropped: {} too short, {} invalid, {} wrong version, {} own, {} rate limited, {} table full, {} off the link; {} expired",
+        c.received, c.announces, c.queries, c.goodbyes, c.too_short, c.invalid, c.wrong_version, c.own, c.rate_limited, c.table_full, c.off_link, c.expired
     );
     let _ = out.flush();
     Ok(peers.len())

@@ -347,6 +347,7 @@ pub fn metrics(st: &StatusReport) -> String {
                     ("rate_limited", b.rate_limited),
                     ("table_full", b.table_full),
                     ("expired", b.expired),
+                    ("off_link", b.off_link),
                 ],
             ),
         );

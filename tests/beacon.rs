@@ -1,5 +1,6 @@
 //! The beacon on simulated LANs (network namespaces; needs root): discovery over IPv4 and IPv6,
-//! expiry of a dead host, goodbye, the `peers` tool, and a garbage flood.
+//! expiry of a dead host, goodbye, the `peers` tool, a garbage flood, the hall's traffic budget,
+//! the cost of a newcomer's start, and on-link checks.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::netns::{in_netns, require_netns, Lan, TestBeacon};
+use common::netns::{in_netns, require_netns, Lan, Sniffer, TestBeacon};
 use local_nix_cache::beacon::{self, wire::NodeId, BeaconConfig};
 
 fn cfg(groups: Vec<IpAddr>, interval: Duration) -> BeaconConfig {
@@ -365,4 +366,228 @@ fn serve_announces_its_store_server_and_says_goodbye_on_sigterm() {
     let gone = wait_for(Duration::from_secs(3), || observer.table.peers().len() == 1);
     assert!(gone.is_some(), "no goodbye after SIGTERM ({:?})", t0.elapsed());
     drop(first);
+}
+
+/// Beacon bytes per second on the link (headers included) over what `seen` recorded in `dur`.
+fn rate(seen: &[common::netns::Seen], dur: Duration) -> f64 {
+    seen.iter().map(|s| s.wire_bytes()).sum::<usize>() as f64 / dur.as_secs_f64()
+}
+
+#[test]
+fn beacon_traffic_stays_within_the_budget_however_many_hosts_announce() {
+    if !require_netns() {
+        return;
+    }
+    // 24 hosts asking for 150 ms intervals would put about 30 KB/s on the link; the budget
+    // stretches their intervals so the total stays under 8 KB/s.
+    let n = 24;
+    let lan = Lan::new(n + 1);
+    let c = cfg(both(), Duration::from_millis(150));
+    let beacons: Vec<TestBeacon> = lan.hosts[1..].iter().map(|h| TestBeacon::start(h, c.clone())).collect();
+    let full = wait_for(Duration::from_secs(15), || {
+        beacons.iter().all(|b| b.table.peers().len() == n - 1)
+    });
+    assert!(full.is_some(), "the hosts did not all find each other");
+    // Settle: every host has announced with its stretched interval.
+    std::thread::sleep(Duration::from_secs(3));
+    let window = Duration::from_secs(6);
+    let seen = Sniffer::start(&lan.hosts[0], window).finish();
+    let bps = rate(&seen, window);
+    eprintln!(
+        "{n} hosts asking for 150 ms: {} datagrams, {bps:.0} B/s on the link",
+        seen.len()
+    );
+    assert!(bps <= 8_000.0, "{bps:.0} B/s on the link");
+    // Nobody expired: receivers follow each host's announced (stretched) interval.
+    for b in &beacons {
+        assert_eq!(
+            b.table.peers().len(),
+            n - 1,
+            "a host lost peers: {:?}",
+            b.table.counters()
+        );
+    }
+}
+
+#[test]
+fn a_newcomers_start_in_a_hall_of_100_causes_at_most_64_datagrams() {
+    if !require_netns() {
+        return;
+    }
+    let n = 100;
+    // hosts[0]: the sniffer; 1..=n: the hall; n+1: the newcomer.
+    let lan = Lan::new(n + 2);
+    // A long interval: no periodic announce falls in the measured window (the first comes 48 s
+    // after a host's start at the earliest), so every datagram seen is the start's doing.
+    let c = cfg(both(), Duration::from_secs(120));
+    let t0 = Instant::now();
+    let hall: Vec<TestBeacon> = lan.hosts[1..=n]
+        .iter()
+        .map(|h| TestBeacon::start(h, c.clone()))
+        .collect();
+    // Let the hall's own start-up traffic die down.
+    std::thread::sleep(Duration::from_secs(2));
+    let window = Duration::from_secs(3);
+    let sniffer = Sniffer::start(&lan.hosts[0], window);
+    let newcomer = TestBeacon::start(&lan.hosts[n + 1], c.clone());
+    let seen = sniffer.finish();
+    assert!(
+        t0.elapsed() < Duration::from_secs(45),
+        "too slow to set up: periodic announces would be counted"
+    );
+    let learnt = newcomer.table.peers().len();
+    eprintln!(
+        "newcomer in a hall of {n}: {} datagrams ({} B) on the link, learnt {learnt} hosts",
+        seen.len(),
+        seen.iter().map(|s| s.wire_bytes()).sum::<usize>()
+    );
+    assert!(seen.len() <= 64, "{} datagrams after one start", seen.len());
+    assert!(learnt >= 5, "the newcomer learnt only {learnt} hosts from the answers");
+    // Every host of the hall heard the newcomer's announce.
+    for b in &hall {
+        assert!(b.table.get(&newcomer.node()).is_some());
+    }
+}
+
+/// An announce from `node` (no commitment), as an attacker would forge it.
+fn forged(node: u8) -> Vec<u8> {
+    beacon::wire::encode(&beacon::wire::Beacon {
+        kind: beacon::wire::Kind::Announce,
+        flags: beacon::wire::FLAG_NAR_NONE,
+        node: NodeId([node; 16]),
+        port: 8380,
+        interval_ms: 5000,
+        seq: 1,
+        hostname: None,
+        summary: None,
+        commitment: None,
+        proof: None,
+    })
+}
+
+#[test]
+fn a_unicast_announce_or_one_from_a_source_off_the_link_is_dropped() {
+    if !require_netns() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let victim = TestBeacon::start(&lan.hosts[0], cfg(both(), Duration::from_secs(30)));
+    let target = SocketAddr::from((lan.hosts[0].ip4, beacon::DEFAULT_PORT));
+    // The sender's second address: not in any subnet of the victim's link (a /32 of another net,
+    // as a datagram routed in from two hops away would carry).
+    common::netns::ip_in(&lan.hosts[1].ns, &["addr", "add", "10.99.0.2/32", "dev", "eth0"]);
+    let sender = in_netns(&lan.hosts[1].ns, move || {
+        let group = SocketAddr::from((beacon::DEFAULT_GROUP_V4, beacon::DEFAULT_PORT));
+        let unicast = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let off = std::net::UdpSocket::bind("10.99.0.2:0").expect("bind off-link source");
+        socket2::SockRef::from(&off)
+            .set_multicast_if_v4(&std::net::Ipv4Addr::new(10, 99, 0, 2))
+            .expect("multicast if");
+        let on = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for _ in 0..5 {
+            unicast.send_to(&forged(1), target).expect("send unicast");
+            off.send_to(&forged(2), group).expect("send from off the link");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The control: the same announce, multicast from the sender's own address, is accepted.
+        on.send_to(&forged(3), group).expect("send on link");
+    });
+    sender.join().expect("sender");
+    let got = wait_for(Duration::from_secs(2), || victim.table.get(&NodeId([3; 16])).is_some());
+    assert!(got.is_some(), "the on-link control announce was not accepted");
+    std::thread::sleep(Duration::from_millis(200));
+    let c = victim.table.counters();
+    eprintln!("counters after the forged announces: {c:?}");
+    assert_eq!(c.off_link, 10, "each forged announce is counted as off the link");
+    assert!(
+        victim.table.get(&NodeId([1; 16])).is_none(),
+        "a unicast announce was accepted"
+    );
+    assert!(
+        victim.table.get(&NodeId([2; 16])).is_none(),
+        "an announce from a source off the link was accepted"
+    );
+}
+
+#[test]
+fn a_newcomer_learns_a_hall_of_100_within_10_s_by_peer_exchange() {
+    if !require_netns() {
+        return;
+    }
+    let n = 100;
+    let lan = Lan::new(n + 1);
+    // A 30 s interval: a newcomer cannot wait for the periodic announces, and only about 12
+    // hosts answer its query; the rest must come from `GET /peers`.
+    let c = cfg(both(), Duration::from_secs(30));
+    let hall: Vec<TestBeacon> = lan.hosts[..n]
+        .iter()
+        .map(|h| TestBeacon::start_serving_peers(h, c.clone()))
+        .collect();
+    // The hall converges with its periodic announces (within 1.2 intervals).
+    let settled = wait_for(Duration::from_secs(45), || {
+        hall.iter().all(|b| b.table.peers().len() == n - 1)
+    });
+    assert!(settled.is_some(), "the hall did not converge");
+    let t0 = Instant::now();
+    let newcomer = TestBeacon::start(&lan.hosts[n], c.clone());
+    let took = wait_for(Duration::from_secs(10), || newcomer.table.peers().len() == n);
+    let learnt = newcomer.table.peers();
+    let direct = learnt.iter().filter(|p| p.announces > 0).count();
+    eprintln!(
+        "newcomer in a hall of {n}: {} peers after {} ms ({direct} heard directly)",
+        learnt.len(),
+        t0.elapsed().as_millis()
+    );
+    assert!(took.is_some(), "learnt {} of {n} within 10 s", learnt.len());
+    // Every entry points at a real host of the hall, on the link.
+    for p in &learnt {
+        let ip = p.http_addr().ip();
+        assert!(
+            lan.hosts.iter().any(|h| IpAddr::V4(h.ip4) == ip)
+                || matches!(ip, IpAddr::V6(a) if a.segments()[0] == 0xfe80),
+            "{ip} is no host of the hall"
+        );
+    }
+}
+
+#[test]
+fn serve_lists_the_peers_its_beacon_heard_at_get_peers() {
+    if !require_netns() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let bin = env!("CARGO_BIN_EXE_local-nix-cache");
+    let observer = TestBeacon::start(&lan.hosts[1], cfg(both(), Duration::from_secs(5)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serve = ChildGuard(
+        lan.hosts[0]
+            .command(bin)
+            .args(["serve", "--listen", "0.0.0.0:8380", "--interface", "eth0", "--store"])
+            .arg(format!("unix://{}/absent.sock", dir.path().display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn serve"),
+    );
+    let seen = wait_for(Duration::from_secs(5), || observer.table.peers().len() == 1);
+    assert!(seen.is_some(), "serve not seen");
+    let url = format!("http://{}:8380/peers", lan.hosts[0].ip4);
+    let want = format!("{} {}:8380 ", observer.node(), lan.hosts[1].ip4);
+    let mut body = String::new();
+    // The observer's announces reach serve within its start burst; poll briefly.
+    let listed = wait_for(Duration::from_secs(5), || {
+        let out = lan.hosts[1]
+            .command("curl")
+            .args(["-sf", "--max-time", "2", &url])
+            .output()
+            .expect("curl");
+        body = String::from_utf8_lossy(&out.stdout).into_owned();
+        body.lines().any(|l| l.starts_with(&want))
+    });
+    assert!(
+        listed.is_some(),
+        "GET /peers does not list the observer ({want}): {body:?}"
+    );
+    let entries = beacon::pex::parse(&body);
+    assert!(entries.iter().any(|e| e.node == observer.node()), "{body:?}");
 }

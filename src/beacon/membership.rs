@@ -9,7 +9,12 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::Arc;
 
+use std::io::IoSliceMut;
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage};
 use socket2::{Domain, InterfaceIndexOrAddress, Protocol, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
@@ -92,6 +97,8 @@ fn socket_v4(port: u16) -> Result<UdpSocket, BeaconError> {
     s.set_multicast_all_v4(false).map_err(sock_err("IP_MULTICAST_ALL"))?;
     s.set_multicast_ttl_v4(1).map_err(sock_err("IP_MULTICAST_TTL"))?;
     s.set_multicast_loop_v4(true).map_err(sock_err("IP_MULTICAST_LOOP"))?;
+    // Each datagram's destination and arrival interface, for the on-link checks.
+    setsockopt(&s, sockopt::Ipv4PacketInfo, &true).map_err(|e| sock_err("IP_PKTINFO")(e.into()))?;
     s.set_nonblocking(true).map_err(sock_err("nonblocking"))?;
     let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     s.bind(&bind.into()).map_err(sock_err(format!("bind {bind}")))?;
@@ -106,6 +113,7 @@ fn socket_v6(port: u16) -> Result<UdpSocket, BeaconError> {
     s.set_multicast_all_v6(false).map_err(sock_err("IPV6_MULTICAST_ALL"))?;
     s.set_multicast_hops_v6(1).map_err(sock_err("IPV6_MULTICAST_HOPS"))?;
     s.set_multicast_loop_v6(true).map_err(sock_err("IPV6_MULTICAST_LOOP"))?;
+    setsockopt(&s, sockopt::Ipv6RecvPacketInfo, &true).map_err(|e| sock_err("IPV6_RECVPKTINFO")(e.into()))?;
     s.set_nonblocking(true).map_err(sock_err("nonblocking"))?;
     let bind = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
     s.bind(&bind.into()).map_err(sock_err(format!("bind {bind}")))?;
@@ -352,6 +360,37 @@ impl Sockets {
         }
     }
 
+    /// Where entries learnt by peer exchange may point: the subnets of the joined IPv4 links.
+    pub(super) fn pex_on_link(&self) -> super::pex::OnLink {
+        super::pex::OnLink {
+            v4_nets: self
+                .links
+                .values()
+                .filter(|l| l.v4.is_some())
+                .flat_map(|l| l.iface.v4_nets.iter().copied())
+                .collect(),
+        }
+    }
+
+    /// Bytes on the wire of one round of a `len`-byte beacon: one datagram per group on every
+    /// joined link and family, headers included (for the traffic budget).
+    pub(super) fn round_bytes(&self, len: usize) -> usize {
+        let n4 = self.v4.as_ref().map_or(0, |f| f.groups.len());
+        let n6 = self.v6.as_ref().map_or(0, |f| f.groups.len());
+        self.links
+            .values()
+            .map(|l| {
+                let v4 = if l.v4.is_some() {
+                    n4 * (len + super::V4_OVERHEAD)
+                } else {
+                    0
+                };
+                let v6 = if l.v6 { n6 * (len + super::V6_OVERHEAD) } else { 0 };
+                v4 + v6
+            })
+            .sum()
+    }
+
     /// Sends on every joined link, or only on those named in `only`.
     pub(super) async fn send(&self, bytes: &[u8], only: Option<&[String]>) {
         for (n, l) in &self.links {
@@ -362,10 +401,94 @@ impl Sockets {
     }
 }
 
-pub(super) async fn recv(f: &Option<Family>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+/// One received datagram: its length, source, and (from `IP_PKTINFO` / `IPV6_RECVPKTINFO`) the
+/// destination address in its IP header and the interface it arrived on.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Received {
+    pub(super) len: usize,
+    pub(super) src: SocketAddr,
+    pub(super) dst: Option<IpAddr>,
+    pub(super) ifindex: u32,
+}
+
+/// A control-message buffer for [`recv`], allocated once per socket (room for either family's
+/// packet info).
+pub(super) fn cmsg_buffer() -> Vec<u8> {
+    nix::cmsg_space!(nix::libc::in6_pktinfo)
+}
+
+pub(super) async fn recv(f: &Option<Family>, buf: &mut [u8], cmsg: &mut Vec<u8>) -> io::Result<Received> {
     match f {
-        Some(f) => f.sock.recv_from(buf).await,
+        Some(f) => {
+            f.sock
+                .async_io(Interest::READABLE, || recv_pktinfo(&f.sock, buf, cmsg))
+                .await
+        }
         None => std::future::pending().await,
+    }
+}
+
+/// `recvmsg` with the packet-info control message (non-blocking; `WouldBlock` when empty).
+fn recv_pktinfo(sock: &UdpSocket, buf: &mut [u8], cmsg: &mut Vec<u8>) -> io::Result<Received> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(sock.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::MSG_DONTWAIT)?;
+    let src = msg
+        .address
+        .as_ref()
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(SocketAddrV6::from(*v6))))
+        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "datagram without a source address"))?;
+    let (mut dst, mut ifindex) = (None, 0);
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::Ipv4PacketInfo(p) => {
+                dst = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(p.ipi_addr.s_addr))));
+                ifindex = u32::try_from(p.ipi_ifindex).unwrap_or(0);
+            }
+            ControlMessageOwned::Ipv6PacketInfo(p) => {
+                dst = Some(IpAddr::V6(Ipv6Addr::from(p.ipi6_addr.s6_addr)));
+                ifindex = p.ipi6_ifindex;
+            }
+            _ => {}
+        }
+    }
+    Ok(Received {
+        len: msg.bytes,
+        src,
+        dst,
+        ifindex,
+    })
+}
+
+impl Sockets {
+    /// Whether a datagram came from this link (`proto/beacon.md`, on-link checks): sent to one
+    /// of our groups (not unicast), on an interface we joined, from a source on that link (IPv4:
+    /// in one of the interface's subnets; IPv6: link-local; on a loopback link, loopback).
+    /// `Err` says why not.
+    pub(super) fn on_link(&self, r: &Received) -> Result<(), &'static str> {
+        let groups = match r.src {
+            SocketAddr::V4(_) => self.v4.as_ref().map(|f| &f.groups),
+            SocketAddr::V6(_) => self.v6.as_ref().map(|f| &f.groups),
+        };
+        let to_group = r.dst.is_some_and(|d| groups.is_some_and(|g| g.contains(&d)));
+        if !to_group {
+            return Err("not sent to the beacon group (a unicast beacon)");
+        }
+        let Some(l) = self.links.values().find(|l| l.iface.index == r.ifindex) else {
+            return Err("arrived on an interface the beacon has not joined");
+        };
+        let ok = match r.src.ip() {
+            IpAddr::V4(a) => l.iface.reaches_v4(a) || (l.iface.loopback && a.is_loopback()),
+            IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80 || (l.iface.loopback && a.is_loopback()),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err("source address not on the link it arrived on")
+        }
     }
 }
 /// True when `a` was reached through a network or IPv6 scope in `ch`'s lost ones.

@@ -2,11 +2,15 @@
 //! builds the peer table, over IPv4 and IPv6.
 //!
 //! [`wire`] is the pure codec, [`table`] the peer table, [`iface`] the interfaces, [`links`] their
-//! reported states, `membership` the sockets and the groups joined per interface, [`watch`] the
-//! kernel's notices of interface changes, [`wake`] the suspend detector, this module the one loop
-//! that receives, announces, answers queries, expires peers and follows the interfaces. Invariants: one task per beacon (nothing is spawned
-//! per datagram); multicast TTL and hop limit are 1; the beacon never triggers a fetch, it only
-//! tells the proxy where it may ask.
+//! reported states, `membership` the sockets, the groups joined per interface and the on-link
+//! checks, [`watch`] the kernel's notices of interface changes, [`wake`] the suspend detector,
+//! [`pex`] the peer exchange, this module the one loop that receives, announces (within the
+//! hall's traffic budget), answers queries (sampled), expires peers and follows the interfaces.
+//! Invariants: one task per beacon, plus at most one peer-exchange task at a time (nothing is
+//! spawned per datagram); multicast TTL and hop limit are 1, and only datagrams from the link
+//! count; the beacon never triggers a narinfo or NAR fetch (its only request is the peer
+//! exchange's `GET /peers`, at most 3 after our own start or a new link), it only tells the
+//! proxy where it may ask.
 //!
 //! Roaming: the sockets are bound once; groups are joined and left per interface as interfaces
 //! appear, go, come back or change addresses (a netlink notice triggers a re-scan, and a
@@ -17,6 +21,7 @@
 pub mod iface;
 pub mod links;
 mod membership;
+pub mod pex;
 pub mod table;
 pub mod wake;
 pub use wake::WAKE_GRACE;
@@ -37,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 pub use iface::{choose_interfaces, has_multicast_route_v4, list_interfaces, Interface};
 pub use links::{LinkReport, LinkState, LinkStates};
 pub use membership::{bind, Sockets};
-use membership::{lost, recv};
+use membership::{lost, recv, Received};
 pub use table::{Outcome, Peer, PeerTable};
 use wire::{Beacon as Datagram, Kind, NodeId};
 
@@ -48,8 +53,19 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 /// Extra announces right after start (and after a new link or a wake-up), in case the first
 /// datagrams are lost.
 const START_BURST: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(300)];
-/// Answers to queries are delayed by up to this much, so hosts do not answer in one burst.
-const QUERY_REPLY_JITTER_MS: u64 = 50;
+/// Answers to queries are delayed by up to this much, so hosts do not answer in one burst and
+/// each can hear the others' answers before its own (duplicate suppression).
+const QUERY_REPLY_JITTER_MS: u64 = 400;
+/// Hosts that answer one query, on average: each answers with probability
+/// `min(1, QUERY_ANSWERS / hosts)`, and keeps quiet once it heard this many other hosts announce
+/// after the query (mDNS-style duplicate suppression). A newcomer's start therefore costs its own
+/// 8 datagrams (announce and query, then two more announces, on IPv4 and IPv6) plus about
+/// `2 x QUERY_ANSWERS` answers, whatever the size of the hall; it learns the rest of the hall from
+/// their periodic announces.
+pub const QUERY_ANSWERS: usize = 12;
+/// Queries from one node this close together are one query (sent over IPv4 and IPv6, or on
+/// several links): answered or not once.
+const QUERY_SAME: Duration = Duration::from_secs(1);
 /// At most one answer to queries per this long.
 const QUERY_REPLY_MIN_GAP: Duration = Duration::from_millis(250);
 /// Longest sleep between looks for silent peers (the loop also wakes at the earliest expiry).
@@ -64,6 +80,28 @@ pub const RESCAN_INTERVAL_NO_NETLINK: Duration = Duration::from_secs(2);
 const RESCAN_DEBOUNCE: Duration = Duration::from_millis(100);
 /// Most interfaces joined at once; further ones are left waiting (with a warning in the states).
 pub const MAX_LINKS: usize = 16;
+/// Bytes per second that the periodic announces of the whole hall may take on a link (IP and UDP
+/// headers included), like RTCP's report budget: each host stretches its interval so that
+/// (hosts x its bytes per round) / interval stays within it. 6 KB/s leaves 2 KB/s of the 8 KB/s
+/// beacon budget for queries, their answers and start-up bursts.
+pub const ANNOUNCE_BUDGET_BYTES_PER_SEC: u64 = 6_000;
+/// IPv4 (20) and UDP (8) header bytes of a beacon on the link.
+pub(crate) const V4_OVERHEAD: usize = 28;
+/// IPv6 (40) and UDP (8) header bytes of a beacon on the link.
+pub(crate) const V6_OVERHEAD: usize = 48;
+
+/// The announce interval under the traffic budget: `configured`, or longer when `hosts` (the
+/// table's peers plus this host) each sending `round_bytes` per interval would exceed
+/// [`ANNOUNCE_BUDGET_BYTES_PER_SEC`]. Capped at the wire's maximum interval.
+pub fn budgeted_interval(configured: Duration, hosts: usize, round_bytes: usize) -> Duration {
+    let need_ms = (hosts as u64)
+        .saturating_mul(round_bytes as u64)
+        .saturating_mul(1000)
+        .div_ceil(ANNOUNCE_BUDGET_BYTES_PER_SEC);
+    configured
+        .max(Duration::from_millis(need_ms))
+        .min(Duration::from_millis(wire::MAX_INTERVAL_MS.into()))
+}
 
 /// This machine's host name, for the beacon's informational hostname extension.
 pub fn hostname() -> Option<String> {
@@ -141,13 +179,15 @@ struct Sender {
     announce: Option<Announce>,
     interval: Duration,
     seq: u32,
+    /// Length of the last announce, for the traffic budget (the next one is the same size).
+    last_len: usize,
 }
 
 impl Sender {
     fn datagram(&mut self, kind: Kind) -> Vec<u8> {
         self.seq = self.seq.wrapping_add(1);
         let a = self.announce.as_ref();
-        wire::encode(&Datagram {
+        let bytes = wire::encode(&Datagram {
             kind,
             flags: a.map_or(0, |a| a.flags),
             node: self.node,
@@ -168,7 +208,17 @@ impl Sender {
                 .filter(|_| kind == Kind::Announce)
                 .map(|a| wire::commitment(&a.secret)),
             proof: a.filter(|_| kind == Kind::Goodbye).map(|a| a.secret),
-        })
+        });
+        if kind == Kind::Announce {
+            self.last_len = bytes.len();
+        }
+        bytes
+    }
+
+    /// Stretches the interval to the traffic budget for a table of `peers` (called before each
+    /// periodic announce, which then carries it).
+    fn budget(&mut self, configured: Duration, peers: usize, s: &Sockets) {
+        self.interval = budgeted_interval(configured, peers + 1, s.round_bytes(self.last_len));
     }
 
     /// An announce (when announcing) and a query, on `only` or every link.
@@ -210,6 +260,7 @@ pub async fn run(
         announce: cfg.announce.clone(),
         interval: cfg.interval,
         seq: 0,
+        last_len: wire::HEADER_LEN,
     };
     let announcing = cfg.announce.is_some();
     let watcher = match watch::Watcher::new() {
@@ -234,14 +285,22 @@ pub async fn run(
         }
     };
     let mut burst = burst_from(start);
+    // Peer exchange after the sampled answers to our query came in (one task at a time).
+    let mut pex_at = Some(start + pex::PEX_DELAY);
+    let mut pex_task: Option<tokio::task::JoinHandle<usize>> = None;
     let mut next_announce = start + jittered(cfg.interval);
     let mut rescan_at = start + rescan_every;
     let mut scan_failing = false;
     let mut wake_watch = wake::WakeWatch::new(wake::clocks());
-    let mut reply_at: Option<Instant> = None;
-    // No reply sent yet: the first query is answered after the jitter alone.
-    let mut last_reply = start.checked_sub(QUERY_REPLY_MIN_GAP).unwrap_or(start);
+    let mut reply = Reply {
+        at: None,
+        // No reply sent yet: the first query is answered after the jitter alone.
+        last: start.checked_sub(QUERY_REPLY_MIN_GAP).unwrap_or(start),
+        heard: Vec::new(),
+        asked: None,
+    };
     let (mut buf4, mut buf6) = (vec![0u8; RECV_BUF], vec![0u8; RECV_BUF]);
+    let (mut cmsg4, mut cmsg6) = (membership::cmsg_buffer(), membership::cmsg_buffer());
     let far = start + Duration::from_secs(86_400 * 365);
     loop {
         let next_burst = burst.front().copied().unwrap_or(far);
@@ -253,8 +312,8 @@ pub async fn run(
             .min(Instant::now() + EXPIRE_MAX_WAIT);
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = recv(&sockets.v4, &mut buf4) => handle(&table, &raw, r, &buf4, &mut reply_at, last_reply, announcing).await,
-            r = recv(&sockets.v6, &mut buf6) => handle(&table, &raw, r, &buf6, &mut reply_at, last_reply, announcing).await,
+            r = recv(&sockets.v4, &mut buf4, &mut cmsg4) => handle(&table, &raw, &sockets, r, &buf4, &mut reply, announcing).await,
+            r = recv(&sockets.v6, &mut buf6, &mut cmsg6) => handle(&table, &raw, &sockets, r, &buf6, &mut reply, announcing).await,
             _ = watch_changed(&watcher) => {
                 rescan_at = rescan_at.min(Instant::now() + RESCAN_DEBOUNCE);
             }
@@ -283,6 +342,7 @@ pub async fn run(
                         if !ch.fresh.is_empty() {
                             sender.hello(&sockets, Some(&ch.fresh)).await;
                             burst = burst_from(Instant::now());
+                            pex_at = Some(Instant::now() + pex::PEX_DELAY);
                         }
                     }
                     Err(e) => {
@@ -294,20 +354,32 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep_until(next_send) => {
+                sender.budget(cfg.interval, table.len(), &sockets);
                 let a = sender.datagram(Kind::Announce);
                 sockets.send(&a, None).await;
                 let now = Instant::now();
                 if burst.front().is_some_and(|t| *t <= now) {
                     burst.pop_front();
                 } else {
-                    next_announce = now + jittered(cfg.interval);
+                    next_announce = now + jittered(sender.interval);
                 }
             }
-            _ = tokio::time::sleep_until(reply_at.unwrap_or(far)) => {
+            _ = tokio::time::sleep_until(pex_at.unwrap_or(far)) => {
+                pex_at = None;
+                if pex_task.as_ref().is_none_or(|t| t.is_finished()) {
+                    let (t, on) = (table.clone(), sockets.pex_on_link());
+                    pex_task = Some(tokio::spawn(async move {
+                        let n = pex::exchange(t, on).await;
+                        tracing::debug!(learnt = n, "beacon: peer exchange");
+                        n
+                    }));
+                }
+            }
+            _ = tokio::time::sleep_until(reply.at.unwrap_or(far)) => {
                 let a = sender.datagram(Kind::Announce);
                 sockets.send(&a, None).await;
-                reply_at = None;
-                last_reply = Instant::now();
+                reply.at = None;
+                reply.last = Instant::now();
             }
             _ = tokio::time::sleep_until(next_look) => {
                 let now = Instant::now();
@@ -326,22 +398,42 @@ pub async fn run(
             }
         }
     }
+    if let Some(t) = pex_task {
+        t.abort();
+    }
     if announcing && goodbye {
         let bye = sender.datagram(Kind::Goodbye);
         sockets.send(&bye, None).await;
     }
 }
 
+/// A pending answer to a query.
+struct Reply {
+    /// When to answer; `None`: no answer due.
+    at: Option<Instant>,
+    /// When we last answered (answers are at least [`QUERY_REPLY_MIN_GAP`] apart).
+    last: Instant,
+    /// Other hosts heard announcing since the query (at most [`QUERY_ANSWERS`] node ids).
+    heard: Vec<NodeId>,
+    /// The last query we decided on: who asked, and when.
+    asked: Option<(NodeId, Instant)>,
+}
+
+/// Whether this host answers a query in a hall of `hosts`, given a uniform draw `u` in [0, 1).
+fn answers(hosts: usize, u: f64) -> bool {
+    u * (hosts as f64) < QUERY_ANSWERS as f64
+}
+
 async fn handle(
     table: &PeerTable,
     raw: &Option<mpsc::Sender<RawDatagram>>,
-    r: io::Result<(usize, SocketAddr)>,
+    sockets: &Sockets,
+    r: io::Result<Received>,
     buf: &[u8],
-    reply_at: &mut Option<Instant>,
-    last_reply: Instant,
+    reply: &mut Reply,
     announcing: bool,
 ) {
-    let (n, src) = match r {
+    let r = match r {
         Ok(x) => x,
         Err(e) => {
             tracing::debug!(error = %e, "beacon receive failed");
@@ -350,15 +442,44 @@ async fn handle(
             return;
         }
     };
+    let (n, src) = (r.len.min(buf.len()), r.src);
     let now = Instant::now();
-    let outcome = table.handle(src, &buf[..n], now);
+    let outcome = match sockets.on_link(&r) {
+        Ok(()) => table.handle(src, &buf[..n], now),
+        Err(why) => table.off_link(why),
+    };
     match &outcome {
         Outcome::Joined(b) => tracing::info!(node = %b.node, %src, port = b.port, "peer joined"),
         Outcome::Left(b) => tracing::info!(node = %b.node, %src, "peer said goodbye"),
-        Outcome::Query(_) if announcing && reply_at.is_none() => {
-            let earliest = last_reply + QUERY_REPLY_MIN_GAP;
-            let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..=QUERY_REPLY_JITTER_MS));
-            *reply_at = Some((now + jitter).max(earliest));
+        Outcome::Query(q)
+            if announcing
+                && reply.at.is_none()
+                // The same query over the other family (or link): decided already.
+                && !reply.asked.is_some_and(|(n, t)| n == q.node && now < t + QUERY_SAME) =>
+        {
+            reply.asked = Some((q.node, now));
+            let mut rng = rand::thread_rng();
+            if answers(table.len() + 1, rng.gen()) {
+                let earliest = reply.last + QUERY_REPLY_MIN_GAP;
+                let jitter = Duration::from_millis(rng.gen_range(0..=QUERY_REPLY_JITTER_MS));
+                reply.at = Some((now + jitter).max(earliest));
+                reply.heard.clear();
+            }
+        }
+        _ => {}
+    }
+    match &outcome {
+        Outcome::Joined(b) | Outcome::Refreshed(b) if reply.at.is_some() => {
+            // The asker's own announces (its start burst) are no answers.
+            let asker = reply.asked.is_some_and(|(n, _)| n == b.node);
+            if !asker && !reply.heard.contains(&b.node) {
+                reply.heard.push(b.node);
+            }
+            if reply.heard.len() >= QUERY_ANSWERS {
+                // Enough hosts answered already: ours would add nothing.
+                reply.at = None;
+                reply.heard.clear();
+            }
         }
         _ => {}
     }
@@ -368,5 +489,55 @@ async fn handle(
             bytes: buf[..n].to_vec(),
             outcome,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_is_answered_by_about_query_answers_hosts_whatever_the_hall() {
+        // Small halls: everyone answers.
+        for hosts in 1..=QUERY_ANSWERS {
+            assert!(answers(hosts, 0.999));
+        }
+        for hosts in [50usize, 100, 500, 2049] {
+            let draws = 10_000;
+            let yes = (0..draws)
+                .filter(|i| answers(hosts, (*i as f64 + 0.5) / draws as f64))
+                .count() as f64;
+            let expected = QUERY_ANSWERS as f64 / hosts as f64 * draws as f64;
+            assert!(
+                (yes - expected).abs() <= 1.0,
+                "{hosts} hosts: {yes} of {draws} vs {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_interval_stretches_so_the_hall_stays_within_the_budget() {
+        let five = Duration::from_secs(5);
+        // A small hall keeps the configured interval.
+        assert_eq!(budgeted_interval(five, 10, 200), five);
+        // 500 hosts of 200 bytes a round: 100 KB per round, over 6 KB/s: 16.7 s.
+        let i = budgeted_interval(five, 500, 200);
+        assert_eq!(
+            i,
+            Duration::from_millis((500 * 200 * 1000u64).div_ceil(ANNOUNCE_BUDGET_BYTES_PER_SEC))
+        );
+        for hosts in [1usize, 10, 100, 300, 500, 2049] {
+            let i = budgeted_interval(Duration::from_millis(100), hosts, 220);
+            let rate = (hosts * 220) as f64 / i.as_secs_f64();
+            assert!(
+                rate <= ANNOUNCE_BUDGET_BYTES_PER_SEC as f64 + 1.0,
+                "{hosts} hosts: {rate} B/s"
+            );
+        }
+        // Never beyond what the wire can carry.
+        assert_eq!(
+            budgeted_interval(five, usize::MAX, usize::MAX),
+            Duration::from_millis(wire::MAX_INTERVAL_MS.into())
+        );
     }
 }

@@ -100,6 +100,9 @@ pub struct Counters {
     pub own: u64,
     pub rate_limited: u64,
     pub table_full: u64,
+    /// Failed the on-link checks (unicast, or a source not on the link).
+    #[serde(default)]
+    pub off_link: u64,
     pub expired: u64,
 }
 
@@ -118,6 +121,8 @@ pub enum Outcome {
     Ignored(Beacon, &'static str),
     /// Not decoded.
     Invalid(DecodeError),
+    /// Not from this link (not decoded): why.
+    OffLink(&'static str),
     RateLimited,
 }
 
@@ -201,6 +206,50 @@ impl PeerTable {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Enters a peer heard of through peer exchange (`pex`), on probation with zero announces,
+    /// unless it is known already or the table's admission refuses it. True when entered.
+    pub fn learn(
+        &self,
+        node: NodeId,
+        addr: SocketAddr,
+        flags: u16,
+        interval: Duration,
+        summary: Option<u64>,
+        now: Instant,
+    ) -> bool {
+        let mut g = self.lock();
+        if node == self.own || g.peers.contains_key(&node) || g.admit(addr.ip()).is_err() {
+            return false;
+        }
+        g.peers.insert(
+            node,
+            Peer {
+                node,
+                addrs: vec![addr],
+                flags,
+                hostname: None,
+                first_seen: now,
+                last_seen: now,
+                interval,
+                seq: 0,
+                summary,
+                commitment: None,
+                announces: 0,
+            },
+        );
+        drop(g);
+        self.changed.notify_waiters();
+        true
+    }
+
+    /// Counts a datagram that failed the on-link checks (`why`), and says so.
+    pub fn off_link(&self, why: &'static str) -> Outcome {
+        let mut g = self.lock();
+        g.counters.received += 1;
+        g.counters.off_link += 1;
+        Outcome::OffLink(why)
+    }
+
     /// Handles one datagram from `src`.
     pub fn handle(&self, src: SocketAddr, data: &[u8], now: Instant) -> Outcome {
         let mut g = self.lock();
@@ -255,6 +304,13 @@ impl PeerTable {
                             // announces naming it with another one are someone else's.
                             if p.commitment.is_some() && b.commitment != p.commitment {
                                 return Outcome::Ignored(b, "announce with another node's commitment");
+                            }
+                            if p.announces == 0 {
+                                // Heard of through peer exchange: its own announce replaces
+                                // what the list said, and its commitment now counts.
+                                p.addrs.clear();
+                                p.commitment = b.commitment;
+                                p.first_seen = now;
                             }
                             p.addrs.retain(|a| *a != addr);
                             p.addrs.insert(0, addr);
@@ -331,8 +387,14 @@ impl PeerTable {
 
     /// Drops the peers not heard from since `since` (after a wake-up from suspend, those that
     /// did not answer the query); returns them.
-    pub fn drop_unheard_since(&self, since: Instant) -> Vec<Peer> {
-        self.remove_where(|p| p.last_seen < since)
+    /// Of those, only the ones `due` says.
+    pub fn drop_unheard_since(&self, since: Instant, due: impl Fn(&Peer) -> bool) -> Vec<Peer> {
+        self.remove_where(|p| p.last_seen < since && due(p))
+    }
+
+    /// How many peers were not heard from since `since`.
+    pub fn unheard_since(&self, since: Instant) -> usize {
+        self.lock().peers.values().filter(|p| p.last_seen < since).count()
     }
 
     fn remove_where(&self, mut pred: impl FnMut(&mut Peer) -> bool) -> Vec<Peer> {
@@ -356,6 +418,15 @@ impl PeerTable {
         let mut v: Vec<Peer> = self.lock().peers.values().cloned().collect();
         v.sort_by_key(|p| (p.first_seen, p.node));
         v
+    }
+
+    /// Number of peers in the table.
+    pub fn len(&self) -> usize {
+        self.lock().peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn get(&self, node: &NodeId) -> Option<Peer> {

@@ -2,6 +2,54 @@
 use super::*;
 use crate::beacon::wire::{encode, FLAG_NAR_NONE};
 
+/// A peer heard of through peer exchange is on probation until it announces; its own
+/// announce replaces the listed address and sets its commitment; a known node is not
+/// overwritten; a silent one expires after three of its (listed) intervals.
+#[test]
+fn a_peer_heard_of_is_replaced_by_its_own_announce() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let now = Instant::now();
+    let bogus = SocketAddr::from(([10, 0, 0, 66], 8380));
+    assert!(t.learn(NodeId([1; 16]), bogus, 0, Duration::from_secs(5), None, now));
+    assert!(
+        !t.learn(NodeId([1; 16]), src(9), 0, Duration::from_secs(5), None, now),
+        "known"
+    );
+    assert!(
+        !t.learn(NodeId([0; 16]), src(9), 0, Duration::from_secs(5), None, now),
+        "own"
+    );
+    let p = t.get(&NodeId([1; 16])).expect("learnt");
+    assert_eq!((p.announces, p.established()), (0, false));
+    let c = [5u8; 16];
+    let a = encode(&Beacon {
+        kind: Kind::Announce,
+        flags: FLAG_NAR_NONE,
+        node: NodeId([1; 16]),
+        port: 8380,
+        interval_ms: 5000,
+        seq: 1,
+        hostname: None,
+        summary: None,
+        commitment: Some(c),
+        proof: None,
+    });
+    assert!(matches!(
+        t.handle(src(1), &a, now + Duration::from_secs(1)),
+        Outcome::Refreshed(_)
+    ));
+    let p = t.get(&NodeId([1; 16])).expect("still there");
+    assert_eq!(
+        p.addrs,
+        [SocketAddr::new(src(1).ip(), 8380)],
+        "the listed address is gone"
+    );
+    assert_eq!(p.commitment, Some(c));
+    assert!(t.learn(NodeId([2; 16]), src(2), 0, Duration::from_secs(5), None, now));
+    let gone = t.expire(now + Duration::from_secs(15));
+    assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), [NodeId([2; 16])]);
+}
+
 fn beacon(kind: Kind, node: u8, interval_ms: u32) -> Vec<u8> {
     encode(&Beacon {
         kind,
@@ -96,7 +144,7 @@ async fn departed_links_and_wake_ups_drop_peers() {
     assert!(p2.addrs[0].is_ipv6());
     let later = now + Duration::from_millis(500);
     t.handle(src(4), &beacon(Kind::Announce, 4, 1000), later);
-    let gone = t.drop_unheard_since(later);
+    let gone = t.drop_unheard_since(later, |_| true);
     assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![NodeId([2; 16])]);
     assert_eq!(t.peers().len(), 1);
 }

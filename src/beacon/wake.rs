@@ -7,7 +7,7 @@ use std::time::Duration;
 use nix::time::{clock_gettime, ClockId};
 use tokio::time::Instant;
 
-use super::{Peer, PeerTable};
+use super::{Peer, PeerTable, QUERY_ANSWERS};
 
 /// After a wake-up from suspend, peers that have not answered the query within this long are
 /// dropped (they may have gone while we slept; without this they would be tried until three of
@@ -49,18 +49,30 @@ impl SleepDetector {
 
 /// The beacon loop's view of suspend: notices a wake-up ([`WakeWatch::look`], after which the
 /// loop re-announces and queries) and, [`WAKE_GRACE`] later, drops the peers not heard since.
+/// In a hall larger than [`QUERY_ANSWERS`] hosts only a sample answers the query, so a peer not
+/// heard since the wake-up is dropped only once it also missed its next periodic announce
+/// ([`WAKE_MISSED`] of its interval: the next announce is due within 1.2).
 #[derive(Debug)]
 pub struct WakeWatch {
     detector: SleepDetector,
-    /// The last wake-up, while its grace runs.
+    /// The last wake-up, while peers not heard since remain.
     woke: Option<Instant>,
+    /// When to look again at the peers not heard since the wake-up.
+    next: Option<Instant>,
 }
+
+/// After a wake-up in a large hall, a peer is dropped when silent for this many of its
+/// intervals (its next announce was due within 1.2 of them).
+pub const WAKE_MISSED: f64 = 1.25;
+/// How often the peers not heard since a wake-up are looked at after the grace.
+const WAKE_RECHECK: Duration = Duration::from_secs(1);
 
 impl WakeWatch {
     pub fn new(clocks: (Duration, Duration)) -> Self {
         Self {
             detector: SleepDetector::new(clocks),
             woke: None,
+            next: None,
         }
     }
 
@@ -68,23 +80,34 @@ impl WakeWatch {
     pub fn look(&mut self, clocks: (Duration, Duration), now: Instant) -> Option<Duration> {
         let slept = self.detector.check(clocks)?;
         self.woke = Some(now);
+        self.next = Some(now + WAKE_GRACE);
         Some(slept)
     }
 
-    /// When the peers not heard since the wake-up are due to be dropped.
+    /// When the peers not heard since the wake-up are next due to be looked at.
     pub fn due(&self) -> Option<Instant> {
-        self.woke.map(|w| w + WAKE_GRACE)
+        self.woke.and(self.next)
     }
 
-    /// Once the grace is over: drops the peers silent since the wake-up, and returns them.
+    /// Once the grace is over: drops the peers silent since the wake-up (in a large hall, only
+    /// those that also missed their next announce), and returns them.
     pub fn drop_silent(&mut self, table: &PeerTable, now: Instant) -> Vec<Peer> {
-        match self.woke {
-            Some(w) if now >= w + WAKE_GRACE => {
-                self.woke = None;
-                table.drop_unheard_since(w)
-            }
-            _ => Vec::new(),
+        let Some(w) = self.woke else { return Vec::new() };
+        if self.next.is_some_and(|n| now < n) {
+            return Vec::new();
         }
+        // Everyone answers a query in a small hall (see `answers`).
+        let all_answer = table.len() < QUERY_ANSWERS;
+        let gone = table.drop_unheard_since(w, |p| {
+            all_answer || now >= w + WAKE_GRACE.max(p.interval.mul_f64(WAKE_MISSED))
+        });
+        if table.unheard_since(w) == 0 {
+            self.woke = None;
+            self.next = None;
+        } else {
+            self.next = Some(now + WAKE_RECHECK);
+        }
+        gone
     }
 }
 
@@ -134,6 +157,51 @@ mod tests {
         let gone = w.drop_silent(&table, woke + WAKE_GRACE);
         assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), [NodeId([2; 16])]);
         assert_eq!(table.peers().len(), 1);
+        assert_eq!(w.due(), None);
+    }
+
+    /// In a hall where only a sample answers the query, a peer not heard since the wake-up stays
+    /// until it missed its next periodic announce.
+    #[tokio::test(start_paused = true)]
+    async fn in_a_large_hall_a_silent_peer_is_dropped_once_it_missed_its_announce() {
+        let table = PeerTable::new(NodeId([0; 16]));
+        let announce = |n: u8| {
+            encode(&Beacon {
+                kind: Kind::Announce,
+                flags: 0,
+                node: NodeId([n; 16]),
+                port: 8380,
+                interval_ms: 10_000,
+                seq: 1,
+                hostname: None,
+                summary: None,
+                commitment: None,
+                proof: None,
+            })
+        };
+        let src = |n: u8| std::net::SocketAddr::from(([10, 0, 0, n], 8380));
+        let t0 = Instant::now();
+        for n in 1..=30 {
+            table.handle(src(n), &announce(n), t0);
+        }
+        let mut w = WakeWatch::new((s(10), s(10)));
+        let woke = t0 + Duration::from_secs(1);
+        assert!(w.look((s(12), s(3611)), woke).is_some());
+        // A sample answers the query; the others announce later.
+        for n in 1..=12 {
+            table.handle(src(n), &announce(n), woke + Duration::from_millis(200));
+        }
+        assert!(
+            w.drop_silent(&table, woke + WAKE_GRACE).is_empty(),
+            "they may be sampled out"
+        );
+        for n in 13..=29 {
+            table.handle(src(n), &announce(n), woke + Duration::from_secs(8));
+        }
+        assert!(w.drop_silent(&table, woke + Duration::from_secs(9)).is_empty());
+        let gone = w.drop_silent(&table, woke + Duration::from_millis(12_500));
+        assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), [NodeId([30; 16])]);
+        assert_eq!(table.peers().len(), 29);
         assert_eq!(w.due(), None);
     }
 

@@ -44,6 +44,28 @@ impl fmt::Display for NodeId {
     }
 }
 
+/// Text that is not a node id.
+#[derive(Debug, thiserror::Error)]
+#[error("not a node id (32 hex digits)")]
+pub struct NodeIdText;
+
+/// A node id written as 32 hex digits (as `Display` writes it).
+impl std::str::FromStr for NodeId {
+    type Err = NodeIdText;
+
+    fn from_str(s: &str) -> Result<Self, NodeIdText> {
+        let bad = || NodeIdText;
+        if s.len() != 32 || !s.is_ascii() {
+            return Err(bad());
+        }
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Self(id))
+    }
+}
+
 impl fmt::Debug for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "NodeId({self})")

@@ -57,6 +57,8 @@ pub enum Route {
     Summary,
     /// This host's own source (`source::TARBALL`), for the NixOS module snippet.
     InstallSource,
+    /// The peers this host's beacon heard directly (peer exchange, `beacon::pex`).
+    Peers,
 }
 
 pub fn route(path: &str) -> Result<Route, RouteError> {
@@ -65,6 +67,7 @@ pub fn route(path: &str) -> Result<Route, RouteError> {
         "/install/local-nix-cache" => Ok(Route::InstallBinary),
         "/install/source.tar" => Ok(Route::InstallSource),
         "/summary" => Ok(Route::Summary),
+        "/peers" => Ok(Route::Peers),
         _ => cache_url::parse(path).map(Route::Cache),
     }
 }
@@ -87,6 +90,8 @@ pub struct StoreServer {
     node_header: Option<HeaderValue>,
     /// The content summary, when published.
     summary: Option<Arc<summary::Publisher>>,
+    /// The beacon's peer table, for `GET /peers` (none without a beacon: 404).
+    peers: Option<Arc<crate::beacon::PeerTable>>,
 }
 
 impl StoreServer {
@@ -116,11 +121,17 @@ impl StoreServer {
             }),
             node_header: None,
             summary: None,
+            peers: None,
         }
     }
 
     pub fn with_summary(mut self, p: Arc<summary::Publisher>) -> Self {
         self.summary = Some(p);
+        self
+    }
+
+    pub fn with_peers(mut self, t: Option<Arc<crate::beacon::PeerTable>>) -> Self {
+        self.peers = t;
         self
     }
 
@@ -362,6 +373,10 @@ impl h::Handler for StoreServer {
             Ok(Route::InstallBinary) => self.install_binary(peer, head).await,
             Ok(Route::InstallSource) => h::ok(Bytes::from_static(source::TARBALL), "application/x-tar"),
             Ok(Route::Summary) => self.summary(&req),
+            Ok(Route::Peers) => match &self.peers {
+                Some(t) => h::ok(Bytes::from(crate::beacon::pex::render(t)), "text/plain"),
+                None => h::not_found(),
+            },
             Ok(Route::Cache(CacheRoute::NarInfo(hash))) => self.narinfo(&hash, arrived).await,
             Ok(Route::Cache(CacheRoute::Nar {
                 hash,
@@ -481,6 +496,7 @@ mod tests {
         assert_eq!(route("/install/local-nix-cache"), Ok(Route::InstallBinary));
         assert_eq!(route("/nix-cache-info"), Ok(Route::Cache(CacheRoute::CacheInfo)));
         assert_eq!(route("/install/x"), Err(RouteError::NotFound));
+        assert_eq!(route("/peers"), Ok(Route::Peers));
         assert_eq!(route("/install/../x"), Err(RouteError::BadRequest));
     }
 }

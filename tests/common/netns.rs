@@ -235,7 +235,17 @@ pub struct TestBeacon {
 impl TestBeacon {
     /// Starts a beacon on `host` announcing store port 8380 with `cfg` (interfaces default to
     /// the host's eth0).
-    pub fn start(host: &NetHost, mut cfg: BeaconConfig) -> Self {
+    pub fn start(host: &NetHost, cfg: BeaconConfig) -> Self {
+        Self::start_inner(host, cfg, false)
+    }
+
+    /// As [`TestBeacon::start`], and answers `GET /peers` on TCP 8380 (the store port it
+    /// announces) with `beacon::pex::render` of its table, as a store server does.
+    pub fn start_serving_peers(host: &NetHost, cfg: BeaconConfig) -> Self {
+        Self::start_inner(host, cfg, true)
+    }
+
+    fn start_inner(host: &NetHost, mut cfg: BeaconConfig, serve_peers: bool) -> Self {
         if cfg.interfaces.is_empty() {
             cfg.interfaces = vec![host.iface.clone()];
         }
@@ -259,6 +269,16 @@ impl TestBeacon {
                 .expect("runtime");
             rt.block_on(async move {
                 let sockets = beacon::bind(&cfg).expect("bind beacon");
+                if serve_peers {
+                    let l = tokio::net::TcpListener::bind("0.0.0.0:8380").await.expect("bind peers");
+                    let table = t.clone();
+                    tokio::spawn(async move {
+                        while let Ok((mut c, _)) = l.accept().await {
+                            let table = table.clone();
+                            tokio::spawn(async move { answer_peers(&mut c, &table).await });
+                        }
+                    });
+                }
                 tx.send(()).expect("started");
                 let task = tokio::spawn(beacon::run(sockets, cfg, t, None, g.clone(), true));
                 e.cancelled().await;
@@ -306,4 +326,116 @@ impl Drop for TestBeacon {
         self.graceful.cancel();
         self.join();
     }
+}
+
+/// One datagram a [`Sniffer`] saw: when, its UDP payload length, and whether over IPv6.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen {
+    pub at: std::time::Instant,
+    pub len: usize,
+    pub v6: bool,
+}
+
+impl Seen {
+    /// Bytes on the link: payload plus IP and UDP headers.
+    pub fn wire_bytes(&self) -> usize {
+        self.len + if self.v6 { 48 } else { 28 }
+    }
+}
+
+/// A passive listener on one host of a LAN: joins the beacon groups on its eth0 and records
+/// every beacon datagram on the link for `dur` (at most [`Sniffer::MAX_SEEN`]). Sends nothing.
+pub struct Sniffer {
+    thread: std::thread::JoinHandle<Vec<Seen>>,
+}
+
+impl Sniffer {
+    /// Most datagrams recorded (the test's memory bound).
+    pub const MAX_SEEN: usize = 200_000;
+
+    pub fn start(host: &NetHost, dur: Duration) -> Self {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let (tx, rx) = std::sync::mpsc::channel();
+        let iface = host.iface.clone();
+        let thread = in_netns(&host.ns, move || {
+            let index = nix::net::if_::if_nametoindex(iface.as_str()).expect("ifindex");
+            let mk = |d: Domain| {
+                let s = Socket::new(d, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
+                s.set_reuse_address(true).expect("reuse");
+                s.set_reuse_port(true).expect("reuseport");
+                s
+            };
+            let s4 = mk(Domain::IPV4);
+            s4.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], beacon::DEFAULT_PORT)).into())
+                .expect("bind v4");
+            s4.join_multicast_v4_n(
+                &beacon::DEFAULT_GROUP_V4,
+                &socket2::InterfaceIndexOrAddress::Index(index),
+            )
+            .expect("join v4");
+            let s6 = mk(Domain::IPV6);
+            s6.set_only_v6(true).expect("v6only");
+            s6.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, beacon::DEFAULT_PORT)).into())
+                .expect("bind v6");
+            s6.join_multicast_v6(&beacon::DEFAULT_GROUP_V6, index).expect("join v6");
+            let (s4, s6): (std::net::UdpSocket, std::net::UdpSocket) = (s4.into(), s6.into());
+            s4.set_nonblocking(true).expect("nonblocking");
+            s6.set_nonblocking(true).expect("nonblocking");
+            tx.send(()).expect("sniffer ready");
+            let end = std::time::Instant::now() + dur;
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 2048];
+            while std::time::Instant::now() < end && seen.len() < Self::MAX_SEEN {
+                let mut idle = true;
+                for (s, v6) in [(&s4, false), (&s6, true)] {
+                    while let Ok((n, _)) = s.recv_from(&mut buf) {
+                        idle = false;
+                        seen.push(Seen {
+                            at: std::time::Instant::now(),
+                            len: n,
+                            v6,
+                        });
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            seen
+        });
+        rx.recv_timeout(Duration::from_secs(10)).expect("sniffer started");
+        Self { thread }
+    }
+
+    /// Waits for the end of the recording and returns it.
+    pub fn finish(self) -> Vec<Seen> {
+        self.thread.join().expect("sniffer thread")
+    }
+}
+
+/// Answers one HTTP request on `c` with the peer list of `table` (tests' stand-in for the store
+/// server's `GET /peers`; same rendering).
+async fn answer_peers(c: &mut tokio::net::TcpStream, table: &PeerTable) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(2), read).await.is_err() {
+        return;
+    }
+    let body = beacon::pex::render(table);
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = c.write_all(head.as_bytes()).await;
+    let _ = c.write_all(body.as_bytes()).await;
+    let _ = c.shutdown().await;
 }
