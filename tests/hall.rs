@@ -91,3 +91,55 @@ fn without_summaries_the_fan_out_rotates() {
     let asked = caches.iter().filter(|c| c.requests_for(".narinfo") > 0).count();
     assert!(asked > 40, "only {asked} of {PEERS} peers were ever asked");
 }
+
+/// Hostile hall: peers whose summaries claim paths they do not serve cannot keep the one honest
+/// holder from being asked (claims beyond the first wave come next), and once their claims keep
+/// failing they are no longer believed, so lookups cost few requests again.
+#[test]
+fn lying_summaries_cannot_hide_the_honest_holder() {
+    const LIARS: u8 = 8;
+    const N: usize = 40;
+    let rig = Rig::new();
+    let paths: Vec<FakePath> = (0..N)
+        .map(|i| FakePath::new(&format!("q{i}"), 1000, 100 + i as u8))
+        .collect();
+    let keys: Vec<u64> = paths
+        .iter()
+        .map(|p| local_nix_cache::summary::key(&p.path.hash()))
+        .collect();
+    for id in 1..=LIARS {
+        let liar = Arc::new(FakeCache::default());
+        liar.set(
+            "/summary",
+            Reply::ok(local_nix_cache::summary::encode_full(1, &keys).expect("summary")),
+        );
+        rig.peer_with_announced_summary(liar, id, 1);
+    }
+    let honest = Arc::new(FakeCache::default());
+    for p in &paths {
+        honest.serve_path(p);
+    }
+    rig.peer_with_summary(honest, 100);
+    let (proxy, px) = rig.proxy(vec![]);
+    let t0 = Instant::now();
+    while px.status().peers.iter().filter(|p| p.summary.is_some()).count() < LIARS as usize + 1 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "summaries not fetched");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut before_last = 0;
+    for (i, p) in paths.iter().enumerate() {
+        if i == N - 10 {
+            before_last = px.stats().narinfo_peer_requests;
+        }
+        assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200, "{}", p.path);
+    }
+    let last10 = px.stats().narinfo_peer_requests - before_last;
+    assert!(last10 <= 40, "{last10} peer requests for the last 10 lookups");
+    let distrusted = px
+        .status()
+        .peers
+        .iter()
+        .filter(|p| p.health.claims_broken > 0 && p.health.claims_kept == 0)
+        .count();
+    assert!(distrusted >= LIARS as usize / 2, "{distrusted} liars caught");
+}

@@ -35,6 +35,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 pub const LIE_WEIGHT: u32 = 3;
 /// An upstream that could not be reached is skipped for this long (offline: fast misses).
 pub const UPSTREAM_DOWN_FOR: Duration = Duration::from_secs(30);
+/// Broken summary claims after which a peer's summary may stop being believed.
+pub const DISTRUST_AFTER: u32 = 8;
 /// Peers whose health is remembered (more than the peer table holds).
 pub const MAX_TRACKED_PEERS: usize = 4096;
 /// A peer that sent a wrong NAR is not asked for that NAR again for this long.
@@ -59,11 +61,22 @@ pub struct Health {
     pub backoff_until: Option<Instant>,
     /// The server at this peer's address named another node (or none): never asked again.
     pub impostor: bool,
+    /// Lookups its summary said "maybe" to and its server answered with the narinfo.
+    pub claims_kept: u32,
+    /// Lookups its summary said "maybe" to and its server answered 404.
+    pub claims_broken: u32,
 }
 
 impl Health {
     pub fn backed_off(&self, now: Instant) -> bool {
         self.backoff_until.is_some_and(|t| t > now)
+    }
+
+    /// Its summary claims paths its server does not have, far more often than an honest
+    /// filter's false positives (1 in 65,000) or a stale summary would: it is not believed
+    /// (the peer is asked as one with no summary).
+    pub fn summary_distrusted(&self) -> bool {
+        self.claims_broken >= DISTRUST_AFTER && self.claims_broken > 4 * self.claims_kept
     }
 }
 
@@ -152,6 +165,17 @@ impl SourceHealth {
             }
         }
         lie
+    }
+
+    /// A peer whose summary claimed a path answered (`kept`: with its narinfo; else 404).
+    pub fn summary_claim(&self, node: &NodeId, kept: bool) {
+        let mut peers = self.peers();
+        let h = peers.get_or_insert_mut(*node, Health::default);
+        if kept {
+            h.claims_kept = h.claims_kept.saturating_add(1);
+        } else {
+            h.claims_broken = h.claims_broken.saturating_add(1);
+        }
     }
 
     /// A peer answered a narinfo request in `took`.

@@ -63,8 +63,12 @@ impl Proxy {
             .filter(|p| self.peer_usable(&p.node))
             .filter(|p| addrs.insert(p.http_addr()))
             .map(|p| {
-                let hint = self.summaries.hint(&p.node, p.summary, key);
-                (p.node, self.health.peer(&p.node), hint, p.summary.is_some())
+                let health = self.health.peer(&p.node);
+                let mut hint = self.summaries.hint(&p.node, p.summary, key);
+                if hint == Hint::Maybe && health.summary_distrusted() {
+                    hint = Hint::Unknown;
+                }
+                (p.node, health, hint, p.summary.is_some())
             })
             .collect();
         let any_summaries = peers.iter().any(|(_, _, _, s)| *s);
@@ -82,9 +86,13 @@ impl Proxy {
             (false, true) => (MAYBE_FANOUT, UNKNOWN_SAMPLE),
             (false, false) => (0, MAX_FANOUT),
         };
-        let mut first = ids(maybe, maybe_n);
+        // Maybes beyond the first wave go first in the second one: peers that claim a path
+        // they do not serve cannot keep its one honest holder from being asked.
+        let (maybe, more_maybe) = maybe.split_at(maybe_n.min(maybe.len()));
+        let mut first = ids(maybe.to_vec(), maybe_n);
         first.extend(ids(unknown, unknown_n));
-        let mut last = ids(demoted, MAX_FANOUT);
+        let mut last = ids(more_maybe.to_vec(), MAX_FANOUT);
+        last.extend(ids(demoted, MAX_FANOUT));
         if all {
             last.extend(ids(no, NO_SAMPLE));
         }
@@ -127,6 +135,23 @@ impl Proxy {
         })
     }
 
+    /// When a peer's summary claimed `hash`, records whether its answer bore that out (a summary
+    /// that keeps claiming paths its server does not have stops being believed).
+    fn note_summary_claim(&self, s: &SourceId, hash: &StorePathHash, r: &Result<Option<Candidate>, SourceError>) {
+        let SourceId::Peer(n) = s else { return };
+        let Some(announced) = self.sources.table().and_then(|t| t.get(n)).map(|p| p.summary) else {
+            return;
+        };
+        if self.summaries.hint(n, announced, crate::summary::key(hash)) != Hint::Maybe {
+            return;
+        }
+        match r {
+            Ok(Some(_)) => self.health.summary_claim(n, true),
+            Ok(None) => self.health.summary_claim(n, false),
+            Err(_) => {}
+        }
+    }
+
     /// Records a source's failure to answer.
     fn judge_answer(&self, s: &SourceId, hash: &StorePathHash, e: &SourceError) {
         tracing::debug!(source = ?s, %hash, error = %e, "narinfo source failed");
@@ -153,6 +178,7 @@ impl Proxy {
             }
             let start_second_wave = tokio::select! {
                 Some((s, r)) = pending.next(), if !pending.is_empty() => {
+                    self.note_summary_claim(&s, hash, &r);
                     match r {
                         // A good narinfo does not clear a peer's failures: only a verified
                         // NAR does (a peer may answer narinfo honestly and lie in NARs).

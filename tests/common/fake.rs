@@ -368,6 +368,14 @@ impl Rig {
         addr
     }
 
+    /// As `peer`, announcing summary version `version` (whatever the fake serves at /summary).
+    pub fn peer_with_announced_summary(&self, c: Arc<FakeCache>, id: u8, version: u64) -> SocketAddr {
+        *c.node.lock().expect("lock") = Some(NodeId([id; 16]));
+        let addr = self.cache_at(c, SocketAddr::from(([127, 1, 0, id], 0)));
+        self.announce_full(addr, NodeId([id; 16]), FLAG_NAR_NONE, None, Some(version));
+        addr
+    }
+
     /// As `peer`, announcing the summary the fake publishes.
     pub fn peer_with_summary(&self, c: Arc<FakeCache>, id: u8) -> SocketAddr {
         let version = c.publish_summary(1);
