@@ -1,6 +1,10 @@
 //! The beacon: our UDP multicast protocol (`proto/beacon.md`) that announces this host and
 //! builds the peer table, over IPv4 and IPv6.
 //!
+//! (Over 500 lines on purpose: `run` is the one loop whose states (announce timer, query
+//! answers, expiry, re-scans, wake-ups, peer exchange) interact; the parts that stand alone are
+//! modules of their own.)
+//!
 //! [`wire`] is the pure codec, [`table`] the peer table, [`iface`] the interfaces, [`links`] their
 //! reported states, `membership` the sockets, the groups joined per interface and the on-link
 //! checks, [`watch`] the kernel's notices of interface changes, [`wake`] the suspend detector,
