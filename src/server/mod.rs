@@ -1,5 +1,8 @@
 //! The LAN-facing store server: the host's own store as an HTTP binary cache.
 //!
+//! (Just over 500 lines: the handler and the NAR streaming, pump and compression, of one
+//! request stay together; the install paths, limits, transfers and summary are modules.)
+//!
 //! Serves `/nix-cache-info`, `/<hash>.narinfo` and `/nar/<hash>-<narhash>.nar` (GET and HEAD,
 //! `Range` on NARs), everything else is 404. Invariant: a path is visible only if one of its
 //! signatures verifies against a trusted key; an unsigned, untrusted or absent path gets the
