@@ -4,8 +4,8 @@
 //! address change needs no re-join; errors on leaving are ignored (a removed interface has no
 //! memberships left), errors on sending only logged at debug (a link may be going as we send).
 //!
-//! (Just over 500 lines: the two families' socket set-up and packet-info reads are alike but
-//! not the same calls; a quarter is tests.)
+//! (Just over 500 lines: the two families' socket set-up, joins and packet-info reads are
+//! alike but not the same calls, and read best side by side.)
 
 use std::collections::BTreeMap;
 use std::io;
