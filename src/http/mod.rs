@@ -38,8 +38,9 @@ pub use pace::{Pace, PaceError, PACE_WINDOW, PACE_WINDOW_BYTES};
 pub use resources::{nofile_limit, raise_nofile_limit, release_free_memory};
 
 /// Open connections per server by default (the store server derives its own cap from the
-/// open-file limit). Memory: at most [`MAX_READ_BUF`] of buffered request plus a few KiB of
-/// task state per connection, so about 20 MiB for 1024 idle connections.
+/// open-file limit). Memory: a few KiB of task state and an 8 KiB buffer per idle connection
+/// (about 20 MiB for 1024); a client sending huge headers grows its buffer to at most
+/// [`MAX_READ_BUF`] until the header timeout.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// A client must send its request headers within this time (slowloris guard); also the longest a
 /// kept-alive connection may sit idle between requests.
@@ -163,9 +164,12 @@ pub async fn serve_with<H: Handler>(
     conns.shutdown().await;
 }
 
-/// Largest read buffer of one connection (request line and headers must fit): bounds the memory
-/// a client can pin by sending huge headers slowly. hyper's minimum is 8 KiB.
-const MAX_READ_BUF: usize = 16 * 1024;
+/// Largest buffer of one connection. hyper applies it to both directions: requests (line and
+/// headers must fit; it grows from 8 KiB only as a client sends more, so it bounds what a client
+/// can pin with huge headers) and the write queue, which must hold two NAR chunks (128 KiB from
+/// disk) for one stream to keep the link busy: at 16 KiB a single NAR stream ran at 0.67x of
+/// nginx (bench/store-server.sh), every chunk flushed before the next was asked for.
+const MAX_READ_BUF: usize = 256 * 1024;
 
 /// Response body: nothing, one buffer, or a stream of chunks fed by a producer task through a
 /// bounded channel (so a slow client slows the producer: backpressure). An `Err` item aborts the
