@@ -54,15 +54,10 @@ impl std::str::FromStr for NodeId {
     type Err = NodeIdText;
 
     fn from_str(s: &str) -> Result<Self, NodeIdText> {
-        let bad = || NodeIdText;
-        if s.len() != 32 || !s.is_ascii() {
-            return Err(bad());
-        }
-        let mut id = [0u8; 16];
-        for (i, b) in id.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
-        Ok(Self(id))
+        let bytes = data_encoding::HEXLOWER_PERMISSIVE
+            .decode(s.as_bytes())
+            .map_err(|_| NodeIdText)?;
+        bytes.try_into().map(Self).map_err(|_| NodeIdText)
     }
 }
 

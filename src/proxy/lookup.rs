@@ -125,7 +125,7 @@ impl Proxy {
                         self.health.addr_owner(a, Some(*n));
                     }
                     (Err(SourceError::NotThePeer { found }), Some(a)) => {
-                        let owner = found.as_deref().and_then(super::source::parse_node);
+                        let owner = found.as_deref().and_then(|n| n.parse().ok());
                         self.health.addr_owner(a, owner);
                     }
                     _ => {}

@@ -142,7 +142,7 @@ impl reqwest::dns::Resolve for PeerResolver {
         let loopback_peers = self.loopback_peers;
         let system = self.system.clone();
         Box::pin(async move {
-            if let Some(node) = name.strip_suffix(PEER_SUFFIX).and_then(parse_node) {
+            if let Some(node) = name.strip_suffix(PEER_SUFFIX).and_then(|n| n.parse::<NodeId>().ok()) {
                 let peer = table.and_then(|t| t.get(&node)).ok_or("peer not in the table")?;
                 let addrs: Vec<SocketAddr> = peer
                     .addrs
@@ -167,17 +167,12 @@ fn check_node(s: &SourceId, resp: &reqwest::Response) -> Result<(), SourceError>
         return Ok(());
     };
     let found = resp.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok());
-    if found.and_then(parse_node) == Some(*node) {
+    if found.and_then(|n| n.parse::<NodeId>().ok()) == Some(*node) {
         return Ok(());
     }
     Err(SourceError::NotThePeer {
         found: found.map(|f| f.chars().take(64).collect()),
     })
-}
-
-pub(super) fn parse_node(s: &str) -> Option<NodeId> {
-    let bytes = data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).ok()?;
-    Some(NodeId(bytes.try_into().ok()?))
 }
 
 /// Timeouts per kind of source.
