@@ -32,6 +32,8 @@ pub const UNKNOWN_SAMPLE: usize = 2;
 pub const NO_SAMPLE: usize = 4;
 /// Upstreams are asked this long after the peers, unless every peer already answered.
 pub const HEDGE_DELAY: Duration = Duration::from_millis(150);
+/// A peer that could not be reached is asked once more after this long.
+const PEER_RETRY_AFTER: Duration = Duration::from_millis(200);
 /// When looking for every source of a NAR, wait this long after the first one answered.
 const GATHER_GRACE: Duration = Duration::from_millis(300);
 
@@ -116,7 +118,13 @@ impl Proxy {
         }
         Box::pin(async move {
             let t0 = Instant::now();
-            let r = self.sources.narinfo(&s, hash).await;
+            let mut r = self.sources.narinfo(&s, hash).await;
+            // A peer that could not be reached may be on a link that just came up (neighbour
+            // discovery, a bridge port not yet forwarding): one more try, a moment later.
+            if matches!((&s, &r), (SourceId::Peer(_), Err(e)) if e.is_unreachable()) {
+                tokio::time::sleep(PEER_RETRY_AFTER).await;
+                r = self.sources.narinfo(&s, hash).await;
+            }
             if let SourceId::Peer(n) = &s {
                 let addr = self.sources.table().and_then(|t| t.get(n)).map(|p| p.http_addr());
                 match (&r, addr) {
