@@ -2,13 +2,14 @@
 //!
 //! A path enters the index only after one of its signatures verified against a trusted key, so a
 //! narinfo hit costs one hash lookup and no daemon round trip. The index is filled by a full scan
-//! at start, refreshed by periodic rescans (new paths added, vanished paths dropped), and on a miss
-//! the server asks the daemon before answering 404 ([`lookup_daemon`]), so a path added between
-//! scans is found at once. Invariant: every entry was verified against the trusted keys; memory is
-//! capped at `max_bytes` of rendered narinfo (past that, paths are served through the daemon,
-//! uncached). A miss costs the daemon the same two round trips whether the path is absent,
-//! unsigned or untrusted, and the server answers every miss at the same time after the request
-//! (`server::MISS_ANSWER_AFTER`), so its timing does not tell them apart.
+//! at start, refreshed by periodic rescans (new paths added, vanished paths dropped), and a miss
+//! is checked with the daemon after its 404 ([`lookup_daemon`], queued by `server::misses`), so
+//! a path added or signed between scans is served from the next request on. Invariant: every
+//! entry was verified against the trusted keys; memory is capped at `max_bytes` of rendered
+//! narinfo (past that, paths are not indexed and not served until a rescan finds room). A miss
+//! is answered from the index alone, the same way whether the path is absent, unsigned or
+//! untrusted, so its timing does not tell them apart; the check afterwards costs the daemon the
+//! same two round trips for every kind of miss.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -177,7 +178,7 @@ impl Index {
 
 /// Keeps the index in step with the store until `shutdown`: a scan now, then one every
 /// `interval`. Paths found unservable are remembered (until they leave the store) so a rescan
-/// only queries new paths; a path signed later is found by the miss path of the server.
+/// only queries new paths; a path signed later is found by the check of a miss (`server::misses`).
 pub async fn maintain(
     store: Store,
     index: Arc<Index>,
@@ -280,5 +281,30 @@ pub async fn lookup_daemon(
             tracing::warn!(%hash, error = %e, "daemon lookup failed; answering 404");
             None
         }
+    }
+}
+
+/// Whether the path with `hash` is valid in the store now; if it is and it is servable, it enters
+/// the index. For paths seen appearing in the store (`server::store_watch`), not for misses.
+pub async fn check_new(
+    store: &Store,
+    index: &Index,
+    keys: &TrustedKeys,
+    hash: &StorePathHash,
+) -> Result<bool, crate::store::Error> {
+    if index.contains(hash) {
+        return Ok(true);
+    }
+    let Some(path) = store.path_from_hash_part(hash).await? else {
+        return Ok(false);
+    };
+    match store.path_info(&path).await? {
+        Some(info) => {
+            if let Some(e) = Entry::servable(&info, keys) {
+                index.insert(e);
+            }
+            Ok(true)
+        }
+        None => Ok(false),
     }
 }

@@ -12,7 +12,9 @@
 pub mod index;
 mod install;
 pub mod limits;
+pub mod misses;
 pub mod source;
+pub mod store_watch;
 pub mod summary;
 pub mod transfers;
 
@@ -42,11 +44,11 @@ pub const PRIORITY: u32 = 30;
 const NAR_CHANNEL_CHUNKS: usize = 4;
 /// How often the server looks whether its transfers went idle, to hand freed memory back.
 const TRIM_CHECK: Duration = Duration::from_secs(2);
-/// A miss (absent, unsigned or untrusted path) is answered this long after the request arrived,
-/// not sooner: the daemon's answers take longer for a path it holds than for one it does not,
-/// and a peer timing the 404s must not learn which private paths exist. Well above the two
-/// daemon round trips of a miss (about 0.2 ms), small beside a Nix client's other waits.
-pub const MISS_ANSWER_AFTER: Duration = Duration::from_millis(5);
+
+/// Before the first scan of the store completed, a miss asks the daemon and is answered this long
+/// after the request arrived, not sooner (the daemon answers sooner for a path it lacks than for
+/// one it holds unsigned). Afterwards misses are answered from the index alone (`misses`).
+pub const MISS_FLOOR_BEFORE_SCAN: Duration = Duration::from_millis(5);
 
 /// What a request to the store server asks for: a binary-cache route, or the one-liner's files.
 #[derive(Debug, PartialEq, Eq)]
@@ -95,6 +97,8 @@ pub struct StoreServer {
     summary: Option<Arc<summary::Publisher>>,
     /// The beacon's peer table, for `GET /peers` (none without a beacon: 404).
     peers: Option<Arc<crate::beacon::PeerTable>>,
+    /// Misses, checked with the daemon after their 404 (see `misses`).
+    misses: misses::MissChecks,
 }
 
 impl StoreServer {
@@ -125,6 +129,7 @@ impl StoreServer {
             node_header: None,
             summary: None,
             peers: None,
+            misses: misses::MissChecks::default(),
         }
     }
 
@@ -169,17 +174,23 @@ impl StoreServer {
         self
     }
 
-    /// The servable entry for `hash`: from the index, else asked of the daemon (and indexed), so
-    /// a path added or signed since the last scan is served at once. A miss is answered
-    /// [`MISS_ANSWER_AFTER`] after `arrived`, whatever the daemon took (when it took longer, as
-    /// soon as it answered).
+    /// The servable entry for `hash`, from the index alone: a miss is answered at once, the same
+    /// way for every kind of path, and checked with the daemon afterwards (`misses`), so a path
+    /// added or signed since the last scan is served from the next request on. Until the first
+    /// scan completed (moments after start) the index is not the store yet: a miss asks the
+    /// daemon first and is answered [`MISS_FLOOR_BEFORE_SCAN`] after `arrived` at the earliest.
     async fn lookup(&self, hash: &StorePathHash, arrived: tokio::time::Instant) -> Option<Arc<Entry>> {
-        if let Some(e) = self.index.get(hash) {
-            return Some(e);
+        let found = self.index.get(hash);
+        if found.is_some() {
+            return found;
+        }
+        if self.index.complete() {
+            self.misses.note(*hash);
+            return None;
         }
         let found = index::lookup_daemon(&self.store, &self.index, &self.keys, hash).await;
         if found.is_none() {
-            tokio::time::sleep_until(arrived + MISS_ANSWER_AFTER).await;
+            tokio::time::sleep_until(arrived + MISS_FLOOR_BEFORE_SCAN).await;
         }
         found
     }
@@ -429,6 +440,27 @@ pub fn parts(
             shutdown.clone(),
         )),
     ));
+    parts.push((
+        "store watch",
+        Box::pin(store_watch::watch(
+            server.store.clone(),
+            server.index.clone(),
+            server.keys.clone(),
+            shutdown.clone(),
+        )),
+    ));
+    if let Some(rx) = server.misses.take_receiver() {
+        parts.push((
+            "miss checks",
+            Box::pin(misses::check_with_daemon(
+                rx,
+                server.store.clone(),
+                server.index.clone(),
+                server.keys.clone(),
+                shutdown.clone(),
+            )),
+        ));
+    }
     let limits = connection_limits(h::nofile_limit());
     tracing::info!(
         connections = limits.max,

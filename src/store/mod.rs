@@ -206,6 +206,14 @@ impl Store {
         &self.store_dir
     }
 
+    /// Where the store's files are on this host: the physical directory when one was given,
+    /// else the store directory itself (which may not exist here, with a remote daemon).
+    pub fn physical_store_dir(&self) -> PathBuf {
+        self.real_store_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&self.store_dir))
+    }
+
     /// NAR streams that can run at once when NARs come through the daemon (no physical store
     /// directory), `None` when they are read from disk.
     pub fn daemon_nar_streams(&self) -> Option<usize> {
