@@ -110,7 +110,12 @@ fn key_args(key: &str, arg: &clap::Arg, value: &Value) -> Result<Vec<OsString>, 
             Value::String(s) => Ok(s.clone()),
             Value::Integer(i) => Ok(i.to_string()),
             Value::Float(f) => Ok(f.to_string()),
-            other => Err(format!("expected a string or a number, found {}", other.type_str())),
+            // A flag that takes a value `true|false` (a switch is handled below).
+            Value::Boolean(b) => Ok(b.to_string()),
+            other => Err(format!(
+                "expected a string, a number or a boolean, found {}",
+                other.type_str()
+            )),
         }
     };
     match arg.get_action() {

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -297,11 +298,9 @@ impl Verified {
     }
 
     /// Bytes `start..=end` as a response body that reads a chunk each time the client is ready
-    /// for one (a file spool reads it on a blocking thread, one chunk at a time, so a client that
-    /// stops reading holds no thread). `done` is called with the bytes delivered when the body is
+    /// for one (see [`Self::stream`]). `done` is called with the bytes delivered when the body is
     /// finished or dropped (the client left).
     pub fn body(&self, start: u64, end: u64, done: impl FnOnce(u64) + Send + 'static) -> crate::http::Body {
-        const CHUNK: u64 = 512 * 1024;
         struct Sent<F: FnOnce(u64)> {
             bytes: u64,
             done: Option<F>,
@@ -313,11 +312,26 @@ impl Verified {
                 }
             }
         }
-        let sent = Sent {
+        let mut sent = Sent {
             bytes: 0,
             done: Some(done),
         };
-        let stream = futures_util::stream::unfold((self.clone(), start, sent), move |(v, pos, mut sent)| async move {
+        let stream = self.stream(start, end).map(move |c| {
+            // The whole `Sent` moves into the closure (its drop reports), not just the counter.
+            let s: &mut Sent<_> = &mut sent;
+            if let Ok(c) = &c {
+                s.bytes += c.len() as u64;
+            }
+            c
+        });
+        crate::http::Body::Pull(Box::pin(stream))
+    }
+
+    /// Bytes `start..=end`, one chunk per poll (a file spool reads it on a blocking thread, one
+    /// chunk at a time, so a reader that stops holds no thread). An error ends the stream.
+    pub fn stream(&self, start: u64, end: u64) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
+        const CHUNK: u64 = 512 * 1024;
+        let stream = futures_util::stream::unfold((self.clone(), start), move |(v, pos)| async move {
             if pos > end || v.len == 0 {
                 return None;
             }
@@ -335,15 +349,12 @@ impl Verified {
                 }
             };
             match chunk {
-                Ok(c) => {
-                    sent.bytes += n;
-                    Some((Ok(c), (v, pos + n, sent)))
-                }
-                // An error ends the body after it is sent.
-                Err(e) => Some((Err(e), (v, end + 1, sent))),
+                Ok(c) => Some((Ok(c), (v, pos + n))),
+                // An error ends the stream after it is sent.
+                Err(e) => Some((Err(e), (v, end + 1))),
             }
         });
-        crate::http::Body::Pull(Box::pin(stream))
+        Box::pin(stream)
     }
 }
 
