@@ -735,13 +735,14 @@ fn a_proven_peer_that_lies_never_gets_its_tail_sent() {
     let (_, nar, body) = fetch(proxy, &lie);
     assert_eq!(nar, 200);
     assert!(body == lie.nar, "the right bytes from the honest peer");
-    // A restarted proxy (same state directory) still does not trust the liar, nor does one more
-    // honest NAR from it bring the privilege back.
+    // A restarted proxy (same state directory) still does not trust the liar, however many
+    // honest NARs it delivers again.
     let (proxy2, px2) = rig.proxy(vec![]);
+    for p in &honest {
+        let (ni, nar, _) = fetch(proxy2, p);
+        assert_eq!((ni, nar), (200, 200));
+    }
     assert!(!proven(&px2, 1), "the ban survives a restart");
-    let (ni, nar, _) = fetch(proxy2, &honest[0]);
-    assert_eq!((ni, nar), (200, 200));
-    assert!(!proven(&px2, 1));
 }
 
 /// An honest proven peer's NAR passes through whole and right; with the setting off, or for a

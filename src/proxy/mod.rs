@@ -540,8 +540,9 @@ impl Proxy {
                     Err(_) => Err("the fetch ended".to_owned()),
                 }
             };
-            let (outcome, src) = passthrough::forward(first, end, done, out_tx).await;
-            me.pass_done(&hash, outcome, src, t0);
+            let verified = |(info, source): &(Arc<NarInfo>, SourceId)| me.pass_verified(info, source, t0);
+            let (outcome, _) = passthrough::forward(first, end, done, verified, out_tx).await;
+            me.pass_done(&hash, outcome, t0);
         });
         tracing::debug!(%hash, size, "NAR passing through");
         let mut resp = h::nar_response(Body::Stream(out_rx), size, 0, size.saturating_sub(1), false);
@@ -559,39 +560,39 @@ impl Proxy {
         }
     }
 
-    /// Counts, records and logs how a pass-through ended.
-    fn pass_done(
-        &self,
-        hash: &StorePathHash,
-        outcome: passthrough::Outcome,
-        src: Option<(Arc<NarInfo>, SourceId)>,
-        t0: Instant,
-    ) {
+    /// Counts, records and logs a pass-through whose NAR verified (its tail is sent next).
+    fn pass_verified(&self, info: &NarInfo, source: &SourceId, t0: Instant) {
         let ms = t0.elapsed().as_millis() as u64;
-        match (outcome, src) {
-            (passthrough::Outcome::Delivered, Some((info, source))) => {
-                self.nar_counted(&source);
-                self.stats.update(|s| s.nars_passed_through += 1);
-                tracing::info!(path = %info.store_path, source = ?source, bytes = info.nar_size, ms, verdict = "passed through", "NAR");
-                self.stats.record(Transfer {
-                    path: info.store_path.to_string(),
-                    source: self.describe(&source),
-                    bytes: info.nar_size,
-                    ms,
-                    verdict: TransferVerdict::PassedThrough,
-                    reason: String::new(),
-                });
-                if let Some(tx) = &self.delivered {
-                    let _ = tx.try_send(info.store_path.clone());
-                }
+        self.nar_counted(source);
+        self.stats.update(|s| s.nars_passed_through += 1);
+        tracing::info!(path = %info.store_path, source = ?source, bytes = info.nar_size, ms, verdict = "passed through", "NAR");
+        self.stats.record(Transfer {
+            path: info.store_path.to_string(),
+            source: self.describe(source),
+            bytes: info.nar_size,
+            ms,
+            verdict: TransferVerdict::PassedThrough,
+            reason: String::new(),
+        });
+        if let Some(tx) = &self.delivered {
+            // Full queue: the store rescan finds it later.
+            let _ = tx.try_send(info.store_path.clone());
+        }
+    }
+
+    /// Logs how a pass-through ended, and counts a cut one.
+    fn pass_done(&self, hash: &StorePathHash, outcome: passthrough::Outcome, t0: Instant) {
+        let ms = t0.elapsed().as_millis() as u64;
+        match outcome {
+            passthrough::Outcome::Delivered => {
+                tracing::info!(%hash, ms, "NAR delivered");
             }
-            (passthrough::Outcome::Delivered, None) => {}
-            (passthrough::Outcome::Cut { sent, why }, _) => {
+            passthrough::Outcome::Cut { sent, why } => {
                 tracing::warn!(%hash, sent, %why, "pass-through cut: Nix gets a short NAR and installs nothing");
                 let e = FetchError::Exhausted { tried: 0, last: why };
                 self.nar_failed(hash, &e, t0, TransferVerdict::Cut, sent);
             }
-            (passthrough::Outcome::Left { sent }, _) => {
+            passthrough::Outcome::Left { sent } => {
                 tracing::info!(%hash, sent, ms, "NAR client left during pass-through");
             }
         }

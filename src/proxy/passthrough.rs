@@ -152,10 +152,12 @@ async fn cut<T>(sent: u64, why: &str, out: mpsc::Sender<std::io::Result<Bytes>>)
 /// `done` is the fetch's result (the verified spool and what the caller wants back with a
 /// delivered NAR); it is awaited only once the tap is closed, and dropped when the body is cut
 /// or left early.
+/// `verified` is told once the NAR verified, before its tail is sent.
 pub async fn forward<T>(
     first: Piece,
     mut tap: TapEnd,
     done: impl std::future::Future<Output = Result<(Verified, T), String>>,
+    verified: impl FnOnce(&T),
     out: mpsc::Sender<std::io::Result<Bytes>>,
 ) -> (Outcome, Option<T>) {
     let size = first.size;
@@ -181,6 +183,7 @@ pub async fn forward<T>(
         Ok(_) => return cut(sent, "the NAR did not verify", out).await,
         Err(why) => return cut(sent, &why, out).await,
     };
+    verified(&extra);
     let mut rest = v.stream(sent, size.saturating_sub(1));
     while let Some(c) = rest.next().await {
         let c = match c {
