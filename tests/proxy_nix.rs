@@ -173,6 +173,19 @@ fn nix_store_realises_a_path_passed_through_from_a_proven_peer() {
 )]
 #[test]
 fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution() {
+    lie_check(false);
+}
+
+#[cfg_attr(
+    lnc_no_nix,
+    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
+)]
+#[test]
+fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution_nix226() {
+    lie_check(true);
+}
+
+fn lie_check(nix226: bool) {
     use common::fake::{test_key, FakeCache, FakePath, Reply};
     use local_nix_cache::beacon::wire::NodeId;
     use local_nix_cache::proxy::proven::PROVEN_AFTER;
@@ -181,6 +194,12 @@ fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution() {
     if !require_nix() {
         return;
     }
+    let nix_root = if nix226 {
+        let Some(r) = roots::nix226_root() else { return };
+        Some(r)
+    } else {
+        None
+    };
     let honest: Vec<FakePath> = (0..PROVEN_AFTER)
         .map(|i| FakePath::new(&format!("nix-honest{i}"), 200_000, 80 + i as u8))
         .collect();
@@ -207,12 +226,23 @@ fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution() {
     let client = tempfile::tempdir().expect("tempdir");
     let home = client.path().join("home");
     std::fs::create_dir_all(&home).expect("home");
-    let store = client.path().join("store").display().to_string();
+    let (store, client_nix): (String, NixCmd) = match &nix_root {
+        None => (
+            client.path().join("store").display().to_string(),
+            Box::new(|p: &str| nix(p, &home)),
+        ),
+        Some(r) => (
+            format!("{HOST_MOUNT}/store"),
+            Box::new(|p: &str| roots::in_nix_root(r, client.path(), p, &home)),
+        ),
+    };
+    let version = run(client_nix("nix").arg("--version"));
+    assert!(version.contains(if nix226 { "2.26" } else { "2.8" }), "{version}");
     let subst = format!("http://{proxy}");
     let pk = test_key().public().to_string();
     let realise = |paths: &[String]| {
         output(
-            nix("nix-store", &home)
+            client_nix("nix-store")
                 .args(["--store", &store, "-r"])
                 .args(paths)
                 .args(["--option", "substituters", &subst])
@@ -220,7 +250,7 @@ fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution() {
         )
     };
     let valid = |path: &str| {
-        output(nix("nix-store", &home).args(["--store", &store, "--check-validity", path]))
+        output(client_nix("nix-store").args(["--store", &store, "--check-validity", path]))
             .status
             .success()
     };
@@ -243,12 +273,15 @@ fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution() {
     let second = realise(&lie_path);
     assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
     assert!(valid(&lie_path[0]));
-    run(nix("nix", &home).args(["store", "verify", "--store", &store]).args([
-        &lie_path[0],
-        "--option",
-        "trusted-public-keys",
-        &pk,
-    ]));
+    // What was installed is the honest NAR, byte for byte (dumped from the client's store).
+    let installed = client.path().join("store").join(lie_path[0].trim_start_matches('/'));
+    let mut nar = Vec::new();
+    local_nix_cache::store::dump::dump(&installed, |c| {
+        nar.extend_from_slice(&c);
+        true
+    })
+    .expect("dump the installed path");
+    assert!(nar == lie.nar, "the installed path is the honest one");
     // A restarted proxy does not trust the liar again, whatever it delivers.
     let (proxy2, px2) = rig.proxy(vec![]);
     for p in &honest {
