@@ -110,12 +110,7 @@ fn key_args(key: &str, arg: &clap::Arg, value: &Value) -> Result<Vec<OsString>, 
             Value::String(s) => Ok(s.clone()),
             Value::Integer(i) => Ok(i.to_string()),
             Value::Float(f) => Ok(f.to_string()),
-            // A flag that takes a value `true|false` (a switch is handled below).
-            Value::Boolean(b) => Ok(b.to_string()),
-            other => Err(format!(
-                "expected a string, a number or a boolean, found {}",
-                other.type_str()
-            )),
+            other => Err(format!("expected a string or a number, found {}", other.type_str())),
         }
     };
     match arg.get_action() {
@@ -136,6 +131,11 @@ fn key_args(key: &str, arg: &clap::Arg, value: &Value) -> Result<Vec<OsString>, 
             }
             Ok(out)
         }
+        // A flag that takes `true|false`: a TOML boolean.
+        _ if arg.get_value_parser().type_id() == clap::builder::ValueParser::bool().type_id() => match value {
+            Value::Boolean(b) => Ok(vec![flag.into(), b.to_string().into()]),
+            other => Err(format!("expected true or false, found {}", other.type_str())),
+        },
         _ => Ok(vec![flag.into(), scalar(value)?.into()]),
     }
 }

@@ -257,3 +257,96 @@ fn write_file(path: &Path, s: &FileState) -> Result<(), ProvenError> {
     tmp.persist(path).map_err(|e| err(e.error))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn prove(p: &ProvenPeers, n: &NodeId, a: IpAddr) {
+        for _ in 0..PROVEN_AFTER {
+            p.delivered(n, a);
+        }
+    }
+
+    #[test]
+    fn trust_belongs_to_node_and_address_together() {
+        let p = ProvenPeers::load(None);
+        let (n, other) = (NodeId([1; 16]), NodeId([2; 16]));
+        let a = ip("10.0.0.1");
+        for _ in 1..PROVEN_AFTER {
+            p.delivered(&n, a);
+        }
+        assert!(!p.is_proven(&n, a), "one NAR short");
+        assert!(p.delivered(&n, a), "the step is reported once");
+        assert!(!p.delivered(&n, a));
+        assert!(p.is_proven(&n, a));
+        assert!(
+            !p.is_proven(&n, ip("10.0.0.2")),
+            "its id from another address: no record"
+        );
+        assert!(!p.is_proven(&other, a), "another id at its address: no record");
+    }
+
+    #[test]
+    fn a_lie_bans_the_node_and_the_address_across_restarts() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (liar, neighbour, honest) = (NodeId([1; 16]), NodeId([3; 16]), NodeId([2; 16]));
+        let (a, b) = (ip("10.0.0.1"), ip("fe80::2"));
+        let p = ProvenPeers::load(Some(dir.path()));
+        prove(&p, &liar, a);
+        prove(&p, &honest, b);
+        p.lied(&liar, Some(a));
+        assert!(!p.is_proven(&liar, a));
+        let p = ProvenPeers::load(Some(dir.path()));
+        assert!(p.is_proven(&honest, b), "proven across a restart");
+        prove(&p, &liar, a);
+        prove(&p, &liar, ip("10.0.0.9"));
+        prove(&p, &neighbour, a);
+        assert!(!p.is_proven(&liar, a), "banned for good");
+        assert!(!p.is_proven(&liar, ip("10.0.0.9")), "its node id, anywhere");
+        assert!(!p.is_proven(&neighbour, a), "its address, under any id");
+    }
+
+    #[test]
+    fn a_bad_file_means_nobody_is_proven() {
+        let dir = tempfile::tempdir().expect("dir");
+        let n = NodeId([1; 16]);
+        let a = ip("10.0.0.1");
+        let p = ProvenPeers::load(Some(dir.path()));
+        prove(&p, &n, a);
+        let file = dir.path().join(FILE_NAME);
+        let good = std::fs::read(&file).expect("written when proven");
+        let text = String::from_utf8(good.clone()).expect("utf8");
+        assert!(text.contains("\"version\":1"), "{text}");
+        let mut huge = good.clone();
+        huge.resize(MAX_FILE_BYTES as usize + 1, b' ');
+        for bad in [
+            good[..good.len() - 1].to_vec(),
+            text.replace("\"version\":1", "\"version\":2").into_bytes(),
+            huge,
+        ] {
+            std::fs::write(&file, &bad).expect("write");
+            assert!(!ProvenPeers::load(Some(dir.path())).is_proven(&n, a));
+        }
+        std::fs::write(&file, &good).expect("write");
+        assert!(ProvenPeers::load(Some(dir.path())).is_proven(&n, a));
+    }
+
+    #[test]
+    fn a_full_ban_list_fails_closed() {
+        let p = ProvenPeers::load(None);
+        let n = NodeId([0xaa; 16]);
+        let a = ip("10.9.9.9");
+        prove(&p, &n, a);
+        for i in 0..MAX_BANNED_NODES as u32 {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            p.lied(&NodeId(id), None);
+        }
+        assert!(!p.is_proven(&n, a), "a full list: nobody is proven");
+    }
+}
