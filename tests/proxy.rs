@@ -795,3 +795,86 @@ fn an_honest_proven_peers_nar_passes_through_whole() {
     assert_eq!(px3.stats().nars_passed_through, 0);
     assert_eq!(px3.status().recent[0].verdict.as_str(), "verified");
 }
+
+/// Reads a whole response, counting the body bytes (not kept); returns (bytes, seconds).
+fn drain(addr: std::net::SocketAddr, path: &str) -> (u64, f64) {
+    use std::io::{Read, Write};
+    let t0 = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").expect("send");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    let mut head = Vec::new();
+    let mut body = 0u64;
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if head.len() < 4096 && body == 0 {
+            head.extend_from_slice(&buf[..n.min(4096)]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                body = total - (end as u64 + 4);
+                continue;
+            }
+        }
+        if body > 0 {
+            body += n as u64;
+        }
+    }
+    if body == 0 || head.starts_with(b"HTTP/1.1 4") {
+        eprintln!("{path}: {}", String::from_utf8_lossy(&head[..head.len().min(300)]));
+    }
+    (body, t0.elapsed().as_secs_f64())
+}
+
+/// Benchmark (issue #16): one large NAR of random-looking bytes from an in-process peer on
+/// loopback, read whole by a client: straight from the peer, through the proxy passing it
+/// through (the peer proven), and through the proxy verifying first. Measures the proxy's own
+/// cost, without Nix or a link. `BENCH_PT_MIB` sets the size (default 128; the test rig's spool holds 256 MiB).
+#[test]
+#[ignore = "benchmark; run with --release (or --profile profiling) -- --ignored --nocapture"]
+fn bench_pass_through_throughput() {
+    use local_nix_cache::proxy::proven::PROVEN_AFTER;
+    let mib: usize = std::env::var("BENCH_PT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    let big = FakePath::new("bench-big", mib << 20, 7);
+    let small: Vec<FakePath> = (0..PROVEN_AFTER)
+        .map(|i| FakePath::new(&format!("bench-small{i}"), 1000, i as u8))
+        .collect();
+    let peer = Arc::new(FakeCache::default());
+    peer.serve_path(&big);
+    for p in &small {
+        peer.serve_path(p);
+    }
+    let rig = Rig::new();
+    let peer_addr = rig.peer(peer, 1);
+    let (pass, _) = rig.proxy(vec![]);
+    for p in &small {
+        assert_eq!(fetch(pass, p).1, 200);
+    }
+    rig.pass_through.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (verify, _) = rig.proxy(vec![]);
+    let url = format!("/nar/{}-{}.nar", big.hash(), big.info.nar_hash.to_nix32());
+    for p in [pass, verify] {
+        assert_eq!(get(p, &format!("/{}.narinfo", big.hash())).status, 200);
+    }
+    let size = big.info.nar_size;
+    let mbs = |(n, s): (u64, f64)| {
+        assert_eq!(n, size, "whole body (direct URL /{})", big.info.url);
+        size as f64 / s / 1e6
+    };
+    for round in 1..=3 {
+        let direct = mbs(drain(peer_addr, &format!("/{}", big.info.url)));
+        let through = mbs(drain(pass, &url));
+        let first = mbs(drain(verify, &url));
+        println!(
+            "BENCH pass-through {mib} MiB, round {round}: direct {direct:.0} MB/s, pass-through {through:.0} MB/s \
+             ({:.2}x), verify-first {first:.0} MB/s ({:.2}x)",
+            through / direct,
+            first / direct
+        );
+    }
+}

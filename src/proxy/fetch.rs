@@ -195,7 +195,7 @@ impl<'p> NarFetch<'p> {
                 Err(CopyError::Lie(e)) => {
                     tracing::warn!(source = ?c.source, hash = %self.hash, error = %e, "source sent bad NAR bytes");
                     self.proxy.judge(&c.source, Verdict::LiedAbout(self.nar_hash));
-                    self.reset_spool();
+                    self.reset_spool().await;
                     self.last_error = Some(e);
                 }
                 Err(CopyError::Failed(e)) => {
@@ -264,12 +264,12 @@ impl<'p> NarFetch<'p> {
         }
     }
 
-    fn reset_spool(&mut self) {
+    async fn reset_spool(&mut self) {
         if let Some(sp) = self.spool.as_mut() {
             if let Some(t) = self.tap.as_mut() {
                 t.spool_reset();
             }
-            let _ = sp.reset();
+            let _ = sp.reset().await;
         }
         self.contributors.clear();
     }
@@ -282,7 +282,7 @@ impl<'p> NarFetch<'p> {
         }
         let resume = self.allow_resume && c.resumable();
         if self.spool.as_ref().is_some_and(|sp| !sp.is_empty() && !resume) {
-            self.reset_spool();
+            self.reset_spool().await;
         }
         let Some(sp) = self.spool.as_mut() else {
             return Err(CopyError::Spool(SpoolError::Io(std::io::Error::other("spool missing"))));
@@ -336,7 +336,7 @@ impl<'p> NarFetch<'p> {
                 if let Some(t) = self.tap.as_mut() {
                     t.spool_reset();
                 }
-                let _ = back.reset();
+                let _ = back.reset().await;
                 self.contributors.clear();
                 self.spool = Some(*back);
                 None
