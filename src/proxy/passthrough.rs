@@ -165,7 +165,14 @@ pub async fn forward<T>(
     if out.send(Ok(first.bytes)).await.is_err() {
         return (Outcome::Left { sent: 0 }, None);
     }
-    while let Some(p) = tap.rx.recv().await {
+    // A client that leaves while nothing is ready to send is noticed at once (its fetch is
+    // then aborted with this task's guard), not at the next send.
+    loop {
+        let p = tokio::select! {
+            p = tap.rx.recv() => p,
+            () = out.closed() => return (Outcome::Left { sent }, None),
+        };
+        let Some(p) = p else { break };
         if tap.broken.load(Ordering::SeqCst) {
             return cut(sent, "the NAR did not verify", out).await;
         }
@@ -178,7 +185,11 @@ pub async fn forward<T>(
     if tap.broken.load(Ordering::SeqCst) {
         return cut(sent, "the NAR did not verify", out).await;
     }
-    let (v, extra) = match done.await {
+    let done = tokio::select! {
+        d = done => d,
+        () = out.closed() => return (Outcome::Left { sent }, None),
+    };
+    let (v, extra) = match done {
         Ok((v, x)) if !tap.broken.load(Ordering::SeqCst) && v.len() == size => (v, x),
         Ok(_) => return cut(sent, "the NAR did not verify", out).await,
         Err(why) => return cut(sent, &why, out).await,
