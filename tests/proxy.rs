@@ -468,22 +468,47 @@ fn nar_urls_survive_a_proxy_restart_and_the_winner_leaving() {
 
 #[test]
 fn concurrent_requests_for_one_nar_share_one_fetch() {
+    shared_fetch(false);
+}
+
+/// The same with a proven peer: the first request's NAR passes through, the others join its
+/// fetch and get the verified NAR; still one fetch.
+#[test]
+fn concurrent_requests_share_one_fetch_when_it_passes_through() {
+    shared_fetch(true);
+}
+
+fn shared_fetch(proven: bool) {
+    use local_nix_cache::proxy::proven::PROVEN_AFTER;
     let p = FakePath::new("shared", 2_000_000, 7);
     let rig = Rig::new();
     let peer = Arc::new(FakeCache::default());
     peer.serve_path(&p);
+    let earn: Vec<FakePath> = (0..PROVEN_AFTER)
+        .map(|i| FakePath::new(&format!("earn{i}"), 1000, 30 + i as u8))
+        .collect();
+    for e in &earn {
+        peer.serve_path(e);
+    }
     // A slow NAR, so the requests overlap.
     peer.set(
         &format!("/{}", p.info.url),
         Reply::slow(p.nar.clone(), Duration::from_millis(500)),
     );
     rig.peer(peer.clone(), 1);
-    let (proxy, _) = rig.proxy(vec![]);
+    let (proxy, px) = rig.proxy(vec![]);
+    if proven {
+        for e in &earn {
+            assert_eq!(fetch(proxy, e).1, 200);
+        }
+    }
     assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
     let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
     let clients: Vec<_> = (0..3)
-        .map(|_| {
+        .map(|i| {
             let url = url.clone();
+            // The first one starts the fetch.
+            std::thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 50 }));
             std::thread::spawn(move || get(proxy, &url))
         })
         .collect();
@@ -493,6 +518,7 @@ fn concurrent_requests_for_one_nar_share_one_fetch() {
         assert!(r.body == p.nar);
     }
     assert_eq!(peer.requests_for(&p.info.url), 1, "three clients, one fetch");
+    assert_eq!(px.stats().nars_passed_through, u64::from(proven), "{:?}", px.stats());
 }
 
 #[test]
