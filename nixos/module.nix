@@ -14,6 +14,8 @@ let
     trusted-public-key = cfg.trustedPublicKeys;
     interface = cfg.interfaces;
     spool-dir = "/var/cache/local-nix-cache";
+    state-dir = "/var/lib/local-nix-cache";
+    pass-through-proven-peers = cfg.passThroughProvenPeers;
   } // cfg.settings);
 in
 {
@@ -61,6 +63,17 @@ in
       description = "Interfaces for the multicast beacon; empty: every up, multicast-capable, non-loopback one.";
     };
 
+    passThroughProvenPeers = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Stream a proven peer's NAR (3 verified NARs, never a wrong one) to Nix while it is
+        hashed, holding back its last 64 KiB until it verified. A proven peer that lies once
+        costs one failed substitution and is banned for good (kept in /var/lib/local-nix-cache).
+        false: every NAR verifies before Nix gets a byte.
+      '';
+    };
+
     openFirewall = mkOption {
       type = types.bool;
       default = false;
@@ -94,9 +107,10 @@ in
         # connection cap from this limit (docs/security.md).
         LimitNOFILE = 65536;
         # Reads the store through the daemon socket (open to all users) and /nix/store
-        # (world-readable); writes only its spool.
+        # (world-readable); writes only its spool and its state (the proven and banned peers).
         DynamicUser = true;
         CacheDirectory = "local-nix-cache";
+        StateDirectory = "local-nix-cache";
         ProtectSystem = "strict";
         ProtectHome = true;
         PrivateTmp = true;

@@ -205,6 +205,16 @@ pub struct ServeArgs {
     /// How the proxy fetches NARs from peers that offer a compressed form.
     #[arg(long, value_enum, default_value_t = PeerCompression::Zstd)]
     pub peer_compression: PeerCompression,
+    /// Stream a proven peer's NAR to Nix while hashing it, holding back its last 64 KiB until
+    /// the hash matched (a peer is proven after 3 verified NARs; one wrong NAR bans it for
+    /// good). `false`: every NAR verifies before Nix gets a byte.
+    #[arg(long, default_value_t = true, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub pass_through_proven_peers: bool,
+    /// Directory for state kept across restarts (the proven and banned peers). Default:
+    /// $STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/local-nix-cache, else
+    /// ~/.local/state/local-nix-cache, else /var/lib/local-nix-cache.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// One `--upstream` value.
@@ -277,6 +287,8 @@ impl ServeArgs {
                     disk_total_mib: self.spool_max_mib,
                 },
                 peer_compression: self.peer_compression,
+                pass_through_proven_peers: self.pass_through_proven_peers,
+                state_dir: self.state_dir.clone().unwrap_or_else(settings::default_state_dir),
             },
         }
     }

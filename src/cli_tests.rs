@@ -94,6 +94,20 @@ peer-compression = "none"
     assert!(s.beacon.is_none());
     let s = serve(&[], "no-beacon = false\n").expect("config");
     assert!(s.beacon.is_some());
+    // A `true|false` flag takes a TOML boolean; the flag wins over the file.
+    assert!(
+        serve(&[], "").expect("config").proxy.pass_through_proven_peers,
+        "on by default"
+    );
+    let s = serve(&[], "pass-through-proven-peers = false\nstate-dir = \"/s\"\n").expect("config");
+    assert!(!s.proxy.pass_through_proven_peers);
+    assert_eq!(s.proxy.state_dir, std::path::PathBuf::from("/s"));
+    let s = serve(
+        &["--pass-through-proven-peers", "true"],
+        "pass-through-proven-peers = false\n",
+    )
+    .expect("config");
+    assert!(s.proxy.pass_through_proven_peers);
 }
 
 #[test]
@@ -118,6 +132,10 @@ fn bad_config_names_key_and_line() {
         ("no-beacon = \"yes\"\n", "line 1: key `no-beacon`"),
         ("daemon-connections = [1, 2]\n", "line 1: key `daemon-connections`"),
         ("config = \"/x\"\n", "line 1: key `config`"),
+        (
+            "\npass-through-proven-peers = \"no\"\n",
+            "line 2: key `pass-through-proven-peers`",
+        ),
     ];
     for (toml, want) in cases {
         let e = serve(&[], toml)

@@ -131,6 +131,11 @@ fn key_args(key: &str, arg: &clap::Arg, value: &Value) -> Result<Vec<OsString>, 
             }
             Ok(out)
         }
+        // A flag that takes `true|false`: a TOML boolean.
+        _ if arg.get_value_parser().type_id() == clap::builder::ValueParser::bool().type_id() => match value {
+            Value::Boolean(b) => Ok(vec![flag.into(), b.to_string().into()]),
+            other => Err(format!("expected true or false, found {}", other.type_str())),
+        },
         _ => Ok(vec![flag.into(), scalar(value)?.into()]),
     }
 }

@@ -182,7 +182,7 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     };
     let mut proxy_config = ProxyConfig::from_settings(settings);
     proxy_config.delivered = Some(delivered);
-    let proxy = Arc::new(Proxy::new(proxy_config, peers.clone()));
+    let proxy = Proxy::new(proxy_config, peers.clone());
     parts.spawn(
         "peer summaries",
         crate::proxy::summaries::PeerSummaries::run(proxy.clone(), shutdown.clone()),

@@ -76,6 +76,28 @@ pub struct ProxySettings {
     pub upstreams: Vec<url::Url>,
     pub spool: SpoolSettings,
     pub peer_compression: PeerCompression,
+    /// Proven peers' NARs go to Nix while they are hashed (`proxy::passthrough`).
+    pub pass_through_proven_peers: bool,
+    /// Where state kept across restarts lives (`proxy::proven`'s file).
+    pub state_dir: PathBuf,
+}
+
+/// The state directory when none is given: systemd's `StateDirectory=` (`$STATE_DIRECTORY`, the
+/// first entry), else `$XDG_STATE_HOME/local-nix-cache`, else `~/.local/state/local-nix-cache`,
+/// else `/var/lib/local-nix-cache`.
+pub fn default_state_dir() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(d) = var("STATE_DIRECTORY") {
+        let first = d.to_string_lossy().split(':').next().unwrap_or_default().to_owned();
+        return PathBuf::from(first);
+    }
+    if let Some(d) = var("XDG_STATE_HOME") {
+        return PathBuf::from(d).join("local-nix-cache");
+    }
+    if let Some(h) = var("HOME") {
+        return PathBuf::from(h).join(".local/state/local-nix-cache");
+    }
+    PathBuf::from("/var/lib/local-nix-cache")
 }
 
 /// Where unverified NAR bytes wait, and how many of them.

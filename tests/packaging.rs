@@ -92,6 +92,7 @@ fn nixos_module_options_and_generated_config() {
         "trustedPublicKeys",
         "interfaces",
         "openFirewall",
+        "passThroughProvenPeers",
         "settings",
     ] {
         assert!(options.contains(&want), "option {want} missing: {options:?}");
@@ -113,7 +114,17 @@ fn nixos_module_options_and_generated_config() {
     let argv = ["local-nix-cache", "serve", "--config"].map(std::ffi::OsString::from);
     let mut argv = argv.to_vec();
     argv.push(path.into());
-    cli::parse(argv).unwrap_or_else(|e| panic!("{e}\n{toml_text}"));
+    let parsed = cli::parse(argv).unwrap_or_else(|e| panic!("{e}\n{toml_text}"));
+    // A boolean option reaches its `true|false` flag.
+    let cli::Command::Serve(serve_args) = parsed.command else {
+        panic!("not serve")
+    };
+    let settings = serve_args.settings();
+    assert!(!settings.proxy.pass_through_proven_peers, "{toml_text}");
+    assert_eq!(
+        settings.proxy.state_dir,
+        std::path::PathBuf::from("/var/lib/local-nix-cache")
+    );
     // The module's own options default to what `serve` defaults to: the flags are the one place.
     let serve = Cli::command().find_subcommand("serve").cloned().expect("serve");
     let default = |flag: &str| -> Vec<String> {
@@ -134,6 +145,11 @@ fn nixos_module_options_and_generated_config() {
             other => panic!("unexpected default {other}"),
         }
     };
+    assert_eq!(
+        vec![d["passThroughProvenPeers"].to_string()],
+        default("pass-through-proven-peers"),
+        "option passThroughProvenPeers vs --pass-through-proven-peers"
+    );
     for (option, flag) in [
         ("listen", "listen"),
         ("proxyListen", "proxy-listen"),

@@ -468,22 +468,47 @@ fn nar_urls_survive_a_proxy_restart_and_the_winner_leaving() {
 
 #[test]
 fn concurrent_requests_for_one_nar_share_one_fetch() {
+    shared_fetch(false);
+}
+
+/// The same with a proven peer: the first request's NAR passes through, the others join its
+/// fetch and get the verified NAR; still one fetch.
+#[test]
+fn concurrent_requests_share_one_fetch_when_it_passes_through() {
+    shared_fetch(true);
+}
+
+fn shared_fetch(proven: bool) {
+    use local_nix_cache::proxy::proven::PROVEN_AFTER;
     let p = FakePath::new("shared", 2_000_000, 7);
     let rig = Rig::new();
     let peer = Arc::new(FakeCache::default());
     peer.serve_path(&p);
+    let earn: Vec<FakePath> = (0..PROVEN_AFTER)
+        .map(|i| FakePath::new(&format!("earn{i}"), 1000, 30 + i as u8))
+        .collect();
+    for e in &earn {
+        peer.serve_path(e);
+    }
     // A slow NAR, so the requests overlap.
     peer.set(
         &format!("/{}", p.info.url),
         Reply::slow(p.nar.clone(), Duration::from_millis(500)),
     );
     rig.peer(peer.clone(), 1);
-    let (proxy, _) = rig.proxy(vec![]);
+    let (proxy, px) = rig.proxy(vec![]);
+    if proven {
+        for e in &earn {
+            assert_eq!(fetch(proxy, e).1, 200);
+        }
+    }
     assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
     let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
     let clients: Vec<_> = (0..3)
-        .map(|_| {
+        .map(|i| {
             let url = url.clone();
+            // The first one starts the fetch.
+            std::thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 50 }));
             std::thread::spawn(move || get(proxy, &url))
         })
         .collect();
@@ -493,6 +518,7 @@ fn concurrent_requests_for_one_nar_share_one_fetch() {
         assert!(r.body == p.nar);
     }
     assert_eq!(peer.requests_for(&p.info.url), 1, "three clients, one fetch");
+    assert_eq!(px.stats().nars_passed_through, u64::from(proven), "{:?}", px.stats());
 }
 
 #[test]
@@ -638,4 +664,243 @@ fn bench_narinfo_latency_16_peers() {
         pct(&direct, 0.99),
         pct(&via, 0.99) - pct(&direct, 0.99)
     );
+}
+
+/// A raw GET that keeps what arrived when the server cuts the body short: the status, the
+/// `Content-Length` and the body bytes received.
+fn get_cut(addr: std::net::SocketAddr, path: &str) -> (u16, Option<u64>, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").expect("send");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    // A reset after the cut is an end like EOF.
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
+    let head = String::from_utf8_lossy(&raw[..end]).to_string();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    let len = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok());
+    (status, len, raw[end + 4..].to_vec())
+}
+
+fn proven(px: &local_nix_cache::proxy::Proxy, id: u8) -> bool {
+    let node = NodeId([id; 16]).to_string();
+    px.status().peers.iter().any(|p| p.node == node && p.proven)
+}
+
+/// Pass-through (issue #16): a peer that delivered `PROVEN_AFTER` verified NARs has its next NAR
+/// streamed while it is hashed. When that NAR is a lie (same size, one byte changed), the client
+/// gets fewer bytes than the `Content-Length` (the held-back tail never leaves), the peer loses
+/// the privilege, also for a restarted proxy, and the next request gets the right bytes from
+/// another peer.
+#[test]
+fn a_proven_peer_that_lies_never_gets_its_tail_sent() {
+    use local_nix_cache::proxy::passthrough::TAIL;
+    use local_nix_cache::proxy::proven::PROVEN_AFTER;
+    let honest: Vec<FakePath> = (0..PROVEN_AFTER)
+        .map(|i| FakePath::new(&format!("honest{i}"), 300_000, 40 + i as u8))
+        .collect();
+    let lie = FakePath::new("lie", 2_000_000, 50);
+    let liar = Arc::new(FakeCache::default());
+    for p in &honest {
+        liar.serve_path(p);
+    }
+    liar.serve_path(&lie);
+    let mut bad = lie.nar.to_vec();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    liar.set(&format!("/{}", lie.info.url), Reply::ok(bad));
+    // Another peer has the right NAR, but answers the narinfo later: the liar is asked first.
+    let other = Arc::new(FakeCache::default());
+    other.serve_path(&lie);
+    other.set(
+        &format!("/{}.narinfo", lie.hash()),
+        Reply::slow(lie.info.render(), Duration::from_millis(300)),
+    );
+    let rig = Rig::new();
+    rig.peer(liar, 1);
+    rig.peer(other, 2);
+    let (proxy, px) = rig.proxy(vec![]);
+    for (i, p) in honest.iter().enumerate() {
+        assert!(!proven(&px, 1), "proven after {i} NARs only");
+        let (ni, nar, body) = fetch(proxy, p);
+        assert_eq!((ni, nar), (200, 200));
+        assert!(body == p.nar);
+    }
+    assert!(proven(&px, 1), "proven after {PROVEN_AFTER} verified NARs");
+    assert_eq!(get(proxy, &format!("/{}.narinfo", lie.hash())).status, 200);
+    let (status, len, body) = get_cut(
+        proxy,
+        &format!("/nar/{}-{}.nar", lie.hash(), lie.info.nar_hash.to_nix32()),
+    );
+    let size = lie.info.nar_size;
+    assert_eq!(status, 200, "the lie was being passed through");
+    assert_eq!(len, Some(size), "Content-Length is NarSize, so a cut body is short");
+    assert!(!body.is_empty(), "bytes were passed through before the hash was known");
+    assert!(
+        (body.len() as u64) < size,
+        "the client got {} of {size} bytes: the tail must never be sent",
+        body.len()
+    );
+    assert!((body.len() as u64) <= size - TAIL);
+    let s = px.stats();
+    assert_eq!((s.nars_cut, s.nars_passed_through), (1, 0), "{s:?}");
+    assert!(s.lies >= 1, "{s:?}");
+    assert!(!proven(&px, 1), "a liar is never proven again");
+    // The next request gets the right NAR (from the other peer, verified first).
+    let (_, nar, body) = fetch(proxy, &lie);
+    assert_eq!(nar, 200);
+    assert!(body == lie.nar, "the right bytes from the honest peer");
+    // A restarted proxy (same state directory) still does not trust the liar, however many
+    // honest NARs it delivers again.
+    let (proxy2, px2) = rig.proxy(vec![]);
+    for p in &honest {
+        let (ni, nar, _) = fetch(proxy2, p);
+        assert_eq!((ni, nar), (200, 200));
+    }
+    assert!(!proven(&px2, 1), "the ban survives a restart");
+}
+
+/// An honest proven peer's NAR passes through whole and right; with the setting off, or for a
+/// request with `Range`, the NAR is verified first.
+#[test]
+fn an_honest_proven_peers_nar_passes_through_whole() {
+    use local_nix_cache::proxy::proven::PROVEN_AFTER;
+    let paths: Vec<FakePath> = (0..=PROVEN_AFTER)
+        .map(|i| FakePath::new(&format!("pt{i}"), 1_500_000, 60 + i as u8))
+        .collect();
+    let peer = Arc::new(FakeCache::default());
+    for p in &paths {
+        peer.serve_path(p);
+    }
+    let rig = Rig::new();
+    rig.peer(peer, 1);
+    let (proxy, px) = rig.proxy(vec![]);
+    for p in &paths {
+        let (ni, nar, body) = fetch(proxy, p);
+        assert_eq!((ni, nar), (200, 200));
+        assert!(body == p.nar, "{}: right bytes", p.path);
+    }
+    let s = px.stats();
+    assert_eq!(s.nars_passed_through, 1, "{s:?}");
+    assert_eq!(s.nars_from_peers, PROVEN_AFTER as u64 + 1, "{s:?}");
+    let recent = px.status().recent;
+    assert_eq!(
+        recent[0].verdict.as_str(),
+        "passed through",
+        "the last NAR passed through: {recent:?}"
+    );
+    assert_eq!(recent[0].bytes, paths[PROVEN_AFTER as usize].info.nar_size);
+    assert!(recent[1..].iter().all(|t| t.verdict.as_str() == "verified"));
+    // A restarted proxy still knows the peer is proven.
+    let (proxy2, px2) = rig.proxy(vec![]);
+    assert!(proven(&px2, 1), "proven across a restart");
+    // A `Range` request is answered from the verified spool.
+    let p = &paths[0];
+    let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+    let r = request(proxy2, "GET", &url, &[("Range", "bytes=100-")]);
+    assert_eq!(r.status, 206);
+    assert!(r.body[..] == p.nar[100..]);
+    assert_eq!(px2.stats().nars_passed_through, 0);
+    // The setting off: verified first, even from a proven peer.
+    rig.pass_through.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (proxy3, px3) = rig.proxy(vec![]);
+    let (_, nar, body) = fetch(proxy3, &paths[1]);
+    assert_eq!(nar, 200);
+    assert!(body == paths[1].nar);
+    assert_eq!(px3.stats().nars_passed_through, 0);
+    assert_eq!(px3.status().recent[0].verdict.as_str(), "verified");
+}
+
+/// Reads a whole response, counting the body bytes (not kept); returns (bytes, seconds).
+fn drain(addr: std::net::SocketAddr, path: &str) -> (u64, f64) {
+    use std::io::{Read, Write};
+    let t0 = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").expect("send");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    let mut head = Vec::new();
+    let mut body = 0u64;
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if head.len() < 4096 && body == 0 {
+            head.extend_from_slice(&buf[..n.min(4096)]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                body = total - (end as u64 + 4);
+                continue;
+            }
+        }
+        if body > 0 {
+            body += n as u64;
+        }
+    }
+    if body == 0 || head.starts_with(b"HTTP/1.1 4") {
+        eprintln!("{path}: {}", String::from_utf8_lossy(&head[..head.len().min(300)]));
+    }
+    (body, t0.elapsed().as_secs_f64())
+}
+
+/// Benchmark (issue #16): one large NAR of random-looking bytes from an in-process peer on
+/// loopback, read whole by a client: straight from the peer, through the proxy passing it
+/// through (the peer proven), and through the proxy verifying first. Measures the proxy's own
+/// cost, without Nix or a link. `BENCH_PT_MIB` sets the size (default 128; the test rig's spool holds 256 MiB).
+#[test]
+#[ignore = "benchmark; run with --release (or --profile profiling) -- --ignored --nocapture"]
+fn bench_pass_through_throughput() {
+    use local_nix_cache::proxy::proven::PROVEN_AFTER;
+    let mib: usize = std::env::var("BENCH_PT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    let big = FakePath::new("bench-big", mib << 20, 7);
+    let small: Vec<FakePath> = (0..PROVEN_AFTER)
+        .map(|i| FakePath::new(&format!("bench-small{i}"), 1000, i as u8))
+        .collect();
+    let peer = Arc::new(FakeCache::default());
+    peer.serve_path(&big);
+    for p in &small {
+        peer.serve_path(p);
+    }
+    let rig = Rig::new();
+    let peer_addr = rig.peer(peer, 1);
+    let (pass, _) = rig.proxy(vec![]);
+    for p in &small {
+        assert_eq!(fetch(pass, p).1, 200);
+    }
+    rig.pass_through.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (verify, _) = rig.proxy(vec![]);
+    let url = format!("/nar/{}-{}.nar", big.hash(), big.info.nar_hash.to_nix32());
+    for p in [pass, verify] {
+        assert_eq!(get(p, &format!("/{}.narinfo", big.hash())).status, 200);
+    }
+    let size = big.info.nar_size;
+    let mbs = |(n, s): (u64, f64)| {
+        assert_eq!(n, size, "whole body (direct URL /{})", big.info.url);
+        size as f64 / s / 1e6
+    };
+    for round in 1..=3 {
+        let direct = mbs(drain(peer_addr, &format!("/{}", big.info.url)));
+        let through = mbs(drain(pass, &url));
+        let first = mbs(drain(verify, &url));
+        println!(
+            "BENCH pass-through {mib} MiB, round {round}: direct {direct:.0} MB/s, pass-through {through:.0} MB/s \
+             ({:.2}x), verify-first {first:.0} MB/s ({:.2}x)",
+            through / direct,
+            first / direct
+        );
+    }
 }

@@ -98,3 +98,196 @@ fn check(nix226: bool) {
     let script = std::fs::read_to_string(&physical).expect("installed file");
     assert!(script.contains(&f.closure.iter().find(|p| p.contains("mid")).cloned().expect("mid")));
 }
+
+/// Pass-through with the real Nix (issue #16), fast path: a real store server's peer becomes
+/// proven after `PROVEN_AFTER` verified NARs (the three-path closure), and the next NAR (8 MiB
+/// of random bytes) is passed through while it is hashed; Nix installs it and it verifies.
+#[cfg_attr(
+    lnc_no_nix,
+    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
+)]
+#[test]
+fn nix_store_realises_a_path_passed_through_from_a_proven_peer() {
+    use local_nix_cache::proxy::proven::PROVEN_AFTER;
+    if !require_nix() {
+        return;
+    }
+    let f = fixture();
+    assert_eq!(f.closure.len() as u32, PROVEN_AFTER, "the closure proves the peer");
+    let host = Host::with_paths(&[&f.top, &f.rand]);
+    let a = TestNode::start(serve_args(host.store_addr()));
+    let rig = Rig::new();
+    rig.announce(
+        a.addr,
+        a.node_id,
+        local_nix_cache::beacon::wire::FLAG_NAR_NONE | local_nix_cache::beacon::wire::FLAG_NAR_ZSTD,
+        None,
+    );
+    let keys = local_nix_cache::narinfo::TrustedKeys::new(vec![
+        local_nix_cache::narinfo::PublicKey::parse(&f.pk).expect("fixture key")
+    ]);
+    let (proxy, px) = rig.proxy_trusting(vec![common::dead_url()], keys);
+    let client = tempfile::tempdir().expect("tempdir");
+    let home = client.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let store = client.path().join("store").display().to_string();
+    let subst = format!("http://{proxy}");
+    let realise = |path: &str| {
+        run(nix("nix-store", &home)
+            .args(["--store", &store, "-r", path])
+            .args(["--option", "substituters", &subst])
+            .args(["--option", "trusted-public-keys", &f.pk]));
+    };
+    let node = a.node_id.to_string();
+    let proven = || px.status().peers.iter().any(|p| p.node == node && p.proven);
+    assert!(!proven());
+    realise(&f.top);
+    assert!(proven(), "proven after the closure: {:?}", px.status().peers);
+    assert_eq!(px.stats().nars_passed_through, 0);
+    realise(&f.rand);
+    let s = px.stats();
+    assert_eq!(s.nars_passed_through, 1, "{s:?}");
+    assert_eq!((s.nars_from_peers, s.nars_cut), (4, 0), "{s:?}");
+    let recent = px.status().recent;
+    assert!(
+        recent[0].path == f.rand && recent[0].verdict.as_str() == "passed through",
+        "{recent:?}"
+    );
+    run(nix("nix", &home).args(["store", "verify", "--store", &store]).args([
+        "-r",
+        &f.rand,
+        &f.top,
+        "--option",
+        "trusted-public-keys",
+        &f.pk,
+    ]));
+}
+
+/// Pass-through with the real Nix (issue #16), a proven peer that lies once: a fake peer serves
+/// `PROVEN_AFTER` honest paths, then a wrong NAR of the right size. At most one `nix-store -r`
+/// fails, and it installs nothing; the next one succeeds from another peer, the NAR verifies,
+/// and the liar is not proven again, also after the proxy restarted.
+#[cfg_attr(
+    lnc_no_nix,
+    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
+)]
+#[test]
+fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution() {
+    lie_check(false);
+}
+
+#[cfg_attr(
+    lnc_no_nix,
+    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
+)]
+#[test]
+fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution_nix226() {
+    lie_check(true);
+}
+
+fn lie_check(nix226: bool) {
+    use common::fake::{test_key, FakeCache, FakePath, Reply};
+    use local_nix_cache::beacon::wire::NodeId;
+    use local_nix_cache::proxy::proven::PROVEN_AFTER;
+    use std::sync::Arc;
+    use std::time::Duration;
+    if !require_nix() {
+        return;
+    }
+    let nix_root = if nix226 {
+        let Some(r) = roots::nix226_root() else { return };
+        Some(r)
+    } else {
+        None
+    };
+    let honest: Vec<FakePath> = (0..PROVEN_AFTER)
+        .map(|i| FakePath::new(&format!("nix-honest{i}"), 200_000, 80 + i as u8))
+        .collect();
+    let lie = FakePath::new("nix-lie", 3_000_000, 90);
+    let liar = Arc::new(FakeCache::default());
+    for p in &honest {
+        liar.serve_path(p);
+    }
+    liar.serve_path(&lie);
+    let mut bad = lie.nar.to_vec();
+    let at = bad.len() / 3;
+    bad[at] ^= 0x20;
+    liar.set(&format!("/{}", lie.info.url), Reply::ok(bad));
+    let other = Arc::new(FakeCache::default());
+    other.serve_path(&lie);
+    other.set(
+        &format!("/{}.narinfo", lie.hash()),
+        Reply::slow(lie.info.render(), Duration::from_millis(300)),
+    );
+    let rig = Rig::new();
+    rig.peer(liar, 1);
+    rig.peer(other, 2);
+    let (proxy, px) = rig.proxy(vec![]);
+    let client = tempfile::tempdir().expect("tempdir");
+    let home = client.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let (store, client_nix): (String, NixCmd) = match &nix_root {
+        None => (
+            client.path().join("store").display().to_string(),
+            Box::new(|p: &str| nix(p, &home)),
+        ),
+        Some(r) => (
+            format!("{HOST_MOUNT}/store"),
+            Box::new(|p: &str| roots::in_nix_root(r, client.path(), p, &home)),
+        ),
+    };
+    let version = run(client_nix("nix").arg("--version"));
+    assert!(version.contains(if nix226 { "2.26" } else { "2.8" }), "{version}");
+    let subst = format!("http://{proxy}");
+    let pk = test_key().public().to_string();
+    let realise = |paths: &[String]| {
+        output(
+            client_nix("nix-store")
+                .args(["--store", &store, "-r"])
+                .args(paths)
+                .args(["--option", "substituters", &subst])
+                .args(["--option", "trusted-public-keys", &pk]),
+        )
+    };
+    let valid = |path: &str| {
+        output(client_nix("nix-store").args(["--store", &store, "--check-validity", path]))
+            .status
+            .success()
+    };
+    let liar_node = NodeId([1; 16]).to_string();
+    let proven = |px: &local_nix_cache::proxy::Proxy| px.status().peers.iter().any(|p| p.node == liar_node && p.proven);
+    let paths: Vec<String> = honest.iter().map(|p| p.path.to_string()).collect();
+    let out = realise(&paths);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(proven(&px), "proven after {PROVEN_AFTER} NARs");
+    // The lie: this substitution fails (a short NAR), and nothing is installed.
+    let lie_path = vec![lie.path.to_string()];
+    let first = realise(&lie_path);
+    eprintln!("the failed substitution: {}", String::from_utf8_lossy(&first.stderr));
+    let s = px.stats();
+    assert_eq!(s.nars_cut, 1, "the lie was passed through and cut: {s:?}");
+    assert!(!first.status.success(), "a short NAR must fail the substitution");
+    assert!(!valid(&lie_path[0]), "nothing installed from the lie");
+    assert!(!proven(&px), "the liar lost the privilege");
+    // The next attempt gets the NAR from the other peer, verified first.
+    let second = realise(&lie_path);
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(valid(&lie_path[0]));
+    // What was installed is the honest NAR, byte for byte (dumped from the client's store).
+    let installed = client.path().join("store").join(lie_path[0].trim_start_matches('/'));
+    let mut nar = Vec::new();
+    local_nix_cache::store::dump::dump(&installed, |c| {
+        nar.extend_from_slice(&c);
+        true
+    })
+    .expect("dump the installed path");
+    assert!(nar == lie.nar, "the installed path is the honest one");
+    // A restarted proxy does not trust the liar again, whatever it delivers.
+    let (proxy2, px2) = rig.proxy(vec![]);
+    for p in &honest {
+        assert_eq!(common::get(proxy2, &format!("/{}.narinfo", p.hash())).status, 200);
+        let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+        assert!(common::get(proxy2, &url).body == p.nar);
+    }
+    assert!(!proven(&px2), "the ban survives a restart");
+}

@@ -12,11 +12,12 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use super::health::Verdict;
+use super::passthrough::Tap;
 use super::source::{Candidate, SourceError, SourceId};
 use super::spool::{Spool, SpoolError, Verified};
 use super::Proxy;
@@ -121,6 +122,8 @@ pub(super) struct NarFetch<'p> {
     allow_resume: bool,
     /// The last failure, for the error.
     last_error: Option<String>,
+    /// Pass-through to the request that started the fetch (see `passthrough`), if any.
+    tap: Option<Tap>,
 }
 
 impl<'p> NarFetch<'p> {
@@ -153,7 +156,14 @@ impl<'p> NarFetch<'p> {
             contributors: Vec::new(),
             allow_resume: true,
             last_error: None,
+            tap: None,
         }
+    }
+
+    /// Hands bytes from proven peers to a pass-through body as they are spooled.
+    pub(super) fn with_tap(mut self, tap: Tap) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     /// Runs the fetch to a verified NAR or an error.
@@ -185,7 +195,7 @@ impl<'p> NarFetch<'p> {
                 Err(CopyError::Lie(e)) => {
                     tracing::warn!(source = ?c.source, hash = %self.hash, error = %e, "source sent bad NAR bytes");
                     self.proxy.judge(&c.source, Verdict::LiedAbout(self.nar_hash));
-                    self.reset_spool();
+                    self.reset_spool().await;
                     self.last_error = Some(e);
                 }
                 Err(CopyError::Failed(e)) => {
@@ -254,9 +264,12 @@ impl<'p> NarFetch<'p> {
         }
     }
 
-    fn reset_spool(&mut self) {
+    async fn reset_spool(&mut self) {
         if let Some(sp) = self.spool.as_mut() {
-            let _ = sp.reset();
+            if let Some(t) = self.tap.as_mut() {
+                t.spool_reset();
+            }
+            let _ = sp.reset().await;
         }
         self.contributors.clear();
     }
@@ -269,12 +282,24 @@ impl<'p> NarFetch<'p> {
         }
         let resume = self.allow_resume && c.resumable();
         if self.spool.as_ref().is_some_and(|sp| !sp.is_empty() && !resume) {
-            self.reset_spool();
+            self.reset_spool().await;
         }
         let Some(sp) = self.spool.as_mut() else {
             return Err(CopyError::Spool(SpoolError::Io(std::io::Error::other("spool missing"))));
         };
-        self.proxy.copy_into(c, sp, size).await
+        // Only a proven peer feeds the tap, and only if everything spooled so far went through
+        // it (so no byte of another source is passed on unverified).
+        let tap = match self.tap.as_mut() {
+            Some(t) if t.continues_at(sp.len(), size) && self.proxy.passes_through(&c.source) => Some(t),
+            Some(t) => {
+                if t.sent() > 0 {
+                    t.detach();
+                }
+                None
+            }
+            None => None,
+        };
+        self.proxy.copy_into(c, sp, size, tap).await
     }
 
     /// Hashes the full spool: a verified NAR, or (on a mismatch) the liar judged and the spool
@@ -308,7 +333,10 @@ impl<'p> NarFetch<'p> {
                     }
                 }
                 self.last_error = Some("NAR hash mismatch".into());
-                let _ = back.reset();
+                if let Some(t) = self.tap.as_mut() {
+                    t.spool_reset();
+                }
+                let _ = back.reset().await;
                 self.contributors.clear();
                 self.spool = Some(*back);
                 None
@@ -319,7 +347,14 @@ impl<'p> NarFetch<'p> {
 
 impl Proxy {
     /// Copies the NAR of `c` into the spool from where it stands (resuming with `Range`).
-    async fn copy_into(&self, c: &Candidate, sp: &mut Spool, size: u64) -> Result<(), CopyError> {
+    /// Bytes written to the spool are also offered to `tap` (a pass-through), if given.
+    async fn copy_into(
+        &self,
+        c: &Candidate,
+        sp: &mut Spool,
+        size: u64,
+        mut tap: Option<&mut Tap>,
+    ) -> Result<(), CopyError> {
         let from = sp.len();
         let (mut reader, start) = self.sources.open_nar(c, from).await.map_err(CopyError::Failed)?;
         let idle = self.sources.timeouts(&c.source).idle;
@@ -360,6 +395,13 @@ impl Proxy {
             }
             sp.write(data).await.map_err(CopyError::Spool)?;
             received += data.len() as u64;
+            if let Some(t) = tap.as_deref_mut() {
+                // The read buffer becomes the chunk handed over (no copy); a new one is taken.
+                let skipped = n - data.len();
+                let chunk: Bytes = buf.split().freeze().slice(skipped..n);
+                t.offer(sp.len(), size, &chunk).await;
+                buf.reserve(READ_CHUNK);
+            }
         }
         let zstd = c.info.compression == Compression::Zstd;
         self.stats.update(|s| match c.source {

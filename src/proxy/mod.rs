@@ -18,6 +18,8 @@ pub mod cache;
 pub mod fetch;
 pub mod health;
 pub mod lookup;
+pub mod passthrough;
+pub mod proven;
 pub mod source;
 pub mod split;
 pub mod spool;
@@ -68,6 +70,10 @@ pub struct ProxyConfig {
     /// Told every store path delivered to the local Nix, so this host's store server can offer
     /// it to peers soon (see `server::summary::learn`).
     pub delivered: Option<tokio::sync::mpsc::Sender<crate::narinfo::StorePath>>,
+    /// Proven peers' NARs pass through while they are hashed (see `passthrough`).
+    pub pass_through: bool,
+    /// Where the proven and banned peers are kept across restarts (none: in memory only).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl ProxyConfig {
@@ -82,12 +88,35 @@ impl ProxyConfig {
             parallel_min_bytes: PARALLEL_MIN_BYTES,
             loopback_peers: false,
             delivered: None,
+            pass_through: s.proxy.pass_through_proven_peers,
+            state_dir: Some(s.proxy.state_dir.clone()),
         }
     }
 }
 
 /// A fetch's result, shared by every request waiting for the same NAR.
 type SharedFetch = Result<Fetched, Arc<FetchError>>;
+
+/// Aborts a pass-through's fetch task when its request is gone (dropped with the body): as when
+/// the request running a fetch goes away, a request waiting for the same NAR takes over, and
+/// with none waiting the fetch stops.
+struct AbortFetch {
+    task: tokio::task::AbortHandle,
+    proxy: Arc<Proxy>,
+    nar_hash: NarHash,
+    cell: Arc<OnceCell<SharedFetch>>,
+}
+
+impl Drop for AbortFetch {
+    fn drop(&mut self) {
+        if !self.task.is_finished() {
+            self.task.abort();
+            if !self.cell.initialized() {
+                self.proxy.fetch_done(&self.nar_hash, &self.cell);
+            }
+        }
+    }
+}
 
 pub struct Proxy {
     sources: Sources,
@@ -106,6 +135,12 @@ pub struct Proxy {
     /// NAR fetches under way, by NAR hash: concurrent requests for the same NAR (Nix retrying, two
     /// clients) share one fetch and one spool. Bounded by the open connections.
     inflight: Mutex<HashMap<NarHash, Arc<OnceCell<SharedFetch>>>>,
+    /// Peers whose NARs may pass through, and the banned ones (persisted).
+    proven: proven::ProvenPeers,
+    /// See [`ProxyConfig::pass_through`].
+    pass_through: bool,
+    /// This proxy, for the fetch task a pass-through leaves running behind its response.
+    me: std::sync::Weak<Proxy>,
 }
 
 /// Why a request did not get what it asked for. One place decides the status of each
@@ -138,9 +173,13 @@ impl ProxyError {
 }
 
 impl Proxy {
-    pub fn new(cfg: ProxyConfig, peers: Option<Arc<crate::beacon::PeerTable>>) -> Self {
+    pub fn new(cfg: ProxyConfig, peers: Option<Arc<crate::beacon::PeerTable>>) -> Arc<Self> {
         let upstreams = cfg.upstreams.len();
-        Self {
+        let proven = proven::ProvenPeers::load(cfg.state_dir.as_deref());
+        Arc::new_cyclic(|me| Self {
+            proven,
+            pass_through: cfg.pass_through,
+            me: me.clone(),
             cache_info: Bytes::from(format!(
                 "StoreDir: {}\nWantMassQuery: 1\nPriority: {PRIORITY}\n",
                 cfg.store_dir
@@ -161,11 +200,25 @@ impl Proxy {
             parallel_min_bytes: cfg.parallel_min_bytes,
             delivered: cfg.delivered,
             inflight: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
-    /// Records how a source did (one call, whatever happened) and counts lies.
+    /// Records how a source did (one call, whatever happened) and counts lies. A peer's verified
+    /// NAR counts towards its being proven; a wrong NAR bans it from pass-through for good.
     fn judge(&self, s: &SourceId, v: Verdict<'_>) {
+        if let SourceId::Peer(n) = s {
+            let ip = self.sources.table().and_then(|t| t.get(n)).map(|p| p.http_addr().ip());
+            match (&v, ip) {
+                (Verdict::Delivered, Some(ip)) => {
+                    self.proven.delivered(n, ip);
+                }
+                (Verdict::LiedAbout(_), ip) => {
+                    tracing::warn!(node = %n, ?ip, "peer sent a wrong NAR: never passed through again");
+                    self.proven.lied(n, ip);
+                }
+                _ => {}
+            }
+        }
         if self.health.judge(s, v, Instant::now()) {
             self.stats.update(|st| st.lies += 1);
         }
@@ -179,6 +232,16 @@ impl Proxy {
         };
         t.get(node)
             .is_some_and(|p| self.health.may_ask(node, p.http_addr(), |other| t.get(other).is_some()))
+    }
+
+    /// Whether bytes from `s` may go to Nix before the whole NAR verified: a peer still usable
+    /// (announced, no impostor, its address its own) and proven at its current address.
+    pub(crate) fn passes_through(&self, s: &SourceId) -> bool {
+        let SourceId::Peer(n) = s else { return false };
+        let Some(addr) = self.sources.table().and_then(|t| t.get(n)).map(|p| p.http_addr()) else {
+            return false;
+        };
+        self.pass_through && self.peer_usable(n) && self.proven.is_proven(n, addr.ip())
     }
 
     pub fn stats(&self) -> Stats {
@@ -212,6 +275,7 @@ impl Proxy {
                     .map(|p| {
                         let health = self.health.peer(&p.node);
                         PeerReport {
+                            proven: self.proven.is_proven(&p.node, p.http_addr().ip()),
                             node: p.node.to_string(),
                             addr: p.http_addr().to_string(),
                             hostname: p.hostname.clone(),
@@ -292,10 +356,7 @@ impl Proxy {
             .get_or_init(|| async { NarFetch::new(self, *hash, *nar_hash).run().await.map_err(Arc::new) })
             .await
             .clone();
-        let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(nar_hash).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            m.remove(nar_hash);
-        }
+        self.fetch_done(nar_hash, &cell);
         r
     }
 
@@ -329,27 +390,61 @@ impl Proxy {
             return self.nar_head(req, hash, nar_hash).await;
         }
         let t0 = Instant::now();
-        let ms = || t0.elapsed().as_millis() as u64;
-        let (v, info, source) = match self.fetch_shared(hash, nar_hash).await {
-            Ok(f) => f,
-            Err(e) => {
-                self.stats.update(|s| s.nar_failures += 1);
-                self.stats.record(Transfer {
-                    path: hash.to_string(),
-                    source: String::new(),
-                    bytes: 0,
-                    ms: ms(),
-                    verdict: TransferVerdict::Unavailable,
-                    reason: e.to_string(),
-                });
-                tracing::info!(%hash, ms = ms(), verdict = "unavailable", reason = %e, "NAR");
-                return Err(ProxyError::NarUnavailable(e));
+        // A whole NAR (no `Range`) whose fetch this request starts may pass through.
+        if self.pass_through && !req.headers().contains_key(header::RANGE) {
+            if let Some(me) = self.me.upgrade() {
+                if let Some(r) = me.nar_passing(req, hash, nar_hash, t0).await {
+                    return r;
+                }
             }
-        };
+        }
+        let r = self.fetch_shared(hash, nar_hash).await;
+        self.nar_verified(req, hash, r, t0)
+    }
+
+    /// Counts and logs a NAR that could not be delivered.
+    fn nar_failed(&self, hash: &StorePathHash, e: &FetchError, t0: Instant, verdict: TransferVerdict, sent: u64) {
+        let ms = t0.elapsed().as_millis() as u64;
+        self.stats.update(|s| match verdict {
+            TransferVerdict::Cut => s.nars_cut += 1,
+            _ => s.nar_failures += 1,
+        });
+        self.stats.record(Transfer {
+            path: hash.to_string(),
+            source: String::new(),
+            bytes: sent,
+            ms,
+            verdict,
+            reason: e.to_string(),
+        });
+        tracing::info!(%hash, ms, verdict = verdict.as_str(), reason = %e, "NAR");
+    }
+
+    /// Counts a NAR delivered from `source`.
+    fn nar_counted(&self, source: &SourceId) {
         self.stats.update(|s| match source {
             SourceId::Peer(_) => s.nars_from_peers += 1,
             SourceId::Upstream(_) => s.nars_from_upstream += 1,
         });
+    }
+
+    /// The response for a NAR that verified before a byte of it is sent (or for its failure).
+    fn nar_verified(
+        &self,
+        req: &Request<Incoming>,
+        hash: &StorePathHash,
+        r: SharedFetch,
+        t0: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        let ms = || t0.elapsed().as_millis() as u64;
+        let (v, info, source) = match r {
+            Ok(f) => f,
+            Err(e) => {
+                self.nar_failed(hash, &e, t0, TransferVerdict::Unavailable, 0);
+                return Err(ProxyError::NarUnavailable(e));
+            }
+        };
+        self.nar_counted(&source);
         tracing::info!(path = %info.store_path, source = ?source, bytes = v.len(), ms = ms(), verdict = "verified", "NAR");
         self.stats.record(Transfer {
             path: info.store_path.to_string(),
@@ -374,6 +469,133 @@ impl Proxy {
             }
         });
         Ok(h::nar_response(body, size, start, end, range.is_some()))
+    }
+
+    /// A whole NAR whose fetch this request starts, passed through while it is hashed if the
+    /// fetch copies it from a proven peer (see `passthrough`); otherwise answered as a verified
+    /// NAR. `None` when a fetch of this NAR is already under way (the caller joins it).
+    ///
+    /// The fetch runs in its own task (the response is returned before the NAR is complete);
+    /// the task is aborted when this request goes away first, and a request waiting for the
+    /// same NAR then takes over, as with any fetch.
+    async fn nar_passing(
+        self: Arc<Self>,
+        req: &Request<Incoming>,
+        hash: &StorePathHash,
+        nar_hash: &NarHash,
+        t0: Instant,
+    ) -> Option<Result<Response<Body>, ProxyError>> {
+        let cell = {
+            let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if m.contains_key(nar_hash) {
+                return None;
+            }
+            let cell = Arc::new(OnceCell::new());
+            m.insert(*nar_hash, cell.clone());
+            cell
+        };
+        let (tap, mut end) = passthrough::Tap::new();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<SharedFetch>();
+        let me = self.clone();
+        let (hash, nar_hash) = (*hash, *nar_hash);
+        let task = tokio::spawn({
+            let cell = cell.clone();
+            async move {
+                let r = cell
+                    .get_or_init(|| async {
+                        NarFetch::new(&me, hash, nar_hash)
+                            .with_tap(tap)
+                            .run()
+                            .await
+                            .map_err(Arc::new)
+                    })
+                    .await
+                    .clone();
+                me.fetch_done(&nar_hash, &cell);
+                let _ = done_tx.send(r);
+            }
+        });
+        let guard = AbortFetch {
+            task: task.abort_handle(),
+            proxy: self.clone(),
+            nar_hash,
+            cell,
+        };
+        let Some(first) = end.rx.recv().await else {
+            // Nothing passed through: the fetch is over (or was never proven-sourced).
+            drop(end);
+            let r = done_rx.await.unwrap_or_else(|_| Err(Arc::new(FetchError::NoSource)));
+            drop(guard);
+            return Some(self.nar_verified(req, &hash, r, t0));
+        };
+        let size = first.size;
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel(passthrough::BODY_CHUNKS);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let done = async move {
+                match done_rx.await {
+                    Ok(Ok((v, info, source))) => Ok((v, (info, source))),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("the fetch ended".to_owned()),
+                }
+            };
+            let verified = |(info, source): &(Arc<NarInfo>, SourceId)| me.pass_verified(info, source, t0);
+            let (outcome, _) = passthrough::forward(first, end, done, verified, out_tx).await;
+            me.pass_done(&hash, outcome, t0);
+        });
+        tracing::debug!(%hash, size, "NAR passing through");
+        let mut resp = h::nar_response(Body::Stream(out_rx), size, 0, size.saturating_sub(1), false);
+        // A cut body must not be resumed with `Range`: the bytes Nix already has might be the
+        // liar's. Without `Accept-Ranges`, Nix fails the download instead.
+        resp.headers_mut().remove(header::ACCEPT_RANGES);
+        Some(Ok(resp))
+    }
+
+    /// Removes the in-flight entry of a fetch that ended (unless another took its place).
+    fn fetch_done(&self, nar_hash: &NarHash, cell: &Arc<OnceCell<SharedFetch>>) {
+        let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(nar_hash).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            m.remove(nar_hash);
+        }
+    }
+
+    /// Counts, records and logs a pass-through whose NAR verified (its tail is sent next).
+    fn pass_verified(&self, info: &NarInfo, source: &SourceId, t0: Instant) {
+        let ms = t0.elapsed().as_millis() as u64;
+        self.nar_counted(source);
+        self.stats.update(|s| s.nars_passed_through += 1);
+        tracing::info!(path = %info.store_path, source = ?source, bytes = info.nar_size, ms, verdict = "passed through", "NAR");
+        self.stats.record(Transfer {
+            path: info.store_path.to_string(),
+            source: self.describe(source),
+            bytes: info.nar_size,
+            ms,
+            verdict: TransferVerdict::PassedThrough,
+            reason: String::new(),
+        });
+        if let Some(tx) = &self.delivered {
+            // Full queue: the store rescan finds it later.
+            let _ = tx.try_send(info.store_path.clone());
+        }
+    }
+
+    /// Logs how a pass-through ended, and counts a cut one.
+    fn pass_done(&self, hash: &StorePathHash, outcome: passthrough::Outcome, t0: Instant) {
+        let ms = t0.elapsed().as_millis() as u64;
+        match outcome {
+            passthrough::Outcome::Delivered => {
+                tracing::info!(%hash, ms, "NAR delivered");
+            }
+            passthrough::Outcome::Cut { sent, why } => {
+                tracing::warn!(%hash, sent, %why, "pass-through cut: Nix gets a short NAR and installs nothing");
+                let e = FetchError::Exhausted { tried: 0, last: why };
+                self.nar_failed(hash, &e, t0, TransferVerdict::Cut, sent);
+            }
+            passthrough::Outcome::Left { sent } => {
+                tracing::info!(%hash, sent, ms, "NAR client left during pass-through");
+            }
+        }
     }
 
     /// Answers one request (errors still to be turned into responses).

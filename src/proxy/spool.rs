@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -54,8 +55,12 @@ pub enum SpoolError {
 }
 
 /// File spools are written in blocks of this size, hashed and written on a blocking thread so
-/// that hashing and disk writes overlap with reading the network.
+/// that hashing and disk writes overlap with reading the network: one block is hashed and
+/// written while the next one fills (at most two blocks per spool in memory).
 const FILE_BLOCK: usize = 1024 * 1024;
+
+/// A block being hashed and written: gives the hasher back, with the bytes written.
+type InFlight = tokio::task::JoinHandle<(Sha256, io::Result<u64>)>;
 
 enum Store {
     Mem(BytesMut),
@@ -63,8 +68,10 @@ enum Store {
         file: Arc<std::fs::File>,
         /// Bytes not yet hashed and written.
         pending: BytesMut,
-        /// Bytes already written to the file.
+        /// Where the next block goes (bytes written, and being written by `inflight`).
         written: u64,
+        /// The block being hashed and written (it holds the hasher until it is done).
+        inflight: Option<InFlight>,
     },
 }
 
@@ -103,6 +110,7 @@ impl Spool {
                 file: Arc::new(file),
                 pending: BytesMut::with_capacity(FILE_BLOCK),
                 written: 0,
+                inflight: None,
             },
             hasher: Some(Sha256::new()),
             len: 0,
@@ -140,9 +148,31 @@ impl Spool {
         }
     }
 
-    /// Hashes and writes the pending block of a file spool, off the reactor.
+    /// Waits for the block being hashed and written (if any) and takes the hasher back.
+    async fn land(&mut self) -> Result<(), SpoolError> {
+        let Store::File { inflight, .. } = &mut self.store else {
+            return Ok(());
+        };
+        let Some(h) = inflight.take() else {
+            return Ok(());
+        };
+        let (hasher, r) = h.await.map_err(io::Error::other)?;
+        self.hasher = Some(hasher);
+        r?;
+        Ok(())
+    }
+
+    /// Starts hashing and writing the pending block of a file spool, off the reactor, once the
+    /// previous block is done (the hash runs in order; reading the network goes on meanwhile).
     async fn flush(&mut self) -> Result<(), SpoolError> {
-        let Store::File { file, pending, written } = &mut self.store else {
+        self.land().await?;
+        let Store::File {
+            file,
+            pending,
+            written,
+            inflight,
+        } = &mut self.store
+        else {
             return Ok(());
         };
         if pending.is_empty() {
@@ -151,38 +181,39 @@ impl Spool {
         let block = pending.split().freeze();
         pending.reserve(FILE_BLOCK);
         let (file, offset) = (file.clone(), *written);
+        *written += block.len() as u64;
         let mut hasher = self.hasher.take().unwrap_or_default();
-        let (hasher, r) = tokio::task::spawn_blocking(move || {
+        *inflight = Some(tokio::task::spawn_blocking(move || {
             hasher.update(&block);
             let r = file.write_all_at(&block, offset);
             (hasher, r.map(|()| block.len() as u64))
-        })
-        .await
-        .map_err(io::Error::other)?;
-        self.hasher = Some(hasher);
-        *written += r?;
+        }));
         Ok(())
     }
 
-    /// Starts over (after a source that lied), keeping the reservation.
-    pub fn reset(&mut self) -> Result<(), SpoolError> {
+    /// Starts over (after a source that lied), keeping the reservation. A block still being
+    /// written lands first, so no late write reaches the emptied file.
+    pub async fn reset(&mut self) -> Result<(), SpoolError> {
+        let landed = self.land().await;
         self.hasher = Some(Sha256::new());
         self.len = 0;
         match &mut self.store {
             Store::Mem(b) => b.clear(),
-            Store::File { file, pending, written } => {
+            Store::File {
+                file, pending, written, ..
+            } => {
                 pending.clear();
                 *written = 0;
                 file.set_len(0)?;
             }
         }
-        Ok(())
+        landed
     }
 
     /// Checks size and hash; on success the spool becomes servable, else it comes back (boxed)
     /// for another attempt.
     pub async fn verify(mut self, want: &NarHash) -> Result<Verified, Box<Spool>> {
-        if self.len != self.expected || self.flush().await.is_err() {
+        if self.len != self.expected || self.flush().await.is_err() || self.land().await.is_err() {
             return Err(Box::new(self));
         }
         let digest: [u8; 32] = self.hasher.clone().unwrap_or_default().finalize().into();
@@ -297,11 +328,9 @@ impl Verified {
     }
 
     /// Bytes `start..=end` as a response body that reads a chunk each time the client is ready
-    /// for one (a file spool reads it on a blocking thread, one chunk at a time, so a client that
-    /// stops reading holds no thread). `done` is called with the bytes delivered when the body is
+    /// for one (see [`Self::stream`]). `done` is called with the bytes delivered when the body is
     /// finished or dropped (the client left).
     pub fn body(&self, start: u64, end: u64, done: impl FnOnce(u64) + Send + 'static) -> crate::http::Body {
-        const CHUNK: u64 = 512 * 1024;
         struct Sent<F: FnOnce(u64)> {
             bytes: u64,
             done: Option<F>,
@@ -313,11 +342,26 @@ impl Verified {
                 }
             }
         }
-        let sent = Sent {
+        let mut sent = Sent {
             bytes: 0,
             done: Some(done),
         };
-        let stream = futures_util::stream::unfold((self.clone(), start, sent), move |(v, pos, mut sent)| async move {
+        let stream = self.stream(start, end).map(move |c| {
+            // The whole `Sent` moves into the closure (its drop reports), not just the counter.
+            let s: &mut Sent<_> = &mut sent;
+            if let Ok(c) = &c {
+                s.bytes += c.len() as u64;
+            }
+            c
+        });
+        crate::http::Body::Pull(Box::pin(stream))
+    }
+
+    /// Bytes `start..=end`, one chunk per poll (a file spool reads it on a blocking thread, one
+    /// chunk at a time, so a reader that stops holds no thread). An error ends the stream.
+    pub fn stream(&self, start: u64, end: u64) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
+        const CHUNK: u64 = 512 * 1024;
+        let stream = futures_util::stream::unfold((self.clone(), start), move |(v, pos)| async move {
             if pos > end || v.len == 0 {
                 return None;
             }
@@ -335,15 +379,12 @@ impl Verified {
                 }
             };
             match chunk {
-                Ok(c) => {
-                    sent.bytes += n;
-                    Some((Ok(c), (v, pos + n, sent)))
-                }
-                // An error ends the body after it is sent.
-                Err(e) => Some((Err(e), (v, end + 1, sent))),
+                Ok(c) => Some((Ok(c), (v, pos + n))),
+                // An error ends the stream after it is sent.
+                Err(e) => Some((Err(e), (v, end + 1))),
             }
         });
-        crate::http::Body::Pull(Box::pin(stream))
+        Box::pin(stream)
     }
 }
 
@@ -398,9 +439,32 @@ mod tests {
         s.write(&[6]).await.expect("write");
         let s = s.verify(&hash(&data)).await.err().expect("wrong byte must not verify");
         let mut s = s;
-        s.reset().expect("reset");
+        s.reset().await.expect("reset");
         s.write(&data[..500]).await.expect("write");
         assert!(s.verify(&hash(&data)).await.is_err(), "short must not verify");
+    }
+
+    /// A file spool hashes and writes one block while the next fills: a reset waits for that
+    /// block, so neither its late write nor its hasher leaks into the next attempt.
+    #[tokio::test]
+    async fn a_file_spool_reset_mid_block_starts_clean() {
+        let data: Vec<u8> = (0..3_500_000u32).map(|i| (i % 241) as u8).collect();
+        let l = limits(0);
+        let mut s = Spool::new(&l, data.len() as u64).await.expect("spool");
+        let wrong = vec![9u8; data.len()];
+        // Two blocks and a half of wrong bytes: one block is still being written.
+        for c in wrong[..2_600_000].chunks(100_000) {
+            s.write(c).await.expect("write");
+        }
+        s.reset().await.expect("reset");
+        for c in data.chunks(300_000) {
+            s.write(c).await.expect("write");
+        }
+        let v = s
+            .verify(&hash(&data))
+            .await
+            .unwrap_or_else(|_| panic!("verify after reset"));
+        assert!(collect(&v, 0, data.len() as u64 - 1).await == data);
     }
 
     #[tokio::test]

@@ -34,6 +34,13 @@ pub struct Stats {
     pub nars_zstd_from_peers: u64,
     /// NARs fetched in segments from several peers at once.
     pub nars_split: u64,
+    /// NARs from proven peers sent to Nix while they were hashed (see `passthrough`).
+    #[serde(default)]
+    pub nars_passed_through: u64,
+    /// Pass-throughs cut short (the NAR did not verify or no source finished it): each is one
+    /// failed download for Nix.
+    #[serde(default)]
+    pub nars_cut: u64,
 }
 
 /// What became of one NAR request.
@@ -44,6 +51,11 @@ pub enum TransferVerdict {
     Verified,
     /// No source delivered it: answered 404.
     Unavailable,
+    /// Sent while it was hashed (a proven peer), its tail after the hash matched.
+    #[serde(rename = "passed through")]
+    PassedThrough,
+    /// Passed through, then cut short before its tail: the NAR did not verify.
+    Cut,
 }
 
 impl TransferVerdict {
@@ -51,6 +63,8 @@ impl TransferVerdict {
         match self {
             Self::Verified => "verified",
             Self::Unavailable => "unavailable",
+            Self::PassedThrough => "passed through",
+            Self::Cut => "cut",
         }
     }
 }
@@ -128,6 +142,9 @@ pub struct PeerReport {
     pub hostname: Option<String>,
     pub health: Health,
     pub backed_off: bool,
+    /// Its NARs pass through while they are hashed (see `proxy::proven`).
+    #[serde(default)]
+    pub proven: bool,
     /// The version of its content summary this proxy holds (none: not fetched, or none published).
     pub summary: Option<u64>,
 }

@@ -311,6 +311,11 @@ pub struct Rig {
     pub rt: tokio::runtime::Runtime,
     pub table: Arc<PeerTable>,
     stop: CancellationToken,
+    /// The proxies' state directory (proven peers), shared by every proxy of the rig, so a
+    /// second proxy is this one restarted.
+    pub state: tempfile::TempDir,
+    /// Proxies started from now on pass proven peers' NARs through (the default, as `serve`).
+    pub pass_through: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Rig {
@@ -335,6 +340,8 @@ impl Rig {
                 .expect("runtime"),
             table: Arc::new(PeerTable::new(NodeId([0xee; 16]))),
             stop: CancellationToken::new(),
+            state: tempfile::tempdir().expect("state dir"),
+            pass_through: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -417,7 +424,7 @@ impl Rig {
     pub fn proxy_trusting(&self, upstreams: Vec<String>, keys: TrustedKeys) -> (SocketAddr, Arc<Proxy>) {
         let _g = self.rt.enter();
         let spool = std::env::temp_dir().join(format!("lnc-test-spool-{}", std::process::id()));
-        let p = Arc::new(Proxy::new(
+        let p = Proxy::new(
             ProxyConfig {
                 store_dir: "/nix/store".into(),
                 keys,
@@ -430,9 +437,11 @@ impl Rig {
                 // Small, so tests exercise split fetches without huge fixtures (NARs of 4 MiB and
                 // more; the other tests stay below).
                 parallel_min_bytes: 4 << 20,
+                pass_through: self.pass_through.load(std::sync::atomic::Ordering::Relaxed),
+                state_dir: Some(self.state.path().to_owned()),
             },
             Some(self.table.clone()),
-        ));
+        );
         let l = h::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = l.local_addr().expect("addr");
         let pages = Arc::new(ProxyWithPages(p.clone()));

@@ -331,7 +331,13 @@ impl Drop for Host {
 /// root namespace), no upstream; every other value is `serve`'s own default (the flags are
 /// defined once, in `cli`).
 pub fn serve_args(store: StoreAddr) -> Settings {
+    // Each node its own state directory (proven peers), never the user's.
+    static NODES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let state = std::env::temp_dir().join(format!("lnc-test-state-{}-{n}", std::process::id()));
     cli::serve_settings([
+        "--state-dir",
+        &state.display().to_string(),
         "--store",
         &store.to_string(),
         "--listen",

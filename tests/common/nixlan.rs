@@ -102,6 +102,8 @@ impl NixHost {
             .args(["--upstream", upstream, "--trusted-public-key", &fixture().pk])
             .arg("--spool-dir")
             .arg(self.store.dir.path().join("spool"))
+            .arg("--state-dir")
+            .arg(self.store.dir.path().join("state"))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -32,6 +32,7 @@ let
     trustedPublicKeys = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
     interfaces = [ "wlan0" ];
     openFirewall = true;
+    passThroughProvenPeers = false;
     settings = { announce-interval = "2s"; spool-max-mib = 4096; };
   };
   m = import ../../nixos/module.nix { inherit config lib pkgs; };

@@ -1,0 +1,211 @@
+//! Pass-through: a proven peer's NAR bytes go to Nix as they arrive, while the fetch still
+//! spools and hashes them, except the last [`TAIL`] bytes, which wait until size and hash
+//! matched. See `proven` for who qualifies and `docs/security.md` for the trade.
+//!
+//! The fetch holds a [`Tap`]; the response body is fed by [`forward`]. Invariants: the tap only
+//! ever hands over bytes that are already in the spool, contiguous from the NAR's start, all
+//! from proven peers, and never past `NarSize - TAIL`; the rest of the body comes from the
+//! [`Verified`] spool, and only if no byte handed over was discarded since (a reset of the
+//! spool "breaks" the tap). A broken tap, a failed fetch or a NAR that did not verify ends the
+//! body early: Nix sees fewer bytes than the `Content-Length` (NarSize) it was promised, fails
+//! that substitution, installs nothing and does not resume (no `Accept-Ranges`).
+//!
+//! Memory: at most [`PASS_CHUNKS`] read chunks (256 KiB each) wait in a tap's channel, and
+//! [`BODY_CHUNKS`] in the body's; one pass-through per open proxy connection at most.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::spool::Verified;
+
+/// Bytes at the end of a NAR that are never sent before the whole NAR verified: a NAR missing
+/// its end never parses, and a body that ends short of its `Content-Length` is a failed
+/// download for Nix.
+pub const TAIL: u64 = 64 * 1024;
+/// Read chunks a tap may have handed over that the body has not sent yet.
+pub const PASS_CHUNKS: usize = 8;
+/// Chunks waiting between the body task and hyper.
+pub const BODY_CHUNKS: usize = 4;
+/// A tap whose body does not take a chunk for this long is detached (the fetch goes on at full
+/// speed; the body gets the rest once the NAR verified).
+pub const PASS_STALL: Duration = Duration::from_secs(10);
+
+/// Bytes handed from the fetch to the body, with the NAR's size (for `Content-Length`).
+pub struct Piece {
+    pub size: u64,
+    pub bytes: Bytes,
+}
+
+/// The fetch's end of a pass-through.
+pub struct Tap {
+    /// None once detached (the body left or stalled, or the tap broke): the body's channel
+    /// closes and it waits for the fetch's result.
+    tx: Option<mpsc::Sender<Piece>>,
+    /// Bytes handed over so far (contiguous from 0, all from proven peers).
+    sent: u64,
+    /// Set when bytes already handed over can no longer be vouched for: the body is cut.
+    broken: Arc<AtomicBool>,
+}
+
+/// The body's end of a pass-through.
+pub struct TapEnd {
+    pub rx: mpsc::Receiver<Piece>,
+    pub broken: Arc<AtomicBool>,
+}
+
+impl Tap {
+    pub fn new() -> (Tap, TapEnd) {
+        let (tx, rx) = mpsc::channel(PASS_CHUNKS);
+        let broken = Arc::new(AtomicBool::new(false));
+        (
+            Tap {
+                tx: Some(tx),
+                sent: 0,
+                broken: broken.clone(),
+            },
+            TapEnd { rx, broken },
+        )
+    }
+
+    /// Whether a source may go on feeding this tap when the spool holds `spooled` bytes: every
+    /// byte spooled so far (up to the held-back tail) was handed over, so nothing from another,
+    /// unproven source would be skipped over.
+    pub fn continues_at(&self, spooled: u64, size: u64) -> bool {
+        self.tx.is_some() && self.sent == spooled.min(size.saturating_sub(TAIL))
+    }
+
+    /// The spool now holds `spooled` bytes of `size`, the last of them `chunk`: hands over the
+    /// part not yet handed over, short of the tail. The tap detaches itself when the body left
+    /// or stalled (the body then waits for the verified NAR).
+    pub async fn offer(&mut self, spooled: u64, size: u64, chunk: &Bytes) {
+        let limit = size.saturating_sub(TAIL);
+        let start = spooled.saturating_sub(chunk.len() as u64);
+        let upto = spooled.min(limit);
+        let Some(tx) = &self.tx else { return };
+        if upto <= self.sent {
+            return;
+        }
+        if start > self.sent {
+            // A gap (cannot happen while `continues_at` is asked first): hand nothing over.
+            self.tx = None;
+            return;
+        }
+        let bytes = chunk.slice((self.sent - start) as usize..(upto - start) as usize);
+        let n = bytes.len() as u64;
+        match tokio::time::timeout(PASS_STALL, tx.send(Piece { size, bytes })).await {
+            Ok(Ok(())) => self.sent += n,
+            _ => self.tx = None,
+        }
+    }
+
+    /// Stops handing over bytes (e.g. the next source is not proven); what was handed over stays
+    /// good as long as the spool is not reset.
+    pub fn detach(&mut self) {
+        self.tx = None;
+    }
+
+    /// Bytes handed over so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// The spool is about to be emptied: if any byte was handed over, the body is cut.
+    pub fn spool_reset(&mut self) {
+        if self.sent > 0 {
+            self.broken.store(true, Ordering::SeqCst);
+            self.tx = None;
+        }
+    }
+}
+
+/// How a pass-through body ended.
+pub enum Outcome {
+    /// Every byte sent, the NAR verified.
+    Delivered,
+    /// Cut short (after `sent` bytes): the NAR did not verify, or no source finished it.
+    Cut { sent: u64, why: String },
+    /// The client went away after `sent` bytes.
+    Left { sent: u64 },
+}
+
+/// Ends a pass-through body with an error (hyper then closes the connection short of its
+/// `Content-Length`).
+async fn cut<T>(sent: u64, why: &str, out: mpsc::Sender<std::io::Result<Bytes>>) -> (Outcome, Option<T>) {
+    let _ = out.send(Err(std::io::Error::other(format!("NAR cut: {why}")))).await;
+    (
+        Outcome::Cut {
+            sent,
+            why: why.to_owned(),
+        },
+        None,
+    )
+}
+
+/// Feeds a pass-through body: `first`, the rest of the tap, then (once the fetch delivered a
+/// verified NAR and the tap was not broken) the remainder from the spool. Errors cut the body.
+///
+/// `done` is the fetch's result (the verified spool and what the caller wants back with a
+/// delivered NAR); it is awaited only once the tap is closed, and dropped when the body is cut
+/// or left early.
+/// `verified` is told once the NAR verified, before its tail is sent.
+pub async fn forward<T>(
+    first: Piece,
+    mut tap: TapEnd,
+    done: impl std::future::Future<Output = Result<(Verified, T), String>>,
+    verified: impl FnOnce(&T),
+    out: mpsc::Sender<std::io::Result<Bytes>>,
+) -> (Outcome, Option<T>) {
+    let size = first.size;
+    let mut sent = first.bytes.len() as u64;
+    if out.send(Ok(first.bytes)).await.is_err() {
+        return (Outcome::Left { sent: 0 }, None);
+    }
+    // A client that leaves while nothing is ready to send is noticed at once (its fetch is
+    // then aborted with this task's guard), not at the next send.
+    loop {
+        let p = tokio::select! {
+            p = tap.rx.recv() => p,
+            () = out.closed() => return (Outcome::Left { sent }, None),
+        };
+        let Some(p) = p else { break };
+        if tap.broken.load(Ordering::SeqCst) {
+            return cut(sent, "the NAR did not verify", out).await;
+        }
+        let n = p.bytes.len() as u64;
+        if out.send(Ok(p.bytes)).await.is_err() {
+            return (Outcome::Left { sent }, None);
+        }
+        sent += n;
+    }
+    if tap.broken.load(Ordering::SeqCst) {
+        return cut(sent, "the NAR did not verify", out).await;
+    }
+    let done = tokio::select! {
+        d = done => d,
+        () = out.closed() => return (Outcome::Left { sent }, None),
+    };
+    let (v, extra) = match done {
+        Ok((v, x)) if !tap.broken.load(Ordering::SeqCst) && v.len() == size => (v, x),
+        Ok(_) => return cut(sent, "the NAR did not verify", out).await,
+        Err(why) => return cut(sent, &why, out).await,
+    };
+    verified(&extra);
+    let mut rest = v.stream(sent, size.saturating_sub(1));
+    while let Some(c) = rest.next().await {
+        let c = match c {
+            Ok(c) => c,
+            Err(e) => return cut(sent, &e.to_string(), out).await,
+        };
+        let n = c.len() as u64;
+        if out.send(Ok(c)).await.is_err() {
+            return (Outcome::Left { sent }, None);
+        }
+        sent += n;
+    }
+    (Outcome::Delivered, Some(extra))
+}
