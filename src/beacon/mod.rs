@@ -358,7 +358,7 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep_until(next_send) => {
-                sender.budget(cfg.interval, table.len(), &sockets);
+                sender.budget(cfg.interval, table.established_len(), &sockets);
                 let a = sender.datagram(Kind::Announce);
                 sockets.send(&a, None).await;
                 let now = Instant::now();
@@ -463,7 +463,7 @@ async fn handle(
         {
             reply.asked = Some((q.node, now));
             let mut rng = rand::thread_rng();
-            if answers(table.len() + 1, rng.gen()) {
+            if answers(table.established_len() + 1, rng.gen()) {
                 let earliest = reply.last + QUERY_REPLY_MIN_GAP;
                 let jitter = Duration::from_millis(rng.gen_range(0..=QUERY_REPLY_JITTER_MS));
                 reply.at = Some((now + jitter).max(earliest));

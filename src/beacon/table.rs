@@ -420,6 +420,13 @@ impl PeerTable {
         v
     }
 
+    /// Number of established peers: what the traffic budget and the query-answer sampling count
+    /// as the hall (a flood of one-off forged identities must not stretch every honest host's
+    /// announce interval, nor silence the answers to a newcomer's query).
+    pub fn established_len(&self) -> usize {
+        self.lock().peers.values().filter(|p| p.established()).count()
+    }
+
     /// Number of peers in the table.
     pub fn len(&self) -> usize {
         self.lock().peers.len()
