@@ -13,7 +13,14 @@
 //! Rate-limit buckets are an LRU of [`MAX_SOURCES`]: a new source evicts the least recently seen
 //! one (which starts afresh if it comes back), so spoofed sources cannot lock an honest peer out.
 //!
-//! Bounds: [`MAX_PEERS`] peers (about 400 bytes each with a hostname: under 1 MiB), buckets for
+//! A live peer's node id stays at its address: an established id announced from a new address of
+//! a family it is listed with is taken as a move ([`Move`]) only until one of the addresses it
+//! left announces again; then the move is undone and the id *pinned* (a second address is ignored
+//! while the peer is alive, counted `contested`). A bound id (the node id is its commitment) is
+//! never held by an announce with another commitment.
+//!
+//! Bounds: [`MAX_PEERS`] peers (about 600 bytes each with a hostname and a move being watched:
+//! under 1.5 MiB), buckets for
 //! [`MAX_SOURCES`] sources (about 64 bytes each); constant work per datagram except a new node
 //! id's admission (linear in the table, bounded by the rate limits).
 
