@@ -132,7 +132,8 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     let learner = summary::learn(store.clone(), index.clone(), keys.clone(), learn_rx, shutdown.clone());
     // One id for the beacon's announces and the store server's answers, so proxies can check
     // that the server at an announced address is the node that announced it.
-    let node_id = NodeId::random();
+    // The id is the commitment to the goodbye secret (a bound id, `proto/beacon.md`).
+    let (node_id, secret) = wire::bound_identity();
     // The beacon's table, shared with the store server's `GET /peers`.
     let table = settings.beacon.as_ref().map(|_| Arc::new(PeerTable::new(node_id)));
     let srv = Arc::new(
@@ -158,7 +159,7 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
                 flags: wire::FLAG_NAR_NONE | wire::FLAG_NAR_ZSTD | wire::FLAG_PROXY,
                 hostname: beacon::hostname(),
                 summary: Some(publisher.version_handle()),
-                secret: rand::random(),
+                secret,
             };
             let cfg = BeaconConfig {
                 groups: b.groups.clone(),

@@ -302,6 +302,10 @@ pub async fn run(
         last: start.checked_sub(QUERY_REPLY_MIN_GAP).unwrap_or(start),
         heard: Vec::new(),
         asked: None,
+        defend_at: None,
+        defended: None,
+        own_ips: Vec::new(),
+        own_ips_at: None,
     };
     let (mut buf4, mut buf6) = (vec![0u8; RECV_BUF], vec![0u8; RECV_BUF]);
     let (mut cmsg4, mut cmsg6) = (membership::cmsg_buffer(), membership::cmsg_buffer());
@@ -358,7 +362,7 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep_until(next_send) => {
-                sender.budget(cfg.interval, table.len(), &sockets);
+                sender.budget(cfg.interval, table.established_len(), &sockets);
                 let a = sender.datagram(Kind::Announce);
                 sockets.send(&a, None).await;
                 let now = Instant::now();
@@ -378,6 +382,11 @@ pub async fn run(
                         n
                     }));
                 }
+            }
+            _ = tokio::time::sleep_until(reply.defend_at.unwrap_or(far)) => {
+                reply.defend_at = None;
+                let a = sender.datagram(Kind::Announce);
+                sockets.send(&a, None).await;
             }
             _ = tokio::time::sleep_until(reply.at.unwrap_or(far)) => {
                 let a = sender.datagram(Kind::Announce);
@@ -421,6 +430,51 @@ struct Reply {
     heard: Vec<NodeId>,
     /// The last query we decided on: who asked, and when.
     asked: Option<(NodeId, Instant)>,
+    /// When to announce because our node id was heard from another host's address (a hijack
+    /// attempt: our announce undoes the "move" in every table at once, `table` pins the id).
+    defend_at: Option<Instant>,
+    /// When we last did (at most once per [`DEFEND_MIN_GAP`]).
+    defended: Option<Instant>,
+    /// This host's own addresses, for telling our beacons' echoes from someone else's copy of
+    /// our node id; re-read at most once per [`DEFEND_MIN_GAP`], when a source is not in it.
+    own_ips: Vec<IpAddr>,
+    own_ips_at: Option<Instant>,
+}
+
+/// Least time between two announces made because our node id was heard from another address,
+/// and between two reads of this host's addresses for that check.
+pub const DEFEND_MIN_GAP: Duration = Duration::from_secs(1);
+/// Most own addresses remembered for that check.
+const MAX_OWN_IPS: usize = 64;
+
+impl Reply {
+    /// Whether `ip` is one of this host's addresses (re-reading them when it is not known and
+    /// the last read is old enough).
+    fn is_own(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.own_ips.contains(&ip) {
+            return true;
+        }
+        if self.own_ips_at.is_some_and(|t| now < t + DEFEND_MIN_GAP) {
+            // Unknown, and read a moment ago: not ours.
+            return false;
+        }
+        self.own_ips_at = Some(now);
+        self.own_ips = nix::ifaddrs::getifaddrs()
+            .map(|addrs| {
+                addrs
+                    .filter_map(|a| {
+                        let sa = a.address?;
+                        sa.as_sockaddr_in()
+                            .map(|v4| IpAddr::V4(v4.ip()))
+                            .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                    })
+                    .take(MAX_OWN_IPS)
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Unreadable: assume ours rather than announce on every echo.
+        self.own_ips.is_empty() || self.own_ips.contains(&ip)
+    }
 }
 
 /// Whether this host answers a query in a hall of `hosts`, given a uniform draw `u` in [0, 1).
@@ -455,6 +509,19 @@ async fn handle(
     match &outcome {
         Outcome::Joined(b) => tracing::info!(node = %b.node, %src, port = b.port, "peer joined"),
         Outcome::Left(b) => tracing::info!(node = %b.node, %src, "peer said goodbye"),
+        Outcome::Ignored(b, _)
+            if announcing
+                && b.node == table.own()
+                && b.kind == Kind::Announce
+                && reply.defended.is_none_or(|t| now >= t + DEFEND_MIN_GAP)
+                && !reply.is_own(src.ip(), now) =>
+        {
+            // Someone announces our node id from its address: our own announce, now, undoes
+            // the "move" in every table and pins the id to our address.
+            tracing::warn!(%src, "beacon: our node id announced from another address; announcing ours");
+            reply.defended = Some(now);
+            reply.defend_at = Some(now);
+        }
         Outcome::Query(q)
             if announcing
                 && reply.at.is_none()
@@ -463,7 +530,7 @@ async fn handle(
         {
             reply.asked = Some((q.node, now));
             let mut rng = rand::thread_rng();
-            if answers(table.len() + 1, rng.gen()) {
+            if answers(table.established_len() + 1, rng.gen()) {
                 let earliest = reply.last + QUERY_REPLY_MIN_GAP;
                 let jitter = Duration::from_millis(rng.gen_range(0..=QUERY_REPLY_JITTER_MS));
                 reply.at = Some((now + jitter).max(earliest));

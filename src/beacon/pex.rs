@@ -1,8 +1,9 @@
 //! Peer exchange over HTTP (`GET /peers` on a store server): how a newcomer learns the whole
 //! hall within seconds while only a sample of hosts answers its query (`proto/beacon.md`).
 //!
-//! A store server lists the peers its beacon heard *directly* (at least one announce; never
-//! entries it only heard of), one per line. A newcomer fetches the list from a few of the hosts
+//! A store server lists the *established* peers its beacon heard directly (at least
+//! `ESTABLISHED_ANNOUNCES` announces; never entries it only heard of, nor probation entries, so
+//! a one-off flood of forged identities is not passed on to every newcomer), one per line. A newcomer fetches the list from a few of the hosts
 //! that answered its query and enters each entry on one of its own links as a probation entry
 //! (zero announces) that lasts at most three [`HEARSAY_MAX_INTERVAL`]s unless the node announces
 //! itself; its first announce replaces the hearsay address. Bounds: [`PEX_SOURCES`] requests per
@@ -41,10 +42,10 @@ pub struct Entry {
 }
 
 /// The body of `GET /peers`: `NODE ADDR FLAGS INTERVAL_MS SUMMARY` per line (`SUMMARY` is `-`
-/// when the peer publishes none), for every peer heard directly.
+/// when the peer publishes none), for every established peer heard directly.
 pub fn render(table: &PeerTable) -> String {
     let mut out = String::new();
-    for p in table.peers().iter().filter(|p| p.announces > 0) {
+    for p in table.peers().iter().filter(|p| p.established()) {
         let summary = p.summary.map_or_else(|| "-".to_owned(), |s| s.to_string());
         out.push_str(&format!(
             "{} {} {} {} {}\n",
@@ -136,13 +137,15 @@ async fn fetch(client: &reqwest::Client, from: SocketAddr) -> Option<String> {
 /// our links; returns how many entries were new.
 pub async fn exchange(table: Arc<PeerTable>, on_link: OnLink) -> usize {
     use rand::seq::SliceRandom;
-    let mut sources: Vec<SocketAddr> = table
-        .peers()
-        .iter()
-        .filter(|p| p.announces > 0)
-        .map(|p| p.http_addr())
-        .collect();
+    // Established peers first (in a flooded hall most heard peers are one-off forgeries).
+    let heard: Vec<_> = table.peers().into_iter().filter(|p| p.announces > 0).collect();
+    let (mut sources, mut rest): (Vec<SocketAddr>, Vec<SocketAddr>) = (Vec::new(), Vec::new());
+    for p in &heard {
+        if p.established() { &mut sources } else { &mut rest }.push(p.http_addr());
+    }
     sources.shuffle(&mut rand::thread_rng());
+    rest.shuffle(&mut rand::thread_rng());
+    sources.extend(rest);
     sources.truncate(PEX_SOURCES);
     if sources.is_empty() {
         return 0;
@@ -187,7 +190,19 @@ mod tests {
             commitment: None,
             proof: None,
         });
-        t.handle(SocketAddr::from(([10, 1, 0, 5], 9)), &a, Instant::now());
+        let now = Instant::now();
+        // Listed once established; a peer heard once (on probation) is not.
+        for _ in 0..crate::beacon::table::ESTABLISHED_ANNOUNCES {
+            t.handle(SocketAddr::from(([10, 1, 0, 5], 9)), &a, now);
+        }
+        let mut once = crate::beacon::wire::decode(&a).expect("decode");
+        once.node = NodeId([3; 16]);
+        t.handle(
+            SocketAddr::from(([10, 1, 0, 7], 9)),
+            &crate::beacon::wire::encode(&once),
+            now,
+        );
+        assert_eq!(t.len(), 2);
         let body = render(&t);
         let got = parse(&format!(
             "{body}garbage line\n{} 10.1.0.6:0 1 5000 -\n",

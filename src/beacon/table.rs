@@ -13,7 +13,14 @@
 //! Rate-limit buckets are an LRU of [`MAX_SOURCES`]: a new source evicts the least recently seen
 //! one (which starts afresh if it comes back), so spoofed sources cannot lock an honest peer out.
 //!
-//! Bounds: [`MAX_PEERS`] peers (about 400 bytes each with a hostname: under 1 MiB), buckets for
+//! A live peer's node id stays at its address: an established id announced from a new address of
+//! a family it is listed with is taken as a move ([`Move`]) only until one of the addresses it
+//! left announces again; then the move is undone and the id *pinned* (a second address is ignored
+//! while the peer is alive, counted `contested`). A bound id (the node id is its commitment) is
+//! never held by an announce with another commitment.
+//!
+//! Bounds: [`MAX_PEERS`] peers (about 600 bytes each with a hostname and a move being watched:
+//! under 1.5 MiB), buckets for
 //! [`MAX_SOURCES`] sources (about 64 bytes each); constant work per datagram except a new node
 //! id's admission (linear in the table, bounded by the rate limits).
 
@@ -46,6 +53,22 @@ pub const RATE_BURST: f64 = 40.0;
 pub const EXPIRY_INTERVALS: u32 = 3;
 /// Addresses remembered per peer (a host on several links or with IPv4 and IPv6).
 const MAX_ADDRS_PER_PEER: usize = 4;
+/// A node id contested once (announced from a second address while alive at its first) moves
+/// to a new address only after its listed addresses were silent for this many of its intervals
+/// (more than one interval plus the ±20 % jitter: it really left them).
+pub const MOVE_SILENCE_INTERVALS: f64 = 1.5;
+
+/// An established peer's move to a new address of one family, kept until the addresses it left
+/// have been silent for [`EXPIRY_INTERVALS`] of its interval: if one of them announces again
+/// meanwhile, the node did not move; someone else announced its id from `to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    /// The new address.
+    pub to: SocketAddr,
+    /// The addresses of the same family it was listed with before.
+    pub from: Vec<SocketAddr>,
+    pub at: Instant,
+}
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub node: NodeId,
@@ -64,6 +87,11 @@ pub struct Peer {
     pub commitment: Option<[u8; wire::SECRET_LEN]>,
     /// Announces received from it.
     pub announces: u32,
+    /// Its latest move to another address, while the move can still be undone.
+    pub moved: Option<Move>,
+    /// Its id was announced from a second address while it was alive at its first: from now on
+    /// it moves only after [`MOVE_SILENCE_INTERVALS`] of silence at its listed addresses.
+    pub pinned: bool,
 }
 
 impl Peer {
@@ -80,6 +108,30 @@ impl Peer {
     /// Announced often enough to be kept over newcomers when the table is full.
     pub fn established(&self) -> bool {
         self.announces >= ESTABLISHED_ANNOUNCES
+    }
+
+    /// Its node id was made from its commitment ([`wire::bound_identity`]).
+    pub fn bound(&self) -> bool {
+        self.commitment == Some(self.node.0)
+    }
+
+    /// A new entry for an announce of `b` from `addr`.
+    fn new(b: &Beacon, addr: SocketAddr, now: Instant) -> Self {
+        Self {
+            node: b.node,
+            addrs: vec![addr],
+            flags: b.flags,
+            hostname: b.hostname.clone(),
+            first_seen: now,
+            last_seen: now,
+            interval: Duration::from_millis(b.interval_ms.into()),
+            seq: b.seq,
+            summary: b.summary,
+            commitment: b.commitment,
+            announces: 1,
+            moved: None,
+            pinned: false,
+        }
     }
 
     fn expires_at(&self) -> Instant {
@@ -103,6 +155,9 @@ pub struct Counters {
     /// Failed the on-link checks (unicast, or a source not on the link).
     #[serde(default)]
     pub off_link: u64,
+    /// Announces of a live peer's node id from a second address (ignored, or undone).
+    #[serde(default)]
+    pub contested: u64,
     pub expired: u64,
 }
 
@@ -235,6 +290,8 @@ impl PeerTable {
                 summary,
                 commitment: None,
                 announces: 0,
+                moved: None,
+                pinned: false,
             },
         );
         drop(g);
@@ -299,30 +356,77 @@ impl PeerTable {
                 let addr = SocketAddr::new(src.ip(), b.port);
                 match addr_with_scope(addr, src) {
                     addr if inner.peers.contains_key(&b.node) => {
-                        if let Some(p) = inner.peers.get_mut(&b.node) {
+                        let Some(p) = inner.peers.get_mut(&b.node) else {
+                            return Outcome::Ignored(b, "gone");
+                        };
+                        if p.commitment.is_some() && b.commitment != p.commitment {
+                            // An id made from its commitment (bound) cannot be announced with
+                            // another one; an entry that is not bound came from an older peer
+                            // or from a forger who announced the id first with a commitment
+                            // of its own: a bound announce takes it over.
+                            if b.bound() && !p.bound() {
+                                *p = Peer::new(&b, addr, now);
+                                inner.counters.contested += 1;
+                                return Outcome::Refreshed(b);
+                            }
                             // A node that committed to a goodbye secret keeps that commitment:
                             // announces naming it with another one are someone else's.
-                            if p.commitment.is_some() && b.commitment != p.commitment {
-                                return Outcome::Ignored(b, "announce with another node's commitment");
-                            }
-                            if p.announces == 0 {
-                                // Heard of through peer exchange: its own announce replaces
-                                // what the list said, and its commitment now counts.
-                                p.addrs.clear();
-                                p.commitment = b.commitment;
-                                p.first_seen = now;
-                            }
-                            p.addrs.retain(|a| *a != addr);
-                            p.addrs.insert(0, addr);
-                            p.addrs.truncate(MAX_ADDRS_PER_PEER);
-                            p.flags = b.flags;
-                            p.hostname = b.hostname.clone();
-                            p.last_seen = now;
-                            p.interval = Duration::from_millis(b.interval_ms.into());
-                            p.seq = b.seq;
-                            p.summary = b.summary;
-                            p.announces = p.announces.saturating_add(1);
+                            return Outcome::Ignored(b, "announce with another node's commitment");
                         }
+                        if p.moved
+                            .as_ref()
+                            .is_some_and(|m| now >= m.at + p.interval * EXPIRY_INTERVALS)
+                        {
+                            // The addresses it left stayed silent: it moved.
+                            p.moved = None;
+                        }
+                        if p.announces == 0 {
+                            // Heard of through peer exchange: its own announce replaces
+                            // what the list said, and its commitment now counts.
+                            p.addrs.clear();
+                            p.commitment = b.commitment;
+                            p.first_seen = now;
+                        } else if let Some(m) = p.moved.take_if(|m| m.from.contains(&addr) && p.addrs.contains(&m.to)) {
+                            // The address it "moved" from speaks again: it never moved; another
+                            // host announced its id from `m.to`. Undone, and pinned.
+                            p.addrs.retain(|a| *a != m.to);
+                            p.pinned = true;
+                            inner.counters.contested += 1;
+                        } else if p.established() && !p.addrs.contains(&addr) {
+                            let from: Vec<SocketAddr> = p
+                                .addrs
+                                .iter()
+                                .filter(|a| a.is_ipv4() == addr.is_ipv4())
+                                .copied()
+                                .collect();
+                            if !from.is_empty() {
+                                // Another address of a family it is listed with: a move, or
+                                // someone announcing its id (node ids and commitments are in
+                                // every announce), which cannot be told apart yet.
+                                if p.pinned && now < p.last_seen + p.interval.mul_f64(MOVE_SILENCE_INTERVALS) {
+                                    inner.counters.contested += 1;
+                                    return Outcome::Ignored(
+                                        b,
+                                        "node id announced from a second address while alive at its own",
+                                    );
+                                }
+                                p.moved = Some(Move {
+                                    to: addr,
+                                    from,
+                                    at: now,
+                                });
+                            }
+                        }
+                        p.addrs.retain(|a| *a != addr);
+                        p.addrs.insert(0, addr);
+                        p.addrs.truncate(MAX_ADDRS_PER_PEER);
+                        p.flags = b.flags;
+                        p.hostname = b.hostname.clone();
+                        p.last_seen = now;
+                        p.interval = Duration::from_millis(b.interval_ms.into());
+                        p.seq = b.seq;
+                        p.summary = b.summary;
+                        p.announces = p.announces.saturating_add(1);
                         Outcome::Refreshed(b)
                     }
                     addr => {
@@ -330,22 +434,7 @@ impl PeerTable {
                             inner.counters.table_full += 1;
                             return Outcome::Ignored(b, why);
                         }
-                        inner.peers.insert(
-                            b.node,
-                            Peer {
-                                node: b.node,
-                                addrs: vec![addr],
-                                flags: b.flags,
-                                hostname: b.hostname.clone(),
-                                first_seen: now,
-                                last_seen: now,
-                                interval: Duration::from_millis(b.interval_ms.into()),
-                                seq: b.seq,
-                                summary: b.summary,
-                                commitment: b.commitment,
-                                announces: 1,
-                            },
-                        );
+                        inner.peers.insert(b.node, Peer::new(&b, addr, now));
                         Outcome::Joined(b)
                     }
                 }
@@ -418,6 +507,13 @@ impl PeerTable {
         let mut v: Vec<Peer> = self.lock().peers.values().cloned().collect();
         v.sort_by_key(|p| (p.first_seen, p.node));
         v
+    }
+
+    /// Number of established peers: what the traffic budget and the query-answer sampling count
+    /// as the hall (a flood of one-off forged identities must not stretch every honest host's
+    /// announce interval, nor silence the answers to a newcomer's query).
+    pub fn established_len(&self) -> usize {
+        self.lock().peers.values().filter(|p| p.established()).count()
     }
 
     /// Number of peers in the table.

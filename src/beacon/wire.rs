@@ -111,6 +111,13 @@ pub struct Beacon {
     pub proof: Option<[u8; SECRET_LEN]>,
 }
 
+impl Beacon {
+    /// Its node id is its commitment ([`bound_identity`]).
+    pub fn bound(&self) -> bool {
+        self.commitment == Some(self.node.0)
+    }
+}
+
 /// The commitment announced for a goodbye secret: the first 16 bytes of its sha256. Only the
 /// host that chose the secret can send a goodbye that matches its announces.
 pub fn commitment(secret: &[u8; SECRET_LEN]) -> [u8; SECRET_LEN] {
@@ -119,6 +126,13 @@ pub fn commitment(secret: &[u8; SECRET_LEN]) -> [u8; SECRET_LEN] {
     let mut out = [0u8; SECRET_LEN];
     out.copy_from_slice(&d[..SECRET_LEN]);
     out
+}
+
+/// A node id and goodbye secret where the id is the secret's [`commitment`] (a *bound* id): an
+/// announce of this id with any other commitment is then recognisably not this node's.
+pub fn bound_identity() -> (NodeId, [u8; SECRET_LEN]) {
+    let secret: [u8; SECRET_LEN] = rand::random();
+    (NodeId(commitment(&secret)), secret)
 }
 
 /// Why a datagram was dropped.
