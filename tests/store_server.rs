@@ -630,3 +630,31 @@ fn a_path_added_behind_the_servers_back_is_served_at_once() {
         );
     }
 }
+
+/// A first scan that fails (the daemon not up yet, a connect refused under load) is retried
+/// within seconds (`server::index::SCAN_RETRY_FIRST`, doubling), not at the next rescan a
+/// minute later: until a scan succeeds the server publishes no content summary, so peers in a
+/// hall would not ask it.
+#[cfg_attr(
+    lnc_no_nix,
+    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
+)]
+#[test]
+fn a_failed_first_scan_is_retried_soon() {
+    if !require_nix() {
+        return;
+    }
+    let f = fixture();
+    let mut host = Host::with_paths(&[&f.top]);
+    host.stop_daemon();
+    let node = TestNode::start(serve_args(host.store_addr()));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(get(node.addr, "/summary").status, 404, "no summary without a scan");
+    host.start_daemon();
+    let t0 = Instant::now();
+    while get(node.addr, "/summary").status != 200 && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("summary published {:?} after the daemon came up", t0.elapsed());
+    assert_eq!(get(node.addr, "/summary").status, 200);
+}

@@ -25,6 +25,8 @@ use crate::store::{PathInfo, Store};
 
 /// Path-info queries in flight during a scan (leaves pool connections for live requests).
 const SCAN_CONCURRENCY: usize = 4;
+/// After a failed scan the next one comes this soon, doubling per failure up to the rescan interval.
+pub const SCAN_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Rough per-entry overhead beyond the narinfo text (map slot, Arc, path string).
 const ENTRY_OVERHEAD: usize = 192;
 
@@ -187,10 +189,13 @@ pub async fn maintain(
     shutdown: CancellationToken,
 ) {
     let mut unservable: HashSet<StorePathHash> = HashSet::new();
+    let mut failures = 0u32;
     loop {
         let t0 = Instant::now();
+        let mut next = interval;
         match scan(&store, &index, &keys, &mut unservable).await {
             Ok((valid, added)) => {
+                failures = 0;
                 index.mark_complete();
                 tracing::info!(
                     servable = index.len(),
@@ -201,11 +206,15 @@ pub async fn maintain(
                 )
             }
             Err(e) => {
-                tracing::warn!(error = %e, "store scan failed; serving from the daemon directly until the next one")
+                // Soon again (a daemon still starting, a connect refused under load), backing
+                // off up to the interval: until a scan succeeds no summary is published.
+                next = interval.min(SCAN_RETRY_FIRST * 2u32.saturating_pow(failures.min(16)));
+                failures += 1;
+                tracing::warn!(error = %e, retry_in = ?next, "store scan failed; serving from the daemon directly until one succeeds")
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(next) => {}
             _ = shutdown.cancelled() => return,
         }
     }
