@@ -143,3 +143,26 @@ fn lying_summaries_cannot_hide_the_honest_holder() {
         .count();
     assert!(distrusted >= LIARS as usize / 2, "{distrusted} liars caught");
 }
+
+/// Peers that announce a summary the proxy cannot fetch (an overloaded host, a firewall) say
+/// nothing about where a path is: the fan-out must not shrink to the small sample it takes when
+/// other summaries are held, or a holder among them is almost never asked. Over 20 lookups
+/// nearly every peer is asked (with the old rule: 2 per lookup, at most 40 of 48).
+#[test]
+fn summaries_announced_but_not_fetched_do_not_narrow_the_fan_out() {
+    let rig = Rig::new();
+    let caches: Vec<Arc<FakeCache>> = (1..=PEERS)
+        .map(|id| {
+            let c = Arc::new(FakeCache::default());
+            // Announces version 1; its GET /summary answers 404.
+            rig.peer_with_announced_summary(c.clone(), id, 1);
+            c
+        })
+        .collect();
+    let (proxy, _) = rig.proxy(vec![]);
+    for i in 0..20 {
+        assert_eq!(get(proxy, &format!("/{:0>32}.narinfo", i)).status, 404);
+    }
+    let asked = caches.iter().filter(|c| c.requests_for(".narinfo") > 0).count();
+    assert!(asked > 40, "only {asked} of {PEERS} peers were ever asked");
+}

@@ -43,7 +43,8 @@ impl Proxy {
     /// Whom to ask for `hash`, in two waves: first peers in good standing whose summary says
     /// "maybe" (at most [`MAYBE_FANOUT`], chosen at random so a crowd fetching one closure
     /// spreads over every host that has it), with a random sample of peers whose summary is
-    /// unknown ([`UNKNOWN_SAMPLE`]; up to [`MAX_FANOUT`] when no peer publishes one); then, as a
+    /// unknown ([`UNKNOWN_SAMPLE`]; up to [`MAX_FANOUT`] when we hold no peer's current summary,
+    /// whether none publishes one or none could be fetched yet); then, as a
     /// last resort, backed-off (demoted) peers that may have it. Peers whose current summary
     /// says "no" are not asked in a lookup. With `all` (gathering every source of a NAR a fetch
     /// needs), every candidate, and in the last wave also [`NO_SAMPLE`] peers whose summary says
@@ -70,19 +71,21 @@ impl Proxy {
                 if hint == Hint::Maybe && health.summary_distrusted() {
                     hint = Hint::Unknown;
                 }
-                (p.node, health, hint, p.summary.is_some())
+                (p.node, health, hint)
             })
             .collect();
-        let any_summaries = peers.iter().any(|(_, _, _, s)| *s);
+        // Summaries narrow the fan-out only once we hold some: peers that announce one we
+        // could not fetch (yet) say nothing about where a path is.
+        let any_summaries = peers.iter().any(|(_, _, hint)| *hint != Hint::Unknown);
         // Random order first, then the stable sort by health keeps ties random.
         peers.shuffle(&mut rng);
-        peers.sort_by_key(|(_, h, _, _)| h.consecutive_failures);
-        let ids = |v: Vec<(crate::beacon::wire::NodeId, _, Hint, _)>, n: usize| -> Vec<SourceId> {
-            v.into_iter().take(n).map(|(n, _, _, _)| SourceId::Peer(n)).collect()
+        peers.sort_by_key(|(_, h, _)| h.consecutive_failures);
+        let ids = |v: Vec<(crate::beacon::wire::NodeId, _, Hint)>, n: usize| -> Vec<SourceId> {
+            v.into_iter().take(n).map(|(n, _, _)| SourceId::Peer(n)).collect()
         };
-        let (no, peers): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, _, hint, _)| *hint == Hint::No);
-        let (good, demoted): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, h, _, _)| !h.backed_off(now));
-        let (maybe, unknown): (Vec<_>, Vec<_>) = good.into_iter().partition(|(_, _, hint, _)| *hint == Hint::Maybe);
+        let (no, peers): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, _, hint)| *hint == Hint::No);
+        let (good, demoted): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, h, _)| !h.backed_off(now));
+        let (maybe, unknown): (Vec<_>, Vec<_>) = good.into_iter().partition(|(_, _, hint)| *hint == Hint::Maybe);
         let (maybe_n, unknown_n) = match (all, any_summaries) {
             (true, _) => (MAX_FANOUT, MAX_FANOUT),
             (false, true) => (MAYBE_FANOUT, UNKNOWN_SAMPLE),
