@@ -5,14 +5,18 @@
 //! Back-off demotes, it does not exclude: a backed-off peer is asked last, as a last resort. A
 //! wrong NAR counts first against that path on that peer: the peer is not asked for that NAR
 //! again (for [`BAD_PATH_FOR`]), but stays a source of everything else, since one bad file on a
-//! disk says little about the rest. A server at a peer's address that is not the node that
-//! announced it is an impostor: never asked again, and no other node claiming that address is
-//! asked while the address is known to belong to someone else. An upstream that could not be
+//! disk says little about the rest. A node whose announced address is served by another node (or
+//! by a server naming none) is an impostor *at that address*: never asked there again, and no
+//! other node claiming that address is asked while the address is known to belong to someone
+//! else. The mark is per (node, address), not per node: an attacker who announces an honest
+//! host's node id from its own address for a moment must not make the proxy distrust the host
+//! at its real address. An upstream that could not be
 //! reached is skipped for [`UPSTREAM_DOWN_FOR`] (offline: fast misses).
 //!
 //! Bounds (LRU, least recently used forgotten first): health of [`MAX_TRACKED_PEERS`] peers
 //! (about 100 bytes each), [`MAX_BAD_PATHS`] bad (peer, NAR) pairs (about 80 bytes each),
-//! [`MAX_ADDR_OWNERS`] address owners (about 80 bytes each): under 1 MiB in all; one slot per
+//! [`MAX_ADDR_OWNERS`] address owners and [`MAX_IMPOSTORS`] impostor marks (about 80 bytes
+//! each): under 1.5 MiB in all; one slot per
 //! configured upstream.
 
 use std::net::SocketAddr;
@@ -45,6 +49,8 @@ pub const BAD_PATH_FOR: Duration = Duration::from_secs(3600);
 pub const MAX_BAD_PATHS: usize = 4096;
 /// Addresses whose real owner (the node id its server names) is remembered.
 pub const MAX_ADDR_OWNERS: usize = 4096;
+/// (node, address) pairs remembered as impostors.
+pub const MAX_IMPOSTORS: usize = 4096;
 /// How long an address's owner is trusted without a new answer from it (addresses get reused).
 pub const ADDR_OWNER_FOR: Duration = Duration::from_secs(600);
 
@@ -59,7 +65,8 @@ pub struct Health {
     /// Asked only as a last resort before this.
     #[serde(skip)]
     pub backoff_until: Option<Instant>,
-    /// The server at this peer's address named another node (or none): never asked again.
+    /// The server at this peer's current address named another node (or none): not asked there
+    /// again. Filled in for reports ([`SourceHealth::impostor_at`] is the record).
     pub impostor: bool,
     /// Lookups its summary said "maybe" to and its server answered with the narinfo.
     pub claims_kept: u32,
@@ -97,6 +104,8 @@ pub struct SourceHealth {
     bad_paths: Mutex<LruCache<(NodeId, NarHash), Instant>>,
     /// Which node the server at an address named (`None`: no node id at all), and when.
     addr_owners: Mutex<LruCache<SocketAddr, (Option<NodeId>, Instant)>>,
+    /// (node, address) pairs where the server was not that node.
+    impostors: Mutex<LruCache<(NodeId, SocketAddr), ()>>,
     /// Per upstream: skipped until this instant.
     upstream_down: Mutex<Vec<Option<Instant>>>,
 }
@@ -115,6 +124,7 @@ impl SourceHealth {
             peers: Mutex::new(LruCache::new(cap(MAX_TRACKED_PEERS))),
             bad_paths: Mutex::new(LruCache::new(cap(MAX_BAD_PATHS))),
             addr_owners: Mutex::new(LruCache::new(cap(MAX_ADDR_OWNERS))),
+            impostors: Mutex::new(LruCache::new(cap(MAX_IMPOSTORS))),
             upstream_down: Mutex::new(vec![None; upstreams]),
         }
     }
@@ -143,9 +153,9 @@ impl SourceHealth {
                         h.consecutive_failures = 0;
                         h.backoff_until = None;
                     }
+                    // Marked per address by the caller (`impostor_at`).
                     Verdict::Failed(SourceError::NotThePeer { .. }) => {
                         h.failures += 1;
-                        h.impostor = true;
                     }
                     Verdict::Failed(_) | Verdict::LiedAbout(_) => {
                         let weight = if lie { LIE_WEIGHT } else { 1 };
@@ -202,7 +212,7 @@ impl SourceHealth {
     /// Whether `node` may be asked at all (for anything) at `addr`: not an impostor, and `addr`
     /// not known (recently) to belong to another node that is still announced, or to none.
     pub fn may_ask(&self, node: &NodeId, addr: SocketAddr, still_announced: impl Fn(&NodeId) -> bool) -> bool {
-        if self.peers().peek(node).is_some_and(|h| h.impostor) {
+        if self.is_impostor(node, addr) {
             return false;
         }
         match lock(&self.addr_owners).peek(&addr) {
@@ -212,6 +222,16 @@ impl SourceHealth {
             },
             _ => true,
         }
+    }
+
+    /// The server at `addr` was not `node` (it named another node, or none).
+    pub fn impostor_at(&self, node: &NodeId, addr: SocketAddr) {
+        lock(&self.impostors).put((*node, addr), ());
+    }
+
+    /// Whether `node` was found an impostor at `addr`.
+    pub fn is_impostor(&self, node: &NodeId, addr: SocketAddr) -> bool {
+        lock(&self.impostors).contains(&(*node, addr))
     }
 
     /// Records which node the server at `addr` named (after any answer from a peer).
@@ -278,9 +298,10 @@ mod tests {
         assert!(h.may_ask(&forged, addr, live), "unknown: asked once");
         h.judge(
             &SourceId::Peer(forged),
-            Verdict::Failed(&SourceError::NotThePeer { found: None }),
+            Verdict::Failed(&SourceError::NotThePeer { found: None, at: None }),
             Instant::now(),
         );
+        h.impostor_at(&forged, addr);
         h.addr_owner(addr, Some(real));
         assert!(!h.may_ask(&forged, addr, live), "an impostor is never asked again");
         assert!(
@@ -292,6 +313,15 @@ mod tests {
             h.may_ask(&other, addr, |n| *n != real),
             "once the owner left, the address is free"
         );
+        // A hijacker announced the real node's id from its own address for a moment and its
+        // server named nobody: the real node stays trusted at its own address.
+        let hijacker: SocketAddr = "10.0.0.9:8380".parse().expect("addr");
+        h.impostor_at(&real, hijacker);
+        assert!(
+            h.may_ask(&real, addr, live),
+            "distrusted only at the hijacker's address"
+        );
+        assert!(!h.may_ask(&real, hijacker, live));
         let nobody: SocketAddr = "10.0.0.6:8380".parse().expect("addr");
         h.addr_owner(nobody, None);
         assert!(

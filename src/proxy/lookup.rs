@@ -135,7 +135,7 @@ impl Proxy {
                         self.health.latency(n, t0.elapsed());
                         self.health.addr_owner(a, Some(*n));
                     }
-                    (Err(SourceError::NotThePeer { found }), Some(a)) => {
+                    (Err(SourceError::NotThePeer { found, .. }), Some(a)) => {
                         let owner = found.as_deref().and_then(|n| n.parse().ok());
                         self.health.addr_owner(a, owner);
                     }

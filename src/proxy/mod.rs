@@ -207,7 +207,14 @@ impl Proxy {
     /// NAR counts towards its being proven; a wrong NAR bans it from pass-through for good.
     fn judge(&self, s: &SourceId, v: Verdict<'_>) {
         if let SourceId::Peer(n) = s {
-            let ip = self.sources.table().and_then(|t| t.get(n)).map(|p| p.http_addr().ip());
+            let addr = self.sources.table().and_then(|t| t.get(n)).map(|p| p.http_addr());
+            // Marked where the request went (the table may have moved the node since).
+            if let Verdict::Failed(source::SourceError::NotThePeer { at, .. }) = &v {
+                if let Some(a) = at.or(addr) {
+                    self.health.impostor_at(n, a);
+                }
+            }
+            let ip = addr.map(|a| a.ip());
             match (&v, ip) {
                 (Verdict::Delivered, Some(ip)) => {
                     self.proven.delivered(n, ip);
@@ -273,7 +280,8 @@ impl Proxy {
                 t.peers()
                     .iter()
                     .map(|p| {
-                        let health = self.health.peer(&p.node);
+                        let mut health = self.health.peer(&p.node);
+                        health.impostor = self.health.is_impostor(&p.node, p.http_addr());
                         PeerReport {
                             proven: self.proven.is_proven(&p.node, p.http_addr().ip()),
                             node: p.node.to_string(),

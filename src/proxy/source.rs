@@ -57,7 +57,11 @@ pub enum SourceError {
     /// The server at the peer's address is not the node that announced it (a forged announce
     /// naming someone else's address, or an address reused by another host).
     #[error("the server at the peer's address is node {found:?}, not the one announced")]
-    NotThePeer { found: Option<String> },
+    NotThePeer {
+        found: Option<String>,
+        /// The address that answered (where the impostor mark goes).
+        at: Option<SocketAddr>,
+    },
     #[error("sent less than {min_bytes} bytes in {window:?}")]
     TooSlow { min_bytes: u64, window: Duration },
     #[error("bad NAR URL {0:?}")]
@@ -172,6 +176,7 @@ fn check_node(s: &SourceId, resp: &reqwest::Response) -> Result<(), SourceError>
     }
     Err(SourceError::NotThePeer {
         found: found.map(|f| f.chars().take(64).collect()),
+        at: resp.remote_addr(),
     })
 }
 
