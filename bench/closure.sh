@@ -151,11 +151,11 @@ fresh_proxy() {
     kill "$CLIENT_PID"
     wait "$CLIENT_PID" 2>/dev/null || true
     start_client client "$PK"
-    for _ in $(seq 300); do
-        ip netns exec "$NS-client" curl -sf http://127.0.0.1:8381/status.json 2>/dev/null | grep -q '"node"' && return 0
+    for _ in $(seq 600); do
+        ip netns exec "$NS-client" curl -sf -m 2 http://127.0.0.1:8381/status.json 2>/dev/null | grep -q '"node"' && return 0
         sleep 0.1
     done
-    echo "the fresh proxy found no peer in 30 s; its log:" >&2
+    echo "the fresh proxy found no peer in 60 s; its log:" >&2
     tail -20 "$D/client.log" >&2
     return 1
 }

@@ -90,14 +90,16 @@ start_client() {
     PIDS+=($CLIENT_PID)
 }
 
-# wait_narinfo HOST URL: until URL/HASH.narinfo answers 200 from inside HOST (at most 10 s).
+# wait_narinfo HOST URL: until URL answers 200 from inside HOST (at most 60 s: a proxy asked
+# before its beacon heard the peer remembers the miss for 5 s, and a lost announce costs one
+# announce interval).
 wait_narinfo() {
     local i
-    for i in $(seq 100); do
-        ip netns exec "$NS-$1" curl -sf "$2" >/dev/null && return 0
+    for i in $(seq 600); do
+        ip netns exec "$NS-$1" curl -sf -m 2 "$2" >/dev/null && return 0
         sleep 0.1
     done
-    echo "no answer from $2 in host $1 after 10 s" >&2
+    echo "no answer from $2 in host $1 after 60 s" >&2
     return 1
 }
 
