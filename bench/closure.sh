@@ -3,22 +3,23 @@
 # peer's store server, through the client's own proxy, and from nginx serving a static binary
 # cache copy of the same closure on the peer host (compression none and zstd, as `nix copy --to
 # file://` writes them). First with the peer's egress shaped by tc tbf (1 Gbit/s by default),
-# then unshaped. Nix's own parallelism: `nix-store -r TOP` with Nix's defaults (BENCH_NIX_OPTS
-# adds options, e.g. "--max-jobs 16").
+# then unshaped. Nix's own parallelism: `nix-store -r TOP` with Nix's defaults (Nix 2.8 runs one
+# substitution at a time: they share max-jobs = 1), then with --max-jobs 16 (what Nix >= 2.16's
+# max-substitution-jobs = 16 does by default). A fresh proxy for each realisation.
 #
 # The closure (built by Nix with builder = /bin/sh, copying subsets of /usr/lib, /usr/share and
-# /usr/bin of this machine): ~300 paths, most of a few KiB to 1 MiB, 30 of 1-20 MiB, 3 of 50-180
-# MiB, each referencing up to 3 others, and a top path that references every path nobody else
+# /usr/bin of this machine): ~300 paths, most of a few KiB to 1 MiB, 30 of about 1-20 MiB, 3 of
+# 60-210 MiB, each referencing up to 3 others, and a top path that references every path nobody else
 # references, so its closure is the whole set. The size distribution is printed.
 # Needs root (namespaces, tc); everything started is killed by PID on exit.
-#   bench/closure.sh    (BENCH_RATE=1gbit BENCH_RUNS=1 BENCH_NGINX="none zstd" BENCH_SMALL=267
-#                        BENCH_MEDIUM=30 BENCH_LARGE="180 100 60" BENCH_NIX_OPTS=)
+#   bench/closure.sh    (BENCH_RATE=1gbit BENCH_RUNS=1 BENCH_NGINX="none zstd" BENCH_JOBS="default 16"
+#                        BENCH_SMALL=267 BENCH_MEDIUM=30 BENCH_LARGE="180 100 60")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${BENCH_RATE:-1gbit}
 RUNS=${BENCH_RUNS:-1}
 NGINX_COMPRESSIONS=${BENCH_NGINX:-none zstd}
-read -r -a NIX_OPTS <<<"${BENCH_NIX_OPTS:-}"
+JOBS=${BENCH_JOBS:-default 16}
 BENCH_NAME=closure
 . bench/hosts.sh
 need_packages nginx-light python3
@@ -159,26 +160,43 @@ fresh_proxy() {
     tail -20 "$D/client.log" >&2
     return 1
 }
-# way LABEL: sets T to the seconds of realising TOP that way (median of RUNS). Not in a
-# subshell: fresh_proxy's new process must land in PIDS.
-way() {
-    local r t times=() port c from
+# one WAY: sets T1 to the seconds of realising TOP that way, and raises CONC[WAY] to the most
+# NARs the peer sent at once meanwhile. Not in a subshell: fresh_proxy's new process must land
+# in PIDS.
+one() {
+    local port c from n
     from=$(wc -l <"$D/peer.log")
+    case $1 in
+    direct) T1=$(realise client "http://10.88.0.1:8380" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
+    proxy)
+        fresh_proxy
+        T1=$(realise client "http://127.0.0.1:8381" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
+    nginx-*)
+        port=8390
+        for c in $NGINX_COMPRESSIONS; do [ "nginx-$c" = "$1" ] && break; port=$((port + 1)); done
+        T1=$(realise client "http://10.88.0.1:$port" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
+    esac
+    n=$(overlap "$from")
+    [ "$n" -gt "${CONC[$1]:-0}" ] && CONC[$1]=$n
+    return 0
+}
+# measure: T[WAY] = median over RUNS of each way; each run takes the ways in a rotated order, so
+# no way always comes first.
+measure() {
+    local ways=(direct proxy) r i w n times
+    for c in $NGINX_COMPRESSIONS; do ways+=("nginx-$c"); done
+    n=${#ways[@]}
+    declare -gA T=() ALL=()
     for r in $(seq "$RUNS"); do
-        case $1 in
-        direct) t=$(realise client "http://10.88.0.1:8380" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
-        proxy)
-            fresh_proxy
-            t=$(realise client "http://127.0.0.1:8381" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
-        nginx-*)
-            port=8390
-            for c in $NGINX_COMPRESSIONS; do [ "nginx-$c" = "$1" ] && break; port=$((port + 1)); done
-            t=$(realise client "http://10.88.0.1:$port" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
-        esac
-        times+=("$t")
+        for i in $(seq 0 $((n - 1))); do
+            w=${ways[$(((i + r - 1) % n))]}
+            one "$w"
+            ALL[$w]+=" $T1"
+        done
     done
-    CONC[$1]=$(overlap "$from")
-    T=$(printf '%s\n' "${times[@]}" | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}')
+    for w in "${ways[@]}"; do
+        T[$w]=$(printf '%s\n' ${ALL[$w]} | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}')
+    done
 }
 # overlap FROM: the most NAR transfers the peer's store server had running at once, from its log
 # lines after line FROM (each "NAR served" line ends a transfer and says how long it took).
@@ -202,36 +220,43 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2fx", a / b}'; }
 
 echo
 echo "closure: $DIST"
-echo "Nix $(nix-store --version | awk '{print $NF}'), options: ${BENCH_NIX_OPTS:-defaults}; $RUNS run(s) per cell (median); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "Nix $(nix-store --version | awk '{print $NF}'); $RUNS run(s) per cell (median, ways in rotated order); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "| link | direct from peer | via proxy | $(for c in $NGINX_COMPRESSIONS; do printf 'nginx, %s | ' "$c"; done)proxy vs direct | $(for c in $NGINX_COMPRESSIONS; do printf 'proxy vs nginx %s | direct vs nginx %s | ' "$c" "$c"; done)"
-echo "|---|---|---|$(for c in $NGINX_COMPRESSIONS; do printf -- '---|---|---|'; done)---|"
-declare -A CONC=()
+echo "| Nix substitutions | link | direct from peer | via proxy | $(for c in $NGINX_COMPRESSIONS; do printf 'nginx, %s | ' "$c"; done)proxy vs direct | $(for c in $NGINX_COMPRESSIONS; do printf 'proxy vs nginx %s | direct vs nginx %s | ' "$c" "$c"; done)"
+echo "|---|---|---|---|$(for c in $NGINX_COMPRESSIONS; do printf -- '---|---|---|'; done)---|"
 CONCURRENCY=
-for link in shaped unshaped; do
-    if [ "$link" = shaped ]; then shape peer "$RATE"; label="peer egress $RATE (tc tbf)"; else label="unshaped veth"; fi
-    way direct; DIRECT=$T
-    way proxy; PROXY=$T
-    declare -A NG=()
-    for c in $NGINX_COMPRESSIONS; do way "nginx-$c"; NG[$c]=$T; done
-    [ "$link" = shaped ] && shape peer off
-    row="| $label | $DIRECT s ($(mbs "$DIRECT") MB/s) | $PROXY s ($(mbs "$PROXY") MB/s) | "
-    for c in $NGINX_COMPRESSIONS; do row+="${NG[$c]} s | "; done
-    row+="**$(ratio "$DIRECT" "$PROXY")** | "
-    for c in $NGINX_COMPRESSIONS; do row+="$(ratio "${NG[$c]}" "$PROXY") | $(ratio "${NG[$c]}" "$DIRECT") | "; done
-    echo "$row"
-    CONCURRENCY+="$label: $(for w in "${!CONC[@]}"; do printf '%s %s, ' "$w" "${CONC[$w]}"; done); "
-    if [ -n "${BENCH_RESULTS:-}" ]; then
-        target=">= 0.95x"; [ "$link" = unshaped ] && target=">= 0.9x"
-        echo "closure of $NPATHS paths ($TOTAL_MIB MiB), $label: proxy vs direct|$PROXY s|$DIRECT s (direct from peer)|$(ratio "$DIRECT" "$PROXY")|$target" >>"$BENCH_RESULTS"
-        for c in $NGINX_COMPRESSIONS; do
-            echo "closure, $label: proxy vs nginx ($c)|$PROXY s|${NG[$c]} s (nginx, static cache, $c)|$(ratio "${NG[$c]}" "$PROXY")|reported" >>"$BENCH_RESULTS"
-            echo "closure, $label: direct vs nginx ($c)|$DIRECT s|${NG[$c]} s (nginx, static cache, $c)|$(ratio "${NG[$c]}" "$DIRECT")|reported" >>"$BENCH_RESULTS"
-        done
+for jobs in $JOBS; do
+    if [ "$jobs" = default ]; then
+        NIX_OPTS=(); jl="Nix's defaults"
+    else
+        NIX_OPTS=(--max-jobs "$jobs"); jl="--max-jobs $jobs"
     fi
+    for link in shaped unshaped; do
+        if [ "$link" = shaped ]; then shape peer "$RATE"; label="peer egress $RATE (tc tbf)"; else label="unshaped veth"; fi
+        declare -A CONC=()
+        measure
+        [ "$link" = shaped ] && shape peer off
+        DIRECT=${T[direct]}
+        PROXY=${T[proxy]}
+        row="| $jl | $label | $DIRECT s ($(mbs "$DIRECT") MB/s) | $PROXY s ($(mbs "$PROXY") MB/s) | "
+        for c in $NGINX_COMPRESSIONS; do row+="${T[nginx-$c]} s | "; done
+        row+="**$(ratio "$DIRECT" "$PROXY")** | "
+        for c in $NGINX_COMPRESSIONS; do row+="$(ratio "${T[nginx-$c]}" "$PROXY") | $(ratio "${T[nginx-$c]}" "$DIRECT") | "; done
+        echo "$row"
+        CONCURRENCY+="$jl, $label: direct ${CONC[direct]:-0}, proxy ${CONC[proxy]:-0}; "
+        if [ -n "${BENCH_RESULTS:-}" ]; then
+            target=">= 0.95x"; [ "$link" = unshaped ] && target=">= 0.9x"
+            what="closure of $NPATHS paths ($TOTAL_MIB MiB), $jl, $label"
+            echo "$what: proxy vs direct|$PROXY s|$DIRECT s (direct from peer)|$(ratio "$DIRECT" "$PROXY")|$target" >>"$BENCH_RESULTS"
+            for c in $NGINX_COMPRESSIONS; do
+                echo "$what: proxy vs nginx ($c)|$PROXY s|${T[nginx-$c]} s (nginx, static cache, $c)|$(ratio "${T[nginx-$c]}" "$PROXY")|reported" >>"$BENCH_RESULTS"
+                echo "$what: direct vs nginx ($c)|$DIRECT s|${T[nginx-$c]} s (nginx, static cache, $c)|$(ratio "${T[nginx-$c]}" "$DIRECT")|reported" >>"$BENCH_RESULTS"
+            done
+        fi
+    done
 done
 echo
-echo "most NARs the peer's store server sent at once (nginx: not logged, 0): $CONCURRENCY"
+echo "most NARs the peer's store server sent at once: $CONCURRENCY"
 echo "ratios are speed ratios: the other's time / ours (above 1: ours is faster)"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "client proxy log, last NAR lines:"

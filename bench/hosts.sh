@@ -57,13 +57,23 @@ lan_up() {
     done
 }
 
-# shape HOST RATE | shape HOST off: tc tbf on the host's egress.
+# shape HOST RATE | shape HOST off: tc tbf (burst 1mb, latency 50ms) on the host's egress, for
+# everything but UDP. The beacon's datagrams (a few hundred bytes a second) bypass it in their own
+# HTB class: in a tbf queue kept full by a NAR transfer they were dropped for more than three
+# announce intervals, and the client's proxy forgot the peer in the middle of a run (seen in
+# bench/proxy.sh on 2026-11-26). This kernel has htb, tbf and u32, not prio.
 shape() {
+    local tc="ip netns exec $NS-$1 tc"
     if [ "$2" = off ]; then
-        ip netns exec "$NS-$1" tc qdisc del dev eth0 root
-    else
-        ip netns exec "$NS-$1" tc qdisc add dev eth0 root tbf rate "$2" burst 1mb latency 50ms
+        $tc qdisc del dev eth0 root
+        return
     fi
+    $tc qdisc add dev eth0 root handle 1: htb default 20
+    $tc class add dev eth0 parent 1: classid 1:10 htb rate 100mbit quantum 60000 prio 0
+    $tc class add dev eth0 parent 1: classid 1:20 htb rate 10gbit quantum 60000 prio 1
+    $tc qdisc add dev eth0 parent 1:20 handle 20: tbf rate "$2" burst 1mb latency 50ms
+    $tc filter add dev eth0 parent 1: protocol ip prio 1 u32 match ip protocol 17 0xff flowid 1:10
+    $tc filter add dev eth0 parent 1: protocol ipv6 prio 2 u32 match ip6 protocol 17 0xff flowid 1:10
 }
 
 # start_peer HOST STORE PUBKEY: the host's nix-daemon on STORE and its `serve` on :8380.
@@ -118,6 +128,8 @@ realise() {
     if [ "$rc" -ne 0 ]; then
         echo "nix-store -r $path from $subst failed ($rc):" >&2
         tail -5 "$D/realise.log" >&2
+        echo "the last lines of $host's serve log:" >&2
+        tail -8 "$D/$host.log" >&2
         return 1
     fi
     # A valid path has a valid closure (Nix registers references first).

@@ -94,6 +94,9 @@ impl PeerZstd {
             return Err(io::Error::other("zstd frame already finished"));
         }
         self.total_in += input.len() as u64;
+        // Room for the worst case (zstd's bound, block headers, the frame header), so the
+        // output chunk is no larger than the input plus a little.
+        out.reserve(input.len() + input.len() / 128 + 1024);
         while !input.is_empty() {
             let Some(enc) = self.enc.as_mut() else {
                 self.raw_in += input.len() as u64;
@@ -153,13 +156,15 @@ impl PeerZstd {
     }
 }
 
-/// Runs one zstd step writing after `out`'s end, with room for a whole block. Returns the bytes
-/// written and the step's own result.
+/// Runs one zstd step writing after `out`'s end (making room only if it has little: `push`
+/// reserved the worst case). Returns the bytes written and the step's own result.
 fn run(
     out: &mut Vec<u8>,
     step: impl FnOnce(&mut OutBuffer<'_, Vec<u8>>) -> io::Result<usize>,
 ) -> io::Result<(usize, usize)> {
-    out.reserve(MAX_RAW_BLOCK + 1024);
+    if out.capacity() - out.len() < 1024 {
+        out.reserve(64 * 1024);
+    }
     let before = out.len();
     let mut ob = OutBuffer::around_pos(out, before);
     let r = step(&mut ob)?;
@@ -197,7 +202,7 @@ pub async fn compress<P>(
     loop {
         let (item, end) = match raw.recv().await {
             Some(Ok(chunk)) => {
-                let mut out = Vec::with_capacity(chunk.len() + 1024);
+                let mut out = Vec::new();
                 (enc.push(&chunk, &mut out).map(|()| out), false)
             }
             Some(Err(e)) => (Err(e), false),
@@ -318,6 +323,22 @@ mod tests {
         assert_eq!(raw, 0);
         assert!(out.len() < input.len() / 50, "{} bytes", out.len());
         assert_eq!(decode(&out).expect("frame"), input);
+    }
+
+    #[test]
+    fn an_output_chunk_takes_no_more_memory_than_its_input_and_a_little() {
+        let input = random(20 * 1024 * 1024, 3);
+        let mut enc = PeerZstd::new().expect("encoder");
+        for c in input.chunks(128 * 1024) {
+            let mut out = Vec::new();
+            enc.push(c, &mut out).expect("push");
+            assert!(
+                out.capacity() <= c.len() + c.len() / 128 + 2048,
+                "{} bytes allocated for {} in",
+                out.capacity(),
+                c.len()
+            );
+        }
     }
 
     #[test]
