@@ -77,10 +77,12 @@ shape() {
 }
 
 # start_peer HOST STORE PUBKEY: the host's nix-daemon on STORE and its `serve` on :8380.
-# Sets PEER_PID (the serve process).
+# Sets PEER_PID (the serve process) and PEER_DAEMON_PID.
 start_peer() {
     local host=$1 store=$2 pk=$3
+    rm -f "$D/$host.sock"
     NIX_DAEMON_SOCKET_PATH=$D/$host.sock nix-daemon --store "$store" >/dev/null 2>&1 &
+    PEER_DAEMON_PID=$!
     PIDS+=($!)
     for _ in $(seq 100); do [ -S "$D/$host.sock" ] && break; sleep 0.05; done
     [ -S "$D/$host.sock" ] || { echo "nix-daemon of $host did not start" >&2; return 1; }
@@ -129,7 +131,7 @@ realise() {
         echo "nix-store -r $path from $subst failed ($rc):" >&2
         tail -5 "$D/realise.log" >&2
         echo "the last lines of $host's serve log:" >&2
-        tail -8 "$D/$host.log" >&2
+        tail -8 "$D/$host.log" >&2 2>/dev/null || true
         return 1
     fi
     # A valid path has a valid closure (Nix registers references first).
