@@ -180,8 +180,8 @@ one() {
     [ "$n" -gt "${CONC[$1]:-0}" ] && CONC[$1]=$n
     return 0
 }
-# measure: T[WAY] = median over RUNS of each way; each run takes the ways in a rotated order, so
-# no way always comes first.
+# measure: T[WAY] = median over RUNS of each way (the lower middle one for an even count); each
+# run takes the ways in a rotated order, so no way always comes first.
 measure() {
     local ways=(direct proxy) r i w n times
     for c in $NGINX_COMPRESSIONS; do ways+=("nginx-$c"); done
