@@ -9,26 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIG_MIB=${BENCH_BIG_MIB:-1024}
 RATE=${BENCH_RATE:-1gbit}
-export PATH=/usr/bin:/bin:/usr/sbin:/sbin:$HOME/.cargo/bin:$PATH
-export NIX_CONFIG=$'substituters =\nexperimental-features = nix-command'
-for p in nix-bin iproute2 curl; do
-    dpkg -s "$p" >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >/dev/null; }
-done
-# The same static release binary `./run serve` runs and newcomers download.
-BIN=$(./run build -q)
-
-D=$(mktemp -d /tmp/lnc-pbench.XXXXXX)
-NS=lncpb$$
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    for n in "$NS-peer" "$NS-peer2" "$NS-client" "$NS-br"; do ip netns del "$n" 2>/dev/null || true; done
-    rm -rf "$D"
-}
-trap cleanup EXIT
-ORIG_HOME=$HOME
-export HOME=$D/home; mkdir -p "$HOME"
+BENCH_NAME=pbench
+. bench/hosts.sh
 
 echo "building a $BIG_MIB MiB path..." >&2
 cat > "$D/big.nix" <<NIX
@@ -52,44 +34,15 @@ nix copy --from "file://$D/cache" --to "$D/peer" --option trusted-public-keys "$
 nix copy --from "file://$D/cache" --to "$D/peer2" --option trusted-public-keys "$PK" "$BIG" 2>/dev/null
 rm -rf "$D/cache"
 
-# Two hosts on a bridge.
-ip netns add "$NS-br"; ip netns add "$NS-peer"; ip netns add "$NS-client"; ip netns add "$NS-peer2"
-ip -n "$NS-br" link add br0 type bridge mcast_snooping 0; ip -n "$NS-br" link set br0 up
-i=1
-for h in peer client peer2; do
-    ip -n "$NS-$h" link add eth0 type veth peer name vb$i netns "$NS-br"
-    ip -n "$NS-br" link set vb$i master br0 up
-    ip -n "$NS-$h" addr add 10.88.0.$i/24 dev eth0
-    ip -n "$NS-$h" link set eth0 up; ip -n "$NS-$h" link set lo up
-    ip -n "$NS-$h" route add 224.0.0.0/4 dev eth0
-    i=$((i + 1))
-done
+lan_up peer client peer2
+start_peer peer "$D/peer" "$PK"
+start_client client "$PK"
+wait_narinfo client "http://127.0.0.1:8381/$(basename "$BIG" | cut -c1-32).narinfo"
 
-NIX_DAEMON_SOCKET_PATH=$D/peer.sock nix-daemon --store "$D/peer" >/dev/null 2>&1 & PIDS+=($!)
-for _ in $(seq 100); do [ -S "$D/peer.sock" ] && break; sleep 0.05; done
-ip netns exec "$NS-peer" "$BIN" serve --store "unix://$D/peer.sock" --real-store-dir "$D/peer/nix/store" \
-    --listen 0.0.0.0:8380 --interface eth0 --upstream none --trusted-public-key "$PK" >"$D/peer.log" 2>&1 & PIDS+=($!)
-ip netns exec "$NS-client" "$BIN" serve --store "unix://$D/none.sock" --listen 0.0.0.0:8380 --interface eth0 \
-    --upstream none --trusted-public-key "$PK" --spool-dir "${BENCH_SPOOL_DIR:-$D/spool}" >"$D/client.log" 2>&1 & PIDS+=($!)
-H=$(basename "$BIG" | cut -c1-32)
-for _ in $(seq 100); do
-    ip netns exec "$NS-client" curl -sf "http://127.0.0.1:8381/$H.narinfo" >/dev/null && break; sleep 0.1
-done
-
-realise() { # label substituter [path] -> seconds
-    local store=$D/c-$1; rm -rf "$store" "$HOME/.cache"
-    local t0 t1
-    t0=$(date +%s.%N)
-    ip netns exec "$NS-client" env HOME="$HOME" nix-store --store "$store" -r "${3:-$BIG}" \
-        --option substituters "$2" --option trusted-public-keys "$PK" >/dev/null 2>&1
-    t1=$(date +%s.%N)
-    rm -rf "$store"
-    awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}'
-}
 row() { # label [path] -> table row
     local direct proxy mib
-    direct=$(realise direct "http://10.88.0.1:8380" "${2:-$BIG}")
-    proxy=$(realise proxy "http://127.0.0.1:8381" "${2:-$BIG}")
+    direct=$(realise client "http://10.88.0.1:8380" "$PK" "${2:-$BIG}")
+    proxy=$(realise client "http://127.0.0.1:8381" "$PK" "${2:-$BIG}")
     if [ -n "${BENCH_RESULTS:-}" ]; then
         awk -v l="$1" -v d="$direct" -v p="$proxy" 'BEGIN {
             t = (l ~ /shaped/ && l !~ /unshaped/ && l !~ /two peers/) ? ">= 0.9x" : "- (reported)"
@@ -103,22 +56,20 @@ echo "realising $BIG_MIB MiB..." >&2
 echo
 echo "| link | via proxy | direct from the peer | ratio (direct time / proxy time) |"
 echo "|---|---|---|---|"
-ip netns exec "$NS-peer" tc qdisc add dev eth0 root tbf rate "$RATE" burst 1mb latency 50ms
+shape peer "$RATE"
 row "$BIG_MIB MiB random bytes, peer egress shaped to $RATE (tc tbf)"
 row "real binaries ($(nix path-info --store "$D/peer" -S "$REAL" | awk '{printf "%.0f MiB", $2/1048576}') NAR), peer egress shaped to $RATE (tc tbf)" "$REAL"
 # Two peers with the random path, each behind the same shaping: the proxy splits the NAR.
-NIX_DAEMON_SOCKET_PATH=$D/peer2.sock nix-daemon --store "$D/peer2" >/dev/null 2>&1 & PIDS+=($!)
-for _ in $(seq 100); do [ -S "$D/peer2.sock" ] && break; sleep 0.05; done
-ip netns exec "$NS-peer2" tc qdisc add dev eth0 root tbf rate "$RATE" burst 1mb latency 50ms
-ip netns exec "$NS-peer2" "$BIN" serve --store "unix://$D/peer2.sock" --real-store-dir "$D/peer2/nix/store" \
-    --listen 0.0.0.0:8380 --interface eth0 --upstream none --trusted-public-key "$PK" >"$D/peer2.log" 2>&1 & PEER2=$!; PIDS+=($PEER2)
+shape peer2 "$RATE"
+start_peer peer2 "$D/peer2" "$PK"
+PEER2=$PEER_PID
 for _ in $(seq 100); do
     [ "$(ip netns exec "$NS-client" curl -sf http://127.0.0.1:8381/status.json | grep -o '"node"' | wc -l)" = 2 ] && break; sleep 0.1
 done
 row "$BIG_MIB MiB random bytes, two peers each shaped to $RATE (split fetch; direct = one peer)"
 kill "$PEER2"; sleep 0.5
-ip netns exec "$NS-peer2" tc qdisc del dev eth0 root
-ip netns exec "$NS-peer" tc qdisc del dev eth0 root
+shape peer2 off
+shape peer off
 row "$BIG_MIB MiB random bytes, unshaped veth"
 echo
 echo "narinfo latency (in-process fake peers on loopback):"

@@ -9,6 +9,7 @@
 //! very same 404, and a daemon failure during a lookup answers like a miss (a Nix client fails
 //! its build on a 5xx, but moves on after a 404).
 
+pub mod compress;
 pub mod index;
 mod install;
 pub mod limits;
@@ -263,7 +264,7 @@ impl StoreServer {
             // With zstd, the pump feeds an encoder task, which feeds the client.
             let (pump_tx, client_rx) = if zstd {
                 let (raw_tx, raw_rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
-                tokio::spawn(compress(raw_rx, tx, Pace::new(stall), permit.clone()));
+                tokio::spawn(compress::compress(raw_rx, tx, size, Pace::new(stall), permit.clone()));
                 (raw_tx, rx)
             } else {
                 (tx, rx)
@@ -291,44 +292,6 @@ impl StoreServer {
             return r;
         }
         h::nar_response(body, size, start, end, range.is_some())
-    }
-}
-
-/// zstd level for NARs sent to peers: level 1 measured best on a 1 Gbit/s link (docs/benchmarks.md),
-/// with about 1.3 MiB of encoder state per stream.
-const PEER_ZSTD_LEVEL: i32 = 1;
-
-/// Compresses the NAR chunks from `raw` into `tx`. An error on `raw` aborts the response, so a
-/// broken NAR never ends in a well-formed zstd frame. Holds the transfer's slot until done.
-async fn compress<P>(
-    raw: mpsc::Receiver<Result<Bytes, std::io::Error>>,
-    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
-    mut pace: Pace,
-    _permit: P,
-) {
-    use async_compression::tokio::bufread::ZstdEncoder;
-    use tokio::io::AsyncReadExt;
-    let stream = Box::pin(futures_util::stream::unfold(raw, |mut rx| async move {
-        rx.recv().await.map(|x| (x, rx))
-    }));
-    let reader = tokio::io::BufReader::new(tokio_util::io::StreamReader::new(stream));
-    let mut enc = ZstdEncoder::with_quality(reader, async_compression::Level::Precise(PEER_ZSTD_LEVEL));
-    loop {
-        let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
-        let item = match enc.read_buf(&mut buf).await {
-            Ok(0) => return,
-            Ok(_) => Ok(buf.freeze()),
-            Err(e) => Err(e),
-        };
-        let failed = item.is_err();
-        match pace.send(&tx, item).await {
-            Ok(()) if !failed => {}
-            Ok(()) => return,
-            Err(e) => {
-                tracing::info!(error = %e, "compressed NAR transfer aborted");
-                return;
-            }
-        }
     }
 }
 

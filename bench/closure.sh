@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# A whole closure of real binaries, realised on a client three ways side by side: straight from a
+# peer's store server, through the client's own proxy, and from nginx serving a static binary
+# cache copy of the same closure on the peer host (compression none and zstd, as `nix copy --to
+# file://` writes them). First with the peer's egress shaped by tc tbf (1 Gbit/s by default),
+# then unshaped. Nix's own parallelism: `nix-store -r TOP` with Nix's defaults (Nix 2.8 runs one
+# substitution at a time: they share max-jobs = 1), then with --max-jobs 16 (what Nix >= 2.16's
+# max-substitution-jobs = 16 does by default). A fresh proxy for each realisation.
+#
+# The closure (built by Nix with builder = /bin/sh, copying subsets of /usr/lib, /usr/share and
+# /usr/bin of this machine): ~300 paths, most of a few KiB to 1 MiB, 30 of about 1-20 MiB, 3 of
+# 60-210 MiB, each referencing up to 3 others, and a top path that references every path nobody else
+# references, so its closure is the whole set. The size distribution is printed.
+# Needs root (namespaces, tc); everything started is killed by PID on exit.
+#   bench/closure.sh    (BENCH_RATE=1gbit BENCH_RUNS=1 BENCH_NGINX="none zstd" BENCH_JOBS="default 16"
+#                        BENCH_SMALL=267 BENCH_MEDIUM=30 BENCH_LARGE="180 100 60")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATE=${BENCH_RATE:-1gbit}
+RUNS=${BENCH_RUNS:-1}
+NGINX_COMPRESSIONS=${BENCH_NGINX:-none zstd}
+JOBS=${BENCH_JOBS:-default 16}
+BENCH_NAME=closure
+. bench/hosts.sh
+need_packages nginx-light python3
+
+echo "planning the closure..." >&2
+# One line per path: NAME|DEPS (space-separated names)|FILES (space-separated). Deterministic for
+# a given machine, so a re-run finds the paths already built.
+python3 - "$D/plan" "${BENCH_SMALL:-267}" "${BENCH_MEDIUM:-30}" "${BENCH_LARGE:-180 100 60}" <<'PY'
+import math, os, random, re, stat, sys
+out, n_small, n_medium, large = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), [int(x) for x in sys.argv[4].split()]
+ok = re.compile(r'^[A-Za-z0-9._+,@=/-]+$')
+files = []
+for root in ("/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/share"):
+    for d, dirs, names in os.walk(root):
+        dirs.sort()
+        if d.startswith("/usr/share/package-lists"):
+            continue
+        for n in sorted(names):
+            p = os.path.join(d, n)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            # Regular, readable, not hard-linked (a NAR would hold each link as a copy).
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > 0 and ok.match(p) and os.access(p, os.R_OK):
+                files.append((st.st_size, p))
+rng = random.Random(16)
+used = set()
+MiB, KiB = 1 << 20, 1 << 10
+def fill(target, pool):
+    """Files from pool (shuffled order) until target bytes, at least one."""
+    got, total = [], 0
+    for size, p in pool:
+        if p in used or (got and total + size > target * 1.2):
+            continue
+        got.append(p); used.add(p); total += size
+        if total >= target:
+            break
+    if not got:
+        sys.exit(f"no files left for a path of {target} bytes")
+    return got
+paths = []
+big = sorted((f for f in files if f[0] >= 2 * MiB), reverse=True)
+for i, mib in enumerate(large):
+    paths.append((f"l{i}", fill(mib * MiB, big)))
+mid = [f for f in files if 64 * KiB <= f[0] <= 12 * MiB]
+rng.shuffle(mid)
+for i in range(n_medium):
+    paths.append((f"m{i:02}", fill(math.exp(rng.uniform(math.log(1 * MiB), math.log(20 * MiB))), mid)))
+small = [f for f in files if f[0] <= 512 * KiB]
+rng.shuffle(small)
+for i in range(n_small):
+    paths.append((f"s{i:03}", fill(math.exp(rng.uniform(math.log(4 * KiB), math.log(1 * MiB))), small)))
+rng.shuffle(paths)
+referenced, lines = set(), []
+for i, (name, fs) in enumerate(paths):
+    deps = sorted({paths[rng.randrange(i)][0] for _ in range(rng.randrange(4))}) if i else []
+    referenced.update(deps)
+    lines.append(f"{name}|{' '.join(deps)}|{' '.join(fs)}")
+lines.append("top|" + " ".join(n for n, _ in paths if n not in referenced) + "|")
+open(out, "w").write("\n".join(lines) + "\n")
+PY
+{
+    echo 'let'
+    echo '  mk = name: files: deps: builtins.derivation {'
+    echo '    name = "lnc-closure-${name}"; system = builtins.currentSystem; builder = "/bin/sh";'
+    echo '    PATH = "/usr/bin:/bin"; inherit files deps; passAsFile = [ "files" ];'
+    echo '    args = [ "-c" "mkdir -p $out/nix-support && if [ -s $filesPath ]; then xargs -a $filesPath cp --parents -t $out; fi && echo $deps > $out/nix-support/deps" ];'
+    echo '  };'
+    echo '  p = rec {'
+    while IFS='|' read -r name deps files; do
+        echo "    $name = mk \"$name\" \"$(echo "$files" | tr ' ' '\n')\" [ $deps ];"
+    done <"$D/plan"
+    echo '  };'
+    echo 'in p.top'
+} >"$D/closure.nix"
+
+echo "building the closure (cached in /nix/store after the first run)..." >&2
+nix-store --generate-binary-cache-key bench-hydra-1 "$D/sk" "$D/pk"
+PK=$(cat "$D/pk")
+TOP=$(nix-build "$D/closure.nix" --no-out-link --max-jobs 2 2>"$D/build.log") || { tail "$D/build.log" >&2; exit 1; }
+NPATHS=$(nix-store -qR "$TOP" | wc -l)
+# The signed static caches nginx serves, and the peer's store (copied from the uncompressed one,
+# signatures included).
+chmod 755 "$D"
+for c in $NGINX_COMPRESSIONS; do
+    nix copy --to "file://$D/cache-$c?secret-key=$D/sk&compression=$c" "$TOP" 2>"$D/copy.log" || { cat "$D/copy.log" >&2; exit 1; }
+    chmod -R a+rX "$D/cache-$c"
+done
+[ -d "$D/cache-none" ] || nix copy --to "file://$D/cache-none?secret-key=$D/sk&compression=none" "$TOP"
+nix copy --from "file://$D/cache-none" --to "$D/peer" --option trusted-public-keys "$PK" "$TOP" 2>"$D/copy.log" ||
+    { cat "$D/copy.log" >&2; exit 1; }
+
+# NAR sizes: the distribution, from the peer's store.
+nix path-info --store "$D/peer" -rs "$TOP" | awk '{print $2}' | sort -n >"$D/sizes"
+DIST=$(awk '
+    { s[NR] = $1; t += $1
+      if ($1 < 102400) a++; else if ($1 < 1048576) b++; else if ($1 < 10485760) c++; else if ($1 < 52428800) d++; else e++ }
+    END { m = 1048576
+      printf "%d paths, %.0f MiB of NAR: < 100 KiB %d, 100 KiB-1 MiB %d, 1-10 MiB %d, 10-50 MiB %d, >= 50 MiB %d; ", NR, t/m, a, b, c, d, e
+      printf "median %.0f KiB, p90 %.1f MiB, largest %.0f MiB", s[int(NR/2)+1]/1024, s[int(NR*0.9)+1]/m, s[NR]/m }' "$D/sizes")
+TOTAL_MIB=$(awk '{t += $1} END {printf "%.0f", t/1048576}' "$D/sizes")
+echo "closure: $DIST" >&2
+for c in $NGINX_COMPRESSIONS; do
+    echo "  static cache, compression $c: $(du -sm "$D/cache-$c" | cut -f1) MiB on disk" >&2
+done
+
+lan_up peer client
+start_peer peer "$D/peer" "$PK"
+mkdir -p "$D/nginx"
+{
+    echo "worker_processes auto; pid $D/nginx/nginx.pid; error_log $D/nginx/error.log;"
+    echo "events { worker_connections 1024; }"
+    echo "http { access_log off; sendfile on; tcp_nopush on;"
+    echo "  client_body_temp_path $D/nginx; proxy_temp_path $D/nginx; fastcgi_temp_path $D/nginx; uwsgi_temp_path $D/nginx; scgi_temp_path $D/nginx;"
+    port=8390
+    for c in $NGINX_COMPRESSIONS; do echo "  server { listen 10.88.0.1:$port; root $D/cache-$c; }"; port=$((port + 1)); done
+    echo "}"
+} >"$D/nginx.conf"
+ip netns exec "$NS-peer" nginx -c "$D/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+start_client client "$PK"
+H=$(basename "$TOP" | cut -c1-32)
+wait_narinfo client "http://10.88.0.1:8380/$H.narinfo"
+wait_narinfo client "http://10.88.0.1:8390/$H.narinfo"
+wait_narinfo client "http://127.0.0.1:8381/$H.narinfo"
+
+# A fresh proxy for every realisation: nothing it learnt in an earlier one (verified narinfo)
+# helps the next.
+fresh_proxy() {
+    kill "$CLIENT_PID"
+    wait "$CLIENT_PID" 2>/dev/null || true
+    start_client client "$PK"
+    for _ in $(seq 600); do
+        ip netns exec "$NS-client" curl -sf -m 2 http://127.0.0.1:8381/status.json 2>/dev/null | grep -q '"node"' && return 0
+        sleep 0.1
+    done
+    echo "the fresh proxy found no peer in 60 s; its log:" >&2
+    tail -20 "$D/client.log" >&2
+    return 1
+}
+# one WAY: sets T1 to the seconds of realising TOP that way, and raises CONC[WAY] to the most
+# NARs the peer sent at once meanwhile. Not in a subshell: fresh_proxy's new process must land
+# in PIDS.
+one() {
+    local port c from n
+    from=$(wc -l <"$D/peer.log")
+    case $1 in
+    direct) T1=$(realise client "http://10.88.0.1:8380" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
+    proxy)
+        fresh_proxy
+        T1=$(realise client "http://127.0.0.1:8381" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
+    nginx-*)
+        port=8390
+        for c in $NGINX_COMPRESSIONS; do [ "nginx-$c" = "$1" ] && break; port=$((port + 1)); done
+        T1=$(realise client "http://10.88.0.1:$port" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
+    esac
+    n=$(overlap "$from")
+    [ "$n" -gt "${CONC[$1]:-0}" ] && CONC[$1]=$n
+    return 0
+}
+# measure: T[WAY] = median over RUNS of each way (the lower middle one for an even count); each
+# run takes the ways in a rotated order, so no way always comes first.
+measure() {
+    local ways=(direct proxy) r i w n times
+    for c in $NGINX_COMPRESSIONS; do ways+=("nginx-$c"); done
+    n=${#ways[@]}
+    declare -gA T=() ALL=()
+    for r in $(seq "$RUNS"); do
+        for i in $(seq 0 $((n - 1))); do
+            w=${ways[$(((i + r - 1) % n))]}
+            one "$w"
+            ALL[$w]+=" $T1"
+        done
+    done
+    for w in "${ways[@]}"; do
+        T[$w]=$(printf '%s\n' ${ALL[$w]} | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}')
+    done
+}
+# overlap FROM: the most NAR transfers the peer's store server had running at once, from its log
+# lines after line FROM (each "NAR served" line ends a transfer and says how long it took).
+overlap() {
+    tail -n +"$(($1 + 1))" "$D/peer.log" | python3 -c '
+import re, sys, datetime
+ev = []
+for l in sys.stdin:
+    m = re.match(r"(\S+)Z .*NAR served.* ms=(\d+)", l)
+    if m:
+        end = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+        ev += [(end - int(m.group(2)) / 1000, 1), (end, -1)]
+n = best = 0
+for _, d in sorted(ev):
+    n += d
+    best = max(best, n)
+print(best)'
+}
+mbs() { awk -v s="$1" -v m="$TOTAL_MIB" 'BEGIN {printf "%.0f", m * 1.048576 / s}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2fx", a / b}'; }
+
+echo
+echo "closure: $DIST"
+echo "Nix $(nix-store --version | awk '{print $NF}'); $RUNS run(s) per cell (median, ways in rotated order); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "| Nix substitutions | link | direct from peer | via proxy | $(for c in $NGINX_COMPRESSIONS; do printf 'nginx, %s | ' "$c"; done)proxy vs direct | $(for c in $NGINX_COMPRESSIONS; do printf 'proxy vs nginx %s | direct vs nginx %s | ' "$c" "$c"; done)"
+echo "|---|---|---|---|$(for c in $NGINX_COMPRESSIONS; do printf -- '---|---|---|'; done)---|"
+CONCURRENCY=
+for jobs in $JOBS; do
+    if [ "$jobs" = default ]; then
+        NIX_OPTS=(); jl="Nix's defaults"
+    else
+        NIX_OPTS=(--max-jobs "$jobs"); jl="--max-jobs $jobs"
+    fi
+    for link in shaped unshaped; do
+        if [ "$link" = shaped ]; then shape peer "$RATE"; label="peer egress $RATE (tc tbf)"; else label="unshaped veth"; fi
+        declare -A CONC=()
+        measure
+        [ "$link" = shaped ] && shape peer off
+        DIRECT=${T[direct]}
+        PROXY=${T[proxy]}
+        row="| $jl | $label | $DIRECT s ($(mbs "$DIRECT") MB/s) | $PROXY s ($(mbs "$PROXY") MB/s) | "
+        for c in $NGINX_COMPRESSIONS; do row+="${T[nginx-$c]} s | "; done
+        row+="**$(ratio "$DIRECT" "$PROXY")** | "
+        for c in $NGINX_COMPRESSIONS; do row+="$(ratio "${T[nginx-$c]}" "$PROXY") | $(ratio "${T[nginx-$c]}" "$DIRECT") | "; done
+        echo "$row"
+        CONCURRENCY+="$jl, $label: direct ${CONC[direct]:-0}, proxy ${CONC[proxy]:-0}; "
+        if [ -n "${BENCH_RESULTS:-}" ]; then
+            target=">= 0.95x"; [ "$link" = unshaped ] && target=">= 0.9x"
+            what="closure of $NPATHS paths ($TOTAL_MIB MiB), $jl, $label"
+            echo "$what: proxy vs direct|$PROXY s|$DIRECT s (direct from peer)|$(ratio "$DIRECT" "$PROXY")|$target" >>"$BENCH_RESULTS"
+            for c in $NGINX_COMPRESSIONS; do
+                echo "$what: proxy vs nginx ($c)|$PROXY s|${T[nginx-$c]} s (nginx, static cache, $c)|$(ratio "${T[nginx-$c]}" "$PROXY")|reported" >>"$BENCH_RESULTS"
+                echo "$what: direct vs nginx ($c)|$DIRECT s|${T[nginx-$c]} s (nginx, static cache, $c)|$(ratio "${T[nginx-$c]}" "$DIRECT")|reported" >>"$BENCH_RESULTS"
+            done
+        fi
+    done
+done
+echo
+echo "most NARs the peer's store server sent at once: $CONCURRENCY"
+echo "ratios are speed ratios: the other's time / ours (above 1: ours is faster)"
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "client proxy log, last NAR lines:"
+grep -a 'NAR' "$D/client.log" | sed 's/^/  /' | tail -3
