@@ -92,6 +92,10 @@ pub struct Peer {
     /// Its id was announced from a second address while it was alive at its first: from now on
     /// it moves only after [`MOVE_SILENCE_INTERVALS`] of silence at its listed addresses.
     pub pinned: bool,
+    /// Its store server last answered this host's proxy, naming its node id, at one of its
+    /// addresses ([`PeerTable::answered`]): a sign of life when its announces are lost (a link
+    /// saturated by a download drops multicast first).
+    pub answered: Option<Instant>,
 }
 
 impl Peer {
@@ -131,11 +135,13 @@ impl Peer {
             announces: 1,
             moved: None,
             pinned: false,
+            answered: None,
         }
     }
 
+    /// Three intervals after it was last heard: announced, or answered over HTTP.
     fn expires_at(&self) -> Instant {
-        self.last_seen + self.interval * EXPIRY_INTERVALS
+        self.last_seen.max(self.answered.unwrap_or(self.last_seen)) + self.interval * EXPIRY_INTERVALS
     }
 }
 
@@ -292,6 +298,7 @@ impl PeerTable {
                 announces: 0,
                 moved: None,
                 pinned: false,
+                answered: None,
             },
         );
         drop(g);
@@ -447,7 +454,18 @@ impl PeerTable {
         outcome
     }
 
-    /// Drops peers silent for three of their intervals; returns them.
+    /// `node`'s store server at `addr` answered this host's proxy, naming its node id: it is
+    /// alive, even if its announces were lost. Only for an address the entry lists; never
+    /// creates an entry, never undoes a goodbye.
+    pub fn answered(&self, node: &NodeId, addr: SocketAddr, now: Instant) {
+        if let Some(p) = self.lock().peers.get_mut(node) {
+            if p.addrs.contains(&addr) {
+                p.answered = Some(now);
+            }
+        }
+    }
+
+    /// Drops peers silent (no announce, no answer) for three of their intervals; returns them.
     pub fn expire(&self, now: Instant) -> Vec<Peer> {
         let mut g = self.lock();
         let gone: Vec<NodeId> = g

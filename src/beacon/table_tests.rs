@@ -391,3 +391,27 @@ async fn a_bound_node_id_cannot_be_kept_by_a_forger_with_another_commitment() {
     assert!(matches!(t.handle(src(66), &forged, now), Outcome::Ignored(..)));
     assert_eq!(t.get(&node).map(|p| p.http_addr()), Some(src(1)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_over_http_keeps_a_peer_whose_announces_are_lost() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let t0 = Instant::now();
+    t.handle(src(2), &beacon(Kind::Announce, 2, 1000), t0);
+    t.handle(src(3), &beacon(Kind::Announce, 3, 1000), t0);
+    let (two, three) = (NodeId([2; 16]), NodeId([3; 16]));
+    // Both go silent on the beacon; peer 2's store server answers the proxy at 2.5 s, and a
+    // forger claims an answer for peer 3 from an address it never announced.
+    t.answered(&two, src(2), t0 + Duration::from_millis(2500));
+    t.answered(&three, src(9), t0 + Duration::from_millis(2500));
+    let gone = t.expire(t0 + Duration::from_millis(3100));
+    assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![three]);
+    assert!(
+        t.get(&two).is_some(),
+        "answered 2.5 s in: kept past 3 intervals of silence"
+    );
+    let gone = t.expire(t0 + Duration::from_millis(5600));
+    assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), vec![two]);
+    // An answer never brings back a peer that left.
+    t.answered(&two, src(2), t0 + Duration::from_millis(5700));
+    assert!(t.get(&two).is_none());
+}

@@ -134,6 +134,9 @@ impl Proxy {
                     (Ok(_), Some(a)) => {
                         self.health.latency(n, t0.elapsed());
                         self.health.addr_owner(a, Some(*n));
+                        if let Some(t) = self.sources.table() {
+                            t.answered(n, a, Instant::now());
+                        }
                     }
                     (Err(SourceError::NotThePeer { found, .. }), Some(a)) => {
                         let owner = found.as_deref().and_then(|n| n.parse().ok());

@@ -217,6 +217,9 @@ impl Proxy {
             let ip = addr.map(|a| a.ip());
             match (&v, ip) {
                 (Verdict::Delivered, Some(ip)) => {
+                    if let (Some(t), Some(a)) = (self.sources.table(), addr) {
+                        t.answered(n, a, Instant::now());
+                    }
                     self.proven.delivered(n, ip);
                 }
                 (Verdict::LiedAbout(_), ip) => {
