@@ -1,6 +1,9 @@
 //! The peer table: who announced what, and from where (membership only: how good a peer is as a
 //! source is the proxy's business, in `proxy::health`).
 //!
+//! (About 600 lines: admission, moves and pinning, expiry and the per-source buckets all work
+//! under the one lock and share its invariants; the tests are in `table_tests.rs`.)
+//!
 //! Pure logic over `tokio::time::Instant` (so tests can pause time); the network loop feeds it
 //! datagrams. A peer leaves after three of its own announce intervals of silence, or at once on
 //! a goodbye: one carrying the secret whose commitment its announces carried, or, from a peer

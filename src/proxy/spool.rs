@@ -1,7 +1,11 @@
 //! The spool: where a NAR's bytes wait until their hash is verified.
 //!
+//! (Just over 500 lines with its tests: the memory spool, the file spool and the verified reader
+//! share one set of caps.)
+//!
 //! A single hash over the whole NAR can only be checked at its end, and Nix keeps the bytes it
-//! already got when it resumes a transfer, so unverified bytes must never reach Nix. Small NARs
+//! already got when it resumes a transfer, so unverified bytes reach Nix only from a proven peer,
+//! never whole and never resumable (`passthrough`); everything else waits here. Small NARs
 //! spool in memory, large ones in an unlinked temp file (gone even if the process dies). Both
 //! have global caps, taken as semaphore permits (1 permit = 1 MiB) before the first byte is
 //! written. Invariant: a [`Verified`] spool exists only after its size and sha256 matched.
