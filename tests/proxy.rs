@@ -904,3 +904,63 @@ fn bench_pass_through_throughput() {
         );
     }
 }
+
+/// A client that leaves while its NAR is passing through stops the fetch at once (the fetch task
+/// is aborted and no longer in flight), instead of the fetch running on until its source fails:
+/// a request for the same NAR right after starts a fetch of its own. Without the abort it would
+/// join the abandoned fetch, and the peer would be asked for the NAR once, not twice.
+#[test]
+fn a_client_that_leaves_a_pass_through_stops_its_fetch() {
+    use local_nix_cache::proxy::proven::PROVEN_AFTER;
+    use std::io::{Read, Write};
+    let honest: Vec<FakePath> = (0..PROVEN_AFTER)
+        .map(|i| FakePath::new(&format!("left{i}"), 300_000, 70 + i as u8))
+        .collect();
+    let big = FakePath::new("left-big", 4_000_000, 80);
+    let peer = Arc::new(FakeCache::default());
+    for p in &honest {
+        peer.serve_path(p);
+    }
+    peer.serve_path(&big);
+    // Half the NAR at once, then nothing (the fetch would give up only at the rate floor).
+    peer.set(
+        &format!("/{}", big.info.url),
+        Reply::Stall {
+            body: big.nar.clone(),
+            cut: 2_000_000,
+        },
+    );
+    let rig = Rig::new();
+    rig.peer(peer.clone(), 1);
+    let (proxy, px) = rig.proxy(vec![]);
+    for p in &honest {
+        assert_eq!(fetch(proxy, p).1, 200);
+    }
+    assert!(proven(&px, 1));
+    assert_eq!(get(proxy, &format!("/{}.narinfo", big.hash())).status, 200);
+    let url = format!("/nar/{}-{}.nar", big.hash(), big.info.nar_hash.to_nix32());
+    let start = || {
+        let mut s = std::net::TcpStream::connect(proxy).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        write!(s, "GET {url} HTTP/1.1\r\nHost: test\r\n\r\n").expect("send");
+        let mut buf = vec![0u8; 256 * 1024];
+        let n = s.read(&mut buf).expect("the pass-through starts");
+        assert!(String::from_utf8_lossy(&buf[..n.min(12)]).starts_with("HTTP/1.1 200"));
+        s
+    };
+    let nar_requests = || peer.requests_for(".nar");
+    let before = nar_requests();
+    drop(start());
+    std::thread::sleep(Duration::from_millis(500));
+    let second = start();
+    let t0 = Instant::now();
+    while nar_requests() < before + 2 && t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        nar_requests(),
+        before + 2,
+        "the second request joined the fetch its client had left"
+    );
+    drop(second);
+}
