@@ -707,29 +707,8 @@ fn proven(px: &local_nix_cache::proxy::Proxy, id: u8) -> bool {
 fn a_proven_peer_that_lies_never_gets_its_tail_sent() {
     use local_nix_cache::proxy::passthrough::TAIL;
     use local_nix_cache::proxy::proven::PROVEN_AFTER;
-    let honest: Vec<FakePath> = (0..PROVEN_AFTER)
-        .map(|i| FakePath::new(&format!("honest{i}"), 300_000, 40 + i as u8))
-        .collect();
-    let lie = FakePath::new("lie", 2_000_000, 50);
-    let liar = Arc::new(FakeCache::default());
-    for p in &honest {
-        liar.serve_path(p);
-    }
-    liar.serve_path(&lie);
-    let mut bad = lie.nar.to_vec();
-    let mid = bad.len() / 2;
-    bad[mid] ^= 1;
-    liar.set(&format!("/{}", lie.info.url), Reply::ok(bad));
-    // Another peer has the right NAR, but answers the narinfo later: the liar is asked first.
-    let other = Arc::new(FakeCache::default());
-    other.serve_path(&lie);
-    other.set(
-        &format!("/{}.narinfo", lie.hash()),
-        Reply::slow(lie.info.render(), Duration::from_millis(300)),
-    );
     let rig = Rig::new();
-    rig.peer(liar, 1);
-    rig.peer(other, 2);
+    let (honest, lie) = rig.proven_liar("tail", 300_000, 2_000_000, 40, 1_000_000);
     let (proxy, px) = rig.proxy(vec![]);
     for (i, p) in honest.iter().enumerate() {
         assert!(!proven(&px, 1), "proven after {i} NARs only");

@@ -186,11 +186,9 @@ fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution_nix226() {
 }
 
 fn lie_check(nix226: bool) {
-    use common::fake::{test_key, FakeCache, FakePath, Reply};
+    use common::fake::test_key;
     use local_nix_cache::beacon::wire::NodeId;
     use local_nix_cache::proxy::proven::PROVEN_AFTER;
-    use std::sync::Arc;
-    use std::time::Duration;
     if !require_nix() {
         return;
     }
@@ -200,28 +198,8 @@ fn lie_check(nix226: bool) {
     } else {
         None
     };
-    let honest: Vec<FakePath> = (0..PROVEN_AFTER)
-        .map(|i| FakePath::new(&format!("nix-honest{i}"), 200_000, 80 + i as u8))
-        .collect();
-    let lie = FakePath::new("nix-lie", 3_000_000, 90);
-    let liar = Arc::new(FakeCache::default());
-    for p in &honest {
-        liar.serve_path(p);
-    }
-    liar.serve_path(&lie);
-    let mut bad = lie.nar.to_vec();
-    let at = bad.len() / 3;
-    bad[at] ^= 0x20;
-    liar.set(&format!("/{}", lie.info.url), Reply::ok(bad));
-    let other = Arc::new(FakeCache::default());
-    other.serve_path(&lie);
-    other.set(
-        &format!("/{}.narinfo", lie.hash()),
-        Reply::slow(lie.info.render(), Duration::from_millis(300)),
-    );
     let rig = Rig::new();
-    rig.peer(liar, 1);
-    rig.peer(other, 2);
+    let (honest, lie) = rig.proven_liar("nix", 200_000, 3_000_000, 80, 1_000_000);
     let (proxy, px) = rig.proxy(vec![]);
     let client = tempfile::tempdir().expect("tempdir");
     let home = client.path().join("home");

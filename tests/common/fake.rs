@@ -383,6 +383,41 @@ impl Rig {
         addr
     }
 
+    /// Pass-through tests (issue #16): peer 1 serves `PROVEN_AFTER` honest paths (`honest_size`
+    /// bytes each), then a `lie_size` NAR with one byte flipped at `at`; peer 2 serves that NAR
+    /// right but answers its narinfo 300 ms late, so peer 1 is asked first. Returns the honest
+    /// paths and the lied-about one.
+    pub fn proven_liar(
+        &self,
+        name: &str,
+        honest_size: usize,
+        lie_size: usize,
+        seed: u8,
+        at: usize,
+    ) -> (Vec<FakePath>, FakePath) {
+        let honest: Vec<FakePath> = (0..local_nix_cache::proxy::proven::PROVEN_AFTER)
+            .map(|i| FakePath::new(&format!("{name}-honest{i}"), honest_size, seed + i as u8))
+            .collect();
+        let lie = FakePath::new(&format!("{name}-lie"), lie_size, seed + 10);
+        let liar = Arc::new(FakeCache::default());
+        for p in &honest {
+            liar.serve_path(p);
+        }
+        liar.serve_path(&lie);
+        let mut bad = lie.nar.to_vec();
+        bad[at] ^= 1;
+        liar.set(&format!("/{}", lie.info.url), Reply::ok(bad));
+        let other = Arc::new(FakeCache::default());
+        other.serve_path(&lie);
+        other.set(
+            &format!("/{}.narinfo", lie.hash()),
+            Reply::slow(lie.info.render(), Duration::from_millis(300)),
+        );
+        self.peer(liar, 1);
+        self.peer(other, 2);
+        (honest, lie)
+    }
+
     /// As `peer`, announcing the summary the fake publishes.
     pub fn peer_with_summary(&self, c: Arc<FakeCache>, id: u8) -> SocketAddr {
         let version = c.publish_summary(1);
