@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::fake::Rig;
-use common::roots::{self, HOST_MOUNT};
+use common::roots;
 use common::*;
 
 #[cfg_attr(
@@ -27,9 +25,6 @@ fn nix_store_realises_a_closure_through_the_proxy_from_a_peer_with_upstream_down
 fn nix_store_realises_a_closure_through_the_proxy_from_a_peer_with_upstream_down_nix226() {
     check(true);
 }
-
-/// Makes a command of the client's Nix.
-type NixCmd<'a> = Box<dyn Fn(&str) -> Command + 'a>;
 
 fn check(nix226: bool) {
     if !require_nix() {
@@ -59,20 +54,10 @@ fn check(nix226: bool) {
         local_nix_cache::narinfo::PublicKey::parse(&f.pk).expect("fixture key")
     ]);
     let (proxy, px) = rig.proxy_trusting(vec![dead_url], keys);
-    let client = tempfile::tempdir().expect("tempdir");
-    let home = client.path().join("home");
-    std::fs::create_dir_all(&home).expect("home");
-    let store = client.path().join("store");
     // The client's chroot store as its Nix sees it, and that Nix.
-    let (client_store, client_nix): (String, NixCmd) = match &nix_root {
-        None => (store.display().to_string(), Box::new(|p: &str| nix(p, &home))),
-        Some(r) => (
-            format!("{HOST_MOUNT}/store"),
-            Box::new(|p: &str| roots::in_nix_root(r, client.path(), p, &home)),
-        ),
-    };
-    let version = run(client_nix("nix").arg("--version"));
-    assert!(version.contains(if nix226 { "2.26" } else { "2.8" }), "{version}");
+    let client = roots::ClientNix::new(nix_root.as_deref());
+    let (client_store, client_nix) = (client.store.clone(), |p: &str| client.cmd(p));
+    let store = client.physical_store();
     let subst = format!("http://{proxy}");
     run(client_nix("nix-store")
         .args(["--store", &client_store])
@@ -201,21 +186,8 @@ fn lie_check(nix226: bool) {
     let rig = Rig::new();
     let (honest, lie) = rig.proven_liar("nix", 200_000, 3_000_000, 80, 1_000_000);
     let (proxy, px) = rig.proxy(vec![]);
-    let client = tempfile::tempdir().expect("tempdir");
-    let home = client.path().join("home");
-    std::fs::create_dir_all(&home).expect("home");
-    let (store, client_nix): (String, NixCmd) = match &nix_root {
-        None => (
-            client.path().join("store").display().to_string(),
-            Box::new(|p: &str| nix(p, &home)),
-        ),
-        Some(r) => (
-            format!("{HOST_MOUNT}/store"),
-            Box::new(|p: &str| roots::in_nix_root(r, client.path(), p, &home)),
-        ),
-    };
-    let version = run(client_nix("nix").arg("--version"));
-    assert!(version.contains(if nix226 { "2.26" } else { "2.8" }), "{version}");
+    let client = roots::ClientNix::new(nix_root.as_deref());
+    let (store, client_nix) = (client.store.clone(), |p: &str| client.cmd(p));
     let subst = format!("http://{proxy}");
     let pk = test_key().public().to_string();
     let realise = |paths: &[String]| {
@@ -252,7 +224,7 @@ fn lie_check(nix226: bool) {
     assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
     assert!(valid(&lie_path[0]));
     // What was installed is the honest NAR, byte for byte (dumped from the client's store).
-    let installed = client.path().join("store").join(lie_path[0].trim_start_matches('/'));
+    let installed = client.physical_store().join(lie_path[0].trim_start_matches('/'));
     let mut nar = Vec::new();
     local_nix_cache::store::dump::dump(&installed, |c| {
         nar.extend_from_slice(&c);

@@ -98,9 +98,6 @@ fn nix_copies_a_closure_through_the_server_and_it_verifies_nix226() {
     check_nix_copy(true);
 }
 
-/// Makes a command of the client's Nix.
-type NixCmd<'a> = Box<dyn Fn(&str) -> Command + 'a>;
-
 fn check_nix_copy(nix226: bool) {
     let Some(nix_root) = daemon_nix(nix226) else {
         return;
@@ -110,22 +107,9 @@ fn check_nix_copy(nix226: bool) {
     let mut args = serve_args(host.store_addr());
     args.store.real_store_dir = Some(host.physical_store().into());
     let node = TestNode::start(args);
-    let client = tempfile::tempdir().expect("tempdir");
-    let home = client.path().join("home");
-    std::fs::create_dir_all(&home).expect("home");
     // The client's chroot store, as its Nix sees it, and that Nix.
-    let (store, client_nix): (String, NixCmd) = match &nix_root {
-        None => (
-            client.path().join("store").display().to_string(),
-            Box::new(|p: &str| nix(p, &home)),
-        ),
-        Some(r) => (
-            format!("{HOST_MOUNT}/store"),
-            Box::new(|p: &str| roots::in_nix_root(r, client.path(), p, &home)),
-        ),
-    };
-    let version = run(client_nix("nix").arg("--version"));
-    assert!(version.contains(if nix226 { "2.26" } else { "2.8" }), "{version}");
+    let client = roots::ClientNix::new(nix_root.as_deref());
+    let (store, client_nix) = (client.store.clone(), |p: &str| client.cmd(p));
     run(client_nix("nix")
         .args(["copy", "--from", &node.url(), "--to", &store, &f.top])
         .args(["--option", "trusted-public-keys", &f.pk]));

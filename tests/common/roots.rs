@@ -249,3 +249,48 @@ pub fn in_nix_root_ns(ns: Option<&str>, root: &Path, host_dir: &Path, program: &
         .env_remove("NIX_REMOTE");
     c
 }
+
+/// A Nix client for one test: Debian's Nix 2.8 (`root` none) or Nix 2.26 run in `root`, with its
+/// own chroot store and home in a temporary directory. Checks that it runs the version asked for.
+pub struct ClientNix {
+    dir: tempfile::TempDir,
+    home: PathBuf,
+    root: Option<PathBuf>,
+    /// The chroot store as this Nix names it (for `--store`).
+    pub store: String,
+}
+
+impl ClientNix {
+    pub fn new(root: Option<&Path>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).expect("home");
+        let store = match root {
+            None => dir.path().join("store").display().to_string(),
+            Some(_) => format!("{HOST_MOUNT}/store"),
+        };
+        let c = Self {
+            dir,
+            home,
+            root: root.map(Path::to_owned),
+            store,
+        };
+        let version = super::run(c.cmd("nix").arg("--version"));
+        let want = if root.is_some() { "2.26" } else { "2.8" };
+        assert!(version.contains(want), "{version}");
+        c
+    }
+
+    /// `program` of this Nix.
+    pub fn cmd(&self, program: &str) -> Command {
+        match &self.root {
+            None => super::nix(program, &self.home),
+            Some(r) => in_nix_root(r, self.dir.path(), program, &self.home),
+        }
+    }
+
+    /// The chroot store's directory as this test process sees it.
+    pub fn physical_store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+}
