@@ -27,14 +27,8 @@ fn nix_store_realises_a_closure_through_the_proxy_from_a_peer_with_upstream_down
 }
 
 fn check(nix226: bool) {
-    if !require_nix() {
+    let Some(nix_root) = roots::nix_under_test(nix226) else {
         return;
-    }
-    let nix_root = if nix226 {
-        let Some(r) = roots::nix226_root() else { return };
-        Some(r)
-    } else {
-        None
     };
     let f = fixture();
     // Host A has the closure (with test-hydra-1 signatures) and runs its store server.
@@ -174,14 +168,8 @@ fn lie_check(nix226: bool) {
     use common::fake::test_key;
     use local_nix_cache::beacon::wire::NodeId;
     use local_nix_cache::proxy::proven::PROVEN_AFTER;
-    if !require_nix() {
+    let Some(nix_root) = roots::nix_under_test(nix226) else {
         return;
-    }
-    let nix_root = if nix226 {
-        let Some(r) = roots::nix226_root() else { return };
-        Some(r)
-    } else {
-        None
     };
     let rig = Rig::new();
     let (honest, lie) = rig.proven_liar("nix", 200_000, 3_000_000, 80, 1_000_000);

@@ -6,7 +6,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,25 +13,13 @@ use common::roots::{self, HOST_MOUNT};
 use common::*;
 use local_nix_cache::store::{DaemonConnection, StoreAddr};
 
-/// The Nix a test runs against: `Some(None)` this machine's (2.8), `Some(Some(root))` Nix 2.26
-/// from the Debian 13 root; `None`: skip (missing locally; under CI it already failed).
-fn daemon_nix(nix226: bool) -> Option<Option<PathBuf>> {
-    if !require_nix() {
-        return None;
-    }
-    if !nix226 {
-        return Some(None);
-    }
-    roots::nix226_root().map(Some)
-}
-
 #[cfg_attr(
     any(lnc_no_nix, lnc_no_netns),
     ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
 )]
 #[test]
 fn handshake_negotiates_the_newest_protocol_both_speak() {
-    let Some(Some(root)) = daemon_nix(true) else {
+    let Some(Some(root)) = roots::nix_under_test(true) else {
         return;
     };
     let f = fixture();
@@ -99,7 +86,7 @@ fn nix_copies_a_closure_through_the_server_and_it_verifies_nix226() {
 }
 
 fn check_nix_copy(nix226: bool) {
-    let Some(nix_root) = daemon_nix(nix226) else {
+    let Some(nix_root) = roots::nix_under_test(nix226) else {
         return;
     };
     let f = fixture();
@@ -153,7 +140,7 @@ fn unsigned_path_is_indistinguishable_from_absent_nix226() {
 }
 
 fn check_unsigned(nix226: bool) {
-    let Some(nix_root) = daemon_nix(nix226) else {
+    let Some(nix_root) = roots::nix_under_test(nix226) else {
         return;
     };
     let f = fixture();
@@ -243,7 +230,7 @@ fn nar_streams_with_length_and_ranges_from_disk() {
 /// The NAR served equals `nix-store --dump`, whole and in ranges, read through the daemon's
 /// NarFromPath or from the physical store directory.
 fn check_nar_streaming(from_disk: bool, nix226: bool) {
-    let Some(nix_root) = daemon_nix(nix226) else {
+    let Some(nix_root) = roots::nix_under_test(nix226) else {
         return;
     };
     let f = fixture();
@@ -400,7 +387,7 @@ fn daemon_restart_is_survived_nix226() {
 }
 
 fn check_daemon_restart(nix226: bool) {
-    let Some(nix_root) = daemon_nix(nix226) else {
+    let Some(nix_root) = roots::nix_under_test(nix226) else {
         return;
     };
     let f = fixture();
@@ -462,7 +449,7 @@ fn stdio_children_serve_without_a_socket() {
 )]
 #[test]
 fn stdio_children_serve_without_a_socket_nix226() {
-    let Some(Some(root)) = daemon_nix(true) else {
+    let Some(Some(root)) = roots::nix_under_test(true) else {
         return;
     };
     if !netns::require_netns() {
@@ -539,7 +526,7 @@ fn stalled_client_releases_its_daemon_connection_nix226() {
 }
 
 fn check_stalled(nix226: bool) {
-    let Some(nix_root) = daemon_nix(nix226) else {
+    let Some(nix_root) = roots::nix_under_test(nix226) else {
         return;
     };
     let f = fixture();

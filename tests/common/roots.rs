@@ -250,6 +250,18 @@ pub fn in_nix_root_ns(ns: Option<&str>, root: &Path, host_dir: &Path, program: &
     c
 }
 
+/// The Nix a test runs against: `Some(None)` this machine's (2.8), `Some(Some(root))` Nix 2.26
+/// from the Debian 13 root; `None`: skip (missing locally; under CI it already failed).
+pub fn nix_under_test(nix226: bool) -> Option<Option<PathBuf>> {
+    if !super::require_nix() {
+        return None;
+    }
+    if !nix226 {
+        return Some(None);
+    }
+    nix226_root().map(Some)
+}
+
 /// A Nix client for one test: Debian's Nix 2.8 (`root` none) or Nix 2.26 run in `root`, with its
 /// own chroot store and home in a temporary directory. Checks that it runs the version asked for.
 pub struct ClientNix {
