@@ -293,8 +293,29 @@ pub async fn lookup_daemon(
     }
 }
 
-/// Whether the path with `hash` is valid in the store now; if it is and it is servable, it enters
-/// the index. For paths seen appearing in the store (`server::store_watch`), not for misses.
+/// Whether `path` is valid in the store now; if it is and it is servable, it enters the index.
+/// For paths known to have been added (delivered by the proxy, seen appearing in the store).
+pub async fn index_if_valid(
+    store: &Store,
+    index: &Index,
+    keys: &TrustedKeys,
+    path: &StorePath,
+) -> Result<bool, crate::store::Error> {
+    if index.contains(&path.hash()) {
+        return Ok(true);
+    }
+    match store.path_info(path).await? {
+        Some(info) => {
+            if let Some(e) = Entry::servable(&info, keys) {
+                index.insert(e);
+            }
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// As [`index_if_valid`], for a path known by its hash only (`server::store_watch`).
 pub async fn check_new(
     store: &Store,
     index: &Index,
@@ -304,16 +325,8 @@ pub async fn check_new(
     if index.contains(hash) {
         return Ok(true);
     }
-    let Some(path) = store.path_from_hash_part(hash).await? else {
-        return Ok(false);
-    };
-    match store.path_info(&path).await? {
-        Some(info) => {
-            if let Some(e) = Entry::servable(&info, keys) {
-                index.insert(e);
-            }
-            Ok(true)
-        }
+    match store.path_from_hash_part(hash).await? {
+        Some(path) => index_if_valid(store, index, keys, &path).await,
         None => Ok(false),
     }
 }

@@ -27,7 +27,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::index::{Entry, Index};
+use super::index::{index_if_valid, Index};
 use crate::narinfo::{StorePath, TrustedKeys};
 use crate::store::Store;
 use crate::summary;
@@ -172,17 +172,9 @@ pub async fn learn(
         async move {
             for delay in LEARN_DELAYS {
                 tokio::time::sleep(delay).await;
-                if index.get(&path.hash()).is_some() {
-                    return;
-                }
-                match store.path_info(&path).await {
-                    Ok(Some(info)) => {
-                        if let Some(e) = Entry::servable(&info, &keys) {
-                            index.insert(e);
-                        }
-                        return;
-                    }
-                    Ok(None) => {}
+                match index_if_valid(&store, &index, &keys, &path).await {
+                    Ok(true) => return,
+                    Ok(false) => {}
                     Err(e) => {
                         tracing::debug!(%path, error = %e, "cannot check a delivered path");
                         return;
@@ -206,6 +198,7 @@ fn tokio_stream_from<T: Send + 'static>(rx: mpsc::Receiver<T>) -> impl futures_u
 mod tests {
     use super::*;
     use crate::narinfo::{NarHash, StorePathHash};
+    use crate::server::index::Entry;
     use crate::summary::{decode, may_contain, Summary};
 
     fn entry(i: u32) -> Entry {
