@@ -166,3 +166,50 @@ fn summaries_announced_but_not_fetched_do_not_narrow_the_fan_out() {
     let asked = caches.iter().filter(|c| c.requests_for(".narinfo") > 0).count();
     assert!(asked > 40, "only {asked} of {PEERS} peers were ever asked");
 }
+
+/// A peer whose store server answered this host's proxy is *useful*, and a full peer table keeps
+/// it over new identities (`beacon::table`): the proxy's summary fetch, which checks that the
+/// server names the node id, counts as an answer. A peer that announces a summary its server
+/// does not name its node id for (a forged announce at someone's address) never does. (Red
+/// with the summary fetch not telling the table: `answered` stays unset.)
+#[test]
+fn a_summary_fetch_naming_the_node_marks_the_peer_useful() {
+    let rig = Rig::new();
+    for id in 1..=4u8 {
+        rig.peer_with_summary(Arc::new(FakeCache::default()), id);
+    }
+    // A forged announce of node 9 at peer 1's address: its server names node 1.
+    let at = rig
+        .table
+        .get(&local_nix_cache::beacon::wire::NodeId([1; 16]))
+        .expect("peer 1")
+        .http_addr();
+    let forged = local_nix_cache::beacon::wire::NodeId([9; 16]);
+    let b = local_nix_cache::beacon::wire::encode(&local_nix_cache::beacon::wire::Beacon {
+        kind: local_nix_cache::beacon::wire::Kind::Announce,
+        flags: 1,
+        node: forged,
+        port: at.port(),
+        interval_ms: 3_600_000,
+        seq: 1,
+        hostname: None,
+        summary: Some(1),
+        commitment: None,
+        proof: None,
+    });
+    rig.table.handle(at, &b, tokio::time::Instant::now());
+    let (_, px) = rig.proxy(vec![]);
+    let t0 = Instant::now();
+    while px.status().peers.iter().filter(|p| p.summary.is_some()).count() < 4 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "summaries not fetched");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for id in 1..=4u8 {
+        let p = rig
+            .table
+            .get(&local_nix_cache::beacon::wire::NodeId([id; 16]))
+            .expect("peer");
+        assert!(p.answered.is_some(), "peer {id} not marked as answered");
+    }
+    assert!(rig.table.get(&forged).is_some_and(|p| p.answered.is_none()));
+}

@@ -9,10 +9,18 @@
 //! a goodbye: one carrying the secret whose commitment its announces carried, or, from a peer
 //! that announced no commitment (an older version), one from an address it announced from.
 //!
-//! Under pressure, established peers stay: a peer is *established* once it has announced
-//! [`ESTABLISHED_ANNOUNCES`] times; when the table is full, a new node id may only take the place
-//! of a peer still on probation, so a flood of new identities churns the probation entries and
-//! never the hall's real hosts. One source address holds at most [`MAX_PEERS_PER_ADDR`] node ids.
+//! Under pressure, useful peers stay: a peer is *useful* once its store server answered this
+//! host's proxy naming its node id at a listed address ([`PeerTable::answered`]: a narinfo, a NAR,
+//! or the content-summary fetch every peer that announces a summary gets within a second or so).
+//! When the table is full, a new node id takes the place of the entry held longest of those that
+//! never answered, established or not (announces cost nothing to forge, from any number of
+//! spoofed addresses; an answer over HTTP does). A flood of identities, one-off or kept
+//! refreshed, therefore never pushes out the hall's real hosts, and a late-comer gets in and
+//! stays until its server answered, unless the attacker re-enters identities faster than the
+//! table's unanswered entries per time a newcomer needs to answer (about 1,500 a second).
+//! One source address holds at most [`MAX_PEERS_PER_ADDR`] node ids, counting every entry that
+//! lists it. A peer is *established* once it has announced [`ESTABLISHED_ANNOUNCES`] times (what
+//! the traffic budget, the query sampling and peer exchange count).
 //! Rate-limit buckets are an LRU of [`MAX_SOURCES`]: a new source evicts the least recently seen
 //! one (which starts afresh if it comes back), so spoofed sources cannot lock an honest peer out.
 //!
@@ -167,6 +175,9 @@ pub struct Counters {
     /// Announces of a live peer's node id from a second address (ignored, or undone).
     #[serde(default)]
     pub contested: u64,
+    /// Entries that never answered, pushed out of a full table by a newcomer.
+    #[serde(default)]
+    pub displaced: u64,
     pub expired: u64,
 }
 
@@ -214,13 +225,14 @@ impl Default for Inner {
 }
 
 impl Inner {
-    /// Makes room for a new node id from `ip`: false when its address already holds its share,
-    /// or the table is full of established peers.
+    /// Makes room for a new node id from `ip`: false when its address already holds its share
+    /// (every entry listing the address counts, not only those first heard there), or the table
+    /// is full of peers whose store servers answered this host.
     fn admit(&mut self, ip: IpAddr) -> Result<(), &'static str> {
         let from_addr = self
             .peers
             .values()
-            .filter(|p| p.addrs.first().is_some_and(|a| a.ip() == ip))
+            .filter(|p| p.addrs.iter().any(|a| a.ip() == ip))
             .count();
         if from_addr >= MAX_PEERS_PER_ADDR {
             return Err("address holds its share of node ids");
@@ -228,19 +240,25 @@ impl Inner {
         if self.peers.len() < MAX_PEERS {
             return Ok(());
         }
-        // Full: the newest of the least-announced probation entries makes room.
+        // Full: the entry held longest of those whose store server never answered this host
+        // makes room, established or not. Announcing is free and any number of source addresses
+        // can be spoofed on a link, so announces prove nothing; an answer over HTTP naming the
+        // node id at a listed address does (`answered`). Oldest first: a persistent flood is
+        // pushed out by newcomers one at a time, and a newcomer is the last of the unanswered to
+        // go, with time to answer.
         let victim = self
             .peers
             .values()
-            .filter(|p| !p.established())
-            .min_by_key(|p| (p.announces, std::cmp::Reverse(p.first_seen)))
+            .filter(|p| p.answered.is_none())
+            .min_by_key(|p| (p.first_seen, p.node))
             .map(|p| p.node);
         match victim {
             Some(v) => {
                 self.peers.remove(&v);
+                self.counters.displaced += 1;
                 Ok(())
             }
-            None => Err("peer table full"),
+            None => Err("peer table full of peers that answered"),
         }
     }
 }

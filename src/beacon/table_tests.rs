@@ -242,8 +242,9 @@ async fn only_the_committed_secret_says_goodbye() {
     assert!(t.peers().is_empty());
 }
 
-/// A full table keeps its established peers against a flood of new identities from many
-/// addresses, and a newcomer still gets in, in place of a probation entry.
+/// A full table keeps its established, useful peers (their store servers answered) against a
+/// flood of new identities from many addresses, and a newcomer still gets in, in place of an
+/// entry that never answered.
 #[tokio::test(start_paused = true)]
 async fn established_peers_stay_and_newcomers_get_in_under_pressure() {
     let t = PeerTable::new(NodeId([0; 16]));
@@ -256,8 +257,12 @@ async fn established_peers_stay_and_newcomers_get_in_under_pressure() {
         now += Duration::from_millis(300 * u64::from(round + 1));
     }
     assert_eq!(t.peers().iter().filter(|p| p.established()).count(), 1000);
+    // Their store servers answered this host's proxy (summary fetches): they are useful.
+    for i in 0..1000 {
+        t.answered(&id_of(i), ip(i), now);
+    }
     // A flood of 5000 new identities from 1250 addresses (four each, the most an address
-    // holds): the table fills with them, but no established peer leaves.
+    // holds): the table fills with them, but no useful peer leaves.
     for i in 0..5000u32 {
         t.handle(ip(20_000 + i / 4), &announce_of(100_000 + i, None), now);
     }
@@ -266,7 +271,7 @@ async fn established_peers_stay_and_newcomers_get_in_under_pressure() {
     assert_eq!(
         peers.iter().filter(|p| p.established()).count(),
         1000,
-        "established peers stay"
+        "established, useful peers stay"
     );
     // A newcomer (or a returning host with a new node id) still gets in.
     assert!(matches!(
@@ -283,13 +288,16 @@ async fn established_peers_stay_and_newcomers_get_in_under_pressure() {
         t.handle(ip(7), &announce_of(7, None), now),
         Outcome::Refreshed(_)
     ));
-    // A table of established peers only keeps them all: a newcomer waits for an expiry.
+    // A table of peers that all answered keeps them all: a newcomer waits for an expiry.
     let t = PeerTable::new(NodeId([0; 16]));
     for _ in 0..ESTABLISHED_ANNOUNCES {
         for i in 0..MAX_PEERS as u32 {
             t.handle(ip(i), &announce_of(i, None), now);
         }
         now += Duration::from_millis(200);
+    }
+    for i in 0..MAX_PEERS as u32 {
+        t.answered(&id_of(i), ip(i), now);
     }
     assert!(matches!(
         t.handle(ip(40_000), &announce_of(40_000, None), now),
@@ -414,4 +422,106 @@ async fn an_answer_over_http_keeps_a_peer_whose_announces_are_lost() {
     // An answer never brings back a peer that left.
     t.answered(&two, src(2), t0 + Duration::from_millis(5700));
     assert!(t.get(&two).is_none());
+}
+
+/// The node id `announce_of(id, ..)` announces.
+fn id_of(id: u32) -> NodeId {
+    let mut node = [7u8; 16];
+    node[..4].copy_from_slice(&id.to_be_bytes());
+    NodeId(node)
+}
+
+/// Persistent flood (issue #12): forged identities announced three times (established) and kept
+/// refreshed fill the table from 387 addresses (4 ids each). Late-comers still get in, each in
+/// place of the longest-held entry that never answered; the attacker re-announcing the ids it
+/// lost pushes out its own older entries, not the late-comers; the hall's hosts, whose store
+/// servers answered, all stay; once every entry answered, a newcomer waits.
+/// (Red before the fix: the late-comer was refused, "peer table full".)
+#[tokio::test(start_paused = true)]
+async fn a_persistent_flood_of_established_forgeries_does_not_lock_late_comers_out() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let mut now = Instant::now();
+    const HALL: u32 = 500;
+    for _ in 0..ESTABLISHED_ANNOUNCES {
+        for i in 0..HALL {
+            t.handle(ip(i), &announce_of(i, None), now);
+        }
+        now += Duration::from_millis(300);
+    }
+    for i in 0..HALL {
+        t.answered(&id_of(i), ip(i), now);
+    }
+    let forged = (MAX_PEERS as u32 - HALL) / 4 * 4;
+    let flood = |t: &PeerTable, now: Instant| {
+        for i in 0..forged {
+            t.handle(ip(20_000 + i / 4), &announce_of(100_000 + i, None), now);
+        }
+    };
+    for _ in 0..ESTABLISHED_ANNOUNCES {
+        flood(&t, now);
+        now += Duration::from_millis(300);
+    }
+    assert_eq!(t.len(), MAX_PEERS);
+    assert_eq!(t.established_len(), MAX_PEERS, "the forgeries are established");
+    // Ten late-comers, each on its own address, the first a returning host (a new node id from
+    // the address of its old one, which has not expired yet).
+    let late = |k: u32| if k == 0 { ip(3) } else { ip(5000 + k) };
+    for k in 0..10 {
+        now += Duration::from_millis(10);
+        let got = t.handle(late(k), &announce_of(5000 + k, None), now);
+        assert!(matches!(got, Outcome::Joined(_)), "late-comer {k}: {got:?}");
+    }
+    // Their store servers answer this host's proxy (its summary fetch) a moment later; the
+    // attacker, meanwhile, re-announces the ids it lost (each pushes out its own oldest entry).
+    now += Duration::from_millis(500);
+    for i in 0..10 {
+        t.handle(ip(20_000 + i / 4), &announce_of(100_000 + i, None), now);
+    }
+    now += Duration::from_millis(500);
+    for k in 0..10 {
+        t.answered(&id_of(5000 + k), SocketAddr::new(late(k).ip(), 8380), now);
+    }
+    // It keeps refreshing and re-announcing: the late-comers, now useful, stay.
+    for _ in 0..3 {
+        now += Duration::from_millis(300);
+        flood(&t, now);
+    }
+    for k in 0..10 {
+        assert!(t.get(&id_of(5000 + k)).is_some(), "late-comer {k} pushed out");
+    }
+    assert_eq!(
+        (0..HALL).filter(|i| t.get(&id_of(*i)).is_some()).count(),
+        HALL as usize,
+        "the hall's hosts stay"
+    );
+    assert_eq!(t.len(), MAX_PEERS);
+    assert!(t.counters().displaced >= 10);
+    // A table where every entry answered keeps them all: a newcomer waits for an expiry.
+    for p in t.peers() {
+        t.answered(&p.node, p.addrs[0], now);
+    }
+    assert!(matches!(
+        t.handle(ip(9000), &announce_of(9000, None), now),
+        Outcome::Ignored(..)
+    ));
+}
+
+/// An address holds at most four node ids, counting every entry that lists it, not only those
+/// first heard there: ids announced from an IPv4 address and then from an IPv6 one (listed first
+/// from then on) still count at the IPv4 one. (Red before the fix: a fifth id got in.)
+#[tokio::test(start_paused = true)]
+async fn the_per_address_cap_counts_every_entry_listing_the_address() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let now = Instant::now();
+    let v6: SocketAddr = "[fe80::66%7]:8380".parse().expect("addr");
+    for i in 0..MAX_PEERS_PER_ADDR as u32 {
+        t.handle(ip(1), &announce_of(i, None), now);
+        t.handle(v6, &announce_of(i, None), now);
+    }
+    assert!(t.peers().iter().all(|p| p.addrs.len() == 2 && p.addrs[0] == v6));
+    assert!(matches!(
+        t.handle(ip(1), &announce_of(99, None), now),
+        Outcome::Ignored(..)
+    ));
+    assert_eq!(t.len(), MAX_PEERS_PER_ADDR);
 }

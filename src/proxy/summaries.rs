@@ -198,6 +198,7 @@ impl PeerSummaries {
                 .filter_map(|p| p.summary.map(|v| (p.node, v)))
                 .collect();
             let due = me.due(&announced);
+            let table = &table;
             let work = futures_util::stream::iter(due)
                 .map(|(node, have)| {
                     let proxy = &proxy;
@@ -205,6 +206,13 @@ impl PeerSummaries {
                 })
                 .buffer_unordered(FETCH_AT_ONCE)
                 .for_each(|(node, have, r)| async move {
+                    if r.is_ok() {
+                        // Its server answered, naming its node id: a useful peer, kept over
+                        // new identities when the table is full (`beacon::table`).
+                        if let Some(p) = table.get(&node) {
+                            table.answered(&node, p.http_addr(), Instant::now());
+                        }
+                    }
                     match r.map(|b| summary::decode(&b)) {
                         // One that does not fit leaves nothing held: the next fetch is full.
                         Ok(Ok(s)) => {
