@@ -132,14 +132,22 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     let learner = summary::learn(store.clone(), index.clone(), keys.clone(), learn_rx, shutdown.clone());
     // One id for the beacon's announces and the store server's answers, so proxies can check
     // that the server at an announced address is the node that announced it.
-    // The id is the commitment to the goodbye secret (a bound id, `proto/beacon.md`).
-    let (node_id, secret) = wire::bound_identity();
+    // The id is the hash of this run's Ed25519 key (`beacon::identity`, `proto/beacon.md`); the
+    // store server proves it at `GET /identity`, goodbyes are signed with it.
+    let identity = Arc::new(beacon::identity::Identity::generate());
+    let node_id = identity.node();
+    // Unused (goodbyes are signed), but the announce keeps the field of unkeyed senders.
+    let secret = rand::random();
     // The beacon's table, shared with the store server's `GET /peers`.
-    let table = settings.beacon.as_ref().map(|_| Arc::new(PeerTable::new(node_id)));
+    let table = settings
+        .beacon
+        .as_ref()
+        .map(|_| Arc::new(PeerTable::with_identity(identity.clone())));
     let srv = Arc::new(
         StoreServer::new(store, index, keys.clone())
             .with_stall_timeout(settings.server.client_stall_timeout)
             .with_node_id(node_id)
+            .with_identity(identity)
             .with_summary(publisher.clone())
             .with_peers(table.clone()),
     );

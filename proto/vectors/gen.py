@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Writes beacons.txt: beacon test vectors made straight from proto/beacon.md, independently of
-the Rust codec (which the vectors then check). Run: python3 proto/vectors/gen.py"""
+the Rust codec (which the vectors then check). Run: python3 proto/vectors/gen.py
+(needs the `cryptography` package for the Ed25519 signatures; Ed25519 is deterministic, so the
+vectors come out the same every run)."""
 import hashlib
 import os
 import struct
@@ -31,6 +33,24 @@ S = bytes(range(16))  # a goodbye secret
 C = hashlib.sha256(S).digest()[:16]  # its commitment
 
 
+# A keyed node (proto/beacon.md, "Identity"): its node id is the first 16 bytes of sha256 of its
+# Ed25519 public key; a goodbye carries the key (extension 5) and, last, a signature (extension 6)
+# over "local-nix-cache goodbye v1\0" followed by every byte before the signature extension.
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+
+SK = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+PK = SK.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+K = hashlib.sha256(PK).digest()[:16]  # the keyed node id
+OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+GOODBYE_CONTEXT = b"local-nix-cache goodbye v1\0"
+
+
+def signed_goodbye(signer=SK, node=K):
+    b = hdr(kind=3, node=node, port=0, seq=12) + ext(5, PK)
+    return b + ext(6, signer.sign(GOODBYE_CONTEXT + b))
+
+
 def fields(**kw):
     d = dict(type="announce", node=N.hex(), port=8380, flags="0x0001", interval_ms=5000, seq=1, hostname="-",
              summary="-", commitment="-", proof="-")
@@ -53,6 +73,13 @@ VALID = [
      hdr(flags=0x0007) + ext(1, b"h") + ext(2, struct.pack(">Q", 2**40 + 7)) + ext(3, C),
      fields(flags="0x0007", hostname="h", summary=2**40 + 7, commitment=C.hex())),
     ("goodbye with its proof", hdr(kind=3, seq=9) + ext(4, S), fields(type="goodbye", seq=9, proof=S.hex())),
+    ("announce of a keyed node (its commitment is its node id)",
+     hdr(node=K, flags=0x0007) + ext(1, b"h") + ext(3, K),
+     fields(node=K.hex(), flags="0x0007", hostname="h", commitment=K.hex())),
+    ("goodbye signed by the key of its node", signed_goodbye(),
+     fields(type="goodbye", node=K.hex(), port=0, seq=12, key=PK.hex(), signed="yes", canonical="no")),
+    ("goodbye signed by another key than its node's", signed_goodbye(signer=OTHER),
+     fields(type="goodbye", node=K.hex(), port=0, seq=12, key=PK.hex(), signed="no", canonical="no")),
 ]
 
 INVALID = [
@@ -77,6 +104,8 @@ INVALID = [
     ("summary version of 7 bytes", hdr() + ext(2, b"\x00" * 7), "extension-length"),
     ("commitment of 15 bytes", hdr() + ext(3, C[:15]), "extension-length"),
     ("proof of 17 bytes", hdr(kind=3) + ext(4, S + b"\x00"), "extension-length"),
+    ("key of 31 bytes", hdr(kind=3) + ext(5, PK[:31]), "extension-length"),
+    ("signature of 63 bytes", hdr(kind=3) + ext(5, PK) + ext(6, b"\x00" * 63), "extension-length"),
 ]
 
 

@@ -22,6 +22,7 @@
 //! burst at once; a departing link gets a goodbye while it still can, and the peers reachable
 //! only through it are forgotten. With no usable interface the beacon waits.
 
+pub mod identity;
 pub mod iface;
 pub mod links;
 mod membership;
@@ -180,6 +181,10 @@ pub struct RawDatagram {
 /// Builds the beacons this host sends.
 struct Sender {
     node: NodeId,
+    /// This node's key, when its id is the key's hash: announces then carry the id as their
+    /// commitment (older receivers see a bound id), goodbyes are signed instead of carrying a
+    /// secret.
+    identity: Option<Arc<identity::Identity>>,
     announce: Option<Announce>,
     interval: Duration,
     seq: u32,
@@ -191,7 +196,8 @@ impl Sender {
     fn datagram(&mut self, kind: Kind) -> Vec<u8> {
         self.seq = self.seq.wrapping_add(1);
         let a = self.announce.as_ref();
-        let bytes = wire::encode(&Datagram {
+        let keyed = self.identity.as_ref();
+        let mut bytes = wire::encode(&Datagram {
             kind,
             flags: a.map_or(0, |a| a.flags),
             node: self.node,
@@ -210,9 +216,12 @@ impl Sender {
                 .filter(|v| *v != 0),
             commitment: a
                 .filter(|_| kind == Kind::Announce)
-                .map(|a| wire::commitment(&a.secret)),
-            proof: a.filter(|_| kind == Kind::Goodbye).map(|a| a.secret),
+                .map(|a| keyed.map_or_else(|| wire::commitment(&a.secret), |_| self.node.0)),
+            proof: a.filter(|_| kind == Kind::Goodbye && keyed.is_none()).map(|a| a.secret),
         });
+        if let (Kind::Goodbye, Some(id), Some(_)) = (kind, keyed, a) {
+            id.sign_datagram(&mut bytes);
+        }
         if kind == Kind::Announce {
             self.last_len = bytes.len();
         }
@@ -261,6 +270,7 @@ pub async fn run(
 ) {
     let mut sender = Sender {
         node: table.own(),
+        identity: table.identity().cloned(),
         announce: cfg.announce.clone(),
         interval: cfg.interval,
         seq: 0,
@@ -279,6 +289,8 @@ pub async fn run(
     } else {
         RESCAN_INTERVAL_NO_NETLINK
     };
+    // Contested node ids: their claimants' store servers are asked for proofs.
+    let prover = tokio::spawn(identity::verify_loop(table.clone(), shutdown.child_token()));
     let start = Instant::now();
     sender.hello(&sockets, None).await;
     let burst_from = |t: Instant| -> VecDeque<Instant> {
@@ -414,6 +426,7 @@ pub async fn run(
     if let Some(t) = pex_task {
         t.abort();
     }
+    prover.abort();
     if announcing && goodbye {
         let bye = sender.datagram(Kind::Goodbye);
         sockets.send(&bye, None).await;

@@ -111,15 +111,19 @@ impl OnLink {
     }
 }
 
+/// The URL of `path` on the store server at `addr`.
+pub(crate) fn url(addr: SocketAddr, path: &str) -> String {
+    match addr {
+        SocketAddr::V4(a) => format!("http://{a}{path}"),
+        // Link-local: the scope goes in the URL as `%25`-escaped zone.
+        SocketAddr::V6(a) if a.scope_id() != 0 => format!("http://[{}%25{}]:{}{path}", a.ip(), a.scope_id(), a.port()),
+        SocketAddr::V6(a) => format!("http://{a}{path}"),
+    }
+}
+
 /// Fetches `GET /peers` from `from` (bounded in time and size).
 async fn fetch(client: &reqwest::Client, from: SocketAddr) -> Option<String> {
-    let url = match from {
-        SocketAddr::V4(a) => format!("http://{a}/peers"),
-        // Link-local: the scope goes in the URL as `%25`-escaped zone.
-        SocketAddr::V6(a) if a.scope_id() != 0 => format!("http://[{}%25{}]:{}/peers", a.ip(), a.scope_id(), a.port()),
-        SocketAddr::V6(a) => format!("http://{a}/peers"),
-    };
-    let mut resp = client.get(&url).send().await.ok()?;
+    let mut resp = client.get(url(from, "/peers")).send().await.ok()?;
     if !resp.status().is_success() {
         return None;
     }

@@ -35,16 +35,17 @@
 //! [`MAX_SOURCES`] sources (about 64 bytes each); constant work per datagram except a new node
 //! id's admission (linear in the table, bounded by the rate limits).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lru::LruCache;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use super::identity::{self, Identity};
 use super::wire::{self, Beacon, DecodeError, Kind, NodeId};
 
 /// Most peers in the table (a hall of hundreds of hosts, with room to spare).
@@ -107,6 +108,9 @@ pub struct Peer {
     /// addresses ([`PeerTable::answered`]): a sign of life when its announces are lost (a link
     /// saturated by a download drops multicast first).
     pub answered: Option<Instant>,
+    /// Addresses whose store server proved the node id (`identity`): once a family has one,
+    /// announces of the id from other addresses of that family are ignored until they prove it.
+    pub proven: Vec<IpAddr>,
 }
 
 impl Peer {
@@ -147,6 +151,7 @@ impl Peer {
             moved: None,
             pinned: false,
             answered: None,
+            proven: Vec::new(),
         }
     }
 
@@ -209,6 +214,11 @@ struct Bucket {
 
 struct Inner {
     peers: HashMap<NodeId, Peer>,
+    /// (node, address) pairs whose store server should be asked to prove the node id (a
+    /// contest), at most [`identity::MAX_PENDING`].
+    proofs: VecDeque<(NodeId, SocketAddr)>,
+    /// When each (node, address) pair was last queued (LRU of [`identity::MAX_ASKED`]).
+    asked: LruCache<(NodeId, IpAddr), Instant>,
     /// Rate-limit buckets by source (LRU: new sources evict the least recently seen).
     buckets: LruCache<IpAddr, Bucket>,
     counters: Counters,
@@ -218,6 +228,8 @@ impl Default for Inner {
     fn default() -> Self {
         Self {
             peers: HashMap::new(),
+            proofs: VecDeque::new(),
+            asked: LruCache::new(NonZeroUsize::new(identity::MAX_ASKED).unwrap_or(NonZeroUsize::MIN)),
             buckets: LruCache::new(NonZeroUsize::new(MAX_SOURCES).unwrap_or(NonZeroUsize::MIN)),
             counters: Counters::default(),
         }
@@ -225,6 +237,23 @@ impl Default for Inner {
 }
 
 impl Inner {
+    /// Queues `addr`'s store server to be asked for a proof of `node` (unless asked lately or
+    /// the queue is full); true when queued.
+    fn want_proof(&mut self, node: NodeId, addr: SocketAddr, now: Instant) -> bool {
+        let key = (node, addr.ip());
+        if self
+            .asked
+            .peek(&key)
+            .is_some_and(|t| now < *t + identity::ASK_AGAIN_AFTER)
+            || self.proofs.len() >= identity::MAX_PENDING
+        {
+            return false;
+        }
+        self.asked.put(key, now);
+        self.proofs.push_back((node, addr));
+        true
+    }
+
     /// Makes room for a new node id from `ip`: false when its address already holds its share
     /// (every entry listing the address counts, not only those first heard there), or the table
     /// is full of peers whose store servers answered this host.
@@ -266,6 +295,10 @@ impl Inner {
 pub struct PeerTable {
     /// Our own node id: our beacons come back to us and are ignored.
     own: NodeId,
+    /// Our key, when the node id is its hash (goodbyes are signed with it).
+    identity: Option<Arc<Identity>>,
+    /// Woken when a proof is wanted (`identity::verify_loop`).
+    proofs_wanted: tokio::sync::Notify,
     inner: Mutex<Inner>,
     /// Woken on every join or leave, for whoever waits for the table to change.
     changed: tokio::sync::Notify,
@@ -275,13 +308,61 @@ impl PeerTable {
     pub fn new(own: NodeId) -> Self {
         Self {
             own,
+            identity: None,
+            proofs_wanted: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner::default()),
             changed: tokio::sync::Notify::new(),
         }
     }
 
+    /// The table of the node whose id is `identity`'s.
+    pub fn with_identity(identity: Arc<Identity>) -> Self {
+        Self {
+            identity: Some(identity.clone()),
+            ..Self::new(identity.node())
+        }
+    }
+
     pub fn own(&self) -> NodeId {
         self.own
+    }
+
+    /// Our key, when the node id is its hash.
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
+        self.identity.as_ref()
+    }
+
+    /// The (node, address) pairs whose store server should now be asked to prove the node id.
+    pub fn take_proofs_wanted(&self) -> Vec<(NodeId, SocketAddr)> {
+        self.lock().proofs.drain(..).collect()
+    }
+
+    /// Resolves when a proof is wanted.
+    pub async fn proofs_wanted(&self) {
+        self.proofs_wanted.notified().await
+    }
+
+    /// `addr`'s store server proved `node` (`identity`): the address holds the id; the
+    /// addresses of its family that did not prove it are dropped, and announces of the id from
+    /// them are ignored from now on.
+    pub fn prove(&self, node: &NodeId, addr: SocketAddr) {
+        let mut g = self.lock();
+        let Some(p) = g.peers.get_mut(node) else {
+            return;
+        };
+        if !p.proven.contains(&addr.ip()) {
+            p.proven.insert(0, addr.ip());
+            p.proven.truncate(MAX_ADDRS_PER_PEER);
+        }
+        let proven = p.proven.clone();
+        p.addrs
+            .retain(|a| a.is_ipv4() != addr.is_ipv4() || proven.contains(&a.ip()));
+        if !p.addrs.contains(&addr) {
+            p.addrs.insert(0, addr);
+            p.addrs.truncate(MAX_ADDRS_PER_PEER);
+        }
+        p.moved = None;
+        p.pinned = true;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -320,6 +401,7 @@ impl PeerTable {
                 moved: None,
                 pinned: false,
                 answered: None,
+                proven: Vec::new(),
             },
         );
         drop(g);
@@ -337,6 +419,7 @@ impl PeerTable {
 
     /// Handles one datagram from `src`.
     pub fn handle(&self, src: SocketAddr, data: &[u8], now: Instant) -> Outcome {
+        let mut wanted = false;
         let mut g = self.lock();
         let inner = &mut *g;
         inner.counters.received += 1;
@@ -366,11 +449,15 @@ impl PeerTable {
             }
             Kind::Goodbye => {
                 inner.counters.goodbyes += 1;
-                let genuine = inner.peers.get(&b.node).is_some_and(|p| match p.commitment {
-                    // It committed to a secret: only that secret says goodbye.
-                    Some(c) => b.proof.is_some_and(|s| wire::commitment(&s) == c),
-                    // An older peer: from an address it announced from.
-                    None => p.addrs.iter().any(|a| a.ip() == src.ip()),
+                let signed = identity::signed_by(data, &b.node);
+                let genuine = inner.peers.get(&b.node).is_some_and(|p| {
+                    signed
+                        || match p.commitment {
+                            // It committed to a secret: only that secret says goodbye.
+                            Some(c) => b.proof.is_some_and(|s| wire::commitment(&s) == c),
+                            // An older peer: from an address it announced from.
+                            None => p.addrs.iter().any(|a| a.ip() == src.ip()),
+                        }
                 });
                 if genuine {
                     inner.peers.remove(&b.node);
@@ -384,6 +471,33 @@ impl PeerTable {
                 let addr = SocketAddr::new(src.ip(), b.port);
                 match addr_with_scope(addr, src) {
                     addr if inner.peers.contains_key(&b.node) => {
+                        // A second address of a family the id is listed with: a contest (or a
+                        // move); the store servers at every such address are asked to prove the
+                        // id. Once one did, the family's other addresses are ignored.
+                        let (unproven, contest) = inner.peers.get(&b.node).map_or((false, Vec::new()), |p| {
+                            let family = |a: &IpAddr| a.is_ipv4() == addr.is_ipv4();
+                            let unproven = p.proven.iter().any(family) && !p.proven.contains(&addr.ip());
+                            let listed: Vec<SocketAddr> = p.addrs.iter().filter(|a| family(&a.ip())).copied().collect();
+                            let contest = if p.announces > 0 && !listed.is_empty() && !listed.contains(&addr) {
+                                listed
+                            } else {
+                                Vec::new()
+                            };
+                            (unproven, contest)
+                        });
+                        if unproven {
+                            wanted |= inner.want_proof(b.node, addr, now);
+                            inner.counters.contested += 1;
+                            if wanted {
+                                self.proofs_wanted.notify_one();
+                            }
+                            return Outcome::Ignored(b, "node id announced from an address that did not prove it");
+                        }
+                        if !contest.is_empty() {
+                            for a in std::iter::once(addr).chain(contest) {
+                                wanted |= inner.want_proof(b.node, a, now);
+                            }
+                        }
                         let Some(p) = inner.peers.get_mut(&b.node) else {
                             return Outcome::Ignored(b, "gone");
                         };
@@ -469,6 +583,9 @@ impl PeerTable {
             }
         };
         drop(g);
+        if wanted {
+            self.proofs_wanted.notify_one();
+        }
         if matches!(outcome, Outcome::Joined(_) | Outcome::Left(_)) {
             self.changed.notify_waiters();
         }

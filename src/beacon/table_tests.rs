@@ -525,3 +525,69 @@ async fn the_per_address_cap_counts_every_entry_listing_the_address() {
     ));
     assert_eq!(t.len(), MAX_PEERS_PER_ADDR);
 }
+
+/// First-contact race: an attacker's copy of a keyed node id (the hash of a key; its commitment
+/// is the id) heard before the node's own announce. The second address of the family makes a
+/// contest: both addresses are queued to be asked for a proof (once per `ASK_AGAIN_AFTER`); the
+/// one whose store server proves the id holds it, the other is dropped and its announces are
+/// ignored from then on; the node's signed goodbye removes it, a goodbye signed by another key
+/// does not.
+#[tokio::test(start_paused = true)]
+async fn a_contested_node_id_goes_to_the_address_that_proves_it() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let id = identity::Identity::generate();
+    let node = id.node();
+    let a = claim(node, node.0, 1000);
+    let (honest, attacker) = (src(1), src(66));
+    let mut now = Instant::now();
+    for _ in 0..ESTABLISHED_ANNOUNCES {
+        t.handle(attacker, &a, now);
+        now += Duration::from_millis(100);
+    }
+    assert!(t.take_proofs_wanted().is_empty(), "no contest yet");
+    t.handle(honest, &a, now);
+    let mut wanted = t.take_proofs_wanted();
+    wanted.sort_by_key(|(_, a)| *a);
+    assert_eq!(wanted, [(node, honest), (node, attacker)]);
+    // Meanwhile the attacker's copy undoes the "move" and pins the id to its address, as before.
+    now += Duration::from_millis(100);
+    t.handle(attacker, &a, now);
+    assert_eq!(t.get(&node).map(|p| p.addrs), Some(vec![attacker]));
+    // The honest store server proves the id; the attacker's cannot.
+    t.prove(&node, honest);
+    assert_eq!(t.get(&node).map(|p| p.addrs), Some(vec![honest]));
+    for i in 0..5 {
+        now += Duration::from_millis(100);
+        assert!(matches!(t.handle(attacker, &a, now), Outcome::Ignored(..)), "{i}");
+        assert!(matches!(t.handle(honest, &a, now), Outcome::Refreshed(_)), "{i}");
+    }
+    assert_eq!(t.get(&node).map(|p| p.addrs), Some(vec![honest]));
+    assert!(t.take_proofs_wanted().is_empty(), "asked once per ASK_AGAIN_AFTER");
+    now += identity::ASK_AGAIN_AFTER;
+    t.handle(attacker, &a, now);
+    assert_eq!(t.take_proofs_wanted(), [(node, attacker)]);
+    // The other family is not contested by this: its address is taken as announced.
+    let v6: SocketAddr = "[fe80::1%7]:8380".parse().expect("addr");
+    t.handle(v6, &a, now);
+    assert_eq!(t.get(&node).map(|p| p.addrs), Some(vec![v6, honest]));
+    // Goodbyes: signed by another key (naming this node), or unsigned: ignored; signed: gone.
+    let bye = |signer: &identity::Identity| {
+        let mut b = encode(&Beacon {
+            kind: Kind::Goodbye,
+            ..wire::decode(&a).expect("decode")
+        });
+        signer.sign_datagram(&mut b);
+        b
+    };
+    let unsigned = encode(&Beacon {
+        kind: Kind::Goodbye,
+        ..wire::decode(&a).expect("decode")
+    });
+    assert!(matches!(t.handle(honest, &unsigned, now), Outcome::Ignored(..)));
+    assert!(matches!(
+        t.handle(honest, &bye(&identity::Identity::generate()), now),
+        Outcome::Ignored(..)
+    ));
+    assert!(matches!(t.handle(attacker, &bye(&id), now), Outcome::Left(_)));
+    assert!(t.get(&node).is_none());
+}

@@ -18,6 +18,11 @@ const EXT_HOSTNAME: u8 = 1;
 const EXT_SUMMARY: u8 = 2;
 const EXT_COMMITMENT: u8 = 3;
 const EXT_PROOF: u8 = 4;
+/// In a goodbye: the sender's Ed25519 public key (32 bytes), whose hash is its node id.
+pub const EXT_KEY: u8 = 5;
+/// In a goodbye, last: the signature (64 bytes) by that key over everything before it
+/// (`identity`).
+pub const EXT_SIGNATURE: u8 = 6;
 /// Length of a goodbye secret and of its commitment.
 pub const SECRET_LEN: usize = 16;
 
@@ -242,6 +247,8 @@ pub fn decode(b: &[u8]) -> Result<Beacon, DecodeError> {
             commitment = Some(fixed(t, value)?);
         } else if t == EXT_PROOF {
             proof = Some(fixed(t, value)?);
+        } else if (t == EXT_KEY && len != 32) || (t == EXT_SIGNATURE && len != 64) {
+            return Err(DecodeError::ExtensionLength(t));
         }
         i += 2 + len;
     }
@@ -256,6 +263,38 @@ pub fn decode(b: &[u8]) -> Result<Beacon, DecodeError> {
         summary,
         commitment,
         proof,
+    })
+}
+
+/// The key and signature extensions of a signed datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signed {
+    pub key: [u8; 32],
+    pub signature: [u8; 64],
+    /// The signed bytes: the datagram up to the signature extension, which must be last.
+    pub signed_len: usize,
+}
+
+/// The key and signature of a datagram that [`decode`] accepted, when it carries both and the
+/// signature is its last extension.
+pub fn signature(b: &[u8]) -> Option<Signed> {
+    let (mut key, mut sig) = (None, None);
+    let mut i = HEADER_LEN;
+    while i + 2 <= b.len() {
+        let (t, len) = (b[i], b[i + 1] as usize);
+        let value = b.get(i + 2..i + 2 + len)?;
+        if t == EXT_KEY {
+            key = value.try_into().ok();
+        } else if t == EXT_SIGNATURE {
+            sig = Some((value.try_into().ok()?, i));
+        }
+        i += 2 + len;
+    }
+    let (signature, signed_len) = sig?;
+    (signed_len + 2 + 64 == b.len()).then_some(Signed {
+        key: key?,
+        signature,
+        signed_len,
     })
 }
 
@@ -356,6 +395,22 @@ mod tests {
             );
             assert_eq!(hex(b.commitment), field("commitment"), "{name}");
             assert_eq!(hex(b.proof), field("proof"), "{name}");
+            // Signed goodbyes (`identity`): the key found, and whether the signature holds.
+            let signed = signature(&bytes);
+            assert_eq!(
+                signed
+                    .as_ref()
+                    .map_or("-".into(), |s| data_encoding::HEXLOWER.encode(&s.key)),
+                field("key"),
+                "{name}"
+            );
+            if let Some(want) = v.get("signed") {
+                assert_eq!(
+                    crate::beacon::identity::signed_by(&bytes, &b.node),
+                    want == "yes",
+                    "{name}: signature"
+                );
+            }
             if v.get("canonical").map(String::as_str) != Some("no") {
                 assert_eq!(encode(&b), bytes, "{name}: canonical encoding");
             }
@@ -402,7 +457,7 @@ mod tests {
         }
 
         #[test]
-        fn unknown_extensions_are_skipped(b in beacon(), t in 5u8.., value in proptest::collection::vec(any::<u8>(), 0..100)) {
+        fn unknown_extensions_are_skipped(b in beacon(), t in 7u8.., value in proptest::collection::vec(any::<u8>(), 0..100)) {
             let mut bytes = encode(&b);
             bytes.push(t);
             bytes.push(value.len() as u8);

@@ -65,6 +65,8 @@ pub enum Route {
     InstallSource,
     /// The peers this host's beacon heard directly (peer exchange, `beacon::pex`).
     Peers,
+    /// The proof that this server holds its node id at the address asked (`beacon::identity`).
+    Identity,
 }
 
 pub fn route(path: &str) -> Result<Route, RouteError> {
@@ -74,6 +76,7 @@ pub fn route(path: &str) -> Result<Route, RouteError> {
         "/install/source.tar" => Ok(Route::InstallSource),
         "/summary" => Ok(Route::Summary),
         "/peers" => Ok(Route::Peers),
+        "/identity" => Ok(Route::Identity),
         _ => cache_url::parse(path).map(Route::Cache),
     }
 }
@@ -98,6 +101,8 @@ pub struct StoreServer {
     summary: Option<Arc<summary::Publisher>>,
     /// The beacon's peer table, for `GET /peers` (none without a beacon: 404).
     peers: Option<Arc<crate::beacon::PeerTable>>,
+    /// This node's key, for `GET /identity` (none: 404).
+    identity: Option<Arc<crate::beacon::identity::Identity>>,
     /// Misses, checked with the daemon after their 404 (see `misses`).
     misses: misses::MissChecks,
 }
@@ -130,12 +135,19 @@ impl StoreServer {
             node_header: None,
             summary: None,
             peers: None,
+            identity: None,
             misses: misses::MissChecks::default(),
         }
     }
 
     pub fn with_summary(mut self, p: Arc<summary::Publisher>) -> Self {
         self.summary = Some(p);
+        self
+    }
+
+    /// Answers `GET /identity` with proofs by `id`'s key.
+    pub fn with_identity(mut self, id: Arc<crate::beacon::identity::Identity>) -> Self {
+        self.identity = Some(id);
         self
     }
 
@@ -354,6 +366,20 @@ impl h::Handler for StoreServer {
                 Some(t) => h::ok(Bytes::from(crate::beacon::pex::render(t)), "text/plain"),
                 None => h::not_found(),
             },
+            Ok(Route::Identity) => match &self.identity {
+                Some(id) => match crate::beacon::identity::answer(
+                    id,
+                    req.uri().query(),
+                    crate::beacon::identity::is_own_address,
+                ) {
+                    Ok(body) => h::ok(Bytes::from(body), "text/plain"),
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "identity proof refused");
+                        h::not_found()
+                    }
+                },
+                None => h::not_found(),
+            },
             Ok(Route::Cache(CacheRoute::NarInfo(hash))) => self.narinfo(&hash, arrived).await,
             Ok(Route::Cache(CacheRoute::Nar {
                 hash,
@@ -495,6 +521,7 @@ mod tests {
         assert_eq!(route("/nix-cache-info"), Ok(Route::Cache(CacheRoute::CacheInfo)));
         assert_eq!(route("/install/x"), Err(RouteError::NotFound));
         assert_eq!(route("/peers"), Ok(Route::Peers));
+        assert_eq!(route("/identity"), Ok(Route::Identity));
         assert_eq!(route("/install/../x"), Err(RouteError::BadRequest));
     }
 }
