@@ -19,9 +19,11 @@
 //!   there is no 16-byte goodbye secret whose commitment is a key's hash.
 //!
 //! Bounds: at most [`MAX_PENDING`] addresses waiting to be asked (more are dropped, and asked
-//! when they announce again), each (node, address) asked at most once per [`ASK_AGAIN_AFTER`]
-//! (a remembered set of [`MAX_ASKED`]), [`ASK_AT_ONCE`] requests at a time, each within
-//! [`PROOF_TIMEOUT`] and [`MAX_PROOF_BYTES`]. Older peers answer 404: their contests are settled
+//! when they announce again); an address is asked at most once per node id and for at most
+//! four node ids (`table::MAX_PEERS_PER_ADDR`) per [`ASK_AGAIN_AFTER`] (remembered for
+//! [`MAX_ASKED`] addresses, about 100 bytes each), so forged contests at a victim's address cost
+//! it at most four requests per 30 s from each host; [`ASK_AT_ONCE`] requests at a time, each
+//! within [`PROOF_TIMEOUT`] and [`MAX_PROOF_BYTES`]. Older peers answer 404: their contests are settled
 //! as before (moves and pinning, `table`).
 
 use std::net::{IpAddr, SocketAddr};
@@ -41,9 +43,9 @@ pub const PROOF_CONTEXT: &[u8] = b"local-nix-cache identity proof v1\0";
 pub const GOODBYE_CONTEXT: &[u8] = b"local-nix-cache goodbye v1\0";
 /// Addresses waiting for their store server to be asked.
 pub const MAX_PENDING: usize = 64;
-/// (node, address) pairs remembered as asked.
+/// Addresses remembered as asked.
 pub const MAX_ASKED: usize = 1024;
-/// A (node, address) pair is asked again at most this often.
+/// An address is asked again for the same node id, or for more than four, after this long.
 pub const ASK_AGAIN_AFTER: Duration = Duration::from_secs(30);
 /// Requests at once.
 pub const ASK_AT_ONCE: usize = 4;

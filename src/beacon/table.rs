@@ -217,8 +217,11 @@ struct Inner {
     /// (node, address) pairs whose store server should be asked to prove the node id (a
     /// contest), at most [`identity::MAX_PENDING`].
     proofs: VecDeque<(NodeId, SocketAddr)>,
-    /// When each (node, address) pair was last queued (LRU of [`identity::MAX_ASKED`]).
-    asked: LruCache<(NodeId, IpAddr), Instant>,
+    /// Per address (LRU of [`identity::MAX_ASKED`]): when its window of
+    /// [`identity::ASK_AGAIN_AFTER`] began, and the node ids it was asked to prove in it (at most
+    /// [`MAX_PEERS_PER_ADDR`]), so forged contests at a victim's address cost it at most that
+    /// many requests per window from each host.
+    asked: LruCache<IpAddr, (Instant, Vec<NodeId>)>,
     /// Rate-limit buckets by source (LRU: new sources evict the least recently seen).
     buckets: LruCache<IpAddr, Bucket>,
     counters: Counters,
@@ -240,16 +243,17 @@ impl Inner {
     /// Queues `addr`'s store server to be asked for a proof of `node` (unless asked lately or
     /// the queue is full); true when queued.
     fn want_proof(&mut self, node: NodeId, addr: SocketAddr, now: Instant) -> bool {
-        let key = (node, addr.ip());
-        if self
-            .asked
-            .peek(&key)
-            .is_some_and(|t| now < *t + identity::ASK_AGAIN_AFTER)
-            || self.proofs.len() >= identity::MAX_PENDING
-        {
+        if self.proofs.len() >= identity::MAX_PENDING {
             return false;
         }
-        self.asked.put(key, now);
+        let (since, nodes) = self.asked.get_or_insert_mut(addr.ip(), || (now, Vec::new()));
+        if now >= *since + identity::ASK_AGAIN_AFTER {
+            (*since, *nodes) = (now, Vec::new());
+        }
+        if nodes.contains(&node) || nodes.len() >= MAX_PEERS_PER_ADDR {
+            return false;
+        }
+        nodes.push(node);
         self.proofs.push_back((node, addr));
         true
     }

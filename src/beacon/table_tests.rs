@@ -591,3 +591,42 @@ async fn a_contested_node_id_goes_to_the_address_that_proves_it() {
     assert!(matches!(t.handle(attacker, &bye(&id), now), Outcome::Left(_)));
     assert!(t.get(&node).is_none());
 }
+
+/// Forged contests at a victim's address (its node ids announced from ever new addresses, each
+/// a contest that asks every claimant) make this host ask the victim's store server for at most
+/// one proof per node id and four in all per `ASK_AGAIN_AFTER`, however many addresses the
+/// attacker uses.
+#[tokio::test(start_paused = true)]
+async fn forged_contests_ask_a_victims_server_for_few_proofs() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let victim = src(1);
+    let mut now = Instant::now();
+    let ids: Vec<NodeId> = (0..MAX_PEERS_PER_ADDR as u32).map(id_of).collect();
+    for _ in 0..ESTABLISHED_ANNOUNCES {
+        for n in &ids {
+            t.handle(victim, &claim(*n, n.0, 60_000), now);
+        }
+    }
+    let mut asked_victim = 0;
+    for k in 0..60u32 {
+        let n = ids[k as usize % ids.len()];
+        now += Duration::from_millis(100);
+        t.handle(ip(200 + k), &claim(n, n.0, 60_000), now);
+        asked_victim += t
+            .take_proofs_wanted()
+            .iter()
+            .filter(|(_, a)| a.ip() == victim.ip())
+            .count();
+    }
+    assert_eq!(asked_victim, MAX_PEERS_PER_ADDR, "within one window");
+    // In the next window, a new contest asks the victim again, once.
+    now += identity::ASK_AGAIN_AFTER;
+    t.handle(victim, &claim(ids[0], ids[0].0, 60_000), now);
+    t.handle(ip(300), &claim(ids[0], ids[0].0, 60_000), now);
+    let again = t.take_proofs_wanted();
+    assert_eq!(
+        again.iter().filter(|(_, a)| a.ip() == victim.ip()).count(),
+        1,
+        "{again:?}"
+    );
+}
