@@ -24,7 +24,12 @@
 //! Rate-limit buckets are an LRU of [`MAX_SOURCES`]: a new source evicts the least recently seen
 //! one (which starts afresh if it comes back), so spoofed sources cannot lock an honest peer out.
 //!
-//! A live peer's node id stays at its address: an established id announced from a new address of
+//! A node id announced from a second address of a family it is listed with is *contested*: every
+//! such address is queued ([`PeerTable::take_proofs_wanted`]) for `identity::verify_loop` to ask
+//! its store server for a proof of the id; the address that proves it holds the id
+//! ([`PeerTable::prove`]), and announces of the id from unproven addresses of that family are
+//! ignored from then on. Until then, and between older hosts that cannot prove their ids:
+//! a live peer's node id stays at its address: an established id announced from a new address of
 //! a family it is listed with is taken as a move ([`Move`]) only until one of the addresses it
 //! left announces again; then the move is undone and the id *pinned* (a second address is ignored
 //! while the peer is alive, counted `contested`). A bound id (the node id is its commitment) is
