@@ -141,15 +141,25 @@ async fn fetch(client: &reqwest::Client, from: SocketAddr) -> Option<String> {
 /// our links; returns how many entries were new.
 pub async fn exchange(table: Arc<PeerTable>, on_link: OnLink) -> usize {
     use rand::seq::SliceRandom;
-    // Established peers first (in a flooded hall most heard peers are one-off forgeries).
+    // Peers whose store server answered us first, then established ones (in a flooded hall
+    // most heard peers are forgeries, and identities kept refreshed are established too).
     let heard: Vec<_> = table.peers().into_iter().filter(|p| p.announces > 0).collect();
-    let (mut sources, mut rest): (Vec<SocketAddr>, Vec<SocketAddr>) = (Vec::new(), Vec::new());
+    let mut tiers: [Vec<SocketAddr>; 3] = Default::default();
     for p in &heard {
-        if p.established() { &mut sources } else { &mut rest }.push(p.http_addr());
+        let tier = if p.answered.is_some() {
+            0
+        } else if p.established() {
+            1
+        } else {
+            2
+        };
+        tiers[tier].push(p.http_addr());
     }
-    sources.shuffle(&mut rand::thread_rng());
-    rest.shuffle(&mut rand::thread_rng());
-    sources.extend(rest);
+    let mut sources = Vec::new();
+    for mut t in tiers {
+        t.shuffle(&mut rand::thread_rng());
+        sources.extend(t);
+    }
     sources.truncate(PEX_SOURCES);
     if sources.is_empty() {
         return 0;
