@@ -124,6 +124,9 @@ impl Identity {
 
 /// Whether `datagram` (decoded already) is signed by the key of `node`.
 pub fn signed_by(datagram: &[u8], node: &NodeId) -> bool {
+    if datagram.len() > wire::MAX_DATAGRAM {
+        return false;
+    }
     let Some(s) = wire::signature(datagram) else {
         return false;
     };
@@ -133,8 +136,13 @@ pub fn signed_by(datagram: &[u8], node: &NodeId) -> bool {
     let Ok(key) = VerifyingKey::from_bytes(&s.key) else {
         return false;
     };
-    let signed = [GOODBYE_CONTEXT, &datagram[..s.signed_len]].concat();
-    key.verify_strict(&signed, &Signature::from_bytes(&s.signature)).is_ok()
+    // On the stack: no allocation per datagram.
+    let mut signed = [0u8; GOODBYE_CONTEXT.len() + wire::MAX_DATAGRAM];
+    let len = GOODBYE_CONTEXT.len() + s.signed_len;
+    signed[..GOODBYE_CONTEXT.len()].copy_from_slice(GOODBYE_CONTEXT);
+    signed[GOODBYE_CONTEXT.len()..len].copy_from_slice(&datagram[..s.signed_len]);
+    key.verify_strict(&signed[..len], &Signature::from_bytes(&s.signature))
+        .is_ok()
 }
 
 /// Whether `body` (an answer to `GET /identity?nonce=NONCE&to=TO`) proves `node`.

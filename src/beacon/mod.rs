@@ -10,11 +10,12 @@
 //! checks, [`watch`] the kernel's notices of interface changes, [`wake`] the suspend detector,
 //! [`pex`] the peer exchange, this module the one loop that receives, announces (within the
 //! hall's traffic budget), answers queries (sampled), expires peers and follows the interfaces.
-//! Invariants: one task per beacon, plus at most one peer-exchange task at a time (nothing is
-//! spawned per datagram); multicast TTL and hop limit are 1, and only datagrams from the link
-//! count; the beacon never triggers a narinfo or NAR fetch (its only request is the peer
-//! exchange's `GET /peers`, at most 3 after our own start or a new link), it only tells the
-//! proxy where it may ask.
+//! Invariants: one task per beacon, plus its proof task ([`identity::verify_loop`]) and at most
+//! one peer-exchange task at a time (nothing is spawned per datagram); multicast TTL and hop
+//! limit are 1, and only datagrams from the link count; the beacon never triggers a narinfo or
+//! NAR fetch (its only requests are the peer exchange's `GET /peers`, at most 3 after our own
+//! start or a new link, and `GET /identity` to the claimants of a contested node id, at most 4
+//! per address per 30 s), it only tells the proxy where it may ask.
 //!
 //! Roaming: the sockets are bound once; groups are joined and left per interface as interfaces
 //! appear, go, come back or change addresses (a netlink notice triggers a re-scan, and a

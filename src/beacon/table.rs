@@ -458,9 +458,11 @@ impl PeerTable {
             }
             Kind::Goodbye => {
                 inner.counters.goodbyes += 1;
-                let signed = identity::signed_by(data, &b.node);
                 let genuine = inner.peers.get(&b.node).is_some_and(|p| {
-                    signed
+                    // Signed by the key whose hash is its node id (verified only for a peer in
+                    // the table, and only once the key hashes to its id: nobody knows the key
+                    // of a live keyed host before its first goodbye).
+                    identity::signed_by(data, &b.node)
                         || match p.commitment {
                             // It committed to a secret: only that secret says goodbye.
                             Some(c) => b.proof.is_some_and(|s| wire::commitment(&s) == c),
