@@ -983,12 +983,13 @@ fn an_attacker_announcing_a_hosts_node_id_from_its_own_address_takes_nothing_ove
 
 /// First-contact race (issue #12): an attacker on the link announces the holder's node id, with
 /// its commitment (both are in every announce), from its own address, many times a second, and
-/// answers HTTP there without naming any node; a newcomer starts during the attack, so it hears
-/// the attacker's copies before the holder's own announce. The newcomer's table must end up
-/// with the holder at its own address (the holder's store server proves the id, the attacker's
-/// cannot) and its proxy must find the holder's paths.
-/// (Red before the fix: the id stayed pinned to the attacker's address in the newcomer's table,
-/// and every lookup of the holder's paths was a 404.)
+/// answers HTTP there without naming any node; a newcomer starts while the holder is frozen
+/// (SIGSTOP), so it hears only the attacker's copies at first and enters the id at the
+/// attacker's address. Once the holder runs again, the newcomer's table must move the id to the
+/// holder's address (the holder's store server proves the id, the attacker's cannot) and its
+/// proxy must find the holder's paths.
+/// (Red before the fix: the holder's announce was taken as a move, undone by the attacker's next
+/// copy, and the id stayed pinned to the attacker's address: every lookup a 404.)
 #[cfg_attr(
     any(lnc_no_nix, lnc_no_netns),
     ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
@@ -1005,7 +1006,7 @@ fn a_newcomer_that_hears_an_attackers_copy_of_a_node_id_first_still_finds_the_ho
     let attacker = hall.spare(2).clone();
     let real = sniff_announce(&attacker, holder.net.ip4, holder.port);
     let node = real.node.to_string();
-    let attack = Duration::from_secs(14);
+    let attack = Duration::from_secs(16);
     let server = nameless_server(&attacker, holder.port, attack + Duration::from_secs(1));
     let forger = in_netns(&attacker.ns, move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
@@ -1015,11 +1016,16 @@ fn a_newcomer_that_hears_an_attackers_copy_of_a_node_id_first_still_finds_the_ho
         while t0.elapsed() < attack {
             b.seq = b.seq.wrapping_add(1);
             let _ = s.send_to(&wire::encode(&b), group);
-            // Within a receiver's per-source rate (20/s), and often enough to be heard first.
-            std::thread::sleep(Duration::from_millis(60));
+            // Within a receiver's per-source rate (20/s).
+            std::thread::sleep(Duration::from_millis(100));
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    let signal = |sig: &str| {
+        let pid = holder.pid().expect("holder running").to_string();
+        let st = std::process::Command::new("kill").args([sig, &pid]).status();
+        assert!(st.is_ok_and(|s| s.success()), "kill {sig} {pid}");
+    };
+    signal("-STOP");
     let late_net = hall.spare(1).clone();
     let late = Serve::start(&late_net, 0, &hall.stores[0], hall.dir.path(), &hall.interval);
     let entry = |st: &serde_json::Value| {
@@ -1031,18 +1037,24 @@ fn a_newcomer_that_hears_an_attackers_copy_of_a_node_id_first_still_finds_the_ho
             .and_then(|p| p["addr"].as_str().map(str::to_owned))
     };
     let attacker_addr = format!("{}:{}", attacker.ip4, holder.port);
-    // What the newcomer's table says in its first seconds.
     let t0 = Instant::now();
-    let mut seen = Vec::new();
-    while t0.elapsed() < Duration::from_secs(6) {
+    while entry(&late.status()).as_deref() != Some(attacker_addr.as_str()) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Long enough for three of the attacker's copies: the entry is established.
+    std::thread::sleep(Duration::from_millis(500));
+    let staged = entry(&late.status());
+    signal("-CONT");
+    let t1 = Instant::now();
+    let mut seen: Vec<(Duration, Option<String>)> = Vec::new();
+    while t1.elapsed() < Duration::from_secs(6) {
         let a = entry(&late.status());
-        if seen.last() != Some(&a) {
-            seen.push(a);
+        if seen.last().map(|(_, s)| s) != Some(&a) {
+            seen.push((t1.elapsed(), a));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("the newcomer's entry for the holder over its first 6 s: {seen:?}");
-    let heard_attacker_first = seen.iter().flatten().next() == Some(&attacker_addr);
+    eprintln!("the newcomer's entry for the holder once it runs again (time since SIGCONT, address): {seen:?}");
     let proxy = late.proxy();
     let statuses: Vec<u16> = own
         .iter()
@@ -1058,9 +1070,10 @@ fn a_newcomer_that_hears_an_attackers_copy_of_a_node_id_first_still_finds_the_ho
         "lookups {statuses:?}; attacker's server asked {asked} times; newcomer's beacon counters: {}",
         st["beacon"]
     );
-    assert!(
-        heard_attacker_first,
-        "the race was not staged: the newcomer heard the holder first ({seen:?})"
+    assert_eq!(
+        staged.as_deref(),
+        Some(attacker_addr.as_str()),
+        "the race was not staged: the newcomer did not enter the id at the attacker's address"
     );
     assert_eq!(
         entry(&st).as_deref(),
