@@ -1096,10 +1096,12 @@ fn late_entry(st: &serde_json::Value, addr: &str) -> (bool, bool) {
 
 /// Persistent flood (issue #12): forged identities from 510 spoofed IPv6 link-local sources,
 /// each announced several times (established) and then refreshed, fill every table. A late-comer
-/// still gets into every table, in place of a forgery that never answered; once its store server
-/// answered (its summary fetched) it stays through another round of the flood, and the hall's
-/// hosts all stay. (Red before the fix: the late-comer was in none of the full tables after
-/// 20 s, every entry being established.)
+/// still gets into every table, in place of a forgery that never answered, and learns the hall
+/// within 10 s (the forgeries, never answering, no longer count as the hall: the hosts answer
+/// its query); once its store server answered (its summary fetched) it stays through another
+/// round of the flood, and the hall's hosts all stay. (Red before the fix: the late-comer was in
+/// none of the full tables after 20 s, every entry being established; with that fixed but the
+/// forgeries still counted as the hall, it knew 1 of the 9 hosts after 10 s.)
 #[cfg_attr(
     any(lnc_no_nix, lnc_no_netns),
     ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
@@ -1133,6 +1135,10 @@ fn a_late_comer_gets_into_tables_full_of_established_forgeries_and_stays() {
         "the flood filled the table; counters {}",
         st["beacon"]
     );
+    // The flood has been going on for a while (refreshed: forgeries that never answered stop
+    // counting as the hall after `UNANSWERED_COUNTS_FOR`).
+    std::thread::sleep(local_nix_cache::beacon::table::UNANSWERED_COUNTS_FOR);
+    flood_paced(&attacker, sources, 1, 8);
     let late_net = hall.spare(1).clone();
     let late = Serve::start(&late_net, 0, &hall.stores[0], hall.dir.path(), &hall.interval);
     let addr = late.addr();
@@ -1162,6 +1168,23 @@ fn a_late_comer_gets_into_tables_full_of_established_forgeries_and_stays() {
         missing.is_empty(),
         "hosts {missing:?} lack the late-comer (or its summary)"
     );
+    // The late-comer learns the hall (query answers, peer exchange) within 10 s of its start.
+    let hall_addrs: Vec<String> = hall.serves.iter().map(|s| s.addr()).collect();
+    let lacks = || {
+        let known = table_addrs(&late.status());
+        hall_addrs.iter().filter(|a| !known.contains(a)).count()
+    };
+    while lacks() > 0 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!(
+        "the late-comer knows {} of the {} hosts {:?} after its start; its counters: {}",
+        hall_addrs.len() - lacks(),
+        hall_addrs.len(),
+        t0.elapsed(),
+        late.status()["beacon"]
+    );
+    assert_eq!(lacks(), 0, "the late-comer does not know the hall");
     // The attacker keeps refreshing, and re-announces the identities it lost.
     for _ in 0..2 {
         flood_paced(&attacker, sources, 1, 8);

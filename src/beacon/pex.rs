@@ -8,7 +8,7 @@
 //! (zero announces) that lasts at most three [`HEARSAY_MAX_INTERVAL`]s unless the node announces
 //! itself; its first announce replaces the hearsay address. Bounds: [`PEX_SOURCES`] requests per
 //! start, each with [`PEX_TIMEOUT`] and at most [`PEX_MAX_BODY`] bytes; entries go through the
-//! table's admission (per-address cap, established peers kept).
+//! table's admission (per-address cap, useful peers kept).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -42,10 +42,11 @@ pub struct Entry {
 }
 
 /// The body of `GET /peers`: `NODE ADDR FLAGS INTERVAL_MS SUMMARY` per line (`SUMMARY` is `-`
-/// when the peer publishes none), for every established peer heard directly.
+/// when the peer publishes none), for every peer heard directly that counts as the hall
+/// (`PeerTable::hall`: established, and answered or joined in the last 10 s).
 pub fn render(table: &PeerTable) -> String {
     let mut out = String::new();
-    for p in table.peers().iter().filter(|p| p.established()) {
+    for p in &table.hall() {
         let summary = p.summary.map_or_else(|| "-".to_owned(), |s| s.to_string());
         out.push_str(&format!(
             "{} {} {} {} {}\n",

@@ -66,6 +66,12 @@ pub const MAX_SOURCES: usize = 4096;
 pub const RATE_PER_SEC: f64 = 20.0;
 /// Token bucket size per source address.
 pub const RATE_BURST: f64 = 40.0;
+/// In the table of a node whose proxy reports answers ([`PeerTable::answered`]), an established
+/// peer that never answered counts as part of the hall (the traffic budget, the query sampling,
+/// the `GET /peers` list) only this long after it joined: time for an honest host's summary to
+/// be fetched, while identities forged and kept refreshed stop stretching every interval and
+/// silencing the answers to a newcomer's query.
+pub const UNANSWERED_COUNTS_FOR: Duration = Duration::from_secs(10);
 /// A peer silent for this many of its intervals is dropped.
 pub const EXPIRY_INTERVALS: u32 = 3;
 /// Addresses remembered per peer (a host on several links or with IPv4 and IPv6).
@@ -306,6 +312,9 @@ pub struct PeerTable {
     own: NodeId,
     /// Our key, when the node id is its hash (goodbyes are signed with it).
     identity: Option<Arc<Identity>>,
+    /// This node's proxy reports answers (a `serve` node): peers that never answered are not
+    /// counted as the hall after [`UNANSWERED_COUNTS_FOR`].
+    answers_tracked: bool,
     /// Woken when a proof is wanted (`identity::verify_loop`).
     proofs_wanted: tokio::sync::Notify,
     inner: Mutex<Inner>,
@@ -318,6 +327,7 @@ impl PeerTable {
         Self {
             own,
             identity: None,
+            answers_tracked: false,
             proofs_wanted: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner::default()),
             changed: tokio::sync::Notify::new(),
@@ -328,6 +338,8 @@ impl PeerTable {
     pub fn with_identity(identity: Arc<Identity>) -> Self {
         Self {
             identity: Some(identity.clone()),
+            // A node with a key is a `serve` node, whose proxy fetches every peer's summary.
+            answers_tracked: true,
             ..Self::new(identity.node())
         }
     }
@@ -676,11 +688,33 @@ impl PeerTable {
         v
     }
 
-    /// Number of established peers: what the traffic budget and the query-answer sampling count
-    /// as the hall (a flood of one-off forged identities must not stretch every honest host's
+    /// Number of peers that count as the hall: what the traffic budget and the query-answer
+    /// sampling count (a flood of forged identities must not stretch every honest host's
     /// announce interval, nor silence the answers to a newcomer's query).
     pub fn established_len(&self) -> usize {
-        self.lock().peers.values().filter(|p| p.established()).count()
+        let now = Instant::now();
+        self.lock().peers.values().filter(|p| self.counts(p, now)).count()
+    }
+
+    /// The peers that count as the hall (oldest first), for `GET /peers`.
+    pub fn hall(&self) -> Vec<Peer> {
+        let now = Instant::now();
+        let mut v: Vec<Peer> = self
+            .lock()
+            .peers
+            .values()
+            .filter(|p| self.counts(p, now))
+            .cloned()
+            .collect();
+        v.sort_by_key(|p| (p.first_seen, p.node));
+        v
+    }
+
+    /// Established, and (where answers are reported) answered or joined in the last
+    /// [`UNANSWERED_COUNTS_FOR`]: one-off forgeries never count, forgeries kept refreshed stop
+    /// counting.
+    fn counts(&self, p: &Peer, now: Instant) -> bool {
+        p.established() && (!self.answers_tracked || p.answered.is_some() || now < p.first_seen + UNANSWERED_COUNTS_FOR)
     }
 
     /// Number of peers in the table.

@@ -630,3 +630,37 @@ async fn forged_contests_ask_a_victims_server_for_few_proofs() {
         "{again:?}"
     );
 }
+
+/// Identities forged and kept refreshed (established) stop counting as the hall in a node's
+/// table (the traffic budget, the query sampling, `GET /peers`) once they are
+/// `UNANSWERED_COUNTS_FOR` old without an answer; the hall's hosts, which answered, count. A
+/// table without answers reported (the `peers` tool) counts every established peer.
+/// (Red before: the 40 forgeries counted, so a node's interval stretched and its query answers
+/// thinned for as long as the flood was refreshed.)
+#[tokio::test(start_paused = true)]
+async fn forgeries_kept_refreshed_stop_counting_as_the_hall() {
+    let node = PeerTable::with_identity(Arc::new(identity::Identity::generate()));
+    let tool = PeerTable::new(NodeId([0; 16]));
+    let start = Instant::now();
+    for t in [&node, &tool] {
+        for _ in 0..ESTABLISHED_ANNOUNCES {
+            for i in 0..50 {
+                t.handle(ip(i), &announce_of(i, None), start);
+            }
+        }
+        for i in 0..10 {
+            t.answered(&id_of(i), ip(i), start);
+        }
+    }
+    assert_eq!((node.established_len(), tool.established_len()), (50, 50));
+    tokio::time::advance(UNANSWERED_COUNTS_FOR).await;
+    // Still refreshed, but never answered.
+    for t in [&node, &tool] {
+        for i in 10..50 {
+            t.handle(ip(i), &announce_of(i, None), Instant::now());
+        }
+    }
+    assert_eq!((node.established_len(), tool.established_len()), (10, 50));
+    assert_eq!(node.hall().len(), 10);
+    assert_eq!(crate::beacon::pex::render(&node).lines().count(), 10);
+}
