@@ -1190,11 +1190,31 @@ fn a_late_comer_gets_into_tables_full_of_established_forgeries_and_stays() {
         flood_paced(&attacker, sources, 1, 8);
         std::thread::sleep(Duration::from_millis(300));
     }
-    for (i, s) in hall.serves.iter().enumerate() {
-        let known = table_addrs(&s.status());
-        assert!(known.contains(&addr), "host {i} lost the late-comer to the flood");
-        for (j, o) in hall.serves.iter().enumerate() {
-            assert!(i == j || known.contains(&o.addr()), "host {i} lost host {j}");
+    // Every table holds the late-comer and the hall. (Polled for up to 5 s: on a loaded test
+    // machine a receiver's socket buffer overflowing with the flood can drop a host's announces
+    // for its three 1 s intervals, and it is back at its next one; the late-comer, had it been
+    // pushed out, would not be: its interval has stretched over the flood's fresh identities.)
+    let t2 = Instant::now();
+    let lost = || {
+        let mut lost = Vec::new();
+        for (i, s) in hall.serves.iter().enumerate() {
+            let known = table_addrs(&s.status());
+            lost.extend(
+                std::iter::once(addr.clone())
+                    .chain(hall.serves.iter().map(|o| o.addr()))
+                    .filter(|a| *a != s.addr() && !known.contains(a))
+                    .map(|a| (i, a)),
+            );
         }
+        lost
+    };
+    let mut missing = lost();
+    while !missing.is_empty() && t2.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(250));
+        missing = lost();
     }
+    assert!(
+        missing.is_empty(),
+        "(host, address it lacks) after the flood: {missing:?}"
+    );
 }
