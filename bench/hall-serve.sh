@@ -41,6 +41,7 @@ for n in $SIZES; do
         continue
     fi
     grep '^BENCH-HALL|' "$out/log-$n" >"$out/$n" || true
+    [ -z "${BENCH_HALL_LOGS:-}" ] || cp "$out/log-$n" "$BENCH_HALL_LOGS/hall-$n.log"
 done
 get() { # size key
     [ -f "$out/$1" ] && awk -F'|' -v k="$2" '$2 == k { print $3 }' "$out/$1" || echo "failed"
@@ -78,7 +79,7 @@ for n in $SIZES; do
 done
 echo "$header before at 100 / 300 (issue 12) | target |"
 echo "$rule---|---|"
-for key in holders ready_s exited table beacon_bps cpu rss found_first requests_per_lookup latency crowd newcomer_datagrams newcomer_table; do
+for key in holders ready_s exited table beacon_bps cpu rss perf found_first requests_per_lookup latency crowd gained_findable crowd_wave2 newcomer_datagrams newcomer_table; do
     row="| $key |"
     for n in $SIZES; do row="$row $(get "$n" "$key") |"; done
     echo "$row $(before "$key") | $(target "$key") |"
