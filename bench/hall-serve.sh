@@ -79,7 +79,7 @@ for n in $SIZES; do
 done
 echo "$header before at 100 / 300 (issue 12) | target |"
 echo "$rule---|---|"
-for key in holders ready_s exited table beacon_bps cpu rss perf found_first requests_per_lookup latency crowd gained_findable crowd_wave2 newcomer_datagrams newcomer_table; do
+for key in holders ready_s exited table beacon_bps cpu cpu_ab rss perf found_first requests_per_lookup latency crowd gained_findable crowd_wave2 newcomer_datagrams newcomer_table; do
     row="| $key |"
     for n in $SIZES; do row="$row $(get "$n" "$key") |"; done
     echo "$row $(before "$key") | $(target "$key") |"

@@ -120,6 +120,14 @@ impl Serve {
             .arg("--spool-dir")
             .arg(&spool)
             .env("RUST_LOG", std::env::var("HALL_LOG").unwrap_or_else(|_| "warn".into()))
+            // `HALL_AB_ENV=KEY=VALUE`: set for the `serve` in odd slots only (half the hall with
+            // 4 per namespace), so a runtime setting is compared side by side under one load.
+            .envs(
+                std::env::var("HALL_AB_ENV")
+                    .ok()
+                    .filter(|_| slot % 2 == 1)
+                    .and_then(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -739,6 +747,33 @@ fn bench_hall_of_real_serve_hosts() {
         "cpu",
         format!("{:.2} %", (c1 - c0) as f64 / hz / 10.0 * 100.0 / pids.len() as f64),
     );
+    if let Ok(ab) = std::env::var("HALL_AB_ENV") {
+        // CPU over the same window, per group (cpu_ticks read again: a second window of 10 s).
+        let group = |odd: bool| -> Vec<u32> {
+            hall.serves
+                .iter()
+                .filter(|s| (s.port - BASE_PORT) % 2 == u16::from(odd))
+                .filter_map(Serve::pid)
+                .collect()
+        };
+        let (even, odd) = (group(false), group(true));
+        let e0: u64 = even.iter().map(|p| cpu_ticks(*p)).sum();
+        let o0: u64 = odd.iter().map(|p| cpu_ticks(*p)).sum();
+        std::thread::sleep(Duration::from_secs(20));
+        let e1: u64 = even.iter().map(|p| cpu_ticks(*p)).sum();
+        let o1: u64 = odd.iter().map(|p| cpu_ticks(*p)).sum();
+        let pct = |a: u64, b: u64, k: usize| (b - a) as f64 / hz / 20.0 * 100.0 / k.max(1) as f64;
+        figure(
+            "cpu_ab",
+            format!(
+                "{:.3} % with {ab} ({} serve) vs {:.3} % without ({} serve), same 20 s",
+                pct(o0, o1, odd.len()),
+                odd.len(),
+                pct(e0, e1, even.len()),
+                even.len()
+            ),
+        );
+    }
     let mut rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     rss.sort();
     figure(
@@ -1377,4 +1412,86 @@ fn an_attacker_announcing_a_hosts_node_id_from_its_own_address_takes_nothing_ove
         diverted <= 2,
         "the entry named the attacker's address in {diverted} of {samples} samples"
     );
+}
+
+/// The bench's classification of a start's datagrams ([`start_share`]), on made-up recordings:
+/// jittered periodic announces alone count no answer; one answer early or late in its sender's
+/// rhythm counts once; the newcomer's own datagrams count as its own. (Needs no root: it checks
+/// the bench's arithmetic, which the bench then validates on the link with a control window.)
+#[test]
+fn the_bench_counts_a_starts_answers_and_no_periodic_announce() {
+    let base = Instant::now();
+    let newcomer = Ipv4Addr::new(10, 0, 0, 99);
+    let announce = |ms: u64, node: u8, v6: bool| Heard {
+        at: base + Duration::from_millis(ms),
+        v6,
+        src: std::net::IpAddr::V4(Ipv4Addr::new(10, 0, 0, node)),
+        beacon: Some((Kind::Announce, NodeId([node; 16]), 5_000)),
+    };
+    // 20 hosts announcing every 5 s ± 20 % over both families for 60 s, phases spread.
+    let mut periodic = Vec::new();
+    for node in 1..=20u8 {
+        let mut t = u64::from(node) * 250;
+        let mut k = u64::from(node);
+        while t < 60_000 {
+            periodic.push(announce(t, node, false));
+            periodic.push(announce(t + 1, node, true));
+            k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            t += 4_000 + (k >> 33) % 2_000;
+        }
+    }
+    let sorted = |mut v: Vec<Heard>| {
+        v.sort_by_key(|h| h.at);
+        v
+    };
+    let reply = Duration::from_millis(3_000);
+    let start = base + Duration::from_secs(30);
+    let quiet = start_share(&sorted(periodic.clone()), start, reply, None);
+    assert_eq!((quiet.own, quiet.answers, quiet.unclassified), (0, 0, 0), "{quiet:?}");
+    // A newcomer at 30 s (announce and query over both families, announces at +100 and +300 ms)
+    // and two answers: node 3 and node 7 (over both families), 200 ms after the query.
+    let mut with_start = periodic;
+    for (ms, kind) in [
+        (30_000, Kind::Announce),
+        (30_001, Kind::Query),
+        (30_100, Kind::Announce),
+        (30_300, Kind::Announce),
+    ] {
+        for v6 in [false, true] {
+            with_start.push(Heard {
+                at: base + Duration::from_millis(ms),
+                v6,
+                src: if v6 {
+                    "fe80::99".parse().expect("ip")
+                } else {
+                    std::net::IpAddr::V4(newcomer)
+                },
+                beacon: Some((kind, NodeId([99; 16]), 5_000)),
+            });
+        }
+    }
+    // One answer early in its sender's rhythm (its last periodic announce less than 0.8 of the
+    // interval ago, so the answer is out of rhythm) and one late (the answer looks in rhythm,
+    // and the periodic announce after it does not).
+    let last_before = |node: u8| {
+        with_start
+            .iter()
+            .filter(|h| h.beacon.is_some_and(|b| b.1 == NodeId([node; 16])))
+            .map(|h| h.at.duration_since(base).as_millis() as u64)
+            .filter(|ms| *ms < 30_201)
+            .max()
+            .expect("announced before")
+    };
+    let early = (1..=20u8)
+        .find(|n| 30_201 - last_before(*n) < 3_000)
+        .expect("an early node");
+    let late = (1..=20u8)
+        .find(|n| 30_201 - last_before(*n) > 4_200)
+        .expect("a late node");
+    for node in [early, late] {
+        with_start.push(announce(30_201, node, false));
+        with_start.push(announce(30_202, node, true));
+    }
+    let share = start_share(&sorted(with_start), start, reply, Some(newcomer));
+    assert_eq!((share.own, share.answers, share.unclassified), (8, 4, 0), "{share:?}");
 }
