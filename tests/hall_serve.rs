@@ -1049,7 +1049,8 @@ struct StartShare {
 }
 
 /// How many datagrams a start at `t0` caused (`newcomer`: its IPv4 address; `None`, a control
-/// window where nobody starts). Own: the newcomer's datagrams within 3 s. Answers: a host's
+/// window where nobody starts). Own: the newcomer's datagrams up to 3 s after its query (a
+/// loaded machine can take seconds to start it). Answers: a host's
 /// periodic announces (per family) are at least 0.8 of its announced interval apart (±20 %
 /// jitter, the next one timed from the send), so each host's announces are walked in order and an
 /// announce less than 0.8 of the interval (less 100 ms of recording noise) after the last one
@@ -1076,7 +1077,7 @@ fn start_share(heard: &[Heard], t0: Instant, reply: Duration, newcomer: Option<I
             continue;
         };
         if mine.contains(&node) {
-            share.own += usize::from(h.at >= t0 && h.at < t0 + Duration::from_secs(3));
+            share.own += usize::from(h.at >= t0 && h.at < from + Duration::from_secs(3));
             continue;
         }
         let in_window = h.at >= from && h.at < from + reply;
