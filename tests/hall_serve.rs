@@ -2,8 +2,9 @@
 //! [`PER_NS`] per network namespace on distinct ports, on one bridge. A few are *holders*, each
 //! with its own chroot store and nix-daemon holding paths no other host holds; every other host
 //! serves one shared empty store (one more nix-daemon), so it publishes a real, empty content
-//! summary, as a host that has nothing the others want does. Clients are other hosts' proxies,
-//! asked over HTTP from inside their namespaces.
+//! summary, as a host that has nothing the others want does (the bench's crowd hosts have an
+//! empty store of their own, which their real Nix client fills through their proxy). Clients
+//! are other hosts' proxies, asked over HTTP from inside their namespaces.
 //!
 //! The CI tests: one holder among many is found through a client's proxy on the first lookup with
 //! few requests; a late-comer and a returning host get into full tables (a flood of forged
