@@ -2,8 +2,9 @@
 //! [`PER_NS`] per network namespace on distinct ports, on one bridge. A few are *holders*, each
 //! with its own chroot store and nix-daemon holding paths no other host holds; every other host
 //! serves one shared empty store (one more nix-daemon), so it publishes a real, empty content
-//! summary, as a host that has nothing the others want does. Clients are other hosts' proxies,
-//! asked over HTTP from inside their namespaces.
+//! summary, as a host that has nothing the others want does (the bench's crowd hosts have an
+//! empty store of their own, which their real Nix client fills through their proxy). Clients
+//! are other hosts' proxies, asked over HTTP from inside their namespaces.
 //!
 //! The CI tests: one holder among many is found through a client's proxy on the first lookup with
 //! few requests; a late-comer and a returning host get into full tables (a flood of forged
@@ -18,7 +19,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::netns::{in_netns, require_netns, Lan, NetHost, Sniffer};
@@ -104,8 +105,10 @@ impl Serve {
         let spool = dir.join(format!("spool-{tag}"));
         std::fs::create_dir_all(&spool).expect("spool dir");
         let log = dir.join(format!("{tag}.log"));
+        // `HALL_BIN`: another build of the binary (e.g. `--profile profiling`, for `perf`).
+        let bin = std::env::var("HALL_BIN").unwrap_or_else(|_| common::nixlan::bin().to_owned());
         let child = net
-            .command(common::nixlan::bin())
+            .command(&bin)
             .arg("serve")
             .arg("--store")
             .arg(format!("unix://{}", store.socket.display()))
@@ -118,6 +121,14 @@ impl Serve {
             .arg("--spool-dir")
             .arg(&spool)
             .env("RUST_LOG", std::env::var("HALL_LOG").unwrap_or_else(|_| "warn".into()))
+            // `HALL_AB_ENV=KEY=VALUE`: set for the `serve` in odd slots only (half the hall with
+            // 4 per namespace), so a runtime setting is compared side by side under one load.
+            .envs(
+                std::env::var("HALL_AB_ENV")
+                    .ok()
+                    .filter(|_| slot % 2 == 1)
+                    .and_then(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -228,6 +239,10 @@ struct Hall {
     /// Namespaces: the hall's, then [`Hall::SPARE`] more (sniffer, newcomer, attacker).
     lan: Lan,
     interval: String,
+    /// Non-holders with a store of their own (chroot store and nix-daemon, empty at the start),
+    /// which their `serve` serves: crowd clients whose real Nix gains paths. (Index into
+    /// `serves`, index into `stores`.)
+    own_store: Vec<(usize, usize)>,
 }
 
 impl Hall {
@@ -238,6 +253,19 @@ impl Hall {
     /// `n` hosts; `holders` of them (spread over the hall) each hold `per_holder` paths of their
     /// own, and the first `closure_holders` holders also the fixture's three-path closure.
     fn new(n: usize, holders: usize, per_holder: usize, closure_holders: usize, interval: &str) -> Self {
+        Self::with_own_stores(n, holders, per_holder, closure_holders, interval, 0)
+    }
+
+    /// As [`Hall::new`], and `own` non-holders (spread over the hall, none of the 4 first
+    /// [`Hall::clients`]) get an empty store of their own, which their `serve` serves.
+    fn with_own_stores(
+        n: usize,
+        holders: usize,
+        per_holder: usize,
+        closure_holders: usize,
+        interval: &str,
+        own: usize,
+    ) -> Self {
         let f = fixture();
         let paths = hall_paths(holders * per_holder);
         let per_ns = per_ns();
@@ -264,12 +292,27 @@ impl Hall {
             // Spread over the hall, never the first host (a client).
             holder_at.push((((h * n) / holders + n / (2 * holders).max(1)).min(n - 1), own));
         }
+        let lookup_clients = spread(n, &holder_at, 4, 0);
+        let own_at: Vec<usize> = (0..n)
+            .filter(|i| !holder_at.iter().any(|(at, _)| at == i) && !lookup_clients.contains(i))
+            .step_by(((n - holders).saturating_sub(4) / own.max(1)).max(1))
+            .take(own)
+            .collect();
+        let own_store: Vec<(usize, usize)> = own_at
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| (i, empties + holders + k))
+            .collect();
+        stores.extend(own_at.iter().map(|_| Host::with_paths(&[])));
         let mut serves = Vec::with_capacity(n);
         for i in 0..n {
-            let store = holder_at
-                .iter()
-                .position(|(at, _)| *at == i)
-                .map_or(&stores[i % empties], |h| &stores[empties + h]);
+            let store = match own_store.iter().find(|(at, _)| *at == i) {
+                Some((_, k)) => &stores[*k],
+                None => holder_at
+                    .iter()
+                    .position(|(at, _)| *at == i)
+                    .map_or(&stores[i % empties], |h| &stores[empties + h]),
+            };
             serves.push(Serve::start(
                 &lan.hosts[i / per_ns],
                 i % per_ns,
@@ -292,6 +335,7 @@ impl Hall {
             dir,
             lan,
             interval: interval.to_owned(),
+            own_store,
         }
     }
 
@@ -345,12 +389,7 @@ impl Hall {
 
     /// Non-holders spread over the hall, `k` of them, skipping the first `skip`.
     fn clients(&self, k: usize, skip: usize) -> Vec<usize> {
-        (0..self.serves.len())
-            .filter(|i| !self.is_holder(*i))
-            .skip(skip)
-            .step_by(((self.serves.len() - self.holders.len()) / (k + skip)).max(1))
-            .take(k)
-            .collect()
+        spread(self.serves.len(), &self.holders, k, skip)
     }
 
     /// Every holder's path looked up once through client `c`'s proxy (its first lookup of each),
@@ -384,6 +423,16 @@ impl Hall {
         l.peer_requests = peer_requests(&self.serves[c].status()) - before;
         l
     }
+}
+
+/// Non-holders of a hall of `n` spread over it, `k` of them, skipping the first `skip`.
+fn spread(n: usize, holders: &[(usize, Vec<String>)], k: usize, skip: usize) -> Vec<usize> {
+    (0..n)
+        .filter(|i| !holders.iter().any(|(at, _)| at == i))
+        .skip(skip)
+        .step_by(((n - holders.len()) / (k + skip)).max(1))
+        .take(k)
+        .collect()
 }
 
 #[derive(Default, Debug)]
@@ -633,7 +682,12 @@ fn bench_hall_of_real_serve_hosts() {
     let holders = (n / 10).clamp(4, 24);
     let closure_holders = 6.min(holders);
     let t0 = Instant::now();
-    let mut hall = Hall::new(n, holders, 4, closure_holders, "5s");
+    let crowd = std::env::var("HALL_CROWD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+        .min(n / 4);
+    let mut hall = Hall::with_own_stores(n, holders, 4, closure_holders, "5s", crowd);
     figure("hosts", n);
     figure(
         "holders",
@@ -699,6 +753,33 @@ fn bench_hall_of_real_serve_hosts() {
         "cpu",
         format!("{:.2} %", (c1 - c0) as f64 / hz / 10.0 * 100.0 / pids.len() as f64),
     );
+    if let Ok(ab) = std::env::var("HALL_AB_ENV") {
+        // CPU over the same window, per group (cpu_ticks read again: a second window of 10 s).
+        let group = |odd: bool| -> Vec<u32> {
+            hall.serves
+                .iter()
+                .filter(|s| (s.port - BASE_PORT) % 2 == u16::from(odd))
+                .filter_map(Serve::pid)
+                .collect()
+        };
+        let (even, odd) = (group(false), group(true));
+        let e0: u64 = even.iter().map(|p| cpu_ticks(*p)).sum();
+        let o0: u64 = odd.iter().map(|p| cpu_ticks(*p)).sum();
+        std::thread::sleep(Duration::from_secs(20));
+        let e1: u64 = even.iter().map(|p| cpu_ticks(*p)).sum();
+        let o1: u64 = odd.iter().map(|p| cpu_ticks(*p)).sum();
+        let pct = |a: u64, b: u64, k: usize| (b - a) as f64 / hz / 20.0 * 100.0 / k.max(1) as f64;
+        figure(
+            "cpu_ab",
+            format!(
+                "{:.3} % with {ab} ({} serve) vs {:.3} % without ({} serve), same 20 s",
+                pct(o0, o1, odd.len()),
+                odd.len(),
+                pct(e0, e1, even.len()),
+                even.len()
+            ),
+        );
+    }
     let mut rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     rss.sort();
     figure(
@@ -709,6 +790,14 @@ fn bench_hall_of_real_serve_hosts() {
             rss[rss.len() - 1] as f64 / 1024.0
         ),
     );
+    // `HALL_PERF=FILE`: `perf record` one steady non-holder `serve` for `HALL_PERF_SECS` (30).
+    if let Ok(file) = std::env::var("HALL_PERF") {
+        let secs: u64 = std::env::var("HALL_PERF_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30);
+        figure("perf", profile_one(&hall, &clients, &file, secs));
+    }
     // Lookups: every holder's paths, once through each client's proxy.
     let mut all = Lookups::default();
     for &c in &clients {
@@ -737,35 +826,356 @@ fn bench_hall_of_real_serve_hosts() {
             quantile(&all.direct_ms, 0.99)
         ),
     );
-    // A crowd: clients fetch the same closure at once; who served them?
-    let crowd: Vec<usize> = hall.clients(16.min(n / 4), 4);
+    // A crowd of real Nix clients, each with its own store that its `serve` serves, realises the
+    // closure through its own proxy in two waves: who served each wave, and how soon the first
+    // wave's gains are findable by the second's proxies.
     let closure = fixture().closure.clone();
-    let barrier = Arc::new(Barrier::new(crowd.len()));
-    let t0 = Instant::now();
-    let threads: Vec<_> = crowd
+    let crowd: Vec<(usize, usize)> = hall.own_store.clone();
+    let (wave1, wave2) = crowd.split_at(crowd.len() / 2);
+    let holders_of_closure: Vec<String> = hall.holders[..closure_holders]
         .iter()
-        .map(|&c| {
-            let proxy = hall.serves[c].proxy();
-            let (closure, barrier) = (closure.clone(), barrier.clone());
-            in_netns(&hall.serves[c].net.ns, move || {
-                barrier.wait();
-                let mut ok = 0;
-                for p in &closure {
-                    let r = get(proxy, &format!("/{}.narinfo", hash_of(p)));
-                    let text = String::from_utf8_lossy(&r.body).into_owned();
-                    let Some(url) = text.lines().find_map(|l| l.strip_prefix("URL: ")) else {
-                        continue;
-                    };
-                    ok += usize::from(get(proxy, &format!("/{url}")).status == 200);
+        .map(|(at, _)| format!("peer {}", hall.serves[*at].addr()))
+        .collect();
+    let gained_by: Vec<String> = wave1
+        .iter()
+        .map(|(c, _)| format!("peer {}", hall.serves[*c].addr()))
+        .collect();
+    let (took1, ok1) = realise_wave(&hall, wave1, &closure);
+    let served1 = nar_sources(&hall, wave1, &closure);
+    let count = |served: &BTreeMap<String, usize>, of: &[String]| -> usize {
+        served.iter().filter(|(k, _)| of.contains(k)).map(|(_, v)| v).sum()
+    };
+    figure(
+        "crowd",
+        format!(
+            "{} Nix clients × {} paths at once: {ok1} realised in {:.1} s; NARs per holder: {} (others: {})",
+            wave1.len(),
+            closure.len(),
+            took1.as_secs_f64(),
+            holders_of_closure
+                .iter()
+                .map(|h| served1.get(h).copied().unwrap_or(0).to_string())
+                .collect::<Vec<_>>()
+                .join(" / "),
+            served1.values().sum::<usize>() - count(&served1, &holders_of_closure)
+        ),
+    );
+    // When is a gain findable? Each first-wave client's own summary holds the closure from t_pub;
+    // a second-wave proxy can find it there once it holds that summary version.
+    let limit = Duration::from_secs(20) + announce_interval_estimate(n) * 4;
+    let findable = findable_after(&hall, wave1, &wave2[..wave2.len().min(4)], &closure, limit);
+    figure("gained_findable", findable);
+    let (took2, ok2) = realise_wave(&hall, wave2, &closure);
+    let served2 = nar_sources(&hall, wave2, &closure);
+    let total2: usize = served2.values().sum();
+    figure(
+        "crowd_wave2",
+        format!(
+            "{} Nix clients × {} paths at once: {ok2} realised in {:.1} s; NARs from the {} original holders {}, \
+             from the {} first-wave clients {}, others {}",
+            wave2.len(),
+            closure.len(),
+            took2.as_secs_f64(),
+            holders_of_closure.len(),
+            count(&served2, &holders_of_closure),
+            gained_by.len(),
+            count(&served2, &gained_by),
+            total2 - count(&served2, &holders_of_closure) - count(&served2, &gained_by)
+        ),
+    );
+    // One newcomer. The sniffer records a control window first (no start: the classification
+    // must count no start-caused datagram there), then the start; each window needs 1.3 of the
+    // hall's announce interval of history before it and 0.4 after.
+    let iv = announce_interval_estimate(n);
+    let margin = iv.mul_f64(1.3) + Duration::from_secs(1);
+    let reply = Duration::from_secs(1) + iv.mul_f64(0.4);
+    let quiet = margin + reply + Duration::from_millis(500);
+    let sniff = sniff_decoded(hall.spare(0), quiet + margin.max(Duration::from_secs(11)) + reply);
+    let t_sniff = Instant::now();
+    std::thread::sleep(quiet);
+    let t0 = Instant::now();
+    let newcomer = Serve::start(hall.spare(1), 0, &hall.stores[0], hall.dir.path(), "5s");
+    let mut at = Vec::new();
+    for s in [1, 3, 10] {
+        std::thread::sleep(Duration::from_secs(s).saturating_sub(t0.elapsed()));
+        at.push(table_addrs(&newcomer.status()).len());
+    }
+    let heard = sniff.join().expect("sniffer");
+    let control = start_share(&heard, t_sniff + margin, reply, None);
+    let start = start_share(&heard, t0, reply, Some(hall.spare(1).ip4));
+    let all_after = heard
+        .iter()
+        .filter(|h| h.at >= t0 && h.at < t0 + Duration::from_secs(2))
+        .count();
+    figure(
+        "newcomer_datagrams",
+        format!(
+            "{} (own {} + answers {}; control window without a start: {} answers, {} unclassified; \
+             all datagrams in the 2 s after the start: {all_after}, {} undecoded)",
+            start.own + start.answers,
+            start.own,
+            start.answers,
+            control.answers,
+            control.unclassified,
+            heard.iter().filter(|h| h.beacon.is_none()).count()
+        ),
+    );
+    figure("newcomer_table", format!("{} / {} / {}", at[0], at[1], at[2]));
+}
+
+/// `perf record` (call graphs from DWARF, 20 kHz) of one steady `serve` that is no holder, client
+/// or crowd member, for `secs`, into `file`; what it received meanwhile and its CPU time per
+/// received datagram.
+fn profile_one(hall: &Hall, clients: &[usize], file: &str, secs: u64) -> String {
+    let n = hall.serves.len();
+    let Some(i) = (n / 2..n)
+        .find(|i| !hall.is_holder(*i) && !clients.contains(i) && !hall.own_store.iter().any(|(at, _)| at == i))
+    else {
+        return "no host to profile".into();
+    };
+    let Some(pid) = hall.serves[i].pid() else {
+        return "no pid".into();
+    };
+    let received = |st: &serde_json::Value| st["beacon"]["received"].as_u64().unwrap_or(0);
+    let r0 = received(&hall.serves[i].status());
+    let c0 = cpu_ticks(pid);
+    let st = std::process::Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-F",
+            "20000",
+            "--call-graph",
+            "dwarf,16384",
+            "-o",
+            file,
+            "-p",
+        ])
+        .arg(pid.to_string())
+        .args(["--", "sleep", &secs.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let c1 = cpu_ticks(pid);
+    let r1 = received(&hall.serves[i].status());
+    let per = (c1 - c0) as f64 * 10_000.0 / (r1 - r0).max(1) as f64;
+    format!(
+        "host {i} (pid {pid}, {}): {} datagrams received in {secs} s ({:.1}/s), CPU {:.2} % while profiled, {per:.0} µs of CPU per received datagram (all of serve's CPU); perf {}",
+        hall.serves[i].addr(),
+        r1 - r0,
+        (r1 - r0) as f64 / secs as f64,
+        (c1 - c0) as f64 / secs as f64,
+        st.map_or_else(|e| e.to_string(), |s| s.to_string())
+    )
+}
+
+/// The announce interval of a hall of `n` dual-stack hosts (`proto/beacon.md`: at least 5 s, the
+/// hall's announces within 6,000 B/s at about 210 bytes a round).
+fn announce_interval_estimate(n: usize) -> Duration {
+    Duration::from_secs(5).max(Duration::from_millis(n as u64 * 210 * 1000 / 6000))
+}
+
+/// One beacon datagram a [`sniff_decoded`] recording saw.
+#[derive(Clone, Debug)]
+struct Heard {
+    at: Instant,
+    v6: bool,
+    src: std::net::IpAddr,
+    /// Kind, node id and announced interval in ms; `None`: it did not decode.
+    beacon: Option<(Kind, NodeId, u32)>,
+}
+
+/// A passive, decoding listener in `ns` for `dur` (at most 400,000 datagrams): every beacon
+/// datagram on the link with its source and decoded header. Sends nothing.
+fn sniff_decoded(ns: &NetHost, dur: Duration) -> std::thread::JoinHandle<Vec<Heard>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = in_netns(&ns.ns, move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let index = nix::net::if_::if_nametoindex("eth0").expect("ifindex");
+        let mk = |d: Domain| {
+            let s = Socket::new(d, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
+            s.set_reuse_address(true).expect("reuse");
+            s.set_reuse_port(true).expect("reuseport");
+            s
+        };
+        let s4 = mk(Domain::IPV4);
+        s4.bind(&SocketAddr::from(([0, 0, 0, 0], 8380)).into())
+            .expect("bind v4");
+        s4.join_multicast_v4_n(
+            &local_nix_cache::beacon::DEFAULT_GROUP_V4,
+            &socket2::InterfaceIndexOrAddress::Index(index),
+        )
+        .expect("join v4");
+        let s6 = mk(Domain::IPV6);
+        s6.set_only_v6(true).expect("v6only");
+        s6.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 8380)).into())
+            .expect("bind v6");
+        s6.join_multicast_v6(&local_nix_cache::beacon::DEFAULT_GROUP_V6, index)
+            .expect("join v6");
+        let (s4, s6): (std::net::UdpSocket, std::net::UdpSocket) = (s4.into(), s6.into());
+        s4.set_nonblocking(true).expect("nonblocking");
+        s6.set_nonblocking(true).expect("nonblocking");
+        tx.send(()).expect("ready");
+        let end = Instant::now() + dur;
+        let mut heard = Vec::new();
+        let mut buf = [0u8; 2048];
+        while Instant::now() < end && heard.len() < 400_000 {
+            let mut idle = true;
+            for (s, v6) in [(&s4, false), (&s6, true)] {
+                while let Ok((len, src)) = s.recv_from(&mut buf) {
+                    idle = false;
+                    heard.push(Heard {
+                        at: Instant::now(),
+                        v6,
+                        src: src.ip(),
+                        beacon: wire::decode(&buf[..len]).ok().map(|b| (b.kind, b.node, b.interval_ms)),
+                    });
                 }
-                ok
-            })
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        heard
+    });
+    rx.recv_timeout(Duration::from_secs(10)).expect("sniffer ready");
+    t
+}
+
+/// The datagrams a start caused, from a decoding sniffer's recording.
+#[derive(Debug, Default)]
+struct StartShare {
+    /// The newcomer's own (every datagram of a node id heard from its IPv4 address).
+    own: usize,
+    /// Announces out of their sender's periodic rhythm: answers to the query.
+    answers: usize,
+    /// Queries and goodbyes of other hosts in the window.
+    unclassified: usize,
+}
+
+/// How many datagrams a start at `t0` caused (`newcomer`: its IPv4 address; `None`, a control
+/// window where nobody starts). Own: the newcomer's datagrams up to 3 s after its query (a
+/// loaded machine can take seconds to start it). Answers: a host's
+/// periodic announces (per family) are at least 0.8 of its announced interval apart (±20 %
+/// jitter, the next one timed from the send), so each host's announces are walked in order and an
+/// announce less than 0.8 of the interval (less 100 ms of recording noise) after the last one
+/// in rhythm is out of rhythm: an answer. One answer between two periodic announces is counted
+/// once, either as itself or (when it fell late in the rhythm) as the periodic announce after it,
+/// at most 0.4 intervals later: so out-of-rhythm announces are counted from the start's first
+/// query (`t0` in a control window) for `reply` (1 s of answer delay, plus 0.4 intervals).
+/// Needs 1.2 intervals of recording before the window.
+fn start_share(heard: &[Heard], t0: Instant, reply: Duration, newcomer: Option<Ipv4Addr>) -> StartShare {
+    let mine: std::collections::HashSet<NodeId> = heard
+        .iter()
+        .filter(|h| newcomer.is_some_and(|ip| h.src == std::net::IpAddr::V4(ip)))
+        .filter_map(|h| h.beacon.map(|b| b.1))
+        .collect();
+    let from = heard
+        .iter()
+        .filter(|h| h.at >= t0)
+        .find(|h| h.beacon.is_some_and(|b| b.0 == Kind::Query && mine.contains(&b.1)))
+        .map_or(t0, |h| h.at);
+    let mut share = StartShare::default();
+    let mut rhythm: std::collections::HashMap<(NodeId, bool), (Instant, u32)> = Default::default();
+    for h in heard {
+        let Some((kind, node, interval_ms)) = h.beacon else {
+            continue;
+        };
+        if mine.contains(&node) {
+            share.own += usize::from(h.at >= t0 && h.at < from + Duration::from_secs(3));
+            continue;
+        }
+        let in_window = h.at >= from && h.at < from + reply;
+        if kind != Kind::Announce {
+            share.unclassified += usize::from(in_window);
+            continue;
+        }
+        let key = (node, h.v6);
+        let in_rhythm = rhythm.get(&key).is_none_or(|(last, iv)| {
+            h.at.duration_since(*last) + Duration::from_millis(100)
+                >= Duration::from_millis(u64::from(*iv)).mul_f64(0.8)
+        });
+        if in_rhythm {
+            rhythm.insert(key, (h.at, interval_ms));
+        } else {
+            share.answers += usize::from(in_window);
+        }
+    }
+    share
+}
+
+/// Realises the fixture's closure in every `(client, store)` of `wave` at once: `nix-store -r`
+/// (this machine's Nix 2.8) into the client's own store, inside its namespace, with its proxy as
+/// the only substituter. How long the wave took and how many clients succeeded (each killed
+/// after 120 s).
+fn realise_wave(hall: &Hall, wave: &[(usize, usize)], closure: &[String]) -> (Duration, usize) {
+    let f = fixture();
+    let t0 = Instant::now();
+    let mut children: Vec<Child> = wave
+        .iter()
+        .map(|&(c, k)| {
+            let store = &hall.stores[k];
+            hall.serves[c]
+                .net
+                .command("env")
+                .arg(format!("HOME={}", store.home.display()))
+                .arg("PATH=/usr/bin:/bin")
+                .arg("NIX_CONFIG=substituters =\nexperimental-features = nix-command")
+                .arg("nix-store")
+                .arg("--store")
+                .arg(&store.root)
+                .args(["-r", &f.top])
+                .args(["--option", "substituters"])
+                .arg(format!("http://127.0.0.1:{}", hall.serves[c].proxy().port()))
+                .args(["--option", "trusted-public-keys", &f.pk])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn nix-store")
         })
         .collect();
-    let fetched: usize = threads.into_iter().map(|t| t.join().expect("crowd client")).sum();
-    let crowd_took = t0.elapsed();
+    let mut ok = 0;
+    for ch in &mut children {
+        loop {
+            match ch.try_wait() {
+                Ok(Some(st)) => {
+                    ok += usize::from(st.success());
+                    break;
+                }
+                Ok(None) if t0.elapsed() < Duration::from_secs(120) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = ch.kill();
+                    let _ = ch.wait();
+                    break;
+                }
+            }
+        }
+    }
+    let took = t0.elapsed();
+    // Really there: every path of the closure in every store that succeeded.
+    for &(_, k) in wave {
+        let store = &hall.stores[k];
+        let physical = store.physical_store();
+        let have = closure
+            .iter()
+            .filter(|p| Path::new(&physical).join(&p["/nix/store/".len()..]).exists())
+            .count();
+        if have < closure.len() {
+            eprintln!("store {k}: {have} of {} closure paths", closure.len());
+        }
+    }
+    (took, ok)
+}
+
+/// Who served the closure's NARs to the proxies of `wave`: NARs per source (`peer ADDR`, or an
+/// upstream), from their recent transfers.
+fn nar_sources(hall: &Hall, wave: &[(usize, usize)], closure: &[String]) -> BTreeMap<String, usize> {
     let mut per_source: BTreeMap<String, usize> = BTreeMap::new();
-    for &c in &crowd {
+    for &(c, _) in wave {
         for t in hall.serves[c].status()["recent"].as_array().into_iter().flatten() {
             if closure.iter().any(|p| {
                 t["path"]
@@ -778,51 +1188,81 @@ fn bench_hall_of_real_serve_hosts() {
             }
         }
     }
-    let holders_of_closure: Vec<String> = hall.holders[..closure_holders]
+    per_source
+}
+
+/// How soon after a client of `gainers` gained the closure its gain is findable by the proxies
+/// of `observers`: first the client's own summary (`GET /summary` at its store server) must hold
+/// every path of the closure (published), then each observer must hold that summary version.
+/// Measured from the end of the wave; median and max over the gainers, in s.
+fn findable_after(
+    hall: &Hall,
+    gainers: &[(usize, usize)],
+    observers: &[(usize, usize)],
+    closure: &[String],
+    limit: Duration,
+) -> String {
+    use local_nix_cache::narinfo::StorePathHash;
+    use local_nix_cache::summary::{self, Summary};
+    let keys: Vec<u64> = closure
         .iter()
-        .map(|(at, _)| format!("peer {}", hall.serves[*at].addr()))
+        .map(|p| summary::key(&StorePathHash::parse(hash_of(p)).expect("store hash")))
         .collect();
-    let counts: Vec<String> = holders_of_closure
-        .iter()
-        .map(|h| per_source.get(h).copied().unwrap_or(0).to_string())
-        .collect();
-    figure(
-        "crowd",
-        format!(
-            "{} clients × {} NARs: {fetched} fetched in {:.1} s; NARs per holder: {} (others: {})",
-            crowd.len(),
-            closure.len(),
-            crowd_took.as_secs_f64(),
-            counts.join(" / "),
-            per_source
-                .iter()
-                .filter(|(k, _)| !holders_of_closure.contains(k))
-                .map(|(_, v)| v)
-                .sum::<usize>()
-        ),
-    );
-    // One newcomer: 3 s of baseline, its start, its table after 1, 3 and 10 s.
-    let sniff = Sniffer::start(hall.spare(0), Duration::from_secs(6));
-    std::thread::sleep(Duration::from_secs(3));
     let t0 = Instant::now();
-    let newcomer = Serve::start(hall.spare(1), 0, &hall.stores[0], hall.dir.path(), "5s");
-    let mut at = Vec::new();
-    for s in [1, 3, 10] {
-        std::thread::sleep(Duration::from_secs(s).saturating_sub(t0.elapsed()));
-        at.push(table_addrs(&newcomer.status()).len());
-    }
-    let seen = sniff.finish();
-    let (before, after) = seen.iter().fold((0, 0), |(b, a), s| {
-        if s.at < t0 && s.at + Duration::from_secs(2) >= t0 {
-            (b + 1, a)
-        } else if s.at >= t0 && s.at < t0 + Duration::from_secs(2) {
-            (b, a + 1)
-        } else {
-            (b, a)
+    // (published at, version) per gainer.
+    let mut published: Vec<Option<(Duration, u64)>> = vec![None; gainers.len()];
+    let mut seen: Vec<Option<Duration>> = vec![None; gainers.len()];
+    while t0.elapsed() < limit && seen.iter().any(Option::is_none) {
+        for (g, &(c, _)) in gainers.iter().enumerate() {
+            if published[g].is_some() {
+                continue;
+            }
+            let addr: SocketAddr = hall.serves[c].addr().parse().expect("addr");
+            let body = hall.serves[c].inside(move || get(addr, "/summary").body);
+            if let Ok(Summary::Full { version, filter }) = summary::decode(&body) {
+                if keys.iter().all(|k| summary::may_contain(filter.as_ref(), *k)) {
+                    published[g] = Some((t0.elapsed(), version));
+                }
+            }
         }
-    });
-    figure("newcomer_datagrams", format!("{after} ({before} in the 2 s before)"));
-    figure("newcomer_table", format!("{} / {} / {}", at[0], at[1], at[2]));
+        let statuses: Vec<serde_json::Value> = observers.iter().map(|&(o, _)| hall.serves[o].status()).collect();
+        for (g, &(c, _)) in gainers.iter().enumerate() {
+            let (Some((_, version)), None) = (published[g], seen[g]) else {
+                continue;
+            };
+            let addr = hall.serves[c].addr();
+            let held_by_all = statuses.iter().all(|st| {
+                st["peers"].as_array().into_iter().flatten().any(|p| {
+                    p["addr"].as_str() == Some(addr.as_str()) && p["summary"].as_u64().is_some_and(|v| v >= version)
+                })
+            });
+            if held_by_all {
+                seen[g] = Some(t0.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let secs = |v: Vec<Option<Duration>>| -> String {
+        let mut s: Vec<f64> = v.iter().flatten().map(Duration::as_secs_f64).collect();
+        s.sort_by(f64::total_cmp);
+        if s.is_empty() {
+            return "none".into();
+        }
+        format!(
+            "{:.1} / {:.1} s ({} of {})",
+            s[s.len() / 2],
+            s[s.len() - 1],
+            s.len(),
+            v.len()
+        )
+    };
+    format!(
+        "own summary holds the gain {} after the wave; {} proxies hold that summary {} after the wave (median / max; announce interval {:.1} s)",
+        secs(published.iter().map(|p| p.map(|(t, _)| t)).collect()),
+        observers.len(),
+        secs(seen),
+        announce_interval_estimate(hall.serves.len()).as_secs_f64()
+    )
 }
 
 /// Waits (at most 10 s) in `ns` for an announce from `from` (its store server at `port`) and
@@ -1217,4 +1657,86 @@ fn a_late_comer_gets_into_tables_full_of_established_forgeries_and_stays() {
         missing.is_empty(),
         "(host, address it lacks) after the flood: {missing:?}"
     );
+}
+
+/// The bench's classification of a start's datagrams ([`start_share`]), on made-up recordings:
+/// jittered periodic announces alone count no answer; one answer early or late in its sender's
+/// rhythm counts once; the newcomer's own datagrams count as its own. (Needs no root: it checks
+/// the bench's arithmetic, which the bench then validates on the link with a control window.)
+#[test]
+fn the_bench_counts_a_starts_answers_and_no_periodic_announce() {
+    let base = Instant::now();
+    let newcomer = Ipv4Addr::new(10, 0, 0, 99);
+    let announce = |ms: u64, node: u8, v6: bool| Heard {
+        at: base + Duration::from_millis(ms),
+        v6,
+        src: std::net::IpAddr::V4(Ipv4Addr::new(10, 0, 0, node)),
+        beacon: Some((Kind::Announce, NodeId([node; 16]), 5_000)),
+    };
+    // 20 hosts announcing every 5 s ± 20 % over both families for 60 s, phases spread.
+    let mut periodic = Vec::new();
+    for node in 1..=20u8 {
+        let mut t = u64::from(node) * 250;
+        let mut k = u64::from(node);
+        while t < 60_000 {
+            periodic.push(announce(t, node, false));
+            periodic.push(announce(t + 1, node, true));
+            k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            t += 4_000 + (k >> 33) % 2_000;
+        }
+    }
+    let sorted = |mut v: Vec<Heard>| {
+        v.sort_by_key(|h| h.at);
+        v
+    };
+    let reply = Duration::from_millis(3_000);
+    let start = base + Duration::from_secs(30);
+    let quiet = start_share(&sorted(periodic.clone()), start, reply, None);
+    assert_eq!((quiet.own, quiet.answers, quiet.unclassified), (0, 0, 0), "{quiet:?}");
+    // A newcomer at 30 s (announce and query over both families, announces at +100 and +300 ms)
+    // and two answers: node 3 and node 7 (over both families), 200 ms after the query.
+    let mut with_start = periodic;
+    for (ms, kind) in [
+        (30_000, Kind::Announce),
+        (30_001, Kind::Query),
+        (30_100, Kind::Announce),
+        (30_300, Kind::Announce),
+    ] {
+        for v6 in [false, true] {
+            with_start.push(Heard {
+                at: base + Duration::from_millis(ms),
+                v6,
+                src: if v6 {
+                    "fe80::99".parse().expect("ip")
+                } else {
+                    std::net::IpAddr::V4(newcomer)
+                },
+                beacon: Some((kind, NodeId([99; 16]), 5_000)),
+            });
+        }
+    }
+    // One answer early in its sender's rhythm (its last periodic announce less than 0.8 of the
+    // interval ago, so the answer is out of rhythm) and one late (the answer looks in rhythm,
+    // and the periodic announce after it does not).
+    let last_before = |node: u8| {
+        with_start
+            .iter()
+            .filter(|h| h.beacon.is_some_and(|b| b.1 == NodeId([node; 16])))
+            .map(|h| h.at.duration_since(base).as_millis() as u64)
+            .filter(|ms| *ms < 30_201)
+            .max()
+            .expect("announced before")
+    };
+    let early = (1..=20u8)
+        .find(|n| 30_201 - last_before(*n) < 3_000)
+        .expect("an early node");
+    let late = (1..=20u8)
+        .find(|n| 30_201 - last_before(*n) > 4_200)
+        .expect("a late node");
+    for node in [early, late] {
+        with_start.push(announce(30_201, node, false));
+        with_start.push(announce(30_202, node, true));
+    }
+    let share = start_share(&sorted(with_start), start, reply, Some(newcomer));
+    assert_eq!((share.own, share.answers, share.unclassified), (8, 4, 0), "{share:?}");
 }
