@@ -1080,3 +1080,38 @@ fn stalled_pass_through(lie: bool) {
         );
     }
 }
+
+/// Small NARs are fetched plain from a peer that offers zstd, larger ones compressed (issue #16:
+/// most NARs of a closure are small, and each compressed one costs the peer an encoder and the
+/// proxy a decoder for a few milliseconds of link time saved at most).
+#[test]
+fn small_nars_are_fetched_plain_from_a_zstd_peer() {
+    use local_nix_cache::beacon::wire::FLAG_NAR_ZSTD;
+    use local_nix_cache::proxy::source::PEER_ZSTD_MIN_BYTES;
+    let small = FakePath::new("zsmall", 100_000, 3);
+    let large = FakePath::new("zlarge", 2 * PEER_ZSTD_MIN_BYTES as usize, 4);
+    let peer = Arc::new(FakeCache::default());
+    for p in [&small, &large] {
+        peer.serve_path(p);
+        let zst = zstd::encode_all(&p.nar[..], 1).expect("zstd");
+        peer.set(&format!("/{}.zst", p.info.url), Reply::ok(zst));
+    }
+    let rig = Rig::new();
+    *peer.node.lock().expect("lock") = Some(NodeId([1; 16]));
+    let addr = rig.cache_at(peer.clone(), std::net::SocketAddr::from(([127, 1, 0, 1], 0)));
+    rig.announce(addr, NodeId([1; 16]), FLAG_NAR_NONE | FLAG_NAR_ZSTD, None);
+    let (proxy, px) = rig.proxy(vec![]);
+    for p in [&small, &large] {
+        let (_, nar, body) = fetch(proxy, p);
+        assert_eq!(nar, 200);
+        assert!(body == p.nar, "{}: right bytes", p.path);
+    }
+    let zst = |p: &FakePath| peer.requests_for(&format!("{}.zst", p.info.url));
+    assert_eq!(
+        (zst(&small), peer.requests_for(&small.info.url)),
+        (0, 1),
+        "small: plain"
+    );
+    assert_eq!((zst(&large), peer.requests_for(&large.info.url)), (1, 0), "large: zstd");
+    assert_eq!(px.stats().nars_zstd_from_peers, 1);
+}
