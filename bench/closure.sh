@@ -266,5 +266,6 @@ grep -a 'NAR' "$D/client.log" | sed 's/^/  /' | tail -3
 if [ -n "${BENCH_LOGS:-}" ]; then
     mkdir -p "$BENCH_LOGS"
     cp "$D/peer.log" "$D/client.log" "$D/sizes" "$BENCH_LOGS/"
-    echo "logs kept in $BENCH_LOGS"
+    echo "logs kept in $BENCH_LOGS; per path, proxy against direct:"
+    python3 bench/closure-perpath.py "$BENCH_LOGS" || true
 fi
