@@ -106,16 +106,15 @@ impl ReadBufs {
     /// chunks are all gone, else a new one.
     fn room(&mut self) -> &mut BytesMut {
         if self.cur.capacity() - self.cur.len() < MIN_READ_ROOM {
-            let next = match self.spent.iter_mut().position(|b| b.try_reclaim(READ_CHUNK)) {
-                Some(i) => self.spent.remove(i).unwrap_or_default(),
-                None => BytesMut::with_capacity(READ_CHUNK),
-            };
-            let old = std::mem::replace(&mut self.cur, next);
             if self.spent.len() >= READ_BUFS {
                 // Freed once its chunks are.
                 self.spent.pop_front();
             }
-            self.spent.push_back(old);
+            self.spent.push_back(std::mem::take(&mut self.cur));
+            self.cur = match self.spent.iter_mut().position(|b| b.try_reclaim(READ_CHUNK)) {
+                Some(i) => self.spent.remove(i).unwrap_or_default(),
+                None => BytesMut::with_capacity(READ_CHUNK),
+            };
         }
         &mut self.cur
     }
@@ -466,5 +465,38 @@ impl Proxy {
             }));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fills the read buffer's room and cuts it: a chunk as a read would leave it.
+    fn read_full(b: &mut ReadBufs) -> Bytes {
+        let r = b.room();
+        let n = r.capacity() - r.len();
+        r.extend_from_slice(&vec![7u8; n]);
+        b.cut()
+    }
+
+    /// Issue #16: a read buffer is read into again once every chunk cut from it was dropped
+    /// (no fresh 256 KiB buffer, and its page faults, per read), and never while one is held.
+    #[test]
+    fn read_buffers_are_reused_once_their_chunks_are_dropped() {
+        let mut b = ReadBufs::new();
+        let first = read_full(&mut b);
+        let at = first.as_ptr();
+        assert_eq!(first.len(), READ_CHUNK);
+        drop(first);
+        let second = read_full(&mut b);
+        assert_eq!(second.as_ptr(), at, "the buffer whose chunk is gone is read into again");
+        let third = read_full(&mut b);
+        assert_ne!(third.as_ptr(), at, "a buffer whose chunk is held is not");
+        let held = [second.as_ptr(), third.as_ptr()];
+        drop((second, third));
+        let fourth = read_full(&mut b);
+        assert!(held.contains(&fourth.as_ptr()));
+        assert!(b.spent.len() <= READ_BUFS);
     }
 }
