@@ -13,7 +13,9 @@
 # references, so its closure is the whole set. The size distribution is printed.
 # Needs root (namespaces, tc); everything started is killed by PID on exit.
 #   bench/closure.sh    (BENCH_RATE=1gbit BENCH_RUNS=1 BENCH_NGINX="none zstd" BENCH_JOBS="default 16"
-#                        BENCH_SMALL=267 BENCH_MEDIUM=30 BENCH_LARGE="180 100 60")
+#                        BENCH_SMALL=267 BENCH_MEDIUM=30 BENCH_LARGE="180 100 60"
+#                        BENCH_LOGS=DIR: keep the peer's and the client's logs there, with a per-path
+#                        comparison of the last proxy realisation against the last direct one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${BENCH_RATE:-1gbit}
@@ -261,3 +263,9 @@ echo "ratios are speed ratios: the other's time / ours (above 1: ours is faster)
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "client proxy log, last NAR lines:"
 grep -a 'NAR' "$D/client.log" | sed 's/^/  /' | tail -3
+if [ -n "${BENCH_LOGS:-}" ]; then
+    mkdir -p "$BENCH_LOGS"
+    cp "$D/peer.log" "$D/client.log" "$D/sizes" "$BENCH_LOGS/"
+    echo "logs kept in $BENCH_LOGS; per path, proxy against direct:"
+    python3 bench/closure-perpath.py "$BENCH_LOGS" || true
+fi

@@ -93,11 +93,14 @@ start_peer() {
 }
 
 # start_client HOST PUBKEY: a `serve` without a store of its own, whose proxy (127.0.0.1:8381)
-# finds peers by beacon. Sets CLIENT_PID.
+# finds peers by beacon (BENCH_CLIENT_ARGS: more `serve` flags, e.g. --peer-compression none).
+# Sets CLIENT_PID.
 start_client() {
     local host=$1 pk=$2
+    # shellcheck disable=SC2086
     ip netns exec "$NS-$host" "$BIN" serve --store "unix://$D/none.sock" --listen 0.0.0.0:8380 --interface eth0 \
-        --upstream none --trusted-public-key "$pk" --spool-dir "${BENCH_SPOOL_DIR:-$D/spool}" >>"$D/$host.log" 2>&1 &
+        --upstream none --trusted-public-key "$pk" --spool-dir "${BENCH_SPOOL_DIR:-$D/spool}" ${BENCH_CLIENT_ARGS:-} \
+        >>"$D/$host.log" 2>&1 &
     CLIENT_PID=$!
     PIDS+=($CLIENT_PID)
 }

@@ -39,7 +39,8 @@ wait_narinfo client "http://127.0.0.1:8381/$H.narinfo"
 URL=http://10.88.0.1:8380/$(ip netns exec "$NS-client" curl -sf "http://10.88.0.1:8380/$H.narinfo" | awk '/^URL:/ {print $2}')
 
 # profile LABEL NAME:PID[,NAME:PID] COMMAND...: one perf per process over the command's run; per
-# process its CPU seconds (samples / frequency) and its top symbols.
+# process its CPU seconds (samples / frequency) and its top symbols; and the CPU seconds of the
+# command itself with its children (for `nix-store -r`: Nix's download and import).
 FREQ=499
 profile() {
     local label=$1 procs=$2 t0 t1 p perfs=()
@@ -50,12 +51,14 @@ profile() {
     done
     sleep 0.3
     t0=$(date +%s.%N)
-    "$@" >/dev/null
+    local TIMEFORMAT='%U %S'
+    { time "$@" >/dev/null; } 2>"$D/times"
     t1=$(date +%s.%N)
     kill -INT "${perfs[@]}"
     wait "${perfs[@]}" || true
     echo
-    echo "== $label: $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f s", b - a}') wall"
+    echo "== $label: $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f s", b - a}') wall, the command itself \
+$(tail -1 "$D/times" | awk '{printf "%.2f CPU-s (user %.2f, system %.2f)", $1 + $2, $1, $2}')"
     for p in ${procs//,/ }; do
         perf report -i "$D/perf.${p%%:*}" -n --no-children --sort dso,symbol --stdio 2>/dev/null >"$D/report"
         echo "-- ${p%%:*}: $(awk -v f=$FREQ '/^# Samples:/ {n = $3; if (n ~ /K$/) {sub(/K/, "", n); n *= 1000}; printf "%.2f CPU-s", n / f}' "$D/report")"

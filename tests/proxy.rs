@@ -468,19 +468,27 @@ fn nar_urls_survive_a_proxy_restart_and_the_winner_leaving() {
 
 #[test]
 fn concurrent_requests_for_one_nar_share_one_fetch() {
-    shared_fetch(false);
+    shared_fetch(false, 2_000_000, 1);
 }
 
 /// The same with a proven peer: the first request's NAR passes through, the others join its
-/// fetch and get the verified NAR; still one fetch.
+/// fetch and get the verified NAR; still one fetch (a NAR spooled in memory is kept whole).
 #[test]
 fn concurrent_requests_share_one_fetch_when_it_passes_through() {
-    shared_fetch(true);
+    shared_fetch(true, 800_000, 1);
 }
 
-fn shared_fetch(proven: bool) {
+/// A NAR spooled to a file while it passes through keeps only what its body did not take
+/// (issue #16: no page-cache copy of a NAR Nix already has), so the requests that joined it
+/// share a second fetch, and every client gets the right bytes.
+#[test]
+fn requests_that_join_a_pass_through_to_a_file_share_a_second_fetch() {
+    shared_fetch(true, 2_000_000, 2);
+}
+
+fn shared_fetch(proven: bool, size: usize, fetches: usize) {
     use local_nix_cache::proxy::proven::PROVEN_AFTER;
-    let p = FakePath::new("shared", 2_000_000, 7);
+    let p = FakePath::new("shared", size, 7);
     let rig = Rig::new();
     let peer = Arc::new(FakeCache::default());
     peer.serve_path(&p);
@@ -517,7 +525,11 @@ fn shared_fetch(proven: bool) {
         assert_eq!(r.status, 200);
         assert!(r.body == p.nar);
     }
-    assert_eq!(peer.requests_for(&p.info.url), 1, "three clients, one fetch");
+    assert_eq!(
+        peer.requests_for(&p.info.url),
+        fetches,
+        "three clients, {fetches} fetch(es)"
+    );
     assert_eq!(px.stats().nars_passed_through, u64::from(proven), "{:?}", px.stats());
 }
 
@@ -942,4 +954,164 @@ fn a_client_that_leaves_a_pass_through_stops_its_fetch() {
         "the second request joined the fetch its client had left"
     );
     drop(second);
+}
+
+/// Opens a NAR request and reads until the first body bytes arrived; returns the stream and
+/// what was read (head included).
+fn open_nar_stream(proxy: std::net::SocketAddr, url: &str) -> (std::net::TcpStream, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(proxy).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(s, "GET {url} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").expect("send");
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") || raw.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut buf).expect("the pass-through starts");
+        assert!(n > 0, "closed before the body");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw[..40])
+    );
+    (s, raw)
+}
+
+/// Waits (up to 40 s) until `done` holds.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < Duration::from_secs(40), "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Pass-through's stall detach (`PASS_STALL`, issue #16): a client that stops reading its NAR
+/// mid-way does not hold up the fetch: after `PASS_STALL` the tap detaches, the fetch completes
+/// on its own (the NAR's rest is kept in the spool from where the body stopped), and once the
+/// client reads again it gets the rest, whole and right, from one request to the peer. With a
+/// lying peer the client gets the bytes that were passed through and never the tail: the body is
+/// cut. Without the detach the fetch waits for the client for ever (red: the wait times out).
+#[test]
+fn a_stalled_pass_through_body_detaches_and_gets_the_rest() {
+    stalled_pass_through(false);
+}
+
+#[test]
+fn a_stalled_pass_through_body_of_a_lie_is_cut() {
+    stalled_pass_through(true);
+}
+
+fn stalled_pass_through(lie: bool) {
+    use local_nix_cache::proxy::passthrough::{PASS_STALL, TAIL};
+    use std::io::Read;
+    // Far more than the socket buffers and the pass-through channels hold (about 10 MiB).
+    const SIZE: usize = 40 << 20;
+    let rig = Rig::new();
+    // One peer (with two, the NAR would be split between them, verify-first).
+    let honest: Vec<FakePath> = (0..local_nix_cache::proxy::proven::PROVEN_AFTER)
+        .map(|i| FakePath::new(&format!("stall{i}"), 300_000, 90 + i as u8))
+        .collect();
+    let big = FakePath::new(if lie { "stall-lie" } else { "stall-big" }, SIZE, 99);
+    let peer = Arc::new(FakeCache::default());
+    for p in honest.iter().chain([&big]) {
+        peer.serve_path(p);
+    }
+    if lie {
+        // One byte flipped in the tail, after the stall.
+        let mut bad = big.nar.to_vec();
+        let at = bad.len() - 1000;
+        bad[at] ^= 1;
+        peer.set(&format!("/{}", big.info.url), Reply::ok(bad));
+    }
+    rig.peer(peer, 1);
+    let (proxy, px) = rig.proxy(vec![]);
+    for p in &honest {
+        assert_eq!(fetch(proxy, p).1, 200);
+    }
+    assert!(proven(&px, 1));
+    assert_eq!(get(proxy, &format!("/{}.narinfo", big.hash())).status, 200);
+    let url = format!("/nar/{}-{}.nar", big.hash(), big.info.nar_hash.to_nix32());
+    let before = px.stats();
+    let t0 = Instant::now();
+    let (mut s, mut raw) = open_nar_stream(proxy, &url);
+    // The client reads nothing more: the fetch must go on without it.
+    if lie {
+        wait_until("the fetch finds the lie while the client does not read", || {
+            px.stats().lies > before.lies
+        });
+    } else {
+        wait_until("the fetch completes while the client does not read", || {
+            px.stats().bytes_from_peers >= before.bytes_from_peers + big.nar.len() as u64
+        });
+    }
+    assert!(t0.elapsed() >= PASS_STALL, "the body stalled for PASS_STALL first");
+    let mut buf = vec![0u8; 1 << 20];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    let body = &raw[end..];
+    if lie {
+        assert!(
+            (body.len() as u64) <= big.info.nar_size - TAIL,
+            "got {} bytes: the tail was sent",
+            body.len()
+        );
+        assert!(
+            body == &big.nar[..body.len()],
+            "what was passed through is the liar's prefix, as sent"
+        );
+        assert_eq!(px.stats().nars_cut, before.nars_cut + 1);
+        assert!(!proven(&px, 1));
+    } else {
+        assert_eq!(body.len(), big.nar.len(), "the whole NAR");
+        assert!(body == &big.nar[..], "the right bytes");
+        let s = px.stats();
+        assert_eq!(s.nars_passed_through, before.nars_passed_through + 1, "{s:?}");
+        assert_eq!(
+            s.bytes_from_peers,
+            before.bytes_from_peers + big.nar.len() as u64,
+            "one fetch of the NAR: {s:?}"
+        );
+    }
+}
+
+/// Small NARs are fetched plain from a peer that offers zstd, larger ones compressed (issue #16:
+/// most NARs of a closure are small, and each compressed one costs the peer an encoder and the
+/// proxy a decoder for a few milliseconds of link time saved at most).
+#[test]
+fn small_nars_are_fetched_plain_from_a_zstd_peer() {
+    use local_nix_cache::beacon::wire::FLAG_NAR_ZSTD;
+    use local_nix_cache::proxy::source::PEER_ZSTD_MIN_BYTES;
+    let small = FakePath::new("zsmall", 100_000, 3);
+    let large = FakePath::new("zlarge", 2 * PEER_ZSTD_MIN_BYTES as usize, 4);
+    let peer = Arc::new(FakeCache::default());
+    for p in [&small, &large] {
+        peer.serve_path(p);
+        let zst = zstd::encode_all(&p.nar[..], 1).expect("zstd");
+        peer.set(&format!("/{}.zst", p.info.url), Reply::ok(zst));
+    }
+    let rig = Rig::new();
+    *peer.node.lock().expect("lock") = Some(NodeId([1; 16]));
+    let addr = rig.cache_at(peer.clone(), std::net::SocketAddr::from(([127, 1, 0, 1], 0)));
+    rig.announce(addr, NodeId([1; 16]), FLAG_NAR_NONE | FLAG_NAR_ZSTD, None);
+    let (proxy, px) = rig.proxy(vec![]);
+    for p in [&small, &large] {
+        let (_, nar, body) = fetch(proxy, p);
+        assert_eq!(nar, 200);
+        assert!(body == p.nar, "{}: right bytes", p.path);
+    }
+    let zst = |p: &FakePath| peer.requests_for(&format!("{}.zst", p.info.url));
+    assert_eq!(
+        (zst(&small), peer.requests_for(&small.info.url)),
+        (0, 1),
+        "small: plain"
+    );
+    assert_eq!((zst(&large), peer.requests_for(&large.info.url)), (1, 0), "large: zstd");
+    assert_eq!(px.stats().nars_zstd_from_peers, 1);
 }

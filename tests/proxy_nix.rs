@@ -47,6 +47,8 @@ fn check(nix226: bool) {
     let keys = local_nix_cache::narinfo::TrustedKeys::new(vec![
         local_nix_cache::narinfo::PublicKey::parse(&f.pk).expect("fixture key")
     ]);
+    // The fixture's NARs are small, which `serve` fetches plain: zstd for every size here.
+    rig.peer_zstd_min_bytes.store(0, std::sync::atomic::Ordering::Relaxed);
     let (proxy, px) = rig.proxy_trusting(vec![dead_url], keys);
     // The client's chroot store as its Nix sees it, and that Nix.
     let client = roots::ClientNix::new(nix_root.as_deref());

@@ -67,6 +67,8 @@ pub struct ProxyConfig {
     pub peer_compression: PeerCompression,
     /// A NAR at least this large is fetched in segments from several peers at once.
     pub parallel_min_bytes: u64,
+    /// Smaller NARs are fetched plain from peers that offer zstd (`source::PEER_ZSTD_MIN_BYTES`).
+    pub peer_zstd_min_bytes: u64,
     /// Peers on loopback addresses may be asked: only for tests and one-machine benchmarks
     /// (beacons from the network never carry one; anything else pointing the proxy at this host's
     /// own services is refused).
@@ -90,6 +92,7 @@ impl ProxyConfig {
             spool: SpoolLimits::new(MEM_SPOOL_ONE, sp.mem_total_mib, sp.disk_total_mib, sp.dir.clone()),
             peer_compression: s.proxy.peer_compression,
             parallel_min_bytes: PARALLEL_MIN_BYTES,
+            peer_zstd_min_bytes: source::PEER_ZSTD_MIN_BYTES,
             loopback_peers: false,
             delivered: None,
             pass_through: s.proxy.pass_through_proven_peers,
@@ -173,6 +176,7 @@ impl Proxy {
                 cfg.store_dir,
                 cfg.keys,
                 cfg.peer_compression,
+                cfg.peer_zstd_min_bytes,
                 cfg.loopback_peers,
             ),
             health: SourceHealth::new(upstreams),

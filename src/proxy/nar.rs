@@ -28,21 +28,31 @@ impl Drop for AbortFetch {
 
 impl Proxy {
     /// A verified NAR, fetched once for every request that wants it at the same time. If the
-    /// request doing the fetch goes away, a waiting one takes over.
+    /// request doing the fetch goes away, a waiting one takes over. A request that joined a
+    /// pass-through whose spool did not keep the NAR's start (its body took it, see `spool`)
+    /// joins or starts the next fetch, once.
     async fn fetch_shared(&self, hash: &StorePathHash, nar_hash: &NarHash) -> SharedFetch {
-        let cell = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(*nar_hash)
-            .or_insert_with(|| Arc::new(OnceCell::new()))
-            .clone();
-        let r = cell
-            .get_or_init(|| async { NarFetch::new(self, *hash, *nar_hash).run().await.map_err(Arc::new) })
-            .await
-            .clone();
-        self.fetch_done(nar_hash, &cell);
-        r
+        let mut again = true;
+        loop {
+            let cell = self
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(*nar_hash)
+                .or_insert_with(|| Arc::new(OnceCell::new()))
+                .clone();
+            let r = cell
+                .get_or_init(|| async { NarFetch::new(self, *hash, *nar_hash).run().await.map_err(Arc::new) })
+                .await
+                .clone();
+            self.fetch_done(nar_hash, &cell);
+            match &r {
+                Ok((v, ..)) if v.kept_from() > 0 && std::mem::take(&mut again) => {
+                    tracing::debug!(%hash, "joined a pass-through that kept only the NAR's end; fetching again");
+                }
+                _ => return r,
+            }
+        }
     }
 
     /// HEAD of a NAR: answered from what the narinfo says (its size, whether a source has it),
@@ -129,6 +139,15 @@ impl Proxy {
                 return Err(ProxyError::NarUnavailable(e));
             }
         };
+        let size = v.len();
+        let range = h::parse_range(req.headers().get(header::RANGE), size).map_err(|_| ProxyError::Range(size))?;
+        let (start, end) = range.map_or((0, size.saturating_sub(1)), |r| (r.start, r.end));
+        if start < v.kept_from() {
+            // Twice joined a pass-through that kept only the NAR's end (rare): a miss.
+            let e = Arc::new(FetchError::NoSource);
+            self.nar_failed(hash, &e, t0, TransferVerdict::Unavailable, 0);
+            return Err(ProxyError::NarUnavailable(e));
+        }
         self.nar_counted(&source);
         tracing::info!(path = %info.store_path, source = ?source, bytes = v.len(), ms = ms(), verdict = "verified", "NAR");
         self.stats.record(Transfer {
@@ -139,9 +158,6 @@ impl Proxy {
             verdict: TransferVerdict::Verified,
             reason: String::new(),
         });
-        let size = v.len();
-        let range = h::parse_range(req.headers().get(header::RANGE), size).map_err(|_| ProxyError::Range(size))?;
-        let (start, end) = range.map_or((0, size.saturating_sub(1)), |r| (r.start, r.end));
         let (path, t1) = (info.store_path.clone(), Instant::now());
         let delivered = self.delivered.clone().filter(|_| end + 1 == size);
         let body = v.body(start, end, move |sent| {

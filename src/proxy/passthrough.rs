@@ -1,12 +1,12 @@
 //! Pass-through: a proven peer's NAR bytes go to Nix as they arrive, while the fetch still
-//! spools and hashes them, except the last [`TAIL`] bytes, which wait until size and hash
-//! matched. See `proven` for who qualifies and `docs/security.md` for the trade.
+//! hashes them, except the last [`TAIL`] bytes, which wait until size and hash matched. See
+//! `proven` for who qualifies and `docs/security.md` for the trade.
 //!
 //! The fetch holds a [`Tap`]; the response body is fed by [`forward`]. Invariants: the tap only
-//! ever hands over bytes that are already in the spool, contiguous from the NAR's start, all
-//! from proven peers, and never past `NarSize - TAIL`; the rest of the body comes from the
-//! [`Verified`] spool, and only if no byte handed over was discarded since (a reset of the
-//! spool "breaks" the tap). A broken tap, a failed fetch or a NAR that did not verify ends the
+//! ever hands over bytes that the fetch then counts into the spool's hash, contiguous from the
+//! NAR's start, all from proven peers, and never past `NarSize - TAIL`; the rest of the body
+//! comes from the [`Verified`] spool (which need not keep what the tap took: `spool`), and only
+//! if no byte handed over was discarded since (a reset of the spool "breaks" the tap). A broken tap, a failed fetch or a NAR that did not verify ends the
 //! body early: Nix sees fewer bytes than the `Content-Length` (NarSize) it was promised, fails
 //! that substitution, installs nothing and does not resume (no `Accept-Ranges`).
 //!
@@ -79,27 +79,34 @@ impl Tap {
         self.tx.is_some() && self.sent == spooled.min(size.saturating_sub(TAIL))
     }
 
-    /// The spool now holds `spooled` bytes of `size`, the last of them `chunk`: hands over the
-    /// part not yet handed over, short of the tail. The tap detaches itself when the body left
-    /// or stalled (the body then waits for the verified NAR).
-    pub async fn offer(&mut self, spooled: u64, size: u64, chunk: &Bytes) {
+    /// `chunk` ends at byte `spooled` of `size` (and goes into the spool next): hands over the
+    /// part not yet handed over, short of the tail, and returns how many bytes of it went (all
+    /// at the chunk's start). The tap detaches itself when the body left or stalled for
+    /// [`PASS_STALL`] (the body then waits for the verified NAR).
+    pub async fn offer(&mut self, spooled: u64, size: u64, chunk: &Bytes) -> usize {
         let limit = size.saturating_sub(TAIL);
         let start = spooled.saturating_sub(chunk.len() as u64);
         let upto = spooled.min(limit);
-        let Some(tx) = &self.tx else { return };
+        let Some(tx) = &self.tx else { return 0 };
         if upto <= self.sent {
-            return;
+            return 0;
         }
-        if start > self.sent {
+        if start != self.sent {
             // A gap (cannot happen while `continues_at` is asked first): hand nothing over.
             self.tx = None;
-            return;
+            return 0;
         }
-        let bytes = chunk.slice((self.sent - start) as usize..(upto - start) as usize);
-        let n = bytes.len() as u64;
+        let bytes = chunk.slice(..(upto - start) as usize);
+        let n = bytes.len();
         match tokio::time::timeout(PASS_STALL, tx.send(Piece { size, bytes })).await {
-            Ok(Ok(())) => self.sent += n,
-            _ => self.tx = None,
+            Ok(Ok(())) => {
+                self.sent += n as u64;
+                n
+            }
+            _ => {
+                self.tx = None;
+                0
+            }
         }
     }
 

@@ -215,7 +215,15 @@ pub struct Sources {
     keys: TrustedKeys,
     /// How to fetch NARs from peers that announce a compressed form.
     peer_compression: PeerCompression,
+    /// Smaller NARs are fetched plain even from such peers (see [`PEER_ZSTD_MIN_BYTES`]).
+    zstd_min_bytes: u64,
 }
+
+/// NARs smaller than this are fetched plain from peers even when zstd is on: compressing saves
+/// a few milliseconds of link time on them at most, and costs the peer an encoder (about
+/// 1.3 MiB of state) and the proxy a decoder per NAR. Most NARs of a closure are this small
+/// (issue #16: 188 of 301, 14 of 636 MiB, in bench/closure.sh).
+pub const PEER_ZSTD_MIN_BYTES: u64 = 256 * 1024;
 
 impl Sources {
     pub fn new(
@@ -224,6 +232,7 @@ impl Sources {
         store_dir: String,
         keys: TrustedKeys,
         peer_compression: PeerCompression,
+        zstd_min_bytes: u64,
         loopback_peers: bool,
     ) -> Self {
         let resolver = Arc::new(PeerResolver {
@@ -254,6 +263,7 @@ impl Sources {
             store_dir,
             keys,
             peer_compression,
+            zstd_min_bytes,
         }
     }
 
@@ -330,6 +340,7 @@ impl Sources {
         let mut info = info;
         // A peer (our store server) that announces zstd sends the same NAR compressed on the fly
         // at `<url>.zst`: fewer bytes on the LAN; the hash is checked on the decompressed bytes.
+        // Not worth it for small NARs.
         if let SourceId::Peer(node) = s {
             let zstd_peer = self
                 .peers
@@ -338,6 +349,7 @@ impl Sources {
                 .is_some_and(|p| p.flags & crate::beacon::wire::FLAG_NAR_ZSTD != 0);
             if self.peer_compression == PeerCompression::Zstd
                 && zstd_peer
+                && info.nar_size >= self.zstd_min_bytes
                 && info.compression == Compression::None
                 && nar_url.path().ends_with(".nar")
             {

@@ -9,6 +9,11 @@
 //! spool in memory, large ones in an unlinked temp file (gone even if the process dies). Both
 //! have global caps, taken as semaphore permits (1 permit = 1 MiB) before the first byte is
 //! written. Invariant: a [`Verified`] spool exists only after its size and sha256 matched.
+//!
+//! A file spool need not keep what a pass-through body already took: bytes that went to Nix
+//! from the NAR's start are only hashed (issue #16: writing them into the page cache was a fifth
+//! of the proxy's CPU at full speed). Such a spool's [`Verified`] serves only from
+//! [`Verified::kept_from`] on; whoever needs the whole NAR fetches it again.
 
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -60,7 +65,8 @@ pub enum SpoolError {
 
 /// File spools are written in blocks of this size, hashed and written on a blocking thread so
 /// that hashing and disk writes overlap with reading the network: one block is hashed and
-/// written while the next one fills (at most two blocks per spool in memory).
+/// written while the next one fills (at most two blocks per spool in memory, held as the chunks
+/// the network gave, not copied).
 const FILE_BLOCK: usize = 1024 * 1024;
 
 /// A block being hashed and written: gives the hasher back, with the bytes written.
@@ -70,8 +76,10 @@ enum Store {
     Mem(BytesMut),
     File {
         file: Arc<std::fs::File>,
-        /// Bytes not yet hashed and written.
-        pending: BytesMut,
+        /// Chunks not yet hashed and written (shared with a pass-through body, not copied).
+        pending: Vec<Bytes>,
+        /// Bytes in `pending`.
+        pending_len: usize,
         /// Where the next block goes (bytes written, and being written by `inflight`).
         written: u64,
         /// The block being hashed and written (it holds the hasher until it is done).
@@ -86,6 +94,9 @@ pub struct Spool {
     hasher: Option<Sha256>,
     len: u64,
     expected: u64,
+    /// Bytes at the start of a file spool that were hashed but not written, because a
+    /// pass-through body took them (see [`Spool::write`]). Always 0 for a memory spool.
+    unkept: u64,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -104,6 +115,7 @@ impl Spool {
                     hasher: Some(Sha256::new()),
                     len: 0,
                     expected: size,
+                    unkept: 0,
                     _permit: p,
                 });
             }
@@ -112,13 +124,15 @@ impl Spool {
         Ok(Self {
             store: Store::File {
                 file: Arc::new(file),
-                pending: BytesMut::with_capacity(FILE_BLOCK),
+                pending: Vec::new(),
+                pending_len: 0,
                 written: 0,
                 inflight: None,
             },
             hasher: Some(Sha256::new()),
             len: 0,
             expected: size,
+            unkept: 0,
             _permit: permit,
         })
     }
@@ -131,20 +145,30 @@ impl Spool {
         self.len == 0
     }
 
-    /// Appends bytes (the caller checked they fit in the expected size).
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), SpoolError> {
+    /// Appends bytes (the caller checked they fit in the expected size). The first `passed`
+    /// bytes of `chunk` were handed to a pass-through body: while nothing but such bytes came
+    /// before them, a file spool only hashes them (it keeps the rest, and a memory spool keeps
+    /// everything: cheap, and a request that joins the fetch gets the whole NAR).
+    pub async fn write(&mut self, chunk: Bytes, passed: usize) -> Result<(), SpoolError> {
+        let at = self.len;
         self.len += chunk.len() as u64;
         match &mut self.store {
             Store::Mem(b) => {
                 if let Some(h) = self.hasher.as_mut() {
-                    h.update(chunk);
+                    h.update(&chunk);
                 }
-                b.extend_from_slice(chunk);
+                b.extend_from_slice(&chunk);
                 Ok(())
             }
-            Store::File { pending, .. } => {
-                pending.extend_from_slice(chunk);
-                if pending.len() >= FILE_BLOCK {
+            Store::File {
+                pending, pending_len, ..
+            } => {
+                if self.unkept == at {
+                    self.unkept += passed.min(chunk.len()) as u64;
+                }
+                *pending_len += chunk.len();
+                pending.push(chunk);
+                if *pending_len >= FILE_BLOCK {
                     self.flush().await?;
                 }
                 Ok(())
@@ -173,6 +197,7 @@ impl Spool {
         let Store::File {
             file,
             pending,
+            pending_len,
             written,
             inflight,
         } = &mut self.store
@@ -182,15 +207,24 @@ impl Spool {
         if pending.is_empty() {
             return Ok(());
         }
-        let block = pending.split().freeze();
-        pending.reserve(FILE_BLOCK);
-        let (file, offset) = (file.clone(), *written);
-        *written += block.len() as u64;
+        let block = std::mem::take(pending);
+        let (file, offset, keep_from) = (file.clone(), *written, self.unkept);
+        *written += *pending_len as u64;
+        *pending_len = 0;
         let mut hasher = self.hasher.take().unwrap_or_default();
         *inflight = Some(tokio::task::spawn_blocking(move || {
-            hasher.update(&block);
-            let r = file.write_all_at(&block, offset);
-            (hasher, r.map(|()| block.len() as u64))
+            // Every byte is hashed; only those from `keep_from` on are written.
+            let (mut pos, mut r) = (offset, Ok(()));
+            for piece in &block {
+                hasher.update(piece);
+                let end = pos + piece.len() as u64;
+                if end > keep_from && r.is_ok() {
+                    let skip = keep_from.saturating_sub(pos) as usize;
+                    r = file.write_all_at(&piece[skip..], pos + skip as u64);
+                }
+                pos = end;
+            }
+            (hasher, r.map(|()| pos - offset))
         }));
         Ok(())
     }
@@ -201,12 +235,18 @@ impl Spool {
         let landed = self.land().await;
         self.hasher = Some(Sha256::new());
         self.len = 0;
+        self.unkept = 0;
         match &mut self.store {
             Store::Mem(b) => b.clear(),
             Store::File {
-                file, pending, written, ..
+                file,
+                pending,
+                pending_len,
+                written,
+                ..
             } => {
                 pending.clear();
+                *pending_len = 0;
                 *written = 0;
                 file.set_len(0)?;
             }
@@ -230,6 +270,7 @@ impl Spool {
                 Store::File { file, .. } => Data::File(file),
             },
             len: self.len,
+            kept_from: self.unkept,
             _permit: Arc::new(self._permit),
         })
     }
@@ -302,6 +343,7 @@ impl PositionalSpool {
         (NarHash::from_digest(digest) == *want).then(|| Verified {
             data: Data::File(self.file),
             len: self.size,
+            kept_from: 0,
             _permit: Arc::new(self._permit),
         })
     }
@@ -319,6 +361,9 @@ enum Data {
 pub struct Verified {
     data: Data,
     len: u64,
+    /// The first byte kept: those before it went to a pass-through body only (see
+    /// [`Spool::write`]) and cannot be served from here.
+    kept_from: u64,
     _permit: Arc<OwnedSemaphorePermit>,
 }
 
@@ -329,6 +374,11 @@ impl Verified {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The first byte this spool can serve (0 unless a pass-through body took the NAR's start).
+    pub fn kept_from(&self) -> u64 {
+        self.kept_from
     }
 
     /// Bytes `start..=end` as a response body that reads a chunk each time the client is ready
@@ -362,9 +412,14 @@ impl Verified {
     }
 
     /// Bytes `start..=end`, one chunk per poll (a file spool reads it on a blocking thread, one
-    /// chunk at a time, so a reader that stops holds no thread). An error ends the stream.
+    /// chunk at a time, so a reader that stops holds no thread). An error ends the stream; bytes
+    /// before [`Self::kept_from`] are one.
     pub fn stream(&self, start: u64, end: u64) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
         const CHUNK: u64 = 512 * 1024;
+        if start < self.kept_from {
+            let e = io::Error::other(format!("bytes before {} were not kept", self.kept_from));
+            return Box::pin(futures_util::stream::once(async move { Err(e) }));
+        }
         let stream = futures_util::stream::unfold((self.clone(), start), move |(v, pos)| async move {
             if pos > end || v.len == 0 {
                 return None;
@@ -426,7 +481,7 @@ mod tests {
             let l = limits(mem_one);
             let mut s = Spool::new(&l, data.len() as u64).await.expect("spool");
             for c in data.chunks(7777) {
-                s.write(c).await.expect("write");
+                s.write(Bytes::copy_from_slice(c), 0).await.expect("write");
             }
             let v = s.verify(&hash(&data)).await.unwrap_or_else(|_| panic!("verify"));
             assert_eq!(collect(&v, 0, data.len() as u64 - 1).await, data);
@@ -439,12 +494,12 @@ mod tests {
         let data = vec![5u8; 1000];
         let l = limits(1 << 20);
         let mut s = Spool::new(&l, 1000).await.expect("spool");
-        s.write(&data[..999]).await.expect("write");
-        s.write(&[6]).await.expect("write");
+        s.write(Bytes::copy_from_slice(&data[..999]), 0).await.expect("write");
+        s.write(Bytes::from_static(&[6]), 0).await.expect("write");
         let s = s.verify(&hash(&data)).await.err().expect("wrong byte must not verify");
         let mut s = s;
         s.reset().await.expect("reset");
-        s.write(&data[..500]).await.expect("write");
+        s.write(Bytes::copy_from_slice(&data[..500]), 0).await.expect("write");
         assert!(s.verify(&hash(&data)).await.is_err(), "short must not verify");
     }
 
@@ -458,16 +513,57 @@ mod tests {
         let wrong = vec![9u8; data.len()];
         // Two blocks and a half of wrong bytes: one block is still being written.
         for c in wrong[..2_600_000].chunks(100_000) {
-            s.write(c).await.expect("write");
+            s.write(Bytes::copy_from_slice(c), 0).await.expect("write");
         }
         s.reset().await.expect("reset");
         for c in data.chunks(300_000) {
-            s.write(c).await.expect("write");
+            s.write(Bytes::copy_from_slice(c), 0).await.expect("write");
         }
         let v = s
             .verify(&hash(&data))
             .await
             .unwrap_or_else(|_| panic!("verify after reset"));
+        assert!(collect(&v, 0, data.len() as u64 - 1).await == data);
+    }
+
+    /// Bytes a pass-through body took from the NAR's start are hashed but not written to a file
+    /// spool (issue #16): the NAR still verifies, is served from the first kept byte, refuses
+    /// the bytes before it, and passed bytes after a kept one are kept. A memory spool keeps all.
+    #[tokio::test]
+    async fn passed_bytes_at_the_start_of_a_file_spool_are_hashed_not_kept() {
+        let data: Vec<u8> = (0..3_500_000u32).map(|i| (i % 239) as u8).collect();
+        let chunk = 256 * 1024;
+        // The body took the first 2_000_000 bytes (the last chunk of them partly).
+        let took: usize = 2_000_000;
+        for mem_one in [0, 8 << 20] {
+            let l = limits(mem_one);
+            let mut s = Spool::new(&l, data.len() as u64).await.expect("spool");
+            for (i, c) in data.chunks(chunk).enumerate() {
+                let passed = took.saturating_sub(i * chunk).min(c.len());
+                s.write(Bytes::copy_from_slice(c), passed).await.expect("write");
+            }
+            let v = s.verify(&hash(&data)).await.unwrap_or_else(|_| panic!("verify"));
+            let kept = if mem_one == 0 { took as u64 } else { 0 };
+            assert_eq!(v.kept_from(), kept);
+            assert!(collect(&v, kept, data.len() as u64 - 1).await == data[kept as usize..]);
+            if kept > 0 {
+                let mut st = v.stream(kept - 1, data.len() as u64 - 1);
+                assert!(
+                    st.next().await.expect("one item").is_err(),
+                    "bytes not kept are an error"
+                );
+            }
+        }
+        // A kept chunk first: later passed bytes are kept too (the unkept part is one prefix).
+        let l = limits(0);
+        let mut s = Spool::new(&l, data.len() as u64).await.expect("spool");
+        for (i, c) in data.chunks(chunk).enumerate() {
+            s.write(Bytes::copy_from_slice(c), if i == 0 { 0 } else { c.len() })
+                .await
+                .expect("write");
+        }
+        let v = s.verify(&hash(&data)).await.unwrap_or_else(|_| panic!("verify"));
+        assert_eq!(v.kept_from(), 0);
         assert!(collect(&v, 0, data.len() as u64 - 1).await == data);
     }
 

@@ -316,6 +316,8 @@ pub struct Rig {
     pub state: tempfile::TempDir,
     /// Proxies started from now on pass proven peers' NARs through (the default, as `serve`).
     pub pass_through: std::sync::atomic::AtomicBool,
+    /// Proxies started from now on fetch smaller NARs plain from zstd peers (`serve`'s default).
+    pub peer_zstd_min_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Rig {
@@ -342,6 +344,7 @@ impl Rig {
             stop: CancellationToken::new(),
             state: tempfile::tempdir().expect("state dir"),
             pass_through: std::sync::atomic::AtomicBool::new(true),
+            peer_zstd_min_bytes: std::sync::atomic::AtomicU64::new(local_nix_cache::proxy::source::PEER_ZSTD_MIN_BYTES),
         }
     }
 
@@ -473,6 +476,7 @@ impl Rig {
                 // more; the other tests stay below).
                 parallel_min_bytes: 4 << 20,
                 pass_through: self.pass_through.load(std::sync::atomic::Ordering::Relaxed),
+                peer_zstd_min_bytes: self.peer_zstd_min_bytes.load(std::sync::atomic::Ordering::Relaxed),
                 state_dir: Some(self.state.path().to_owned()),
             },
             Some(self.table.clone()),
