@@ -43,12 +43,18 @@ pub const PROOF_CONTEXT: &[u8] = b"local-nix-cache identity proof v1\0";
 pub const GOODBYE_CONTEXT: &[u8] = b"local-nix-cache goodbye v1\0";
 /// Addresses waiting for their store server to be asked.
 pub const MAX_PENDING: usize = 64;
-/// Addresses remembered as asked.
-pub const MAX_ASKED: usize = 1024;
-/// An address is asked again for the same node id, or for more than four, after this long.
+/// Store-server addresses remembered as asked (about 100 bytes each: 400 KiB).
+pub const MAX_ASKED: usize = 4096;
+/// An address that answered (or is being asked) is asked again after this long.
 pub const ASK_AGAIN_AFTER: Duration = Duration::from_secs(30);
 /// Requests at once.
 pub const ASK_AT_ONCE: usize = 4;
+/// Time to connect for one request (a LAN answers in milliseconds; an address where nothing
+/// listens must not hold a slot for the whole [`PROOF_TIMEOUT`]).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// First wait before an address whose proof failed is asked again (doubling, at most
+/// [`ASK_AGAIN_AFTER`]).
+pub const FIRST_RETRY: Duration = Duration::from_secs(2);
 /// Time for one request.
 pub const PROOF_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest answer read.
@@ -147,25 +153,25 @@ pub fn signed_by(datagram: &[u8], node: &NodeId) -> bool {
 
 /// Whether `body` (an answer to `GET /identity?nonce=NONCE&to=TO`) proves `node`.
 pub fn verify_proof(node: &NodeId, nonce: &[u8; 16], to: IpAddr, body: &str) -> bool {
+    proven_node(nonce, to, body) == Some(*node)
+}
+
+/// The node id `body` (an answer to `GET /identity?nonce=NONCE&to=TO`) proves is held at `to`:
+/// the hash of the key that signed the nonce and `to`.
+pub fn proven_node(nonce: &[u8; 16], to: IpAddr, body: &str) -> Option<NodeId> {
     let mut words = body.split_whitespace();
     let (Some(k), Some(s), None) = (words.next(), words.next(), words.next()) else {
-        return false;
+        return None;
     };
     let hex = |w: &str| data_encoding::HEXLOWER_PERMISSIVE.decode(w.as_bytes()).ok();
-    let (Some(k), Some(s)) = (hex(k), hex(s)) else {
-        return false;
-    };
+    let (k, s) = (hex(k)?, hex(s)?);
     let (Ok(k), Ok(s)) = (<[u8; 32]>::try_from(k), <[u8; 64]>::try_from(s)) else {
-        return false;
+        return None;
     };
-    if node_of(&k) != *node {
-        return false;
-    }
-    let Ok(key) = VerifyingKey::from_bytes(&k) else {
-        return false;
-    };
+    let key = VerifyingKey::from_bytes(&k).ok()?;
     key.verify_strict(&proof_message(nonce, to), &Signature::from_bytes(&s))
-        .is_ok()
+        .ok()
+        .map(|()| node_of(&k))
 }
 
 /// Why the store server does not answer `GET /identity`.
@@ -216,8 +222,8 @@ pub fn is_own_address(ip: IpAddr) -> bool {
     })
 }
 
-/// Asks the store server at `addr` to prove `node`; true when it did.
-pub async fn ask(client: &reqwest::Client, node: NodeId, addr: SocketAddr) -> bool {
+/// Asks the store server at `addr` which node id it holds there; the id it proved, if any.
+pub async fn ask(client: &reqwest::Client, addr: SocketAddr) -> Option<NodeId> {
     let nonce: [u8; 16] = rand::random();
     let url = format!(
         "{}?nonce={}&to={}",
@@ -239,46 +245,45 @@ pub async fn ask(client: &reqwest::Client, node: NodeId, addr: SocketAddr) -> bo
         }
         String::from_utf8(body).ok()
     };
-    let body = tokio::time::timeout(PROOF_TIMEOUT, fetch).await.ok().flatten();
-    body.is_some_and(|b| verify_proof(&node, &nonce, addr.ip(), &b))
+    let body = tokio::time::timeout(PROOF_TIMEOUT, fetch).await.ok().flatten()?;
+    proven_node(&nonce, addr.ip(), &body)
 }
 
 /// Asks the store servers of contested ids' addresses to prove them, as the table queues them,
-/// until `shutdown`.
+/// until `shutdown`: up to [`ASK_AT_ONCE`] requests in flight, a new one starting as soon as
+/// any finishes (an address where nothing answers holds one slot for at most
+/// [`PROOF_TIMEOUT`], never the queue behind it).
 pub async fn verify_loop(table: Arc<PeerTable>, shutdown: CancellationToken) {
     let Ok(client) = reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(CONNECT_TIMEOUT)
         .timeout(PROOF_TIMEOUT)
         .build()
     else {
         tracing::warn!("beacon: no HTTP client for identity proofs; contests are settled without them");
         return shutdown.cancelled().await;
     };
+    let client = &client;
+    let mut flying = futures_util::stream::FuturesUnordered::new();
     loop {
-        let due = table.take_proofs_wanted();
-        if due.is_empty() {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = table.proofs_wanted() => continue,
-            }
+        while flying.len() < ASK_AT_ONCE {
+            let Some((node, addr)) = table.take_proof_wanted() else {
+                break;
+            };
+            flying.push(async move { (node, addr, ask(client, addr).await) });
         }
-        let client = &client;
-        let work = futures_util::stream::iter(due)
-            .map(|(node, addr)| async move { (node, addr, ask(client, node, addr).await) })
-            .buffer_unordered(ASK_AT_ONCE)
-            .for_each(|(node, addr, proven)| {
-                if proven {
-                    tracing::info!(%node, %addr, "beacon: the store server there proved the node id");
-                    table.prove(&node, addr);
-                } else {
-                    tracing::debug!(%node, %addr, "beacon: no proof of the node id there");
-                }
-                std::future::ready(())
-            });
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = work => {}
+            _ = table.proofs_wanted(), if flying.len() < ASK_AT_ONCE => {}
+            Some((node, addr, holder)) = flying.next(), if !flying.is_empty() => {
+                match holder {
+                    Some(h) if h == node => tracing::info!(%node, %addr, "beacon: the store server there proved the node id"),
+                    Some(h) => tracing::info!(%node, %addr, holder = %h, "beacon: the store server there holds another node id"),
+                    None => tracing::debug!(%node, %addr, "beacon: no proof of a node id there"),
+                }
+                table.proof_result(addr, holder, tokio::time::Instant::now());
+            }
         }
     }
 }
@@ -335,7 +340,7 @@ mod tests {
             None,
             Some("to=10.0.0.2"),
             Some("nonce=00&to=10.0.0.2"),
-            Some("nonce={nonce}"),
+            Some(&format!("nonce={nonce}")),
         ] {
             assert_eq!(answer(&id, q, ours), Err(ProofRefused::Query), "{q:?}");
         }

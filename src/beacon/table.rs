@@ -119,9 +119,10 @@ pub struct Peer {
     /// addresses ([`PeerTable::answered`]): a sign of life when its announces are lost (a link
     /// saturated by a download drops multicast first).
     pub answered: Option<Instant>,
-    /// Addresses whose store server proved the node id (`identity`): once a family has one,
-    /// announces of the id from other addresses of that family are ignored until they prove it.
-    pub proven: Vec<IpAddr>,
+    /// Addresses (with port, and scope for IPv6 link-local) whose store server proved the node
+    /// id (`identity`): once a family has one, announces of the id from other addresses of that
+    /// family are ignored until they prove it.
+    pub proven: Vec<SocketAddr>,
 }
 
 impl Peer {
@@ -223,16 +224,47 @@ struct Bucket {
     last: Instant,
 }
 
+/// What this host knows of the store server at one address (IP, port and scope).
+#[derive(Clone, Copy, Debug)]
+struct Asked {
+    /// When it was last asked.
+    at: Instant,
+    /// What it answered.
+    state: AskState,
+    /// Requests in a row that proved nothing (no answer, 404, or a bad proof).
+    failures: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AskState {
+    /// Queued or being asked.
+    Pending,
+    /// It proved this node id (whatever id the announce that made us ask named: the answer
+    /// carries the key, so one request settles every claim made at the address).
+    Holds(NodeId),
+    /// No proof.
+    Failed,
+}
+
+/// How long after `failures` requests in a row that proved nothing an address is asked again
+/// (2 s, doubling, at most [`identity::ASK_AGAIN_AFTER`]).
+fn retry_after(failures: u32) -> Duration {
+    identity::FIRST_RETRY
+        .saturating_mul(1 << failures.saturating_sub(1).min(8))
+        .min(identity::ASK_AGAIN_AFTER)
+}
+
 struct Inner {
     peers: HashMap<NodeId, Peer>,
-    /// (node, address) pairs whose store server should be asked to prove the node id (a
-    /// contest), at most [`identity::MAX_PENDING`].
+    /// Addresses whose store server should be asked to prove a node id (a contest), with the id
+    /// claimed there (for the log), at most [`identity::MAX_PENDING`].
     proofs: VecDeque<(NodeId, SocketAddr)>,
-    /// Per address (LRU of [`identity::MAX_ASKED`]): when its window of
-    /// [`identity::ASK_AGAIN_AFTER`] began, and the node ids it was asked to prove in it (at most
-    /// [`MAX_PEERS_PER_ADDR`]), so forged contests at a victim's address cost it at most that
-    /// many requests per window from each host.
-    asked: LruCache<IpAddr, (Instant, Vec<NodeId>)>,
+    /// Per store-server address (IP, port, scope; LRU of [`identity::MAX_ASKED`]): when it was
+    /// last asked and what it proved. An address is asked at most once per
+    /// [`identity::ASK_AGAIN_AFTER`] when it answered (its answer names the id it holds, so
+    /// forged contests for any number of ids at a victim's address cost it one request per
+    /// window from each host), and again after [`retry_after`] when it did not.
+    asked: LruCache<SocketAddr, Asked>,
     /// Rate-limit buckets by source (LRU: new sources evict the least recently seen).
     buckets: LruCache<IpAddr, Bucket>,
     counters: Counters,
@@ -251,35 +283,117 @@ impl Default for Inner {
 }
 
 impl Inner {
-    /// Queues `addr`'s store server to be asked for a proof of `node` (unless asked lately or
-    /// the queue is full); true when queued.
+    /// The node id the store server at `addr` proved within the last
+    /// [`identity::ASK_AGAIN_AFTER`].
+    fn holder(&mut self, addr: SocketAddr, now: Instant) -> Option<NodeId> {
+        match self.asked.peek(&addr) {
+            Some(Asked {
+                at,
+                state: AskState::Holds(n),
+                ..
+            }) if now < *at + identity::ASK_AGAIN_AFTER => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// Queues `addr`'s store server to be asked for a proof of `node` (unless it is being
+    /// asked, answered lately, or failed lately); true when queued. A full queue gives up a
+    /// random waiting address for it (asked again when it announces again): a flood of
+    /// contests at addresses where nothing answers cannot keep a real claimant out for good.
     fn want_proof(&mut self, node: NodeId, addr: SocketAddr, now: Instant) -> bool {
+        let failures = match self.asked.get(&addr) {
+            Some(a) => {
+                let wait = match a.state {
+                    AskState::Pending | AskState::Holds(_) => identity::ASK_AGAIN_AFTER,
+                    AskState::Failed => retry_after(a.failures),
+                };
+                if now < a.at + wait {
+                    return false;
+                }
+                a.failures
+            }
+            None => 0,
+        };
         if self.proofs.len() >= identity::MAX_PENDING {
-            return false;
+            let i = rand::Rng::gen_range(&mut rand::thread_rng(), 0..self.proofs.len());
+            if let Some((_, dropped)) = self.proofs.remove(i) {
+                self.asked.pop(&dropped);
+            }
         }
-        let (since, nodes) = self.asked.get_or_insert_mut(addr.ip(), || (now, Vec::new()));
-        if now >= *since + identity::ASK_AGAIN_AFTER {
-            (*since, *nodes) = (now, Vec::new());
-        }
-        if nodes.contains(&node) || nodes.len() >= MAX_PEERS_PER_ADDR {
-            return false;
-        }
-        nodes.push(node);
+        self.asked.put(
+            addr,
+            Asked {
+                at: now,
+                state: AskState::Pending,
+                failures,
+            },
+        );
         self.proofs.push_back((node, addr));
         true
+    }
+
+    /// `addr`'s store server proved `node`: the address holds the id; the addresses of its
+    /// family that did not prove it are dropped from its entry, and `addr` from every other
+    /// entry (they claimed an address that holds another id; an entry left without addresses
+    /// goes).
+    fn prove(&mut self, node: &NodeId, addr: SocketAddr) {
+        let others: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| p.node != *node && p.addrs.contains(&addr))
+            .map(|p| p.node)
+            .collect();
+        for n in others {
+            if let Some(p) = self.peers.get_mut(&n) {
+                p.addrs.retain(|a| *a != addr);
+                if p.addrs.is_empty() {
+                    self.peers.remove(&n);
+                }
+            }
+        }
+        let Some(p) = self.peers.get_mut(node) else {
+            return;
+        };
+        if !p.proven.contains(&addr) {
+            p.proven.insert(0, addr);
+            p.proven.truncate(MAX_ADDRS_PER_PEER);
+        }
+        let proven = p.proven.clone();
+        p.addrs.retain(|a| a.is_ipv4() != addr.is_ipv4() || proven.contains(a));
+        if !p.addrs.contains(&addr) {
+            p.addrs.insert(0, addr);
+            p.addrs.truncate(MAX_ADDRS_PER_PEER);
+        }
+        p.moved = None;
+        p.pinned = true;
     }
 
     /// Makes room for a new node id from `ip`: false when its address already holds its share
     /// (every entry listing the address counts, not only those first heard there), or the table
     /// is full of peers whose store servers answered this host.
+    ///
+    /// At its share, the address makes room from its own entries whose store server never
+    /// answered and never proved the id there (longest held first; an entry that lists other
+    /// addresses too only loses this one): four ids announced from a host's address by someone
+    /// else, before the host's new per-run id, do not lock the host out.
     fn admit(&mut self, ip: IpAddr) -> Result<(), &'static str> {
-        let from_addr = self
+        let mut at_addr: Vec<&Peer> = self
             .peers
             .values()
             .filter(|p| p.addrs.iter().any(|a| a.ip() == ip))
-            .count();
-        if from_addr >= MAX_PEERS_PER_ADDR {
-            return Err("address holds its share of node ids");
+            .collect();
+        if at_addr.len() >= MAX_PEERS_PER_ADDR {
+            at_addr.retain(|p| p.answered.is_none() && !p.proven.iter().any(|a| a.ip() == ip));
+            let Some(v) = at_addr.iter().min_by_key(|p| (p.first_seen, p.node)).map(|p| p.node) else {
+                return Err("address holds its share of node ids, all answered");
+            };
+            if let Some(p) = self.peers.get_mut(&v) {
+                p.addrs.retain(|a| a.ip() != ip);
+                if p.addrs.is_empty() {
+                    self.peers.remove(&v);
+                }
+            }
+            self.counters.displaced += 1;
         }
         if self.peers.len() < MAX_PEERS {
             return Ok(());
@@ -358,6 +472,11 @@ impl PeerTable {
         self.lock().proofs.drain(..).collect()
     }
 
+    /// The next (node, address) pair whose store server should be asked, oldest first.
+    pub fn take_proof_wanted(&self) -> Option<(NodeId, SocketAddr)> {
+        self.lock().proofs.pop_front()
+    }
+
     /// Resolves when a proof is wanted.
     pub async fn proofs_wanted(&self) {
         self.proofs_wanted.notified().await
@@ -367,23 +486,32 @@ impl PeerTable {
     /// addresses of its family that did not prove it are dropped, and announces of the id from
     /// them are ignored from now on.
     pub fn prove(&self, node: &NodeId, addr: SocketAddr) {
+        self.lock().prove(node, addr);
+    }
+
+    /// The store server at `addr` was asked for a proof (`identity::verify_loop`): it proved
+    /// `holder` (the id its key hashes to, whatever id was claimed there), or nothing. A proof
+    /// settles the address ([`Self::prove`]) for every claim made there during
+    /// [`identity::ASK_AGAIN_AFTER`]; no proof is asked again after [`retry_after`], as long as
+    /// the contest lasts (a claimant announcing again).
+    pub fn proof_result(&self, addr: SocketAddr, holder: Option<NodeId>, now: Instant) {
         let mut g = self.lock();
-        let Some(p) = g.peers.get_mut(node) else {
-            return;
+        let failures = g.asked.peek(&addr).map_or(0, |a| a.failures);
+        let (state, failures) = match holder {
+            Some(n) => (AskState::Holds(n), 0),
+            None => (AskState::Failed, failures.saturating_add(1)),
         };
-        if !p.proven.contains(&addr.ip()) {
-            p.proven.insert(0, addr.ip());
-            p.proven.truncate(MAX_ADDRS_PER_PEER);
+        g.asked.put(
+            addr,
+            Asked {
+                at: now,
+                state,
+                failures,
+            },
+        );
+        if let Some(n) = holder {
+            g.prove(&n, addr);
         }
-        let proven = p.proven.clone();
-        p.addrs
-            .retain(|a| a.is_ipv4() != addr.is_ipv4() || proven.contains(&a.ip()));
-        if !p.addrs.contains(&addr) {
-            p.addrs.insert(0, addr);
-            p.addrs.truncate(MAX_ADDRS_PER_PEER);
-        }
-        p.moved = None;
-        p.pinned = true;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -473,8 +601,11 @@ impl PeerTable {
                 let genuine = inner.peers.get(&b.node).is_some_and(|p| {
                     // Signed by the key whose hash is its node id (verified only for a peer in
                     // the table, and only once the key hashes to its id: nobody knows the key
-                    // of a live keyed host before its first goodbye).
-                    identity::signed_by(data, &b.node)
+                    // of a live keyed host before its first goodbye), and newer than its last
+                    // announce: a signed goodbye copied off the link (a host sends one when a
+                    // link loses an address and keeps its key) cannot be replayed after the
+                    // host's next announce.
+                    (identity::signed_by(data, &b.node) && (p.announces == 0 || wire::seq_after(b.seq, p.seq)))
                         || match p.commitment {
                             // It committed to a secret: only that secret says goodbye.
                             Some(c) => b.proof.is_some_and(|s| wire::commitment(&s) == c),
@@ -497,11 +628,26 @@ impl PeerTable {
                         // A second address of a family the id is listed with: a contest (or a
                         // move); the store servers at every such address are asked to prove the
                         // id. Once one did, the family's other addresses are ignored.
+                        // The store server there proved another id lately: the announce is
+                        // someone else's (no request needed).
+                        let holder = inner.holder(addr, now);
+                        if holder.is_some_and(|n| n != b.node) {
+                            inner.counters.contested += 1;
+                            return Outcome::Ignored(b, "node id announced from an address that proved another");
+                        }
                         let (unproven, contest) = inner.peers.get(&b.node).map_or((false, Vec::new()), |p| {
-                            let family = |a: &IpAddr| a.is_ipv4() == addr.is_ipv4();
-                            let unproven = p.proven.iter().any(family) && !p.proven.contains(&addr.ip());
-                            let listed: Vec<SocketAddr> = p.addrs.iter().filter(|a| family(&a.ip())).copied().collect();
-                            let contest = if p.announces > 0 && !listed.is_empty() && !listed.contains(&addr) {
+                            let family = |a: &SocketAddr| a.is_ipv4() == addr.is_ipv4();
+                            let unproven = p.proven.iter().any(family) && !p.proven.contains(&addr) && holder.is_none();
+                            // A contest while the family would list two or more addresses,
+                            // none proven: every announce of the id re-queues its claimants
+                            // (each asked again only after `retry_after` or the window), so a
+                            // proof that failed is retried, also for an entry not established
+                            // yet that listed both addresses without a contest.
+                            let mut listed: Vec<SocketAddr> = p.addrs.iter().filter(|a| family(a)).copied().collect();
+                            if !listed.contains(&addr) {
+                                listed.push(addr);
+                            }
+                            let contest = if p.announces > 0 && listed.len() >= 2 && !p.proven.iter().any(family) {
                                 listed
                             } else {
                                 Vec::new()
@@ -516,10 +662,11 @@ impl PeerTable {
                             }
                             return Outcome::Ignored(b, "node id announced from an address that did not prove it");
                         }
-                        if !contest.is_empty() {
-                            for a in std::iter::once(addr).chain(contest) {
-                                wanted |= inner.want_proof(b.node, a, now);
-                            }
+                        for a in contest {
+                            wanted |= inner.want_proof(b.node, a, now);
+                        }
+                        if holder == Some(b.node) {
+                            inner.prove(&b.node, addr);
                         }
                         let Some(p) = inner.peers.get_mut(&b.node) else {
                             return Outcome::Ignored(b, "gone");
@@ -595,6 +742,10 @@ impl PeerTable {
                         Outcome::Refreshed(b)
                     }
                     addr => {
+                        if inner.holder(addr, now).is_some_and(|n| n != b.node) {
+                            inner.counters.contested += 1;
+                            return Outcome::Ignored(b, "node id announced from an address that proved another");
+                        }
                         if let Err(why) = inner.admit(addr.ip()) {
                             inner.counters.table_full += 1;
                             return Outcome::Ignored(b, why);
