@@ -647,8 +647,22 @@ impl PeerTable {
                             if !listed.contains(&addr) {
                                 listed.push(addr);
                             }
+                            let other: Vec<SocketAddr> = p.addrs.iter().filter(|a| !family(a)).copied().collect();
                             let contest = if p.announces > 0 && listed.len() >= 2 && !p.proven.iter().any(family) {
                                 listed
+                            } else if p.announces > 0
+                                && !other.is_empty()
+                                && !p.proven.contains(&addr)
+                                && (p.established() || !p.proven.is_empty())
+                            {
+                                // A claim from another family, once the id is established or
+                                // proven in one: a contest too (it is listed after the proven
+                                // addresses meanwhile, so it is not tried first).
+                                other
+                                    .into_iter()
+                                    .filter(|a| !p.proven.contains(a))
+                                    .chain([addr])
+                                    .collect()
                             } else {
                                 Vec::new()
                             };
@@ -731,6 +745,9 @@ impl PeerTable {
                         }
                         p.addrs.retain(|a| *a != addr);
                         p.addrs.insert(0, addr);
+                        // Proven addresses first (stable: most recent first within each).
+                        let proven = &p.proven;
+                        p.addrs.sort_by_key(|a| !proven.contains(a));
                         p.addrs.truncate(MAX_ADDRS_PER_PEER);
                         p.flags = b.flags;
                         p.hostname = b.hostname.clone();

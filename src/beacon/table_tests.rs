@@ -603,10 +603,15 @@ async fn a_contested_node_id_goes_to_the_address_that_proves_it() {
     now += identity::ASK_AGAIN_AFTER;
     t.handle(attacker, &a, now);
     assert_eq!(t.take_proofs_wanted(), [(node, attacker)]);
-    // The other family is not contested by this: its address is taken as announced.
+    // A claim from the other family is a contest too: listed after the proven address (not
+    // tried first), and asked; its address holding another id drops it.
     let v6: SocketAddr = "[fe80::1%7]:8380".parse().expect("addr");
     t.handle(v6, &a, now);
-    assert_eq!(t.get(&node).map(|p| p.addrs), Some(vec![v6, honest]));
+    assert_eq!(t.get(&node).map(|p| p.addrs), Some(vec![honest, v6]));
+    assert_eq!(t.take_proofs_wanted(), [(node, v6)]);
+    t.proof_result(v6, Some(NodeId([9; 16])), now);
+    assert_eq!(t.get(&node).map(|p| p.addrs), Some(vec![honest]));
+    assert!(matches!(t.handle(v6, &a, now), Outcome::Ignored(..)));
     // Goodbyes: signed by another key (naming this node), or unsigned: ignored; signed: gone.
     let bye = |signer: &identity::Identity| {
         let mut b = encode(&Beacon {
