@@ -64,6 +64,9 @@ pub const ESTABLISHED_ANNOUNCES: u32 = 3;
 pub const MAX_SOURCES: usize = 4096;
 /// Datagrams per second allowed per source address (token bucket refill rate).
 pub const RATE_PER_SEC: f64 = 20.0;
+/// Signed goodbyes whose signature is checked per second, from all sources together (a
+/// hall's goodbyes are a few a second; more are ignored, and their hosts expire instead).
+pub const MAX_SIGNATURE_CHECKS_PER_SEC: f64 = 200.0;
 /// Token bucket size per source address.
 pub const RATE_BURST: f64 = 40.0;
 /// In the table of a node whose proxy reports answers ([`PeerTable::answered`]), an established
@@ -267,6 +270,8 @@ struct Inner {
     asked: LruCache<SocketAddr, Asked>,
     /// Rate-limit buckets by source (LRU: new sources evict the least recently seen).
     buckets: LruCache<IpAddr, Bucket>,
+    /// Signed goodbyes checked, from every source together.
+    signature_checks: Bucket,
     counters: Counters,
 }
 
@@ -277,6 +282,10 @@ impl Default for Inner {
             proofs: VecDeque::new(),
             asked: LruCache::new(NonZeroUsize::new(identity::MAX_ASKED).unwrap_or(NonZeroUsize::MIN)),
             buckets: LruCache::new(NonZeroUsize::new(MAX_SOURCES).unwrap_or(NonZeroUsize::MIN)),
+            signature_checks: Bucket {
+                tokens: MAX_SIGNATURE_CHECKS_PER_SEC,
+                last: Instant::now(),
+            },
             counters: Counters::default(),
         }
     }
@@ -368,7 +377,8 @@ impl Inner {
         p.pinned = true;
     }
 
-    /// Makes room for a new node id from `ip`: false when its address already holds its share
+    /// Makes room for a new node id from `ip` (`answers_tracked`: this table's node reports
+    /// answers, see [`PeerTable::answered`]): false when its address already holds its share
     /// (every entry listing the address counts, not only those first heard there), or the table
     /// is full of peers whose store servers answered this host.
     ///
@@ -376,7 +386,7 @@ impl Inner {
     /// answered and never proved the id there (longest held first; an entry that lists other
     /// addresses too only loses this one): four ids announced from a host's address by someone
     /// else, before the host's new per-run id, do not lock the host out.
-    fn admit(&mut self, ip: IpAddr) -> Result<(), &'static str> {
+    fn admit(&mut self, ip: IpAddr, answers_tracked: bool) -> Result<(), &'static str> {
         let mut at_addr: Vec<&Peer> = self
             .peers
             .values()
@@ -404,10 +414,14 @@ impl Inner {
         // node id at a listed address does (`answered`). Oldest first: a persistent flood is
         // pushed out by newcomers one at a time, and a newcomer is the last of the unanswered to
         // go, with time to answer.
+        // A proof over `GET /identity` names the id at an address as an answer does. In a
+        // table without answers reported (the `peers` tool), nobody ever answered: there only
+        // entries on probation (not established) make room, so a flood cannot push out the
+        // established hall first.
         let victim = self
             .peers
             .values()
-            .filter(|p| p.answered.is_none())
+            .filter(|p| p.answered.is_none() && p.proven.is_empty() && (answers_tracked || !p.established()))
             .min_by_key(|p| (p.first_seen, p.node))
             .map(|p| p.node);
         match victim {
@@ -530,7 +544,7 @@ impl PeerTable {
         now: Instant,
     ) -> bool {
         let mut g = self.lock();
-        if node == self.own || g.peers.contains_key(&node) || g.admit(addr.ip()).is_err() {
+        if node == self.own || g.peers.contains_key(&node) || g.admit(addr.ip(), self.answers_tracked).is_err() {
             return false;
         }
         g.peers.insert(
@@ -598,24 +612,45 @@ impl PeerTable {
             }
             Kind::Goodbye => {
                 inner.counters.goodbyes += 1;
-                let genuine = inner.peers.get(&b.node).is_some_and(|p| {
-                    // Signed by the key whose hash is its node id (verified only for a peer in
-                    // the table, and only once the key hashes to its id: nobody knows the key
-                    // of a live keyed host before its first goodbye), and newer than its last
-                    // announce: a signed goodbye copied off the link (a host sends one when a
-                    // link loses an address and keeps its key) cannot be replayed after the
-                    // host's next announce.
-                    (identity::signed_by(data, &b.node) && (p.announces == 0 || wire::seq_after(b.seq, p.seq)))
-                        || match p.commitment {
-                            // It committed to a secret: only that secret says goodbye.
-                            Some(c) => b.proof.is_some_and(|s| wire::commitment(&s) == c),
-                            // An older peer: from an address it announced from.
-                            None => p.addrs.iter().any(|a| a.ip() == src.ip()),
-                        }
+                // Older proofs, cheap, under the lock.
+                let (genuine, verify) = inner.peers.get(&b.node).map_or((false, false), |p| {
+                    let genuine = match p.commitment {
+                        // It committed to a secret: only that secret says goodbye.
+                        Some(c) => b.proof.is_some_and(|s| wire::commitment(&s) == c),
+                        // An older peer: from an address it announced from.
+                        None => p.addrs.iter().any(|a| a.ip() == src.ip()),
+                    };
+                    // Signed by the key whose hash is its node id (checked only for a peer in
+                    // the table whose goodbye is fresh and names a key that hashes to its id),
+                    // and newer than its last announce: a signed goodbye copied off the link (a
+                    // host sends one when a link loses an address and keeps its key) cannot be
+                    // replayed after the host's next announce.
+                    let verify = !genuine
+                        && fresh_goodbye(p, &b)
+                        && wire::signature(data).is_some_and(|s| identity::node_of(&s.key) == b.node);
+                    (genuine, verify)
                 });
                 if genuine {
                     inner.peers.remove(&b.node);
                     Outcome::Left(b)
+                } else if verify {
+                    // The signature (about 50 us) is checked outside the lock, at most
+                    // `MAX_SIGNATURE_CHECKS_PER_SEC` a second (anyone can copy a host's key from
+                    // its `GET /identity` answer and send bad signatures under it).
+                    if !take(&mut inner.signature_checks, now, MAX_SIGNATURE_CHECKS_PER_SEC) {
+                        inner.counters.rate_limited += 1;
+                        return Outcome::Ignored(b, "too many signed goodbyes to check");
+                    }
+                    drop(g);
+                    let signed = identity::signed_by(data, &b.node);
+                    let mut g = self.lock();
+                    if signed && g.peers.get(&b.node).is_some_and(|p| fresh_goodbye(p, &b)) {
+                        g.peers.remove(&b.node);
+                        drop(g);
+                        self.changed.notify_waiters();
+                        return Outcome::Left(b);
+                    }
+                    return Outcome::Ignored(b, "goodbye with a bad signature");
                 } else {
                     Outcome::Ignored(b, "goodbye without the peer's proof, or from an unknown peer")
                 }
@@ -763,7 +798,7 @@ impl PeerTable {
                             inner.counters.contested += 1;
                             return Outcome::Ignored(b, "node id announced from an address that proved another");
                         }
-                        if let Err(why) = inner.admit(addr.ip()) {
+                        if let Err(why) = inner.admit(addr.ip(), self.answers_tracked) {
                             inner.counters.table_full += 1;
                             return Outcome::Ignored(b, why);
                         }
@@ -926,8 +961,23 @@ fn allow(buckets: &mut LruCache<IpAddr, Bucket>, ip: IpAddr, now: Instant) -> bo
         tokens: RATE_BURST,
         last: now,
     });
-    let refill = now.duration_since(b.last).as_secs_f64() * RATE_PER_SEC;
-    b.tokens = (b.tokens + refill).min(RATE_BURST);
+    take_at(b, now, RATE_PER_SEC, RATE_BURST)
+}
+
+/// A goodbye that comes after `p`'s last announce (serial sequence numbers), or names a peer
+/// that has not announced yet (heard of through peer exchange).
+fn fresh_goodbye(p: &Peer, b: &Beacon) -> bool {
+    p.announces == 0 || wire::seq_after(b.seq, p.seq)
+}
+
+/// A token from a bucket refilled at `rate` a second, holding at most `rate`.
+fn take(b: &mut Bucket, now: Instant, rate: f64) -> bool {
+    take_at(b, now, rate, rate)
+}
+
+fn take_at(b: &mut Bucket, now: Instant, rate: f64, burst: f64) -> bool {
+    let refill = now.duration_since(b.last).as_secs_f64() * rate;
+    b.tokens = (b.tokens + refill).min(burst);
     b.last = now;
     if b.tokens >= 1.0 {
         b.tokens -= 1.0;

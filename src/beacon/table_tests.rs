@@ -439,7 +439,7 @@ fn id_of(id: u32) -> NodeId {
 /// (Red before the fix: the late-comer was refused, "peer table full".)
 #[tokio::test(start_paused = true)]
 async fn a_persistent_flood_of_established_forgeries_does_not_lock_late_comers_out() {
-    let t = PeerTable::new(NodeId([0; 16]));
+    let t = PeerTable::with_identity(Arc::new(identity::Identity::generate()));
     let mut now = Instant::now();
     const HALL: u32 = 500;
     for _ in 0..ESTABLISHED_ANNOUNCES {
@@ -820,4 +820,66 @@ async fn forgeries_kept_refreshed_stop_counting_as_the_hall() {
     assert_eq!((node.established_len(), tool.established_len()), (10, 50));
     assert_eq!(node.hall().len(), 10);
     assert_eq!(crate::beacon::pex::render(&node).lines().count(), 10);
+}
+
+/// In a table without answers reported (the `peers` tool's), nobody ever answered: a flood of
+/// new identities makes room only from entries on probation, never from the established hall
+/// (review of issue #12; red before: the hall, held longest, was pushed out first).
+#[tokio::test(start_paused = true)]
+async fn in_a_table_without_answers_a_flood_does_not_push_out_the_hall() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let mut now = Instant::now();
+    let hall = MAX_PEERS as u32 - 8;
+    for _ in 0..ESTABLISHED_ANNOUNCES {
+        for i in 0..hall {
+            t.handle(ip(i / 4), &announce_of(i, None), now);
+        }
+        now += Duration::from_millis(300);
+    }
+    for i in 0..100u32 {
+        t.handle(ip(10_000 + i / 4), &announce_of(100_000 + i, None), now);
+    }
+    assert_eq!(t.len(), MAX_PEERS);
+    assert_eq!((0..hall).filter(|i| t.get(&id_of(*i)).is_some()).count(), hall as usize);
+    assert!(
+        t.counters().displaced >= 92,
+        "the flood's own entries on probation made room"
+    );
+}
+
+/// Signed goodbyes are checked at most `MAX_SIGNATURE_CHECKS_PER_SEC` a second from all sources
+/// together (review of issue #12: bad signatures under a host's real key, copied from its
+/// `GET /identity` answer, from unlimited sources); the host's own goodbye a second later
+/// counts. (Red without the bound: every bad signature was checked.)
+#[tokio::test(start_paused = true)]
+async fn bad_signatures_are_checked_at_a_bounded_rate() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let id = identity::Identity::generate();
+    let node = id.node();
+    let at = |seq: u32, kind: Kind| {
+        encode(&Beacon {
+            kind,
+            seq,
+            ..wire::decode(&claim(node, node.0, 1000)).expect("decode")
+        })
+    };
+    let mut now = Instant::now();
+    t.handle(src(1), &at(1, Kind::Announce), now);
+    let mut bye = at(2, Kind::Goodbye);
+    id.sign_datagram(&mut bye);
+    let mut bad = bye.clone();
+    let n = bad.len();
+    bad[n - 1] ^= 1;
+    let before = t.counters().rate_limited;
+    for i in 0..1000u32 {
+        assert!(matches!(t.handle(ip(i), &bad, now), Outcome::Ignored(..)));
+    }
+    let skipped = t.counters().rate_limited - before;
+    assert_eq!(
+        skipped,
+        1000 - MAX_SIGNATURE_CHECKS_PER_SEC as u64,
+        "checked at most the bound"
+    );
+    now += Duration::from_secs(1);
+    assert!(matches!(t.handle(src(1), &bye, now), Outcome::Left(_)));
 }
