@@ -240,6 +240,9 @@ struct Asked {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AskState {
+    /// A claim came from it once: asked only when one comes again (a single spoofed datagram
+    /// never makes the hall send requests to a third host).
+    Heard,
     /// Queued or being asked.
     Pending,
     /// It proved this node id (whatever id the announce that made us ask named: the answer
@@ -311,8 +314,20 @@ impl Inner {
     /// contests at addresses where nothing answers cannot keep a real claimant out for good.
     fn want_proof(&mut self, node: NodeId, addr: SocketAddr, now: Instant) -> bool {
         let failures = match self.asked.get(&addr) {
+            None => {
+                self.asked.put(
+                    addr,
+                    Asked {
+                        at: now,
+                        state: AskState::Heard,
+                        failures: 0,
+                    },
+                );
+                return false;
+            }
             Some(a) => {
                 let wait = match a.state {
+                    AskState::Heard => Duration::ZERO,
                     AskState::Pending | AskState::Holds(_) => identity::ASK_AGAIN_AFTER,
                     AskState::Failed => retry_after(a.failures),
                 };
@@ -321,7 +336,6 @@ impl Inner {
                 }
                 a.failures
             }
-            None => 0,
         };
         if self.proofs.len() >= identity::MAX_PENDING {
             let i = rand::Rng::gen_range(&mut rand::thread_rng(), 0..self.proofs.len());
@@ -670,37 +684,23 @@ impl PeerTable {
                             inner.counters.contested += 1;
                             return Outcome::Ignored(b, "node id announced from an address that proved another");
                         }
-                        let (unproven, contest) = inner.peers.get(&b.node).map_or((false, Vec::new()), |p| {
+                        let (unproven, contest) = inner.peers.get(&b.node).map_or((false, false), |p| {
                             let family = |a: &SocketAddr| a.is_ipv4() == addr.is_ipv4();
                             let unproven = p.proven.iter().any(family) && !p.proven.contains(&addr) && holder.is_none();
-                            // A contest while the family would list two or more addresses,
-                            // none proven: every announce of the id re-queues its claimants
-                            // (each asked again only after `retry_after` or the window), so a
-                            // proof that failed is retried, also for an entry not established
-                            // yet that listed both addresses without a contest.
-                            let mut listed: Vec<SocketAddr> = p.addrs.iter().filter(|a| family(a)).copied().collect();
-                            if !listed.contains(&addr) {
-                                listed.push(addr);
-                            }
-                            let other: Vec<SocketAddr> = p.addrs.iter().filter(|a| !family(a)).copied().collect();
-                            let contest = if p.announces > 0 && listed.len() >= 2 && !p.proven.iter().any(family) {
-                                listed
-                            } else if p.announces > 0
-                                && !other.is_empty()
+                            // A contest while the family would list two or more addresses, none
+                            // proven: every announce of the id from one of them asks its store
+                            // server (the second announce from an address, then again only after
+                            // `retry_after` or the window), so a proof that failed is retried,
+                            // also for an entry not established yet that listed both addresses.
+                            let listed = p.addrs.iter().filter(|a| family(a) && **a != addr).count() + 1;
+                            let other = p.addrs.iter().any(|a| !family(a));
+                            let contest = p.announces > 0
                                 && !p.proven.contains(&addr)
-                                && (p.established() || !p.proven.is_empty())
-                            {
-                                // A claim from another family, once the id is established or
-                                // proven in one: a contest too (it is listed after the proven
-                                // addresses meanwhile, so it is not tried first).
-                                other
-                                    .into_iter()
-                                    .filter(|a| !p.proven.contains(a))
-                                    .chain([addr])
-                                    .collect()
-                            } else {
-                                Vec::new()
-                            };
+                                && ((listed >= 2 && !p.proven.iter().any(family))
+                                    // A claim from another family, once the id is established or
+                                    // proven in one: a contest too (it is listed after the proven
+                                    // addresses meanwhile, so it is not tried first).
+                                    || (other && (p.established() || !p.proven.is_empty())));
                             (unproven, contest)
                         });
                         if unproven {
@@ -711,8 +711,8 @@ impl PeerTable {
                             }
                             return Outcome::Ignored(b, "node id announced from an address that did not prove it");
                         }
-                        for a in contest {
-                            wanted |= inner.want_proof(b.node, a, now);
+                        if contest {
+                            wanted |= inner.want_proof(b.node, addr, now);
                         }
                         if holder == Some(b.node) {
                             inner.prove(&b.node, addr);
