@@ -5,26 +5,29 @@
 //! node id (and, as the commitment extension, the node id again, so older receivers see a bound
 //! id); the key travels only where it is needed:
 //!
-//! - **a contested id** (announced from a second address of one family, as in the first-contact
+//! - **a contested id** (one family lists two addresses, none proven, as in the first-contact
 //!   race: an attacker announcing an honest host's id before that host's own announce reached a
-//!   newcomer): the table queues every claiming address, and [`verify_loop`] asks the store
-//!   server at each `GET /identity?nonce=N&to=IP` (a fresh random nonce; `to`: the address asked).
-//!   A server answers only for an address of its own, with its public key and a signature over
-//!   [`PROOF_CONTEXT`], the nonce and that address; an address whose answer verifies holds the
-//!   id (`PeerTable::prove`), and from then on an announce of the id from an unproven address of
-//!   that family is ignored. A relay does not help the attacker: asked at its own address, it
-//!   can only get a signature over the honest host's address, which the honest server alone
-//!   holds.
+//!   newcomer; or, once proven in one family, a claim from the other): the table queues
+//!   the announcing address from its second claim on, and [`verify_loop`] asks the store server
+//!   there `GET /identity?nonce=N&to=IP` (a fresh random nonce; `to`: the address asked). A
+//!   server answers only for an address of its own, with its public key and a signature over
+//!   [`PROOF_CONTEXT`], the nonce and that address: the answer says which id the address holds
+//!   ([`proven_node`]), settling every id claimed there (`PeerTable::proof_result`); from then
+//!   on an announce of the id from an unproven address of that family is ignored. A relay does
+//!   not help the attacker: asked at its own address, it can only get a signature over the
+//!   honest host's address, which the honest server alone holds.
 //! - **a goodbye** carries the key and a signature over the datagram (extensions 5 and 6), since
-//!   there is no 16-byte goodbye secret whose commitment is a key's hash.
+//!   there is no 16-byte goodbye secret whose commitment is a key's hash; it counts only when its
+//!   sequence number comes after the sender's last announce (no replay).
 //!
-//! Bounds: at most [`MAX_PENDING`] addresses waiting to be asked (more are dropped, and asked
-//! when they announce again); an address is asked at most once per node id and for at most
-//! four node ids (`table::MAX_PEERS_PER_ADDR`) per [`ASK_AGAIN_AFTER`] (remembered for
-//! [`MAX_ASKED`] addresses, about 100 bytes each), so forged contests at a victim's address cost
-//! it at most four requests per 30 s from each host; [`ASK_AT_ONCE`] requests at a time, each
-//! within [`PROOF_TIMEOUT`] and [`MAX_PROOF_BYTES`]. Older peers answer 404: their contests are settled
-//! as before (moves and pinning, `table`).
+//! Bounds: at most [`MAX_PENDING`] addresses waiting to be asked (a full queue gives up a random
+//! one, asked when it announces again); a store-server address (IP, port, scope) is asked at
+//! most once per [`ASK_AGAIN_AFTER`] when it answered, and after [`FIRST_RETRY`] doubling when it
+//! did not (remembered for [`MAX_ASKED`] addresses, about 100 bytes each in the LRU: 400 KiB),
+//! so forged contests at a victim's address cost it one request per 30 s from each host;
+//! [`ASK_AT_ONCE`] requests in flight, a new one starting as soon as one ends, each within
+//! [`CONNECT_TIMEOUT`], [`PROOF_TIMEOUT`] and [`MAX_PROOF_BYTES`]. Older peers answer 404:
+//! their contests are settled as before (moves and pinning, `table`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -24,11 +24,13 @@
 //! Rate-limit buckets are an LRU of [`MAX_SOURCES`]: a new source evicts the least recently seen
 //! one (which starts afresh if it comes back), so spoofed sources cannot lock an honest peer out.
 //!
-//! A node id announced from a second address of a family it is listed with is *contested*: every
-//! such address is queued ([`PeerTable::take_proofs_wanted`]) for `identity::verify_loop` to ask
-//! its store server for a proof of the id; the address that proves it holds the id
-//! ([`PeerTable::prove`]), and announces of the id from unproven addresses of that family are
-//! ignored from then on. Until then, and between older hosts that cannot prove their ids:
+//! A node id is *contested* while a family would list two of its addresses, none proven (or,
+//! once proven in one family, when the other family claims it): the announcing address is
+//! queued, from its second claim on ([`PeerTable::take_proofs_wanted`]), for
+//! `identity::verify_loop` to ask its store server which id it holds; the address that proves
+//! the id holds it ([`PeerTable::proof_result`]), and announces of the id from unproven
+//! addresses of that family are ignored from then on, as are announces of other ids from that
+//! address. A failed request is retried (after 2 s, doubling) while the contest lasts. Until then, and between older hosts that cannot prove their ids:
 //! a live peer's node id stays at its address: an established id announced from a new address of
 //! a family it is listed with is taken as a move ([`Move`]) only until one of the addresses it
 //! left announces again; then the move is undone and the id *pinned* (a second address is ignored
@@ -37,8 +39,10 @@
 //!
 //! Bounds: [`MAX_PEERS`] peers (about 600 bytes each with a hostname and a move being watched:
 //! under 1.5 MiB), buckets for
-//! [`MAX_SOURCES`] sources (about 64 bytes each); constant work per datagram except a new node
-//! id's admission (linear in the table, bounded by the rate limits).
+//! [`MAX_SOURCES`] sources (about 64 bytes each), [`identity::MAX_ASKED`] asked addresses (about
+//! 100 bytes each); constant work per datagram under the lock except a new node id's admission
+//! (linear in the table, bounded by the rate limits); a signed goodbye's signature is checked
+//! outside the lock, at most [`MAX_SIGNATURE_CHECKS_PER_SEC`].
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -697,10 +701,11 @@ impl PeerTable {
                             let contest = p.announces > 0
                                 && !p.proven.contains(&addr)
                                 && ((listed >= 2 && !p.proven.iter().any(family))
-                                    // A claim from another family, once the id is established or
-                                    // proven in one: a contest too (it is listed after the proven
-                                    // addresses meanwhile, so it is not tried first).
-                                    || (other && (p.established() || !p.proven.is_empty())));
+                                    // A claim from another family, once the id is proven in one:
+                                    // a contest too (listed after the proven addresses meanwhile,
+                                    // so it is not tried first). Only then: every dual-stack host
+                                    // would otherwise be asked by every host of the hall.
+                                    || (other && !p.proven.is_empty()));
                             (unproven, contest)
                         });
                         if unproven {
@@ -780,9 +785,11 @@ impl PeerTable {
                         }
                         p.addrs.retain(|a| *a != addr);
                         p.addrs.insert(0, addr);
-                        // Proven addresses first (stable: most recent first within each).
+                        // Proven addresses first, then IPv4 ones (what `Peer::http_addr`
+                        // prefers: a link-local claim for a host listed by IPv4 is not tried
+                        // first); stable, so most recent first within each.
                         let proven = &p.proven;
-                        p.addrs.sort_by_key(|a| !proven.contains(a));
+                        p.addrs.sort_by_key(|a| (!proven.contains(a), a.is_ipv6()));
                         p.addrs.truncate(MAX_ADDRS_PER_PEER);
                         p.flags = b.flags;
                         p.hostname = b.hostname.clone();
