@@ -904,3 +904,38 @@ async fn bad_signatures_are_checked_at_a_bounded_rate() {
     now += Duration::from_secs(1);
     assert!(matches!(t.handle(src(1), &bye, now), Outcome::Left(_)));
 }
+
+/// `next_expiry` (asked by the beacon's loop per datagram) scans the table at most once per
+/// `EXPIRY_RESCAN`, and is never later than the scan's minimum (checked against the scan after
+/// every datagram of a steady hall, with peers joining, refreshing and leaving); once a rescan
+/// is due it is the scan's value again. (Red without the cache: one scan per call.)
+#[tokio::test(start_paused = true)]
+async fn next_expiry_is_never_late_and_scans_rarely() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let scan = |t: &PeerTable| t.lock().peers.values().map(Peer::expires_at).min();
+    let mut calls = 0u64;
+    for round in 0..20u32 {
+        for i in 0..200u32 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            // Intervals from 1 s to 3 s; a few new peers each round; some leave.
+            let id = if i % 50 == 0 { 1000 * (round + 1) + i } else { i };
+            let mut b = wire::decode(&announce_of(id, None)).expect("decode");
+            b.interval_ms = 1000 + (id * 37 + round * 11) % 2000;
+            t.handle(ip(id), &encode(&b), Instant::now());
+            if i % 70 == 0 {
+                t.expire(Instant::now());
+            }
+            let (got, want) = (t.next_expiry(), scan(&t));
+            calls += 1;
+            if let Some(w) = want {
+                let g = got.expect("some");
+                assert!(g <= w, "late: {g:?} > {w:?} (round {round}, datagram {i})");
+            }
+        }
+    }
+    let scans = t.lock().expiry_scans;
+    eprintln!("{calls} calls, {scans} scans");
+    assert!(scans * 20 <= calls, "{scans} scans for {calls} calls");
+    tokio::time::advance(EXPIRY_RESCAN).await;
+    assert_eq!(t.next_expiry(), scan(&t).map(|m| m.min(Instant::now() + EXPIRY_RESCAN)));
+}
