@@ -917,6 +917,12 @@ impl PeerTable {
         min.map(|m| m.min(now + EXPIRY_RESCAN))
     }
 
+    /// Each peer's node id and announced summary version, in one pass under the lock without
+    /// copying the entries (the proxy's summary loop asks twice a second).
+    pub fn summaries(&self) -> Vec<(NodeId, Option<u64>)> {
+        self.lock().peers.values().map(|p| (p.node, p.summary)).collect()
+    }
+
     /// Live peers, oldest first.
     pub fn peers(&self) -> Vec<Peer> {
         let mut v: Vec<Peer> = self.lock().peers.values().cloned().collect();

@@ -939,3 +939,21 @@ async fn next_expiry_is_never_late_and_scans_rarely() {
     tokio::time::advance(EXPIRY_RESCAN).await;
     assert_eq!(t.next_expiry(), scan(&t).map(|m| m.min(Instant::now() + EXPIRY_RESCAN)));
 }
+
+/// `summaries` lists what `peers` holds: every node id with its announced summary version.
+#[tokio::test(start_paused = true)]
+async fn summaries_list_every_peer_and_its_version() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let now = Instant::now();
+    for i in 0..10 {
+        t.handle(ip(i), &announce_of(i, None), now);
+    }
+    t.handle(src(1), &beacon(Kind::Announce, 1, 1000), now);
+    let mut got = t.summaries();
+    let mut want: Vec<(NodeId, Option<u64>)> = t.peers().iter().map(|p| (p.node, p.summary)).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 11);
+    assert!(got.iter().any(|(_, v)| v.is_none()) && got.iter().any(|(_, v)| v.is_some()));
+}
