@@ -724,8 +724,10 @@ impl PeerTable {
                             }
                             return Outcome::Ignored(b, "node id announced from an address that did not prove it");
                         }
-                        if contest {
-                            wanted |= inner.want_proof(b.node, addr, now);
+                        if contest && inner.want_proof(b.node, addr, now) {
+                            // Now: the paths below may return early (a claim ignored while the
+                            // id is pinned is still asked about).
+                            self.proofs_wanted.notify_one();
                         }
                         if holder == Some(b.node) {
                             inner.prove(&b.node, addr);

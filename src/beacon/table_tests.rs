@@ -591,9 +591,17 @@ async fn a_contested_node_id_goes_to_the_address_that_proves_it() {
     now += Duration::from_millis(100);
     t.handle(attacker, &a, now);
     assert_eq!(t.get(&node).map(|p| p.addrs), Some(vec![attacker]));
-    // The honest host's next announce (ignored while pinned) has its store server asked.
+    // The honest host's next announce (ignored while pinned) has its store server asked, and
+    // wakes the proof task. (Red before: the early return for a pinned id skipped the wake-up;
+    // a real newcomer never asked: hall_serve's first-contact race.)
     now += Duration::from_millis(100);
     t.handle(honest, &a, now);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), t.proofs_wanted())
+            .await
+            .is_ok(),
+        "the proof task was not woken"
+    );
     assert_eq!(t.take_proofs_wanted(), [(node, honest)]);
     // The honest store server proves the id; the attacker's cannot.
     t.prove(&node, honest);
