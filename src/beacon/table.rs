@@ -79,7 +79,8 @@ pub const RATE_BURST: f64 = 40.0;
 /// be fetched, while identities forged and kept refreshed stop stretching every interval and
 /// silencing the answers to a newcomer's query.
 pub const UNANSWERED_COUNTS_FOR: Duration = Duration::from_secs(10);
-/// [`PeerTable::next_expiry`] scans the table at most once per this.
+/// [`PeerTable::next_expiry`], asked again after the cached earliest expiry passed, scans the
+/// table at most once per this.
 pub const EXPIRY_RESCAN: Duration = Duration::from_millis(100);
 /// A peer silent for this many of its intervals is dropped.
 pub const EXPIRY_INTERVALS: u32 = 3;
@@ -403,6 +404,16 @@ impl Inner {
         p.pinned = true;
     }
 
+    /// A peer joined or was refreshed and now expires at `at`: the cached earliest expiry
+    /// ([`PeerTable::next_expiry`]) must not be later.
+    fn note_expiry(&mut self, at: Instant) {
+        if let Some((_, min)) = &mut self.expiry_cache {
+            if min.is_none_or(|m| at < m) {
+                *min = Some(at);
+            }
+        }
+    }
+
     /// Makes room for a new node id from `ip` (`answers_tracked`: this table's node reports
     /// answers, see [`PeerTable::answered`]): false when its address already holds its share
     /// (every entry listing the address counts, not only those first heard there), or the table
@@ -593,6 +604,7 @@ impl PeerTable {
                 proven: Vec::new(),
             },
         );
+        g.note_expiry(now + interval * EXPIRY_INTERVALS);
         drop(g);
         self.changed.notify_waiters();
         true
@@ -825,6 +837,11 @@ impl PeerTable {
                 }
             }
         };
+        if let Outcome::Joined(b) | Outcome::Refreshed(b) = &outcome {
+            if let Some(at) = g.peers.get(&b.node).map(Peer::expires_at) {
+                g.note_expiry(at);
+            }
+        }
         drop(g);
         if wanted {
             self.proofs_wanted.notify_one();
@@ -897,26 +914,24 @@ impl PeerTable {
     }
 
     /// When to look for expired peers next: never later than the next peer's expiry, if it
-    /// stays silent. The scan over every peer runs at most once per [`EXPIRY_RESCAN`] (the
-    /// beacon's loop asks on every turn, i.e. per datagram: the scan was 15-18 % of a steady
-    /// serve's CPU in a 500-host hall); between scans the answer is the last scan's minimum,
-    /// capped at that scan's time plus [`EXPIRY_RESCAN`]. Stale it can only be early (a peer
-    /// refreshed or gone: a look that finds nothing), not late: a peer's expiry is at least
-    /// three of its intervals after it was last heard, far beyond [`EXPIRY_RESCAN`].
+    /// stays silent. The beacon's loop asks on every turn, i.e. per datagram (a scan over every
+    /// peer there was 15-18 % of a steady serve's CPU in a 500-host hall): the minimum found by
+    /// the last scan is kept, lowered at once by every join or refresh that expires earlier
+    /// ([`Inner::note_expiry`]), so it is never late; a refresh or departure can leave it early,
+    /// and the table is scanned again only once that time has come (a look then finds nothing
+    /// or the peer that expired), or at most once per [`EXPIRY_RESCAN`] when asked after it.
     pub fn next_expiry(&self) -> Option<Instant> {
         let now = Instant::now();
         let mut g = self.lock();
         if let Some((at, min)) = g.expiry_cache {
-            if now < at + EXPIRY_RESCAN {
-                // Empty at the scan: a peer that joined since expires three of its intervals
-                // after joining, and the loop looks at least once a second anyway.
-                return min.map(|m| m.min(at + EXPIRY_RESCAN));
+            if min.is_none_or(|m| m > now) || now < at + EXPIRY_RESCAN {
+                return min;
             }
         }
         let min = g.peers.values().map(Peer::expires_at).min();
         g.expiry_scans += 1;
         g.expiry_cache = Some((now, min));
-        min.map(|m| m.min(now + EXPIRY_RESCAN))
+        min
     }
 
     /// Each peer's node id and announced summary version, in one pass under the lock without
