@@ -23,7 +23,8 @@
 //! Bounds: at most [`MAX_PENDING`] addresses waiting to be asked (a full queue gives up a random
 //! one, asked when it announces again); a store-server address (IP, port, scope) is asked at
 //! most once per [`ASK_AGAIN_AFTER`] when it answered, and after [`FIRST_RETRY`] doubling when it
-//! did not (remembered for [`MAX_ASKED`] addresses, about 100 bytes each in the LRU: 400 KiB),
+//! did not (remembered for [`MAX_ASKED`] addresses, about 120 bytes each in the LRU: a 32-byte
+//! address key, a 40-byte state, list links and the hash slot; under 0.5 MiB),
 //! so forged contests at a victim's address cost it one request per 30 s from each host;
 //! [`ASK_AT_ONCE`] requests in flight, a new one starting as soon as one ends, each within
 //! [`CONNECT_TIMEOUT`], [`PROOF_TIMEOUT`] and [`MAX_PROOF_BYTES`]. Older peers answer 404:
@@ -46,7 +47,7 @@ pub const PROOF_CONTEXT: &[u8] = b"local-nix-cache identity proof v1\0";
 pub const GOODBYE_CONTEXT: &[u8] = b"local-nix-cache goodbye v1\0";
 /// Addresses waiting for their store server to be asked.
 pub const MAX_PENDING: usize = 64;
-/// Store-server addresses remembered as asked (about 100 bytes each: 400 KiB).
+/// Store-server addresses remembered as asked (about 120 bytes each: under 0.5 MiB).
 pub const MAX_ASKED: usize = 4096;
 /// An address that answered (or is being asked) is asked again after this long.
 pub const ASK_AGAIN_AFTER: Duration = Duration::from_secs(30);

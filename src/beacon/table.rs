@@ -40,7 +40,7 @@
 //! Bounds: [`MAX_PEERS`] peers (about 600 bytes each with a hostname and a move being watched:
 //! under 1.5 MiB), buckets for
 //! [`MAX_SOURCES`] sources (about 64 bytes each), [`identity::MAX_ASKED`] asked addresses (about
-//! 100 bytes each); constant work per datagram under the lock except a new node id's admission
+//! 120 bytes each); constant work per datagram under the lock except a new node id's admission
 //! (linear in the table, bounded by the rate limits); a signed goodbye's signature is checked
 //! outside the lock, at most [`MAX_SIGNATURE_CHECKS_PER_SEC`].
 
