@@ -379,4 +379,115 @@ mod tests {
         Identity::generate().sign_datagram(&mut other);
         assert!(!signed_by(&other, &id.node()));
     }
+
+    /// A store server on loopback answering `GET /identity` with `id`'s proofs; without one, it
+    /// reads the request and never answers, setting `asked`, and sets `closed` when the asker
+    /// hangs up.
+    async fn server(
+        id: Option<Arc<Identity>>,
+        asked: Arc<std::sync::atomic::AtomicBool>,
+        closed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let (id, asked, closed) = (id.clone(), asked.clone(), closed.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let n = c.read(&mut buf).await.unwrap_or(0);
+                    let Some(id) = id else {
+                        asked.store(true, std::sync::atomic::Ordering::SeqCst);
+                        while c.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                        closed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    };
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let query = req
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|p| p.split_once('?'))
+                        .map(|(_, q)| q.to_owned());
+                    let body = answer(&id, query.as_deref(), |_| true).unwrap_or_default();
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = c.write_all(format!("{head}{body}").as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A claimant whose store server never answers holds one request slot, not the proofs
+    /// queued after it: the honest claimant queued while it is in flight is proven before the
+    /// slow request is given up. (Red with batches, as before: the queue waited for the whole
+    /// batch, i.e. the slow request's 2 s timeout.)
+    #[tokio::test]
+    async fn a_slow_claimant_does_not_hold_up_the_proofs_queued_after_it() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let table = Arc::new(PeerTable::new(NodeId([0; 16])));
+        let id = Arc::new(Identity::generate());
+        let node = id.node();
+        let slow_closed = Arc::new(AtomicBool::new(false));
+        let slow_asked = Arc::new(AtomicBool::new(false));
+        let slow = server(None, slow_asked.clone(), slow_closed.clone()).await;
+        let unused = Arc::new(AtomicBool::new(false));
+        let fast = server(Some(id.clone()), unused.clone(), unused).await;
+        let claim = |node: NodeId, port: u16| {
+            wire::encode(&wire::Beacon {
+                kind: wire::Kind::Announce,
+                flags: 0,
+                node,
+                port,
+                interval_ms: 60_000,
+                seq: 1,
+                hostname: None,
+                summary: None,
+                commitment: Some(node.0),
+                proof: None,
+            })
+        };
+        // Addresses where nothing listens.
+        let dead = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+        };
+        let shutdown = CancellationToken::new();
+        let prover = tokio::spawn(verify_loop(table.clone(), shutdown.clone()));
+        let now = tokio::time::Instant::now;
+        // A contest over `other`, held at a dead address and claimed at the slow one, pinned to
+        // the dead one: each claim of the slow address asks it (from its second).
+        let (other, held) = (NodeId([7; 16]), dead());
+        let contest = |node: NodeId, holder: SocketAddr, claimant: SocketAddr| {
+            for _ in 0..3 {
+                table.handle(holder, &claim(node, holder.port()), now());
+            }
+            table.handle(claimant, &claim(node, claimant.port()), now());
+            table.handle(holder, &claim(node, holder.port()), now());
+            table.handle(claimant, &claim(node, claimant.port()), now());
+        };
+        contest(other, held, slow);
+        let t0 = std::time::Instant::now();
+        while !slow_asked.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(slow_asked.load(Ordering::SeqCst), "the slow claimant was not asked");
+        // While it is in flight, the same over the honest node's id, claimed at its server.
+        contest(node, dead(), fast);
+        let t0 = std::time::Instant::now();
+        while table.get(&node).map(|p| p.addrs) != Some(vec![fast]) && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(table.get(&node).map(|p| p.addrs), Some(vec![fast]), "not proven");
+        assert!(
+            !slow_closed.load(Ordering::SeqCst),
+            "proven only after the slow request was given up"
+        );
+        shutdown.cancel();
+        prover.await.expect("prover");
+    }
 }
