@@ -14,8 +14,9 @@
 //! one peer-exchange task at a time (nothing is spawned per datagram); multicast TTL and hop
 //! limit are 1, and only datagrams from the link count; the beacon never triggers a narinfo or
 //! NAR fetch (its only requests are the peer exchange's `GET /peers`, at most 3 after our own
-//! start or a new link, and `GET /identity` to the claimants of a contested node id, at most 4
-//! per address per 30 s), it only tells the proxy where it may ask.
+//! start or a new link, and `GET /identity` to the claimants of a contested node id, from a
+//! claimant's second claim on and at most once per store-server address per 30 s, failures
+//! retried after 2 s doubling), it only tells the proxy where it may ask.
 //!
 //! Roaming: the sockets are bound once; groups are joined and left per interface as interfaces
 //! appear, go, come back or change addresses (a netlink notice triggers a re-scan, and a

@@ -123,6 +123,12 @@ impl Beacon {
     }
 }
 
+/// Whether sequence number `a` comes after `b` (serial number arithmetic, RFC 1982: `a` is
+/// ahead by 1 to 2^31 - 1, wrapping).
+pub fn seq_after(a: u32, b: u32) -> bool {
+    a != b && a.wrapping_sub(b) < 1 << 31
+}
+
 /// The commitment announced for a goodbye secret: the first 16 bytes of its sha256. Only the
 /// host that chose the secret can send a goodbye that matches its announces.
 pub fn commitment(secret: &[u8; SECRET_LEN]) -> [u8; SECRET_LEN] {
