@@ -43,7 +43,8 @@ pub struct Entry {
 
 /// The body of `GET /peers`: `NODE ADDR FLAGS INTERVAL_MS SUMMARY` per line (`SUMMARY` is `-`
 /// when the peer publishes none), for every peer heard directly that counts as the hall
-/// (`PeerTable::hall`: established, and answered or joined in the last 10 s).
+/// (`PeerTable::hall`: answered, or established and, in a `serve` table, answered or joined in
+/// the last 10 s).
 pub fn render(table: &PeerTable) -> String {
     let mut out = String::new();
     for p in &table.hall() {

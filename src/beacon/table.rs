@@ -969,11 +969,16 @@ impl PeerTable {
         v
     }
 
-    /// Established, and (where answers are reported) answered or joined in the last
+    /// Answered (its store server named its node id at a listed address: a host, not a forged
+    /// datagram), or established and, where answers are reported, joined in the last
     /// [`UNANSWERED_COUNTS_FOR`]: one-off forgeries never count, forgeries kept refreshed stop
-    /// counting.
+    /// counting. An answered peer counts before its third announce: right after a hall boots,
+    /// a host that started late heard the others in one answer to its query, and at a long
+    /// interval three announces take minutes; its `GET /peers` would list only the hosts that
+    /// started after it.
     fn counts(&self, p: &Peer, now: Instant) -> bool {
-        p.established() && (!self.answers_tracked || p.answered.is_some() || now < p.first_seen + UNANSWERED_COUNTS_FOR)
+        p.answered.is_some()
+            || (p.established() && (!self.answers_tracked || now < p.first_seen + UNANSWERED_COUNTS_FOR))
     }
 
     /// Number of peers in the table.
