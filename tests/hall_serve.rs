@@ -1323,6 +1323,27 @@ fn nameless_server(ns: &NetHost, port: u16, dur: Duration) -> std::thread::JoinH
     })
 }
 
+/// An attacker's copies of another host's announce `real` (its node id and commitment), sent
+/// from `ns`'s own address to the IPv4 group ten times a second (within a receiver's per-source
+/// rate of 20/s) for `dur`, each with the next sequence number and, if `new_summary`, a new
+/// summary version.
+fn forge_announces(ns: &NetHost, real: Beacon, dur: Duration, new_summary: bool) -> std::thread::JoinHandle<()> {
+    in_netns(&ns.ns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let group = SocketAddr::from((local_nix_cache::beacon::DEFAULT_GROUP_V4, 8380));
+        let t0 = Instant::now();
+        let mut b = real;
+        while t0.elapsed() < dur {
+            b.seq = b.seq.wrapping_add(1);
+            if new_summary {
+                b.summary = b.summary.map(|v| v + 1);
+            }
+            let _ = s.send_to(&wire::encode(&b), group);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
 /// Node-id hijack: an attacker on the link announces the holder's node id, with the holder's
 /// own commitment (both are in every announce), from its own address, with a new summary
 /// version, and answers HTTP there without naming any node. The client's table must keep the
@@ -1347,18 +1368,7 @@ fn an_attacker_announcing_a_hosts_node_id_from_its_own_address_takes_nothing_ove
     let node = real.node.to_string();
     let attack = Duration::from_secs(8);
     let server = nameless_server(&attacker, holder.port, attack + Duration::from_secs(1));
-    let forger = in_netns(&attacker.ns, move || {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
-        let group = SocketAddr::from((local_nix_cache::beacon::DEFAULT_GROUP_V4, 8380));
-        let t0 = Instant::now();
-        let mut b = real;
-        while t0.elapsed() < attack {
-            b.seq = b.seq.wrapping_add(1);
-            b.summary = b.summary.map(|v| v + 1);
-            let _ = s.send_to(&wire::encode(&b), group);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
+    let forger = forge_announces(&attacker, real, attack, true);
     // During the attack: the client's entry for the holder sampled every 100 ms or so, and
     // each of the holder's paths looked up once, a second apart.
     let proxy = hall.serves[client].proxy();
@@ -1448,18 +1458,7 @@ fn a_newcomer_that_hears_an_attackers_copy_of_a_node_id_first_still_finds_the_ho
     let node = real.node.to_string();
     let attack = Duration::from_secs(16);
     let server = nameless_server(&attacker, holder.port, attack + Duration::from_secs(1));
-    let forger = in_netns(&attacker.ns, move || {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
-        let group = SocketAddr::from((local_nix_cache::beacon::DEFAULT_GROUP_V4, 8380));
-        let t0 = Instant::now();
-        let mut b = real;
-        while t0.elapsed() < attack {
-            b.seq = b.seq.wrapping_add(1);
-            let _ = s.send_to(&wire::encode(&b), group);
-            // Within a receiver's per-source rate (20/s).
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
+    let forger = forge_announces(&attacker, real, attack, false);
     let signal = |sig: &str| {
         let pid = holder.pid().expect("holder running").to_string();
         let st = std::process::Command::new("kill").args([sig, &pid]).status();
