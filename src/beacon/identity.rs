@@ -235,20 +235,7 @@ pub async fn ask(client: &reqwest::Client, addr: SocketAddr) -> Option<NodeId> {
         data_encoding::HEXLOWER.encode(&nonce),
         addr.ip()
     );
-    let fetch = async {
-        let mut resp = client.get(&url).send().await.ok()?;
-        if !resp.status().is_success() {
-            return None;
-        }
-        let mut body = Vec::new();
-        while let Ok(Some(chunk)) = resp.chunk().await {
-            if body.len() + chunk.len() > MAX_PROOF_BYTES {
-                return None;
-            }
-            body.extend_from_slice(&chunk);
-        }
-        String::from_utf8(body).ok()
-    };
+    let fetch = super::pex::get_text(client, &url, MAX_PROOF_BYTES);
     let body = tokio::time::timeout(PROOF_TIMEOUT, fetch).await.ok().flatten()?;
     proven_node(&nonce, addr.ip(), &body)
 }

@@ -125,13 +125,19 @@ pub(crate) fn url(addr: SocketAddr, path: &str) -> String {
 
 /// Fetches `GET /peers` from `from` (bounded in time and size).
 async fn fetch(client: &reqwest::Client, from: SocketAddr) -> Option<String> {
-    let mut resp = client.get(url(from, "/peers")).send().await.ok()?;
+    get_text(client, &url(from, "/peers"), PEX_MAX_BODY).await
+}
+
+/// The body of a successful `GET url` as text, if it is UTF-8 and at most `max` bytes (the
+/// beacon's own requests to store servers: `/peers`, `/identity`). The caller bounds the time.
+pub(crate) async fn get_text(client: &reqwest::Client, url: &str, max: usize) -> Option<String> {
+    let mut resp = client.get(url).send().await.ok()?;
     if !resp.status().is_success() {
         return None;
     }
     let mut body = Vec::new();
     while let Ok(Some(chunk)) = resp.chunk().await {
-        if body.len() + chunk.len() > PEX_MAX_BODY {
+        if body.len() + chunk.len() > max {
             return None;
         }
         body.extend_from_slice(&chunk);
