@@ -202,8 +202,9 @@ pub struct ServeArgs {
     /// Most memory for spooled NARs, in MiB (NARs up to 8 MiB spool in memory).
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub spool_mem_mib: usize,
-    /// How the proxy fetches NARs from peers that offer a compressed form.
-    #[arg(long, value_enum, default_value_t = PeerCompression::Zstd)]
+    /// How the proxy fetches NARs (of 256 KiB and more) from peers that offer them zstd-compressed:
+    /// `auto` measures which of the two delivers faster from each peer.
+    #[arg(long, value_enum, default_value_t = PeerCompression::Auto)]
     pub peer_compression: PeerCompression,
     /// Stream a proven peer's NAR to Nix while hashing it, holding back its last 64 KiB until
     /// the hash matched (a peer is proven after 3 verified NARs; one wrong NAR bans it for

@@ -61,8 +61,11 @@ pub struct BeaconSettings {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PeerCompression {
-    /// zstd level 1: measured faster on links up to about 4 Gbit/s.
+    /// Whichever of zstd and plain delivered faster from that peer, measured
+    /// (`proxy::forms`).
     #[default]
+    Auto,
+    /// zstd level 1: measured faster on links up to about 4 Gbit/s.
     Zstd,
     /// The NAR as it is.
     None,

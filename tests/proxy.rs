@@ -1115,3 +1115,71 @@ fn small_nars_are_fetched_plain_from_a_zstd_peer() {
     assert_eq!((zst(&large), peer.requests_for(&large.info.url)), (1, 0), "large: zstd");
     assert_eq!(px.stats().nars_zstd_from_peers, 1);
 }
+
+/// Issue #16: with `peer-compression = "auto"`, each peer is fetched in the form that delivered
+/// faster from it. Peer A sends its `.nar.zst` form late (a busy encoder) and its plain form at
+/// once; peer B the other way round (a slow link, where fewer bytes win).
+#[test]
+fn auto_fetches_each_peer_in_the_form_that_delivered_faster() {
+    use local_nix_cache::beacon::wire::FLAG_NAR_ZSTD;
+    use local_nix_cache::proxy::forms::{FIRST_TRIALS, MEASURE_MIN_BYTES};
+    use local_nix_cache::settings::PeerCompression;
+    const N: usize = 12;
+    let late = Duration::from_millis(500);
+    let rig = Rig::new();
+    *rig.peer_compression.lock().expect("lock") = PeerCompression::Auto;
+    let mut peers = Vec::new();
+    for (id, zstd_late) in [(1u8, true), (2u8, false)] {
+        let peer = Arc::new(FakeCache::default());
+        let paths: Vec<FakePath> = (0..N)
+            .map(|i| {
+                FakePath::new(
+                    &format!("auto{id}-{i}"),
+                    MEASURE_MIN_BYTES as usize * 3 / 2,
+                    id * 16 + i as u8,
+                )
+            })
+            .collect();
+        for p in &paths {
+            let zst = Bytes::from(zstd::encode_all(&p.nar[..], 1).expect("zstd"));
+            let (plain, zst) = if zstd_late {
+                (Reply::ok(p.nar.clone()), Reply::slow(zst, late))
+            } else {
+                (Reply::slow(p.nar.clone(), late), Reply::ok(zst))
+            };
+            peer.serve_path(p);
+            peer.set(&format!("/{}", p.info.url), plain);
+            peer.set(&format!("/{}.zst", p.info.url), zst);
+        }
+        *peer.node.lock().expect("lock") = Some(NodeId([id; 16]));
+        let addr = rig.cache_at(peer.clone(), std::net::SocketAddr::from(([127, 1, 0, id], 0)));
+        rig.announce(addr, NodeId([id; 16]), FLAG_NAR_NONE | FLAG_NAR_ZSTD, None);
+        peers.push((peer, paths, zstd_late));
+    }
+    let (proxy, px) = rig.proxy(vec![]);
+    for (peer, paths, zstd_late) in &peers {
+        for p in paths {
+            let (ni, nar, body) = fetch(proxy, p);
+            assert_eq!((ni, nar), (200, 200), "{}", p.path);
+            assert!(body == p.nar, "{}: right bytes", p.path);
+        }
+        let zst: usize = paths
+            .iter()
+            .map(|p| peer.requests_for(&format!("{}.zst", p.info.url)))
+            .sum();
+        let plain: usize = paths.iter().map(|p| peer.requests_for(&p.info.url)).sum();
+        assert_eq!(zst + plain, N, "one fetch per NAR");
+        let (fast, slow) = if *zstd_late { (plain, zst) } else { (zst, plain) };
+        // Its trials, then the faster form but for one try of the other.
+        assert!(
+            slow <= FIRST_TRIALS as usize + 1,
+            "peer {}: {fast} NARs in the faster form, {slow} in the slower",
+            if *zstd_late {
+                "with a late encoder"
+            } else {
+                "on a slow link"
+            }
+        );
+    }
+    assert!(px.stats().nars_zstd_from_peers >= N as u64 - 3);
+}

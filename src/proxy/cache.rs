@@ -176,6 +176,7 @@ mod tests {
             source: SourceId::Upstream(source),
             info: Arc::new(info),
             nar_url: url::Url::parse("http://x/nar/x.nar").expect("url"),
+            zstd: false,
         };
         (path.hash(), c)
     }

@@ -16,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
+use super::forms::Form;
 use super::health::Verdict;
 use super::passthrough::Tap;
 use super::source::{Candidate, SourceError, SourceId};
@@ -404,7 +405,14 @@ impl Proxy {
         mut tap: Option<&mut Tap>,
     ) -> Result<(), CopyError> {
         let from = sp.len();
-        let (mut reader, start) = self.sources.open_nar(c, from).await.map_err(CopyError::Failed)?;
+        // The form: chosen per peer (`forms`) for a whole NAR its peer offers as zstd; a resume
+        // asks for a byte range of the plain NAR.
+        let form = match &c.source {
+            SourceId::Peer(node) if c.zstd && from == 0 => self.forms.choose(node, size),
+            _ => Form::Plain,
+        };
+        let began = Instant::now();
+        let (mut reader, start) = self.sources.open_nar(c, from, form).await.map_err(CopyError::Failed)?;
         let idle = self.sources.timeouts(&c.source).idle;
         // `start` is `from` (the range was honoured) or 0 (it was ignored): skip what we have.
         let mut skip = from - start;
@@ -450,7 +458,7 @@ impl Proxy {
             }
             sp.write(data, passed).await.map_err(CopyError::Spool)?;
         }
-        let zstd = c.info.compression == Compression::Zstd;
+        let zstd = form == Form::Zstd || c.info.compression == Compression::Zstd;
         self.stats.update(|s| match c.source {
             SourceId::Peer(_) => {
                 s.bytes_from_peers += received;
@@ -463,6 +471,11 @@ impl Proxy {
                 got: sp.len(),
                 want: size,
             }));
+        }
+        if let SourceId::Peer(node) = &c.source {
+            if c.zstd && from == 0 {
+                self.forms.record(node, form, size, began.elapsed());
+            }
         }
         Ok(())
     }

@@ -19,6 +19,7 @@
 
 pub mod cache;
 pub mod fetch;
+pub mod forms;
 pub mod health;
 pub mod lookup;
 mod nar;
@@ -106,6 +107,8 @@ type SharedFetch = Result<Fetched, Arc<FetchError>>;
 
 pub struct Proxy {
     sources: Sources,
+    /// Plain or zstd, per peer, by what each delivered.
+    forms: forms::PeerForms,
     health: SourceHealth,
     cache: cache::NarinfoCache,
     /// Peers' content summaries (kept current by [`summaries::PeerSummaries::run`]).
@@ -170,15 +173,8 @@ impl Proxy {
                 "StoreDir: {}\nWantMassQuery: 1\nPriority: {PRIORITY}\n",
                 cfg.store_dir
             )),
-            sources: Sources::new(
-                peers,
-                cfg.upstreams,
-                cfg.store_dir,
-                cfg.keys,
-                cfg.peer_compression,
-                cfg.peer_zstd_min_bytes,
-                cfg.loopback_peers,
-            ),
+            sources: Sources::new(peers, cfg.upstreams, cfg.store_dir, cfg.keys, cfg.loopback_peers),
+            forms: forms::PeerForms::new(cfg.peer_compression, cfg.peer_zstd_min_bytes),
             health: SourceHealth::new(upstreams),
             cache: cache::NarinfoCache::default(),
             summaries: summaries::PeerSummaries::default(),
@@ -280,6 +276,7 @@ impl Proxy {
                             backed_off: health.backed_off(now),
                             health,
                             summary: self.summaries.version(&p.node),
+                            forms: self.forms.rates(&p.node),
                         }
                     })
                     .collect()

@@ -15,10 +15,10 @@ use futures_util::TryStreamExt;
 use tokio::io::AsyncRead;
 use url::Url;
 
+use super::forms::Form;
 use crate::beacon::{wire::NodeId, PeerTable};
 use crate::cache_url::NODE_HEADER;
 use crate::narinfo::{Compression, NarInfo, StorePathHash, TrustedKeys, MAX_NARINFO_BYTES};
-use crate::settings::PeerCompression;
 
 /// Host-name suffix that the resolver maps to a peer of the table.
 const PEER_SUFFIX: &str = ".peer";
@@ -103,6 +103,9 @@ pub struct Candidate {
     pub info: Arc<NarInfo>,
     /// The NAR URL, resolved against the source's base.
     pub nar_url: Url,
+    /// A peer (our store server) that offers zstd also sends this NAR compressed on the fly at
+    /// `<nar_url>.zst`: whether it is fetched so is decided per fetch (`forms`).
+    pub zstd: bool,
 }
 
 impl Candidate {
@@ -111,13 +114,11 @@ impl Candidate {
         self.info.compression == Compression::None
     }
 
-    /// The uncompressed NAR URL of a peer candidate (its `.nar.zst` form minus `.zst`), where
-    /// byte ranges can be asked for.
-    pub fn plain_url(&self) -> Url {
+    /// The URL of the NAR's `.zst` form (only for a candidate that offers it).
+    fn zstd_url(&self) -> Url {
         let mut u = self.nar_url.clone();
-        if let Some(p) = u.path().strip_suffix(".nar.zst").map(|p| format!("{p}.nar")) {
-            u.set_path(&p);
-        }
+        let zst = format!("{}.zst", u.path());
+        u.set_path(&zst);
         u
     }
 }
@@ -213,10 +214,6 @@ pub struct Sources {
     upstream_client: reqwest::Client,
     store_dir: String,
     keys: TrustedKeys,
-    /// How to fetch NARs from peers that announce a compressed form.
-    peer_compression: PeerCompression,
-    /// Smaller NARs are fetched plain even from such peers (see [`PEER_ZSTD_MIN_BYTES`]).
-    zstd_min_bytes: u64,
 }
 
 /// NARs smaller than this are fetched plain from peers even when zstd is on: compressing saves
@@ -231,8 +228,6 @@ impl Sources {
         upstreams: Vec<Url>,
         store_dir: String,
         keys: TrustedKeys,
-        peer_compression: PeerCompression,
-        zstd_min_bytes: u64,
         loopback_peers: bool,
     ) -> Self {
         let resolver = Arc::new(PeerResolver {
@@ -262,8 +257,6 @@ impl Sources {
             upstreams,
             store_dir,
             keys,
-            peer_compression,
-            zstd_min_bytes,
         }
     }
 
@@ -336,28 +329,20 @@ impl Sources {
         if let Compression::Other(c) = &info.compression {
             return Err(SourceError::Compression(c.clone()));
         }
-        let mut nar_url = base.join(&info.url).map_err(|_| SourceError::Url(info.url.clone()))?;
-        let mut info = info;
+        let nar_url = base.join(&info.url).map_err(|_| SourceError::Url(info.url.clone()))?;
         // A peer (our store server) that announces zstd sends the same NAR compressed on the fly
         // at `<url>.zst`: fewer bytes on the LAN; the hash is checked on the decompressed bytes.
-        // Not worth it for small NARs.
-        if let SourceId::Peer(node) = s {
-            let zstd_peer = self
-                .peers
-                .as_ref()
-                .and_then(|t| t.get(node))
-                .is_some_and(|p| p.flags & crate::beacon::wire::FLAG_NAR_ZSTD != 0);
-            if self.peer_compression == PeerCompression::Zstd
-                && zstd_peer
-                && info.nar_size >= self.zstd_min_bytes
-                && info.compression == Compression::None
-                && nar_url.path().ends_with(".nar")
-            {
-                let zst = format!("{}.zst", nar_url.path());
-                nar_url.set_path(&zst);
-                info.compression = Compression::Zstd;
+        let zstd = match s {
+            SourceId::Peer(node) => {
+                self.peers
+                    .as_ref()
+                    .and_then(|t| t.get(node))
+                    .is_some_and(|p| p.flags & crate::beacon::wire::FLAG_NAR_ZSTD != 0)
+                    && info.compression == Compression::None
+                    && nar_url.path().ends_with(".nar")
             }
-        }
+            SourceId::Upstream(_) => false,
+        };
         // A peer's NAR URL must stay on that peer (a lying narinfo could point elsewhere).
         let elsewhere =
             nar_url.host_str() != base.host_str() || nar_url.port_or_known_default() != base.port_or_known_default();
@@ -368,13 +353,18 @@ impl Sources {
             source: s.clone(),
             info: Arc::new(info),
             nar_url,
+            zstd,
         }))
     }
 
     /// Opens the NAR of `c`, decompressed, from uncompressed byte `from` (only for resumable
     /// candidates; others always start at 0). Returns the reader and the offset it starts at.
-    pub async fn open_nar(&self, c: &Candidate, from: u64) -> Result<(NarReader, u64), SourceError> {
-        let mut req = self.client(&c.source).get(c.nar_url.clone());
+    /// `form`: [`Form::Zstd`] fetches a candidate that offers it (`c.zstd`) from byte 0 as
+    /// `.nar.zst`; otherwise the NAR comes as its narinfo says.
+    pub async fn open_nar(&self, c: &Candidate, from: u64, form: Form) -> Result<(NarReader, u64), SourceError> {
+        let zstd = form == Form::Zstd && c.zstd && from == 0;
+        let url = if zstd { c.zstd_url() } else { c.nar_url.clone() };
+        let mut req = self.client(&c.source).get(url);
         let ranged = from > 0 && c.resumable();
         if ranged {
             req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
@@ -394,6 +384,7 @@ impl Sources {
         let raw = tokio::io::BufReader::new(tokio_util::io::StreamReader::new(stream));
         use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
         let reader: NarReader = match &c.info.compression {
+            Compression::None if zstd => Box::pin(ZstdDecoder::new(raw)),
             Compression::None => Box::pin(raw),
             Compression::Xz => Box::pin(XzDecoder::new(raw)),
             Compression::Zstd => Box::pin(ZstdDecoder::new(raw)),
@@ -439,7 +430,7 @@ impl Sources {
     pub async fn open_range(&self, c: &Candidate, start: u64, end: u64) -> Result<NarReader, SourceError> {
         let req = self
             .client(&c.source)
-            .get(c.plain_url())
+            .get(c.nar_url.clone())
             .header(reqwest::header::RANGE, format!("bytes={start}-{end}"));
         let t = self.timeouts(&c.source);
         let resp = tokio::time::timeout(t.narinfo, req.send())

@@ -147,6 +147,10 @@ pub struct PeerReport {
     pub proven: bool,
     /// The version of its content summary this proxy holds (none: not fetched, or none published).
     pub summary: Option<u64>,
+    /// How fast each form of its NARs (plain, zstd) delivered (`proxy::forms`; none: nothing
+    /// measured).
+    #[serde(default)]
+    pub forms: Option<super::forms::PeerRates>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -318,6 +318,8 @@ pub struct Rig {
     pub pass_through: std::sync::atomic::AtomicBool,
     /// Proxies started from now on fetch smaller NARs plain from zstd peers (`serve`'s default).
     pub peer_zstd_min_bytes: std::sync::atomic::AtomicU64,
+    /// Proxies started from now on fetch from zstd peers so (default here: always zstd).
+    pub peer_compression: std::sync::Mutex<PeerCompression>,
 }
 
 impl Default for Rig {
@@ -345,6 +347,7 @@ impl Rig {
             state: tempfile::tempdir().expect("state dir"),
             pass_through: std::sync::atomic::AtomicBool::new(true),
             peer_zstd_min_bytes: std::sync::atomic::AtomicU64::new(local_nix_cache::proxy::source::PEER_ZSTD_MIN_BYTES),
+            peer_compression: std::sync::Mutex::new(PeerCompression::Zstd),
         }
     }
 
@@ -468,7 +471,7 @@ impl Rig {
                 keys,
                 upstreams: upstreams.iter().map(|u| settings::upstream(u).expect("url")).collect(),
                 spool: SpoolLimits::new(1 << 20, 16, 256, spool),
-                peer_compression: PeerCompression::Zstd,
+                peer_compression: *self.peer_compression.lock().expect("lock"),
                 // The fakes and in-process store servers all live on loopback.
                 loopback_peers: true,
                 delivered: None,
