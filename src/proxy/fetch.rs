@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::forms::Form;
 use super::health::Verdict;
 use super::passthrough::Tap;
-use super::source::{Candidate, SourceError, SourceId};
+use super::source::{is_transport_error, Candidate, SourceError, SourceId};
 use super::spool::{Spool, SpoolError, Verified};
 use super::Proxy;
 use crate::narinfo::{Compression, NarHash, NarInfo, StorePathHash};
@@ -290,7 +290,8 @@ impl<'p> NarFetch<'p> {
         let peers: Vec<Candidate> = self
             .queue
             .iter()
-            .filter(|c| matches!(c.source, SourceId::Peer(_)))
+            // Byte ranges: of uncompressed NARs only.
+            .filter(|c| matches!(c.source, SourceId::Peer(_)) && c.resumable())
             .take(super::split::MAX_PARALLEL_SOURCES)
             .cloned()
             .collect();
@@ -402,16 +403,37 @@ impl Proxy {
         c: &Candidate,
         sp: &mut Spool,
         size: u64,
-        mut tap: Option<&mut Tap>,
+        tap: Option<&mut Tap>,
     ) -> Result<(), CopyError> {
         let from = sp.len();
         // The form: chosen per peer (`forms`) for a whole NAR its peer offers as zstd; a resume
         // asks for a byte range of the plain NAR.
-        let form = match &c.source {
-            SourceId::Peer(node) if c.zstd && from == 0 => self.forms.choose(node, size),
-            _ => Form::Plain,
+        let measured = match &c.source {
+            SourceId::Peer(node) if c.zstd && from == 0 => Some(node),
+            _ => None,
         };
+        let form = measured.map_or(Form::Plain, |node| self.forms.choose(node, size));
         let began = Instant::now();
+        let r = self.copy_form(c, sp, size, tap, form).await;
+        // What this form delivered, also when it failed (a form that keeps failing looks slow).
+        if let Some(node) = measured {
+            let took = began.elapsed();
+            self.forms.record(node, form, size, sp.len(), took);
+            tracing::debug!(%node, ?form, size, delivered = sp.len(), ms = took.as_millis() as u64, "NAR form");
+        }
+        r
+    }
+
+    /// [`Self::copy_into`] in one form.
+    async fn copy_form(
+        &self,
+        c: &Candidate,
+        sp: &mut Spool,
+        size: u64,
+        mut tap: Option<&mut Tap>,
+        form: Form,
+    ) -> Result<(), CopyError> {
+        let from = sp.len();
         let (mut reader, start) = self.sources.open_nar(c, from, form).await.map_err(CopyError::Failed)?;
         let idle = self.sources.timeouts(&c.source).idle;
         // `start` is `from` (the range was honoured) or 0 (it was ignored): skip what we have.
@@ -423,8 +445,10 @@ impl Proxy {
             let n = match tokio::time::timeout(idle, reader.read_buf(bufs.room())).await {
                 Err(_) => return Err(CopyError::Failed(SourceError::Timeout)),
                 Ok(Err(e)) => {
-                    // A corrupt compressed stream is a lie, a broken connection a failure.
-                    return Err(if e.kind() == std::io::ErrorKind::InvalidData {
+                    // A corrupt (or refused) compressed stream is a lie, a broken connection a
+                    // failure.
+                    let decoded = form == Form::Zstd || c.info.compression != Compression::None;
+                    return Err(if decoded && !is_transport_error(&e) {
                         CopyError::Lie(format!("bad compressed data: {e}"))
                     } else {
                         CopyError::Failed(SourceError::Read(e))
@@ -471,11 +495,6 @@ impl Proxy {
                 got: sp.len(),
                 want: size,
             }));
-        }
-        if let SourceId::Peer(node) = &c.source {
-            if c.zstd && from == 0 {
-                self.forms.record(node, form, size, began.elapsed());
-            }
         }
         Ok(())
     }

@@ -380,11 +380,12 @@ impl Sources {
             200 => 0,
             other => return Err(SourceError::Status(other)),
         };
-        let stream = resp.bytes_stream().map_err(io::Error::other);
+        // The connection's errors are told apart from a decoder's (see [`is_transport_error`]).
+        let stream = resp.bytes_stream().map_err(|e| io::Error::new(TRANSPORT_ERROR, e));
         let raw = tokio::io::BufReader::new(tokio_util::io::StreamReader::new(stream));
         use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
         let reader: NarReader = match &c.info.compression {
-            Compression::None if zstd => Box::pin(ZstdDecoder::new(raw)),
+            Compression::None if zstd => Box::pin(peer_zstd_decoder(raw)),
             Compression::None => Box::pin(raw),
             Compression::Xz => Box::pin(XzDecoder::new(raw)),
             Compression::Zstd => Box::pin(ZstdDecoder::new(raw)),
@@ -453,9 +454,62 @@ impl Sources {
 /// A NAR's uncompressed bytes from one source.
 pub type NarReader = Pin<Box<dyn AsyncRead + Send>>;
 
+/// Largest zstd window (log2) accepted in a peer's `.nar.zst`: our store servers write 2^19
+/// (`server::compress`); without a cap a peer's frame header could make the decoder allocate up
+/// to 128 MiB per stream.
+pub const PEER_ZSTD_WINDOW_LOG_MAX: u32 = 20;
+
+/// The error kind a NAR reader's connection errors carry, so that errors of the decoder above it
+/// (corrupt or refused compressed data) can be told apart.
+const TRANSPORT_ERROR: io::ErrorKind = io::ErrorKind::ConnectionAborted;
+
+/// Whether a NAR reader's error came from the connection (or a clean end too early) rather than
+/// from decoding what the source sent.
+pub fn is_transport_error(e: &io::Error) -> bool {
+    matches!(e.kind(), TRANSPORT_ERROR | io::ErrorKind::UnexpectedEof)
+}
+
+/// The decoder of a peer's `.nar.zst`, its window capped at [`PEER_ZSTD_WINDOW_LOG_MAX`].
+fn peer_zstd_decoder<R: tokio::io::AsyncBufRead>(raw: R) -> async_compression::tokio::bufread::ZstdDecoder<R> {
+    use async_compression::zstd::DParameter;
+    async_compression::tokio::bufread::ZstdDecoder::with_params(
+        raw,
+        &[DParameter::window_log_max(PEER_ZSTD_WINDOW_LOG_MAX)],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer's zstd frame that asks for a 128 MiB window is refused (as a decoding error, not a
+    /// transport one), while our store server's 512 KiB window decodes.
+    #[tokio::test]
+    async fn a_peer_zstd_frame_with_a_huge_window_is_refused() {
+        use std::io::Write;
+        use tokio::io::AsyncReadExt;
+        let data = vec![42u8; 300_000];
+        let frame = |window_log: u32| {
+            let mut enc = zstd::stream::Encoder::new(Vec::new(), 1).expect("encoder");
+            enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(window_log))
+                .expect("window");
+            enc.write_all(&data).expect("write");
+            enc.finish().expect("finish")
+        };
+        let decode = |frame: Vec<u8>| async move {
+            let mut out = Vec::new();
+            peer_zstd_decoder(&frame[..]).read_to_end(&mut out).await.map(|_| out)
+        };
+        assert_eq!(decode(frame(19)).await.expect("ours decodes"), data);
+        let huge = frame(27);
+        let mut plain = Vec::new();
+        async_compression::tokio::bufread::ZstdDecoder::new(&huge[..])
+            .read_to_end(&mut plain)
+            .await
+            .expect("a valid frame for an uncapped decoder");
+        let e = decode(huge).await.expect_err("refused");
+        assert!(!is_transport_error(&e), "{e:?}");
+    }
 
     #[test]
     fn peers_are_never_reached_on_this_hosts_own_or_special_addresses() {
