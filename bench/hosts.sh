@@ -126,6 +126,8 @@ realise() {
     shift 4
     local store=$D/c-realise t0 t1 rc=0
     rm -rf "$store" "$HOME/.cache"
+    # The last realisation's dirty pages written back now, not during this one's timing.
+    sync
     t0=$(date +%s.%N)
     ip netns exec "$NS-$host" env HOME="$HOME" nix-store --store "$store" -r "$path" \
         --option substituters "$subst" --option trusted-public-keys "$pk" "$@" >"$D/realise.log" 2>&1 || rc=$?
