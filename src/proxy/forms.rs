@@ -13,7 +13,8 @@
 //! both forms have [`FIRST_TRIALS`] measurable fetches started, measurable fetches alternate;
 //! after that the form with the higher goodput is used, and every [`EXPLORE_EVERY`]th measurable
 //! fetch tries the other form, so a change (the laptop moved from cable to Wi-Fi, the peer got
-//! busy) is seen.
+//! busy) is seen. NARs over [`TRIAL_MAX_BYTES`] are never tried in the other form: they go in the
+//! faster one (zstd while nothing is known).
 //! NARs under the zstd threshold ([`super::source::PEER_ZSTD_MIN_BYTES`]) are always plain;
 //! resumed and split fetches are plain (they use byte ranges). `"zstd"` and `"none"` fix the form.
 //!
@@ -43,6 +44,10 @@ use crate::settings::PeerCompression;
 /// A NAR fetched whole from a peer gives a goodput sample when it is at least this large (below,
 /// the request's latency outweighs the link's rate).
 pub const MEASURE_MIN_BYTES: u64 = 1024 * 1024;
+/// NARs larger than this are never a trial nor an exploration (a plain trial of a 1 GiB NAR
+/// over a slow link would cost seconds): they go in the faster form, zstd while nothing is
+/// known, and still give a sample.
+pub const TRIAL_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// Measurable fetches of each form started before the faster form is chosen.
 pub const FIRST_TRIALS: u32 = 2;
 /// Once chosen, every this many measurable fetches from a peer, one tries the other form.
@@ -163,8 +168,8 @@ impl PeerForms {
         }
         let mut peers = self.peers();
         let r = peers.get_or_insert_mut(*node, PeerRates::default);
-        if nar_size < MEASURE_MIN_BYTES {
-            // Not a sample: the best known form, zstd (fewer bytes) before anything is known.
+        if !(MEASURE_MIN_BYTES..=TRIAL_MAX_BYTES).contains(&nar_size) {
+            // No trial: the best known form, zstd (fewer bytes) before anything is known.
             return r.faster().unwrap_or(Form::Zstd);
         }
         let form = match r.faster() {
@@ -318,6 +323,20 @@ mod tests {
             .collect();
         let zstd = forms.iter().filter(|x| **x == Form::Zstd).count();
         assert!(zstd <= 2 + 24 / EXPLORE_EVERY as usize, "{forms:?}");
+    }
+
+    #[test]
+    fn huge_nars_are_never_trials() {
+        let f = PeerForms::new(PeerCompression::Auto, MIN);
+        let n = NodeId([8; 16]);
+        let huge = TRIAL_MAX_BYTES + 1;
+        assert_eq!(f.choose(&n, huge), Form::Zstd, "nothing known: zstd");
+        f.record(&n, Form::Zstd, huge, huge, Duration::from_secs(10));
+        assert_eq!(f.choose(&n, huge), Form::Zstd, "no plain trial of a huge NAR");
+        assert_eq!(f.rates(&n).map(|r| (r.zstd.started, r.plain.started)), Some((0, 0)));
+        // Once plain is known faster, huge NARs go plain, with no exploration among them.
+        run(&f, &n, 12, 500.0, 50.0);
+        assert!((0..3 * EXPLORE_EVERY).all(|_| f.choose(&n, huge) == Form::Plain));
     }
 
     #[test]
