@@ -11,10 +11,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 /// Bytes per emitted chunk.
 pub const CHUNK: usize = 128 * 1024;
+/// The least a read of file contents asks for; a chunk's buffer has room for [`CHUNK`] plus this,
+/// so that reading into it never reallocates.
+const MIN_READ: usize = 4096;
 
 /// Why a dump stopped.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +38,10 @@ pub enum DumpError {
 }
 
 struct Writer<F: FnMut(Bytes) -> bool> {
-    buf: BytesMut,
+    /// The chunk being filled. A `Vec` because file contents are read into its spare capacity
+    /// as it is (`read_to_end`), where a `BytesMut` had to be zeroed first: the memset was 3.5 %
+    /// of the store server's CPU serving a closure (issue #16).
+    buf: Vec<u8>,
     emit: F,
 }
 
@@ -44,8 +50,7 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = self.buf.split().freeze();
-        self.buf.reserve(CHUNK);
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + MIN_READ)));
         if (self.emit)(chunk) {
             Ok(())
         } else {
@@ -83,16 +88,11 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
             if self.buf.len() >= CHUNK {
                 self.flush()?;
             }
-            let start = self.buf.len();
-            let want = ((CHUNK - start).max(4096) as u64).min(left) as usize;
-            self.buf.resize(start + want, 0);
-            let n = loop {
-                match file.read(&mut self.buf[start..]) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    r => break r.map_err(io_err)?,
-                }
-            };
-            self.buf.truncate(start + n);
+            let want = ((CHUNK - self.buf.len()).max(MIN_READ) as u64).min(left);
+            self.buf.reserve(want as usize);
+            // Up to `want` bytes, read into the spare capacity without zeroing it first (a
+            // shorter file ends early: 0 bytes next time round).
+            let n = (&mut file).take(want).read_to_end(&mut self.buf).map_err(io_err)?;
             if n == 0 {
                 return Err(DumpError::Changed(path.display().to_string()));
             }
@@ -152,7 +152,7 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
 /// Writes the NAR of `path`, handing each chunk to `emit`; `emit` returns false to stop early.
 pub fn dump(path: &Path, emit: impl FnMut(Bytes) -> bool) -> Result<(), DumpError> {
     let mut w = Writer {
-        buf: BytesMut::with_capacity(CHUNK),
+        buf: Vec::with_capacity(CHUNK + MIN_READ),
         emit,
     };
     w.string(b"nix-archive-1")?;
@@ -193,6 +193,41 @@ mod tests {
         let pos = |s: &str| text.find(s).expect(s);
         assert!(pos("big") < pos("empty") && pos("empty") < pos("link"));
         assert!(text.contains("executable"));
+    }
+
+    /// File contents are read into the chunk's spare capacity: every byte arrives in order
+    /// across chunk boundaries, and a file shorter than its size said (it changed while being
+    /// read) is an error, not a short NAR.
+    #[test]
+    fn contents_cross_chunks_whole_and_a_shrunk_file_is_an_error() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join("f");
+        let data: Vec<u8> = (0..(2 * CHUNK + 4099) as u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&f, &data).expect("write");
+        let mut out = Vec::new();
+        let mut w = Writer {
+            buf: Vec::with_capacity(CHUNK + MIN_READ),
+            emit: |b: Bytes| {
+                assert!(b.len() <= CHUNK + MIN_READ, "a chunk of {} bytes", b.len());
+                out.extend_from_slice(&b);
+                true
+            },
+        };
+        w.put(b"odd").expect("put");
+        let file = File::open(&f).expect("open");
+        w.contents(&f, file, data.len() as u64).expect("contents");
+        w.flush().expect("flush");
+        drop(w);
+        assert_eq!(&out[..3], b"odd");
+        assert_eq!(out[3..11], (data.len() as u64).to_le_bytes());
+        assert!(out[11..11 + data.len()] == data[..], "contents differ");
+        let mut w = Writer {
+            buf: Vec::new(),
+            emit: |_: Bytes| true,
+        };
+        let file = File::open(&f).expect("open");
+        let r = w.contents(&f, file, data.len() as u64 + 10);
+        assert!(matches!(r, Err(DumpError::Changed(_))), "{r:?}");
     }
 
     #[test]
