@@ -15,7 +15,8 @@
 #   bench/closure.sh    (BENCH_RATE=1gbit BENCH_RUNS=1 BENCH_NGINX="none zstd" BENCH_JOBS="default 16"
 #                        BENCH_SMALL=267 BENCH_MEDIUM=30 BENCH_LARGE="180 100 60"
 #                        BENCH_LINKS="shaped unshaped" BENCH_PERF=DIR (see perf_start)
-#                        BENCH_BIN_B=BIN (a fourth way: the client's proxy from another binary)
+#                        BENCH_BIN_B=BIN (a fourth way: the client's proxy from another binary; its
+#                        realisations count as proxy ones in BENCH_LOGS' per-path comparison)
 #                        BENCH_REALISE_TMPFS=1 (each realisation's store on a tmpfs, see below)
 #                        BENCH_LOGS=DIR: keep the peer's and the client's logs there, with a per-path
 #                        comparison of the last proxy realisation against the last direct one)
@@ -203,7 +204,7 @@ perf_stop() {
     perf report -i "$BENCH_PERF/perf.$1" -n --no-children --sort comm --stdio 2>/dev/null >"$BENCH_PERF/comm.$1" || true
 }
 # CPU seconds: ticks() of a process (user + system, from /proc), kids() of this shell's waited
-# children (the realisation's nix-store and what it runs).
+# children (the realisation's nix-store and what it runs, with the removal of its store after).
 ticks() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 kids() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($16 + $17) / hz}' "/proc/$$/stat"; }
 # busy: the whole machine's busy and idle CPU seconds so far ("BUSY IDLE").
