@@ -6,7 +6,7 @@
 //! comes in chunks of about [`CHUNK`] bytes; memory stays at one chunk in flight per stream.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -39,8 +39,8 @@ pub enum DumpError {
 
 struct Writer<F: FnMut(Bytes) -> bool> {
     /// The chunk being filled. A `Vec` because file contents are read into its spare capacity
-    /// as it is (`read_to_end`), where a `BytesMut` had to be zeroed first: the memset was 3.5 %
-    /// of the store server's CPU serving a closure (issue #16).
+    /// as it is, where a `BytesMut` had to be zeroed first: the memset was 3.5 % of the store
+    /// server's CPU serving a closure (issue #16).
     buf: Vec<u8>,
     emit: F,
 }
@@ -77,7 +77,7 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
         self.pad(s.len() as u64)
     }
 
-    fn contents(&mut self, path: &Path, mut file: File, len: u64) -> Result<(), DumpError> {
+    fn contents(&mut self, path: &Path, file: File, len: u64) -> Result<(), DumpError> {
         let io_err = |source| DumpError::Io {
             path: path.display().to_string(),
             source,
@@ -88,11 +88,19 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
             if self.buf.len() >= CHUNK {
                 self.flush()?;
             }
-            let want = ((CHUNK - self.buf.len()).max(MIN_READ) as u64).min(left);
-            self.buf.reserve(want as usize);
-            // Up to `want` bytes, read into the spare capacity without zeroing it first (a
-            // shorter file ends early: 0 bytes next time round).
-            let n = (&mut file).take(want).read_to_end(&mut self.buf).map_err(io_err)?;
+            let start = self.buf.len();
+            self.buf.reserve(MIN_READ);
+            // One read into the spare capacity as it is (std's `read_to_end` would split it
+            // into reads of 8, 16, 32... KiB).
+            let n = loop {
+                match rustix::io::read(&file, rustix::buffer::spare_capacity(&mut self.buf)) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    r => break r.map_err(|e| io_err(e.into()))?,
+                }
+            };
+            // A file that grew since its size was read: only `len` bytes belong to the NAR.
+            let n = n.min(left as usize);
+            self.buf.truncate(start + n);
             if n == 0 {
                 return Err(DumpError::Changed(path.display().to_string()));
             }
@@ -196,8 +204,8 @@ mod tests {
     }
 
     /// File contents are read into the chunk's spare capacity: every byte arrives in order
-    /// across chunk boundaries, and a file shorter than its size said (it changed while being
-    /// read) is an error, not a short NAR.
+    /// across chunk boundaries, a file shorter than its size said (it changed while being
+    /// read) is an error, not a short NAR, and of one that grew only that size is sent.
     #[test]
     fn contents_cross_chunks_whole_and_a_shrunk_file_is_an_error() {
         let d = tempfile::tempdir().expect("tempdir");
@@ -228,6 +236,23 @@ mod tests {
         let file = File::open(&f).expect("open");
         let r = w.contents(&f, file, data.len() as u64 + 10);
         assert!(matches!(r, Err(DumpError::Changed(_))), "{r:?}");
+        // A file that grew: only the size it had counts (the NAR's framing says so).
+        let mut out = Vec::new();
+        let mut w = Writer {
+            buf: Vec::with_capacity(CHUNK + MIN_READ),
+            emit: |b: Bytes| {
+                out.extend_from_slice(&b);
+                true
+            },
+        };
+        let short = data.len() - 10;
+        let file = File::open(&f).expect("open");
+        w.contents(&f, file, short as u64).expect("contents");
+        w.flush().expect("flush");
+        drop(w);
+        let pad = (8 - short % 8) % 8;
+        assert_eq!(out.len(), 8 + short + pad, "bytes past the size it had");
+        assert!(out[8..8 + short] == data[..short]);
     }
 
     #[test]
