@@ -6,18 +6,15 @@
 //! comes in chunks of about [`CHUNK`] bytes; memory stays at one chunk in flight per stream.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 /// Bytes per emitted chunk.
 pub const CHUNK: usize = 128 * 1024;
-/// The least a read of file contents asks for; a chunk's buffer has room for [`CHUNK`] plus this,
-/// so that reading into it never reallocates.
-const MIN_READ: usize = 4096;
 
 /// Why a dump stopped.
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +35,7 @@ pub enum DumpError {
 }
 
 struct Writer<F: FnMut(Bytes) -> bool> {
-    /// The chunk being filled. A `Vec` because file contents are read into its spare capacity
-    /// as it is, where a `BytesMut` had to be zeroed first: the memset was 3.5 % of the store
-    /// server's CPU serving a closure (issue #16).
-    buf: Vec<u8>,
+    buf: BytesMut,
     emit: F,
 }
 
@@ -50,7 +44,8 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + MIN_READ)));
+        let chunk = self.buf.split().freeze();
+        self.buf.reserve(CHUNK);
         if (self.emit)(chunk) {
             Ok(())
         } else {
@@ -77,7 +72,7 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
         self.pad(s.len() as u64)
     }
 
-    fn contents(&mut self, path: &Path, file: File, len: u64) -> Result<(), DumpError> {
+    fn contents(&mut self, path: &Path, mut file: File, len: u64) -> Result<(), DumpError> {
         let io_err = |source| DumpError::Io {
             path: path.display().to_string(),
             source,
@@ -89,17 +84,14 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
                 self.flush()?;
             }
             let start = self.buf.len();
-            self.buf.reserve(MIN_READ);
-            // One read into the spare capacity as it is (std's `read_to_end` would split it
-            // into reads of 8, 16, 32... KiB).
+            let want = ((CHUNK - start).max(4096) as u64).min(left) as usize;
+            self.buf.resize(start + want, 0);
             let n = loop {
-                match rustix::io::read(&file, rustix::buffer::spare_capacity(&mut self.buf)) {
-                    Err(rustix::io::Errno::INTR) => continue,
-                    r => break r.map_err(|e| io_err(e.into()))?,
+                match file.read(&mut self.buf[start..]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r.map_err(io_err)?,
                 }
             };
-            // A file that grew since its size was read: only `len` bytes belong to the NAR.
-            let n = n.min(left as usize);
             self.buf.truncate(start + n);
             if n == 0 {
                 return Err(DumpError::Changed(path.display().to_string()));
@@ -160,7 +152,7 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
 /// Writes the NAR of `path`, handing each chunk to `emit`; `emit` returns false to stop early.
 pub fn dump(path: &Path, emit: impl FnMut(Bytes) -> bool) -> Result<(), DumpError> {
     let mut w = Writer {
-        buf: Vec::with_capacity(CHUNK + MIN_READ),
+        buf: BytesMut::with_capacity(CHUNK),
         emit,
     };
     w.string(b"nix-archive-1")?;
@@ -203,9 +195,9 @@ mod tests {
         assert!(text.contains("executable"));
     }
 
-    /// File contents are read into the chunk's spare capacity: every byte arrives in order
-    /// across chunk boundaries, a file shorter than its size said (it changed while being
-    /// read) is an error, not a short NAR, and of one that grew only that size is sent.
+    /// File contents arrive whole and in order across chunk boundaries, a file shorter than its
+    /// size said (it changed while being read) is an error, not a short NAR, and of one that
+    /// grew only that size is sent.
     #[test]
     fn contents_cross_chunks_whole_and_a_shrunk_file_is_an_error() {
         let d = tempfile::tempdir().expect("tempdir");
@@ -214,9 +206,9 @@ mod tests {
         std::fs::write(&f, &data).expect("write");
         let mut out = Vec::new();
         let mut w = Writer {
-            buf: Vec::with_capacity(CHUNK + MIN_READ),
+            buf: BytesMut::with_capacity(CHUNK),
             emit: |b: Bytes| {
-                assert!(b.len() <= CHUNK + MIN_READ, "a chunk of {} bytes", b.len());
+                assert!(b.len() <= CHUNK + 4096, "a chunk of {} bytes", b.len());
                 out.extend_from_slice(&b);
                 true
             },
@@ -230,7 +222,7 @@ mod tests {
         assert_eq!(out[3..11], (data.len() as u64).to_le_bytes());
         assert!(out[11..11 + data.len()] == data[..], "contents differ");
         let mut w = Writer {
-            buf: Vec::new(),
+            buf: BytesMut::new(),
             emit: |_: Bytes| true,
         };
         let file = File::open(&f).expect("open");
@@ -239,7 +231,7 @@ mod tests {
         // A file that grew: only the size it had counts (the NAR's framing says so).
         let mut out = Vec::new();
         let mut w = Writer {
-            buf: Vec::with_capacity(CHUNK + MIN_READ),
+            buf: BytesMut::with_capacity(CHUNK),
             emit: |b: Bytes| {
                 out.extend_from_slice(&b);
                 true
