@@ -14,6 +14,10 @@
 # Needs root (namespaces, tc); everything started is killed by PID on exit.
 #   bench/closure.sh    (BENCH_RATE=1gbit BENCH_RUNS=1 BENCH_NGINX="none zstd" BENCH_JOBS="default 16"
 #                        BENCH_SMALL=267 BENCH_MEDIUM=30 BENCH_LARGE="180 100 60"
+#                        BENCH_LINKS="shaped unshaped" BENCH_PERF=DIR (see perf_start)
+#                        BENCH_BIN_B=BIN (a fourth way: the client's proxy from another binary; its
+#                        realisations count as proxy ones in BENCH_LOGS' per-path comparison)
+#                        BENCH_REALISE_TMPFS=1 (each realisation's store on a tmpfs, see below)
 #                        BENCH_LOGS=DIR: keep the peer's and the client's logs there, with a per-path
 #                        comparison of the last proxy realisation against the last direct one)
 set -euo pipefail
@@ -129,6 +133,18 @@ for c in $NGINX_COMPRESSIONS; do
     echo "  static cache, compression $c: $(du -sm "$D/cache-$c" | cut -f1) MiB on disk" >&2
 done
 
+# Each realisation's store on a tmpfs (BENCH_REALISE_TMPFS=0: in D, on D's filesystem). On ext4,
+# the files of a store deleted moments before make the next one's inode allocation crawl
+# (ext4's recently_deleted() skips inodes freed in the last minute): measured on 2026-11-27,
+# Nix's CPU for the same closure varied from 7 to 21 s with most of it in find_inode_bit and
+# recently_deleted, so each way's time hung on how long after the previous one it ran.
+if [ "${BENCH_REALISE_TMPFS:-1}" = 1 ]; then
+    mkdir -p "$D/realise"
+    mount -t tmpfs -o size=4g,mode=755 lnc-realise "$D/realise"
+    REALISE_DIR=$D/realise
+    trap 'umount -l "$D/realise" 2>/dev/null; cleanup' EXIT
+fi
+
 lan_up peer client
 start_peer peer "$D/peer" "$PK"
 mkdir -p "$D/nginx"
@@ -162,6 +178,57 @@ fresh_proxy() {
     tail -20 "$D/client.log" >&2
     return 1
 }
+# BENCH_PERF=DIR: `perf record -a` (the whole machine) during every realisation; the last one of
+# each way kept in DIR as perf.WAY, with a flat report per process name and symbol (report.WAY).
+# Use with a `cargo build --profile profiling` binary in BENCH_BIN.
+PERF=
+perf_start() {
+    [ -n "${BENCH_PERF:-}" ] || return 0
+    need_packages linux-perf
+    mkdir -p "$BENCH_PERF"
+    perf record -q -a -F 499 -o "$BENCH_PERF/perf.$1" 2>/dev/null & PERF=$!
+    if [ "$1" = proxy ]; then
+        # The client's `serve` alone, with call stacks (DWARF: release code keeps no frame pointers).
+        perf record -q -F 499 --call-graph dwarf,16384 -o "$BENCH_PERF/perf.client" -p "$CLIENT_PID" 2>/dev/null &
+        PERF+=" $!"
+    fi
+    sleep 0.3
+}
+perf_stop() {
+    [ -n "${BENCH_PERF:-}" ] || return 0
+    # shellcheck disable=SC2086
+    kill -INT $PERF
+    # shellcheck disable=SC2086
+    wait $PERF || true
+    perf report -i "$BENCH_PERF/perf.$1" -n --no-children --sort comm,dso,symbol --stdio 2>/dev/null >"$BENCH_PERF/report.$1" || true
+    perf report -i "$BENCH_PERF/perf.$1" -n --no-children --sort comm --stdio 2>/dev/null >"$BENCH_PERF/comm.$1" || true
+}
+# CPU seconds: ticks() of a process (user + system, from /proc), kids() of this shell's waited
+# children (the realisation's nix-store and what it runs, with the removal of its store after).
+ticks() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+kids() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($16 + $17) / hz}' "/proc/$$/stat"; }
+# busy: the whole machine's busy and idle CPU seconds so far ("BUSY IDLE").
+busy() { awk -v hz="$(getconf CLK_TCK)" '/^cpu / {printf "%.2f %.2f", ($2 + $3 + $4 + $7 + $8 + $9) / hz, ($5 + $6) / hz}' /proc/stat; }
+# opens: TCP connections the peer's host accepted so far (its namespace's PassiveOpens).
+opens() { ip netns exec "$NS-peer" awk '/^Tcp:/ {n++; if (n == 2) print $7}' /proc/net/snmp; }
+# cpu_of WAY COMMAND...: runs COMMAND, adding to CPU[WAY] "nix X, peer Y, peer daemon Z, proxy W"
+# (CPU seconds each, this run).
+cpu_of() {
+    local way=$1 k0 p0 d0 c0 k1 p1 d1 c1 b0 b1 o0 o1
+    shift
+    b0=$(busy) o0=$(opens)
+    k0=$(kids) p0=$(ticks "$PEER_PID") d0=$(ticks "$PEER_DAEMON_PID") c0=$(ticks "$CLIENT_PID")
+    "$@"
+    k1=$(kids) p1=$(ticks "$PEER_PID") d1=$(ticks "$PEER_DAEMON_PID") c1=$(ticks "$CLIENT_PID")
+    b1=$(busy) o1=$(opens)
+    CPU[$way]+="$(awk -v k="$k1 - $k0" -v p="$p1 - $p0" -v d="$d1 - $d0" -v c="$c1 - $c0" -v w="$way" -v bz="$b0 $b1" -v o=$((o1 - o0)) 'BEGIN {
+        split(k, a, " - "); split(p, b, " - "); split(d, e, " - "); split(c, f, " - ")
+        printf "%s: nix %.2f, peer %.2f, peer daemon %.2f", w, a[1] - a[2], b[1] - b[2], e[1] - e[2]
+        if (w ~ /^proxy/) printf ", proxy %.2f", f[1] - f[2]
+        split(bz, m, " "); printf ", machine busy %.2f idle %.2f, %d connections to the peer; ", m[3] - m[1], m[4] - m[2], o }')"
+}
+# realise_t HOST SUBSTITUTER: T1 = seconds to realise TOP (in a subshell, whose CPU kids() counts).
+realise_t() { T1=$(realise "$1" "$2" "$PK" "$TOP" "${NIX_OPTS[@]}"); }
 # one WAY: sets T1 to the seconds of realising TOP that way, and raises CONC[WAY] to the most
 # NARs the peer sent at once meanwhile. Not in a subshell: fresh_proxy's new process must land
 # in PIDS.
@@ -169,14 +236,26 @@ one() {
     local port c from n
     from=$(wc -l <"$D/peer.log")
     case $1 in
-    direct) T1=$(realise client "http://10.88.0.1:8380" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
+    direct)
+        perf_start direct
+        cpu_of direct realise_t client "http://10.88.0.1:8380"
+        perf_stop direct ;;
     proxy)
         fresh_proxy
-        T1=$(realise client "http://127.0.0.1:8381" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
+        perf_start proxy
+        cpu_of proxy realise_t client "http://127.0.0.1:8381"
+        perf_stop proxy ;;
+    proxy-b)
+        # The client's proxy from BENCH_BIN_B (the peer keeps BIN).
+        local bin=$BIN
+        BIN=$BENCH_BIN_B
+        fresh_proxy
+        BIN=$bin
+        cpu_of proxy-b realise_t client "http://127.0.0.1:8381" ;;
     nginx-*)
         port=8390
         for c in $NGINX_COMPRESSIONS; do [ "nginx-$c" = "$1" ] && break; port=$((port + 1)); done
-        T1=$(realise client "http://10.88.0.1:$port" "$PK" "$TOP" "${NIX_OPTS[@]}") ;;
+        cpu_of "$1" realise_t client "http://10.88.0.1:$port" ;;
     esac
     n=$(overlap "$from")
     [ "$n" -gt "${CONC[$1]:-0}" ] && CONC[$1]=$n
@@ -186,6 +265,7 @@ one() {
 # run takes the ways in a rotated order, so no way always comes first.
 measure() {
     local ways=(direct proxy) r i w n times
+    [ -n "${BENCH_BIN_B:-}" ] && ways+=(proxy-b)
     for c in $NGINX_COMPRESSIONS; do ways+=("nginx-$c"); done
     n=${#ways[@]}
     declare -gA T=() ALL=()
@@ -227,15 +307,16 @@ echo
 echo "| Nix substitutions | link | direct from peer | via proxy | $(for c in $NGINX_COMPRESSIONS; do printf 'nginx, %s | ' "$c"; done)proxy vs direct | $(for c in $NGINX_COMPRESSIONS; do printf 'proxy vs nginx %s | direct vs nginx %s | ' "$c" "$c"; done)"
 echo "|---|---|---|---|$(for c in $NGINX_COMPRESSIONS; do printf -- '---|---|---|'; done)---|"
 CONCURRENCY=
+CPUS=
 for jobs in $JOBS; do
     if [ "$jobs" = default ]; then
         NIX_OPTS=(); jl="Nix's defaults"
     else
         NIX_OPTS=(--max-jobs "$jobs"); jl="--max-jobs $jobs"
     fi
-    for link in shaped unshaped; do
+    for link in ${BENCH_LINKS:-shaped unshaped}; do
         if [ "$link" = shaped ]; then shape peer "$RATE"; label="peer egress $RATE (tc tbf)"; else label="unshaped veth"; fi
-        declare -A CONC=()
+        declare -A CONC=() CPU=()
         measure
         [ "$link" = shaped ] && shape peer off
         DIRECT=${T[direct]}
@@ -245,7 +326,12 @@ for jobs in $JOBS; do
         row+="**$(ratio "$DIRECT" "$PROXY")** | "
         for c in $NGINX_COMPRESSIONS; do row+="$(ratio "${T[nginx-$c]}" "$PROXY") | $(ratio "${T[nginx-$c]}" "$DIRECT") | "; done
         echo "$row"
+        if [ -n "${BENCH_BIN_B:-}" ]; then
+            echo "| $jl | $label | proxy B ($BENCH_BIN_B): ${T[proxy-b]} s ($(mbs "${T[proxy-b]}") MB/s) | B vs direct **$(ratio "$DIRECT" "${T[proxy-b]}")** | B vs proxy $(ratio "$PROXY" "${T[proxy-b]}") | all runs: direct${ALL[direct]}; proxy${ALL[proxy]}; B${ALL[proxy-b]} |"
+        fi
         CONCURRENCY+="$jl, $label: direct ${CONC[direct]:-0}, proxy ${CONC[proxy]:-0}; "
+        CPUS+="$jl, $label: $(for w in "${!CPU[@]}"; do printf '%s' "${CPU[$w]}"; done)
+"
         if [ -n "${BENCH_RESULTS:-}" ]; then
             target=">= 0.95x"; [ "$link" = unshaped ] && target=">= 0.9x"
             what="closure of $NPATHS paths ($TOTAL_MIB MiB), $jl, $label"
@@ -259,6 +345,8 @@ for jobs in $JOBS; do
 done
 echo
 echo "most NARs the peer's store server sent at once: $CONCURRENCY"
+echo "CPU seconds per realisation (each run):"
+printf '%s' "$CPUS"
 echo "ratios are speed ratios: the other's time / ours (above 1: ours is faster)"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "client proxy log, last NAR lines:"

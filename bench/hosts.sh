@@ -119,12 +119,12 @@ wait_narinfo() {
 }
 
 # realise HOST SUBSTITUTER PUBKEY PATH [NIX OPTIONS...]: seconds for `nix-store -r PATH` in a fresh
-# chroot store on HOST with SUBSTITUTER only. Fails (non-zero, no figure) if Nix failed or PATH's
-# closure is not complete in the store afterwards.
+# chroot store (in REALISE_DIR, default D) on HOST with SUBSTITUTER only. Fails (non-zero, no
+# figure) if Nix failed or PATH's closure is not complete in the store afterwards.
 realise() {
     local host=$1 subst=$2 pk=$3 path=$4
     shift 4
-    local store=$D/c-realise t0 t1 rc=0
+    local store=${REALISE_DIR:-$D}/c-realise t0 t1 rc=0
     rm -rf "$store" "$HOME/.cache"
     # The last realisation's dirty pages written back now, not during this one's timing.
     sync

@@ -4,13 +4,15 @@
 # random-bytes NAR and the real-binaries NAR (a copy of /usr/lib/x86_64-linux-gnu) as `.nar.zst`
 # with curl, unshaped and shaped to 1 Gbit/s. Per download: wall time, the peer's CPU time
 # (utime + stime from /proc), bytes on the wire. Needs root; fixtures as bench/proxy.sh builds them.
-#   bench/peer-zstd-ab.sh OLD_BIN NEW_BIN     (BENCH_ROUNDS=3 BENCH_RATE=1gbit)
+#   bench/peer-zstd-ab.sh OLD_BIN NEW_BIN     (BENCH_ROUNDS=3 BENCH_RATE=1gbit
+#                                              BENCH_FORM=zst, or plain: the NARs uncompressed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 OLD_BIN NEW_BIN" >&2; exit 2; }
 OLD=$1 NEW=$2
 ROUNDS=${BENCH_ROUNDS:-3}
 RATE=${BENCH_RATE:-1gbit}
+FORM=${BENCH_FORM:-zst}
 BENCH_NAME=zstd-ab
 BENCH_BIN=$NEW
 . bench/hosts.sh
@@ -36,7 +38,7 @@ lan_up peer client
 zst_url() {
     local h
     h=$(basename "$1" | cut -c1-32)
-    echo "http://10.88.0.1:8380/$(ip netns exec "$NS-client" curl -sf "http://10.88.0.1:8380/$h.narinfo" | awk '/^URL:/ {print $2}' | sed 's/\.nar$/.nar.zst/')"
+    echo "http://10.88.0.1:8380/$(ip netns exec "$NS-client" curl -sf "http://10.88.0.1:8380/$h.narinfo" | awk '/^URL:/ {print $2}' | sed "s/\.nar\$/.nar$([ "$FORM" = zst ] && echo .zst)/")"
 }
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 echo "| round | binary | link | NAR | wall | peer CPU | bytes on the wire |"

@@ -195,6 +195,58 @@ mod tests {
         assert!(text.contains("executable"));
     }
 
+    /// File contents arrive whole and in order across chunk boundaries, a file shorter than its
+    /// size said (it changed while being read) is an error, not a short NAR, and of one that
+    /// grew only that size is sent.
+    #[test]
+    fn contents_cross_chunks_whole_and_a_shrunk_file_is_an_error() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join("f");
+        let data: Vec<u8> = (0..(2 * CHUNK + 4099) as u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&f, &data).expect("write");
+        let mut out = Vec::new();
+        let mut w = Writer {
+            buf: BytesMut::with_capacity(CHUNK),
+            emit: |b: Bytes| {
+                assert!(b.len() <= CHUNK + 4096, "a chunk of {} bytes", b.len());
+                out.extend_from_slice(&b);
+                true
+            },
+        };
+        w.put(b"odd").expect("put");
+        let file = File::open(&f).expect("open");
+        w.contents(&f, file, data.len() as u64).expect("contents");
+        w.flush().expect("flush");
+        drop(w);
+        assert_eq!(&out[..3], b"odd");
+        assert_eq!(out[3..11], (data.len() as u64).to_le_bytes());
+        assert!(out[11..11 + data.len()] == data[..], "contents differ");
+        let mut w = Writer {
+            buf: BytesMut::new(),
+            emit: |_: Bytes| true,
+        };
+        let file = File::open(&f).expect("open");
+        let r = w.contents(&f, file, data.len() as u64 + 10);
+        assert!(matches!(r, Err(DumpError::Changed(_))), "{r:?}");
+        // A file that grew: only the size it had counts (the NAR's framing says so).
+        let mut out = Vec::new();
+        let mut w = Writer {
+            buf: BytesMut::with_capacity(CHUNK),
+            emit: |b: Bytes| {
+                out.extend_from_slice(&b);
+                true
+            },
+        };
+        let short = data.len() - 10;
+        let file = File::open(&f).expect("open");
+        w.contents(&f, file, short as u64).expect("contents");
+        w.flush().expect("flush");
+        drop(w);
+        let pad = (8 - short % 8) % 8;
+        assert_eq!(out.len(), 8 + short + pad, "bytes past the size it had");
+        assert!(out[8..8 + short] == data[..short]);
+    }
+
     #[test]
     fn a_stopped_consumer_stops_the_dump() {
         let d = tempfile::tempdir().expect("tempdir");
