@@ -1086,7 +1086,6 @@ fn stalled_pass_through(lie: bool) {
 /// proxy a decoder for a few milliseconds of link time saved at most).
 #[test]
 fn small_nars_are_fetched_plain_from_a_zstd_peer() {
-    use local_nix_cache::beacon::wire::FLAG_NAR_ZSTD;
     use local_nix_cache::proxy::source::PEER_ZSTD_MIN_BYTES;
     let small = FakePath::new("zsmall", 100_000, 3);
     let large = FakePath::new("zlarge", 2 * PEER_ZSTD_MIN_BYTES as usize, 4);
@@ -1097,9 +1096,7 @@ fn small_nars_are_fetched_plain_from_a_zstd_peer() {
         peer.set(&format!("/{}.zst", p.info.url), Reply::ok(zst));
     }
     let rig = Rig::new();
-    *peer.node.lock().expect("lock") = Some(NodeId([1; 16]));
-    let addr = rig.cache_at(peer.clone(), std::net::SocketAddr::from(([127, 1, 0, 1], 0)));
-    rig.announce(addr, NodeId([1; 16]), FLAG_NAR_NONE | FLAG_NAR_ZSTD, None);
+    rig.zstd_peer(peer.clone(), 1);
     let (proxy, px) = rig.proxy(vec![]);
     for p in [&small, &large] {
         let (_, nar, body) = fetch(proxy, p);
@@ -1121,7 +1118,6 @@ fn small_nars_are_fetched_plain_from_a_zstd_peer() {
 /// once; peer B the other way round (a slow link, where fewer bytes win).
 #[test]
 fn auto_fetches_each_peer_in_the_form_that_delivered_faster() {
-    use local_nix_cache::beacon::wire::FLAG_NAR_ZSTD;
     use local_nix_cache::proxy::forms::{FIRST_TRIALS, MEASURE_MIN_BYTES};
     use local_nix_cache::settings::PeerCompression;
     const N: usize = 12;
@@ -1152,9 +1148,7 @@ fn auto_fetches_each_peer_in_the_form_that_delivered_faster() {
             peer.set(&format!("/{}", p.info.url), plain);
             peer.set(&format!("/{}.zst", p.info.url), zst);
         }
-        *peer.node.lock().expect("lock") = Some(NodeId([id; 16]));
-        let addr = rig.cache_at(peer.clone(), std::net::SocketAddr::from(([127, 1, 0, id], 0)));
-        rig.announce(addr, NodeId([id; 16]), FLAG_NAR_NONE | FLAG_NAR_ZSTD, None);
+        rig.zstd_peer(peer.clone(), id);
         peers.push((peer, paths, zstd_late));
     }
     let (proxy, px) = rig.proxy(vec![]);
@@ -1191,7 +1185,6 @@ fn auto_fetches_each_peer_in_the_form_that_delivered_faster() {
 /// asked for the rest of the plain NAR with `Range` (a compressed form cannot be resumed).
 #[test]
 fn a_broken_zstd_transfer_is_resumed_plain_from_the_next_peer() {
-    use local_nix_cache::beacon::wire::FLAG_NAR_ZSTD;
     let p = FakePath::new("zresume", 2 << 20, 9);
     let zst = Bytes::from(zstd::encode_all(&p.nar[..], 1).expect("zstd"));
     let rig = Rig::new();
@@ -1209,9 +1202,7 @@ fn a_broken_zstd_transfer_is_resumed_plain_from_the_next_peer() {
                     cut: zst.len() - 8,
                 },
             );
-            *peer.node.lock().expect("lock") = Some(NodeId([id; 16]));
-            let addr = rig.cache_at(peer.clone(), std::net::SocketAddr::from(([127, 1, 0, id], 0)));
-            rig.announce(addr, NodeId([id; 16]), FLAG_NAR_NONE | FLAG_NAR_ZSTD, None);
+            rig.zstd_peer(peer.clone(), id);
             peer
         })
         .collect();

@@ -374,10 +374,19 @@ impl Rig {
     /// Starts a fake cache as peer `id` (naming that node id in its answers) and enters it in the
     /// peer table, as its beacon would.
     pub fn peer(&self, c: Arc<FakeCache>, id: u8) -> SocketAddr {
+        self.peer_offering(c, id, FLAG_NAR_NONE)
+    }
+
+    /// As `peer`, announcing that it also sends NARs as `.nar.zst` (a store server's default).
+    pub fn zstd_peer(&self, c: Arc<FakeCache>, id: u8) -> SocketAddr {
+        self.peer_offering(c, id, FLAG_NAR_NONE | local_nix_cache::beacon::wire::FLAG_NAR_ZSTD)
+    }
+
+    fn peer_offering(&self, c: Arc<FakeCache>, id: u8, flags: u16) -> SocketAddr {
         *c.node.lock().expect("lock") = Some(NodeId([id; 16]));
         // Each peer on its own loopback address, as hosts of a LAN have theirs.
         let addr = self.cache_at(c, SocketAddr::from(([127, 1, 0, id], 0)));
-        self.announce(addr, NodeId([id; 16]), FLAG_NAR_NONE, None);
+        self.announce(addr, NodeId([id; 16]), flags, None);
         addr
     }
 
