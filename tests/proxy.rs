@@ -710,6 +710,23 @@ fn proven(px: &local_nix_cache::proxy::Proxy, id: u8) -> bool {
     px.status().peers.iter().any(|p| p.node == node && p.proven)
 }
 
+/// A proxy for which peer 1 is proven by fetching `honest` through it, that has asked for `big`'s
+/// narinfo; returns it with `big`'s NAR URL.
+fn proxy_with_proven_peer(
+    rig: &Rig,
+    honest: &[FakePath],
+    big: &FakePath,
+) -> (std::net::SocketAddr, Arc<local_nix_cache::proxy::Proxy>, String) {
+    let (proxy, px) = rig.proxy(vec![]);
+    for p in honest {
+        assert_eq!(fetch(proxy, p).1, 200);
+    }
+    assert!(proven(&px, 1));
+    assert_eq!(get(proxy, &format!("/{}.narinfo", big.hash())).status, 200);
+    let url = format!("/nar/{}-{}.nar", big.hash(), big.info.nar_hash.to_nix32());
+    (proxy, px, url)
+}
+
 /// Pass-through (issue #16): a peer that delivered `PROVEN_AFTER` verified NARs has its next NAR
 /// streamed while it is hashed. When that NAR is a lie (same size, one byte changed), the client
 /// gets fewer bytes than the `Content-Length` (the held-back tail never leaves), the peer loses
@@ -923,13 +940,7 @@ fn a_client_that_leaves_a_pass_through_stops_its_fetch() {
     );
     let rig = Rig::new();
     rig.peer(peer.clone(), 1);
-    let (proxy, px) = rig.proxy(vec![]);
-    for p in &honest {
-        assert_eq!(fetch(proxy, p).1, 200);
-    }
-    assert!(proven(&px, 1));
-    assert_eq!(get(proxy, &format!("/{}.narinfo", big.hash())).status, 200);
-    let url = format!("/nar/{}-{}.nar", big.hash(), big.info.nar_hash.to_nix32());
+    let (proxy, _px, url) = proxy_with_proven_peer(&rig, &honest, &big);
     let start = || {
         let mut s = std::net::TcpStream::connect(proxy).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
@@ -1026,13 +1037,7 @@ fn stalled_pass_through(lie: bool) {
         peer.set(&format!("/{}", big.info.url), Reply::ok(bad));
     }
     rig.peer(peer, 1);
-    let (proxy, px) = rig.proxy(vec![]);
-    for p in &honest {
-        assert_eq!(fetch(proxy, p).1, 200);
-    }
-    assert!(proven(&px, 1));
-    assert_eq!(get(proxy, &format!("/{}.narinfo", big.hash())).status, 200);
-    let url = format!("/nar/{}-{}.nar", big.hash(), big.info.nar_hash.to_nix32());
+    let (proxy, px, url) = proxy_with_proven_peer(&rig, &honest, &big);
     let before = px.stats();
     let t0 = Instant::now();
     let (mut s, mut raw) = open_nar_stream(proxy, &url);
