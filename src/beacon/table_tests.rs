@@ -563,6 +563,30 @@ async fn four_spoofed_ids_at_an_address_do_not_lock_its_host_out() {
     assert!(t.get(&id_of(1)).is_some(), "the host's id was pushed out again");
 }
 
+/// A table, and the announce of a keyed node (its id the hash of a fresh key) to be heard from
+/// its honest address and from an attacker's.
+struct Contest {
+    t: PeerTable,
+    id: identity::Identity,
+    node: NodeId,
+    a: Vec<u8>,
+    honest: SocketAddr,
+    attacker: SocketAddr,
+}
+
+fn contest() -> Contest {
+    let id = identity::Identity::generate();
+    let node = id.node();
+    Contest {
+        t: PeerTable::new(NodeId([0; 16])),
+        a: claim(node, node.0, 1000),
+        id,
+        node,
+        honest: src(1),
+        attacker: src(66),
+    }
+}
+
 /// First-contact race: an attacker's copy of a keyed node id (the hash of a key; its commitment
 /// is the id) heard before the node's own announce. The second address of the family makes a
 /// contest: both addresses are queued to be asked for a proof (once per `ASK_AGAIN_AFTER`); the
@@ -571,11 +595,14 @@ async fn four_spoofed_ids_at_an_address_do_not_lock_its_host_out() {
 /// does not.
 #[tokio::test(start_paused = true)]
 async fn a_contested_node_id_goes_to_the_address_that_proves_it() {
-    let t = PeerTable::new(NodeId([0; 16]));
-    let id = identity::Identity::generate();
-    let node = id.node();
-    let a = claim(node, node.0, 1000);
-    let (honest, attacker) = (src(1), src(66));
+    let Contest {
+        t,
+        id,
+        node,
+        a,
+        honest,
+        attacker,
+    } = contest();
     let mut now = Instant::now();
     for _ in 0..ESTABLISHED_ANNOUNCES {
         t.handle(attacker, &a, now);
@@ -744,11 +771,14 @@ async fn a_spoofed_request_at_a_wrong_port_does_not_take_the_window() {
 /// announce re-queues the claimants whose last request failed `retry_after` ago.
 #[tokio::test(start_paused = true)]
 async fn a_failed_proof_is_retried_until_the_contest_settles() {
-    let t = PeerTable::new(NodeId([0; 16]));
-    let id = identity::Identity::generate();
-    let node = id.node();
-    let a = claim(node, node.0, 1000);
-    let (honest, attacker) = (src(1), src(66));
+    let Contest {
+        t,
+        node,
+        a,
+        honest,
+        attacker,
+        ..
+    } = contest();
     let mut now = Instant::now();
     // Not established: the attacker's first, then two announces from each.
     t.handle(attacker, &a, now);

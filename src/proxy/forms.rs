@@ -136,7 +136,7 @@ impl PeerRates {
 
     /// The form to prefer by the samples so far (`None`: a form has none yet): zstd only when it
     /// delivered [`ZSTD_MARGIN`] times plain's goodput.
-    pub fn faster(&self) -> Option<Form> {
+    pub fn preferred(&self) -> Option<Form> {
         let (p, z) = (self.plain.bytes_per_s?, self.zstd.bytes_per_s?);
         Some(if z > p * ZSTD_MARGIN { Form::Zstd } else { Form::Plain })
     }
@@ -180,9 +180,9 @@ impl PeerForms {
         let r = peers.get_or_insert_mut(*node, PeerRates::default);
         if !(MEASURE_MIN_BYTES..=TRIAL_MAX_BYTES).contains(&nar_size) {
             // No trial: the best known form, zstd (fewer bytes) before anything is known.
-            return r.faster().unwrap_or(Form::Zstd);
+            return r.preferred().unwrap_or(Form::Zstd);
         }
-        let form = match r.faster() {
+        let form = match r.preferred() {
             Some(best) if r.plain.started >= FIRST_TRIALS && r.zstd.started >= FIRST_TRIALS => {
                 r.since_explore += 1;
                 if r.since_explore >= EXPLORE_EVERY {
@@ -367,7 +367,7 @@ mod tests {
         let f = PeerForms::new(PeerCompression::Auto, MIN);
         let (a, b) = (NodeId([5; 16]), NodeId([6; 16]));
         run(&f, &a, 20, 500.0, 50.0);
-        assert_eq!(f.rates(&a).and_then(|r| r.faster()), Some(Form::Plain));
+        assert_eq!(f.rates(&a).and_then(|r| r.preferred()), Some(Form::Plain));
         assert_eq!(f.rates(&b), None, "another peer's samples do not count");
         assert_eq!(f.choose(&b, 4 * MIB), Form::Zstd, "b starts with its own trials");
     }
