@@ -9,7 +9,7 @@ use std::fmt;
 use data_encoding::BASE64;
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 
-use super::{truncate_for_error, NarHash, ParseError, StorePath};
+use super::path::{truncate_for_error, NarHash, ParseError, StorePath};
 
 /// The fingerprint Nix signs: `1;<path>;<narHash>;<narSize>;<refs>`, references as full paths,
 /// sorted, comma-joined.

@@ -1,4 +1,5 @@
 use super::*;
+use data_encoding::BASE64;
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/narinfo");
 const CACHE_NIXOS_ORG: &str = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";

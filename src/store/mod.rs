@@ -8,14 +8,14 @@
 //! streams through the daemon never hold the last [`QUERY_RESERVE`] connections, so queries
 //! (path info before each NAR, miss checks, scans) always find one.
 
+mod addr;
 pub mod daemon;
 pub mod dump;
+mod error;
 pub mod nar;
 mod pool;
 
-use std::io;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,104 +24,18 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
-use crate::narinfo::{NarHash, ParseError, StorePath, StorePathHash};
+use crate::narinfo::{NarHash, StorePath, StorePathHash};
+pub use addr::{StoreAddr, DEFAULT_SOCKET};
 pub use daemon::DaemonConnection;
 use daemon::RawPathInfo;
-use nar::{NarError, NarFramer};
-pub use pool::Pool;
+pub use error::Error;
+use nar::NarFramer;
+pub use pool::{Pool, OP_TIMEOUT};
 
-/// The system daemon's socket.
-pub const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
-/// Deadline for one query operation (connect, handshake, or one request/reply).
-pub const OP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest wait for the daemon to produce the next NAR bytes.
 pub const NAR_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Daemon connections NAR streams leave to queries (when the pool has more than this).
 pub const QUERY_RESERVE: usize = 2;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot reach the nix-daemon at {addr}: {source}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("nix-daemon I/O error: {0}")]
-    Io(#[from] io::Error),
-    #[error("nix-daemon protocol error: {0}")]
-    Protocol(String),
-    #[error("nix-daemon reported: {0}")]
-    Daemon(String),
-    #[error("timed out {0}")]
-    Timeout(&'static str),
-    #[error("all nix-daemon connections stayed busy")]
-    Busy,
-    #[error("bad NAR from the nix-daemon: {0}")]
-    Nar(#[from] NarError),
-    #[error("nix-daemon sent invalid path info for {path}: {source}")]
-    BadPathInfo {
-        path: String,
-        #[source]
-        source: ParseError,
-    },
-    #[error("reading a NAR from disk: {0}")]
-    Dump(#[from] dump::DumpError),
-    #[error("NAR of {path} has {got} bytes, path info says {want}")]
-    NarSize { path: String, got: u64, want: u64 },
-}
-
-impl Error {
-    /// The connection died under us (daemon restarted or killed): worth one retry on a fresh one.
-    fn is_connection_lost(&self) -> bool {
-        matches!(self, Error::Io(_))
-    }
-}
-
-/// Where the daemon is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StoreAddr {
-    /// The system socket when it answers, else `nix-daemon --stdio` children.
-    Auto,
-    /// A daemon socket (`unix:///path`).
-    Unix(PathBuf),
-    /// `nix-daemon --stdio` children, optionally with `--store STORE` (`stdio`, `stdio://STORE`).
-    Stdio { store: Option<String> },
-}
-
-impl FromStr for StoreAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "daemon" => Ok(Self::Unix(DEFAULT_SOCKET.into())),
-            "stdio" => Ok(Self::Stdio { store: None }),
-            _ => {
-                if let Some(p) = s.strip_prefix("unix://").filter(|p| !p.is_empty()) {
-                    Ok(Self::Unix(p.into()))
-                } else if let Some(st) = s.strip_prefix("stdio://").filter(|p| !p.is_empty()) {
-                    Ok(Self::Stdio { store: Some(st.into()) })
-                } else {
-                    Err(format!(
-                        "store {s:?} is none of auto, daemon, unix://SOCKET, stdio, stdio://STORE"
-                    ))
-                }
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for StoreAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Auto => f.write_str("auto"),
-            Self::Unix(p) => write!(f, "unix://{}", p.display()),
-            Self::Stdio { store: None } => f.write_str("stdio"),
-            Self::Stdio { store: Some(s) } => write!(f, "stdio://{s}"),
-        }
-    }
-}
 
 /// Path info, checked and typed.
 #[derive(Clone, Debug, PartialEq, Eq)]

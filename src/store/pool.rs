@@ -13,7 +13,12 @@ use std::time::Duration;
 use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{DaemonConnection, Error, StoreAddr, DEFAULT_SOCKET, OP_TIMEOUT};
+use super::addr::{StoreAddr, DEFAULT_SOCKET};
+use super::daemon::DaemonConnection;
+use super::error::Error;
+
+/// Deadline for one query operation (connect, handshake, or one request/reply).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Longest wait for a free connection before a request gives up (and answers like a miss).
 pub(crate) const POOL_WAIT: Duration = Duration::from_secs(10);
