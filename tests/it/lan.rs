@@ -2,14 +2,12 @@
 //! with its own chroot store, nix-daemon and the real `serve` binary), an upstream "hydra" in a
 //! namespace of its own. Needs root and Nix; fails rather than skips under CI.
 
-mod common;
-
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::netns::{in_netns, require_netns};
-use common::nixlan::NixLan;
-use common::{fixture, require_nix, run};
+use crate::common::netns::{in_netns, require_netns};
+use crate::common::nixlan::NixLan;
+use crate::common::{fixture, require_nix, run};
 
 fn prerequisites() -> bool {
     require_nix() && require_netns()
@@ -183,7 +181,7 @@ fn lan_beats_wan_through_the_proxy() {
         .args(["-r", &f.rand, "--option", "substituters", &up])
         .args(["--option", "trusted-public-keys", &f.pk]);
     let t0 = Instant::now();
-    ok("realise from the shaped upstream", &common::output(&mut c));
+    ok("realise from the shaped upstream", &crate::common::output(&mut c));
     let wan_time = t0.elapsed();
     let ratio = wan_time.as_secs_f64() / lan_time.as_secs_f64();
     println!(
@@ -377,10 +375,10 @@ fn upstream_fallback_for_a_path_no_peer_has() {
     let stats = &lan.hosts[1].status()["stats"];
     assert_eq!(stats["nars_from_upstream"], 1, "{stats}");
     // What a person sees: `status` in the terminal, the page, the metrics.
-    let out = common::output(
+    let out = crate::common::output(
         std::process::Command::new("ip")
             .args(["netns", "exec", &lan.hosts[1].net.ns])
-            .args([common::nixlan::bin(), "status"]),
+            .args([crate::common::nixlan::bin(), "status"]),
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -411,7 +409,7 @@ fn upstream_fallback_for_a_path_no_peer_has() {
 )]
 #[test]
 fn mixed_lan_nix_2_8_and_2_26_hosts_share_both_ways() {
-    if !prerequisites() || common::roots::nix226_root().is_none() {
+    if !prerequisites() || crate::common::roots::nix226_root().is_none() {
         return;
     }
     let f = fixture();

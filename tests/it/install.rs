@@ -2,16 +2,14 @@
 //! a network namespace with its own HOME and config dir (user mode: nothing outside them is
 //! touched). Needs root (namespaces) and Nix.
 
-mod common;
-
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::require_netns;
-use common::nixlan::{bin, NixLan};
-use common::require_nix;
+use crate::common::netns::require_netns;
+use crate::common::nixlan::{bin, NixLan};
+use crate::common::require_nix;
 
 const ORIGINAL_CONF: &str = "substituters = https://cache.nixos.org\n\
 trusted-public-keys = cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\n";
@@ -235,7 +233,7 @@ fn tools_without_lib64(dir: &Path) -> Option<std::path::PathBuf> {
             .unwrap_or_else(|| panic!("{t} not found"));
         let dst = tools.join(t);
         std::fs::copy(std::fs::canonicalize(&src).expect("real path"), &dst).expect("copy tool");
-        common::run(Command::new("patchelf").arg("--set-interpreter").arg(&loader).arg(&dst));
+        crate::common::run(Command::new("patchelf").arg("--set-interpreter").arg(&loader).arg(&dst));
     }
     // `nix-store` only has to be on PATH (the script checks for Nix); the client used below is
     // Nix 2.26 from the Debian 13 root.
@@ -244,7 +242,7 @@ fn tools_without_lib64(dir: &Path) -> Option<std::path::PathBuf> {
         format!("#!{}\necho 'nix-store (Nix) 2.26.3'\n", tools.join("sh").display()),
     )
     .expect("nix-store");
-    common::run(Command::new("chmod").arg("755").arg(tools.join("nix-store")));
+    crate::common::run(Command::new("chmod").arg("755").arg(tools.join("nix-store")));
     Some(tools)
 }
 
@@ -295,10 +293,10 @@ fn nixos_newcomer_gets_a_static_binary_commands_and_a_module_whose_hash_nix_acce
     if !(require_nix() && require_netns()) {
         return;
     }
-    let Some(static_bin) = common::roots::release_bin() else {
+    let Some(static_bin) = crate::common::roots::release_bin() else {
         return;
     };
-    let Some(nix226) = common::roots::nix226_root() else {
+    let Some(nix226) = crate::common::roots::nix226_root() else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -394,14 +392,13 @@ fn nixos_newcomer_gets_a_static_binary_commands_and_a_module_whose_hash_nix_acce
     let chome = client.path().join("home");
     std::fs::create_dir_all(&chome).expect("home");
     std::fs::write(client.path().join("snippet.nix"), &snippet).expect("snippet");
-    let mnt = common::roots::HOST_MOUNT;
-    let eval =
-        |expr: &str| {
-            common::output(
-                common::roots::in_nix_root_ns(Some(&newcomer), &nix226, client.path(), "nix-instantiate", &chome)
-                    .args(["--store", &format!("{mnt}/store"), "--eval", "--expr", expr]),
-            )
-        };
+    let mnt = crate::common::roots::HOST_MOUNT;
+    let eval = |expr: &str| {
+        crate::common::output(
+            crate::common::roots::in_nix_root_ns(Some(&newcomer), &nix226, client.path(), "nix-instantiate", &chome)
+                .args(["--store", &format!("{mnt}/store"), "--eval", "--expr", expr]),
+        )
+    };
     let o = eval(&format!(
         "let m = import {mnt}/snippet.nix; in builtins.pathExists (builtins.head m.imports) && m.services.local-nix-cache.enable"
     ));
@@ -447,7 +444,7 @@ fn installer_refuses_an_unsupported_architecture_clearly() {
         "#!/bin/sh\ncase \"${1:-}\" in -m) echo aarch64 ;; *) echo Linux ;; esac\n",
     )
     .expect("uname");
-    common::run(Command::new("chmod").arg("755").arg(tools.join("uname")));
+    crate::common::run(Command::new("chmod").arg("755").arg(tools.join("uname")));
     let path = format!("{}:/usr/bin:/bin", tools.display());
     // LNC_NO_START: an installer that wrongly went ahead ends instead of running `serve`.
     let out = one_liner(&lan.hosts[1].net.ns, &home, &peer, &path, &[("LNC_NO_START", "1")])

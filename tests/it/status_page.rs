@@ -1,13 +1,11 @@
 //! The proxy's status page in a real browser: headless Chromium renders it (screenshot and DOM)
 //! after some traffic. Needs Debian's chromium; skips locally without it, fails under CI.
 
-mod common;
-
 use std::process::Command;
 use std::sync::Arc;
 
-use common::fake::{FakeCache, FakePath, Rig};
-use common::get;
+use crate::common::fake::{FakeCache, FakePath, Rig};
+use crate::common::get;
 
 fn chromium() -> Option<&'static str> {
     let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]

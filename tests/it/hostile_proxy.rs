@@ -2,13 +2,11 @@
 //! forged announce that names a victim's address, a peer that redirects, a winner that drips,
 //! and two peers with one corrupt path each. In-process fakes on loopback; each test is bounded.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::fake::*;
-use common::get;
+use crate::common::fake::*;
+use crate::common::get;
 use local_nix_cache::beacon::wire::{NodeId, FLAG_NAR_NONE};
 
 fn nar_url(p: &FakePath) -> String {

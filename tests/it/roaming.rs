@@ -1,17 +1,15 @@
 //! Roaming laptops (issue #14): the network comes and goes while `serve` runs, and `serve`
-//! follows it. Real Nix hosts in network namespaces (tests/common/nixlan.rs), the real binary;
+//! follows it. Real Nix hosts in network namespaces (tests/it/common/nixlan.rs), the real binary;
 //! the "holder" runs `serve` on every interface (no `--interface`), as the NixOS module and the
 //! one-liner run it. Each scenario has its own LAN and holder, so one failure hides no other.
 //! Needs root and Nix; fails rather than skips under CI.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::netns::{detach, ip_in, require_netns, sysctl_in, Lan, TestBeacon};
-use common::nixlan::{NixHost, NixLan};
-use common::{fixture, require_nix};
+use crate::common::netns::{detach, ip_in, require_netns, sysctl_in, Lan, TestBeacon};
+use crate::common::nixlan::{NixHost, NixLan};
+use crate::common::{fixture, require_nix};
 use local_nix_cache::beacon::BeaconConfig;
 
 fn prerequisites() -> bool {
@@ -350,7 +348,7 @@ fn peers_announce_waits_for_its_named_interface() {
     detach(&a.ns, "eth0");
     let listener = TestBeacon::start(&b, BeaconConfig::default());
     let child = a
-        .command(common::nixlan::bin())
+        .command(crate::common::nixlan::bin())
         .args([
             "peers",
             "--announce",

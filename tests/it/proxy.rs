@@ -2,14 +2,12 @@
 //! slow. Each case: the right path still arrives when any honest source has it, wrong bytes are
 //! never delivered as a complete response, and no request hangs.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::fake::*;
+use crate::common::{get, request};
 use bytes::Bytes;
-use common::fake::*;
-use common::{get, request};
 use local_nix_cache::beacon::wire::{NodeId, FLAG_NAR_NONE};
 
 /// What a hostile peer does.
@@ -224,7 +222,7 @@ fn offline_misses_are_fast_and_peers_still_serve() {
     honest.serve_path(&p);
     rig.peer(honest, 1);
     // An upstream nobody listens on: connections are refused.
-    let dead_url = common::dead_url();
+    let dead_url = crate::common::dead_url();
     let (proxy, _) = rig.proxy(vec![dead_url]);
     let (ni, nar, body) = fetch(proxy, &p);
     assert_eq!((ni, nar), (200, 200));
@@ -329,7 +327,7 @@ fn status_renderers_show_the_proxys_real_state() {
     *peer.node.lock().expect("lock") = Some(NodeId([1; 16]));
     let addr = rig.cache(peer);
     rig.announce(addr, NodeId([1; 16]), FLAG_NAR_NONE, Some("<script>x</script>"));
-    let (proxy, px) = rig.proxy(vec![common::dead_url()]);
+    let (proxy, px) = rig.proxy(vec![crate::common::dead_url()]);
     let (ni, nar, _) = fetch(proxy, &p);
     assert_eq!((ni, nar), (200, 200));
     assert_eq!(get(proxy, &format!("/{:0>32}.narinfo", 7)).status, 404);

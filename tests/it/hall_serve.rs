@@ -13,8 +13,6 @@
 //! Every process is killed by PID and every namespace deleted on drop, even when a test fails.
 //! Needs root and Nix; fails rather than skips under CI.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::{Path, PathBuf};
@@ -22,8 +20,8 @@ use std::process::{Child, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::netns::{in_netns, require_netns, Lan, NetHost, Sniffer};
-use common::{fixture, get, hash_of, nix as nix_cmd, require_nix, run, Host};
+use crate::common::netns::{in_netns, require_netns, Lan, NetHost, Sniffer};
+use crate::common::{fixture, get, hash_of, nix as nix_cmd, require_nix, run, Host};
 use local_nix_cache::beacon::wire::{self, Beacon, Kind, NodeId};
 
 /// `serve` processes per namespace (the table takes 4 node ids per address: one left for a
@@ -106,7 +104,7 @@ impl Serve {
         std::fs::create_dir_all(&spool).expect("spool dir");
         let log = dir.join(format!("{tag}.log"));
         // `HALL_BIN`: another build of the binary (e.g. `--profile profiling`, for `perf`).
-        let bin = std::env::var("HALL_BIN").unwrap_or_else(|_| common::nixlan::bin().to_owned());
+        let bin = std::env::var("HALL_BIN").unwrap_or_else(|_| crate::common::nixlan::bin().to_owned());
         let child = net
             .command(&bin)
             .arg("serve")

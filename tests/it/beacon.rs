@@ -2,13 +2,11 @@
 //! expiry of a dead host, goodbye, the `peers` tool, a garbage flood, the hall's traffic budget,
 //! the cost of a newcomer's start, and on-link checks.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::netns::{in_netns, require_netns, Lan, Sniffer, TestBeacon};
+use crate::common::netns::{in_netns, require_netns, Lan, Sniffer, TestBeacon};
 use local_nix_cache::beacon::{self, wire::NodeId, BeaconConfig};
 
 fn cfg(groups: Vec<IpAddr>, interval: Duration) -> BeaconConfig {
@@ -369,7 +367,7 @@ fn serve_announces_its_store_server_and_says_goodbye_on_sigterm() {
 }
 
 /// Beacon bytes per second on the link (headers included) over what `seen` recorded in `dur`.
-fn rate(seen: &[common::netns::Seen], dur: Duration) -> f64 {
+fn rate(seen: &[crate::common::netns::Seen], dur: Duration) -> f64 {
     seen.iter().map(|s| s.wire_bytes()).sum::<usize>() as f64 / dur.as_secs_f64()
 }
 
@@ -475,7 +473,7 @@ fn a_unicast_announce_or_one_from_a_source_off_the_link_is_dropped() {
     let target = SocketAddr::from((lan.hosts[0].ip4, beacon::DEFAULT_PORT));
     // The sender's second address: not in any subnet of the victim's link (a /32 of another net,
     // as a datagram routed in from two hops away would carry).
-    common::netns::ip_in(&lan.hosts[1].ns, &["addr", "add", "10.99.0.2/32", "dev", "eth0"]);
+    crate::common::netns::ip_in(&lan.hosts[1].ns, &["addr", "add", "10.99.0.2/32", "dev", "eth0"]);
     let sender = in_netns(&lan.hosts[1].ns, move || {
         let group = SocketAddr::from((beacon::DEFAULT_GROUP_V4, beacon::DEFAULT_PORT));
         let unicast = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");

@@ -5,14 +5,12 @@
 //! binary it serves is itself), `peers` seeing that `serve`. Everything that can beacon runs in
 //! network namespaces this test made. Needs `./run build` (run by `./run test`), root and Nix.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::netns::{require_netns, Lan};
-use common::roots::{curl, elf_facts, release_bin, EmptyRoot, Reap};
-use common::{fixture, hash_of, output, require_nix, Host};
+use crate::common::netns::{require_netns, Lan};
+use crate::common::roots::{curl, elf_facts, release_bin, EmptyRoot, Reap};
+use crate::common::{fixture, hash_of, output, require_nix, Host};
 
 /// The size the issue asks for; today's binary is well below (see the report printed below).
 const MAX_BINARY_BYTES: u64 = 15 * 1024 * 1024;

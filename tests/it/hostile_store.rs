@@ -4,15 +4,13 @@
 //! 127.0.0.x source addresses, so per-address limits see them as distinct hosts. Every loop is
 //! bounded in count and time; the one child process is killed by PID.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A TCP connection to `dst` from the loopback address `src`, optionally with a tiny receive
 /// buffer (so a client that reads slowly or not at all really pushes back on the server).

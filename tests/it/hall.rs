@@ -3,13 +3,11 @@
 //! summaries as store servers do; the proxy must find the one holder on the first lookup with
 //! few requests, instead of asking a fixed few.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::fake::*;
-use common::get;
+use crate::common::fake::*;
+use crate::common::get;
 
 const PEERS: u8 = 48;
 const PATHS: usize = 24;

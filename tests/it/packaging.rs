@@ -3,12 +3,10 @@
 //! (`tests/nix/module-eval.nix`), has the documented options and generates a config file that
 //! `serve` itself accepts.
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::{nix, require_nix, run};
 use clap::CommandFactory;
-use common::{nix, require_nix, run};
 use local_nix_cache::cli::{self, Cli};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");

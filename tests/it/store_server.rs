@@ -2,15 +2,13 @@
 //! machine's Nix 2.8, and (the `_nix226` tests) the daemon and client of Nix 2.26 from the Debian
 //! 13 root that `./run nix-root` builds.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::roots::{self, HOST_MOUNT};
-use common::*;
+use crate::common::roots::{self, HOST_MOUNT};
+use crate::common::*;
 use local_nix_cache::store::{DaemonConnection, StoreAddr};
 
 #[cfg_attr(

@@ -2,11 +2,9 @@
 //! with the upstream stopped. With this machine's Nix 2.8, and with Nix 2.26 (client and the
 //! peer's daemon) from the Debian 13 root that `./run nix-root` builds.
 
-mod common;
-
-use common::fake::Rig;
-use common::roots;
-use common::*;
+use crate::common::fake::Rig;
+use crate::common::roots;
+use crate::common::*;
 
 #[cfg_attr(
     lnc_no_nix,
@@ -43,7 +41,7 @@ fn check(nix226: bool) {
         local_nix_cache::beacon::wire::FLAG_NAR_NONE | local_nix_cache::beacon::wire::FLAG_NAR_ZSTD,
         None,
     );
-    let dead_url = common::dead_url();
+    let dead_url = crate::common::dead_url();
     let keys = local_nix_cache::narinfo::TrustedKeys::new(vec![
         local_nix_cache::narinfo::PublicKey::parse(&f.pk).expect("fixture key")
     ]);
@@ -107,7 +105,7 @@ fn nix_store_realises_a_path_passed_through_from_a_proven_peer() {
     let keys = local_nix_cache::narinfo::TrustedKeys::new(vec![
         local_nix_cache::narinfo::PublicKey::parse(&f.pk).expect("fixture key")
     ]);
-    let (proxy, px) = rig.proxy_trusting(vec![common::dead_url()], keys);
+    let (proxy, px) = rig.proxy_trusting(vec![crate::common::dead_url()], keys);
     let client = tempfile::tempdir().expect("tempdir");
     let home = client.path().join("home");
     std::fs::create_dir_all(&home).expect("home");
@@ -167,7 +165,7 @@ fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution_nix226() {
 }
 
 fn lie_check(nix226: bool) {
-    use common::fake::test_key;
+    use crate::common::fake::test_key;
     use local_nix_cache::beacon::wire::NodeId;
     use local_nix_cache::proxy::proven::PROVEN_AFTER;
     let Some(nix_root) = roots::nix_under_test(nix226) else {
@@ -225,9 +223,12 @@ fn lie_check(nix226: bool) {
     // A restarted proxy does not trust the liar again, whatever it delivers.
     let (proxy2, px2) = rig.proxy(vec![]);
     for p in &honest {
-        assert_eq!(common::get(proxy2, &format!("/{}.narinfo", p.hash())).status, 200);
+        assert_eq!(
+            crate::common::get(proxy2, &format!("/{}.narinfo", p.hash())).status,
+            200
+        );
         let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
-        assert!(common::get(proxy2, &url).body == p.nar);
+        assert!(crate::common::get(proxy2, &url).body == p.nar);
     }
     assert!(!proven(&px2), "the ban survives a restart");
 }
