@@ -1,6 +1,7 @@
 //! The integration tests, one crate: each file a module, the harness (`common`) compiled once.
 //! Run one module with `cargo test --test it beacon::`.
 
+#[macro_use]
 mod common;
 
 mod beacon;

@@ -6,21 +6,15 @@ use crate::common::fake::Rig;
 use crate::common::roots;
 use crate::common::*;
 
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nix_store_realises_a_closure_through_the_proxy_from_a_peer_with_upstream_down() {
+    require!(nix);
     check(false);
 }
 
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nix_store_realises_a_closure_through_the_proxy_from_a_peer_with_upstream_down_nix226() {
+    require!(nix);
     check(true);
 }
 
@@ -81,16 +75,10 @@ fn check(nix226: bool) {
 /// Pass-through with the real Nix (issue #16), fast path: a real store server's peer becomes
 /// proven after `PROVEN_AFTER` verified NARs (the three-path closure), and the next NAR (8 MiB
 /// of random bytes) is passed through while it is hashed; Nix installs it and it verifies.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nix_store_realises_a_path_passed_through_from_a_proven_peer() {
     use local_nix_cache::proxy::proven::PROVEN_AFTER;
-    if !require_nix() {
-        return;
-    }
+    require!(nix);
     let f = fixture();
     assert_eq!(f.closure.len() as u32, PROVEN_AFTER, "the closure proves the peer");
     let host = Host::with_paths(&[&f.top, &f.rand]);
@@ -146,21 +134,15 @@ fn nix_store_realises_a_path_passed_through_from_a_proven_peer() {
 /// `PROVEN_AFTER` honest paths, then a wrong NAR of the right size. At most one `nix-store -r`
 /// fails, and it installs nothing; the next one succeeds from another peer, the NAR verifies,
 /// and the liar is not proven again, also after the proxy restarted.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution() {
+    require!(nix);
     lie_check(false);
 }
 
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution_nix226() {
+    require!(nix);
     lie_check(true);
 }
 
@@ -227,7 +209,7 @@ fn lie_check(nix226: bool) {
             crate::common::get(proxy2, &format!("/{}.narinfo", p.hash())).status,
             200
         );
-        let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+        let url = p.nar_url();
         assert!(crate::common::get(proxy2, &url).body == p.nar);
     }
     assert!(!proven(&px2), "the ban survives a restart");
