@@ -8,9 +8,9 @@ RUNS=${BENCH_RUNS:-5}
 export PATH=$HOME/.cargo/bin:$PATH
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --release --locked -q --test beacon --no-run 2>/dev/null
+cargo test --release --locked -q --test it --no-run 2>/dev/null
 for _ in $(seq "$RUNS"); do
-    cargo test --release --locked -q --test beacon -- --nocapture --test-threads 1 discover killed 2>&1 | grep -oE "(discovery|eviction|removal) .*" >> "$log" || true
+    cargo test --release --locked -q --test it -- --nocapture --test-threads 1 beacon::three_hosts_discover beacon::a_killed_host 2>&1 | grep -oE "(discovery|eviction|removal) .*" >> "$log" || true
 done
 stats() { # label pattern -> min median max (ms)
     grep -F "$2" "$log" | sed -E 's/.*: (Some\()?([0-9.]+)(ms|µs|s)\)?$/\2 \3/' | awk '

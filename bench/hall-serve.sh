@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The hall with real `serve` processes (needs root and Nix; issue 12): tests/hall_serve.rs's
+# The hall with real `serve` processes (needs root and Nix; issue 12): tests/it/hall_serve.rs's
 # bench_hall_of_real_serve_hosts, in release mode, once per size in BENCH_HALL_SIZES (100 300).
 # BENCH_HALL_PER_NS (4) `serve` per network namespace on distinct ports, all on one bridge. A few
 # hosts are holders: their own chroot store and nix-daemon with 4 signed paths no other host
@@ -21,7 +21,7 @@ export PATH=/usr/bin:/bin:/usr/sbin:/sbin:$HOME/.cargo/bin:$PATH
 dpkg -s nix-bin >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nix-bin >/dev/null; }
 SIZES=${BENCH_HALL_SIZES:-100 300}
 export HALL_PER_NS=${BENCH_HALL_PER_NS:-4}
-cargo test --release --locked -q --test hall_serve --no-run 2>/dev/null
+cargo test --release --locked -q --test it --no-run 2>/dev/null
 out=$(mktemp -d)
 # One kernel plays every host: its ARP and neighbour tables are shared by all namespaces, capped
 # at 1,024 entries by default, and a hall of N hosts in K namespaces needs about K² of them (every
@@ -39,8 +39,8 @@ trap restore EXIT
 sysctl -qw net.ipv4.neigh.default.gc_thresh2=32768 net.ipv4.neigh.default.gc_thresh3=65536 \
     net.ipv6.neigh.default.gc_thresh2=32768 net.ipv6.neigh.default.gc_thresh3=65536
 for n in $SIZES; do
-    if ! BENCH_HOSTS=$n cargo test --release --locked -q --test hall_serve -- --ignored --nocapture \
-        bench_hall_of_real_serve_hosts >"$out/log-$n" 2>&1; then
+    if ! BENCH_HOSTS=$n cargo test --release --locked -q --test it -- --ignored --nocapture \
+        hall_serve::bench_hall_of_real_serve_hosts >"$out/log-$n" 2>&1; then
         echo "hall of $n failed:" >&2
         grep -v '^ *at \|^ *[0-9]*: ' "$out/log-$n" | tail -20 >&2
         continue

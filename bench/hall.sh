@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The beacon in a crowded hall (issue 12), in network namespaces (needs root): in-process beacons
 # on threads, one per namespace, on one bridge; a passive sniffer namespace counts what crosses
-# the link. Runs the namespace tests of tests/beacon.rs RUNS times in release mode:
+# the link. Runs the namespace tests of tests/it/beacon.rs RUNS times in release mode:
 #   - steady-state beacon traffic of 24 hosts asking for a 150 ms interval (budget 8 KB/s);
 #   - datagrams on the link after one newcomer starts in a hall of 100 (target <= 64);
 #   - time until that newcomer knows a converged hall of 100 (30 s interval; target <= 10 s).
@@ -13,10 +13,10 @@ RUNS=${BENCH_RUNS:-3}
 export PATH=$HOME/.cargo/bin:$PATH
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --release --locked -q --test beacon --no-run 2>/dev/null
+cargo test --release --locked -q --test it --no-run 2>/dev/null
 for _ in $(seq "$RUNS"); do
-    cargo test --release --locked -q --test beacon -- --nocapture --test-threads 1 \
-        budget newcomers_start peer_exchange 2>&1 | grep -E "hosts asking for|newcomer in a hall" >> "$log" || true
+    cargo test --release --locked -q --test it -- --nocapture --test-threads 1 \
+        beacon::beacon_traffic_stays_within_the_budget beacon::a_newcomers_start beacon::a_newcomer_learns_a_hall 2>&1 | grep -E "hosts asking for|newcomer in a hall" >> "$log" || true
 done
 col() { # pattern sed-expression -> min median max
     grep -F "$1" "$log" | sed -E "$2" | sort -n | awk '

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The store server under the attacks of issue #13 and a crowd on one holder: the real `serve`
 # (release) on loopback, attackers and clients in the test process from distinct 127.0.0.x
-# addresses (tests/hostile_store.rs, bench_store_server_under_attack). Prints RSS and threads of
+# addresses (tests/it/hostile_store.rs, bench_store_server_under_attack). Prints RSS and threads of
 # the serve process: before, peak during, and 5 s after each phase. Bounded: about 90 s.
 #   bench/hostile.sh
 set -euo pipefail
@@ -10,7 +10,7 @@ export PATH=/usr/bin:/bin:$HOME/.cargo/bin:$PATH
 dpkg -s nix-bin >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nix-bin >/dev/null; }
 # Thousands of sockets on both ends of loopback.
 ulimit -n "$(ulimit -Hn)"
-out=$(cargo test --release --locked -q --test hostile_store -- --ignored --nocapture bench_store_server_under_attack 2>&1) || {
+out=$(cargo test --release --locked -q --test it -- --ignored --nocapture hostile_store::bench_store_server_under_attack 2>&1) || {
     echo "$out" >&2
     exit 1
 }

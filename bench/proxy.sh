@@ -89,8 +89,8 @@ shape peer off
 row "$BIG_MIB MiB random bytes, unshaped veth"
 echo
 echo "narinfo latency (in-process fake peers on loopback):"
-LAT=$(HOME=$ORIG_HOME cargo test --release --locked -q --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture 2>&1 \
-    | grep -o "BENCH.*" || echo "BENCH (the latency test failed; run: cargo test --release --test proxy bench_narinfo_latency_16_peers -- --ignored --nocapture)")
+LAT=$(HOME=$ORIG_HOME cargo test --release --locked -q --test it proxy::bench_narinfo_latency_16_peers -- --ignored --nocapture 2>&1 \
+    | grep -o "BENCH.*" || echo "BENCH (the latency test failed; run: cargo test --release --test it proxy::bench_narinfo_latency_16_peers -- --ignored --nocapture)")
 echo "  ${LAT#BENCH }"
 if [ -n "${BENCH_RESULTS:-}" ]; then
     p99=$(echo "$LAT" | sed -E 's/.*proxy p50 [0-9.]+ ms p99 ([0-9.]+) ms.*/\1/')

@@ -2,23 +2,18 @@
 //! machine's Nix 2.8, and (the `_nix226` tests) the daemon and client of Nix 2.26 from the Debian
 //! 13 root that `./run nix-root` builds.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::roots::{self, HOST_MOUNT};
-use common::*;
+use crate::common::roots::{self, HOST_MOUNT};
+use crate::common::*;
 use local_nix_cache::store::{DaemonConnection, StoreAddr};
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn handshake_negotiates_the_newest_protocol_both_speak() {
+    require!(nix, netns);
     let Some(Some(root)) = roots::nix_under_test(true) else {
         return;
     };
@@ -66,22 +61,16 @@ fn handshake_negotiates_the_newest_protocol_both_speak() {
     }
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nix_copies_a_closure_through_the_server_and_it_verifies() {
+    require!(nix, netns);
     check_nix_copy(false);
 }
 
 /// Nix 2.26's daemon behind the server and Nix 2.26 as the client.
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nix_copies_a_closure_through_the_server_and_it_verifies_nix226() {
+    require!(nix, netns);
     check_nix_copy(true);
 }
 
@@ -121,21 +110,15 @@ fn check_nix_copy(nix226: bool) {
     );
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn unsigned_path_is_indistinguishable_from_absent() {
+    require!(nix, netns);
     check_unsigned(false);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn unsigned_path_is_indistinguishable_from_absent_nix226() {
+    require!(nix, netns);
     check_unsigned(true);
 }
 
@@ -173,13 +156,12 @@ fn check_unsigned(nix226: bool) {
         .args(["store", "sign", "--store"])
         .arg(&host.root)
         .args(["--key-file", sk, &private]));
-    let t0 = std::time::Instant::now();
-    let mut status = get(node.addr, &unsigned).status;
-    while status != 200 && t0.elapsed() < local_nix_cache::server::misses::RECHECK_AFTER * 4 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        status = get(node.addr, &unsigned).status;
-    }
-    assert_eq!(status, 200, "signed after start, found by the check of a miss");
+    let found = wait_for(
+        local_nix_cache::server::misses::RECHECK_AFTER * 4,
+        Duration::from_millis(100),
+        || get(node.addr, &unsigned).status == 200,
+    );
+    assert!(found.is_some(), "signed after start, found by the check of a miss");
 }
 
 fn nix_base32_sha256(data: &[u8]) -> String {
@@ -200,30 +182,21 @@ fn narinfo_url(node: &TestNode, path: &str) -> String {
         .expect("URL")
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nar_streams_with_length_and_ranges_through_the_daemon() {
+    require!(nix, netns);
     check_nar_streaming(false, false);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nar_streams_with_length_and_ranges_through_the_daemon_nix226() {
+    require!(nix, netns);
     check_nar_streaming(false, true);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nar_streams_with_length_and_ranges_from_disk() {
+    require!(nix, netns);
     check_nar_streaming(true, false);
 }
 
@@ -285,15 +258,9 @@ fn check_nar_streaming(from_disk: bool, nix226: bool) {
     assert_eq!(get(node.addr, &other).status, 404);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn hostile_requests_get_4xx_and_the_server_keeps_serving() {
-    if !require_nix() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let host = Host::with_paths(&[&f.top]);
     let node = TestNode::start(serve_args(host.store_addr()));
@@ -341,15 +308,9 @@ fn hostile_requests_get_4xx_and_the_server_keeps_serving() {
     assert_eq!(get(node.addr, &format!("/{h}.narinfo")).status, 200);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nix_cache_info_advertises_the_store() {
-    if !require_nix() {
-        return;
-    }
+    require!(nix, netns);
     let host = Host::with_paths(&[]);
     let node = TestNode::start(serve_args(host.store_addr()));
     let r = get(node.addr, "/nix-cache-info");
@@ -368,21 +329,15 @@ fn nix_cache_info_advertises_the_store() {
     assert!(head.body.is_empty());
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn daemon_restart_is_survived() {
+    require!(nix, netns);
     check_daemon_restart(false);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn daemon_restart_is_survived_nix226() {
+    require!(nix, netns);
     check_daemon_restart(true);
 }
 
@@ -419,15 +374,9 @@ fn check_daemon_restart(nix226: bool) {
     );
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn stdio_children_serve_without_a_socket() {
-    if !require_nix() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut host = Host::with_paths(&[&f.top]);
     host.stop_daemon();
@@ -443,18 +392,12 @@ fn stdio_children_serve_without_a_socket() {
 
 /// `serve --store stdio://...` with Nix 2.26's `nix-daemon --stdio` children: the real binary in
 /// a network namespace of its own (its `PATH` finds a wrapper that runs 2.26's daemon chrooted).
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn stdio_children_serve_without_a_socket_nix226() {
+    require!(nix, netns);
     let Some(Some(root)) = roots::nix_under_test(true) else {
         return;
     };
-    if !netns::require_netns() {
-        return;
-    }
     let f = fixture();
     let mut host = Host::with_paths_on(&[&f.top], Some(&root));
     host.stop_daemon();
@@ -486,18 +429,16 @@ fn stdio_children_serve_without_a_socket_nix226() {
         .expect("spawn serve");
     let _serve = roots::Reap(serve);
     let narinfo_url = format!("http://127.0.0.1:8380/{}.narinfo", hash_of(&f.top));
-    let t0 = Instant::now();
-    let narinfo = loop {
-        if let Some(n) = roots::curl(&ns, &narinfo_url) {
-            break String::from_utf8_lossy(&n).into_owned();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
+    let narinfo = wait_for(Duration::from_secs(30), Duration::from_millis(100), || {
+        roots::curl(&ns, &narinfo_url)
+    })
+    .map(|n| String::from_utf8_lossy(&n).into_owned())
+    .unwrap_or_else(|| {
+        panic!(
             "serve with 2.26 stdio children did not serve {narinfo_url}: {}",
             std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        )
+    });
     let url = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).expect("URL");
     let nar = roots::curl(&ns, &format!("http://127.0.0.1:8380/{url}")).expect("NAR");
     // `HOST_MOUNT/store` exists only inside the 2.26 root's mount namespace: only children
@@ -507,21 +448,15 @@ fn stdio_children_serve_without_a_socket_nix226() {
     assert!(!log.contains("ERROR"), "{log}");
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn stalled_client_releases_its_daemon_connection() {
+    require!(nix, netns);
     check_stalled(false);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn stalled_client_releases_its_daemon_connection_nix226() {
+    require!(nix, netns);
     check_stalled(true);
 }
 
@@ -565,34 +500,24 @@ impl SmallBuf for TcpStream {
 /// A path that enters the store behind the server's back (a local build, `nix copy`) is indexed
 /// as soon as Nix registers it (`server::store_watch`): its content summary changes and its
 /// very first request is served, long before the next rescan (60 s) and without a miss check.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_path_added_behind_the_servers_back_is_served_at_once() {
-    if !require_nix() {
-        return;
-    }
+    require!(nix);
     let f = fixture();
     let host = Host::with_paths(&[]);
     let mut args = serve_args(host.store_addr());
     args.store.real_store_dir = Some(host.physical_store().into());
     let node = TestNode::start(args);
     let summary = || get(node.addr, "/summary");
-    let t0 = Instant::now();
-    let mut before = summary();
-    while before.status != 200 && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
-        before = summary();
-    }
-    assert_eq!(before.status, 200, "the first scan published a summary");
+    let before = wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        Some(summary()).filter(|r| r.status == 200)
+    })
+    .expect("the first scan published a summary");
     host.add_paths(&[&f.top]);
-    let t1 = Instant::now();
-    while summary().body == before.body && t1.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!("summary changed {:?} after the paths were added", t1.elapsed());
+    let changed = wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        summary().body != before.body
+    });
+    eprintln!("summary changed {changed:?} after the paths were added");
     for p in &f.closure {
         assert_eq!(
             get(node.addr, &format!("/{}.narinfo", hash_of(p))).status,
@@ -606,15 +531,9 @@ fn a_path_added_behind_the_servers_back_is_served_at_once() {
 /// within seconds (`server::index::SCAN_RETRY_FIRST`, doubling), not at the next rescan a
 /// minute later: until a scan succeeds the server publishes no content summary, so peers in a
 /// hall would not ask it.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_failed_first_scan_is_retried_soon() {
-    if !require_nix() {
-        return;
-    }
+    require!(nix);
     let f = fixture();
     let mut host = Host::with_paths(&[&f.top]);
     host.stop_daemon();
@@ -622,10 +541,9 @@ fn a_failed_first_scan_is_retried_soon() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(get(node.addr, "/summary").status, 404, "no summary without a scan");
     host.start_daemon();
-    let t0 = Instant::now();
-    while get(node.addr, "/summary").status != 200 && t0.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!("summary published {:?} after the daemon came up", t0.elapsed());
+    let published = wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
+        get(node.addr, "/summary").status == 200
+    });
+    eprintln!("summary published {published:?} after the daemon came up");
     assert_eq!(get(node.addr, "/summary").status, 200);
 }

@@ -3,12 +3,10 @@
 //! (`tests/nix/module-eval.nix`), has the documented options and generates a config file that
 //! `serve` itself accepts.
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::{nix, run};
 use clap::CommandFactory;
-use common::{nix, require_nix, run};
 use local_nix_cache::cli::{self, Cli};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -25,15 +23,9 @@ fn nix_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn every_nix_file_parses() {
-    if !require_nix() {
-        return;
-    }
+    require!(nix);
     let home = tempfile::tempdir().expect("home");
     let mut files = Vec::new();
     nix_files(Path::new(ROOT), &mut files);
@@ -43,15 +35,9 @@ fn every_nix_file_parses() {
     }
 }
 
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn default_nix_is_callpackage_style() {
-    if !require_nix() {
-        return;
-    }
+    require!(nix);
     let home = tempfile::tempdir().expect("home");
     let args = run(nix("nix-instantiate", home.path()).args([
         "--eval",
@@ -64,15 +50,9 @@ fn default_nix_is_callpackage_style() {
     assert!(v.get("lib").is_some() && v.get("rustPlatform").is_some(), "{v}");
 }
 
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nixos_module_options_and_generated_config() {
-    if !require_nix() {
-        return;
-    }
+    require!(nix);
     let home = tempfile::tempdir().expect("home");
     let out = run(nix("nix-instantiate", home.path())
         .args(["--eval", "--strict", "--json"])

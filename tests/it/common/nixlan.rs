@@ -7,10 +7,11 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::netns::{Lan, NetHost};
 use super::roots::{self, HOST_MOUNT};
+use super::wait::{wait_for, wait_until};
 use super::{fixture, nix, output, run, Host};
 
 /// The `serve` binary under test.
@@ -111,16 +112,10 @@ impl NixHost {
             .spawn()
             .expect("spawn serve");
         self.serve = Some(child);
-        let t0 = Instant::now();
-        while self.http("http://127.0.0.1:8381/nix-cache-info").is_none() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "{}: serve did not come up: {}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let up = wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+            self.http("http://127.0.0.1:8381/nix-cache-info").is_some()
+        });
+        assert!(up.is_some(), "{}: serve did not come up: {}", self.name, self.log());
     }
 
     /// SIGTERM (clean: the beacon says goodbye) or SIGKILL (as if the host died).
@@ -128,12 +123,11 @@ impl NixHost {
         if let Some(mut c) = self.serve.take() {
             let sig = if kill { "-KILL" } else { "-TERM" };
             let _ = Command::new("kill").args([sig, &c.id().to_string()]).status();
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            let exited = wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
+                matches!(c.try_wait(), Ok(Some(_)))
+            });
+            if exited.is_some() {
+                return;
             }
             let _ = c.kill();
             let _ = c.wait();
@@ -324,14 +318,16 @@ impl NixLan {
             })
             .collect();
         let me = Self { hosts, upstream, lan };
-        let t0 = Instant::now();
-        while me.hosts[0]
-            .http(&format!("{}/nix-cache-info", me.upstream.url()))
-            .is_none()
-        {
-            assert!(t0.elapsed() < Duration::from_secs(10), "upstream did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            "the upstream comes up",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                me.hosts[0]
+                    .http(&format!("{}/nix-cache-info", me.upstream.url()))
+                    .is_some()
+            },
+        );
         me
     }
 
@@ -349,13 +345,6 @@ impl NixLan {
             .map(|j| format!("{}:8380", self.hosts[*j].net.ip4))
             .collect();
         want.sort();
-        let t0 = Instant::now();
-        while t0.elapsed() < limit {
-            if self.hosts[i].peer_addrs() == want {
-                return Some(t0.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        wait_for(limit, Duration::from_millis(20), || self.hosts[i].peer_addrs() == want)
     }
 }

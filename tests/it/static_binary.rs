@@ -5,24 +5,19 @@
 //! binary it serves is itself), `peers` seeing that `serve`. Everything that can beacon runs in
 //! network namespaces this test made. Needs `./run build` (run by `./run test`), root and Nix.
 
-mod common;
-
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::netns::{require_netns, Lan};
-use common::roots::{curl, elf_facts, release_bin, EmptyRoot, Reap};
-use common::{fixture, hash_of, output, require_nix, Host};
+use crate::common::netns::Lan;
+use crate::common::roots::{curl, elf_facts, release_bin, EmptyRoot, Reap};
+use crate::common::{fixture, hash_of, output, wait_for, Host};
 
 /// The size the issue asks for; today's binary is well below (see the report printed below).
 const MAX_BINARY_BYTES: u64 = 15 * 1024 * 1024;
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn release_binary_is_static_stripped_and_small() {
+    require!(nix, netns);
     let Some(bin) = release_bin() else { return };
     let bytes = std::fs::read(&bin).expect("read the binary");
     let facts = elf_facts(&bytes);
@@ -37,15 +32,9 @@ fn release_binary_is_static_stripped_and_small() {
     );
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn runs_in_an_empty_root_version_serve_and_peers() {
-    if !require_nix() || !require_netns() {
-        return;
-    }
+    require!(nix, netns);
     let Some(bin) = release_bin() else { return };
     let f = fixture();
     let host = Host::with_paths(&[&f.top]);
@@ -104,19 +93,17 @@ fn runs_in_an_empty_root_version_serve_and_peers() {
     let _serve = Reap(serve);
     let base = format!("http://{listen}");
     let narinfo_url = format!("{base}/{}.narinfo", hash_of(&f.top));
-    let t0 = Instant::now();
-    let narinfo = loop {
-        // The index fills from the daemon after start.
-        if let Some(n) = curl(&b.ns, &narinfo_url) {
-            break String::from_utf8_lossy(&n).into_owned();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
+    // The index fills from the daemon after start.
+    let narinfo = wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
+        curl(&b.ns, &narinfo_url)
+    })
+    .map(|n| String::from_utf8_lossy(&n).into_owned())
+    .unwrap_or_else(|| {
+        panic!(
             "serve in the empty root did not serve {narinfo_url}: {}",
             std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        )
+    });
     assert!(narinfo.contains(&format!("StorePath: {}", f.top)), "{narinfo}");
     assert!(narinfo.contains("Sig: test-hydra-1:"), "{narinfo}");
     let nar_path = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).expect("URL line");

@@ -7,12 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn missing(what: &str, fix: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("CI is set but {what} is missing: {fix}");
-    }
-    eprintln!("SKIPPED: {what} is missing ({fix}); this test fails instead under CI");
-}
+use super::cmd;
+use super::prereq::{self, missing};
 
 /// The static release binary `./run build` makes (`LNC_RELEASE_BIN` overrides the path).
 pub fn release_bin() -> Option<PathBuf> {
@@ -217,7 +213,7 @@ pub fn curl(ns: &str, url: &str) -> Option<Vec<u8>> {
 }
 
 /// `PROGRAM` of the Nix in `root`, chrooted, in a private mount namespace with `/proc`, `/dev`
-/// and `host_dir` (on [`HOST_MOUNT`]) mounted; environment as [`super::nix`] sets it, so `home`
+/// and `host_dir` (on [`HOST_MOUNT`]) mounted; environment as [`cmd::nix`] sets it, so `home`
 /// should be under `host_dir` (pass paths as seen inside: `HOST_MOUNT/...`). Execs all the way
 /// down: the child's PID is the program's. The root's nix.conf has no build users, no sandbox.
 pub fn in_nix_root(root: &Path, host_dir: &Path, program: &str, home: &Path) -> Command {
@@ -253,7 +249,7 @@ pub fn in_nix_root_ns(ns: Option<&str>, root: &Path, host_dir: &Path, program: &
 /// The Nix a test runs against: `Some(None)` this machine's (2.8), `Some(Some(root))` Nix 2.26
 /// from the Debian 13 root; `None`: skip (missing locally; under CI it already failed).
 pub fn nix_under_test(nix226: bool) -> Option<Option<PathBuf>> {
-    if !super::require_nix() {
+    if !prereq::nix() {
         return None;
     }
     if !nix226 {
@@ -287,7 +283,7 @@ impl ClientNix {
             root: root.map(Path::to_owned),
             store,
         };
-        let version = super::run(c.cmd("nix").arg("--version"));
+        let version = cmd::run(c.cmd("nix").arg("--version"));
         let want = if root.is_some() { "2.26" } else { "2.8" };
         assert!(version.contains(want), "{version}");
         c
@@ -296,7 +292,7 @@ impl ClientNix {
     /// `program` of this Nix.
     pub fn cmd(&self, program: &str) -> Command {
         match &self.root {
-            None => super::nix(program, &self.home),
+            None => cmd::nix(program, &self.home),
             Some(r) => in_nix_root(r, self.dir.path(), program, &self.home),
         }
     }

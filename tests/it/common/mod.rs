@@ -1,70 +1,35 @@
 //! Shared test harness: a signed "hydra" cache built with real Nix, hosts with their own chroot
 //! store and private nix-daemon, an in-process `serve` node, and a raw HTTP client.
 //!
-//! Tests that need Nix call [`require_nix`]: without Nix they skip locally, but FAIL under `CI`.
+//! A test that needs Nix or network namespaces starts with `require!(nix)` / `require!(netns)`
+//! ([`prereq`]): without them it skips locally, but FAILS under `CI`. Waiting is [`wait_for`].
 #![allow(dead_code)]
 
+pub mod cmd;
 pub mod fake;
+pub mod forge;
 pub mod netns;
 pub mod nixlan;
+#[macro_use]
+pub mod prereq;
 pub mod roots;
+pub mod wait;
+
+pub use cmd::{nix, output, run};
+pub use wait::{wait_for, wait_until};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use local_nix_cache::cli;
 use local_nix_cache::node;
 use local_nix_cache::settings::Settings;
 use local_nix_cache::store::StoreAddr;
 use tokio_util::sync::CancellationToken;
-
-/// True when Nix is usable. Without it: a skip message locally, a panic (test failure) in CI.
-pub fn require_nix() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI is set but Nix is missing: run the README's test command (it installs nix-bin)");
-        }
-        eprintln!("SKIPPED: nix-store not found (install nix-bin); this test fails instead under CI");
-    }
-    ok
-}
-
-/// A Nix command with a clean environment: no internet substituters, a private HOME (Nix's narinfo
-/// cache lives there and remembers misses for an hour).
-pub fn nix(program: &str, home: &Path) -> Command {
-    let mut c = Command::new(program);
-    c.env("PATH", "/usr/bin:/bin")
-        .env("HOME", home)
-        .env("NIX_CONFIG", "substituters =\nexperimental-features = nix-command")
-        .env_remove("NIX_REMOTE");
-    c
-}
-
-/// Runs a command, panicking with its output if it fails.
-pub fn run(cmd: &mut Command) -> String {
-    let out = output(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-pub fn output(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
 
 /// The signed upstream cache every test host is filled from.
 pub struct Fixture {
@@ -228,14 +193,12 @@ impl Host {
             .spawn()
             .expect("spawn nix-daemon");
         self.daemon = Some(child);
-        let t0 = Instant::now();
-        while !self.socket.exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "nix-daemon socket did not appear"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(
+            "the nix-daemon socket",
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || self.socket.exists(),
+        );
     }
 
     /// Kills the daemon and the per-connection workers it forked (they `setsid`, so only their

@@ -2,18 +2,12 @@
 //! forged announce that names a victim's address, a peer that redirects, a winner that drips,
 //! and two peers with one corrupt path each. In-process fakes on loopback; each test is bounded.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::fake::*;
-use common::get;
+use crate::common::fake::*;
+use crate::common::get;
 use local_nix_cache::beacon::wire::{NodeId, FLAG_NAR_NONE};
-
-fn nar_url(p: &FakePath) -> String {
-    format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32())
-}
 
 /// Reflection: announces forged with many node ids, each naming a victim's address, make the
 /// proxy send the victim at most one request in all (the victim's answer does not name the
@@ -35,7 +29,7 @@ fn a_forged_announce_costs_the_victim_at_most_one_request() {
         assert_eq!(get(proxy, &format!("/{:0>32}.narinfo", i)).status, 404);
     }
     assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
-    assert_eq!(get(proxy, &nar_url(&p)).status, 200);
+    assert_eq!(get(proxy, &p.nar_url()).status, 200);
     let sent = victim.requests.lock().expect("lock").len();
     assert!(sent <= 1, "the victim got {sent} requests");
     let st = px.status();
@@ -68,7 +62,7 @@ fn a_redirecting_peer_is_not_followed() {
     rig.peer(honest, 3);
     let (proxy, _) = rig.proxy(vec![]);
     assert_eq!(get(proxy, &narinfo).status, 200);
-    let nar = get(proxy, &nar_url(&p));
+    let nar = get(proxy, &p.nar_url());
     assert_eq!(nar.status, 200);
     assert!(nar.body == p.nar, "the NAR came from the honest peer");
     assert_eq!(
@@ -105,7 +99,7 @@ fn a_dripping_winner_is_abandoned_for_an_honest_peer() {
     let (proxy, px) = rig.proxy(vec![]);
     assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
     let t0 = Instant::now();
-    let nar = get(proxy, &nar_url(&p));
+    let nar = get(proxy, &p.nar_url());
     let took = t0.elapsed();
     assert_eq!(nar.status, 200);
     assert!(nar.body == p.nar);
@@ -150,7 +144,7 @@ fn one_bad_path_does_not_shut_out_a_good_peer() {
     let (proxy, px) = rig.proxy(vec![]);
     for p in [&x, &y] {
         assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
-        let nar = get(proxy, &nar_url(p));
+        let nar = get(proxy, &p.nar_url());
         assert_eq!(nar.status, 200, "{} with both peers up", p.path);
         assert!(nar.body == p.nar, "{}: right bytes", p.path);
     }

@@ -2,27 +2,19 @@
 //! with the upstream stopped. With this machine's Nix 2.8, and with Nix 2.26 (client and the
 //! peer's daemon) from the Debian 13 root that `./run nix-root` builds.
 
-mod common;
+use crate::common::fake::Rig;
+use crate::common::roots;
+use crate::common::*;
 
-use common::fake::Rig;
-use common::roots;
-use common::*;
-
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nix_store_realises_a_closure_through_the_proxy_from_a_peer_with_upstream_down() {
+    require!(nix);
     check(false);
 }
 
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nix_store_realises_a_closure_through_the_proxy_from_a_peer_with_upstream_down_nix226() {
+    require!(nix);
     check(true);
 }
 
@@ -43,7 +35,7 @@ fn check(nix226: bool) {
         local_nix_cache::beacon::wire::FLAG_NAR_NONE | local_nix_cache::beacon::wire::FLAG_NAR_ZSTD,
         None,
     );
-    let dead_url = common::dead_url();
+    let dead_url = crate::common::dead_url();
     let keys = local_nix_cache::narinfo::TrustedKeys::new(vec![
         local_nix_cache::narinfo::PublicKey::parse(&f.pk).expect("fixture key")
     ]);
@@ -83,16 +75,10 @@ fn check(nix226: bool) {
 /// Pass-through with the real Nix (issue #16), fast path: a real store server's peer becomes
 /// proven after `PROVEN_AFTER` verified NARs (the three-path closure), and the next NAR (8 MiB
 /// of random bytes) is passed through while it is hashed; Nix installs it and it verifies.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nix_store_realises_a_path_passed_through_from_a_proven_peer() {
     use local_nix_cache::proxy::proven::PROVEN_AFTER;
-    if !require_nix() {
-        return;
-    }
+    require!(nix);
     let f = fixture();
     assert_eq!(f.closure.len() as u32, PROVEN_AFTER, "the closure proves the peer");
     let host = Host::with_paths(&[&f.top, &f.rand]);
@@ -107,7 +93,7 @@ fn nix_store_realises_a_path_passed_through_from_a_proven_peer() {
     let keys = local_nix_cache::narinfo::TrustedKeys::new(vec![
         local_nix_cache::narinfo::PublicKey::parse(&f.pk).expect("fixture key")
     ]);
-    let (proxy, px) = rig.proxy_trusting(vec![common::dead_url()], keys);
+    let (proxy, px) = rig.proxy_trusting(vec![crate::common::dead_url()], keys);
     let client = tempfile::tempdir().expect("tempdir");
     let home = client.path().join("home");
     std::fs::create_dir_all(&home).expect("home");
@@ -148,26 +134,20 @@ fn nix_store_realises_a_path_passed_through_from_a_proven_peer() {
 /// `PROVEN_AFTER` honest paths, then a wrong NAR of the right size. At most one `nix-store -r`
 /// fails, and it installs nothing; the next one succeeds from another peer, the NAR verifies,
 /// and the liar is not proven again, also after the proxy restarted.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution() {
+    require!(nix);
     lie_check(false);
 }
 
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_proven_peer_that_lies_costs_nix_at_most_one_failed_substitution_nix226() {
+    require!(nix);
     lie_check(true);
 }
 
 fn lie_check(nix226: bool) {
-    use common::fake::test_key;
+    use crate::common::fake::test_key;
     use local_nix_cache::beacon::wire::NodeId;
     use local_nix_cache::proxy::proven::PROVEN_AFTER;
     let Some(nix_root) = roots::nix_under_test(nix226) else {
@@ -225,9 +205,12 @@ fn lie_check(nix226: bool) {
     // A restarted proxy does not trust the liar again, whatever it delivers.
     let (proxy2, px2) = rig.proxy(vec![]);
     for p in &honest {
-        assert_eq!(common::get(proxy2, &format!("/{}.narinfo", p.hash())).status, 200);
-        let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
-        assert!(common::get(proxy2, &url).body == p.nar);
+        assert_eq!(
+            crate::common::get(proxy2, &format!("/{}.narinfo", p.hash())).status,
+            200
+        );
+        let url = p.nar_url();
+        assert!(crate::common::get(proxy2, &url).body == p.nar);
     }
     assert!(!proven(&px2), "the ban survives a restart");
 }

@@ -3,20 +3,14 @@
 //! summaries as store servers do; the proxy must find the one holder on the first lookup with
 //! few requests, instead of asking a fixed few.
 
-mod common;
-
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::fake::*;
-use common::get;
+use crate::common::fake::*;
+use crate::common::{get, wait_until};
 
 const PEERS: u8 = 48;
 const PATHS: usize = 24;
-
-fn nar_url(p: &FakePath) -> String {
-    format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32())
-}
 
 /// Each path is held by exactly one peer, the holders spread over the whole table.
 fn hall(rig: &Rig, with_summaries: bool) -> Vec<FakePath> {
@@ -46,14 +40,15 @@ fn one_holder_among_many_is_found_with_few_requests() {
     let paths = hall(&rig, true);
     let (proxy, px) = rig.proxy(vec![]);
     // The proxy fetches every peer's summary first (a newcomer learns the hall).
-    let t0 = Instant::now();
-    while px.status().peers.iter().filter(|p| p.summary.is_some()).count() < PEERS as usize {
-        assert!(t0.elapsed() < Duration::from_secs(20), "summaries not fetched");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "every summary fetched",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || px.status().peers.iter().filter(|p| p.summary.is_some()).count() >= PEERS as usize,
+    );
     for p in &paths {
         assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200, "{}", p.path);
-        let nar = get(proxy, &nar_url(p));
+        let nar = get(proxy, &p.nar_url());
         assert_eq!(nar.status, 200);
         assert!(nar.body == p.nar);
     }
@@ -121,11 +116,12 @@ fn lying_summaries_cannot_hide_the_honest_holder() {
     }
     rig.peer_with_summary(honest, 100);
     let (proxy, px) = rig.proxy(vec![]);
-    let t0 = Instant::now();
-    while px.status().peers.iter().filter(|p| p.summary.is_some()).count() < LIARS as usize + 1 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "summaries not fetched");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "every summary fetched",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || px.status().peers.iter().filter(|p| p.summary.is_some()).count() > LIARS as usize,
+    );
     let mut before_last = 0;
     for (i, p) in paths.iter().enumerate() {
         if i == N - 10 {
@@ -185,25 +181,18 @@ fn a_summary_fetch_naming_the_node_marks_the_peer_useful() {
         .expect("peer 1")
         .http_addr();
     let forged = local_nix_cache::beacon::wire::NodeId([9; 16]);
-    let b = local_nix_cache::beacon::wire::encode(&local_nix_cache::beacon::wire::Beacon {
-        kind: local_nix_cache::beacon::wire::Kind::Announce,
-        flags: 1,
-        node: forged,
-        port: at.port(),
-        interval_ms: 3_600_000,
-        seq: 1,
-        hostname: None,
-        summary: Some(1),
-        commitment: None,
-        proof: None,
-    });
+    let b = crate::common::forge::announce(forged, at.port())
+        .flags(1)
+        .summary(Some(1))
+        .encode();
     rig.table.handle(at, &b, tokio::time::Instant::now());
     let (_, px) = rig.proxy(vec![]);
-    let t0 = Instant::now();
-    while px.status().peers.iter().filter(|p| p.summary.is_some()).count() < 4 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "summaries not fetched");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "every summary fetched",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || px.status().peers.iter().filter(|p| p.summary.is_some()).count() >= 4,
+    );
     for id in 1..=4u8 {
         let p = rig
             .table

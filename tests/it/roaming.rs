@@ -1,22 +1,16 @@
 //! Roaming laptops (issue #14): the network comes and goes while `serve` runs, and `serve`
-//! follows it. Real Nix hosts in network namespaces (tests/common/nixlan.rs), the real binary;
+//! follows it. Real Nix hosts in network namespaces (tests/it/common/nixlan.rs), the real binary;
 //! the "holder" runs `serve` on every interface (no `--interface`), as the NixOS module and the
 //! one-liner run it. Each scenario has its own LAN and holder, so one failure hides no other.
 //! Needs root and Nix; fails rather than skips under CI.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::netns::{detach, ip_in, require_netns, sysctl_in, Lan, TestBeacon};
-use common::nixlan::{NixHost, NixLan};
-use common::{fixture, require_nix};
+use crate::common::netns::{detach, ip_in, sysctl_in, Lan, TestBeacon};
+use crate::common::nixlan::{NixHost, NixLan};
+use crate::common::{fixture, wait_for};
 use local_nix_cache::beacon::BeaconConfig;
-
-fn prerequisites() -> bool {
-    require_nix() && require_netns()
-}
 
 /// `serve` on every interface, as installed (1 s announces, so the tests stay short).
 const EVERY_INTERFACE: &[&str] = &["--listen", "0.0.0.0:8380", "--announce-interval", "1s"];
@@ -35,18 +29,6 @@ fn ok(what: &str, out: &std::process::Output) {
     );
 }
 
-/// Polls `cond` every 50 ms for at most `limit`; the time it took.
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-    let t0 = Instant::now();
-    while t0.elapsed() < limit {
-        if cond() {
-            return Some(t0.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
 /// The state `host`'s status report gives interface `name` ("joined", "waiting", "left").
 fn iface_state(host: &NixHost, name: &str) -> Option<String> {
     host.status()["interfaces"]
@@ -63,7 +45,7 @@ fn peer_realises(peer: &NixHost, holder: &NixHost, addrs: &[String], t0: Instant
     let f = fixture();
     let mut want = addrs.to_vec();
     want.sort();
-    if wait_for(REACH_LIMIT, || peer.peer_addrs() == want).is_none() {
+    if wait_for(REACH_LIMIT, Duration::from_millis(50), || peer.peer_addrs() == want).is_none() {
         panic!(
             "{} lists {:?}, not {want:?}\n--- holder log ---\n{}\n--- peer log ---\n{}",
             peer.name,
@@ -92,15 +74,9 @@ fn no_error_loop(host: &NixHost) {
     assert!(warnings <= 3, "{} logged {warnings} warnings:\n{log}", host.name);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn serve_started_before_its_link_exists_is_found_once_the_link_appears() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.top], &[]]);
     lan.upstream.stop(); // offline: only the holder has the path
@@ -130,15 +106,9 @@ fn serve_started_before_its_link_exists_is_found_once_the_link_appears() {
     no_error_loop(&lan.hosts[0]);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_second_lan_joined_later_finds_the_host() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.top], &[], &[]]);
     lan.upstream.stop();
@@ -165,15 +135,9 @@ fn a_second_lan_joined_later_finds_the_host() {
     no_error_loop(&lan.hosts[0]);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_link_down_long_enough_to_be_dropped_then_up_is_found_again() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.top], &[]]);
     lan.upstream.stop();
@@ -188,7 +152,11 @@ fn a_link_down_long_enough_to_be_dropped_then_up_is_found_again() {
     lan.wait_peers(1, &[], Duration::from_secs(10))
         .expect("the peer dropped the silent holder");
     assert!(
-        wait_for(Duration::from_secs(5), || iface_state(&lan.hosts[0], "eth0").as_deref()
+        wait_for(Duration::from_secs(5), Duration::from_millis(50), || iface_state(
+            &lan.hosts[0],
+            "eth0"
+        )
+        .as_deref()
             == Some("left"))
         .is_some(),
         "the holder reports eth0 as left: {}",
@@ -201,15 +169,9 @@ fn a_link_down_long_enough_to_be_dropped_then_up_is_found_again() {
     no_error_loop(&lan.hosts[0]);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn an_address_change_is_announced() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.top], &[]]);
     lan.upstream.stop();
@@ -231,15 +193,9 @@ fn an_address_change_is_announced() {
     no_error_loop(&lan.hosts[0]);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn an_ipv6_link_local_only_lan_whose_address_is_still_in_dad_at_start() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.top], &[]]);
     lan.upstream.stop();
@@ -276,7 +232,7 @@ fn an_ipv6_link_local_only_lan_whose_address_is_still_in_dad_at_start() {
         "holder's eth0 right after it appeared:\n{}",
         String::from_utf8_lossy(&tentative.stdout)
     );
-    let seen = wait_for(REACH_LIMIT, || {
+    let seen = wait_for(REACH_LIMIT, Duration::from_millis(50), || {
         lan.hosts[1].peer_addrs().iter().any(|a| a.starts_with("[fe80::"))
     });
     assert!(
@@ -291,15 +247,9 @@ fn an_ipv6_link_local_only_lan_whose_address_is_still_in_dad_at_start() {
     no_error_loop(&lan.hosts[0]);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn an_interface_that_goes_away_drops_its_peers_without_an_error_loop() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.top], &[]]);
     lan.upstream.stop();
@@ -336,21 +286,15 @@ fn an_interface_that_goes_away_drops_its_peers_without_an_error_loop() {
 
 /// `peers --announce` on a named interface that does not exist yet waits for it (no error), joins
 /// it when it appears, and is heard there.
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn peers_announce_waits_for_its_named_interface() {
-    if !require_netns() {
-        return;
-    }
+    require!(nix, netns);
     let lan = Lan::new(2);
     let (a, b) = (lan.hosts[0].clone(), lan.hosts[1].clone());
     detach(&a.ns, "eth0");
     let listener = TestBeacon::start(&b, BeaconConfig::default());
     let child = a
-        .command(common::nixlan::bin())
+        .command(crate::common::nixlan::bin())
         .args([
             "peers",
             "--announce",
@@ -369,7 +313,7 @@ fn peers_announce_waits_for_its_named_interface() {
         .expect("spawn peers");
     std::thread::sleep(Duration::from_secs(2));
     lan.attach(&a.ns, "eth0", Some(&format!("{}/24", a.ip4)));
-    let heard = wait_for(Duration::from_secs(4), || {
+    let heard = wait_for(Duration::from_secs(4), Duration::from_millis(50), || {
         listener
             .table
             .peers()
@@ -392,12 +336,9 @@ fn beacon_rescan() -> Duration {
 }
 
 /// The NixOS module starts `serve` without waiting for the network to be online.
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn the_module_does_not_wait_for_the_network() {
+    require!(nix, netns);
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nixos/module.nix")).expect("module");
     for l in text.lines().filter(|l| {
         let t = l.trim_start();

@@ -2,18 +2,12 @@
 //! with its own chroot store, nix-daemon and the real `serve` binary), an upstream "hydra" in a
 //! namespace of its own. Needs root and Nix; fails rather than skips under CI.
 
-mod common;
-
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::netns::{in_netns, require_netns};
-use common::nixlan::NixLan;
-use common::{fixture, require_nix, run};
-
-fn prerequisites() -> bool {
-    require_nix() && require_netns()
-}
+use crate::common::netns::in_netns;
+use crate::common::nixlan::NixLan;
+use crate::common::{fixture, run, wait_until};
 
 fn ok(what: &str, out: &std::process::Output) {
     assert!(
@@ -24,15 +18,9 @@ fn ok(what: &str, out: &std::process::Output) {
     );
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn discovery_hosts_see_each_other_within_a_second_and_a_stopped_host_leaves() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let mut lan = NixLan::new(&[&[], &[], &[]]);
     let up = lan.upstream.url();
     let t0 = Instant::now();
@@ -62,15 +50,9 @@ fn discovery_hosts_see_each_other_within_a_second_and_a_stopped_host_leaves() {
     assert!(took < Duration::from_millis(900), "goodbye took {took:?}");
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn offline_lan_realises_a_closure_only_peers_have() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.top], &[]]);
     lan.upstream.stop(); // the internet is gone
@@ -89,15 +71,9 @@ fn offline_lan_realises_a_closure_only_peers_have() {
     }
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn privacy_an_unsigned_path_is_never_served_nor_fetched() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.top], &[]]);
     let private = lan.hosts[0].store.add_unsigned("diary.txt", "dear diary\n");
@@ -126,26 +102,21 @@ fn privacy_an_unsigned_path_is_never_served_nor_fetched() {
 /// the default 5 s interval, all of it fits in two intervals): its store server learns it from
 /// its own proxy, the next announce carries the new summary version, and the other proxies fetch
 /// the delta. The upstream is stopped before the second host asks, so only the LAN can serve it.
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_path_just_substituted_is_found_on_the_lan_within_two_intervals() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[], &[]]);
     let up = lan.upstream.url();
     lan.serve_all(&up);
     lan.wait_peers(1, &[0], Duration::from_secs(5)).expect("peer not found");
     // Host 2 holds host 1's (empty) summary before host 1 gets the path.
-    let t0 = Instant::now();
-    while lan.hosts[1].status()["peers"][0]["summary"].is_null() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no summary fetched");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        "no summary fetched",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || !(lan.hosts[1].status()["peers"][0]["summary"].is_null()),
+    );
     ok("host 1 substitutes from upstream", &lan.hosts[0].realise(&[&f.rand]));
     lan.upstream.stop();
     // Two announce intervals and the fixed delays.
@@ -157,15 +128,9 @@ fn a_path_just_substituted_is_found_on_the_lan_within_two_intervals() {
     assert_eq!(lan.hosts[1].status()["stats"]["nars_from_peers"], 1);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn lan_beats_wan_through_the_proxy() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.rand], &[]]);
     lan.upstream.shape("16mbit");
@@ -183,7 +148,7 @@ fn lan_beats_wan_through_the_proxy() {
         .args(["-r", &f.rand, "--option", "substituters", &up])
         .args(["--option", "trusted-public-keys", &f.pk]);
     let t0 = Instant::now();
-    ok("realise from the shaped upstream", &common::output(&mut c));
+    ok("realise from the shaped upstream", &crate::common::output(&mut c));
     let wan_time = t0.elapsed();
     let ratio = wan_time.as_secs_f64() / lan_time.as_secs_f64();
     println!(
@@ -194,15 +159,9 @@ fn lan_beats_wan_through_the_proxy() {
     assert_eq!(lan.hosts[1].status()["stats"]["nars_from_peers"], 1);
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn hostile_peer_with_a_corrupted_store_cannot_poison_anyone() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     // Host 1 holds a corrupted copy, host 2 an honest one; hosts 3 and 4 fetch.
     let mut lan = NixLan::new(&[&[&f.top], &[&f.top], &[], &[]]);
@@ -241,15 +200,9 @@ fn hostile_peer_with_a_corrupted_store_cannot_poison_anyone() {
     assert!(lies > 0, "the hash mismatch was not recorded");
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn peer_dies_mid_transfer_and_another_peer_completes_it() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.rand], &[], &[]]);
     // Host 1's link is slow, so its 8 MiB of random bytes (which zstd cannot shrink) take
@@ -295,15 +248,9 @@ fn peer_dies_mid_transfer_and_another_peer_completes_it() {
     assert!(log.contains("trying the next"), "no failover in the proxy log:\n{log}");
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn beacon_flood_leaves_every_serve_up_and_tables_right() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let mut lan = NixLan::new(&[&[], &[], &[]]);
     lan.serve_all("none");
     for (i, others) in [(0, vec![1, 2]), (1, vec![0, 2]), (2, vec![0, 1])] {
@@ -357,15 +304,9 @@ fn beacon_flood_leaves_every_serve_up_and_tables_right() {
     }
 }
 
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn upstream_fallback_for_a_path_no_peer_has() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.top], &[]]);
     let up = lan.upstream.url();
@@ -377,10 +318,10 @@ fn upstream_fallback_for_a_path_no_peer_has() {
     let stats = &lan.hosts[1].status()["stats"];
     assert_eq!(stats["nars_from_upstream"], 1, "{stats}");
     // What a person sees: `status` in the terminal, the page, the metrics.
-    let out = common::output(
+    let out = crate::common::output(
         std::process::Command::new("ip")
             .args(["netns", "exec", &lan.hosts[1].net.ns])
-            .args([common::nixlan::bin(), "status"]),
+            .args([crate::common::nixlan::bin(), "status"]),
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -405,13 +346,10 @@ fn upstream_fallback_for_a_path_no_peer_has() {
 
 /// Nix 2.8 and Nix 2.26 hosts share with each other both ways, offline: 2.26's client gets a
 /// closure from a 2.8 host's daemon, 2.8's client a path from a 2.26 host's daemon.
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn mixed_lan_nix_2_8_and_2_26_hosts_share_both_ways() {
-    if !prerequisites() || common::roots::nix226_root().is_none() {
+    require!(nix, netns);
+    if crate::common::roots::nix226_root().is_none() {
         return;
     }
     let f = fixture();

@@ -2,13 +2,12 @@
 //! expiry of a dead host, goodbye, the `peers` tool, a garbage flood, the hall's traffic budget,
 //! the cost of a newcomer's start, and on-link checks.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::netns::{in_netns, require_netns, Lan, Sniffer, TestBeacon};
+use crate::common::netns::{in_netns, Lan, Sniffer, TestBeacon};
+use crate::common::{forge, wait_for};
 use local_nix_cache::beacon::{self, wire::NodeId, BeaconConfig};
 
 fn cfg(groups: Vec<IpAddr>, interval: Duration) -> BeaconConfig {
@@ -23,18 +22,6 @@ fn both() -> Vec<IpAddr> {
     vec![beacon::DEFAULT_GROUP_V4.into(), beacon::DEFAULT_GROUP_V6.into()]
 }
 
-/// Polls until `cond` holds; returns the time it took, or None after `limit`.
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-    let t0 = Instant::now();
-    while t0.elapsed() < limit {
-        if cond() {
-            return Some(t0.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    None
-}
-
 fn nodes(b: &TestBeacon) -> BTreeSet<NodeId> {
     b.table.peers().iter().map(|p| p.node).collect()
 }
@@ -44,7 +31,7 @@ fn discover(lan: &Lan, c: &BeaconConfig) -> (Vec<TestBeacon>, Duration) {
     let t0 = Instant::now();
     let beacons: Vec<TestBeacon> = lan.hosts.iter().map(|h| TestBeacon::start(h, c.clone())).collect();
     let all: BTreeSet<NodeId> = beacons.iter().map(TestBeacon::node).collect();
-    let took = wait_for(Duration::from_secs(5), || {
+    let took = wait_for(Duration::from_secs(5), Duration::from_millis(5), || {
         beacons.iter().all(|b| {
             let mut want = all.clone();
             want.remove(&b.node());
@@ -63,15 +50,9 @@ fn discover(lan: &Lan, c: &BeaconConfig) -> (Vec<TestBeacon>, Duration) {
     (beacons, t0.elapsed())
 }
 
-#[cfg_attr(
-    lnc_no_netns,
-    ignore = "needs root and iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn three_hosts_discover_each_other_over_ipv4_in_under_a_second() {
-    if !require_netns() {
-        return;
-    }
+    require!(netns);
     let lan = Lan::new(3);
     // A long interval: discovery must come from the start-up query, not from periodic announces.
     let (beacons, took) = discover(
@@ -92,15 +73,9 @@ fn three_hosts_discover_each_other_over_ipv4_in_under_a_second() {
     }
 }
 
-#[cfg_attr(
-    lnc_no_netns,
-    ignore = "needs root and iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn three_hosts_discover_each_other_over_ipv6_in_under_a_second() {
-    if !require_netns() {
-        return;
-    }
+    require!(netns);
     let lan = Lan::new(3);
     let (beacons, took) = discover(
         &lan,
@@ -119,15 +94,9 @@ fn three_hosts_discover_each_other_over_ipv6_in_under_a_second() {
     }
 }
 
-#[cfg_attr(
-    lnc_no_netns,
-    ignore = "needs root and iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_killed_host_leaves_within_three_intervals_and_a_goodbye_removes_at_once() {
-    if !require_netns() {
-        return;
-    }
+    require!(netns);
     let lan = Lan::new(3);
     let interval = Duration::from_millis(300);
     let (mut beacons, _) = discover(&lan, &cfg(both(), interval));
@@ -141,7 +110,7 @@ fn a_killed_host_leaves_within_three_intervals_and_a_goodbye_removes_at_once() {
         beacons.iter().all(|b| b.table.get(&dead_node).is_some()),
         "evicted too early"
     );
-    let gone = wait_for(interval * 5, || {
+    let gone = wait_for(interval * 5, Duration::from_millis(5), || {
         beacons.iter().all(|b| b.table.get(&dead_node).is_none())
     });
     let took = t0.elapsed();
@@ -156,22 +125,18 @@ fn a_killed_host_leaves_within_three_intervals_and_a_goodbye_removes_at_once() {
     let leaving_node = leaving.node();
     let t0 = Instant::now();
     leaving.stop();
-    let took = wait_for(Duration::from_secs(2), || beacons[0].table.get(&leaving_node).is_none());
+    let took = wait_for(Duration::from_secs(2), Duration::from_millis(5), || {
+        beacons[0].table.get(&leaving_node).is_none()
+    });
     eprintln!("removal after a goodbye: {took:?}");
     let took = took.expect("goodbye did not remove the host");
     assert!(took < interval / 2, "goodbye took {took:?} (t0 {:?})", t0.elapsed());
     assert!(beacons[0].table.counters().goodbyes >= 1);
 }
 
-#[cfg_attr(
-    lnc_no_netns,
-    ignore = "needs root and iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn peers_tool_lists_hosts_as_json_and_announces() {
-    if !require_netns() {
-        return;
-    }
+    require!(netns);
     let lan = Lan::new(3);
     let (beacons, _) = discover(&lan, &cfg(both(), Duration::from_secs(2)));
     let bin = env!("CARGO_BIN_EXE_local-nix-cache");
@@ -228,7 +193,7 @@ fn peers_tool_lists_hosts_as_json_and_announces() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn peers --announce");
-    let seen = wait_for(Duration::from_secs(2), || {
+    let seen = wait_for(Duration::from_secs(2), Duration::from_millis(5), || {
         beacons[0].table.peers().iter().any(|p| p.http_addr().port() == 9999)
     });
     let _ = child.kill();
@@ -236,15 +201,9 @@ fn peers_tool_lists_hosts_as_json_and_announces() {
     assert!(seen.is_some(), "peers --announce was not seen");
 }
 
-#[cfg_attr(
-    lnc_no_netns,
-    ignore = "needs root and iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn garbage_flood_is_counted_and_tables_stay_right() {
-    if !require_netns() {
-        return;
-    }
+    require!(netns);
     let lan = Lan::new(3);
     let (beacons, _) = discover(&lan, &cfg(both(), Duration::from_millis(500)));
     let want: Vec<BTreeSet<NodeId>> = beacons.iter().map(nodes).collect();
@@ -252,18 +211,7 @@ fn garbage_flood_is_counted_and_tables_stay_right() {
     let flooder = in_netns(&lan.hosts[2].ns, move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
         let to = SocketAddr::from((beacon::DEFAULT_GROUP_V4, beacon::DEFAULT_PORT));
-        let valid = beacon::wire::encode(&beacon::wire::Beacon {
-            kind: beacon::wire::Kind::Announce,
-            flags: 0,
-            node: NodeId([9; 16]),
-            port: 1,
-            interval_ms: 1000,
-            seq: 0,
-            hostname: None,
-            summary: None,
-            commitment: None,
-            proof: None,
-        });
+        let valid = forge::announce(NodeId([9; 16]), 1).interval_ms(1000).seq(0).encode();
         let t0 = Instant::now();
         let mut sent = 0u32;
         for i in 0..5000u32 {
@@ -306,15 +254,9 @@ impl Drop for ChildGuard {
     }
 }
 
-#[cfg_attr(
-    lnc_no_netns,
-    ignore = "needs root and iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn serve_announces_its_store_server_and_says_goodbye_on_sigterm() {
-    if !require_netns() {
-        return;
-    }
+    require!(netns);
     let lan = Lan::new(3);
     let bin = env!("CARGO_BIN_EXE_local-nix-cache");
     // Host 3 observes with an in-process beacon.
@@ -334,7 +276,9 @@ fn serve_announces_its_store_server_and_says_goodbye_on_sigterm() {
             ChildGuard(child)
         })
         .collect();
-    let seen = wait_for(Duration::from_secs(5), || observer.table.peers().len() == 2);
+    let seen = wait_for(Duration::from_secs(5), Duration::from_millis(5), || {
+        observer.table.peers().len() == 2
+    });
     assert!(seen.is_some(), "serve hosts not seen: {:?}", observer.table.peers());
     for p in observer.table.peers() {
         let addr = p.http_addr();
@@ -363,28 +307,28 @@ fn serve_announces_its_store_server_and_says_goodbye_on_sigterm() {
         .status()
         .expect("kill")
         .success());
-    let gone = wait_for(Duration::from_secs(3), || observer.table.peers().len() == 1);
+    let gone = wait_for(Duration::from_secs(3), Duration::from_millis(5), || {
+        observer.table.peers().len() == 1
+    });
     assert!(gone.is_some(), "no goodbye after SIGTERM ({:?})", t0.elapsed());
     drop(first);
 }
 
 /// Beacon bytes per second on the link (headers included) over what `seen` recorded in `dur`.
-fn rate(seen: &[common::netns::Seen], dur: Duration) -> f64 {
+fn rate(seen: &[crate::common::netns::Seen], dur: Duration) -> f64 {
     seen.iter().map(|s| s.wire_bytes()).sum::<usize>() as f64 / dur.as_secs_f64()
 }
 
 #[test]
 fn beacon_traffic_stays_within_the_budget_however_many_hosts_announce() {
-    if !require_netns() {
-        return;
-    }
+    require!(netns);
     // 24 hosts asking for 150 ms intervals would put about 30 KB/s on the link; the budget
     // stretches their intervals so the total stays under 8 KB/s.
     let n = 24;
     let lan = Lan::new(n + 1);
     let c = cfg(both(), Duration::from_millis(150));
     let beacons: Vec<TestBeacon> = lan.hosts[1..].iter().map(|h| TestBeacon::start(h, c.clone())).collect();
-    let full = wait_for(Duration::from_secs(15), || {
+    let full = wait_for(Duration::from_secs(15), Duration::from_millis(5), || {
         beacons.iter().all(|b| b.table.peers().len() == n - 1)
     });
     assert!(full.is_some(), "the hosts did not all find each other");
@@ -411,9 +355,7 @@ fn beacon_traffic_stays_within_the_budget_however_many_hosts_announce() {
 
 #[test]
 fn a_newcomers_start_in_a_hall_of_100_causes_at_most_64_datagrams() {
-    if !require_netns() {
-        return;
-    }
+    require!(netns);
     let n = 100;
     // hosts[0]: the sniffer; 1..=n: the hall; n+1: the newcomer.
     let lan = Lan::new(n + 2);
@@ -451,31 +393,21 @@ fn a_newcomers_start_in_a_hall_of_100_causes_at_most_64_datagrams() {
 
 /// An announce from `node` (no commitment), as an attacker would forge it.
 fn forged(node: u8) -> Vec<u8> {
-    beacon::wire::encode(&beacon::wire::Beacon {
-        kind: beacon::wire::Kind::Announce,
-        flags: beacon::wire::FLAG_NAR_NONE,
-        node: NodeId([node; 16]),
-        port: 8380,
-        interval_ms: 5000,
-        seq: 1,
-        hostname: None,
-        summary: None,
-        commitment: None,
-        proof: None,
-    })
+    forge::announce(NodeId([node; 16]), 8380)
+        .flags(beacon::wire::FLAG_NAR_NONE)
+        .interval_ms(5000)
+        .encode()
 }
 
 #[test]
 fn a_unicast_announce_or_one_from_a_source_off_the_link_is_dropped() {
-    if !require_netns() {
-        return;
-    }
+    require!(netns);
     let lan = Lan::new(2);
     let victim = TestBeacon::start(&lan.hosts[0], cfg(both(), Duration::from_secs(30)));
     let target = SocketAddr::from((lan.hosts[0].ip4, beacon::DEFAULT_PORT));
     // The sender's second address: not in any subnet of the victim's link (a /32 of another net,
     // as a datagram routed in from two hops away would carry).
-    common::netns::ip_in(&lan.hosts[1].ns, &["addr", "add", "10.99.0.2/32", "dev", "eth0"]);
+    crate::common::netns::ip_in(&lan.hosts[1].ns, &["addr", "add", "10.99.0.2/32", "dev", "eth0"]);
     let sender = in_netns(&lan.hosts[1].ns, move || {
         let group = SocketAddr::from((beacon::DEFAULT_GROUP_V4, beacon::DEFAULT_PORT));
         let unicast = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
@@ -493,7 +425,9 @@ fn a_unicast_announce_or_one_from_a_source_off_the_link_is_dropped() {
         on.send_to(&forged(3), group).expect("send on link");
     });
     sender.join().expect("sender");
-    let got = wait_for(Duration::from_secs(2), || victim.table.get(&NodeId([3; 16])).is_some());
+    let got = wait_for(Duration::from_secs(2), Duration::from_millis(5), || {
+        victim.table.get(&NodeId([3; 16])).is_some()
+    });
     assert!(got.is_some(), "the on-link control announce was not accepted");
     std::thread::sleep(Duration::from_millis(200));
     let c = victim.table.counters();
@@ -511,9 +445,7 @@ fn a_unicast_announce_or_one_from_a_source_off_the_link_is_dropped() {
 
 #[test]
 fn a_newcomer_learns_a_hall_of_100_within_10_s_by_peer_exchange() {
-    if !require_netns() {
-        return;
-    }
+    require!(netns);
     let n = 100;
     let lan = Lan::new(n + 1);
     // A 30 s interval: a newcomer cannot wait for the periodic announces, and only about 12
@@ -524,7 +456,7 @@ fn a_newcomer_learns_a_hall_of_100_within_10_s_by_peer_exchange() {
         .map(|h| TestBeacon::start_serving_peers(h, c.clone()))
         .collect();
     // The hall converges with its periodic announces (within 1.2 intervals).
-    let settled = wait_for(Duration::from_secs(45), || {
+    let settled = wait_for(Duration::from_secs(45), Duration::from_millis(5), || {
         hall.iter().all(|b| b.table.peers().len() == n - 1)
     });
     assert!(settled.is_some(), "the hall did not converge");
@@ -543,7 +475,9 @@ fn a_newcomer_learns_a_hall_of_100_within_10_s_by_peer_exchange() {
     }
     let t0 = Instant::now();
     let newcomer = TestBeacon::start(&lan.hosts[n], c.clone());
-    let took = wait_for(Duration::from_secs(10), || newcomer.table.peers().len() == n);
+    let took = wait_for(Duration::from_secs(10), Duration::from_millis(5), || {
+        newcomer.table.peers().len() == n
+    });
     let learnt = newcomer.table.peers();
     let direct = learnt.iter().filter(|p| p.announces > 0).count();
     eprintln!(
@@ -565,9 +499,7 @@ fn a_newcomer_learns_a_hall_of_100_within_10_s_by_peer_exchange() {
 
 #[test]
 fn serve_lists_the_peers_its_beacon_heard_at_get_peers() {
-    if !require_netns() {
-        return;
-    }
+    require!(netns);
     let lan = Lan::new(2);
     let bin = env!("CARGO_BIN_EXE_local-nix-cache");
     let observer = TestBeacon::start(&lan.hosts[1], cfg(both(), Duration::from_secs(5)));
@@ -582,13 +514,15 @@ fn serve_lists_the_peers_its_beacon_heard_at_get_peers() {
             .spawn()
             .expect("spawn serve"),
     );
-    let seen = wait_for(Duration::from_secs(5), || observer.table.peers().len() == 1);
+    let seen = wait_for(Duration::from_secs(5), Duration::from_millis(5), || {
+        observer.table.peers().len() == 1
+    });
     assert!(seen.is_some(), "serve not seen");
     let url = format!("http://{}:8380/peers", lan.hosts[0].ip4);
     let want = format!("{} {}:8380 ", observer.node(), lan.hosts[1].ip4);
     let mut body = String::new();
     // The observer's announces reach serve within its start burst; poll briefly.
-    let listed = wait_for(Duration::from_secs(5), || {
+    let listed = wait_for(Duration::from_secs(5), Duration::from_millis(5), || {
         let out = lan.hosts[1]
             .command("curl")
             .args(["-sf", "--max-time", "2", &url])

@@ -2,14 +2,12 @@
 //! slow. Each case: the right path still arrives when any honest source has it, wrong bytes are
 //! never delivered as a complete response, and no request hangs.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::fake::*;
+use crate::common::{get, request, wait_for, wait_until};
 use bytes::Bytes;
-use common::fake::*;
-use common::{get, request};
 use local_nix_cache::beacon::wire::{NodeId, FLAG_NAR_NONE};
 
 /// What a hostile peer does.
@@ -94,7 +92,7 @@ fn fetch(proxy: std::net::SocketAddr, p: &FakePath) -> (u16, u16, Vec<u8>) {
     assert!(text.contains(&format!("NarHash: {}\n", p.info.nar_hash)), "{text}");
     assert!(text.contains("Sig: test-hydra-1:"), "signature kept: {text}");
     let url = text.lines().find_map(|l| l.strip_prefix("URL: ")).expect("URL");
-    assert_eq!(url, format!("nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32()));
+    assert_eq!(format!("/{url}"), p.nar_url());
     let nar = get(proxy, &format!("/{url}"));
     (200, nar.status, nar.body)
 }
@@ -224,7 +222,7 @@ fn offline_misses_are_fast_and_peers_still_serve() {
     honest.serve_path(&p);
     rig.peer(honest, 1);
     // An upstream nobody listens on: connections are refused.
-    let dead_url = common::dead_url();
+    let dead_url = crate::common::dead_url();
     let (proxy, _) = rig.proxy(vec![dead_url]);
     let (ni, nar, body) = fetch(proxy, &p);
     assert_eq!((ni, nar), (200, 200));
@@ -305,7 +303,7 @@ fn shutdown_drains_requests_in_flight() {
     rig.peer(peer, 1);
     let (proxy, _) = rig.proxy(vec![]);
     assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
-    let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+    let url = p.nar_url();
     let client = std::thread::spawn(move || get(proxy, &url));
     std::thread::sleep(Duration::from_millis(500));
     rig.shutdown();
@@ -329,7 +327,7 @@ fn status_renderers_show_the_proxys_real_state() {
     *peer.node.lock().expect("lock") = Some(NodeId([1; 16]));
     let addr = rig.cache(peer);
     rig.announce(addr, NodeId([1; 16]), FLAG_NAR_NONE, Some("<script>x</script>"));
-    let (proxy, px) = rig.proxy(vec![common::dead_url()]);
+    let (proxy, px) = rig.proxy(vec![crate::common::dead_url()]);
     let (ni, nar, _) = fetch(proxy, &p);
     assert_eq!((ni, nar), (200, 200));
     assert_eq!(get(proxy, &format!("/{:0>32}.narinfo", 7)).status, 404);
@@ -413,7 +411,7 @@ fn nar_urls_survive_a_proxy_restart_and_the_winner_leaving() {
     let (proxy, _) = rig.proxy(vec![]);
     let (_, nar, _) = fetch(proxy, &p);
     assert_eq!(nar, 200);
-    let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+    let url = p.nar_url();
     // A fresh proxy (as after a restart) knows nothing, yet resolves the URL from the peers.
     let (fresh, _) = rig.proxy(vec![]);
     let r = get(fresh, &url);
@@ -423,18 +421,10 @@ fn nar_urls_survive_a_proxy_restart_and_the_winner_leaving() {
     let b = Arc::new(FakeCache::default());
     b.serve_path(&p);
     rig.peer(b, 2);
-    let bye = local_nix_cache::beacon::wire::encode(&local_nix_cache::beacon::wire::Beacon {
-        kind: local_nix_cache::beacon::wire::Kind::Goodbye,
-        flags: 0,
-        node: local_nix_cache::beacon::wire::NodeId([1; 16]),
-        port: 0,
-        interval_ms: 1000,
-        seq: 2,
-        hostname: None,
-        summary: None,
-        commitment: None,
-        proof: None,
-    });
+    let bye = crate::common::forge::goodbye(local_nix_cache::beacon::wire::NodeId([1; 16]))
+        .interval_ms(1000)
+        .seq(2)
+        .encode();
     let first = rig.table.peers()[0].http_addr();
     {
         let _g = rig.rt.enter();
@@ -511,7 +501,7 @@ fn shared_fetch(proven: bool, size: usize, fetches: usize) {
         }
     }
     assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
-    let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+    let url = p.nar_url();
     let clients: Vec<_> = (0..3)
         .map(|i| {
             let url = url.clone();
@@ -594,7 +584,7 @@ fn head_of_a_nar_downloads_nothing() {
     peer.serve_path(&p);
     rig.peer(peer.clone(), 1);
     let (proxy, _) = rig.proxy(vec![]);
-    let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+    let url = p.nar_url();
     let r = request(proxy, "HEAD", &url, &[]);
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-length"), Some(p.nar.len().to_string().as_str()));
@@ -723,7 +713,7 @@ fn proxy_with_proven_peer(
     }
     assert!(proven(&px, 1));
     assert_eq!(get(proxy, &format!("/{}.narinfo", big.hash())).status, 200);
-    let url = format!("/nar/{}-{}.nar", big.hash(), big.info.nar_hash.to_nix32());
+    let url = big.nar_url();
     (proxy, px, url)
 }
 
@@ -747,10 +737,7 @@ fn a_proven_peer_that_lies_never_gets_its_tail_sent() {
     }
     assert!(proven(&px, 1), "proven after {PROVEN_AFTER} verified NARs");
     assert_eq!(get(proxy, &format!("/{}.narinfo", lie.hash())).status, 200);
-    let (status, len, body) = get_cut(
-        proxy,
-        &format!("/nar/{}-{}.nar", lie.hash(), lie.info.nar_hash.to_nix32()),
-    );
+    let (status, len, body) = get_cut(proxy, &lie.nar_url());
     let size = lie.info.nar_size;
     assert_eq!(status, 200, "the lie was being passed through");
     assert_eq!(len, Some(size), "Content-Length is NarSize, so a cut body is short");
@@ -815,7 +802,7 @@ fn an_honest_proven_peers_nar_passes_through_whole() {
     assert!(proven(&px2, 1), "proven across a restart");
     // A `Range` request is answered from the verified spool.
     let p = &paths[0];
-    let url = format!("/nar/{}-{}.nar", p.hash(), p.info.nar_hash.to_nix32());
+    let url = p.nar_url();
     let r = request(proxy2, "GET", &url, &[("Range", "bytes=100-")]);
     assert_eq!(r.status, 206);
     assert!(r.body[..] == p.nar[100..]);
@@ -891,7 +878,7 @@ fn bench_pass_through_throughput() {
     }
     rig.pass_through.store(false, std::sync::atomic::Ordering::Relaxed);
     let (verify, _) = rig.proxy(vec![]);
-    let url = format!("/nar/{}-{}.nar", big.hash(), big.info.nar_hash.to_nix32());
+    let url = big.nar_url();
     for p in [pass, verify] {
         assert_eq!(get(p, &format!("/{}.narinfo", big.hash())).status, 200);
     }
@@ -955,10 +942,9 @@ fn a_client_that_leaves_a_pass_through_stops_its_fetch() {
     drop(start());
     std::thread::sleep(Duration::from_millis(500));
     let second = start();
-    let t0 = Instant::now();
-    while nar_requests() < before + 2 && t0.elapsed() < Duration::from_secs(2) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _ = wait_for(Duration::from_secs(2), Duration::from_millis(20), || {
+        nar_requests() >= before + 2
+    });
     assert_eq!(
         nar_requests(),
         before + 2,
@@ -987,15 +973,6 @@ fn open_nar_stream(proxy: std::net::SocketAddr, url: &str) -> (std::net::TcpStre
         String::from_utf8_lossy(&raw[..40])
     );
     (s, raw)
-}
-
-/// Waits (up to 40 s) until `done` holds.
-fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let t0 = Instant::now();
-    while !done() {
-        assert!(t0.elapsed() < Duration::from_secs(40), "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Pass-through's stall detach (`PASS_STALL`, issue #16): a client that stops reading its NAR
@@ -1043,13 +1020,19 @@ fn stalled_pass_through(lie: bool) {
     let (mut s, mut raw) = open_nar_stream(proxy, &url);
     // The client reads nothing more: the fetch must go on without it.
     if lie {
-        wait_until("the fetch finds the lie while the client does not read", || {
-            px.stats().lies > before.lies
-        });
+        wait_until(
+            "the fetch finds the lie while the client does not read",
+            Duration::from_secs(40),
+            Duration::from_millis(100),
+            || px.stats().lies > before.lies,
+        );
     } else {
-        wait_until("the fetch completes while the client does not read", || {
-            px.stats().bytes_from_peers >= before.bytes_from_peers + big.nar.len() as u64
-        });
+        wait_until(
+            "the fetch completes while the client does not read",
+            Duration::from_secs(40),
+            Duration::from_millis(100),
+            || px.stats().bytes_from_peers >= before.bytes_from_peers + big.nar.len() as u64,
+        );
     }
     assert!(t0.elapsed() >= PASS_STALL, "the body stalled for PASS_STALL first");
     let mut buf = vec![0u8; 1 << 20];

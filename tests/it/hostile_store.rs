@@ -4,15 +4,13 @@
 //! 127.0.0.x source addresses, so per-address limits see them as distinct hosts. Every loop is
 //! bounded in count and time; the one child process is killed by PID.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A TCP connection to `dst` from the loopback address `src`, optionally with a tiny receive
 /// buffer (so a client that reads slowly or not at all really pushes back on the server).
@@ -113,14 +111,11 @@ fn require_fds(need: u64) -> bool {
         Ok((_, hard)) if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() => hard,
         _ => 0,
     };
-    if have < need {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI is set but the open-file hard limit is {have}, below {need}: raise it (ulimit -Hn)");
-        }
-        eprintln!("SKIPPED: open-file hard limit {have} < {need}; this test fails instead under CI");
-        return false;
-    }
-    true
+    have >= need
+        || crate::common::prereq::missing(
+            &format!("an open-file hard limit of {need} (it is {have})"),
+            "raise it (ulimit -Hn)",
+        )
 }
 
 /// Attackers on threads that stop when the flag is set (and at the latest after `max`).
@@ -195,16 +190,10 @@ fn slow_reader(src: Ipv4Addr, dst: SocketAddr, url: &str, stop: &AtomicBool) {
 /// every other NAR request got a 404 after 10 s. Now a transfer lives only while its client keeps
 /// up, NAR streams leave connections for queries, and a freed slot goes to the address streaming
 /// least.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn slow_readers_do_not_starve_other_nar_requests() {
+    require!(nix);
     let _one_at_a_time = serial();
-    if !require_nix() {
-        return;
-    }
     let f = fixture();
     let host = Host::with_paths(&[&f.big, &f.rand, &f.top]);
     let mut args = serve_args(host.store_addr());
@@ -238,14 +227,11 @@ fn slow_readers_do_not_starve_other_nar_requests() {
 /// blocking thread (515 threads, 0.6-0.9 GB), and an honest NAR got a 200 and then no bytes.
 /// Now at most MAX_TRANSFERS (32) stream at once, stalled ones are cut off, and the honest client
 /// gets the next free slot.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn clients_that_never_read_do_not_pin_threads_or_starve_nars() {
+    require!(nix);
     let _one_at_a_time = serial();
-    if !require_nix() || !require_fds(4096) {
+    if !require_fds(4096) {
         return;
     }
     let f = fixture();
@@ -292,16 +278,10 @@ fn clients_that_never_read_do_not_pin_threads_or_starve_nars() {
 /// timeout at all, so a client that stopped reading pinned the thread for as long as it liked.
 /// Now the binary is paced like a NAR: a client that stalls past `--client-stall-timeout` is cut
 /// off, and the rest of the body never comes.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn install_binary_cuts_off_a_stalled_client() {
+    require!(nix);
     let _one_at_a_time = serial();
-    if !require_nix() {
-        return;
-    }
     let host = Host::with_paths(&[]);
     let mut args = serve_args(host.store_addr());
     args.server.client_stall_timeout = std::time::Duration::from_secs(1);
@@ -339,14 +319,11 @@ fn install_binary_cuts_off_a_stalled_client() {
 /// Attack 2: 2000 idle connections (and 45 more a second) used to fill the 1024-connection cap,
 /// so a narinfo request waited up to the 30 s header timeout. Now a newcomer takes the place of
 /// the oldest idle connection.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn idle_connections_do_not_lock_out_new_clients() {
+    require!(nix);
     let _one_at_a_time = serial();
-    if !require_nix() || !require_fds(6000) {
+    if !require_fds(6000) {
         return;
     }
     let f = fixture();
@@ -478,14 +455,11 @@ impl Drop for ServeProcess {
 /// Attack 2 under the usual service limit of 1024 open files: 2000 connections to the store
 /// server used to take every descriptor, so the local proxy stopped accepting too and the
 /// host's own builds failed. Now the store server's cap leaves room for the proxy.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn the_proxy_keeps_accepting_when_the_store_server_is_flooded() {
+    require!(nix);
     let _one_at_a_time = serial();
-    if !require_nix() || !require_fds(6000) {
+    if !require_fds(6000) {
         return;
     }
     let f = fixture();
@@ -493,15 +467,17 @@ fn the_proxy_keeps_accepting_when_the_store_server_is_flooded() {
     let serve = ServeProcess::start(&host, Some(1024));
     let narinfo = format!("/{}.narinfo", hash_of(&f.top));
     // Ready: the store server answers.
-    let t0 = Instant::now();
-    while get_from(HONEST, serve.store, &narinfo, Duration::from_secs(5))
-        .map(|r| r.0)
-        .ok()
-        != Some(200)
-    {
-        assert!(t0.elapsed() < Duration::from_secs(30), "serve never answered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        "serve never answered",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            get_from(HONEST, serve.store, &narinfo, Duration::from_secs(5))
+                .map(|r| r.0)
+                .ok()
+                == Some(200)
+        },
+    );
     let mut flood = Vec::new();
     for i in 0..2000 {
         if let Ok(s) = connect_from(lo(i / 20), serve.store, None) {
@@ -570,16 +546,10 @@ fn rank_effect(a: &[f64], b: &[f64]) -> (f64, f64) {
 /// order on one kept-alive connection (as an attacker compares them); Mann-Whitney's P(a random
 /// private answer is slower than a random absent one) must stay within 0.5 ± 0.08. Measured:
 /// the code before the fixed answer time, 0.63-0.70 (fails); now 0.50-0.53.
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn private_and_absent_paths_take_the_same_time() {
+    require!(nix);
     let _one_at_a_time = serial();
-    if !require_nix() {
-        return;
-    }
     let f = fixture();
     let host = Host::with_paths(&[&f.top]);
     let private = host.add_unsigned("diary.txt", "a private note\n");
@@ -740,7 +710,8 @@ fn report(what: &str, ok: &str, secs: f64, base: f64, peak: f64, after: f64, thr
 #[test]
 #[ignore = "benchmark: run by bench/hostile.sh"]
 fn bench_store_server_under_attack() {
-    if !require_nix() || !require_fds(8192) {
+    require!(nix);
+    if !require_fds(8192) {
         return;
     }
     let f = fixture();
@@ -749,19 +720,20 @@ fn bench_store_server_under_attack() {
     let serve = ServeProcess::start(&host, None);
     let pid = serve.child.id();
     let narinfo = format!("/{}.narinfo", hash_of(&blob));
-    let t0 = Instant::now();
-    let url = loop {
-        if let Ok((200, body)) = get_from(HONEST, serve.store, &narinfo, Duration::from_secs(5)) {
-            let text = String::from_utf8_lossy(&body).to_string();
-            break text
-                .lines()
-                .find_map(|l| l.strip_prefix("URL: "))
-                .map(|u| format!("/{u}"))
-                .expect("URL");
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "serve never served the blob");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let text = wait_until(
+        "serve serves the blob",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || match get_from(HONEST, serve.store, &narinfo, Duration::from_secs(5)) {
+            Ok((200, body)) => Some(String::from_utf8_lossy(&body).to_string()),
+            _ => None,
+        },
+    );
+    let url = text
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .map(|u| format!("/{u}"))
+        .expect("URL");
     let nar_len = host.dump(&blob).len();
     let settle = || {
         std::thread::sleep(Duration::from_secs(5));

@@ -13,8 +13,6 @@
 //! Every process is killed by PID and every namespace deleted on drop, even when a test fails.
 //! Needs root and Nix; fails rather than skips under CI.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::{Path, PathBuf};
@@ -22,8 +20,8 @@ use std::process::{Child, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::netns::{in_netns, require_netns, Lan, NetHost, Sniffer};
-use common::{fixture, get, hash_of, nix as nix_cmd, require_nix, run, Host};
+use crate::common::netns::{in_netns, Lan, NetHost, Sniffer};
+use crate::common::{fixture, get, hash_of, nix as nix_cmd, run, wait_for, wait_until, Host};
 use local_nix_cache::beacon::wire::{self, Beacon, Kind, NodeId};
 
 /// `serve` processes per namespace (the table takes 4 node ids per address: one left for a
@@ -39,10 +37,6 @@ fn per_ns() -> usize {
 }
 /// First store-server port; the proxy's is this plus 1000.
 const BASE_PORT: u16 = 8400;
-
-fn prerequisites() -> bool {
-    require_nix() && require_netns()
-}
 
 /// `n` small signed paths (`lnc-hall-0` ...), in the fixture's signed cache, each to be held by
 /// one host. Built once per test binary (more are built when a later caller wants more).
@@ -106,7 +100,7 @@ impl Serve {
         std::fs::create_dir_all(&spool).expect("spool dir");
         let log = dir.join(format!("{tag}.log"));
         // `HALL_BIN`: another build of the binary (e.g. `--profile profiling`, for `perf`).
-        let bin = std::env::var("HALL_BIN").unwrap_or_else(|_| common::nixlan::bin().to_owned());
+        let bin = std::env::var("HALL_BIN").unwrap_or_else(|_| crate::common::nixlan::bin().to_owned());
         let child = net
             .command(&bin)
             .arg("serve")
@@ -176,17 +170,15 @@ impl Serve {
             let _ = std::process::Command::new("kill")
                 .args([sig, &c.id().to_string()])
                 .status();
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(
-                    std::env::var("HALL_STAGGER_MS")
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(20),
-                ));
+            let every = Duration::from_millis(
+                std::env::var("HALL_STAGGER_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(20),
+            );
+            let exited = wait_for(Duration::from_secs(10), every, || matches!(c.try_wait(), Ok(Some(_))));
+            if exited.is_some() {
+                return;
             }
             let _ = c.kill();
             let _ = c.wait();
@@ -353,13 +345,14 @@ impl Hall {
         let t0 = Instant::now();
         let want = self.serves.len() - 1;
         for &c in clients {
-            loop {
+            let ready = wait_for(limit.saturating_sub(t0.elapsed()), Duration::from_millis(250), || {
+                let st = self.serves[c].status();
+                table_addrs(&st).len() >= want && with_summary(&st) >= want
+            });
+            if ready.is_none() {
                 let st = self.serves[c].status();
                 let (known, summaries) = (table_addrs(&st).len(), with_summary(&st));
-                if known >= want && summaries >= want {
-                    break;
-                }
-                if t0.elapsed() > limit {
+                {
                     let lacking: Vec<String> = st["peers"]
                         .as_array()
                         .into_iter()
@@ -381,7 +374,6 @@ impl Hall {
                         self.serves[c].log()
                     );
                 }
-                std::thread::sleep(Duration::from_millis(250));
             }
         }
         t0.elapsed()
@@ -464,15 +456,9 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 
 /// One holder among many: each holder's paths are found through a client's proxy on the first
 /// lookup, asking about one peer per lookup (a fan-out to a fixed or random few would miss most).
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn one_holder_among_thirty_real_hosts_is_found_on_the_first_lookup() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let hall = Hall::new(30, 4, 2, 0, "1s");
     let clients = hall.clients(2, 0);
     let took = hall.wait_ready(&clients, Duration::from_secs(60));
@@ -489,18 +475,9 @@ fn one_holder_among_thirty_real_hosts_is_found_on_the_first_lookup() {
 
 /// An announce forged for `node` (no commitment), as an attacker floods them.
 fn forged(node: NodeId) -> Vec<u8> {
-    wire::encode(&Beacon {
-        kind: Kind::Announce,
-        flags: wire::FLAG_NAR_NONE,
-        node,
-        port: 8380,
-        interval_ms: 3_600_000,
-        seq: 1,
-        hostname: None,
-        summary: None,
-        commitment: None,
-        proof: None,
-    })
+    crate::common::forge::announce(node, 8380)
+        .flags(wire::FLAG_NAR_NONE)
+        .encode()
 }
 
 /// Floods the link from `ns`: `sources` spoofed IPv6 link-local sources (added to its eth0;
@@ -557,15 +534,9 @@ fn flood_paced(ns: &NetHost, sources: usize, round: u8, pause_every: usize) -> u
 /// sources; a host that left and came back (a new node id, as after a restart) and a late-comer
 /// still get into every table, the hall's established hosts all stay, and a client still finds
 /// the one holder's path.
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_late_comer_and_a_returning_host_get_into_full_tables() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let mut hall = Hall::new(21, 1, 2, 0, "1s");
     let clients = hall.clients(1, 0);
     hall.wait_ready(&clients, Duration::from_secs(60));
@@ -601,18 +572,19 @@ fn a_late_comer_and_a_returning_host_get_into_full_tables() {
         .collect();
     let t0 = Instant::now();
     for (i, s) in hall.serves.iter().enumerate() {
-        let missing: Vec<String> = loop {
+        let missing_of = || {
             let known = table_addrs(&s.status());
-            let missing: Vec<String> = want
-                .iter()
+            want.iter()
                 .filter(|a| **a != s.addr() && !known.contains(a))
                 .cloned()
-                .collect();
-            if missing.is_empty() || t0.elapsed() > Duration::from_secs(20) {
-                break missing;
-            }
-            std::thread::sleep(Duration::from_millis(250));
+                .collect::<Vec<String>>()
         };
+        let missing = wait_for(
+            Duration::from_secs(20).saturating_sub(t0.elapsed()),
+            Duration::from_millis(250),
+            || Some(missing_of()).filter(Vec::is_empty),
+        )
+        .unwrap_or_else(missing_of);
         assert!(
             missing.is_empty(),
             "host {i} ({}) lacks {missing:?} after {:?}",
@@ -627,11 +599,12 @@ fn a_late_comer_and_a_returning_host_get_into_full_tables() {
     // The late-comer finds the one holder's path.
     let (at, own) = &hall.holders[0];
     let want = hall.serves.len() - 1;
-    let t1 = Instant::now();
-    while with_summary(&late.status()) < want {
-        assert!(t1.elapsed() < Duration::from_secs(20), "the late-comer lacks summaries");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_until(
+        "the late-comer lacks summaries",
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+        || with_summary(&late.status()) >= want,
+    );
     let proxy = late.proxy();
     let hash = hash_of(&own[0]).to_owned();
     let status = late.inside(move || get(proxy, &format!("/{hash}.narinfo")).status);
@@ -672,9 +645,7 @@ fn figure(key: &str, value: impl std::fmt::Display) {
 #[test]
 #[ignore = "benchmark: bench/hall-serve.sh"]
 fn bench_hall_of_real_serve_hosts() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let n: usize = std::env::var("BENCH_HOSTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1138,20 +1109,12 @@ fn realise_wave(hall: &Hall, wave: &[(usize, usize)], closure: &[String]) -> (Du
         .collect();
     let mut ok = 0;
     for ch in &mut children {
-        loop {
-            match ch.try_wait() {
-                Ok(Some(st)) => {
-                    ok += usize::from(st.success());
-                    break;
-                }
-                Ok(None) if t0.elapsed() < Duration::from_secs(120) => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                _ => {
-                    let _ = ch.kill();
-                    let _ = ch.wait();
-                    break;
-                }
+        let limit = Duration::from_secs(120).saturating_sub(t0.elapsed());
+        match wait_for(limit, Duration::from_millis(20), || ch.try_wait().transpose()) {
+            Some(Ok(st)) => ok += usize::from(st.success()),
+            _ => {
+                let _ = ch.kill();
+                let _ = ch.wait();
             }
         }
     }
@@ -1349,15 +1312,9 @@ fn forge_announces(ns: &NetHost, real: Beacon, dur: Duration, new_summary: bool)
 /// version, and answers HTTP there without naming any node. The client's table must keep the
 /// holder at its own address, the client's proxy must keep finding the holder's paths, and it
 /// must not come to distrust the holder (an "impostor" mark).
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn an_attacker_announcing_a_hosts_node_id_from_its_own_address_takes_nothing_over() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let hall = Hall::new(6, 1, 4, 0, "1s");
     let client = 0;
     hall.wait_ready(&[client], Duration::from_secs(60));
@@ -1440,15 +1397,9 @@ fn an_attacker_announcing_a_hosts_node_id_from_its_own_address_takes_nothing_ove
 /// proxy must find the holder's paths.
 /// (Red before the fix: the holder's announce was taken as a move, undone by the attacker's next
 /// copy, and the id stayed pinned to the attacker's address: every lookup a 404.)
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_newcomer_that_hears_an_attackers_copy_of_a_node_id_first_still_finds_the_holder() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let hall = Hall::new(4, 1, 3, 0, "1s");
     hall.wait_ready(&[0], Duration::from_secs(60));
     let (at, own) = hall.holders[0].clone();
@@ -1476,10 +1427,9 @@ fn a_newcomer_that_hears_an_attackers_copy_of_a_node_id_first_still_finds_the_ho
             .and_then(|p| p["addr"].as_str().map(str::to_owned))
     };
     let attacker_addr = format!("{}:{}", attacker.ip4, holder.port);
-    let t0 = Instant::now();
-    while entry(&late.status()).as_deref() != Some(attacker_addr.as_str()) && t0.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let _ = wait_for(Duration::from_secs(5), Duration::from_millis(50), || {
+        entry(&late.status()).as_deref() == Some(attacker_addr.as_str())
+    });
     // Long enough for three of the attacker's copies: the entry is established.
     std::thread::sleep(Duration::from_millis(500));
     let staged = entry(&late.status());
@@ -1541,15 +1491,9 @@ fn late_entry(st: &serde_json::Value, addr: &str) -> (bool, bool) {
 /// round of the flood, and the hall's hosts all stay. (Red before the fix: the late-comer was in
 /// none of the full tables after 20 s, every entry being established; with that fixed but the
 /// forgeries still counted as the hall, it knew 1 of the 9 hosts after 10 s.)
-#[cfg_attr(
-    any(lnc_no_nix, lnc_no_netns),
-    ignore = "needs Nix, and root with iproute2 (network namespaces); under CI=true it runs and fails instead"
-)]
 #[test]
 fn a_late_comer_gets_into_tables_full_of_established_forgeries_and_stays() {
-    if !prerequisites() {
-        return;
-    }
+    require!(nix, netns);
     let hall = Hall::new(9, 1, 2, 0, "1s");
     let hosts: Vec<usize> = (0..hall.serves.len()).collect();
     hall.wait_ready(&hosts, Duration::from_secs(60));
@@ -1588,9 +1532,11 @@ fn a_late_comer_gets_into_tables_full_of_established_forgeries_and_stays() {
             listed && (answered || !want_summary)
         })
     };
-    while !everywhere(true) && t0.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let _ = wait_for(
+        Duration::from_secs(20).saturating_sub(t0.elapsed()),
+        Duration::from_millis(250),
+        || everywhere(true),
+    );
     let missing: Vec<usize> = hosts
         .iter()
         .copied()
@@ -1613,9 +1559,11 @@ fn a_late_comer_gets_into_tables_full_of_established_forgeries_and_stays() {
         let known = table_addrs(&late.status());
         hall_addrs.iter().filter(|a| !known.contains(a)).count()
     };
-    while lacks() > 0 && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let _ = wait_for(
+        Duration::from_secs(10).saturating_sub(t0.elapsed()),
+        Duration::from_millis(250),
+        || lacks() == 0,
+    );
     eprintln!(
         "the late-comer knows {} of the {} hosts {:?} after its start; its counters: {}",
         hall_addrs.len() - lacks(),
@@ -1633,7 +1581,6 @@ fn a_late_comer_gets_into_tables_full_of_established_forgeries_and_stays() {
     // machine a receiver's socket buffer overflowing with the flood can drop a host's announces
     // for its three 1 s intervals, and it is back at its next one; the late-comer, had it been
     // pushed out, would not be: its interval has stretched over the flood's fresh identities.)
-    let t2 = Instant::now();
     let lost = || {
         let mut lost = Vec::new();
         for (i, s) in hall.serves.iter().enumerate() {
@@ -1647,11 +1594,10 @@ fn a_late_comer_gets_into_tables_full_of_established_forgeries_and_stays() {
         }
         lost
     };
-    let mut missing = lost();
-    while !missing.is_empty() && t2.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(250));
-        missing = lost();
-    }
+    let missing = wait_for(Duration::from_secs(5), Duration::from_millis(250), || {
+        Some(lost()).filter(Vec::is_empty)
+    })
+    .unwrap_or_else(lost);
     assert!(
         missing.is_empty(),
         "(host, address it lacks) after the flood: {missing:?}"

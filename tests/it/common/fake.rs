@@ -7,12 +7,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::forge;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use local_nix_cache::beacon::wire::{encode, Beacon, Kind, NodeId, FLAG_NAR_NONE};
+use local_nix_cache::beacon::wire::{NodeId, FLAG_NAR_NONE};
 use local_nix_cache::beacon::PeerTable;
-use local_nix_cache::cache_url::NODE_HEADER;
+use local_nix_cache::cache_url::{self, NODE_HEADER};
 use local_nix_cache::http::{self as h, Body};
 use local_nix_cache::narinfo::{
     Compression, NarHash, NarInfo, PublicKey, SecretKey, StorePath, StorePathHash, TrustedKeys,
@@ -91,6 +92,11 @@ impl FakePath {
 
     pub fn hash(&self) -> String {
         self.path.hash().to_string()
+    }
+
+    /// The request path of its NAR at a store server or proxy: `/` and [`cache_url::nar_url`].
+    pub fn nar_url(&self) -> String {
+        format!("/{}", cache_url::nar_url(&self.path.hash(), &self.info.nar_hash))
     }
 }
 
@@ -449,18 +455,11 @@ impl Rig {
     }
 
     fn announce_full(&self, addr: SocketAddr, node: NodeId, flags: u16, hostname: Option<&str>, summary: Option<u64>) {
-        let b = encode(&Beacon {
-            kind: Kind::Announce,
-            flags,
-            node,
-            port: addr.port(),
-            interval_ms: 3_600_000,
-            seq: 1,
-            hostname: hostname.map(str::to_owned),
-            summary,
-            commitment: None,
-            proof: None,
-        });
+        let b = forge::announce(node, addr.port())
+            .flags(flags)
+            .hostname(hostname)
+            .summary(summary)
+            .encode();
         let _g = self.rt.enter();
         self.table.handle(addr, &b, tokio::time::Instant::now());
     }
