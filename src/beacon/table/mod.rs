@@ -1049,5 +1049,4 @@ fn take_at(b: &mut Bucket, now: Instant, rate: f64, burst: f64) -> bool {
 }
 
 #[cfg(test)]
-#[path = "table_tests.rs"]
 mod tests;
