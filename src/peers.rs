@@ -98,7 +98,8 @@ fn raw_line(d: &RawDatagram, json: bool) -> String {
     };
     let detail = match &d.outcome {
         Outcome::Invalid(e) => e.to_string(),
-        Outcome::Ignored(_, why) | Outcome::OffLink(why) => (*why).to_owned(),
+        Outcome::Ignored(_, why) => why.as_str().to_owned(),
+        Outcome::OffLink(why) => (*why).to_owned(),
         _ => String::new(),
     };
     if json {

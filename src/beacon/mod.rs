@@ -10,7 +10,7 @@
 //! checks, [`watch`] the kernel's notices of interface changes, [`wake`] the suspend detector,
 //! [`pex`] the peer exchange, this module the one loop that receives, announces (within the
 //! hall's traffic budget), answers queries (sampled), expires peers and follows the interfaces.
-//! Invariants: one task per beacon, plus its proof task ([`identity::verify_loop`]) and at most
+//! Invariants: one task per beacon, plus its proof task ([`prover::verify_loop`]) and at most
 //! one peer-exchange task at a time (nothing is spawned per datagram); multicast TTL and hop
 //! limit are 1, and only datagrams from the link count; the beacon never triggers a narinfo or
 //! NAR fetch (its only requests are the peer exchange's `GET /peers`, at most 3 after our own
@@ -24,11 +24,13 @@
 //! burst at once; a departing link gets a goodbye while it still can, and the peers reachable
 //! only through it are forgotten. With no usable interface the beacon waits.
 
+pub mod http;
 pub mod identity;
 pub mod iface;
 pub mod links;
 mod membership;
 pub mod pex;
+pub mod prover;
 pub mod table;
 pub mod wake;
 pub use wake::WAKE_GRACE;
@@ -292,7 +294,7 @@ pub async fn run(
         RESCAN_INTERVAL_NO_NETLINK
     };
     // Contested node ids: their claimants' store servers are asked for proofs.
-    let prover = tokio::spawn(identity::verify_loop(table.clone(), shutdown.child_token()));
+    let prover = tokio::spawn(prover::verify_loop(table.clone(), shutdown.child_token()));
     let start = Instant::now();
     sender.hello(&sockets, None).await;
     let burst_from = |t: Instant| -> VecDeque<Instant> {

@@ -1,6 +1,8 @@
 //! Tests of `table`.
 use super::*;
-use crate::beacon::wire::{encode, FLAG_NAR_NONE};
+use std::net::IpAddr;
+
+use crate::beacon::wire::{encode, DecodeError, FLAG_NAR_NONE};
 
 /// A peer heard of through peer exchange is on probation until it announces; its own
 /// announce replaces the listed address and sets its commitment; a known node is not
@@ -649,7 +651,7 @@ async fn a_contested_node_id_goes_to_the_address_that_proves_it() {
         t.handle(attacker, &a, now);
     }
     assert!(t.take_proofs_wanted().is_empty());
-    now += identity::ASK_AGAIN_AFTER;
+    now += contest::ASK_AGAIN_AFTER;
     t.handle(attacker, &a, now);
     assert_eq!(t.take_proofs_wanted(), [(node, attacker)]);
     // A claim from the other family is a contest too: listed after the proven address (not
@@ -715,7 +717,7 @@ async fn forged_contests_ask_a_victims_server_for_few_proofs() {
     assert!(t.take_proofs_wanted().is_empty());
     // In the next window, the ids are pinned to the victim's address (the moves were undone):
     // a claim from elsewhere is ignored and lists nothing, so the victim is not asked again.
-    now += identity::ASK_AGAIN_AFTER;
+    now += contest::ASK_AGAIN_AFTER;
     t.handle(ip(300), &claim(ids[0], ids[0].0, 60_000), now);
     t.handle(victim, &claim(ids[0], ids[0].0, 60_000), now);
     t.handle(victim, &claim(ids[0], ids[0].0, 60_000), now);
@@ -799,7 +801,7 @@ async fn a_failed_proof_is_retried_until_the_contest_settles() {
     now += Duration::from_millis(500);
     t.handle(honest, &a, now);
     assert!(t.take_proofs_wanted().is_empty(), "not before retry_after");
-    now += identity::FIRST_RETRY;
+    now += contest::FIRST_RETRY;
     t.handle(honest, &a, now);
     t.handle(attacker, &a, now);
     let mut wanted = t.take_proofs_wanted();
@@ -808,7 +810,7 @@ async fn a_failed_proof_is_retried_until_the_contest_settles() {
     t.proof_result(honest, Some(node), now);
     t.proof_result(attacker, None, now);
     assert_eq!(t.get(&node).map(|p| p.addrs), Some(vec![honest]));
-    now += identity::ASK_AGAIN_AFTER;
+    now += contest::ASK_AGAIN_AFTER;
     assert!(matches!(t.handle(attacker, &a, now), Outcome::Ignored(..)));
     assert!(matches!(t.handle(honest, &a, now), Outcome::Refreshed(_)));
 }
@@ -971,7 +973,7 @@ async fn next_expiry_is_never_late_and_scans_rarely() {
             }
         }
     }
-    let scans = t.lock().expiry_scans;
+    let scans = t.lock().expiry.scans;
     eprintln!("{calls} calls, {scans} scans");
     assert!(scans * 20 <= calls, "{scans} scans for {calls} calls");
     let due = t.next_expiry().expect("peers");
