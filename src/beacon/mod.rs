@@ -288,3 +288,46 @@ impl BeaconLoop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::table::contest::{MAX_ASKED, MAX_PENDING};
+    use super::table::{MAX_PEERS, MAX_PEERS_PER_ADDR, MAX_SOURCES};
+
+    /// `n` as the docs write it: thousands separated by commas.
+    fn figure(n: usize) -> String {
+        let digits = n.to_string();
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    }
+
+    /// The architecture doc's invariant on the beacon's bounds quotes these constants (it said
+    /// 1,024 asked addresses while the code kept 4,096).
+    #[test]
+    fn the_architecture_doc_quotes_the_beacon_bounds() {
+        let doc = include_str!("../../docs/ARCHITECTURE.md");
+        let doc = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+        let want = format!(
+            "the table holds at most {} peers ({} per source address), {} rate-limit buckets (LRU), {} pending proofs and {} asked addresses (LRU)",
+            figure(MAX_PEERS),
+            MAX_PEERS_PER_ADDR,
+            figure(MAX_SOURCES),
+            MAX_PENDING,
+            figure(MAX_ASKED)
+        );
+        assert!(doc.contains(&want), "docs/ARCHITECTURE.md should say: {want}");
+        let asked = format!(
+            "{} in flight, {} waiting, {} addresses remembered",
+            super::prover::ASK_AT_ONCE,
+            MAX_PENDING,
+            figure(MAX_ASKED)
+        );
+        assert!(doc.contains(&asked), "docs/ARCHITECTURE.md should say: {asked}");
+    }
+}
