@@ -125,7 +125,7 @@ pub async fn exchange(table: Arc<PeerTable>, on_link: OnLink) -> usize {
     use rand::seq::SliceRandom;
     // Peers whose store server answered us first, then established ones (in a flooded hall
     // most heard peers are forgeries, and identities kept refreshed are established too).
-    let heard: Vec<_> = table.peers().into_iter().filter(|p| p.announces > 0).collect();
+    let heard: Vec<_> = table.peers().into_iter().filter(|p| !p.hearsay()).collect();
     let mut tiers: [Vec<SocketAddr>; 3] = Default::default();
     for p in &heard {
         let tier = if p.answered.is_some() {

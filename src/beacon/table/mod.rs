@@ -56,7 +56,7 @@ pub use admission::{MAX_PEERS, MAX_PEERS_PER_ADDR};
 pub use buckets::{MAX_SIGNATURE_CHECKS_PER_SEC, MAX_SOURCES, RATE_BURST, RATE_PER_SEC};
 pub use expiry::EXPIRY_RESCAN;
 pub use outcome::{Counters, IgnoreReason, Outcome};
-pub use peer::{Move, Peer, ESTABLISHED_ANNOUNCES, EXPIRY_INTERVALS, MOVE_SILENCE_INTERVALS};
+pub use peer::{Hold, Move, Peer, Standing, ESTABLISHED_ANNOUNCES, EXPIRY_INTERVALS, MOVE_SILENCE_INTERVALS};
 
 use super::identity::{self, Identity};
 use super::wire::{self, Beacon, Kind, NodeId};

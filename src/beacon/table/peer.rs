@@ -1,5 +1,6 @@
-//! One peer of the table: where it announced from, what it announced, and its standing (heard of
-//! or announced, established, moved, pinned, answered, proven). Each change an announce makes
+//! One peer of the table: where it announced from, what it announced, its [`Standing`] (heard
+//! of, on probation, established), its [`Hold`] on its addresses (free, moved, pinned), and the
+//! evidence that it is a host (its store server answered, or proved its id at an address). Each change an announce makes
 //! to one entry is a method here; what involves other entries (admission, proofs that take an
 //! address from another entry) is the table's.
 
@@ -50,13 +51,10 @@ pub struct Peer {
     pub summary: Option<u64>,
     /// Commitment to its goodbye secret, when it announced one.
     pub commitment: Option<[u8; wire::SECRET_LEN]>,
-    /// Announces received from it (0: heard of through peer exchange only).
-    pub announces: u32,
-    /// Its latest move to another address, while the move can still be undone.
-    pub moved: Option<Move>,
-    /// Its id was announced from a second address while it was alive at its first: from now on
-    /// it moves only after [`MOVE_SILENCE_INTERVALS`] of silence at its listed addresses.
-    pub pinned: bool,
+    /// Heard of, on probation or established: what its announces earned it.
+    pub standing: Standing,
+    /// Free, moved, or pinned: what a claim of its id from a new address can do.
+    pub hold: Hold,
     /// Its store server last answered this host's proxy, naming its node id, at one of its
     /// addresses (`PeerTable::answered`): a sign of life when its announces are lost (a link
     /// saturated by a download drops multicast first).
@@ -65,6 +63,81 @@ pub struct Peer {
     /// id (`identity`): once a family has one, announces of the id from other addresses of that
     /// family are ignored until they prove it.
     pub proven: Vec<SocketAddr>,
+}
+
+/// What a peer's own announces earned it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// Heard of through peer exchange only: it has not announced itself (its address and
+    /// interval are what a list said; its first announce replaces them).
+    Hearsay,
+    /// On probation: announced this many times, fewer than [`ESTABLISHED_ANNOUNCES`].
+    Probation(u32),
+    /// Announced [`ESTABLISHED_ANNOUNCES`] times or more: counted by the traffic budget, the
+    /// query sampling and peer exchange, and taken to have moved when it announces from a new
+    /// address.
+    Established,
+}
+
+impl Standing {
+    /// The standing after one more announce.
+    fn announced(self) -> Self {
+        let n = match self {
+            Self::Hearsay => 1,
+            Self::Probation(n) => n.saturating_add(1),
+            Self::Established => return Self::Established,
+        };
+        if n >= ESTABLISHED_ANNOUNCES {
+            Self::Established
+        } else {
+            Self::Probation(n)
+        }
+    }
+}
+
+/// How a peer's node id is held at its listed addresses: what an announce of it from a new
+/// address of a family it is listed with does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Never contested: the announce is taken as a move (when the peer is established).
+    Free,
+    /// It moved, and the move can still be undone: if an address it left announces again, it
+    /// never moved (someone else announced its id from the new address).
+    Moved(Move),
+    /// Contested once (a move undone, or an address proved the id): a new address is ignored
+    /// while the peer is alive; it moves only after [`MOVE_SILENCE_INTERVALS`] of silence at
+    /// its listed addresses.
+    Pinned,
+    /// Pinned, and moved after that silence; the move can still be undone.
+    PinnedMoved(Move),
+}
+
+impl Hold {
+    pub fn pinned(&self) -> bool {
+        matches!(self, Self::Pinned | Self::PinnedMoved(_))
+    }
+
+    /// Its latest move, while it can still be undone.
+    pub fn moved(&self) -> Option<&Move> {
+        match self {
+            Self::Moved(m) | Self::PinnedMoved(m) => Some(m),
+            Self::Free | Self::Pinned => None,
+        }
+    }
+
+    /// The move being watched stands (the addresses it left stayed silent).
+    fn settle(&mut self) {
+        *self = if self.pinned() { Self::Pinned } else { Self::Free };
+    }
+
+    /// A move to `m.to`.
+    fn move_to(&mut self, m: Move) {
+        *self = if self.pinned() {
+            Self::PinnedMoved(m)
+        } else {
+            Self::Moved(m)
+        };
+    }
 }
 
 /// What a claim of a listed peer's id from `addr` means for its proofs.
@@ -97,12 +170,12 @@ impl Peer {
 
     /// Announced often enough to be kept over newcomers when the table is full.
     pub fn established(&self) -> bool {
-        self.announces >= ESTABLISHED_ANNOUNCES
+        self.standing == Standing::Established
     }
 
     /// Heard of through peer exchange only: it has not announced itself yet.
     pub fn hearsay(&self) -> bool {
-        self.announces == 0
+        self.standing == Standing::Hearsay
     }
 
     /// Its node id was made from its commitment ([`wire::bound_identity`]).
@@ -113,7 +186,7 @@ impl Peer {
     /// A new entry for an announce of `b` from `addr`.
     pub(super) fn new(b: &Beacon, addr: SocketAddr, now: Instant) -> Self {
         Self {
-            announces: 1,
+            standing: Standing::Hearsay.announced(),
             seq: b.seq,
             commitment: b.commitment,
             hostname: b.hostname.clone(),
@@ -148,9 +221,8 @@ impl Peer {
             seq: 0,
             summary,
             commitment: None,
-            announces: 0,
-            moved: None,
-            pinned: false,
+            standing: Standing::Hearsay,
+            hold: Hold::Free,
             answered: None,
             proven: Vec::new(),
         }
@@ -207,12 +279,12 @@ impl Peer {
     pub(super) fn announced(&mut self, b: &Beacon, addr: SocketAddr, now: Instant) -> Result<Announced, IgnoreReason> {
         let mut outcome = Announced::Refreshed;
         if self
-            .moved
-            .as_ref()
+            .hold
+            .moved()
             .is_some_and(|m| now >= m.at + self.interval * EXPIRY_INTERVALS)
         {
             // The addresses it left stayed silent: it moved.
-            self.moved = None;
+            self.hold.settle();
         }
         if self.hearsay() {
             // Heard of through peer exchange: its own announce replaces
@@ -220,14 +292,16 @@ impl Peer {
             self.addrs.clear();
             self.commitment = b.commitment;
             self.first_seen = now;
-        } else if let Some(m) = self
-            .moved
-            .take_if(|m| m.from.contains(&addr) && self.addrs.contains(&m.to))
+        } else if let Some(to) = self
+            .hold
+            .moved()
+            .filter(|m| m.from.contains(&addr) && self.addrs.contains(&m.to))
+            .map(|m| m.to)
         {
             // The address it "moved" from speaks again: it never moved; another
-            // host announced its id from `m.to`. Undone, and pinned.
-            self.addrs.retain(|a| *a != m.to);
-            self.pinned = true;
+            // host announced its id from `to`. Undone, and pinned.
+            self.addrs.retain(|a| *a != to);
+            self.hold = Hold::Pinned;
             outcome = Announced::MoveUndone;
         } else if self.established() && !self.addrs.contains(&addr) {
             let from: Vec<SocketAddr> = self
@@ -240,10 +314,10 @@ impl Peer {
                 // Another address of a family it is listed with: a move, or
                 // someone announcing its id (node ids and commitments are in
                 // every announce), which cannot be told apart yet.
-                if self.pinned && now < self.last_seen + self.interval.mul_f64(MOVE_SILENCE_INTERVALS) {
+                if self.hold.pinned() && now < self.last_seen + self.interval.mul_f64(MOVE_SILENCE_INTERVALS) {
                     return Err(IgnoreReason::SecondAddress);
                 }
-                self.moved = Some(Move {
+                self.hold.move_to(Move {
                     to: addr,
                     from,
                     at: now,
@@ -270,7 +344,7 @@ impl Peer {
         self.interval = Duration::from_millis(b.interval_ms.into());
         self.seq = b.seq;
         self.summary = b.summary;
-        self.announces = self.announces.saturating_add(1);
+        self.standing = self.standing.announced();
     }
 
     /// Its store server at `addr` proved its id: the address holds it, the addresses of that
@@ -287,7 +361,6 @@ impl Peer {
             self.addrs.insert(0, addr);
             self.addrs.truncate(MAX_ADDRS_PER_PEER);
         }
-        self.moved = None;
-        self.pinned = true;
+        self.hold = Hold::Pinned;
     }
 }

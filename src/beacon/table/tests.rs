@@ -22,7 +22,7 @@ fn a_peer_heard_of_is_replaced_by_its_own_announce() {
         "own"
     );
     let p = t.get(&NodeId([1; 16])).expect("learnt");
-    assert_eq!((p.announces, p.established()), (0, false));
+    assert_eq!((p.standing, p.established()), (Standing::Hearsay, false));
     let c = [5u8; 16];
     let a = encode(&Beacon {
         kind: Kind::Announce,
@@ -347,7 +347,7 @@ async fn a_node_id_announced_from_another_address_does_not_take_the_entry() {
     now += Duration::from_millis(500);
     assert!(matches!(t.handle(honest, &a, now), Outcome::Refreshed(_)));
     let p = t.get(&node).expect("entry");
-    assert_eq!((p.addrs.clone(), p.pinned), (vec![honest], true));
+    assert_eq!((p.addrs.clone(), p.hold.pinned()), (vec![honest], true));
     // Further claims, from that address or any other, are ignored while it is alive.
     for (i, from) in [attacker, src(67), src(68)].into_iter().enumerate() {
         now += Duration::from_millis(100);
@@ -375,7 +375,10 @@ async fn a_node_id_announced_from_another_address_does_not_take_the_entry() {
         t.handle(src(4), &b, now);
     }
     let p = t.get(&other).expect("entry");
-    assert_eq!((p.http_addr(), p.moved.is_none(), p.pinned), (src(4), true, false));
+    assert_eq!(
+        (p.http_addr(), p.hold.moved().is_none(), p.hold.pinned()),
+        (src(4), true, false)
+    );
 }
 
 /// A forger who announces a node's id first, with a commitment of its own, holds the entry only
