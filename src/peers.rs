@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -98,7 +99,8 @@ fn raw_line(d: &RawDatagram, json: bool) -> String {
     };
     let detail = match &d.outcome {
         Outcome::Invalid(e) => e.to_string(),
-        Outcome::Ignored(_, why) | Outcome::OffLink(why) => (*why).to_owned(),
+        Outcome::Ignored(_, why) => why.as_str().to_owned(),
+        Outcome::OffLink(why) => (*why).to_owned(),
         _ => String::new(),
     };
     if json {
@@ -141,8 +143,11 @@ pub async fn run(opts: PeersOptions, stop: CancellationToken) -> Result<usize, b
     let mut link_seen: Vec<(String, LinkState)> = Vec::new();
     let table = Arc::new(PeerTable::new(NodeId::random()));
     let (raw_tx, mut raw_rx) = mpsc::channel::<RawDatagram>(1024);
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(beacon::run(
+    // The beacon runs as a task owned here: cancelled with `stop` or at the end, and waited for
+    // (its goodbye sent) before the final list.
+    let shutdown = stop.child_token();
+    let mut task = JoinSet::new();
+    task.spawn(beacon::run(
         sockets,
         opts.beacon.clone(),
         table.clone(),
@@ -200,7 +205,7 @@ pub async fn run(opts: PeersOptions, stop: CancellationToken) -> Result<usize, b
         let _ = out.flush();
     }
     shutdown.cancel();
-    let _ = task.await;
+    let _ = task.join_next().await;
     let now = Instant::now();
     let peers = table.peers();
     if opts.json {

@@ -20,49 +20,26 @@
 //!   there is no 16-byte goodbye secret whose commitment is a key's hash; it counts only when its
 //!   sequence number comes after the sender's last announce (no replay).
 //!
-//! Bounds: at most [`MAX_PENDING`] addresses waiting to be asked (a full queue gives up a random
-//! one, asked when it announces again); a store-server address (IP, port, scope) is asked at
-//! most once per [`ASK_AGAIN_AFTER`] when it answered, and after [`FIRST_RETRY`] doubling when it
-//! did not (remembered for [`MAX_ASKED`] addresses, about 120 bytes each in the LRU: a 32-byte
-//! address key, a 40-byte state, list links and the hash slot; under 0.5 MiB),
-//! so forged contests at a victim's address cost it one request per 30 s from each host;
+//! Bounds (the queue's are `table::contest`'s): at most `MAX_PENDING` (64) addresses waiting
+//! to be asked (a full queue gives up a random one, asked when it announces again); a
+//! store-server address (IP, port, scope) is asked at most once per `ASK_AGAIN_AFTER` (30 s)
+//! when it answered, and after `FIRST_RETRY` (2 s) doubling when it did not (remembered for
+//! `MAX_ASKED` (4,096) addresses, under 0.5 MiB), so forged contests at a victim's address cost
+//! it one request per 30 s from each host;
 //! [`ASK_AT_ONCE`] requests in flight, a new one starting as soon as one ends, each within
 //! [`CONNECT_TIMEOUT`], [`PROOF_TIMEOUT`] and [`MAX_PROOF_BYTES`]. Older peers answer 404:
 //! their contests are settled as before (moves and pinning, `table`).
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::IpAddr;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use futures_util::StreamExt;
-use tokio_util::sync::CancellationToken;
 
-use super::table::PeerTable;
 use super::wire::{self, NodeId};
 
 /// Domain separation for the identity proof's signature.
 pub const PROOF_CONTEXT: &[u8] = b"local-nix-cache identity proof v1\0";
 /// Domain separation for a goodbye's signature.
 pub const GOODBYE_CONTEXT: &[u8] = b"local-nix-cache goodbye v1\0";
-/// Addresses waiting for their store server to be asked.
-pub const MAX_PENDING: usize = 64;
-/// Store-server addresses remembered as asked (about 120 bytes each: under 0.5 MiB).
-pub const MAX_ASKED: usize = 4096;
-/// An address that answered (or is being asked) is asked again after this long.
-pub const ASK_AGAIN_AFTER: Duration = Duration::from_secs(30);
-/// Requests at once.
-pub const ASK_AT_ONCE: usize = 4;
-/// Time to connect for one request (a LAN answers in milliseconds; an address where nothing
-/// listens must not hold a slot for the whole [`PROOF_TIMEOUT`]).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// First wait before an address whose proof failed is asked again (doubling, at most
-/// [`ASK_AGAIN_AFTER`]).
-pub const FIRST_RETRY: Duration = Duration::from_secs(2);
-/// Time for one request.
-pub const PROOF_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest answer read.
-pub const MAX_PROOF_BYTES: usize = 512;
 
 /// The node id of a public key: the first 16 bytes of its sha256.
 pub fn node_of(key: &[u8; 32]) -> NodeId {
@@ -226,59 +203,6 @@ pub fn is_own_address(ip: IpAddr) -> bool {
     })
 }
 
-/// Asks the store server at `addr` which node id it holds there; the id it proved, if any.
-pub async fn ask(client: &reqwest::Client, addr: SocketAddr) -> Option<NodeId> {
-    let nonce: [u8; 16] = rand::random();
-    let url = format!(
-        "{}?nonce={}&to={}",
-        super::pex::url(addr, "/identity"),
-        data_encoding::HEXLOWER.encode(&nonce),
-        addr.ip()
-    );
-    let fetch = super::pex::get_text(client, &url, MAX_PROOF_BYTES);
-    let body = tokio::time::timeout(PROOF_TIMEOUT, fetch).await.ok().flatten()?;
-    proven_node(&nonce, addr.ip(), &body)
-}
-
-/// Asks the store servers of contested ids' addresses to prove them, as the table queues them,
-/// until `shutdown`: up to [`ASK_AT_ONCE`] requests in flight, a new one starting as soon as
-/// any finishes (an address where nothing answers holds one slot for at most
-/// [`PROOF_TIMEOUT`], never the queue behind it).
-pub async fn verify_loop(table: Arc<PeerTable>, shutdown: CancellationToken) {
-    let Ok(client) = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(PROOF_TIMEOUT)
-        .build()
-    else {
-        tracing::warn!("beacon: no HTTP client for identity proofs; contests are settled without them");
-        return shutdown.cancelled().await;
-    };
-    let client = &client;
-    let mut flying = futures_util::stream::FuturesUnordered::new();
-    loop {
-        while flying.len() < ASK_AT_ONCE {
-            let Some((node, addr)) = table.take_proof_wanted() else {
-                break;
-            };
-            flying.push(async move { (node, addr, ask(client, addr).await) });
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = table.proofs_wanted(), if flying.len() < ASK_AT_ONCE => {}
-            Some((node, addr, holder)) = flying.next(), if !flying.is_empty() => {
-                match holder {
-                    Some(h) if h == node => tracing::info!(%node, %addr, "beacon: the store server there proved the node id"),
-                    Some(h) => tracing::info!(%node, %addr, holder = %h, "beacon: the store server there holds another node id"),
-                    None => tracing::debug!(%node, %addr, "beacon: no proof of a node id there"),
-                }
-                table.proof_result(addr, holder, tokio::time::Instant::now());
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,116 +289,5 @@ mod tests {
         let mut other = wire::encode(&wire::decode(&bye).expect("decode"));
         Identity::generate().sign_datagram(&mut other);
         assert!(!signed_by(&other, &id.node()));
-    }
-
-    /// A store server on loopback answering `GET /identity` with `id`'s proofs; without one, it
-    /// reads the request and never answers, setting `asked`, and sets `closed` when the asker
-    /// hangs up.
-    async fn server(
-        id: Option<Arc<Identity>>,
-        asked: Arc<std::sync::atomic::AtomicBool>,
-        closed: Arc<std::sync::atomic::AtomicBool>,
-    ) -> SocketAddr {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut c, _)) = l.accept().await {
-                let (id, asked, closed) = (id.clone(), asked.clone(), closed.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let n = c.read(&mut buf).await.unwrap_or(0);
-                    let Some(id) = id else {
-                        asked.store(true, std::sync::atomic::Ordering::SeqCst);
-                        while c.read(&mut buf).await.is_ok_and(|n| n > 0) {}
-                        closed.store(true, std::sync::atomic::Ordering::SeqCst);
-                        return;
-                    };
-                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                    let query = req
-                        .split_whitespace()
-                        .nth(1)
-                        .and_then(|p| p.split_once('?'))
-                        .map(|(_, q)| q.to_owned());
-                    let body = answer(&id, query.as_deref(), |_| true).unwrap_or_default();
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = c.write_all(format!("{head}{body}").as_bytes()).await;
-                });
-            }
-        });
-        addr
-    }
-
-    /// A claimant whose store server never answers holds one request slot, not the proofs
-    /// queued after it: the honest claimant queued while it is in flight is proven before the
-    /// slow request is given up. (Red with batches, as before: the queue waited for the whole
-    /// batch, i.e. the slow request's 2 s timeout.)
-    #[tokio::test]
-    async fn a_slow_claimant_does_not_hold_up_the_proofs_queued_after_it() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let table = Arc::new(PeerTable::new(NodeId([0; 16])));
-        let id = Arc::new(Identity::generate());
-        let node = id.node();
-        let slow_closed = Arc::new(AtomicBool::new(false));
-        let slow_asked = Arc::new(AtomicBool::new(false));
-        let slow = server(None, slow_asked.clone(), slow_closed.clone()).await;
-        let unused = Arc::new(AtomicBool::new(false));
-        let fast = server(Some(id.clone()), unused.clone(), unused).await;
-        let claim = |node: NodeId, port: u16| {
-            wire::encode(&wire::Beacon {
-                kind: wire::Kind::Announce,
-                flags: 0,
-                node,
-                port,
-                interval_ms: 60_000,
-                seq: 1,
-                hostname: None,
-                summary: None,
-                commitment: Some(node.0),
-                proof: None,
-            })
-        };
-        // Addresses where nothing listens.
-        let dead = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-        };
-        let shutdown = CancellationToken::new();
-        let prover = tokio::spawn(verify_loop(table.clone(), shutdown.clone()));
-        let now = tokio::time::Instant::now;
-        // A contest over `other`, held at a dead address and claimed at the slow one, pinned to
-        // the dead one: each claim of the slow address asks it (from its second).
-        let (other, held) = (NodeId([7; 16]), dead());
-        let contest = |node: NodeId, holder: SocketAddr, claimant: SocketAddr| {
-            for _ in 0..3 {
-                table.handle(holder, &claim(node, holder.port()), now());
-            }
-            table.handle(claimant, &claim(node, claimant.port()), now());
-            table.handle(holder, &claim(node, holder.port()), now());
-            table.handle(claimant, &claim(node, claimant.port()), now());
-        };
-        contest(other, held, slow);
-        let t0 = std::time::Instant::now();
-        while !slow_asked.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(slow_asked.load(Ordering::SeqCst), "the slow claimant was not asked");
-        // While it is in flight, the same over the honest node's id, claimed at its server.
-        contest(node, dead(), fast);
-        let t0 = std::time::Instant::now();
-        while table.get(&node).map(|p| p.addrs) != Some(vec![fast]) && t0.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(table.get(&node).map(|p| p.addrs), Some(vec![fast]), "not proven");
-        assert!(
-            !slow_closed.load(Ordering::SeqCst),
-            "proven only after the slow request was given up"
-        );
-        shutdown.cancel();
-        prover.await.expect("prover");
     }
 }

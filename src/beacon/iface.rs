@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use super::BeaconError;
+use super::config::BeaconError;
 
 /// `IFA_F_TENTATIVE`: the address is still in duplicate address detection (not usable yet).
 const IFA_F_TENTATIVE: u32 = 0x40;

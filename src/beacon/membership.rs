@@ -21,10 +21,15 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
-use super::{
-    choose_interfaces, has_multicast_route_v4, list_interfaces, BeaconConfig, BeaconError, Interface, LinkState,
-    LinkStates, MAX_LINKS,
-};
+use super::config::{BeaconConfig, BeaconError, MAX_LINKS};
+use super::iface::{choose_interfaces, has_multicast_route_v4, list_interfaces, Interface};
+use super::links::{LinkState, LinkStates};
+use super::pex::OnLink;
+
+/// IPv4 (20) and UDP (8) header bytes of a beacon on the link.
+const V4_OVERHEAD: usize = 28;
+/// IPv6 (40) and UDP (8) header bytes of a beacon on the link.
+const V6_OVERHEAD: usize = 48;
 
 /// One bound family: its socket and groups.
 pub(super) struct Family {
@@ -364,8 +369,8 @@ impl Sockets {
     }
 
     /// Where entries learnt by peer exchange may point: the subnets of the joined IPv4 links.
-    pub(super) fn pex_on_link(&self) -> super::pex::OnLink {
-        super::pex::OnLink {
+    pub(super) fn pex_on_link(&self) -> OnLink {
+        OnLink {
             v4_nets: self
                 .links
                 .values()
@@ -383,12 +388,8 @@ impl Sockets {
         self.links
             .values()
             .map(|l| {
-                let v4 = if l.v4.is_some() {
-                    n4 * (len + super::V4_OVERHEAD)
-                } else {
-                    0
-                };
-                let v6 = if l.v6 { n6 * (len + super::V6_OVERHEAD) } else { 0 };
+                let v4 = if l.v4.is_some() { n4 * (len + V4_OVERHEAD) } else { 0 };
+                let v6 = if l.v6 { n6 * (len + V6_OVERHEAD) } else { 0 };
                 v4 + v6
             })
             .sum()

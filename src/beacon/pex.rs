@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::http::{get_text, url};
 use super::table::PeerTable;
 use super::wire::NodeId;
 
@@ -113,36 +114,9 @@ impl OnLink {
     }
 }
 
-/// The URL of `path` on the store server at `addr`.
-pub(crate) fn url(addr: SocketAddr, path: &str) -> String {
-    match addr {
-        SocketAddr::V4(a) => format!("http://{a}{path}"),
-        // Link-local: the scope goes in the URL as `%25`-escaped zone.
-        SocketAddr::V6(a) if a.scope_id() != 0 => format!("http://[{}%25{}]:{}{path}", a.ip(), a.scope_id(), a.port()),
-        SocketAddr::V6(a) => format!("http://{a}{path}"),
-    }
-}
-
 /// Fetches `GET /peers` from `from` (bounded in time and size).
 async fn fetch(client: &reqwest::Client, from: SocketAddr) -> Option<String> {
     get_text(client, &url(from, "/peers"), PEX_MAX_BODY).await
-}
-
-/// The body of a successful `GET url` as text, if it is UTF-8 and at most `max` bytes (the
-/// beacon's own requests to store servers: `/peers`, `/identity`). The caller bounds the time.
-pub(crate) async fn get_text(client: &reqwest::Client, url: &str, max: usize) -> Option<String> {
-    let mut resp = client.get(url).send().await.ok()?;
-    if !resp.status().is_success() {
-        return None;
-    }
-    let mut body = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        if body.len() + chunk.len() > max {
-            return None;
-        }
-        body.extend_from_slice(&chunk);
-    }
-    String::from_utf8(body).ok()
 }
 
 /// Asks up to [`PEX_SOURCES`] of the peers heard directly for their lists and enters what is on
@@ -151,7 +125,7 @@ pub async fn exchange(table: Arc<PeerTable>, on_link: OnLink) -> usize {
     use rand::seq::SliceRandom;
     // Peers whose store server answered us first, then established ones (in a flooded hall
     // most heard peers are forgeries, and identities kept refreshed are established too).
-    let heard: Vec<_> = table.peers().into_iter().filter(|p| p.announces > 0).collect();
+    let heard: Vec<_> = table.peers().into_iter().filter(|p| !p.hearsay()).collect();
     let mut tiers: [Vec<SocketAddr>; 3] = Default::default();
     for p in &heard {
         let tier = if p.answered.is_some() {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use nix::time::{clock_gettime, ClockId};
 use tokio::time::Instant;
 
-use super::{Peer, PeerTable, QUERY_ANSWERS};
+use super::receive::QUERY_ANSWERS;
+use super::table::{Peer, PeerTable};
 
 /// After a wake-up from suspend, peers that have not answered the query within this long are
 /// dropped (they may have gone while we slept; without this they would be tried until three of

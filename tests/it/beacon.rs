@@ -479,7 +479,7 @@ fn a_newcomer_learns_a_hall_of_100_within_10_s_by_peer_exchange() {
         newcomer.table.peers().len() == n
     });
     let learnt = newcomer.table.peers();
-    let direct = learnt.iter().filter(|p| p.announces > 0).count();
+    let direct = learnt.iter().filter(|p| !p.hearsay()).count();
     eprintln!(
         "newcomer in a hall of {n}: {} peers after {} ms ({direct} heard directly)",
         learnt.len(),

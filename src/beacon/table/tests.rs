@@ -1,6 +1,8 @@
 //! Tests of `table`.
 use super::*;
-use crate::beacon::wire::{encode, FLAG_NAR_NONE};
+use std::net::IpAddr;
+
+use crate::beacon::wire::{encode, DecodeError, FLAG_NAR_NONE};
 
 /// A peer heard of through peer exchange is on probation until it announces; its own
 /// announce replaces the listed address and sets its commitment; a known node is not
@@ -20,7 +22,7 @@ fn a_peer_heard_of_is_replaced_by_its_own_announce() {
         "own"
     );
     let p = t.get(&NodeId([1; 16])).expect("learnt");
-    assert_eq!((p.announces, p.established()), (0, false));
+    assert_eq!((p.standing, p.established()), (Standing::Hearsay, false));
     let c = [5u8; 16];
     let a = encode(&Beacon {
         kind: Kind::Announce,
@@ -345,7 +347,7 @@ async fn a_node_id_announced_from_another_address_does_not_take_the_entry() {
     now += Duration::from_millis(500);
     assert!(matches!(t.handle(honest, &a, now), Outcome::Refreshed(_)));
     let p = t.get(&node).expect("entry");
-    assert_eq!((p.addrs.clone(), p.pinned), (vec![honest], true));
+    assert_eq!((p.addrs.clone(), p.hold.pinned()), (vec![honest], true));
     // Further claims, from that address or any other, are ignored while it is alive.
     for (i, from) in [attacker, src(67), src(68)].into_iter().enumerate() {
         now += Duration::from_millis(100);
@@ -373,7 +375,10 @@ async fn a_node_id_announced_from_another_address_does_not_take_the_entry() {
         t.handle(src(4), &b, now);
     }
     let p = t.get(&other).expect("entry");
-    assert_eq!((p.http_addr(), p.moved.is_none(), p.pinned), (src(4), true, false));
+    assert_eq!(
+        (p.http_addr(), p.hold.moved().is_none(), p.hold.pinned()),
+        (src(4), true, false)
+    );
 }
 
 /// A forger who announces a node's id first, with a commitment of its own, holds the entry only
@@ -649,7 +654,7 @@ async fn a_contested_node_id_goes_to_the_address_that_proves_it() {
         t.handle(attacker, &a, now);
     }
     assert!(t.take_proofs_wanted().is_empty());
-    now += identity::ASK_AGAIN_AFTER;
+    now += contest::ASK_AGAIN_AFTER;
     t.handle(attacker, &a, now);
     assert_eq!(t.take_proofs_wanted(), [(node, attacker)]);
     // A claim from the other family is a contest too: listed after the proven address (not
@@ -715,7 +720,7 @@ async fn forged_contests_ask_a_victims_server_for_few_proofs() {
     assert!(t.take_proofs_wanted().is_empty());
     // In the next window, the ids are pinned to the victim's address (the moves were undone):
     // a claim from elsewhere is ignored and lists nothing, so the victim is not asked again.
-    now += identity::ASK_AGAIN_AFTER;
+    now += contest::ASK_AGAIN_AFTER;
     t.handle(ip(300), &claim(ids[0], ids[0].0, 60_000), now);
     t.handle(victim, &claim(ids[0], ids[0].0, 60_000), now);
     t.handle(victim, &claim(ids[0], ids[0].0, 60_000), now);
@@ -799,7 +804,7 @@ async fn a_failed_proof_is_retried_until_the_contest_settles() {
     now += Duration::from_millis(500);
     t.handle(honest, &a, now);
     assert!(t.take_proofs_wanted().is_empty(), "not before retry_after");
-    now += identity::FIRST_RETRY;
+    now += contest::FIRST_RETRY;
     t.handle(honest, &a, now);
     t.handle(attacker, &a, now);
     let mut wanted = t.take_proofs_wanted();
@@ -808,7 +813,7 @@ async fn a_failed_proof_is_retried_until_the_contest_settles() {
     t.proof_result(honest, Some(node), now);
     t.proof_result(attacker, None, now);
     assert_eq!(t.get(&node).map(|p| p.addrs), Some(vec![honest]));
-    now += identity::ASK_AGAIN_AFTER;
+    now += contest::ASK_AGAIN_AFTER;
     assert!(matches!(t.handle(attacker, &a, now), Outcome::Ignored(..)));
     assert!(matches!(t.handle(honest, &a, now), Outcome::Refreshed(_)));
 }
@@ -971,7 +976,7 @@ async fn next_expiry_is_never_late_and_scans_rarely() {
             }
         }
     }
-    let scans = t.lock().expiry_scans;
+    let scans = t.lock().expiry.scans;
     eprintln!("{calls} calls, {scans} scans");
     assert!(scans * 20 <= calls, "{scans} scans for {calls} calls");
     let due = t.next_expiry().expect("peers");
