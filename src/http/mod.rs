@@ -238,8 +238,8 @@ pub fn not_found() -> Response<Body> {
 }
 
 /// A 200 response with `body` of type `content_type`.
-pub fn ok(body: Bytes, content_type: &'static str) -> Response<Body> {
-    let mut r = Response::new(Body::from(body));
+pub fn ok(body: impl Into<Body>, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(body.into());
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r

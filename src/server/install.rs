@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
@@ -41,7 +41,7 @@ impl StoreServer {
     }
 
     /// The install script, for a newcomer who reached us as `host` (the `Host` header).
-    pub(super) async fn install_script(&self, req: &Request<Incoming>) -> Response<Body> {
+    pub(super) async fn install_script(&self, req: &Request<Incoming>) -> Result<Response<Body>, ServeError> {
         let host = req
             .headers()
             .get(header::HOST)
@@ -52,41 +52,28 @@ impl StoreServer {
             && host.len() <= 255
             && host.bytes().all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c));
         if !ok {
-            return h::text(StatusCode::BAD_REQUEST, "bad Host header\n");
+            return Err(ServeError::BadHost);
         }
-        let Some((sha, _)) = self.binary_digest().await else {
-            return h::not_found();
-        };
+        let (sha, _) = self.binary_digest().await.ok_or(ServeError::NoBinary)?;
         let script = INSTALL_SCRIPT
             .replace("@PEER@", &format!("http://{host}"))
             .replace("@SHA256@", &sha)
             .replace("@SOURCE_NARHASH@", source::NAR_HASH)
             .replace("@ARCH@", std::env::consts::ARCH);
-        let mut r = Response::new(Body::from(Bytes::from(script)));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/x-shellscript; charset=utf-8"),
-        );
-        r
+        Ok(h::ok(Bytes::from(script), "text/x-shellscript; charset=utf-8"))
     }
 
-    pub(super) async fn install_binary(&self, peer: SocketAddr, head: bool) -> Response<Body> {
-        let Some((_, size)) = self.binary_digest().await else {
-            return h::not_found();
-        };
-        let Ok(path) = std::env::current_exe() else {
-            return h::not_found();
-        };
+    pub(super) async fn install_binary(&self, peer: SocketAddr, head: bool) -> Result<Response<Body>, ServeError> {
+        let (_, size) = self.binary_digest().await.ok_or(ServeError::NoBinary)?;
+        let path = std::env::current_exe().map_err(ServeError::OwnPath)?;
         let body = if head {
             Body::empty()
         } else {
-            let permit = match self.transfers.acquire(peer.ip()).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::info!(%peer, error = %e, "no transfer slot for /install; answering 404");
-                    return h::not_found();
-                }
-            };
+            let permit = self
+                .transfers
+                .acquire(peer.ip())
+                .await
+                .map_err(|source| ServeError::NoInstallSlot { peer, source })?;
             let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
             let stall = self.stall_timeout;
             tokio::spawn(async move {
@@ -98,13 +85,9 @@ impl StoreServer {
             });
             Body::Stream(rx)
         };
-        let mut r = Response::new(body);
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        r.headers_mut().insert(header::CONTENT_LENGTH, hv(size.to_string()));
-        r
+        let mut r = h::ok(body, "application/octet-stream");
+        r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        Ok(r)
     }
 }
 

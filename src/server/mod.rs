@@ -10,6 +10,7 @@
 //! its build on a 5xx, but moves on after a 404).
 
 pub mod compress;
+mod error;
 pub mod index;
 mod install;
 pub mod limits;
@@ -37,6 +38,8 @@ use crate::store::{NarStream, Store};
 use index::{Entry, Index};
 pub use limits::{connection_limits, MAX_CONNECTIONS};
 use transfers::Transfers;
+
+pub use error::ServeError;
 
 /// Priority in `/nix-cache-info`: before cache.nixos.org (40), for clients pointed straight at us.
 pub const PRIORITY: u32 = 30;
@@ -156,19 +159,27 @@ impl StoreServer {
         self
     }
 
-    fn summary(&self, req: &Request<Incoming>) -> Response<Body> {
-        let Some(p) = &self.summary else {
-            return h::not_found();
-        };
+    fn summary(&self, req: &Request<Incoming>) -> Result<Response<Body>, ServeError> {
+        let p = self.summary.as_ref().ok_or(ServeError::NoSummary)?;
         let since = req
             .uri()
             .query()
             .and_then(|q| q.strip_prefix("since="))
             .and_then(|v| v.parse::<u64>().ok());
-        match p.response(since) {
-            Some(b) => h::ok(b, "application/octet-stream"),
-            None => h::not_found(),
-        }
+        let b = p.response(since).ok_or(ServeError::NoSummary)?;
+        Ok(h::ok(b, "application/octet-stream"))
+    }
+
+    fn peers(&self) -> Result<Response<Body>, ServeError> {
+        let t = self.peers.as_ref().ok_or(ServeError::NoPeerTable)?;
+        Ok(h::ok(Bytes::from(crate::beacon::pex::render(t)), "text/plain"))
+    }
+
+    fn identity(&self, req: &Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, ServeError> {
+        let id = self.identity.as_ref().ok_or(ServeError::NoIdentity)?;
+        let body = crate::beacon::identity::answer(id, req.uri().query(), crate::beacon::identity::is_own_address)
+            .map_err(|source| ServeError::IdentityRefused { peer, source })?;
+        Ok(h::ok(Bytes::from(body), "text/plain"))
     }
 
     pub fn with_node_id(mut self, node: crate::beacon::wire::NodeId) -> Self {
@@ -208,11 +219,9 @@ impl StoreServer {
         found
     }
 
-    async fn narinfo(&self, hash: &StorePathHash, arrived: tokio::time::Instant) -> Response<Body> {
-        match self.lookup(hash, arrived).await {
-            Some(e) => h::ok(e.narinfo.clone(), "text/x-nix-narinfo"),
-            None => h::not_found(),
-        }
+    async fn narinfo(&self, hash: &StorePathHash, arrived: tokio::time::Instant) -> Result<Response<Body>, ServeError> {
+        let e = self.lookup(hash, arrived).await.ok_or(ServeError::Miss)?;
+        Ok(h::ok(e.narinfo.clone(), "text/x-nix-narinfo"))
     }
 
     async fn nar(
@@ -223,22 +232,27 @@ impl StoreServer {
         nar_hash: &NarHash,
         zstd: bool,
         arrived: tokio::time::Instant,
-    ) -> Response<Body> {
+    ) -> Result<Response<Body>, ServeError> {
         let started = Instant::now();
-        let Some(entry) = self.lookup(hash, arrived).await.filter(|e| e.nar_hash == *nar_hash) else {
-            return h::not_found();
-        };
+        let entry = self
+            .lookup(hash, arrived)
+            .await
+            .filter(|e| e.nar_hash == *nar_hash)
+            .ok_or(ServeError::Miss)?;
         // A slot first (the queue may take a while), then the validity check right before the NAR.
         let permit = if req.method() == Method::HEAD {
             None
         } else {
-            match self.transfers.acquire(peer.ip()).await {
-                Ok(p) => Some(Arc::new(p)),
-                Err(e) => {
-                    tracing::info!(%peer, path = %entry.path, error = %e, "no transfer slot; answering 404");
-                    return h::not_found();
-                }
-            }
+            let p = self
+                .transfers
+                .acquire(peer.ip())
+                .await
+                .map_err(|source| ServeError::NoSlot {
+                    peer,
+                    path: entry.path.clone(),
+                    source,
+                })?;
+            Some(Arc::new(p))
         };
         // The daemon's NarFromPath does not check validity: ask for the path info right before,
         // and make sure it still is the NAR the URL names.
@@ -246,30 +260,28 @@ impl StoreServer {
             Ok(Some(i)) if i.nar_hash == *nar_hash && i.nar_size == entry.nar_size => i,
             Ok(_) => {
                 self.index.remove(hash);
-                return h::not_found();
+                return Err(ServeError::Gone {
+                    path: entry.path.clone(),
+                });
             }
-            Err(e) => {
-                tracing::warn!(path = %entry.path, error = %e, "daemon path info failed; answering 404");
-                return h::not_found();
+            Err(source) => {
+                return Err(ServeError::PathInfo {
+                    path: entry.path.clone(),
+                    source,
+                })
             }
         };
         let size = info.nar_size;
         let range_header = if zstd { None } else { req.headers().get(header::RANGE) };
-        let range = match h::parse_range(range_header, size) {
-            Ok(r) => r,
-            Err(h::Unsatisfiable) => return h::range_not_satisfiable(size),
-        };
+        let range = h::parse_range(range_header, size).map_err(|h::Unsatisfiable| ServeError::Range { size })?;
         let (start, end) = range.map_or((0, size - 1), |r| (r.start, r.end));
         let body = if req.method() == Method::HEAD {
             Body::empty()
         } else {
-            let stream = match self.store.nar(&info).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(path = %entry.path, error = %e, "daemon NAR failed; answering 404");
-                    return h::not_found();
-                }
-            };
+            let stream = self.store.nar(&info).await.map_err(|source| ServeError::DaemonNar {
+                path: entry.path.clone(),
+                source,
+            })?;
             let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
             let path = entry.path.to_string();
             let stall = self.stall_timeout;
@@ -298,12 +310,9 @@ impl StoreServer {
         };
         if zstd {
             // Length unknown until compressed: chunked, and no ranges.
-            let mut r = Response::new(body);
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
-            return r;
+            return Ok(h::ok(body, "application/zstd"));
         }
-        h::nar_response(body, size, start, end, range.is_some())
+        Ok(h::nar_response(body, size, start, end, range.is_some()))
     }
 }
 
@@ -345,52 +354,47 @@ async fn pump(
     Ok(sent)
 }
 
-fn hv(s: String) -> HeaderValue {
-    // Only digits, spaces, '-', '/', '*' and "bytes" are formatted in here.
-    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+impl StoreServer {
+    /// Answers one GET or HEAD request (errors still to be turned into responses).
+    async fn respond(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        head: bool,
+        arrived: tokio::time::Instant,
+    ) -> Result<Response<Body>, ServeError> {
+        match route(req.uri().path())? {
+            Route::Cache(CacheRoute::CacheInfo) => Ok(h::ok(self.cache_info.clone(), "text/x-nix-cache-info")),
+            Route::Install => self.install_script(req).await,
+            Route::InstallBinary => self.install_binary(peer, head).await,
+            Route::InstallSource => Ok(h::ok(Bytes::from_static(source::TARBALL), "application/x-tar")),
+            Route::Summary => self.summary(req),
+            Route::Peers => self.peers(),
+            Route::Identity => self.identity(req, peer),
+            Route::Cache(CacheRoute::NarInfo(hash)) => self.narinfo(&hash, arrived).await,
+            Route::Cache(CacheRoute::Nar {
+                hash,
+                nar_hash,
+                encoding,
+            }) => {
+                self.nar(req, peer, &hash, &nar_hash, encoding == NarEncoding::Zstd, arrived)
+                    .await
+            }
+        }
+    }
 }
 
 impl h::Handler for StoreServer {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let arrived = tokio::time::Instant::now();
         let Some(head) = h::is_head(req.method()) else {
-            return h::method_not_allowed();
+            // Answered before anything else, without the node id.
+            return ServeError::Method.into_response();
         };
-        let mut resp = match route(req.uri().path()) {
-            Ok(Route::Cache(CacheRoute::CacheInfo)) => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
-            Ok(Route::Install) => self.install_script(&req).await,
-            Ok(Route::InstallBinary) => self.install_binary(peer, head).await,
-            Ok(Route::InstallSource) => h::ok(Bytes::from_static(source::TARBALL), "application/x-tar"),
-            Ok(Route::Summary) => self.summary(&req),
-            Ok(Route::Peers) => match &self.peers {
-                Some(t) => h::ok(Bytes::from(crate::beacon::pex::render(t)), "text/plain"),
-                None => h::not_found(),
-            },
-            Ok(Route::Identity) => match &self.identity {
-                Some(id) => match crate::beacon::identity::answer(
-                    id,
-                    req.uri().query(),
-                    crate::beacon::identity::is_own_address,
-                ) {
-                    Ok(body) => h::ok(Bytes::from(body), "text/plain"),
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "identity proof refused");
-                        h::not_found()
-                    }
-                },
-                None => h::not_found(),
-            },
-            Ok(Route::Cache(CacheRoute::NarInfo(hash))) => self.narinfo(&hash, arrived).await,
-            Ok(Route::Cache(CacheRoute::Nar {
-                hash,
-                nar_hash,
-                encoding,
-            })) => {
-                self.nar(&req, peer, &hash, &nar_hash, encoding == NarEncoding::Zstd, arrived)
-                    .await
-            }
-            Err(e) => e.into_response(),
-        };
+        let mut resp = self
+            .respond(&req, peer, head, arrived)
+            .await
+            .unwrap_or_else(ServeError::into_response);
         if head {
             h::strip_for_head(&mut resp);
         }

@@ -1,0 +1,144 @@
+//! Why the store server did not serve what a request asked for, and the one place that turns each
+//! reason into a status ([`ServeError::into_response`]).
+//!
+//! Invariants: every miss and every failure is a 404 (a Nix client fails its build on a 5xx, but
+//! moves on after a 404), so an unsigned, untrusted, absent or unreadable path all look the
+//! same; only a malformed request (400, 414), a method other than GET and HEAD (405) and a range
+//! past a NAR's end (416) say more. Every reason is logged here; clients get fixed short bodies,
+//! never a path, an address or a daemon message.
+
+use std::net::SocketAddr;
+
+use http::{Response, StatusCode};
+
+use super::transfers::Refused;
+use crate::beacon::identity::ProofRefused;
+use crate::cache_url::RouteError;
+use crate::http::{self as h, Body};
+use crate::narinfo::StorePath;
+
+/// Why a request to the store server got no content.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("only GET and HEAD are served")]
+    Method,
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// The `Host` header of `/install` holds more than a host name or address (it ends up in the
+    /// script).
+    #[error("bad Host header")]
+    BadHost,
+    /// No content summary is published (yet), or none for the version asked.
+    #[error("no content summary to send")]
+    NoSummary,
+    /// `/peers` without a beacon.
+    #[error("no peer table (no beacon)")]
+    NoPeerTable,
+    /// `/identity` without a node key.
+    #[error("no node identity")]
+    NoIdentity,
+    #[error("identity proof refused: {source}")]
+    IdentityRefused {
+        peer: SocketAddr,
+        #[source]
+        source: ProofRefused,
+    },
+    /// Not in the index (absent, unsigned, untrusted), or not the NAR the URL names.
+    #[error("not a servable path")]
+    Miss,
+    /// The daemon no longer has the path as indexed (dropped from the index).
+    #[error("{path} changed or went away since it was indexed")]
+    Gone { path: StorePath },
+    #[error("no transfer slot for {path}: {source}")]
+    NoSlot {
+        peer: SocketAddr,
+        path: StorePath,
+        #[source]
+        source: Refused,
+    },
+    #[error("daemon path info for {path} failed: {source}")]
+    PathInfo {
+        path: StorePath,
+        #[source]
+        source: crate::store::Error,
+    },
+    #[error("daemon NAR of {path} failed: {source}")]
+    DaemonNar {
+        path: StorePath,
+        #[source]
+        source: crate::store::Error,
+    },
+    /// This process cannot read its own binary (logged when first tried).
+    #[error("our own binary is unreadable")]
+    NoBinary,
+    #[error("cannot find our own binary: {0}")]
+    OwnPath(#[source] std::io::Error),
+    #[error("no transfer slot for /install: {source}")]
+    NoInstallSlot {
+        peer: SocketAddr,
+        #[source]
+        source: Refused,
+    },
+    /// A `Range` past the end of a NAR of `size` bytes.
+    #[error("range not satisfiable for {size} bytes")]
+    Range { size: u64 },
+}
+
+impl ServeError {
+    /// The response for this reason, logged (the levels say how interesting a reason is: a
+    /// daemon failure is a warning, a full queue news, a plain miss a detail).
+    pub fn into_response(self) -> Response<Body> {
+        match self {
+            Self::Method => {
+                tracing::debug!(error = %self, "answering 405");
+                h::method_not_allowed()
+            }
+            Self::Route(e) => {
+                tracing::debug!(error = %e, "request path not served");
+                e.into_response()
+            }
+            Self::BadHost => {
+                tracing::debug!(error = %self, "answering 400");
+                h::text(StatusCode::BAD_REQUEST, "bad Host header\n")
+            }
+            Self::Range { size } => {
+                tracing::debug!(error = %self, "answering 416");
+                h::range_not_satisfiable(size)
+            }
+            Self::IdentityRefused { peer, ref source } => {
+                tracing::debug!(%peer, error = %source, "identity proof refused");
+                h::not_found()
+            }
+            Self::NoSlot {
+                peer,
+                ref path,
+                ref source,
+            } => {
+                tracing::info!(%peer, %path, error = %source, "no transfer slot; answering 404");
+                h::not_found()
+            }
+            Self::NoInstallSlot { peer, ref source } => {
+                tracing::info!(%peer, error = %source, "no transfer slot for /install; answering 404");
+                h::not_found()
+            }
+            Self::PathInfo { ref path, ref source } => {
+                tracing::warn!(%path, error = %source, "daemon path info failed; answering 404");
+                h::not_found()
+            }
+            Self::DaemonNar { ref path, ref source } => {
+                tracing::warn!(%path, error = %source, "daemon NAR failed; answering 404");
+                h::not_found()
+            }
+            Self::NoSummary
+            | Self::NoPeerTable
+            | Self::NoIdentity
+            | Self::Miss
+            | Self::Gone { .. }
+            | Self::NoBinary
+            | Self::OwnPath(_) => {
+                tracing::debug!(error = %self, "answering 404");
+                h::not_found()
+            }
+        }
+    }
+}
