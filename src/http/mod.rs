@@ -9,7 +9,8 @@
 //! that stalls or reads too slowly.
 //!
 //! Files: `serve` (binding, the accept loop, the drain), `admission` (who holds the connections),
-//! `body` (the body type and the response pieces), `pace`, `resources`. None imports this file:
+//! `body` (the body type and the response pieces), `pace`, `tasks` (the tasks feeding streamed
+//! bodies), `resources`. None imports this file:
 //! it only re-exports.
 
 mod admission;
@@ -17,6 +18,7 @@ mod body;
 mod pace;
 mod resources;
 mod serve;
+mod tasks;
 pub use admission::{addr_key, Admission, ConnLimits, HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
 pub use body::{
     is_head, method_not_allowed, nar_response, not_found, ok, parse_range, range_not_satisfiable, strip_for_head, text,
@@ -25,3 +27,4 @@ pub use body::{
 pub use pace::{Pace, PaceError, PACE_WINDOW, PACE_WINDOW_BYTES};
 pub use resources::{nofile_limit, raise_nofile_limit, release_free_memory};
 pub use serve::{bind, serve, serve_with, Handler, DRAIN_TIMEOUT};
+pub use tasks::BodyTasks;

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod misses;
 pub mod source;
 pub mod store_watch;
+mod streams;
 pub mod summary;
 pub mod transfers;
 
@@ -28,24 +29,21 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache_url::{self, CacheRoute, NarEncoding, RouteError};
-use crate::http::{self as h, Body, Pace, PaceError};
+use crate::http::{self as h, Body};
 use crate::narinfo::{NarHash, StorePathHash, TrustedKeys};
-use crate::store::{NarStream, Store};
+use crate::store::Store;
 use index::{Entry, Index};
 pub use limits::{connection_limits, MAX_CONNECTIONS};
+use streams::{NarPart, Streams};
 use transfers::Transfers;
 
 pub use error::ServeError;
 
 /// Priority in `/nix-cache-info`: before cache.nixos.org (40), for clients pointed straight at us.
 pub const PRIORITY: u32 = 30;
-/// NAR chunks buffered between the NAR source and a client (64 KiB from the daemon, 128 KiB from
-/// disk): with the source's own buffer, about 1 MiB per stream.
-const NAR_CHANNEL_CHUNKS: usize = 4;
 /// How often the server looks whether its transfers went idle, to hand freed memory back.
 const TRIM_CHECK: Duration = Duration::from_secs(2);
 
@@ -91,12 +89,10 @@ pub struct StoreServer {
     keys: TrustedKeys,
     /// `/nix-cache-info`, rendered once.
     cache_info: Bytes,
-    /// A client that accepts no NAR bytes for this long is dropped, freeing its daemon connection.
-    stall_timeout: Duration,
-    /// sha256 and size of this process's binary, computed on the first `/install` request.
-    binary: tokio::sync::OnceCell<Option<(String, u64)>>,
-    /// Slots for streamed bodies: a cap, a share per address, a queue with a deadline.
-    transfers: Arc<Transfers>,
+    /// Transfer slots, stall timeout and feeding tasks of the streamed bodies.
+    streams: Streams,
+    /// The one-liner's script and this process's binary.
+    install: install::Installer,
     /// This node's id, sent in [`cache_url::NODE_HEADER`] on every response, so a proxy can
     /// confirm it talks to the node that announced this address.
     node_header: Option<HeaderValue>,
@@ -122,11 +118,9 @@ impl StoreServer {
             index,
             keys,
             cache_info,
-            stall_timeout: Duration::from_secs(60),
-            binary: tokio::sync::OnceCell::new(),
             // Through the daemon, a transfer holds a daemon connection: no more transfers than
             // the connections NAR streams may use, so the fair queue decides who gets them.
-            transfers: Arc::new(match daemon_streams {
+            streams: Streams::new(match daemon_streams {
                 Some(n) => Transfers::new(
                     n.min(transfers::MAX_TRANSFERS),
                     transfers::MAX_TRANSFERS_PER_ADDR,
@@ -135,6 +129,7 @@ impl StoreServer {
                 ),
                 None => Transfers::default(),
             }),
+            install: install::Installer::default(),
             node_header: None,
             summary: None,
             peers: None,
@@ -189,12 +184,12 @@ impl StoreServer {
 
     /// Replaces the transfer limits (tests use small ones).
     pub fn with_transfers(mut self, t: Transfers) -> Self {
-        self.transfers = Arc::new(t);
+        self.streams.transfers = Arc::new(t);
         self
     }
 
     pub fn with_stall_timeout(mut self, d: Duration) -> Self {
-        self.stall_timeout = d;
+        self.streams.stall = d;
         self
     }
 
@@ -244,6 +239,7 @@ impl StoreServer {
             None
         } else {
             let p = self
+                .streams
                 .transfers
                 .acquire(peer.ip())
                 .await
@@ -282,31 +278,14 @@ impl StoreServer {
                 path: entry.path.clone(),
                 source,
             })?;
-            let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
-            let path = entry.path.to_string();
-            let stall = self.stall_timeout;
-            // With zstd, the pump feeds an encoder task, which feeds the client.
-            let (pump_tx, client_rx) = if zstd {
-                let (raw_tx, raw_rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
-                tokio::spawn(compress::compress(raw_rx, tx, size, Pace::new(stall), permit.clone()));
-                (raw_tx, rx)
-            } else {
-                (tx, rx)
+            let part = NarPart {
+                path: entry.path.to_string(),
+                size,
+                start,
+                end,
+                zstd,
             };
-            let tx = pump_tx;
-            tokio::spawn(async move {
-                let _permit = permit;
-                let r = pump(stream, &tx, start, end, Pace::new(stall)).await;
-                let ms = started.elapsed().as_millis() as u64;
-                match r {
-                    Ok(bytes) => tracing::info!(%path, bytes, ms, "NAR served"),
-                    Err(e) => {
-                        tracing::warn!(%path, ms, error = %e, "NAR transfer aborted");
-                        let _ = tx.try_send(Err(std::io::Error::other(e)));
-                    }
-                }
-            });
-            Body::Stream(client_rx)
+            self.streams.nar_body(stream, part, permit, started)
         };
         if zstd {
             // Length unknown until compressed: chunked, and no ranges.
@@ -314,44 +293,6 @@ impl StoreServer {
         }
         Ok(h::nar_response(body, size, start, end, range.is_some()))
     }
-}
-
-/// Why a NAR transfer stopped early.
-#[derive(Debug, thiserror::Error)]
-enum PumpError {
-    #[error(transparent)]
-    Store(#[from] crate::store::Error),
-    #[error(transparent)]
-    Client(#[from] PaceError),
-}
-
-/// Copies bytes `start..=end` of the NAR to the client. Returns the bytes sent.
-async fn pump(
-    mut stream: NarStream,
-    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
-    start: u64,
-    end: u64,
-    mut pace: Pace,
-) -> Result<u64, PumpError> {
-    let mut pos = 0u64;
-    let mut sent = 0u64;
-    while let Some(chunk) = stream.next_chunk().await? {
-        let (c_start, c_end) = (pos, pos + chunk.len() as u64);
-        pos = c_end;
-        if c_end <= start {
-            continue;
-        }
-        let from = start.saturating_sub(c_start) as usize;
-        let to = ((end + 1).min(c_end) - c_start) as usize;
-        let piece = chunk.slice(from..to);
-        sent += piece.len() as u64;
-        pace.send(tx, Ok(piece)).await?;
-        if c_end > end {
-            // The client asked for less than the whole NAR; the connection is dropped mid-NAR.
-            return Ok(sent);
-        }
-    }
-    Ok(sent)
 }
 
 impl StoreServer {
@@ -365,8 +306,8 @@ impl StoreServer {
     ) -> Result<Response<Body>, ServeError> {
         match route(req.uri().path())? {
             Route::Cache(CacheRoute::CacheInfo) => Ok(h::ok(self.cache_info.clone(), "text/x-nix-cache-info")),
-            Route::Install => self.install_script(req).await,
-            Route::InstallBinary => self.install_binary(peer, head).await,
+            Route::Install => self.install.script(req.headers().get(header::HOST)).await,
+            Route::InstallBinary => self.install.binary(peer, head, &self.streams).await,
             Route::InstallSource => Ok(h::ok(Bytes::from_static(source::TARBALL), "application/x-tar")),
             Route::Summary => self.summary(req),
             Route::Peers => self.peers(),
@@ -412,8 +353,9 @@ pub struct Running {
     pub parts: Vec<(&'static str, BoxFuture<'static, ()>)>,
 }
 
-/// The store server's parts: the index keeper, the task that hands memory back after bursts,
-/// and one accept loop per listener. The connection cap follows this process's open-file limit
+/// The store server's parts: the index keeper, the store watch, the miss checks, the owner of
+/// the streamed bodies' tasks, the task that hands memory back after bursts, and one accept loop
+/// per listener. The connection cap follows this process's open-file limit
 /// ([`connection_limits`]).
 pub fn parts(
     server: Arc<StoreServer>,
@@ -454,6 +396,10 @@ pub fn parts(
             )),
         ));
     }
+    parts.push((
+        "body tasks",
+        Box::pin(server.streams.tasks.clone().own(shutdown.clone())),
+    ));
     let limits = connection_limits(h::nofile_limit());
     tracing::info!(
         connections = limits.max,
@@ -465,7 +411,7 @@ pub fn parts(
     parts.push((
         "memory release",
         Box::pin(release_memory_when_idle(
-            server.transfers.clone(),
+            server.streams.transfers.clone(),
             admission.clone(),
             shutdown.clone(),
         )),
