@@ -1,7 +1,8 @@
 //! The LAN-facing store server: the host's own store as an HTTP binary cache.
 //!
-//! (Just over 500 lines: the handler and the NAR streaming, pump and compression, of one
-//! request stay together; the install paths, limits, transfers and summary are modules.)
+//! This file holds `StoreServer`, the routing of a request and the lookups; `error` decides the
+//! status of every failure (`ServeError`), `streams` feeds streamed bodies (the NAR pump, its
+//! tasks), `install` answers the one-liner's paths; limits, transfers and summary are modules.
 //!
 //! Serves `/nix-cache-info`, `/<hash>.narinfo` and `/nar/<hash>-<narhash>.nar` (GET and HEAD,
 //! `Range` on NARs), everything else is 404. Invariant: a path is visible only if one of its
