@@ -142,3 +142,90 @@ impl ServeError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// Every reason's status, `Allow`/`Content-Range` where they belong, and a body that never
+    /// carries the reason's detail (path, address, daemon message).
+    #[tokio::test]
+    async fn every_reason_gets_its_status_and_a_fixed_body() {
+        let path =
+            || StorePath::parse("/nix/store", "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-secret").expect("path");
+        let peer: SocketAddr = "10.9.8.7:4321".parse().expect("addr");
+        let daemon = || crate::store::Error::Daemon("daemon detail".into());
+        let cases: Vec<(ServeError, u16, &str)> = vec![
+            (ServeError::Method, 405, "only GET and HEAD\n"),
+            (RouteError::NotFound.into(), 404, "not found\n"),
+            (RouteError::BadRequest.into(), 400, "bad request\n"),
+            (RouteError::TooLong.into(), 414, "request path too long\n"),
+            (ServeError::BadHost, 400, "bad Host header\n"),
+            (ServeError::NoSummary, 404, "not found\n"),
+            (ServeError::NoPeerTable, 404, "not found\n"),
+            (ServeError::NoIdentity, 404, "not found\n"),
+            (
+                ServeError::IdentityRefused {
+                    peer,
+                    source: ProofRefused::Query,
+                },
+                404,
+                "not found\n",
+            ),
+            (ServeError::Miss, 404, "not found\n"),
+            (ServeError::Gone { path: path() }, 404, "not found\n"),
+            (
+                ServeError::NoSlot {
+                    peer,
+                    path: path(),
+                    source: Refused::AddrQueueFull,
+                },
+                404,
+                "not found\n",
+            ),
+            (
+                ServeError::PathInfo {
+                    path: path(),
+                    source: daemon(),
+                },
+                404,
+                "not found\n",
+            ),
+            (
+                ServeError::DaemonNar {
+                    path: path(),
+                    source: daemon(),
+                },
+                404,
+                "not found\n",
+            ),
+            (ServeError::NoBinary, 404, "not found\n"),
+            (
+                ServeError::OwnPath(std::io::Error::other("exe detail")),
+                404,
+                "not found\n",
+            ),
+            (
+                ServeError::NoInstallSlot {
+                    peer,
+                    source: Refused::Timeout(std::time::Duration::from_secs(20)),
+                },
+                404,
+                "not found\n",
+            ),
+            (ServeError::Range { size: 1234 }, 416, "range not satisfiable\n"),
+        ];
+        for (e, status, body) in cases {
+            let name = format!("{e:?}");
+            let r = e.into_response();
+            assert_eq!(r.status().as_u16(), status, "{name}");
+            assert_eq!(r.headers().get(http::header::ALLOW).is_some(), status == 405, "{name}");
+            if status == 416 {
+                assert_eq!(r.headers()[http::header::CONTENT_RANGE], "bytes */1234");
+            }
+            let got = r.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(got, body.as_bytes(), "{name}");
+        }
+    }
+}
