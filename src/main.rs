@@ -2,6 +2,8 @@
 //! logging and the runtime, and hands over to the library. Errors become a message and exit code
 //! 1 here, and only here.
 
+use std::future::Future;
+
 use anyhow::Context;
 use local_nix_cache::cli::{self, CliError, Command};
 use local_nix_cache::settings::LogFormat;
@@ -28,23 +30,12 @@ fn main() -> anyhow::Result<()> {
             Command::Serve(args) => {
                 let shutdown = CancellationToken::new();
                 let node = local_nix_cache::node::start(&args.settings(), shutdown.clone())?;
-                let s = shutdown.clone();
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    tracing::info!("shutting down");
-                    s.cancel();
-                });
-                node.wait().await?;
+                until_signal(node.wait(), &shutdown, || tracing::info!("shutting down")).await?;
                 Ok(())
             }
             Command::Peers(args) => {
                 let stop = CancellationToken::new();
-                let s = stop.clone();
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    s.cancel();
-                });
-                local_nix_cache::peers::run(args.options(), stop).await?;
+                until_signal(local_nix_cache::peers::run(args.options(), stop.clone()), &stop, || {}).await?;
                 Ok(())
             }
             Command::Status(args) => {
@@ -66,6 +57,20 @@ fn init_logging(format: LogFormat) {
         LogFormat::Plain => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
+    }
+}
+
+/// Runs `work` to its end. A SIGINT or SIGTERM on the way calls `on_signal` and cancels `stop`,
+/// and `work` (which watches `stop`) still runs to its end: no task is left behind.
+async fn until_signal<T>(work: impl Future<Output = T>, stop: &CancellationToken, on_signal: impl FnOnce()) -> T {
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => r,
+        () = wait_for_signal() => {
+            on_signal();
+            stop.cancel();
+            work.await
+        }
     }
 }
 

@@ -2,7 +2,29 @@
 //! makes room for a newcomer. Past a cap (per server, per client address), the oldest *idle*
 //! connection of that address, or else of anyone, is closed; a busy one never is.
 
-use super::*;
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv6Addr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tokio_util::sync::CancellationToken;
+
+use super::body::Body;
+
+/// Open connections per server by default (the store server derives its own cap from the
+/// open-file limit). Memory: a few KiB of task state and an 8 KiB buffer per idle connection
+/// (about 20 MiB for 1024); a client sending huge headers grows its buffer to at most
+/// the connection buffer (`serve::MAX_READ_BUF`) until the header timeout.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// A client must send its request headers within this time (slowloris guard); also the longest a
+/// kept-alive connection may sit idle between requests.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connection admission settings of one server.
 #[derive(Clone, Copy, Debug)]

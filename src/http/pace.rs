@@ -1,7 +1,11 @@
 //! Pacing of streamed bodies: a client must take each chunk within the stall timeout and at least
 //! [`PACE_WINDOW_BYTES`] in every [`PACE_WINDOW`], or the transfer ends and frees what it held.
 
-use super::*;
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
 
 /// Bytes a client must accept within every [`PACE_WINDOW`] of a streamed body (on top of never
 /// stalling for longer than its stall timeout): 12.8 KiB/s on average, far below any LAN or

@@ -5,16 +5,25 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{header, HeaderValue, Response};
 use tokio::sync::mpsc;
 
-use super::*;
+use super::error::ServeError;
+use super::source;
+use super::streams::{Streams, NAR_CHANNEL_CHUNKS};
+use crate::http::{self as h, Body, Pace, PaceError};
 
 /// The conference one-liner's script; `@PEER@` and `@SHA256@` are filled in per request.
 const INSTALL_SCRIPT: &str = include_str!("install.sh");
 
-impl StoreServer {
+/// The one-liner's two answers, and the running binary's digest they need.
+#[derive(Default)]
+pub struct Installer {
+    /// sha256 and size of this process's binary, computed on the first `/install` request.
+    binary: tokio::sync::OnceCell<Option<(String, u64)>>,
+}
+
+impl Installer {
     /// sha256 (hex) and size of the running binary.
     async fn binary_digest(&self) -> Option<(String, u64)> {
         self.binary
@@ -41,70 +50,50 @@ impl StoreServer {
     }
 
     /// The install script, for a newcomer who reached us as `host` (the `Host` header).
-    pub(super) async fn install_script(&self, req: &Request<Incoming>) -> Response<Body> {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("");
+    pub async fn script(&self, host: Option<&HeaderValue>) -> Result<Response<Body>, ServeError> {
+        let host = host.and_then(|h| h.to_str().ok()).unwrap_or("");
         // The host ends up inside the script: only characters of a host name or address.
         let ok = !host.is_empty()
             && host.len() <= 255
             && host.bytes().all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c));
         if !ok {
-            return h::text(StatusCode::BAD_REQUEST, "bad Host header\n");
+            return Err(ServeError::BadHost);
         }
-        let Some((sha, _)) = self.binary_digest().await else {
-            return h::not_found();
-        };
+        let (sha, _) = self.binary_digest().await.ok_or(ServeError::NoBinary)?;
         let script = INSTALL_SCRIPT
             .replace("@PEER@", &format!("http://{host}"))
             .replace("@SHA256@", &sha)
             .replace("@SOURCE_NARHASH@", source::NAR_HASH)
             .replace("@ARCH@", std::env::consts::ARCH);
-        let mut r = Response::new(Body::from(Bytes::from(script)));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/x-shellscript; charset=utf-8"),
-        );
-        r
+        Ok(h::ok(Bytes::from(script), "text/x-shellscript; charset=utf-8"))
     }
 
-    pub(super) async fn install_binary(&self, peer: SocketAddr, head: bool) -> Response<Body> {
-        let Some((_, size)) = self.binary_digest().await else {
-            return h::not_found();
-        };
-        let Ok(path) = std::env::current_exe() else {
-            return h::not_found();
-        };
+    /// This process's binary, streamed (through a transfer slot) by a task of `streams`.
+    pub async fn binary(&self, peer: SocketAddr, head: bool, streams: &Streams) -> Result<Response<Body>, ServeError> {
+        let (_, size) = self.binary_digest().await.ok_or(ServeError::NoBinary)?;
+        let path = std::env::current_exe().map_err(ServeError::OwnPath)?;
         let body = if head {
             Body::empty()
         } else {
-            let permit = match self.transfers.acquire(peer.ip()).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::info!(%peer, error = %e, "no transfer slot for /install; answering 404");
-                    return h::not_found();
-                }
-            };
+            let permit = streams
+                .transfers
+                .acquire(peer.ip())
+                .await
+                .map_err(|source| ServeError::NoInstallSlot { peer, source })?;
             let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
-            let stall = self.stall_timeout;
-            tokio::spawn(async move {
+            let pace = streams.pace();
+            streams.tasks.spawn(async move {
                 let _permit = permit;
-                if let Err(e) = send_file(&path, size, &tx, Pace::new(stall)).await {
+                if let Err(e) = send_file(&path, size, &tx, pace).await {
                     tracing::info!(%peer, error = %e, "binary transfer aborted");
                     let _ = tx.try_send(Err(std::io::Error::other(e)));
                 }
             });
             Body::Stream(rx)
         };
-        let mut r = Response::new(body);
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        r.headers_mut().insert(header::CONTENT_LENGTH, hv(size.to_string()));
-        r
+        let mut r = h::ok(body, "application/octet-stream");
+        r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        Ok(r)
     }
 }
 

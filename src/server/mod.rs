@@ -1,7 +1,8 @@
 //! The LAN-facing store server: the host's own store as an HTTP binary cache.
 //!
-//! (Just over 500 lines: the handler and the NAR streaming, pump and compression, of one
-//! request stay together; the install paths, limits, transfers and summary are modules.)
+//! This file holds `StoreServer`, the routing of a request and the lookups; `error` decides the
+//! status of every failure (`ServeError`), `streams` feeds streamed bodies (the NAR pump, its
+//! tasks), `install` answers the one-liner's paths; limits, transfers and summary are modules.
 //!
 //! Serves `/nix-cache-info`, `/<hash>.narinfo` and `/nar/<hash>-<narhash>.nar` (GET and HEAD,
 //! `Range` on NARs), everything else is 404. Invariant: a path is visible only if one of its
@@ -10,12 +11,14 @@
 //! its build on a 5xx, but moves on after a 404).
 
 pub mod compress;
+mod error;
 pub mod index;
 mod install;
 pub mod limits;
 pub mod misses;
 pub mod source;
 pub mod store_watch;
+mod streams;
 pub mod summary;
 pub mod transfers;
 
@@ -27,22 +30,21 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache_url::{self, CacheRoute, NarEncoding, RouteError};
-use crate::http::{self as h, Body, Pace, PaceError};
+use crate::http::{self as h, Body};
 use crate::narinfo::{NarHash, StorePathHash, TrustedKeys};
-use crate::store::{NarStream, Store};
+use crate::store::Store;
 use index::{Entry, Index};
 pub use limits::{connection_limits, MAX_CONNECTIONS};
+use streams::{NarPart, Streams};
 use transfers::Transfers;
+
+pub use error::ServeError;
 
 /// Priority in `/nix-cache-info`: before cache.nixos.org (40), for clients pointed straight at us.
 pub const PRIORITY: u32 = 30;
-/// NAR chunks buffered between the NAR source and a client (64 KiB from the daemon, 128 KiB from
-/// disk): with the source's own buffer, about 1 MiB per stream.
-const NAR_CHANNEL_CHUNKS: usize = 4;
 /// How often the server looks whether its transfers went idle, to hand freed memory back.
 const TRIM_CHECK: Duration = Duration::from_secs(2);
 
@@ -88,12 +90,10 @@ pub struct StoreServer {
     keys: TrustedKeys,
     /// `/nix-cache-info`, rendered once.
     cache_info: Bytes,
-    /// A client that accepts no NAR bytes for this long is dropped, freeing its daemon connection.
-    stall_timeout: Duration,
-    /// sha256 and size of this process's binary, computed on the first `/install` request.
-    binary: tokio::sync::OnceCell<Option<(String, u64)>>,
-    /// Slots for streamed bodies: a cap, a share per address, a queue with a deadline.
-    transfers: Arc<Transfers>,
+    /// Transfer slots, stall timeout and feeding tasks of the streamed bodies.
+    streams: Streams,
+    /// The one-liner's script and this process's binary.
+    install: install::Installer,
     /// This node's id, sent in [`cache_url::NODE_HEADER`] on every response, so a proxy can
     /// confirm it talks to the node that announced this address.
     node_header: Option<HeaderValue>,
@@ -119,11 +119,9 @@ impl StoreServer {
             index,
             keys,
             cache_info,
-            stall_timeout: Duration::from_secs(60),
-            binary: tokio::sync::OnceCell::new(),
             // Through the daemon, a transfer holds a daemon connection: no more transfers than
             // the connections NAR streams may use, so the fair queue decides who gets them.
-            transfers: Arc::new(match daemon_streams {
+            streams: Streams::new(match daemon_streams {
                 Some(n) => Transfers::new(
                     n.min(transfers::MAX_TRANSFERS),
                     transfers::MAX_TRANSFERS_PER_ADDR,
@@ -132,6 +130,7 @@ impl StoreServer {
                 ),
                 None => Transfers::default(),
             }),
+            install: install::Installer::default(),
             node_header: None,
             summary: None,
             peers: None,
@@ -156,19 +155,27 @@ impl StoreServer {
         self
     }
 
-    fn summary(&self, req: &Request<Incoming>) -> Response<Body> {
-        let Some(p) = &self.summary else {
-            return h::not_found();
-        };
+    fn summary(&self, req: &Request<Incoming>) -> Result<Response<Body>, ServeError> {
+        let p = self.summary.as_ref().ok_or(ServeError::NoSummary)?;
         let since = req
             .uri()
             .query()
             .and_then(|q| q.strip_prefix("since="))
             .and_then(|v| v.parse::<u64>().ok());
-        match p.response(since) {
-            Some(b) => h::ok(b, "application/octet-stream"),
-            None => h::not_found(),
-        }
+        let b = p.response(since).ok_or(ServeError::NoSummary)?;
+        Ok(h::ok(b, "application/octet-stream"))
+    }
+
+    fn peers(&self) -> Result<Response<Body>, ServeError> {
+        let t = self.peers.as_ref().ok_or(ServeError::NoPeerTable)?;
+        Ok(h::ok(Bytes::from(crate::beacon::pex::render(t)), "text/plain"))
+    }
+
+    fn identity(&self, req: &Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, ServeError> {
+        let id = self.identity.as_ref().ok_or(ServeError::NoIdentity)?;
+        let body = crate::beacon::identity::answer(id, req.uri().query(), crate::beacon::identity::is_own_address)
+            .map_err(|source| ServeError::IdentityRefused { peer, source })?;
+        Ok(h::ok(Bytes::from(body), "text/plain"))
     }
 
     pub fn with_node_id(mut self, node: crate::beacon::wire::NodeId) -> Self {
@@ -178,12 +185,12 @@ impl StoreServer {
 
     /// Replaces the transfer limits (tests use small ones).
     pub fn with_transfers(mut self, t: Transfers) -> Self {
-        self.transfers = Arc::new(t);
+        self.streams.transfers = Arc::new(t);
         self
     }
 
     pub fn with_stall_timeout(mut self, d: Duration) -> Self {
-        self.stall_timeout = d;
+        self.streams.stall = d;
         self
     }
 
@@ -208,11 +215,9 @@ impl StoreServer {
         found
     }
 
-    async fn narinfo(&self, hash: &StorePathHash, arrived: tokio::time::Instant) -> Response<Body> {
-        match self.lookup(hash, arrived).await {
-            Some(e) => h::ok(e.narinfo.clone(), "text/x-nix-narinfo"),
-            None => h::not_found(),
-        }
+    async fn narinfo(&self, hash: &StorePathHash, arrived: tokio::time::Instant) -> Result<Response<Body>, ServeError> {
+        let e = self.lookup(hash, arrived).await.ok_or(ServeError::Miss)?;
+        Ok(h::ok(e.narinfo.clone(), "text/x-nix-narinfo"))
     }
 
     async fn nar(
@@ -223,22 +228,28 @@ impl StoreServer {
         nar_hash: &NarHash,
         zstd: bool,
         arrived: tokio::time::Instant,
-    ) -> Response<Body> {
+    ) -> Result<Response<Body>, ServeError> {
         let started = Instant::now();
-        let Some(entry) = self.lookup(hash, arrived).await.filter(|e| e.nar_hash == *nar_hash) else {
-            return h::not_found();
-        };
+        let entry = self
+            .lookup(hash, arrived)
+            .await
+            .filter(|e| e.nar_hash == *nar_hash)
+            .ok_or(ServeError::Miss)?;
         // A slot first (the queue may take a while), then the validity check right before the NAR.
         let permit = if req.method() == Method::HEAD {
             None
         } else {
-            match self.transfers.acquire(peer.ip()).await {
-                Ok(p) => Some(Arc::new(p)),
-                Err(e) => {
-                    tracing::info!(%peer, path = %entry.path, error = %e, "no transfer slot; answering 404");
-                    return h::not_found();
-                }
-            }
+            let p = self
+                .streams
+                .transfers
+                .acquire(peer.ip())
+                .await
+                .map_err(|source| ServeError::NoSlot {
+                    peer,
+                    path: entry.path.clone(),
+                    source,
+                })?;
+            Some(Arc::new(p))
         };
         // The daemon's NarFromPath does not check validity: ask for the path info right before,
         // and make sure it still is the NAR the URL names.
@@ -246,151 +257,86 @@ impl StoreServer {
             Ok(Some(i)) if i.nar_hash == *nar_hash && i.nar_size == entry.nar_size => i,
             Ok(_) => {
                 self.index.remove(hash);
-                return h::not_found();
+                return Err(ServeError::Gone {
+                    path: entry.path.clone(),
+                });
             }
-            Err(e) => {
-                tracing::warn!(path = %entry.path, error = %e, "daemon path info failed; answering 404");
-                return h::not_found();
+            Err(source) => {
+                return Err(ServeError::PathInfo {
+                    path: entry.path.clone(),
+                    source,
+                })
             }
         };
         let size = info.nar_size;
         let range_header = if zstd { None } else { req.headers().get(header::RANGE) };
-        let range = match h::parse_range(range_header, size) {
-            Ok(r) => r,
-            Err(h::Unsatisfiable) => return h::range_not_satisfiable(size),
-        };
+        let range = h::parse_range(range_header, size).map_err(|h::Unsatisfiable| ServeError::Range { size })?;
         let (start, end) = range.map_or((0, size - 1), |r| (r.start, r.end));
         let body = if req.method() == Method::HEAD {
             Body::empty()
         } else {
-            let stream = match self.store.nar(&info).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(path = %entry.path, error = %e, "daemon NAR failed; answering 404");
-                    return h::not_found();
-                }
+            let stream = self.store.nar(&info).await.map_err(|source| ServeError::DaemonNar {
+                path: entry.path.clone(),
+                source,
+            })?;
+            let part = NarPart {
+                path: entry.path.to_string(),
+                size,
+                start,
+                end,
+                zstd,
             };
-            let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
-            let path = entry.path.to_string();
-            let stall = self.stall_timeout;
-            // With zstd, the pump feeds an encoder task, which feeds the client.
-            let (pump_tx, client_rx) = if zstd {
-                let (raw_tx, raw_rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
-                tokio::spawn(compress::compress(raw_rx, tx, size, Pace::new(stall), permit.clone()));
-                (raw_tx, rx)
-            } else {
-                (tx, rx)
-            };
-            let tx = pump_tx;
-            tokio::spawn(async move {
-                let _permit = permit;
-                let r = pump(stream, &tx, start, end, Pace::new(stall)).await;
-                let ms = started.elapsed().as_millis() as u64;
-                match r {
-                    Ok(bytes) => tracing::info!(%path, bytes, ms, "NAR served"),
-                    Err(e) => {
-                        tracing::warn!(%path, ms, error = %e, "NAR transfer aborted");
-                        let _ = tx.try_send(Err(std::io::Error::other(e)));
-                    }
-                }
-            });
-            Body::Stream(client_rx)
+            self.streams.nar_body(stream, part, permit, started)
         };
         if zstd {
             // Length unknown until compressed: chunked, and no ranges.
-            let mut r = Response::new(body);
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
-            return r;
+            return Ok(h::ok(body, "application/zstd"));
         }
-        h::nar_response(body, size, start, end, range.is_some())
+        Ok(h::nar_response(body, size, start, end, range.is_some()))
     }
 }
 
-/// Why a NAR transfer stopped early.
-#[derive(Debug, thiserror::Error)]
-enum PumpError {
-    #[error(transparent)]
-    Store(#[from] crate::store::Error),
-    #[error(transparent)]
-    Client(#[from] PaceError),
-}
-
-/// Copies bytes `start..=end` of the NAR to the client. Returns the bytes sent.
-async fn pump(
-    mut stream: NarStream,
-    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
-    start: u64,
-    end: u64,
-    mut pace: Pace,
-) -> Result<u64, PumpError> {
-    let mut pos = 0u64;
-    let mut sent = 0u64;
-    while let Some(chunk) = stream.next_chunk().await? {
-        let (c_start, c_end) = (pos, pos + chunk.len() as u64);
-        pos = c_end;
-        if c_end <= start {
-            continue;
-        }
-        let from = start.saturating_sub(c_start) as usize;
-        let to = ((end + 1).min(c_end) - c_start) as usize;
-        let piece = chunk.slice(from..to);
-        sent += piece.len() as u64;
-        pace.send(tx, Ok(piece)).await?;
-        if c_end > end {
-            // The client asked for less than the whole NAR; the connection is dropped mid-NAR.
-            return Ok(sent);
+impl StoreServer {
+    /// Answers one GET or HEAD request (errors still to be turned into responses).
+    async fn respond(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        head: bool,
+        arrived: tokio::time::Instant,
+    ) -> Result<Response<Body>, ServeError> {
+        match route(req.uri().path())? {
+            Route::Cache(CacheRoute::CacheInfo) => Ok(h::ok(self.cache_info.clone(), "text/x-nix-cache-info")),
+            Route::Install => self.install.script(req.headers().get(header::HOST)).await,
+            Route::InstallBinary => self.install.binary(peer, head, &self.streams).await,
+            Route::InstallSource => Ok(h::ok(Bytes::from_static(source::TARBALL), "application/x-tar")),
+            Route::Summary => self.summary(req),
+            Route::Peers => self.peers(),
+            Route::Identity => self.identity(req, peer),
+            Route::Cache(CacheRoute::NarInfo(hash)) => self.narinfo(&hash, arrived).await,
+            Route::Cache(CacheRoute::Nar {
+                hash,
+                nar_hash,
+                encoding,
+            }) => {
+                self.nar(req, peer, &hash, &nar_hash, encoding == NarEncoding::Zstd, arrived)
+                    .await
+            }
         }
     }
-    Ok(sent)
-}
-
-fn hv(s: String) -> HeaderValue {
-    // Only digits, spaces, '-', '/', '*' and "bytes" are formatted in here.
-    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 impl h::Handler for StoreServer {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let arrived = tokio::time::Instant::now();
         let Some(head) = h::is_head(req.method()) else {
-            return h::method_not_allowed();
+            // Answered before anything else, without the node id.
+            return ServeError::Method.into_response();
         };
-        let mut resp = match route(req.uri().path()) {
-            Ok(Route::Cache(CacheRoute::CacheInfo)) => h::ok(self.cache_info.clone(), "text/x-nix-cache-info"),
-            Ok(Route::Install) => self.install_script(&req).await,
-            Ok(Route::InstallBinary) => self.install_binary(peer, head).await,
-            Ok(Route::InstallSource) => h::ok(Bytes::from_static(source::TARBALL), "application/x-tar"),
-            Ok(Route::Summary) => self.summary(&req),
-            Ok(Route::Peers) => match &self.peers {
-                Some(t) => h::ok(Bytes::from(crate::beacon::pex::render(t)), "text/plain"),
-                None => h::not_found(),
-            },
-            Ok(Route::Identity) => match &self.identity {
-                Some(id) => match crate::beacon::identity::answer(
-                    id,
-                    req.uri().query(),
-                    crate::beacon::identity::is_own_address,
-                ) {
-                    Ok(body) => h::ok(Bytes::from(body), "text/plain"),
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "identity proof refused");
-                        h::not_found()
-                    }
-                },
-                None => h::not_found(),
-            },
-            Ok(Route::Cache(CacheRoute::NarInfo(hash))) => self.narinfo(&hash, arrived).await,
-            Ok(Route::Cache(CacheRoute::Nar {
-                hash,
-                nar_hash,
-                encoding,
-            })) => {
-                self.nar(&req, peer, &hash, &nar_hash, encoding == NarEncoding::Zstd, arrived)
-                    .await
-            }
-            Err(e) => e.into_response(),
-        };
+        let mut resp = self
+            .respond(&req, peer, head, arrived)
+            .await
+            .unwrap_or_else(ServeError::into_response);
         if head {
             h::strip_for_head(&mut resp);
         }
@@ -408,8 +354,9 @@ pub struct Running {
     pub parts: Vec<(&'static str, BoxFuture<'static, ()>)>,
 }
 
-/// The store server's parts: the index keeper, the task that hands memory back after bursts,
-/// and one accept loop per listener. The connection cap follows this process's open-file limit
+/// The store server's parts: the index keeper, the store watch, the miss checks, the owner of
+/// the streamed bodies' tasks, the task that hands memory back after bursts, and one accept loop
+/// per listener. The connection cap follows this process's open-file limit
 /// ([`connection_limits`]).
 pub fn parts(
     server: Arc<StoreServer>,
@@ -450,6 +397,10 @@ pub fn parts(
             )),
         ));
     }
+    parts.push((
+        "body tasks",
+        Box::pin(server.streams.tasks.clone().own(shutdown.clone())),
+    ));
     let limits = connection_limits(h::nofile_limit());
     tracing::info!(
         connections = limits.max,
@@ -461,7 +412,7 @@ pub fn parts(
     parts.push((
         "memory release",
         Box::pin(release_memory_when_idle(
-            server.transfers.clone(),
+            server.streams.transfers.clone(),
             admission.clone(),
             shutdown.clone(),
         )),

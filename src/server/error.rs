@@ -1,0 +1,231 @@
+//! Why the store server did not serve what a request asked for, and the one place that turns each
+//! reason into a status ([`ServeError::into_response`]).
+//!
+//! Invariants: every miss and every failure is a 404 (a Nix client fails its build on a 5xx, but
+//! moves on after a 404), so an unsigned, untrusted, absent or unreadable path all look the
+//! same; only a malformed request (400, 414), a method other than GET and HEAD (405) and a range
+//! past a NAR's end (416) say more. Every reason is logged here; clients get fixed short bodies,
+//! never a path, an address or a daemon message.
+
+use std::net::SocketAddr;
+
+use http::{Response, StatusCode};
+
+use super::transfers::Refused;
+use crate::beacon::identity::ProofRefused;
+use crate::cache_url::RouteError;
+use crate::http::{self as h, Body};
+use crate::narinfo::StorePath;
+
+/// Why a request to the store server got no content.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("only GET and HEAD are served")]
+    Method,
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// The `Host` header of `/install` holds more than a host name or address (it ends up in the
+    /// script).
+    #[error("bad Host header")]
+    BadHost,
+    /// No content summary is published (yet), or none for the version asked.
+    #[error("no content summary to send")]
+    NoSummary,
+    /// `/peers` without a beacon.
+    #[error("no peer table (no beacon)")]
+    NoPeerTable,
+    /// `/identity` without a node key.
+    #[error("no node identity")]
+    NoIdentity,
+    #[error("identity proof refused: {source}")]
+    IdentityRefused {
+        peer: SocketAddr,
+        #[source]
+        source: ProofRefused,
+    },
+    /// Not in the index (absent, unsigned, untrusted), or not the NAR the URL names.
+    #[error("not a servable path")]
+    Miss,
+    /// The daemon no longer has the path as indexed (dropped from the index).
+    #[error("{path} changed or went away since it was indexed")]
+    Gone { path: StorePath },
+    #[error("no transfer slot for {path}: {source}")]
+    NoSlot {
+        peer: SocketAddr,
+        path: StorePath,
+        #[source]
+        source: Refused,
+    },
+    #[error("daemon path info for {path} failed: {source}")]
+    PathInfo {
+        path: StorePath,
+        #[source]
+        source: crate::store::Error,
+    },
+    #[error("daemon NAR of {path} failed: {source}")]
+    DaemonNar {
+        path: StorePath,
+        #[source]
+        source: crate::store::Error,
+    },
+    /// This process cannot read its own binary (logged when first tried).
+    #[error("our own binary is unreadable")]
+    NoBinary,
+    #[error("cannot find our own binary: {0}")]
+    OwnPath(#[source] std::io::Error),
+    #[error("no transfer slot for /install: {source}")]
+    NoInstallSlot {
+        peer: SocketAddr,
+        #[source]
+        source: Refused,
+    },
+    /// A `Range` past the end of a NAR of `size` bytes.
+    #[error("range not satisfiable for {size} bytes")]
+    Range { size: u64 },
+}
+
+impl ServeError {
+    /// The response for this reason, logged (the levels say how interesting a reason is: a
+    /// daemon failure is a warning, a full queue news, a plain miss a detail).
+    pub fn into_response(self) -> Response<Body> {
+        match self {
+            Self::Method => {
+                tracing::debug!(error = %self, "answering 405");
+                h::method_not_allowed()
+            }
+            Self::Route(e) => {
+                tracing::debug!(error = %e, "request path not served");
+                e.into_response()
+            }
+            Self::BadHost => {
+                tracing::debug!(error = %self, "answering 400");
+                h::text(StatusCode::BAD_REQUEST, "bad Host header\n")
+            }
+            Self::Range { size } => {
+                tracing::debug!(error = %self, "answering 416");
+                h::range_not_satisfiable(size)
+            }
+            Self::IdentityRefused { peer, ref source } => {
+                tracing::debug!(%peer, error = %source, "identity proof refused");
+                h::not_found()
+            }
+            Self::NoSlot {
+                peer,
+                ref path,
+                ref source,
+            } => {
+                tracing::info!(%peer, %path, error = %source, "no transfer slot; answering 404");
+                h::not_found()
+            }
+            Self::NoInstallSlot { peer, ref source } => {
+                tracing::info!(%peer, error = %source, "no transfer slot for /install; answering 404");
+                h::not_found()
+            }
+            Self::PathInfo { ref path, ref source } => {
+                tracing::warn!(%path, error = %source, "daemon path info failed; answering 404");
+                h::not_found()
+            }
+            Self::DaemonNar { ref path, ref source } => {
+                tracing::warn!(%path, error = %source, "daemon NAR failed; answering 404");
+                h::not_found()
+            }
+            Self::NoSummary
+            | Self::NoPeerTable
+            | Self::NoIdentity
+            | Self::Miss
+            | Self::Gone { .. }
+            | Self::NoBinary
+            | Self::OwnPath(_) => {
+                tracing::debug!(error = %self, "answering 404");
+                h::not_found()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// Every reason's status, `Allow`/`Content-Range` where they belong, and a body that never
+    /// carries the reason's detail (path, address, daemon message).
+    #[tokio::test]
+    async fn every_reason_gets_its_status_and_a_fixed_body() {
+        let path =
+            || StorePath::parse("/nix/store", "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-secret").expect("path");
+        let peer: SocketAddr = "10.9.8.7:4321".parse().expect("addr");
+        let daemon = || crate::store::Error::Daemon("daemon detail".into());
+        let cases: Vec<(ServeError, u16, &str)> = vec![
+            (ServeError::Method, 405, "only GET and HEAD\n"),
+            (RouteError::NotFound.into(), 404, "not found\n"),
+            (RouteError::BadRequest.into(), 400, "bad request\n"),
+            (RouteError::TooLong.into(), 414, "request path too long\n"),
+            (ServeError::BadHost, 400, "bad Host header\n"),
+            (ServeError::NoSummary, 404, "not found\n"),
+            (ServeError::NoPeerTable, 404, "not found\n"),
+            (ServeError::NoIdentity, 404, "not found\n"),
+            (
+                ServeError::IdentityRefused {
+                    peer,
+                    source: ProofRefused::Query,
+                },
+                404,
+                "not found\n",
+            ),
+            (ServeError::Miss, 404, "not found\n"),
+            (ServeError::Gone { path: path() }, 404, "not found\n"),
+            (
+                ServeError::NoSlot {
+                    peer,
+                    path: path(),
+                    source: Refused::AddrQueueFull,
+                },
+                404,
+                "not found\n",
+            ),
+            (
+                ServeError::PathInfo {
+                    path: path(),
+                    source: daemon(),
+                },
+                404,
+                "not found\n",
+            ),
+            (
+                ServeError::DaemonNar {
+                    path: path(),
+                    source: daemon(),
+                },
+                404,
+                "not found\n",
+            ),
+            (ServeError::NoBinary, 404, "not found\n"),
+            (
+                ServeError::OwnPath(std::io::Error::other("exe detail")),
+                404,
+                "not found\n",
+            ),
+            (
+                ServeError::NoInstallSlot {
+                    peer,
+                    source: Refused::Timeout(std::time::Duration::from_secs(20)),
+                },
+                404,
+                "not found\n",
+            ),
+            (ServeError::Range { size: 1234 }, 416, "range not satisfiable\n"),
+        ];
+        for (e, status, body) in cases {
+            let name = format!("{e:?}");
+            let r = e.into_response();
+            assert_eq!(r.status().as_u16(), status, "{name}");
+            assert_eq!(r.headers().get(http::header::ALLOW).is_some(), status == 405, "{name}");
+            if status == 416 {
+                assert_eq!(r.headers()[http::header::CONTENT_RANGE], "bytes */1234");
+            }
+            let got = r.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(got, body.as_bytes(), "{name}");
+        }
+    }
+}
