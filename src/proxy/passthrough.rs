@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::spool::Verified;
+use super::verified::Verified;
 
 /// Bytes at the end of a NAR that are never sent before the whole NAR verified: a NAR missing
 /// its end never parses, and a body that ends short of its `Content-Length` is a failed
