@@ -65,6 +65,7 @@ use stats::{Stats, StatsKeeper, StatusReport};
 use summaries::{PeerSummaries, SummarySources};
 
 pub use error::ProxyError;
+pub use source::ClientError;
 pub use split::PARALLEL_MIN_BYTES;
 
 /// Priority in our `/nix-cache-info`: before cache.nixos.org (40) and a peer's store server (30).
@@ -129,7 +130,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(cfg: ProxyConfig, peers: Option<Arc<PeerTable>>) -> Arc<Self> {
+    /// The proxy over `peers` (none without a beacon); an error when its HTTP clients cannot be
+    /// built with their policies.
+    pub fn new(cfg: ProxyConfig, peers: Option<Arc<PeerTable>>) -> Result<Arc<Self>, ClientError> {
         let stats = Arc::new(StatsKeeper::default());
         let book = Arc::new(SourceBook::new(
             Sources::new(
@@ -138,7 +141,7 @@ impl Proxy {
                 cfg.store_dir.clone(),
                 cfg.keys,
                 cfg.loopback_peers,
-            ),
+            )?,
             forms::PeerForms::new(cfg.peer_compression, cfg.peer_zstd_min_bytes),
             proven::ProvenPeers::load(cfg.state_dir.as_deref()),
             cfg.pass_through,
@@ -152,7 +155,7 @@ impl Proxy {
             spool: cfg.spool,
             parallel_min_bytes: cfg.parallel_min_bytes,
         });
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             book,
             cache,
             stats,
@@ -161,7 +164,7 @@ impl Proxy {
                 cfg.store_dir
             )),
             nars: NarDesk::new(parts, cfg.delivered),
-        })
+        }))
     }
 
     pub fn stats(&self) -> Stats {
