@@ -286,8 +286,7 @@ impl SourceBook {
                 }
             }
             (Err(SourceError::NotThePeer { found, .. }), Some(a)) => {
-                let owner = found.as_deref().and_then(|n| n.parse().ok());
-                self.health.addr_owner(a, owner);
+                self.health.addr_owner(a, *found);
             }
             _ => {}
         }

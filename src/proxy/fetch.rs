@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::book::SourceBook;
 use super::cache::NarinfoCache;
 use super::copy::SourceRead;
+use super::error::{FetchError, LieKind, SourceFailure};
 use super::forms::Form;
 use super::health::Verdict;
 use super::lookup::Lookup;
@@ -44,24 +45,13 @@ pub struct FetchParts {
 /// A verified NAR with the narinfo it was checked against and where it came from.
 pub type Fetched = (Verified, Arc<NarInfo>, SourceId);
 
-/// Why a NAR could not be delivered.
-#[derive(Debug, thiserror::Error)]
-pub enum FetchError {
-    #[error("no source has the NAR")]
-    NoSource,
-    #[error("cannot spool the NAR: {0}")]
-    Spool(#[from] SpoolError),
-    #[error("every source failed ({tried} tried); last: {last}")]
-    Exhausted { tried: usize, last: String },
-}
-
 /// How copying from one source ended.
 #[derive(Debug)]
 enum CopyError {
     /// The source failed (network, timeout, early end): try another, keep its bytes for a resume.
     Failed(SourceError),
     /// The source sent something provably wrong: discard its bytes.
-    Lie(String),
+    Lie(LieKind),
     /// Our side failed (the spool): no source is to blame.
     Spool(SpoolError),
 }
@@ -85,7 +75,7 @@ pub struct NarFetch<'c> {
     /// False after a mismatch with several contributors: no more resuming across sources.
     allow_resume: bool,
     /// The last failure, for the error.
-    last_error: Option<String>,
+    last_error: Option<SourceFailure>,
     /// Pass-through to the request that started the fetch (see `passthrough`), if any.
     tap: Option<Tap>,
 }
@@ -151,7 +141,7 @@ impl<'c> NarFetch<'c> {
                     tracing::warn!(source = ?c.source, hash = %self.hash, error = %e, "source sent bad NAR bytes");
                     self.cx.book.judge(&c.source, Verdict::LiedAbout(self.nar_hash));
                     self.reset_spool().await;
-                    self.last_error = Some(e);
+                    self.last_error = Some(e.into());
                 }
                 Err(CopyError::Failed(e)) => {
                     let got = self.spool.as_ref().map_or(0, Spool::len);
@@ -160,7 +150,7 @@ impl<'c> NarFetch<'c> {
                     if got > 0 {
                         self.contributors.push(c.source.clone());
                     }
-                    self.last_error = Some(e.to_string());
+                    self.last_error = Some(SourceFailure::Failed(e));
                 }
             }
         }
@@ -297,7 +287,7 @@ impl<'c> NarFetch<'c> {
                             .extend(k.candidates.into_iter().filter(|k| others.contains(&k.source)));
                     }
                 }
-                self.last_error = Some("NAR hash mismatch".into());
+                self.last_error = Some(LieKind::HashMismatch.into());
                 if let Some(t) = self.tap.as_mut() {
                     t.spool_reset();
                 }
@@ -365,7 +355,7 @@ impl FetchParts {
                     // failure.
                     let decoded = form == Form::Zstd || c.info.compression != Compression::None;
                     return Err(if decoded && !is_transport_error(&e) {
-                        CopyError::Lie(format!("bad compressed data: {e}"))
+                        CopyError::Lie(LieKind::BadCompression(e))
                     } else {
                         CopyError::Failed(SourceError::Read(e))
                     });
@@ -382,7 +372,7 @@ impl FetchParts {
             }
             let end = sp.len() + data.len() as u64;
             if end > size {
-                return Err(CopyError::Lie(format!("more than the signed NarSize {size}")));
+                return Err(CopyError::Lie(LieKind::OverNarSize(size)));
             }
             received += data.len() as u64;
             // Handed to the tap first: what it took need not be kept by a file spool.

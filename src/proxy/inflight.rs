@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::OnceCell;
 use tokio::task::{AbortHandle, JoinSet};
 
-use super::fetch::{FetchError, Fetched};
+use super::error::FetchError;
+use super::fetch::Fetched;
 use crate::narinfo::NarHash;
 
 /// A fetch's result, shared by every request waiting for the same NAR.

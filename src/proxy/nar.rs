@@ -10,13 +10,13 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::book::SourceBook;
-use super::error::ProxyError;
-use super::fetch::{FetchError, FetchParts, NarFetch};
+use super::error::{CutReason, FetchError, ProxyError};
+use super::fetch::{FetchParts, NarFetch};
 use super::inflight::{FetchCell, Fetches, InFlight, SharedFetch};
 use super::lookup::Lookup;
 use super::passthrough;
 use super::source::SourceId;
-use super::stats::{StatsKeeper, Transfer, TransferVerdict};
+use super::stats::{StatsKeeper, Transfer, TransferFailure, TransferVerdict};
 use crate::http::{self as h, Body};
 use crate::narinfo::{NarHash, NarInfo, StorePath, StorePathHash};
 
@@ -54,7 +54,7 @@ pub struct Ledger {
 
 impl Ledger {
     /// Counts and logs a NAR that could not be delivered.
-    fn failed(&self, hash: &StorePathHash, e: &FetchError, t0: Instant, verdict: TransferVerdict, sent: u64) {
+    fn failed(&self, hash: &StorePathHash, why: TransferFailure, t0: Instant, verdict: TransferVerdict, sent: u64) {
         let ms = t0.elapsed().as_millis() as u64;
         self.stats.update(|s| match verdict {
             TransferVerdict::Cut => s.nars_cut += 1,
@@ -66,9 +66,9 @@ impl Ledger {
             bytes: sent,
             ms,
             verdict,
-            reason: e.to_string(),
+            reason: Some(why.clone()),
         });
-        tracing::info!(%hash, ms, verdict = verdict.as_str(), reason = %e, "NAR");
+        tracing::info!(%hash, ms, verdict = verdict.as_str(), reason = %why, "NAR");
     }
 
     /// Counts and lists a NAR delivered from `source`, `bytes` long.
@@ -84,7 +84,7 @@ impl Ledger {
             bytes,
             ms,
             verdict,
-            reason: String::new(),
+            reason: None,
         });
     }
 
@@ -108,8 +108,7 @@ impl Ledger {
             }
             passthrough::Outcome::Cut { sent, why } => {
                 tracing::warn!(%hash, sent, %why, "pass-through cut: Nix gets a short NAR and installs nothing");
-                let e = FetchError::Exhausted { tried: 0, last: why };
-                self.failed(hash, &e, t0, TransferVerdict::Cut, sent);
+                self.failed(hash, TransferFailure::Cut(why), t0, TransferVerdict::Cut, sent);
             }
             passthrough::Outcome::Left { sent } => {
                 tracing::info!(%hash, sent, ms, "NAR client left during pass-through");
@@ -226,7 +225,8 @@ impl NarDesk {
         let (v, info, source) = match r {
             Ok(f) => f,
             Err(e) => {
-                self.ledger.failed(hash, &e, t0, TransferVerdict::Unavailable, 0);
+                let why = TransferFailure::Fetch(e.clone());
+                self.ledger.failed(hash, why, t0, TransferVerdict::Unavailable, 0);
                 return Err(ProxyError::NarUnavailable(e));
             }
         };
@@ -236,7 +236,8 @@ impl NarDesk {
         if start < v.kept_from() {
             // Twice joined a pass-through that kept only the NAR's end (rare): a miss.
             let e = Arc::new(FetchError::NoSource);
-            self.ledger.failed(hash, &e, t0, TransferVerdict::Unavailable, 0);
+            let why = TransferFailure::Fetch(e.clone());
+            self.ledger.failed(hash, why, t0, TransferVerdict::Unavailable, 0);
             return Err(ProxyError::NarUnavailable(e));
         }
         let ms = t0.elapsed().as_millis() as u64;
@@ -314,8 +315,8 @@ impl NarDesk {
             let done = async move {
                 match done_rx.await {
                     Ok(Ok((v, info, source))) => Ok((v, (info, source))),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("the fetch ended".to_owned()),
+                    Ok(Err(e)) => Err(CutReason::Fetch(e)),
+                    Err(_) => Err(CutReason::FetchEnded),
                 }
             };
             let verified = |(info, source): &(Arc<NarInfo>, SourceId)| ledger.passed(info, source, t0);

@@ -56,9 +56,10 @@ pub enum SourceError {
     Gone,
     /// The server at the peer's address is not the node that announced it (a forged announce
     /// naming someone else's address, or an address reused by another host).
-    #[error("the server at the peer's address is node {found:?}, not the one announced")]
+    #[error("the server at the peer's address is {}, not the node announced", found.map_or("no node".to_owned(), |n| format!("node {n}")))]
     NotThePeer {
-        found: Option<String>,
+        /// The node id the server named (none: no id, or one that does not parse).
+        found: Option<NodeId>,
         /// The address that answered (where the impostor mark goes).
         at: Option<SocketAddr>,
     },
@@ -171,12 +172,16 @@ fn check_node(s: &SourceId, resp: &reqwest::Response) -> Result<(), SourceError>
     let SourceId::Peer(node) = s else {
         return Ok(());
     };
-    let found = resp.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok());
-    if found.and_then(|n| n.parse::<NodeId>().ok()) == Some(*node) {
+    let found = resp
+        .headers()
+        .get(NODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|n| n.parse::<NodeId>().ok());
+    if found == Some(*node) {
         return Ok(());
     }
     Err(SourceError::NotThePeer {
-        found: found.map(|f| f.chars().take(64).collect()),
+        found,
         at: resp.remote_addr(),
     })
 }
