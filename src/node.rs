@@ -31,6 +31,8 @@ pub enum StartError {
     },
     #[error("beacon: {0}")]
     Beacon(#[from] beacon::BeaconError),
+    #[error("proxy: {0}")]
+    Proxy(#[from] crate::proxy::ClientError),
 }
 
 /// Why a running node stopped on its own.
@@ -191,7 +193,7 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     };
     let mut proxy_config = ProxyConfig::from_settings(settings);
     proxy_config.delivered = Some(delivered);
-    let proxy = Proxy::new(proxy_config, peers.clone());
+    let proxy = Proxy::new(proxy_config, peers.clone())?;
     parts.spawn(
         "peer summaries",
         crate::proxy::summaries::PeerSummaries::run(proxy.clone(), shutdown.clone()),

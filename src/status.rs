@@ -182,11 +182,7 @@ pub fn text(st: &StatusReport) -> String {
                 human_bytes(t.bytes),
                 t.ms,
                 t.source,
-                if t.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", t.reason)
-                }
+                t.reason.as_ref().map_or(String::new(), |r| format!(" ({r})"))
             );
         }
     }

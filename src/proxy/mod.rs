@@ -1,11 +1,16 @@
 //! The proxy: the local Nix's substituter (`http://127.0.0.1:8381`).
 //!
-//! Its parts: `lookup` races the sources for a narinfo (peers first, upstreams hedged) and
-//! gathers every source of a NAR; `fetch` brings one NAR into the `spool` until it verifies
-//! (`split` shares a large one between peers); `source` talks to peers and upstreams and checks
-//! what they send; `cache` remembers verified narinfo and misses; `health` judges the sources;
-//! `stats` counts; `proven` and `passthrough` let a proven peer's NAR reach Nix while it is
-//! hashed. This module wires them together and answers HTTP; `nar` answers NAR requests.
+//! Its parts, each a type with its own state: [`book::SourceBook`] owns what is known of every
+//! source and picks and judges them ("how does the proxy pick a source for a NAR": `book.rs`);
+//! `lookup` races the sources for a narinfo (peers first, upstreams hedged) and gathers every
+//! source of a NAR; [`fetch::NarFetch`] brings one NAR into the `spool` until it verifies (`split`
+//! shares a large one between peers; both read through `copy`), given only the
+//! [`fetch::FetchParts`] it needs; `verified` serves a NAR that verified; `source` talks to peers
+//! and upstreams and checks what they send; `cache` remembers verified narinfo and misses;
+//! `health`, `proven`, `forms` and `summaries` are what the book knows; `stats` counts;
+//! `passthrough` lets a proven peer's NAR reach Nix while it is hashed. [`nar::NarDesk`] answers
+//! NAR requests (one fetch per NAR, shared through `inflight`, which owns the tasks); this module
+//! wires the parts together and answers HTTP; `error` decides every failure's status.
 //!
 //! Nix gets a narinfo whose URL is self-describing (`nar/<hash>-<narhash>.nar`, `Compression:
 //! none`), resolved afresh from any source that has those bytes, so it keeps working after a
@@ -17,12 +22,16 @@
 //! failure is a 404 decided in one place ([`ProxyError::into_response`]), never a 5xx (Nix fails
 //! a build after retrying a 5xx); every cache, fan-out and spool is capped.
 
+pub mod book;
 pub mod cache;
+mod copy;
+pub mod error;
 pub mod fetch;
 pub mod forms;
 pub mod health;
+mod inflight;
 pub mod lookup;
-mod nar;
+pub mod nar;
 pub mod passthrough;
 pub mod proven;
 pub mod source;
@@ -30,27 +39,33 @@ pub mod split;
 pub mod spool;
 pub mod stats;
 pub mod summaries;
+pub mod verified;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
-use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use crate::cache_url::{self, CacheRoute, NarEncoding, RouteError};
+use crate::beacon::{wire::NodeId, PeerTable};
+use crate::cache_url::{self, CacheRoute, NarEncoding};
 use crate::http::{self as h, Body};
-use crate::narinfo::{Compression, NarHash, NarInfo, StorePathHash, TrustedKeys};
+use crate::narinfo::{Compression, NarInfo, StorePathHash, TrustedKeys};
 use crate::settings::{PeerCompression, Settings};
-use fetch::{FetchError, Fetched, NarFetch};
-use health::{SourceHealth, Verdict};
-use source::{SourceId, Sources};
+use book::SourceBook;
+use cache::NarinfoCache;
+use fetch::FetchParts;
+use lookup::Lookup;
+use nar::NarDesk;
+use source::{SourceError, SourceId, Sources};
 use spool::SpoolLimits;
-use stats::{PeerReport, Stats, StatsKeeper, StatusReport, Transfer, TransferVerdict, UpstreamReport};
+use stats::{Stats, StatsKeeper, StatusReport};
+use summaries::{PeerSummaries, SummarySources};
 
+pub use error::ProxyError;
+pub use source::ClientError;
 pub use split::PARALLEL_MIN_BYTES;
 
 /// Priority in our `/nix-cache-info`: before cache.nixos.org (40) and a peer's store server (30).
@@ -102,203 +117,70 @@ impl ProxyConfig {
     }
 }
 
-/// A fetch's result, shared by every request waiting for the same NAR.
-type SharedFetch = Result<Fetched, Arc<FetchError>>;
-
 pub struct Proxy {
-    sources: Sources,
-    /// Plain or zstd, per peer, by what each delivered.
-    forms: forms::PeerForms,
-    health: SourceHealth,
-    cache: cache::NarinfoCache,
-    /// Peers' content summaries (kept current by [`summaries::PeerSummaries::run`]).
-    summaries: summaries::PeerSummaries,
-    stats: StatsKeeper,
+    /// Which sources to ask and how each did: the one owner of source selection.
+    book: Arc<SourceBook>,
+    /// Verified narinfo and recent misses.
+    cache: Arc<NarinfoCache>,
+    stats: Arc<StatsKeeper>,
     /// `/nix-cache-info`, rendered once.
     cache_info: Bytes,
-    spool: SpoolLimits,
-    /// See [`ProxyConfig::parallel_min_bytes`].
-    parallel_min_bytes: u64,
-    /// See [`ProxyConfig::delivered`].
-    delivered: Option<tokio::sync::mpsc::Sender<crate::narinfo::StorePath>>,
-    /// NAR fetches under way, by NAR hash: concurrent requests for the same NAR (Nix retrying, two
-    /// clients) share one fetch and one spool. Bounded by the open connections.
-    inflight: Mutex<HashMap<NarHash, Arc<OnceCell<SharedFetch>>>>,
-    /// Peers whose NARs may pass through, and the banned ones (persisted).
-    proven: proven::ProvenPeers,
-    /// See [`ProxyConfig::pass_through`].
-    pass_through: bool,
-    /// This proxy, for the fetch task a pass-through leaves running behind its response.
-    me: std::sync::Weak<Proxy>,
-}
-
-/// Why a request did not get what it asked for. One place decides the status of each
-/// ([`Self::into_response`]): every miss or failure is a 404, which Nix takes as "not here" and
-/// moves on, where a 5xx would be retried and then fail the build.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("{0}")]
-    Route(#[from] RouteError),
-    #[error("no source has the narinfo")]
-    NarinfoMiss,
-    #[error("a recent miss")]
-    RecentMiss,
-    #[error("NAR unavailable: {0}")]
-    NarUnavailable(Arc<FetchError>),
-    #[error("compressed NARs are for peers, not for the local Nix")]
-    CompressedNar,
-    #[error("range not satisfiable for {0} bytes")]
-    Range(u64),
-}
-
-impl ProxyError {
-    pub fn into_response(self) -> Response<Body> {
-        match self {
-            Self::Route(e) => e.into_response(),
-            Self::NarinfoMiss | Self::RecentMiss | Self::NarUnavailable(_) | Self::CompressedNar => h::not_found(),
-            Self::Range(size) => h::range_not_satisfiable(size),
-        }
-    }
+    /// Answers NAR requests (one fetch per NAR, shared).
+    nars: NarDesk,
 }
 
 impl Proxy {
-    pub fn new(cfg: ProxyConfig, peers: Option<Arc<crate::beacon::PeerTable>>) -> Arc<Self> {
-        let upstreams = cfg.upstreams.len();
-        let proven = proven::ProvenPeers::load(cfg.state_dir.as_deref());
-        Arc::new_cyclic(|me| Self {
-            proven,
-            pass_through: cfg.pass_through,
-            me: me.clone(),
+    /// The proxy over `peers` (none without a beacon); an error when its HTTP clients cannot be
+    /// built with their policies.
+    pub fn new(cfg: ProxyConfig, peers: Option<Arc<PeerTable>>) -> Result<Arc<Self>, ClientError> {
+        let stats = Arc::new(StatsKeeper::default());
+        let book = Arc::new(SourceBook::new(
+            Sources::new(
+                peers,
+                cfg.upstreams,
+                cfg.store_dir.clone(),
+                cfg.keys,
+                cfg.loopback_peers,
+            )?,
+            forms::PeerForms::new(cfg.peer_compression, cfg.peer_zstd_min_bytes),
+            proven::ProvenPeers::load(cfg.state_dir.as_deref()),
+            cfg.pass_through,
+            stats.clone(),
+        ));
+        let cache = Arc::new(NarinfoCache::default());
+        let parts = Arc::new(FetchParts {
+            book: book.clone(),
+            cache: cache.clone(),
+            stats: stats.clone(),
+            spool: cfg.spool,
+            parallel_min_bytes: cfg.parallel_min_bytes,
+        });
+        Ok(Arc::new(Self {
+            book,
+            cache,
+            stats,
             cache_info: Bytes::from(format!(
                 "StoreDir: {}\nWantMassQuery: 1\nPriority: {PRIORITY}\n",
                 cfg.store_dir
             )),
-            sources: Sources::new(peers, cfg.upstreams, cfg.store_dir, cfg.keys, cfg.loopback_peers),
-            forms: forms::PeerForms::new(cfg.peer_compression, cfg.peer_zstd_min_bytes),
-            health: SourceHealth::new(upstreams),
-            cache: cache::NarinfoCache::default(),
-            summaries: summaries::PeerSummaries::default(),
-            stats: StatsKeeper::default(),
-            spool: cfg.spool,
-            parallel_min_bytes: cfg.parallel_min_bytes,
-            delivered: cfg.delivered,
-            inflight: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// Records how a source did (one call, whatever happened) and counts lies. A peer's verified
-    /// NAR counts towards its being proven; a wrong NAR bans it from pass-through for good.
-    fn judge(&self, s: &SourceId, v: Verdict<'_>) {
-        if let SourceId::Peer(n) = s {
-            let addr = self.sources.table().and_then(|t| t.get(n)).map(|p| p.http_addr());
-            // Marked where the request went (the table may have moved the node since).
-            if let Verdict::Failed(source::SourceError::NotThePeer { at, .. }) = &v {
-                if let Some(a) = at.or(addr) {
-                    self.health.impostor_at(n, a);
-                }
-            }
-            let ip = addr.map(|a| a.ip());
-            match (&v, ip) {
-                (Verdict::Delivered, Some(ip)) => {
-                    if let (Some(t), Some(a)) = (self.sources.table(), addr) {
-                        t.answered(n, a, Instant::now());
-                    }
-                    self.proven.delivered(n, ip);
-                }
-                (Verdict::LiedAbout(_), ip) => {
-                    tracing::warn!(node = %n, ?ip, "peer sent a wrong NAR: never passed through again");
-                    self.proven.lied(n, ip);
-                }
-                _ => {}
-            }
-        }
-        if self.health.judge(s, v, Instant::now()) {
-            self.stats.update(|st| st.lies += 1);
-        }
-    }
-
-    /// Whether a peer may be asked at all: still announced, not an impostor, and its address not
-    /// known to belong to another node.
-    fn peer_usable(&self, node: &crate::beacon::wire::NodeId) -> bool {
-        let Some(t) = self.sources.table() else {
-            return false;
-        };
-        t.get(node)
-            .is_some_and(|p| self.health.may_ask(node, p.http_addr(), |other| t.get(other).is_some()))
-    }
-
-    /// Whether bytes from `s` may go to Nix before the whole NAR verified: a peer still usable
-    /// (announced, no impostor, its address its own) and proven at its current address.
-    pub(crate) fn passes_through(&self, s: &SourceId) -> bool {
-        let SourceId::Peer(n) = s else { return false };
-        let Some(addr) = self.sources.table().and_then(|t| t.get(n)).map(|p| p.http_addr()) else {
-            return false;
-        };
-        self.pass_through && self.peer_usable(n) && self.proven.is_proven(n, addr.ip())
+            nars: NarDesk::new(parts, cfg.delivered),
+        }))
     }
 
     pub fn stats(&self) -> Stats {
         self.stats.get()
     }
 
-    /// A source as a person reads it.
-    fn describe(&self, s: &SourceId) -> String {
-        match s {
-            SourceId::Peer(n) => match self.sources.table().and_then(|t| t.get(n)) {
-                Some(p) => format!("peer {}", p.http_addr()),
-                None => format!("peer {n}"),
-            },
-            SourceId::Upstream(i) => self
-                .sources
-                .upstreams
-                .get(*i)
-                .map_or("upstream".into(), |u| u.to_string()),
-        }
-    }
-
     /// Everything the status page, `/metrics` and `status` show.
     pub fn status(&self) -> StatusReport {
-        let now = Instant::now();
-        let peers = self
-            .sources
-            .table()
-            .map(|t| {
-                t.peers()
-                    .iter()
-                    .map(|p| {
-                        let mut health = self.health.peer(&p.node);
-                        health.impostor = self.health.is_impostor(&p.node, p.http_addr());
-                        PeerReport {
-                            proven: self.proven.is_proven(&p.node, p.http_addr().ip()),
-                            node: p.node.to_string(),
-                            addr: p.http_addr().to_string(),
-                            hostname: p.hostname.clone(),
-                            backed_off: health.backed_off(now),
-                            health,
-                            summary: self.summaries.version(&p.node),
-                            forms: self.forms.rates(&p.node),
-                        }
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         StatusReport {
-            peers,
+            peers: self.book.peer_reports(),
             stats: self.stats.get(),
             recent: self.stats.recent(),
-            beacon: self.sources.table().map(|t| t.counters()),
-            upstreams: self
-                .sources
-                .upstreams
-                .iter()
-                .enumerate()
-                .map(|(i, u)| UpstreamReport {
-                    url: u.to_string(),
-                    reachable: self.health.upstream_up(i, now),
-                })
-                .collect(),
+            beacon: self.book.table().map(|t| t.counters()),
+            upstreams: self.book.upstream_reports(),
             interfaces: Vec::new(),
-            summary_bytes: self.summaries.bytes() as u64,
+            summary_bytes: self.book.summaries().bytes() as u64,
         }
     }
 
@@ -321,7 +203,11 @@ impl Proxy {
             return Err(ProxyError::RecentMiss);
         }
         let ms = || t0.elapsed().as_millis() as u64;
-        let Some(c) = self.race(hash).await else {
+        let lookup = Lookup {
+            book: &self.book,
+            stats: &self.stats,
+        };
+        let Some(c) = lookup.race(hash).await else {
             self.stats.update(|s| s.narinfo_misses += 1);
             tracing::info!(%hash, ms = ms(), verdict = "miss", "narinfo");
             self.cache.remember_missing(*hash);
@@ -346,7 +232,7 @@ impl Proxy {
                 hash,
                 nar_hash,
                 encoding: NarEncoding::Plain,
-            } => self.nar(req, &hash, &nar_hash).await,
+            } => self.nars.answer(req, &hash, &nar_hash).await,
             // Nix never asks the proxy for compressed NARs.
             CacheRoute::Nar {
                 encoding: NarEncoding::Zstd,
@@ -369,5 +255,24 @@ impl h::Handler for Proxy {
             h::strip_for_head(&mut resp);
         }
         resp
+    }
+}
+
+/// The summaries' loop runs over the proxy's book (`summaries`).
+impl SummarySources for Proxy {
+    fn held(&self) -> &PeerSummaries {
+        self.book.summaries()
+    }
+
+    fn table(&self) -> Option<&Arc<PeerTable>> {
+        self.book.table()
+    }
+
+    fn usable(&self, node: &NodeId) -> bool {
+        self.book.usable(node)
+    }
+
+    async fn fetch(&self, node: &NodeId, since: Option<u64>) -> Result<Bytes, SourceError> {
+        self.book.sources().summary(node, since).await
     }
 }

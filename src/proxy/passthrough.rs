@@ -21,7 +21,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::spool::Verified;
+use super::error::CutReason;
+use super::verified::Verified;
 
 /// Bytes at the end of a NAR that are never sent before the whole NAR verified: a NAR missing
 /// its end never parses, and a body that ends short of its `Content-Length` is a failed
@@ -135,22 +136,16 @@ pub enum Outcome {
     /// Every byte sent, the NAR verified.
     Delivered,
     /// Cut short (after `sent` bytes): the NAR did not verify, or no source finished it.
-    Cut { sent: u64, why: String },
+    Cut { sent: u64, why: CutReason },
     /// The client went away after `sent` bytes.
     Left { sent: u64 },
 }
 
 /// Ends a pass-through body with an error (hyper then closes the connection short of its
 /// `Content-Length`).
-async fn cut<T>(sent: u64, why: &str, out: mpsc::Sender<std::io::Result<Bytes>>) -> (Outcome, Option<T>) {
+async fn cut<T>(sent: u64, why: CutReason, out: mpsc::Sender<std::io::Result<Bytes>>) -> (Outcome, Option<T>) {
     let _ = out.send(Err(std::io::Error::other(format!("NAR cut: {why}")))).await;
-    (
-        Outcome::Cut {
-            sent,
-            why: why.to_owned(),
-        },
-        None,
-    )
+    (Outcome::Cut { sent, why }, None)
 }
 
 /// Feeds a pass-through body: `first`, the rest of the tap, then (once the fetch delivered a
@@ -163,7 +158,7 @@ async fn cut<T>(sent: u64, why: &str, out: mpsc::Sender<std::io::Result<Bytes>>)
 pub async fn forward<T>(
     first: Piece,
     mut tap: TapEnd,
-    done: impl std::future::Future<Output = Result<(Verified, T), String>>,
+    done: impl std::future::Future<Output = Result<(Verified, T), CutReason>>,
     verified: impl FnOnce(&T),
     out: mpsc::Sender<std::io::Result<Bytes>>,
 ) -> (Outcome, Option<T>) {
@@ -181,7 +176,7 @@ pub async fn forward<T>(
         };
         let Some(p) = p else { break };
         if tap.broken.load(Ordering::SeqCst) {
-            return cut(sent, "the NAR did not verify", out).await;
+            return cut(sent, CutReason::NotVerified, out).await;
         }
         let n = p.bytes.len() as u64;
         if out.send(Ok(p.bytes)).await.is_err() {
@@ -190,7 +185,7 @@ pub async fn forward<T>(
         sent += n;
     }
     if tap.broken.load(Ordering::SeqCst) {
-        return cut(sent, "the NAR did not verify", out).await;
+        return cut(sent, CutReason::NotVerified, out).await;
     }
     let done = tokio::select! {
         d = done => d,
@@ -198,15 +193,15 @@ pub async fn forward<T>(
     };
     let (v, extra) = match done {
         Ok((v, x)) if !tap.broken.load(Ordering::SeqCst) && v.len() == size => (v, x),
-        Ok(_) => return cut(sent, "the NAR did not verify", out).await,
-        Err(why) => return cut(sent, &why, out).await,
+        Ok(_) => return cut(sent, CutReason::NotVerified, out).await,
+        Err(why) => return cut(sent, why, out).await,
     };
     verified(&extra);
     let mut rest = v.stream(sent, size.saturating_sub(1));
     while let Some(c) = rest.next().await {
         let c = match c {
             Ok(c) => c,
-            Err(e) => return cut(sent, &e.to_string(), out).await,
+            Err(e) => return cut(sent, CutReason::Spool(Arc::new(e)), out).await,
         };
         let n = c.len() as u64;
         if out.send(Ok(c)).await.is_err() {

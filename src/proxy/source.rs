@@ -56,9 +56,10 @@ pub enum SourceError {
     Gone,
     /// The server at the peer's address is not the node that announced it (a forged announce
     /// naming someone else's address, or an address reused by another host).
-    #[error("the server at the peer's address is node {found:?}, not the one announced")]
+    #[error("the server at the peer's address is {}, not the node announced", found.map_or("no node".to_owned(), |n| format!("node {n}")))]
     NotThePeer {
-        found: Option<String>,
+        /// The node id the server named (none: no id, or one that does not parse).
+        found: Option<NodeId>,
         /// The address that answered (where the impostor mark goes).
         at: Option<SocketAddr>,
     },
@@ -171,12 +172,16 @@ fn check_node(s: &SourceId, resp: &reqwest::Response) -> Result<(), SourceError>
     let SourceId::Peer(node) = s else {
         return Ok(());
     };
-    let found = resp.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok());
-    if found.and_then(|n| n.parse::<NodeId>().ok()) == Some(*node) {
+    let found = resp
+        .headers()
+        .get(NODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|n| n.parse::<NodeId>().ok());
+    if found == Some(*node) {
         return Ok(());
     }
     Err(SourceError::NotThePeer {
-        found: found.map(|f| f.chars().take(64).collect()),
+        found,
         at: resp.remote_addr(),
     })
 }
@@ -222,42 +227,69 @@ pub struct Sources {
 /// (issue #16: 188 of 301, 14 of 636 MiB, in bench/closure.sh).
 pub const PEER_ZSTD_MIN_BYTES: u64 = 256 * 1024;
 
+/// A client could not be built with its policies (its TLS backend, the peer resolver, the
+/// no-redirect rule): the proxy does not start rather than fall back to a client without them.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the {which} HTTP client: {source}")]
+pub struct ClientError {
+    /// "peer" or "upstream".
+    pub which: &'static str,
+    #[source]
+    pub source: reqwest::Error,
+}
+
+/// The `User-Agent` of every request.
+const USER_AGENT: &str = concat!("local-nix-cache/", env!("CARGO_PKG_VERSION"));
+
+/// Builds the peer client and the upstream client, both resolving through `resolver`. The peer
+/// client follows no redirect and uses no HTTP proxy; a client that cannot be built so is an
+/// error, never a default client.
+fn build_clients(
+    resolver: Arc<PeerResolver>,
+    user_agent: &str,
+) -> Result<(reqwest::Client, reqwest::Client), ClientError> {
+    let build = |t: Timeouts, which: &'static str| {
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(t.connect)
+            .read_timeout(t.idle)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(user_agent)
+            .dns_resolver(resolver.clone());
+        if which == "peer" {
+            // A peer is asked for its own paths on its own address: a redirect could point
+            // the proxy anywhere (this host's loopback services, a victim), so it is a
+            // failed answer, never followed. No HTTP proxy between LAN hosts either.
+            b = b.no_proxy().redirect(reqwest::redirect::Policy::none());
+        }
+        b.build().map_err(|source| ClientError { which, source })
+    };
+    Ok((build(PEER_TIMEOUTS, "peer")?, build(UPSTREAM_TIMEOUTS, "upstream")?))
+}
+
 impl Sources {
+    /// The clients and the list of sources; an error when a client cannot be built with its
+    /// policies.
     pub fn new(
         peers: Option<Arc<PeerTable>>,
         upstreams: Vec<Url>,
         store_dir: String,
         keys: TrustedKeys,
         loopback_peers: bool,
-    ) -> Self {
+    ) -> Result<Self, ClientError> {
         let resolver = Arc::new(PeerResolver {
             table: peers.clone(),
             loopback_peers,
             system: Arc::new(crate::dns::SystemResolver::default()),
         });
-        let build = |t: Timeouts, peer: bool| {
-            let mut b = reqwest::Client::builder()
-                .connect_timeout(t.connect)
-                .read_timeout(t.idle)
-                .pool_idle_timeout(Duration::from_secs(30))
-                .user_agent(concat!("local-nix-cache/", env!("CARGO_PKG_VERSION")))
-                .dns_resolver(resolver.clone());
-            if peer {
-                // A peer is asked for its own paths on its own address: a redirect could point
-                // the proxy anywhere (this host's loopback services, a victim), so it is a
-                // failed answer, never followed. No HTTP proxy between LAN hosts either.
-                b = b.no_proxy().redirect(reqwest::redirect::Policy::none());
-            }
-            b.build().unwrap_or_else(|_| reqwest::Client::new())
-        };
-        Self {
-            peer_client: build(PEER_TIMEOUTS, true),
-            upstream_client: build(UPSTREAM_TIMEOUTS, false),
+        let (peer_client, upstream_client) = build_clients(resolver, USER_AGENT)?;
+        Ok(Self {
+            peer_client,
+            upstream_client,
             peers,
             upstreams,
             store_dir,
             keys,
-        }
+        })
     }
 
     pub fn table(&self) -> Option<&Arc<PeerTable>> {
@@ -509,6 +541,23 @@ mod tests {
             .expect("a valid frame for an uncapped decoder");
         let e = decode(huge).await.expect_err("refused");
         assert!(!is_transport_error(&e), "{e:?}");
+    }
+
+    /// Issue #22: a client that cannot be built with its policies was silently replaced by
+    /// `reqwest::Client::new()` (following redirects, without the peer resolver): fail-open. It
+    /// is an error now, which stops the node at start.
+    #[tokio::test]
+    async fn a_client_that_cannot_be_built_is_an_error_not_a_default_client() {
+        let resolver = || {
+            Arc::new(PeerResolver {
+                table: None,
+                loopback_peers: false,
+                system: Arc::new(crate::dns::SystemResolver::default()),
+            })
+        };
+        let e = build_clients(resolver(), "bad\nagent").expect_err("no client without its policies");
+        assert_eq!(e.which, "peer");
+        assert!(build_clients(resolver(), USER_AGENT).is_ok());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The spool: where a NAR's bytes wait until their hash is verified.
 //!
-//! (Just over 500 lines with its tests: the memory spool, the file spool and the verified reader
-//! share one set of caps.)
+//! (The memory spool and the file spool share one set of caps; what they become once verified
+//! is `verified`.)
 //!
 //! A single hash over the whole NAR can only be checked at its end, and Nix keeps the bytes it
 //! already got when it resumes a transfer, so unverified bytes reach Nix only from a proven peer,
@@ -21,10 +21,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::verified::{Data, Verified};
 use crate::narinfo::NarHash;
 
 const MIB: u64 = 1024 * 1024;
@@ -264,15 +264,11 @@ impl Spool {
         if NarHash::from_digest(digest) != *want {
             return Err(Box::new(self));
         }
-        Ok(Verified {
-            data: match self.store {
-                Store::Mem(b) => Data::Mem(b.freeze()),
-                Store::File { file, .. } => Data::File(file),
-            },
-            len: self.len,
-            kept_from: self.unkept,
-            _permit: Arc::new(self._permit),
-        })
+        let data = match self.store {
+            Store::Mem(b) => Data::Mem(b.freeze()),
+            Store::File { file, .. } => Data::File(file),
+        };
+        Ok(Verified::new(data, self.len, self.unkept, self._permit))
     }
 }
 
@@ -313,12 +309,20 @@ impl PositionalSpool {
         })
     }
 
-    /// Writes `data` at `offset` (the caller keeps segments inside the size).
-    pub async fn write_at(&self, offset: u64, data: Bytes) -> Result<(), SpoolError> {
+    /// Writes `block` (chunks in order, one after the other) at `offset`, on a blocking thread
+    /// (the caller keeps segments inside the size).
+    pub async fn write_at(&self, offset: u64, block: Vec<Bytes>) -> Result<(), SpoolError> {
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
-            .await
-            .map_err(io::Error::other)??;
+        tokio::task::spawn_blocking(move || {
+            let mut at = offset;
+            for piece in &block {
+                file.write_all_at(piece, at)?;
+                at += piece.len() as u64;
+            }
+            io::Result::Ok(())
+        })
+        .await
+        .map_err(io::Error::other)??;
         Ok(())
     }
 
@@ -340,116 +344,15 @@ impl PositionalSpool {
         .await
         .ok()?
         .ok()?;
-        (NarHash::from_digest(digest) == *want).then(|| Verified {
-            data: Data::File(self.file),
-            len: self.size,
-            kept_from: 0,
-            _permit: Arc::new(self._permit),
-        })
-    }
-}
-
-#[derive(Clone)]
-enum Data {
-    Mem(Bytes),
-    File(Arc<std::fs::File>),
-}
-
-/// A NAR whose size and hash were verified. Cheap to clone; the reservation is released when the
-/// last clone is dropped.
-#[derive(Clone)]
-pub struct Verified {
-    data: Data,
-    len: u64,
-    /// The first byte kept: those before it went to a pass-through body only (see
-    /// [`Spool::write`]) and cannot be served from here.
-    kept_from: u64,
-    _permit: Arc<OwnedSemaphorePermit>,
-}
-
-impl Verified {
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The first byte this spool can serve (0 unless a pass-through body took the NAR's start).
-    pub fn kept_from(&self) -> u64 {
-        self.kept_from
-    }
-
-    /// Bytes `start..=end` as a response body that reads a chunk each time the client is ready
-    /// for one (see [`Self::stream`]). `done` is called with the bytes delivered when the body is
-    /// finished or dropped (the client left).
-    pub fn body(&self, start: u64, end: u64, done: impl FnOnce(u64) + Send + 'static) -> crate::http::Body {
-        struct Sent<F: FnOnce(u64)> {
-            bytes: u64,
-            done: Option<F>,
-        }
-        impl<F: FnOnce(u64)> Drop for Sent<F> {
-            fn drop(&mut self) {
-                if let Some(f) = self.done.take() {
-                    f(self.bytes);
-                }
-            }
-        }
-        let mut sent = Sent {
-            bytes: 0,
-            done: Some(done),
-        };
-        let stream = self.stream(start, end).map(move |c| {
-            // The whole `Sent` moves into the closure (its drop reports), not just the counter.
-            let s: &mut Sent<_> = &mut sent;
-            if let Ok(c) = &c {
-                s.bytes += c.len() as u64;
-            }
-            c
-        });
-        crate::http::Body::Pull(Box::pin(stream))
-    }
-
-    /// Bytes `start..=end`, one chunk per poll (a file spool reads it on a blocking thread, one
-    /// chunk at a time, so a reader that stops holds no thread). An error ends the stream; bytes
-    /// before [`Self::kept_from`] are one.
-    pub fn stream(&self, start: u64, end: u64) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
-        const CHUNK: u64 = 512 * 1024;
-        if start < self.kept_from {
-            let e = io::Error::other(format!("bytes before {} were not kept", self.kept_from));
-            return Box::pin(futures_util::stream::once(async move { Err(e) }));
-        }
-        let stream = futures_util::stream::unfold((self.clone(), start), move |(v, pos)| async move {
-            if pos > end || v.len == 0 {
-                return None;
-            }
-            let n = (end + 1 - pos).min(CHUNK);
-            let chunk = match &v.data {
-                Data::Mem(b) => Ok(b.slice(pos as usize..(pos + n) as usize)),
-                Data::File(f) => {
-                    let f = f.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; n as usize];
-                        f.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(io::Error::other(e)))
-                }
-            };
-            match chunk {
-                Ok(c) => Some((Ok(c), (v, pos + n))),
-                // An error ends the stream after it is sent.
-                Err(e) => Some((Err(e), (v, end + 1))),
-            }
-        });
-        Box::pin(stream)
+        (NarHash::from_digest(digest) == *want)
+            .then(|| Verified::new(Data::File(self.file), self.size, 0, self._permit))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt;
 
     fn limits(mem_one: u64) -> SpoolLimits {
         SpoolLimits::new(mem_one, 4, 64, std::env::temp_dir().join("lnc-spool-test"))
@@ -573,16 +476,16 @@ mod tests {
         let l = limits(0);
         let p = PositionalSpool::new(&l, data.len() as u64).await.expect("spool");
         let mid = 1_234_567;
-        p.write_at(mid as u64, Bytes::copy_from_slice(&data[mid..]))
+        p.write_at(mid as u64, vec![Bytes::copy_from_slice(&data[mid..])])
             .await
             .expect("second half");
-        p.write_at(0, Bytes::copy_from_slice(&data[..mid]))
+        p.write_at(0, vec![Bytes::copy_from_slice(&data[..mid])])
             .await
             .expect("first half");
         let v = p.verify(&hash(&data)).await.expect("verifies");
         assert_eq!(collect(&v, 0, data.len() as u64 - 1).await, data);
         let bad = PositionalSpool::new(&l, data.len() as u64).await.expect("spool");
-        bad.write_at(0, Bytes::copy_from_slice(&data[..mid]))
+        bad.write_at(0, vec![Bytes::copy_from_slice(&data[..mid])])
             .await
             .expect("only half");
         assert!(bad.verify(&hash(&data)).await.is_none(), "a hole must not verify");

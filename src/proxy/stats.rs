@@ -3,10 +3,12 @@
 //! transfers.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use super::error::{CutReason, FetchError};
 use super::health::Health;
 use crate::beacon::table::Counters;
 use crate::beacon::LinkReport;
@@ -77,8 +79,59 @@ pub struct Transfer {
     pub bytes: u64,
     pub ms: u64,
     pub verdict: TransferVerdict,
-    /// Why it was unavailable (empty when verified).
-    pub reason: String,
+    /// Why it was unavailable or cut (none when delivered); in JSON, its text ("" for none).
+    #[serde(with = "reason_text")]
+    pub reason: Option<TransferFailure>,
+}
+
+/// Why a NAR request was not (fully) delivered, for the transfer list.
+#[derive(Clone, Debug)]
+pub enum TransferFailure {
+    /// The fetch failed: no source had it, the spool refused it, or every source failed.
+    Fetch(Arc<FetchError>),
+    /// A pass-through body was cut short.
+    Cut(CutReason),
+    /// As a node's status JSON gave it (what `status` reads from a running node): text only.
+    Reported(String),
+}
+
+impl fmt::Display for TransferFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fetch(e) => e.fmt(f),
+            Self::Cut(c) => c.fmt(f),
+            Self::Reported(t) => f.write_str(t),
+        }
+    }
+}
+
+/// Two reasons are the same when a person reads the same (a report read back from JSON holds
+/// only the text).
+impl PartialEq for TransferFailure {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for TransferFailure {}
+
+/// [`Transfer::reason`] in JSON: its text, `""` for none (the format the status JSON always had).
+mod reason_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::TransferFailure;
+
+    pub fn serialize<S: Serializer>(r: &Option<TransferFailure>, s: S) -> Result<S::Ok, S::Error> {
+        match r {
+            Some(r) => s.collect_str(r),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TransferFailure>, D::Error> {
+        let text = String::deserialize(d)?;
+        Ok((!text.is_empty()).then_some(TransferFailure::Reported(text)))
+    }
 }
 
 #[derive(Default)]
@@ -158,4 +211,39 @@ pub struct UpstreamReport {
     pub url: String,
     /// False while skipped after a failed connection.
     pub reachable: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status JSON carries a failure's text, as it always did ("" for none), and reads back
+    /// as the same reason.
+    #[test]
+    fn a_transfers_reason_is_its_text_in_json() {
+        for (reason, text) in [
+            (None, ""),
+            (
+                Some(TransferFailure::Fetch(Arc::new(FetchError::NoSource))),
+                "no source has the NAR",
+            ),
+            (
+                Some(TransferFailure::Cut(CutReason::NotVerified)),
+                "the NAR did not verify",
+            ),
+        ] {
+            let t = Transfer {
+                path: "/nix/store/x".into(),
+                source: String::new(),
+                bytes: 1,
+                ms: 2,
+                verdict: TransferVerdict::Unavailable,
+                reason,
+            };
+            let json = serde_json::to_value(&t).expect("json");
+            assert_eq!(json["reason"], text);
+            let back: Transfer = serde_json::from_value(json).expect("reads back");
+            assert_eq!(back, t);
+        }
+    }
 }

@@ -15,6 +15,7 @@
 //! deltas.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,8 +24,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use xorf::BinaryFuse16;
 
-use super::Proxy;
-use crate::beacon::wire::NodeId;
+use super::source::SourceError;
+use crate::beacon::{wire::NodeId, PeerTable};
 use crate::summary::{self, Summary};
 
 /// Summaries fetched at once.
@@ -37,6 +38,23 @@ const CHECK_EVERY: Duration = Duration::from_millis(500);
 pub const MAX_ADDED: usize = 65_536;
 /// Memory for all summaries together.
 pub const MAX_TOTAL_BYTES: usize = 48 * 1024 * 1024;
+
+/// What [`PeerSummaries::run`] needs of the summaries' owner (the proxy): where the summaries
+/// are kept, the peer table, which peers may be asked, and the peer client that fetches one.
+pub trait SummarySources: Send + Sync + 'static {
+    /// The summaries kept current.
+    fn held(&self) -> &PeerSummaries;
+    /// The beacon's peer table (none without a beacon: nothing to do).
+    fn table(&self) -> Option<&Arc<PeerTable>>;
+    /// Whether a peer may be asked at all (see `book::SourceBook::usable`).
+    fn usable(&self, node: &NodeId) -> bool;
+    /// Fetches a peer's summary (a delta from `since`, if given).
+    fn fetch(
+        &self,
+        node: &NodeId,
+        since: Option<u64>,
+    ) -> impl Future<Output = Result<bytes::Bytes, SourceError>> + Send;
+}
 
 /// What a peer's summary says of a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,11 +202,11 @@ impl PeerSummaries {
     }
 
     /// Keeps the summaries of the table's peers current until `shutdown`.
-    pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
-        let Some(table) = proxy.sources.table().cloned() else {
+    pub async fn run(proxy: Arc<impl SummarySources>, shutdown: CancellationToken) {
+        let Some(table) = proxy.table().cloned() else {
             return shutdown.cancelled().await;
         };
-        let me = &proxy.summaries;
+        let me = proxy.held();
         loop {
             // One pass over the table without copying its entries, and the (costlier) usability
             // check only for peers announcing a version not held: in a steady hall, none
@@ -199,14 +217,14 @@ impl PeerSummaries {
                 .iter()
                 .filter_map(|(n, v)| v.map(|v| (*n, v)))
                 .filter(|(n, v)| me.version(n) != Some(*v))
-                .filter(|(n, _)| proxy.peer_usable(n))
+                .filter(|(n, _)| proxy.usable(n))
                 .collect();
             let due = me.due(&announced);
             let table = &table;
             let work = futures_util::stream::iter(due)
                 .map(|(node, have)| {
                     let proxy = &proxy;
-                    async move { (node, have, proxy.sources.summary(&node, have).await) }
+                    async move { (node, have, proxy.fetch(&node, have).await) }
                 })
                 .buffer_unordered(FETCH_AT_ONCE)
                 .for_each(|(node, have, r)| async move {

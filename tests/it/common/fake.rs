@@ -491,7 +491,8 @@ impl Rig {
                 state_dir: Some(self.state.path().to_owned()),
             },
             Some(self.table.clone()),
-        );
+        )
+        .expect("proxy");
         let l = h::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = l.local_addr().expect("addr");
         let pages = Arc::new(ProxyWithPages(p.clone()));
