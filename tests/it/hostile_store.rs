@@ -468,7 +468,7 @@ fn the_proxy_keeps_accepting_when_the_store_server_is_flooded() {
     let narinfo = format!("/{}.narinfo", hash_of(&f.top));
     // Ready: the store server answers.
     wait_until(
-        "serve never answered",
+        "the store server answers",
         Duration::from_secs(30),
         Duration::from_millis(100),
         || {
