@@ -8,8 +8,9 @@
 //! - **a contested id** (one family lists two addresses, none proven, as in the first-contact
 //!   race: an attacker announcing an honest host's id before that host's own announce reached a
 //!   newcomer; or, once proven in one family, a claim from the other): the table queues
-//!   the announcing address from its second claim on, and [`verify_loop`] asks the store server
-//!   there `GET /identity?nonce=N&to=IP` (a fresh random nonce; `to`: the address asked). A
+//!   the announcing address from its second claim on, and the prover (`prover::verify_loop`)
+//!   asks the store server there `GET /identity?nonce=N&to=IP` (a fresh random nonce; `to`: the
+//!   address asked). A
 //!   server answers only for an address of its own, with its public key and a signature over
 //!   [`PROOF_CONTEXT`], the nonce and that address: the answer says which id the address holds
 //!   ([`proven_node`]), settling every id claimed there (`PeerTable::proof_result`); from then
@@ -26,8 +27,8 @@
 //! when it answered, and after `FIRST_RETRY` (2 s) doubling when it did not (remembered for
 //! `MAX_ASKED` (4,096) addresses, under 0.5 MiB), so forged contests at a victim's address cost
 //! it one request per 30 s from each host;
-//! [`ASK_AT_ONCE`] requests in flight, a new one starting as soon as one ends, each within
-//! [`CONNECT_TIMEOUT`], [`PROOF_TIMEOUT`] and [`MAX_PROOF_BYTES`]. Older peers answer 404:
+//! the prover's `ASK_AT_ONCE` (4) requests in flight, a new one starting as soon as one ends, each
+//! within its `CONNECT_TIMEOUT`, `PROOF_TIMEOUT` and `MAX_PROOF_BYTES`. Older peers answer 404:
 //! their contests are settled as before (moves and pinning, `table`).
 
 use std::net::IpAddr;

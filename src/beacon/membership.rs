@@ -129,7 +129,7 @@ fn socket_v6(port: u16) -> Result<UdpSocket, BeaconError> {
 }
 
 /// Binds the beacon port and joins the groups on the interfaces usable now. Interfaces that
-/// appear later are joined by [`run`]; having none yet is not an error.
+/// appear later are joined by [`super::run`]; having none yet is not an error.
 pub fn bind(cfg: &BeaconConfig) -> Result<Sockets, BeaconError> {
     for g in &cfg.groups {
         if !g.is_multicast() {

@@ -78,3 +78,31 @@ impl InFlight {
         tasks.spawn(task)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_fetch_per_nar_and_its_tasks_end_with_their_owner() {
+        let f = InFlight::default();
+        let h = NarHash::from_digest([1; 32]);
+        let first = f.fetches().start(&h).expect("nothing under way");
+        assert!(f.fetches().start(&h).is_none(), "a second request joins");
+        assert!(Arc::ptr_eq(&first, &f.fetches().join(&h)));
+        f.fetches().done(&h, &FetchCell::default());
+        assert!(f.fetches().start(&h).is_none(), "another fetch's end leaves this one");
+        f.fetches().done(&h, &first);
+        assert!(
+            f.fetches().start(&h).is_some(),
+            "once ended, the next request starts anew"
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        f.spawn(async move {
+            let _tx = tx;
+            std::future::pending::<()>().await
+        });
+        drop(f);
+        assert!(rx.await.is_err(), "the task was aborted with the set that owns it");
+    }
+}

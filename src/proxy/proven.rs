@@ -226,19 +226,32 @@ impl ProvenPeers {
     }
 }
 
-fn read_file(path: &Path) -> Result<Option<FileState>, String> {
+/// Why the state file was not used (it then counts as empty).
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("reading: {0}")]
+    Io(#[from] io::Error),
+    #[error("larger than {MAX_FILE_BYTES} bytes")]
+    TooLarge,
+    #[error("does not parse: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("version {0} (expected {VERSION})")]
+    Version(u32),
+}
+
+fn read_file(path: &Path) -> Result<Option<FileState>, ReadError> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     };
     if meta.len() > MAX_FILE_BYTES {
-        return Err(format!("larger than {MAX_FILE_BYTES} bytes"));
+        return Err(ReadError::TooLarge);
     }
-    let text = std::fs::read(path).map_err(|e| e.to_string())?;
-    let s: FileState = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+    let text = std::fs::read(path)?;
+    let s: FileState = serde_json::from_slice(&text)?;
     if s.version != VERSION {
-        return Err(format!("version {} (expected {VERSION})", s.version));
+        return Err(ReadError::Version(s.version));
     }
     Ok(Some(s))
 }

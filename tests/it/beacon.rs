@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::common::netns::{in_netns, Lan, Sniffer, TestBeacon};
-use crate::common::{forge, wait_for};
+use crate::common::{forge, wait_for, wait_until};
 use local_nix_cache::beacon::{self, wire::NodeId, BeaconConfig};
 
 fn cfg(groups: Vec<IpAddr>, interval: Duration) -> BeaconConfig {
@@ -236,7 +236,27 @@ fn garbage_flood_is_counted_and_tables_stay_right() {
     });
     let sent = flooder.join().expect("flooder");
     assert!(sent > 4000, "sent {sent}");
-    std::thread::sleep(Duration::from_millis(700));
+    // Proof that every receiver got through the flood: a query sent after it from hosts 1 and 2
+    // (the flooder's own address is rate-limited), counted by each receiver.
+    let queries: Vec<u64> = beacons.iter().map(|b| b.table.counters().queries).collect();
+    for (h, node) in [(0, 0xa1), (1, 0xa2)] {
+        in_netns(&lan.hosts[h].ns, move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let to = SocketAddr::from((beacon::DEFAULT_GROUP_V4, beacon::DEFAULT_PORT));
+            s.send_to(&forge::query(NodeId([node; 16])).encode(), to)
+                .expect("send query");
+        })
+        .join()
+        .expect("query sender");
+    }
+    for (b, before) in beacons.iter().zip(queries) {
+        wait_until(
+            "a query sent after the flood is counted",
+            Duration::from_secs(5),
+            Duration::from_millis(5),
+            || b.table.counters().queries > before,
+        );
+    }
     for (b, w) in beacons.iter().zip(&want) {
         assert_eq!(&nodes(b), w, "table changed by the flood");
         let c = b.table.counters();
@@ -429,7 +449,10 @@ fn a_unicast_announce_or_one_from_a_source_off_the_link_is_dropped() {
         victim.table.get(&NodeId([3; 16])).is_some()
     });
     assert!(got.is_some(), "the on-link control announce was not accepted");
-    std::thread::sleep(Duration::from_millis(200));
+    // Every forged announce processed (all ten count as off the link), not just some time passed.
+    let _ = wait_for(Duration::from_secs(2), Duration::from_millis(5), || {
+        victim.table.counters().off_link >= 10
+    });
     let c = victim.table.counters();
     eprintln!("counters after the forged announces: {c:?}");
     assert_eq!(c.off_link, 10, "each forged announce is counted as off the link");

@@ -12,15 +12,16 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-/// A TCP connection to `dst` from the loopback address `src`, optionally with a tiny receive
-/// buffer (so a client that reads slowly or not at all really pushes back on the server).
 /// The attacks load the machine and the timing test measures it: one test of this file at a
-/// time (test binaries themselves run one after another).
+/// time. (Tests of other modules of the crate may run beside one; the timing test compares
+/// interleaved requests on one connection, so load from elsewhere affects both sides alike.)
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A TCP connection to `dst` from the loopback address `src`, optionally with a tiny receive
+/// buffer (so a client that reads slowly or not at all really pushes back on the server).
 fn connect_from(src: Ipv4Addr, dst: SocketAddr, rcvbuf: Option<usize>) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
@@ -468,7 +469,7 @@ fn the_proxy_keeps_accepting_when_the_store_server_is_flooded() {
     let narinfo = format!("/{}.narinfo", hash_of(&f.top));
     // Ready: the store server answers.
     wait_until(
-        "serve never answered",
+        "the store server answers",
         Duration::from_secs(30),
         Duration::from_millis(100),
         || {

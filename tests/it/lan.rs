@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::netns::in_netns;
 use crate::common::nixlan::NixLan;
-use crate::common::{fixture, run, wait_until};
+use crate::common::{fixture, forge, run, wait_for, wait_until};
+use local_nix_cache::beacon::wire::NodeId;
 
 fn ok(what: &str, out: &std::process::Output) {
     assert!(
@@ -117,10 +118,17 @@ fn a_path_just_substituted_is_found_on_the_lan_within_two_intervals() {
         Duration::from_millis(100),
         || !(lan.hosts[1].status()["peers"][0]["summary"].is_null()),
     );
+    let summary = || lan.hosts[1].status()["peers"][0]["summary"].as_u64();
+    let before = summary();
     ok("host 1 substitutes from upstream", &lan.hosts[0].realise(&[&f.rand]));
     lan.upstream.stop();
-    // Two announce intervals and the fixed delays.
-    std::thread::sleep(Duration::from_secs(2) + Duration::from_millis(2500));
+    // Host 2 holds host 1's next summary (the one with the path): at most two announce intervals
+    // and the fixed delays, as long as this test used to wait.
+    let _ = wait_for(
+        Duration::from_secs(2) + Duration::from_millis(2500),
+        Duration::from_millis(100),
+        || summary() > before,
+    );
     ok(
         "host 2 realises from host 1, upstream gone",
         &lan.hosts[1].realise(&[&f.rand]),
@@ -284,7 +292,24 @@ fn beacon_flood_leaves_every_serve_up_and_tables_right() {
     .join()
     .expect("flooder");
     assert!(sent > 10_000, "sent {sent}");
-    std::thread::sleep(Duration::from_millis(500));
+    // Proof that every host got through the flood: a query sent after it from hosts 1 and 2 (the
+    // flooder's own address is rate-limited), counted by each host's beacon.
+    let queries = |i: usize| lan.hosts[i].status()["beacon"]["queries"].as_u64();
+    let before: Vec<Option<u64>> = (0..3).map(queries).collect();
+    for (h, node) in [(0, 0xa1), (1, 0xa2)] {
+        in_netns(&lan.hosts[h].net.ns, move || {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let query = forge::query(NodeId([node; 16])).encode();
+            s.send_to(&query, "239.255.83.80:8380").expect("send query");
+        })
+        .join()
+        .expect("query sender");
+    }
+    for (i, before) in before.into_iter().enumerate() {
+        let _ = wait_for(Duration::from_secs(3), Duration::from_millis(50), || {
+            queries(i) > before
+        });
+    }
     for i in 0..3 {
         assert!(
             lan.hosts[i].serving(),

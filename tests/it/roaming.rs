@@ -123,6 +123,12 @@ fn a_second_lan_joined_later_finds_the_host() {
     lan.hosts[2].start_serve(&up);
     lan.wait_peers(1, &[0], Duration::from_secs(5))
         .expect("the first LAN sees the holder");
+    // Host 3's beacon is up on the second LAN, so its table still empty a second later means
+    // something (a beacon slow to start passed this check before).
+    let joined = wait_for(Duration::from_secs(5), Duration::from_millis(50), || {
+        iface_state(&lan.hosts[2], "eth0").as_deref() == Some("joined")
+    });
+    assert!(joined.is_some(), "host 3's beacon did not join the second LAN");
     std::thread::sleep(Duration::from_secs(1));
     assert!(lan.hosts[2].peer_addrs().is_empty(), "nobody on the second LAN yet");
     let t0 = Instant::now();

@@ -4,7 +4,7 @@
 //!
 //! An address is asked at most once per [`ASK_AGAIN_AFTER`] when it answered (its answer names
 //! the id it holds, so forged contests for any number of ids at a victim's address cost it one
-//! request per window from each host), and again after [`retry_after`] when it did not; a single
+//! request per window from each host), and again after `retry_after` when it did not; a single
 //! claim never has it asked (a single spoofed datagram never makes the hall send requests to a
 //! third host).
 

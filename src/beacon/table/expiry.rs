@@ -2,7 +2,7 @@
 //!
 //! The beacon's loop asks on every turn, i.e. per datagram (a scan over every peer there was
 //! 15-18 % of a steady serve's CPU in a 500-host hall): the minimum found by the last scan is
-//! kept, lowered at once by every join or refresh that expires earlier ([`ExpiryCache::note`]),
+//! kept, lowered at once by every join or refresh that expires earlier (`ExpiryCache::note`),
 //! so it is never late; a refresh or departure can leave it early, and the table is scanned
 //! again only once that time has come (a look then finds nothing or the peer that expired), or
 //! at most once per [`EXPIRY_RESCAN`] when asked after it.

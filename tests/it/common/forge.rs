@@ -24,6 +24,13 @@ pub fn announce(node: NodeId, port: u16) -> BeaconBuilder {
     })
 }
 
+/// A query from `node` (port 0: every host is asked to announce now), otherwise as [`announce`].
+pub fn query(node: NodeId) -> BeaconBuilder {
+    let mut b = announce(node, 0);
+    b.0.kind = Kind::Query;
+    b
+}
+
 /// A goodbye from `node` (port 0), otherwise as [`announce`].
 pub fn goodbye(node: NodeId) -> BeaconBuilder {
     let mut b = announce(node, 0);
