@@ -137,13 +137,10 @@ impl Attack {
         let stop = self.stop.clone();
         self.threads.push(std::thread::spawn(move || {
             let flag = AtomicBool::new(false);
-            let t0 = Instant::now();
             // `f` polls `flag`; a watcher sets it from the shared stop or the time bound.
             std::thread::scope(|s| {
                 s.spawn(|| {
-                    while !stop.load(Ordering::Relaxed) && t0.elapsed() < max {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
+                    let _ = wait_for(max, Duration::from_millis(50), || stop.load(Ordering::Relaxed));
                     flag.store(true, Ordering::Relaxed);
                 });
                 f(&flag);

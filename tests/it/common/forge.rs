@@ -64,10 +64,6 @@ impl BeaconBuilder {
         self
     }
 
-    pub fn build(self) -> Beacon {
-        self.0
-    }
-
     /// The datagram ([`wire::encode`]).
     pub fn encode(&self) -> Vec<u8> {
         wire::encode(&self.0)
