@@ -17,3 +17,6 @@ pub mod settings;
 pub mod status;
 pub mod store;
 pub mod summary;
+
+#[cfg(test)]
+mod architecture_tests;

@@ -142,4 +142,4 @@ pub async fn serve_with<H: Handler>(
 /// can pin with huge headers) and the write queue, which must hold two NAR chunks (128 KiB from
 /// disk) for one stream to keep the link busy: at 16 KiB a single NAR stream ran at 0.67x of
 /// nginx (bench/store-server.sh), every chunk flushed before the next was asked for.
-const MAX_READ_BUF: usize = 256 * 1024;
+pub const MAX_READ_BUF: usize = 256 * 1024;

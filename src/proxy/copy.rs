@@ -14,12 +14,12 @@ use super::source::{NarReader, SourceError, SourceId, Sources};
 
 /// Size of a read buffer; chunks are cut from it read by read until less than
 /// [`MIN_READ_ROOM`] is left.
-const READ_CHUNK: usize = 256 * 1024;
+pub(crate) const READ_CHUNK: usize = 256 * 1024;
 /// Room a read buffer must still have to be read into.
 const MIN_READ_ROOM: usize = 32 * 1024;
 /// Read buffers one copy keeps for reuse once every chunk cut from them was dropped (by the
 /// spool and a pass-through body): at most 4 MiB per copy; a copy that needs more allocates.
-const READ_BUFS: usize = 16;
+pub(crate) const READ_BUFS: usize = 16;
 /// A source must send at least [`MIN_WINDOW_BYTES`] in every window of this length, or it is
 /// abandoned as a drip (the idle timeout alone lets one byte every few seconds through).
 pub const RATE_WINDOW: Duration = Duration::from_secs(3);

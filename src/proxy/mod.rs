@@ -64,6 +64,9 @@ use spool::SpoolLimits;
 use stats::{Stats, StatsKeeper, StatusReport};
 use summaries::{PeerSummaries, SummarySources};
 
+/// Quoted by docs/ARCHITECTURE.md (checked in `architecture_tests`).
+#[cfg(test)]
+pub(crate) use copy::{READ_BUFS, READ_CHUNK};
 pub use error::ProxyError;
 pub use source::ClientError;
 pub use split::PARALLEL_MIN_BYTES;

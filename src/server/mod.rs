@@ -42,6 +42,7 @@ use streams::{NarPart, Streams};
 use transfers::Transfers;
 
 pub use error::ServeError;
+pub use streams::NAR_CHANNEL_CHUNKS;
 
 /// Priority in `/nix-cache-info`: before cache.nixos.org (40), for clients pointed straight at us.
 pub const PRIORITY: u32 = 30;
