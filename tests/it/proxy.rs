@@ -452,8 +452,7 @@ fn nar_urls_survive_a_proxy_restart_and_the_winner_leaving() {
     assert_eq!(r.status, 200);
     assert!(r.body.is_empty());
     // A URL naming a NAR hash nobody has is a 404.
-    let bogus = format!("/nar/{}-{}.nar", p.hash(), "1".repeat(52));
-    assert_eq!(get(fresh2, &bogus).status, 404);
+    assert_eq!(get(fresh2, &bogus_url(&p)).status, 404);
 }
 
 #[test]
@@ -572,8 +571,10 @@ fn a_lying_segment_is_caught_and_the_nar_refetched_whole() {
     assert!(s.lies >= 1, "{s:?}");
 }
 
+/// The NAR URL of `p`'s path with a NAR hash nothing has.
 fn bogus_url(p: &FakePath) -> String {
-    format!("/nar/{}-{}.nar", p.hash(), "1".repeat(52))
+    let none = local_nix_cache::narinfo::NarHash::parse_nix32(&"1".repeat(52)).expect("nix32");
+    format!("/{}", local_nix_cache::cache_url::nar_url(&p.path.hash(), &none))
 }
 
 #[test]

@@ -85,6 +85,12 @@ fn serve_started_before_its_link_exists_is_found_once_the_link_appears() {
     detach(&ns, "eth0"); // only loopback: a laptop at boot
     lan.hosts[0].start_serve_args(&up, EVERY_INTERFACE_RARELY);
     lan.hosts[1].start_serve(&up);
+    // Host 2's beacon is up on the LAN, so its table still empty two seconds later means
+    // something (a beacon slow to start passed this check before).
+    let joined = wait_for(Duration::from_secs(5), Duration::from_millis(50), || {
+        iface_state(&lan.hosts[1], "eth0").as_deref() == Some("joined")
+    });
+    assert!(joined.is_some(), "host 2's beacon did not join the LAN");
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         lan.hosts[0].serving(),

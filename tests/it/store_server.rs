@@ -143,8 +143,11 @@ fn check_unsigned(nix226: bool) {
     assert_eq!((ha.status, hu.status), (404, 404));
     // Its NAR cannot be fetched either, whatever hash the URL names.
     let dump = host.dump(&private);
-    let nar_hash = nix_base32_sha256(&dump);
-    let r = get(node.addr, &format!("/nar/{}-{nar_hash}.nar", hash_of(&private)));
+    let url = local_nix_cache::cache_url::nar_url(
+        &local_nix_cache::narinfo::StorePathHash::parse(hash_of(&private)).expect("store hash"),
+        &nar_hash_of(&dump),
+    );
+    let r = get(node.addr, &format!("/{url}"));
     assert_eq!(r.status, 404);
     // A signed path of the same store is served.
     assert_eq!(get(node.addr, &format!("/{}.narinfo", hash_of(&f.top))).status, 200);
@@ -164,10 +167,9 @@ fn check_unsigned(nix226: bool) {
     assert!(found.is_some(), "signed after start, found by the check of a miss");
 }
 
-fn nix_base32_sha256(data: &[u8]) -> String {
+fn nar_hash_of(nar: &[u8]) -> local_nix_cache::narinfo::NarHash {
     use sha2::Digest;
-    let d: [u8; 32] = sha2::Sha256::digest(data).into();
-    local_nix_cache::narinfo::NarHash::from_digest(d).to_nix32()
+    local_nix_cache::narinfo::NarHash::from_digest(sha2::Sha256::digest(nar).into())
 }
 
 /// Narinfo fields of a served path.

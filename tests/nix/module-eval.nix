@@ -1,5 +1,5 @@
 # Evaluates nixos/module.nix without nixpkgs, against a small stub of lib and pkgs, and returns
-# what a NixOS system would get from it (checked by tests/packaging.rs).
+# what a NixOS system would get from it (checked by tests/it/packaging.rs).
 let
   lib = {
     mkEnableOption = description: { _type = "option"; default = false; inherit description; };

@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use super::cmd::{nix, output, run};
 use super::netns::{Lan, NetHost};
 use super::roots::{self, HOST_MOUNT};
 use super::wait::{wait_for, wait_until};
-use super::{fixture, nix, output, run, Host};
+use super::{fixture, Host};
 
 /// The `serve` binary under test.
 pub fn bin() -> &'static str {
