@@ -47,6 +47,84 @@ pub enum Command {
     Peers(PeersArgs),
     /// Print what the local proxy is doing: peers, hits from LAN and upstream, bytes saved.
     Status(StatusArgs),
+    /// Print a shell completion script (bash, zsh or fish) on standard output.
+    ///
+    /// bash: `local-nix-cache completions bash > /etc/bash_completion.d/local-nix-cache`;
+    /// zsh: into a directory of `$fpath` as `_local-nix-cache`; fish: into
+    /// `~/.config/fish/completions/local-nix-cache.fish`. The Nix package installs all three.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff) on standard output: `local-nix-cache man | man -l -`.
+    ///
+    /// It is generated from the same help texts as `--help`; the Nix package installs it as
+    /// local-nix-cache(1).
+    Man,
+}
+
+/// The shells `completions` writes for.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+/// Writes the completion script for `shell`, generated from the clap definitions (so every
+/// subcommand and flag `--help` lists is completed, and nothing else).
+pub fn write_completions(shell: CompletionShell, out: &mut dyn std::io::Write) {
+    let mut cmd = Cli::command();
+    let name = cmd.get_name().to_string();
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut cmd, name, out);
+}
+
+fn roff_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('-', "\\-")
+}
+
+/// Writes the manual page, local-nix-cache(1), with one section per subcommand (its flags and
+/// their help texts, the same as `--help`).
+pub fn write_man_page(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let cmd = Cli::command();
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let sub_name = format!("{} {}", cmd.get_name(), sub.get_name());
+        let sub_man = clap_mangen::Man::new(sub.clone().bin_name(sub_name.clone()));
+        writeln!(out, ".SH \"{}\"", roff_escape(&sub_name.to_uppercase()))?;
+        // The subcommand's own synopsis, description and options, under its heading.
+        let mut section = Vec::new();
+        sub_man.render_synopsis_section(&mut section)?;
+        sub_man.render_description_section(&mut section)?;
+        sub_man.render_options_section(&mut section)?;
+        let section = String::from_utf8_lossy(&section).replace(".SH ", ".SS ");
+        out.write_all(section.as_bytes())?;
+    }
+    writeln!(out, ".SH FILES")?;
+    writeln!(
+        out,
+        ".TP\n\\fB/etc/local\\-nix\\-cache/config.toml\\fR (or \\fB\\-\\-config\\fR \\fIPATH\\fR)"
+    )?;
+    writeln!(
+        out,
+        "The configuration file of \\fBserve\\fR: TOML whose keys are the long flag names above \\
+         (\\fBupstream = [\\(dq...\\(dq]\\fR); flags on the command line win."
+    )?;
+    man.render_version_section(out)?;
+    Ok(())
 }
 
 #[derive(Args, Debug, Clone)]

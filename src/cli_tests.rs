@@ -173,3 +173,107 @@ fn the_readme_lists_every_serve_flag() {
     defined.sort_unstable();
     assert_eq!(listed, defined, "README.md's serve table vs the flags");
 }
+
+/// A program a test needs: found, or the test is skipped locally and fails under `CI`.
+fn tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is missing (./run test installs it)"
+        );
+        eprintln!("skipped: {name} is not installed");
+    }
+    found
+}
+
+fn completions(shell: CompletionShell) -> String {
+    let mut out = Vec::new();
+    write_completions(shell, &mut out);
+    String::from_utf8(out).expect("completion scripts are UTF-8")
+}
+
+/// Every long flag of every subcommand, as `--help` lists them.
+fn every_long_flag() -> Vec<(String, String)> {
+    let cmd = Cli::command();
+    cmd.get_subcommands()
+        .flat_map(|sub| {
+            sub.get_arguments()
+                .filter_map(|a| a.get_long())
+                .filter(|l| !matches!(*l, "help" | "version"))
+                .map(|l| (sub.get_name().to_string(), l.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn completions_name_every_subcommand_and_flag_and_parse_in_their_shell() {
+    for (shell, program, check) in [
+        (CompletionShell::Bash, "bash", "-n"),
+        (CompletionShell::Zsh, "zsh", "-n"),
+        (CompletionShell::Fish, "fish", "--no-execute"),
+    ] {
+        let script = completions(shell);
+        for sub in ["serve", "peers", "status", "completions", "man"] {
+            assert!(script.contains(sub), "{program}: no {sub}");
+        }
+        for (sub, flag) in every_long_flag() {
+            // fish lists flags as `-l name`, the others as `--name`.
+            let named = script.contains(&format!("--{flag}")) || script.contains(&format!("-l {flag}"));
+            assert!(named, "{program}: no --{flag} of {sub}");
+        }
+        let Some(shell_bin) = tool(program) else { continue };
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("completion");
+        std::fs::write(&file, &script).expect("write");
+        let out = std::process::Command::new(shell_bin)
+            .arg(check)
+            .arg(&file)
+            .output()
+            .expect("run shell");
+        assert!(
+            out.status.success(),
+            "{program} {check}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_man_page_documents_every_flag_and_renders_without_warnings() {
+    let mut page = Vec::new();
+    write_man_page(&mut page).expect("render");
+    let page = String::from_utf8(page).expect("UTF-8");
+    assert!(
+        page.starts_with(".ie") || page.starts_with(".TH"),
+        "{}",
+        &page[..80.min(page.len())]
+    );
+    for (sub, flag) in every_long_flag() {
+        assert!(
+            page.contains(&format!("\\-\\-{}", flag.replace('-', "\\-"))),
+            "no --{flag} of {sub}"
+        );
+    }
+    assert!(
+        page.contains(".SH \"LOCAL\\-NIX\\-CACHE SERVE\""),
+        "a section per subcommand"
+    );
+    assert!(page.contains("config.toml"), "the config file is documented");
+    let Some(groff) = tool("groff") else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("local-nix-cache.1");
+    std::fs::write(&file, &page).expect("write");
+    let out = std::process::Command::new(groff)
+        .args(["-man", "-Tutf8", "-ww", "-z"])
+        .arg(&file)
+        .output()
+        .expect("groff");
+    let warnings = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && warnings.trim().is_empty(), "groff: {warnings}");
+}

@@ -15,6 +15,16 @@ fn main() -> anyhow::Result<()> {
         Err(CliError::Clap(e)) => e.exit(),
         Err(e) => return Err(e.into()),
     };
+    match cli.command {
+        Command::Completions(args) => {
+            cli::write_completions(args.shell, &mut std::io::stdout().lock());
+            return Ok(());
+        }
+        Command::Man => {
+            return cli::write_man_page(&mut std::io::stdout().lock()).context("writing the manual page");
+        }
+        _ => {}
+    }
     let log_format = match &cli.command {
         Command::Serve(args) => args.log_format,
         _ => LogFormat::Plain,
@@ -42,6 +52,7 @@ fn main() -> anyhow::Result<()> {
                 local_nix_cache::status::print(&args.proxy, args.json).await?;
                 Ok(())
             }
+            Command::Completions(_) | Command::Man => Ok(()),
         }
     })
 }
