@@ -1,53 +1,43 @@
-# Evaluates nixos/module.nix without nixpkgs, against a small stub of lib and pkgs, and returns
-# what a NixOS system would get from it (checked by tests/it/packaging.rs).
+# Evaluates nixos/module.nix with the module system of the stub nixpkgs (tests/nix/stub-nixpkgs:
+# nixpkgs is not reachable here) against the stub of the NixOS options it sets, and returns what a
+# NixOS system would get from it (checked by tests/it/packaging.rs). `extra` is one more module (a
+# test's definitions); the default one is a host like the README's.
+{ extra ? {
+    services.local-nix-cache = {
+      enable = true;
+      interfaces = [ "wlan0" ];
+      trustedPublicKeys = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+      upstreams = [ ];
+      openFirewall = true;
+      passThroughProvenPeers = false;
+      settings = { announce-interval = "2s"; spool-max-mib = 4096; };
+    };
+  }
+}:
 let
-  lib = {
-    mkEnableOption = description: { _type = "option"; default = false; inherit description; };
-    mkOption = attrs: attrs // { _type = "option"; };
-    types = {
-      package = "package";
-      str = "str";
-      bool = "bool";
-      listOf = t: "listOf ${t}";
-    };
-    mkIf = cond: value: if cond then value else { };
-    mkBefore = x: x;
-    mkDefault = x: x;
-    literalExpression = x: x;
-    getExe = p: "${p}/bin/local-nix-cache";
+  stub = import ./stub-nixpkgs/flake.nix;
+  nixpkgs = stub.outputs { self = nixpkgs; };
+  system = nixpkgs.lib.nixosSystem {
+    modules = [ ../../nixos/module.nix extra { system.stateVersion = "25.11"; } ];
   };
-  pkgs = {
-    formats.toml = _: {
-      type = "toml";
-      generate = name: value: { __toString = _: "/nix/store/stub-${name}"; inherit value; };
-    };
-    callPackage = _: _: "/nix/store/stub-local-nix-cache";
-  };
-  config.services.local-nix-cache = {
-    enable = true;
-    package = "/nix/store/stub-local-nix-cache";
-    listen = [ "[::]:8380" ];
-    proxyListen = "127.0.0.1:8381";
-    upstreams = [ ];
-    trustedPublicKeys = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
-    interfaces = [ "wlan0" ];
-    openFirewall = true;
-    passThroughProvenPeers = false;
-    settings = { announce-interval = "2s"; spool-max-mib = 4096; };
-  };
-  m = import ../../nixos/module.nix { inherit config lib pkgs; };
-  service = m.config.systemd.services.local-nix-cache;
+  inherit (system) config;
+  opts = system.options.services.local-nix-cache;
+  # Absent when the module is disabled.
+  service = config.systemd.services.local-nix-cache or { serviceConfig = { }; restartTriggers = [ ]; };
 in
 {
-  options = builtins.attrNames m.options.services.local-nix-cache;
-  # The options' defaults, compared with `serve`'s own flag defaults.
-  defaults = builtins.mapAttrs (_: o: o.default or null) m.options.services.local-nix-cache;
-  substituters = m.config.nix.settings.substituters;
-  negativeTtl = m.config.nix.settings.narinfo-cache-negative-ttl;
-  firewall = m.config.networking.firewall;
-  execStart = service.serviceConfig.ExecStart;
-  dynamicUser = service.serviceConfig.DynamicUser;
+  options = builtins.attrNames opts;
+  # The options' types and defaults, compared with `serve`'s own flags.
+  types = builtins.mapAttrs (_: o: o.type.name) opts;
+  defaults = builtins.mapAttrs (_: o: if o.type.name == "package" then null else o.default or null) opts;
+  substituters = config.nix.settings.substituters;
+  negativeTtl = config.nix.settings.narinfo-cache-negative-ttl;
+  firewall = config.networking.firewall;
+  execStart = service.serviceConfig.ExecStart or null;
+  dynamicUser = service.serviceConfig.DynamicUser or null;
   # The config file the module generates (the stub generator keeps its value).
-  configFile = m.config.environment.etc."local-nix-cache/config.toml".source.value;
+  configFile = config.environment.etc."local-nix-cache/config.toml".source.value or null;
   restartTriggers = map toString service.restartTriggers;
+  # Forces every definition of the system (types checked, undeclared options refused).
+  toplevel = config.system.build.toplevel.drvPath;
 }
