@@ -16,6 +16,8 @@ let
     spool-dir = "/var/cache/local-nix-cache";
     state-dir = "/var/lib/local-nix-cache";
     pass-through-proven-peers = cfg.passThroughProvenPeers;
+  } // lib.optionalAttrs (cfg.installBinary != null) {
+    install-binary = "${cfg.installBinary}";
   } // cfg.settings);
 in
 {
@@ -71,6 +73,17 @@ in
         hashed, holding back its last 64 KiB until it verified. A proven peer that lies once
         costs one failed substitution and is banned for good (kept in /var/lib/local-nix-cache).
         false: every NAR verifies before Nix gets a byte.
+      '';
+    };
+
+    installBinary = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = lib.literalExpression "\"''${pkgs.pkgsStatic.local-nix-cache}/bin/local-nix-cache\"";
+      description = ''
+        The binary newcomers get from this host's one-liner (`--install-binary`); it must be
+        static. null: the running binary, which the default package builds static. Set it when
+        `package` is a dynamic build (e.g. `static = false`): a dynamic binary is not handed out.
       '';
     };
 

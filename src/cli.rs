@@ -251,6 +251,12 @@ pub struct ServeArgs {
     /// connection freed).
     #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub client_stall_timeout: u64,
+    /// The binary the one-liner (`GET /install`) hands to newcomers; it must be static (no
+    /// program interpreter), for this architecture, checked at start. Default: this process's
+    /// own binary, handed out only if it is static (a Nix build with the ordinary, dynamic
+    /// rustPlatform is not: give its static build here).
+    #[arg(long, value_name = "PATH")]
+    pub install_binary: Option<PathBuf>,
     /// Where the store directory physically is, to read NARs from disk once the daemon vouched
     /// for a path (faster than through the daemon); `none` streams every NAR through the daemon.
     /// Default: the store directory itself for the system daemon, ROOT/nix/store for
@@ -347,6 +353,7 @@ impl ServeArgs {
                 rescan_interval: Duration::from_secs(self.rescan_interval),
                 index_max_bytes: self.index_max_mib.saturating_mul(1024 * 1024),
                 client_stall_timeout: Duration::from_secs(self.client_stall_timeout),
+                install_binary: self.install_binary.clone(),
             },
             beacon: (!self.no_beacon).then(|| BeaconSettings {
                 interfaces: self.beacon.interfaces.clone(),

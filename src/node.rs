@@ -33,6 +33,8 @@ pub enum StartError {
     Beacon(#[from] beacon::BeaconError),
     #[error("proxy: {0}")]
     Proxy(#[from] crate::proxy::ClientError),
+    #[error(transparent)]
+    InstallBinary(#[from] server::install::InstallBinaryError),
 }
 
 /// Why a running node stopped on its own.
@@ -145,9 +147,14 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
         .beacon
         .as_ref()
         .map(|_| Arc::new(PeerTable::with_identity(identity.clone())));
+    let install_binary = match &settings.server.install_binary {
+        Some(path) => Some(server::install::check_install_binary(path)?),
+        None => None,
+    };
     let srv = Arc::new(
         StoreServer::new(store, index, keys.clone())
             .with_stall_timeout(settings.server.client_stall_timeout)
+            .with_install_binary(install_binary)
             .with_node_id(node_id)
             .with_identity(identity)
             .with_summary(publisher.clone())

@@ -43,6 +43,8 @@ pub struct ServerSettings {
     pub index_max_bytes: usize,
     /// A client that accepts no NAR bytes for this long is dropped.
     pub client_stall_timeout: Duration,
+    /// The binary the one-liner hands out (must be static); none: this process's own.
+    pub install_binary: Option<std::path::PathBuf>,
 }
 
 /// The multicast beacon.

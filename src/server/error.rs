@@ -71,8 +71,9 @@ pub enum ServeError {
     /// This process cannot read its own binary (logged when first tried).
     #[error("our own binary is unreadable")]
     NoBinary,
-    #[error("cannot find our own binary: {0}")]
-    OwnPath(#[source] std::io::Error),
+    /// The binary needs a loader (`interpreter`) newcomers may not have: not handed out.
+    #[error("the binary to hand out is not static (needs {interpreter})")]
+    NotStatic { interpreter: String },
     #[error("no transfer slot for /install: {source}")]
     NoInstallSlot {
         peer: SocketAddr,
@@ -135,7 +136,7 @@ impl ServeError {
             | Self::Miss
             | Self::Gone { .. }
             | Self::NoBinary
-            | Self::OwnPath(_) => {
+            | Self::NotStatic { .. } => {
                 tracing::debug!(error = %self, "answering 404");
                 h::not_found()
             }
@@ -202,7 +203,7 @@ mod tests {
             ),
             (ServeError::NoBinary, 404, "not found\n"),
             (
-                ServeError::OwnPath(std::io::Error::other("exe detail")),
+                ServeError::NotStatic { interpreter: "/nix/store/x-glibc/ld.so".into() },
                 404,
                 "not found\n",
             ),

@@ -17,6 +17,10 @@ set -eu
 
 PEER='@PEER@'
 SHA256='@SHA256@'
+# What the peer hands out: its version, size in bytes, and whether it runs without a loader.
+VERSION='@VERSION@'
+SIZE='@SIZE@'
+LINKAGE='@LINKAGE@'
 # The peer binary's platform (`uname -s`/`uname -m`) and the NAR hash of the peer's source tree.
 ARCH='@ARCH@'
 SOURCE_SHA256='@SOURCE_NARHASH@'
@@ -49,6 +53,10 @@ system) bin_dir=/usr/local/bin; conf=/etc/nix/nix.conf ;;
 user) bin_dir=${HOME:?}/.local/bin; conf=${XDG_CONFIG_HOME:-$HOME/.config}/nix/nix.conf ;;
 *) die "LNC_MODE must be system or user" ;;
 esac
+
+say "this peer hands out $VERSION for $ARCH Linux ($LINKAGE, $SIZE bytes, sha256 $SHA256)"
+[ "$LINKAGE" = static ] ||
+    die "that binary needs a loader from the peer's own /nix/store and would not run here, so the peer does not hand it out. Nothing installed: ask the peer's owner to start serve with --install-binary pointing to a static build (the Nix package and ./run build are static), or try another peer."
 
 # 1. The binary, checked against the sha256 this script was served with.
 tmp=$(mktemp)

@@ -13,7 +13,8 @@
 pub mod compress;
 mod error;
 pub mod index;
-mod install;
+pub mod elf;
+pub mod install;
 pub mod limits;
 pub mod misses;
 pub mod source;
@@ -138,6 +139,13 @@ impl StoreServer {
             identity: None,
             misses: misses::MissChecks::default(),
         }
+    }
+
+    /// Hands out `binary` (checked with [`install::check_install_binary`]) to the one-liner
+    /// instead of this process's own.
+    pub fn with_install_binary(mut self, binary: Option<install::InstallBinary>) -> Self {
+        self.install = install::Installer::with_binary(binary);
+        self
     }
 
     pub fn with_summary(mut self, p: Arc<summary::Publisher>) -> Self {

@@ -203,6 +203,21 @@ fn nixos_module_types_follow_the_flags_and_are_checked() {
         );
     }
     assert_eq!(v["types"]["openFirewall"], "bool");
+    // `installBinary` is `--install-binary`: a path, absent by default (this binary is handed out).
+    let install = serve
+        .get_arguments()
+        .find(|a| a.get_long() == Some("install-binary"))
+        .expect("--install-binary");
+    assert!(install.get_default_values().is_empty());
+    assert_eq!(v["types"]["installBinary"], "null or path");
+    assert_eq!(v["defaults"]["installBinary"], serde_json::Value::Null);
+    let set = module_eval(
+        home.path(),
+        Some("{ services.local-nix-cache = { enable = true; installBinary = \"/nix/store/x/bin/lnc\"; }; }"),
+    )
+    .expect("evaluates");
+    assert_eq!(set["configFile"]["install-binary"], "/nix/store/x/bin/lnc");
+    assert_eq!(v["configFile"].get("install-binary"), None, "not written when null");
     assert_eq!(v["types"]["package"], "package");
     // The module system refuses what NixOS would refuse: a value of the wrong type, an option
     // that does not exist (so the checks above cannot pass on a stub that accepts anything).
