@@ -15,6 +15,8 @@ const SOURCES: &[&str] = &[
     "rustfmt.toml",
     "README.md",
     "default.nix",
+    "flake.nix",
+    "flake.lock",
     "nixos",
     "src",
 ];
@@ -58,7 +60,27 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     std::fs::write(out.join("source.tar"), &tar).expect("write source.tar");
     std::fs::write(out.join("source.narhash"), nix32).expect("write source.narhash");
+    // The same hash as flakes write it (`narHash=sha256-<base64>`), for the flake-input snippet.
+    std::fs::write(out.join("source.sri"), format!("sha256-{}", base64(&digest))).expect("write source.sri");
     std::fs::write(out.join("source.top"), &top).expect("write source.top");
+}
+
+/// Standard base64 with padding (RFC 4648), as SRI hashes use.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn read_node(p: &Path) -> Node {

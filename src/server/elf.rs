@@ -73,10 +73,16 @@ pub fn inspect(head: &[u8]) -> Result<ElfFacts, ElfError> {
             let end = offset.checked_add(size).ok_or(ElfError::Unsupported)?;
             let raw = head.get(offset..end).ok_or_else(truncated)?;
             let interpreter = String::from_utf8_lossy(raw.split(|&c| c == 0).next().unwrap_or(raw)).into_owned();
-            return Ok(ElfFacts { machine, linkage: Linkage::Dynamic { interpreter } });
+            return Ok(ElfFacts {
+                machine,
+                linkage: Linkage::Dynamic { interpreter },
+            });
         }
     }
-    Ok(ElfFacts { machine, linkage: Linkage::Static })
+    Ok(ElfFacts {
+        machine,
+        linkage: Linkage::Static,
+    })
 }
 
 /// The `e_machine` of the architecture this binary was built for, where the one-liner knows it.
@@ -122,10 +128,18 @@ mod tests {
             inspect(&dynamic),
             Ok(ElfFacts {
                 machine: 62,
-                linkage: Linkage::Dynamic { interpreter: "/nix/store/x-glibc/lib/ld-linux-x86-64.so.2".into() }
+                linkage: Linkage::Dynamic {
+                    interpreter: "/nix/store/x-glibc/lib/ld-linux-x86-64.so.2".into()
+                }
             })
         );
-        assert_eq!(inspect(&elf(&[(1, 0, 0), (6, 0, 0)], b"")), Ok(ElfFacts { machine: 62, linkage: Linkage::Static }));
+        assert_eq!(
+            inspect(&elf(&[(1, 0, 0), (6, 0, 0)], b"")),
+            Ok(ElfFacts {
+                machine: 62,
+                linkage: Linkage::Static
+            })
+        );
     }
 
     #[test]

@@ -203,7 +203,9 @@ mod tests {
             ),
             (ServeError::NoBinary, 404, "not found\n"),
             (
-                ServeError::NotStatic { interpreter: "/nix/store/x-glibc/ld.so".into() },
+                ServeError::NotStatic {
+                    interpreter: "/nix/store/x-glibc/ld.so".into(),
+                },
                 404,
                 "not found\n",
             ),

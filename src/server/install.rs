@@ -52,7 +52,11 @@ pub enum InstallBinaryError {
     #[error("install binary {path} needs the loader {interpreter}: newcomers could not run it (give a static build)")]
     NotStatic { path: PathBuf, interpreter: String },
     #[error("install binary {path} is for ELF machine {machine}, not this host's {arch}")]
-    OtherMachine { path: PathBuf, machine: u16, arch: &'static str },
+    OtherMachine {
+        path: PathBuf,
+        machine: u16,
+        arch: &'static str,
+    },
 }
 
 /// Reads the binary at `path`: its ELF header (it must run without a loader, on this
@@ -60,11 +64,20 @@ pub enum InstallBinaryError {
 fn examine(path: &Path, version: Option<&str>) -> Result<InstallBinary, InstallBinaryError> {
     use sha2::Digest;
     use std::io::Read;
-    let read = |source| InstallBinaryError::Read { path: path.to_owned(), source };
+    let read = |source| InstallBinaryError::Read {
+        path: path.to_owned(),
+        source,
+    };
     let mut f = std::fs::File::open(path).map_err(read)?;
     let mut head = Vec::with_capacity(HEADER_BYTES);
-    (&mut f).take(HEADER_BYTES as u64).read_to_end(&mut head).map_err(read)?;
-    let facts = elf::inspect(&head).map_err(|source| InstallBinaryError::Elf { path: path.to_owned(), source })?;
+    (&mut f)
+        .take(HEADER_BYTES as u64)
+        .read_to_end(&mut head)
+        .map_err(read)?;
+    let facts = elf::inspect(&head).map_err(|source| InstallBinaryError::Elf {
+        path: path.to_owned(),
+        source,
+    })?;
     if elf::this_machine().is_some_and(|m| m != facts.machine) {
         return Err(InstallBinaryError::OtherMachine {
             path: path.to_owned(),
@@ -134,9 +147,10 @@ pub fn check_install_binary(path: &Path) -> Result<InstallBinary, InstallBinaryE
     let b = examine(path, None)?;
     match &b.linkage {
         Linkage::Static => Ok(b),
-        Linkage::Dynamic { interpreter } => {
-            Err(InstallBinaryError::NotStatic { path: path.to_owned(), interpreter: interpreter.clone() })
-        }
+        Linkage::Dynamic { interpreter } => Err(InstallBinaryError::NotStatic {
+            path: path.to_owned(),
+            interpreter: interpreter.clone(),
+        }),
     }
 }
 
@@ -152,7 +166,10 @@ pub struct Installer {
 impl Installer {
     /// Hands out `configured` (checked by [`check_install_binary`]) instead of this binary.
     pub fn with_binary(configured: Option<InstallBinary>) -> Self {
-        Self { configured, own: Default::default() }
+        Self {
+            configured,
+            own: Default::default(),
+        }
     }
 
     /// The binary the one-liner hands out (static or not: the script says which).
@@ -163,8 +180,10 @@ impl Installer {
         self.own
             .get_or_init(|| async {
                 let r = tokio::task::spawn_blocking(|| -> Result<InstallBinary, InstallBinaryError> {
-                    let exe = std::env::current_exe()
-                        .map_err(|source| InstallBinaryError::Read { path: "/proc/self/exe".into(), source })?;
+                    let exe = std::env::current_exe().map_err(|source| InstallBinaryError::Read {
+                        path: "/proc/self/exe".into(),
+                        source,
+                    })?;
                     examine(&exe, Some(concat!("local-nix-cache ", env!("CARGO_PKG_VERSION"))))
                 })
                 .await;
@@ -207,7 +226,7 @@ impl Installer {
             // Only characters a shell single-quoted string may hold.
             Linkage::Dynamic { interpreter } => format!(
                 "dynamic: needs {}",
-                interpreter.replace(|c: char| !(c.is_ascii_graphic() && c != '\'') , "?")
+                interpreter.replace(|c: char| !(c.is_ascii_graphic() && c != '\''), "?")
             ),
         };
         let script = INSTALL_SCRIPT
@@ -217,6 +236,14 @@ impl Installer {
             .replace("@SIZE@", &b.size.to_string())
             .replace("@LINKAGE@", &linkage)
             .replace("@SOURCE_NARHASH@", source::NAR_HASH)
+            // In a URL's query: `+`, `/` and `=` of base64 percent-encoded, as Nix writes them.
+            .replace(
+                "@SOURCE_SRI@",
+                &source::NAR_HASH_SRI
+                    .replace('+', "%2B")
+                    .replace('/', "%2F")
+                    .replace('=', "%3D"),
+            )
             .replace("@ARCH@", std::env::consts::ARCH);
         Ok(h::ok(Bytes::from(script), "text/x-shellscript; charset=utf-8"))
     }

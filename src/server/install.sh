@@ -24,6 +24,7 @@ LINKAGE='@LINKAGE@'
 # The peer binary's platform (`uname -s`/`uname -m`) and the NAR hash of the peer's source tree.
 ARCH='@ARCH@'
 SOURCE_SHA256='@SOURCE_NARHASH@'
+SOURCE_SRI='@SOURCE_SRI@'
 MARK_BEGIN='# local-nix-cache: begin (added by the installer)'
 MARK_END='# local-nix-cache: end'
 
@@ -98,6 +99,14 @@ if [ -n "$nixos" ]; then
     say "  services.local-nix-cache.enable = true;"
     say "}"
     say "----- end local-nix-cache NixOS module -----"
+    say "or, if your system is a flake, this peer's source as an input (same hash):"
+    say "----- begin local-nix-cache flake input -----"
+    say "inputs.local-nix-cache.url = \"$PEER/install/source.tar?narHash=$SOURCE_SRI\";"
+    say "inputs.local-nix-cache.inputs.nixpkgs.follows = \"nixpkgs\";"
+    say "# and in nixosSystem's modules:"
+    say "#   inputs.local-nix-cache.nixosModules.default"
+    say "#   { services.local-nix-cache.enable = true; }"
+    say "----- end local-nix-cache flake input -----"
     say "then: sudo nixos-rebuild switch"
     say ""
     say "to undo: rm '$bin'"

@@ -11,9 +11,9 @@
 //! its build on a 5xx, but moves on after a 404).
 
 pub mod compress;
+pub mod elf;
 mod error;
 pub mod index;
-pub mod elf;
 pub mod install;
 pub mod limits;
 pub mod misses;

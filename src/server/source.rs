@@ -8,3 +8,5 @@
 pub const TARBALL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/source.tar"));
 /// sha256 NAR hash (nix32) of the unpacked top directory: `builtins.fetchTarball`'s `sha256`.
 pub const NAR_HASH: &str = include_str!(concat!(env!("OUT_DIR"), "/source.narhash"));
+/// [`NAR_HASH`] as flakes write it: `sha256-<base64>` (SRI).
+pub const NAR_HASH_SRI: &str = include_str!(concat!(env!("OUT_DIR"), "/source.sri"));

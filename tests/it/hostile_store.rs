@@ -281,8 +281,13 @@ fn install_binary_cuts_off_a_stalled_client() {
     require!(nix);
     let _one_at_a_time = serial();
     let host = Host::with_paths(&[]);
+    let Some(static_bin) = crate::common::roots::release_bin() else {
+        return;
+    };
     let mut args = serve_args(host.store_addr());
     args.server.client_stall_timeout = std::time::Duration::from_secs(1);
+    // This test build is dynamic: only a static binary is handed out.
+    args.server.install_binary = Some(static_bin);
     let node = TestNode::start(args);
     // The script first: the binary's digest is computed then, not while the client below stalls.
     assert_eq!(get(node.addr, "/install").status, 200);

@@ -40,8 +40,13 @@ fn one_liner(ns: &str, home: &Path, peer: &str, path_env: &str, extra_env: &[(&s
 #[test]
 fn newcomer_installs_from_a_peer_with_one_line() {
     require!(nix, netns);
+    let Some(static_bin) = crate::common::roots::release_bin() else {
+        return;
+    };
+    // The peer runs this test build (dynamic, like Nix's ordinary rustPlatform build) and hands
+    // out the static one, as `--install-binary` tells it.
     let mut lan = NixLan::new(&[&[], &[]]);
-    lan.hosts[0].start_serve("none");
+    lan.hosts[0].start_serve_handing_out("none", &static_bin);
     let peer = lan.hosts[0].net.ip4.to_string();
     let newcomer = lan.hosts[1].net.ns.clone();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -56,7 +61,14 @@ fn newcomer_installs_from_a_peer_with_one_line() {
         .expect("GET /install");
     assert!(script.starts_with("#!/bin/sh"), "{script}");
     assert!(script.contains(&format!("PEER='http://{peer}:8380'")));
-    assert!(script.contains(&format!("SHA256='{}'", sha256_file(Path::new(bin())))));
+    assert!(script.contains(&format!("SHA256='{}'", sha256_file(&static_bin))));
+    assert!(script.contains("LINKAGE='static'"), "{script}");
+    let size = std::fs::metadata(&static_bin).expect("size").len();
+    assert!(script.contains(&format!("SIZE='{size}'")), "{script}");
+    assert!(
+        script.contains(&format!("VERSION='local-nix-cache {}'", env!("CARGO_PKG_VERSION"))),
+        "{script}"
+    );
 
     // Run it: it installs, edits nix.conf, and ends in `serve` in the foreground.
     let log = dir.path().join("install.log");
@@ -86,7 +98,12 @@ fn newcomer_installs_from_a_peer_with_one_line() {
 
     // The binary is the peer's, byte for byte.
     let installed = home.join(".local/bin/local-nix-cache");
-    assert_eq!(sha256_file(&installed), sha256_file(Path::new(bin())));
+    assert_eq!(sha256_file(&installed), sha256_file(&static_bin));
+    assert!(
+        out.contains(&format!("hands out local-nix-cache {} for", env!("CARGO_PKG_VERSION")))
+            && out.contains(&format!("(static, {size} bytes, sha256 {})", sha256_file(&static_bin))),
+        "the script tells the newcomer what it gets:\n{out}"
+    );
     // nix.conf: backup of the original, the proxy added once, the trusted keys untouched.
     let backups: Vec<_> = std::fs::read_dir(conf.parent().expect("dir"))
         .expect("ls")
@@ -393,6 +410,51 @@ fn nixos_newcomer_gets_a_static_binary_commands_and_a_module_whose_hash_nix_acce
         "let m = import {mnt}/wrong.nix; in builtins.pathExists (builtins.head m.imports)"
     ));
     assert!(!o.status.success(), "a wrong sha256 was accepted: {wrong}");
+
+    // The flake form: the same source as a flake input, pinned by the same hash as an SRI
+    // narHash; Nix 2.26 fetches it from the peer, checks it, and reads the flake's lock.
+    let url = out
+        .lines()
+        .map(|l| l.trim_start_matches("local-nix-cache: "))
+        .find_map(|l| l.strip_prefix("inputs.local-nix-cache.url = \"")?.strip_suffix("\";"))
+        .unwrap_or_else(|| panic!("no flake input in:\n{out}"))
+        .to_owned();
+    assert!(
+        url.starts_with(&format!("http://{peer}:8380/install/source.tar?narHash=sha256-")),
+        "{url}"
+    );
+    let flake = |url: &str| {
+        let mut c = crate::common::roots::in_nix_root_ns(Some(&newcomer), &nix226, client.path(), "nix", &chome);
+        c.env(
+            "NIX_CONFIG",
+            "substituters =\nexperimental-features = nix-command flakes\nflake-registry =",
+        )
+        .args(["--store", &format!("{mnt}/store"), "flake", "metadata", "--json", url]);
+        crate::common::output(&mut c)
+    };
+    let o = flake(&url);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
+    assert_eq!(meta["locked"]["type"], "tarball", "{meta}");
+    assert!(
+        meta["locks"]["nodes"]["nixpkgs"]["locked"]["rev"].is_string(),
+        "the flake's own lock: {meta}"
+    );
+    let sri = url
+        .rsplit("narHash=")
+        .next()
+        .expect("narHash")
+        .replace("%2B", "+")
+        .replace("%2F", "/")
+        .replace("%3D", "=");
+    assert_eq!(meta["locked"]["narHash"], sri.as_str(), "{meta}");
+    let i = url.find("narHash=sha256-").expect("narHash") + "narHash=sha256-".len();
+    let flipped = if &url[i..i + 1] == "A" { "B" } else { "A" };
+    let wrong_url = format!("{}{flipped}{}", &url[..i], &url[i + 1..]);
+    assert!(
+        !flake(&wrong_url).status.success(),
+        "a wrong narHash was accepted: {wrong_url}"
+    );
 }
 
 #[test]
@@ -426,4 +488,84 @@ fn installer_refuses_an_unsupported_architecture_clearly() {
     );
     assert!(!home.join(".local/bin/local-nix-cache").exists(), "installed anyway");
     assert!(!home.join("config/nix/nix.conf").exists(), "nix.conf written anyway");
+}
+
+/// What a host hands out when its own binary is dynamic: Nix's ordinary `rustPlatform` build
+/// needs that host's `/nix/store` glibc as its loader, and ran nowhere else. Emulated with this
+/// test build, which cargo links dynamically too (its loader is the system's `/lib64` one): both
+/// carry a `PT_INTERP`. Such a host hands out no binary, its script says why and stops before
+/// touching anything; `--install-binary` hands out the static build; a dynamic one given there
+/// is an error at start that names it.
+#[test]
+fn a_host_with_a_dynamic_binary_hands_out_only_a_static_one() {
+    use crate::common::{get, serve_args, Host, TestNode};
+    require!(nix);
+    let Some(static_bin) = crate::common::roots::release_bin() else {
+        return;
+    };
+    let host = Host::with_paths(&[]);
+
+    // Its own binary only: the script says what it is and stops; the binary is a 404.
+    let node = TestNode::start(serve_args(host.store_addr()));
+    let script = get(node.addr, "/install");
+    assert_eq!(script.status, 200);
+    let script = String::from_utf8(script.body).expect("UTF-8");
+    assert!(script.contains("LINKAGE='dynamic: needs /"), "{script}");
+    assert_eq!(get(node.addr, "/install/local-nix-cache").status, 404);
+    let dir = tempfile::tempdir().expect("dir");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .env_clear()
+        .env("HOME", &home)
+        .env("PATH", "/usr/bin:/bin")
+        .env("LNC_MODE", "user")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the script");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("would not run here") && said.contains("--install-binary"),
+        "{said}"
+    );
+    assert!(!home.join(".local").exists(), "nothing installed: {said}");
+    drop(node);
+
+    // Told to hand out the static build: that is what a newcomer gets, byte for byte.
+    let mut args = serve_args(host.store_addr());
+    args.server.install_binary = Some(static_bin.clone());
+    let node = TestNode::start(args);
+    let served = get(node.addr, "/install/local-nix-cache");
+    assert_eq!(served.status, 200);
+    assert_eq!(
+        served.body,
+        std::fs::read(&static_bin).expect("read"),
+        "the static build"
+    );
+    let script = String::from_utf8(get(node.addr, "/install").body).expect("UTF-8");
+    assert!(
+        script.contains("LINKAGE='static'") && script.contains(&sha256_file(&static_bin)),
+        "{script}"
+    );
+    drop(node);
+
+    // Told to hand out a dynamic build: refused at start, naming it.
+    let mut args = serve_args(host.store_addr());
+    let dynamic = std::path::PathBuf::from(bin());
+    args.server.install_binary = Some(dynamic.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let err = rt
+        .block_on(async { local_nix_cache::node::start(&args, tokio_util::sync::CancellationToken::new()).err() })
+        .expect("a dynamic install binary is refused at start")
+        .to_string();
+    assert!(
+        err.contains(&dynamic.display().to_string()) && err.contains("needs the loader"),
+        "{err}"
+    );
 }

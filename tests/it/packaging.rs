@@ -149,22 +149,16 @@ fn module_eval(home: &Path, extra: Option<&str>) -> Result<serde_json::Value, St
         Some(m) => format!("import {} {{ extra = {m}; }}", file.display()),
         None => format!("import {} {{ }}", file.display()),
     };
-    let out = common::output(nix("nix-instantiate", home).args(["--eval", "--strict", "--json", "-E", &expr]));
+    let out = crate::common::output(nix("nix-instantiate", home).args(["--eval", "--strict", "--json", "-E", &expr]));
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     Ok(serde_json::from_slice(&out.stdout).expect("json"))
 }
 
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn nixos_module_types_follow_the_flags_and_are_checked() {
-    if !require_nix() {
-        return;
-    }
+    require!(nix);
     let home = tempfile::tempdir().expect("home");
     let v = module_eval(home.path(), None).expect("the module evaluates");
     let serve = Cli::command().find_subcommand("serve").cloned().expect("serve");
@@ -255,15 +249,9 @@ fn package_args(home: &Path, call: &str) -> serde_json::Value {
     serde_json::from_str(&out).expect("json")
 }
 
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn default_nix_builds_static_and_installs_completions_and_the_man_page() {
-    if !require_nix() {
-        return;
-    }
+    require!(nix);
     let home = tempfile::tempdir().expect("home");
     let a = package_args(home.path(), "{ }");
     // Static glibc, as `./run build` makes the binary tests/static_binary.rs runs in an empty root.
@@ -339,13 +327,9 @@ fn flake_outputs(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
     }
 }
 
-#[cfg_attr(
-    lnc_no_nix,
-    ignore = "needs Nix (apt-get install nix-bin); under CI=true it runs and fails instead"
-)]
 #[test]
 fn the_flake_shows_and_checks_its_outputs_with_nix_2_26() {
-    let Some(root) = common::roots::nix226_root() else {
+    let Some(root) = crate::common::roots::nix226_root() else {
         return;
     };
     // The flake's files (what git would give the flake: no target/), and the stub nixpkgs, in a
@@ -371,7 +355,7 @@ fn the_flake_shows_and_checks_its_outputs_with_nix_2_26() {
     let home = host.path().join("home");
     std::fs::create_dir_all(&home).expect("home");
     let nix26 = |args: &[&str]| {
-        let mut c = common::roots::in_nix_root(&root, host.path(), "nix", &home);
+        let mut c = crate::common::roots::in_nix_root(&root, host.path(), "nix", &home);
         c.env(
             "NIX_CONFIG",
             "substituters =\nexperimental-features = nix-command flakes\nflake-registry =",

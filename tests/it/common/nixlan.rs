@@ -84,6 +84,15 @@ impl NixHost {
         self.start_serve_full(binary, upstream, DEFAULT_SERVE_ARGS);
     }
 
+    /// [`Self::start_serve`] handing `install_binary` (a static build) to the one-liner, as a
+    /// host whose own binary is dynamic (this test build, or Nix's ordinary rustPlatform) must.
+    pub fn start_serve_handing_out(&mut self, upstream: &str, install_binary: &std::path::Path) {
+        let path = install_binary.display().to_string();
+        let mut args = DEFAULT_SERVE_ARGS.to_vec();
+        args.extend(["--install-binary", path.as_str()]);
+        self.start_serve_full(std::path::Path::new(bin()), upstream, &args);
+    }
+
     /// Starts `serve` with `args` instead of the default listen address, interface and announce
     /// interval (e.g. every interface, as the NixOS module and the one-liner run it).
     pub fn start_serve_args(&mut self, upstream: &str, args: &[&str]) {
