@@ -17,7 +17,7 @@ for p in nix-bin nginx-light wrk curl; do
     dpkg -s "$p" >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >/dev/null; }
 done
 # The same static release binary `./run serve` runs and newcomers download.
-BIN=$(./run build -q)
+BIN=${BENCH_BIN:-$(./run build -q)}
 
 D=$(mktemp -d /tmp/lnc-bench.XXXXXX)
 PIDS=()
