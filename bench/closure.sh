@@ -43,14 +43,20 @@ for root in ("/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/share"):
         dirs.sort()
         if d.startswith("/usr/share/package-lists"):
             continue
+        # Nix's build user copies the files: skip directories others cannot enter and list (e.g.
+        # polkit's rules.d, mode 0700), and everything below them.
+        if os.stat(d).st_mode & 0o005 != 0o005:
+            dirs[:] = []
+            continue
         for n in sorted(names):
             p = os.path.join(d, n)
             try:
                 st = os.lstat(p)
             except OSError:
                 continue
-            # Regular, readable, not hard-linked (a NAR would hold each link as a copy).
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > 0 and ok.match(p) and os.access(p, os.R_OK):
+            # Regular, readable by others (the build user), not hard-linked (a NAR would hold each
+            # link as a copy).
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > 0 and ok.match(p) and st.st_mode & stat.S_IROTH:
                 files.append((st.st_size, p))
 rng = random.Random(16)
 used = set()
