@@ -186,6 +186,13 @@ fn client_isolation_laptops_get_the_venue_caches_paths_and_are_told_why_not_the_
     start_seeded(&mut lan, 1, &[venue.to_string()]);
     wait_listed(&lan, 0, laptop);
     start_seeded(&mut lan, 2, &[venue.to_string()]);
+    let want = format!("{venue}:8380");
+    wait_until(
+        "host3 lists the venue cache",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || lan.hosts[2].peer_addrs().contains(&want),
+    );
     ok(
         "nix-store -r of the venue cache's path",
         &lan.hosts[2].realise(&[&f.top]),
