@@ -129,12 +129,47 @@ fn stateful_firewall_with_no_port_open_a_seed_gives_a_working_client() {
     let f = fixture();
     let mut lan = NixLan::new(&[&[&f.top], &[]]);
     stateful_firewall(&lan.hosts[1].net.ns);
-    lan.upstream.stop();
     let holder = lan.hosts[0].net.ip4;
     start_seeded(&mut lan, 0, &[]);
     start_seeded(&mut lan, 1, &[format!("{holder}:8380")]);
     let took = learns_the_hall(&lan, 1, &[0]);
     eprintln!("stateful firewall: the client learnt the hall in {took:?}");
+    // The `peers` tool takes seeds too, and shows each: the store server answering, an address
+    // where nothing answers, and an HTTP server that is not a local-nix-cache store server
+    // (the upstream), each failing seed retried, and none of them a crash.
+    let nobody = lan.lan.addr(99);
+    let other_http = format!("{}:8080", lan.upstream.net.ip4);
+    let out = lan.hosts[1]
+        .net
+        .command(crate::common::nixlan::bin())
+        .args(["peers", "--json", "--timeout", "3s", "--interface", "eth0"])
+        .args([
+            "--peer",
+            &holder.to_string(),
+            "--peer",
+            &nobody.to_string(),
+            "--peer",
+            &other_http,
+        ])
+        .output()
+        .expect("run peers");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "peers failed: {stderr}");
+    assert!(
+        stdout.contains(&format!("\"addr\":\"{holder}:8380\"")),
+        "{stdout}\n{stderr}"
+    );
+    for want in [
+        format!("seed {holder}:8380: ok"),
+        format!("seed {nobody}:8380: failing"),
+        format!("seed {other_http}: failing"),
+        "not a local-nix-cache store server".to_owned(),
+    ] {
+        assert!(stderr.contains(&want), "{want:?} not in:\n{stderr}");
+    }
+    // Only the holder can serve the path now.
+    lan.upstream.stop();
     ok("nix-store -r through the proxy", &lan.hosts[1].realise(&[&f.top]));
     // Its own beacons never come back through its firewall: it says so, with the fix.
     wait_diagnosis(&lan, 1, "own_beacons_not_heard");
