@@ -498,4 +498,52 @@ mod tests {
         let back: StatusReport = serde_json::from_value(v).expect("reads without interfaces");
         assert!(back.interfaces.is_empty());
     }
+
+    /// The terminal and the page show each seed and each diagnosis with its fix; a report
+    /// without them (an older `serve`) still reads.
+    #[test]
+    fn seeds_and_problems_are_shown_with_their_fix() {
+        use crate::beacon::diagnose::Diagnosis;
+        use crate::beacon::seeds::{SeedReport, SeedState};
+        let seed = SeedReport {
+            seed: "10.0.0.5:8380".into(),
+            state: SeedState::Failing,
+            node: None,
+            addr: None,
+            listed: 0,
+            reachable: 0,
+            unreachable: 0,
+            failures: 3,
+            error: Some("answered HTTP 404 to GET /peers: not a local-nix-cache store server".into()),
+        };
+        let st = StatusReport {
+            peers: vec![],
+            stats: Stats::default(),
+            recent: vec![],
+            beacon: None,
+            upstreams: vec![],
+            interfaces: vec![],
+            seeds: vec![seed],
+            diagnosis: vec![Diagnosis::PeersUnreachable { count: 2 }],
+            summary_bytes: 0,
+        };
+        let t = text(&st);
+        assert!(
+            t.contains("seed 10.0.0.5:8380: failing (3 in a row): answered HTTP 404"),
+            "{t}"
+        );
+        assert!(
+            t.contains("problem: 2 peer(s) listed by a seed do not answer over TCP"),
+            "{t}"
+        );
+        assert!(t.contains("fix: use a venue cache"), "{t}");
+        let h = html(&st);
+        assert!(h.contains("<h2>Problems</h2>") && h.contains("<h2>Seeds</h2>"), "{h}");
+        let mut v = serde_json::to_value(&st).expect("json");
+        let o = v.as_object_mut().expect("object");
+        o.remove("seeds");
+        o.remove("diagnosis");
+        let back: StatusReport = serde_json::from_value(v).expect("reads without them");
+        assert!(back.seeds.is_empty() && back.diagnosis.is_empty());
+    }
 }
