@@ -277,8 +277,9 @@ pub struct ServeArgs {
     pub real_store_dir: Option<String>,
     #[command(flatten)]
     pub beacon: BeaconArgs,
-    /// Do not run the beacon (serve only to clients that are told this host's address).
-    #[arg(long)]
+    /// Do not run the beacon (serve only to clients that are told this host's address). Seeds
+    /// (`--peer`) are the beacon's: not with this.
+    #[arg(long, conflicts_with = "peers")]
     pub no_beacon: bool,
     /// Time between announces (with ±20% jitter); peers drop us after three missed.
     #[arg(long, default_value = "5s", value_name = "DUR", value_parser = humantime::parse_duration)]

@@ -162,6 +162,8 @@ fn peers_are_seeds_and_a_malformed_one_is_named() {
         let msg = e.to_string();
         assert!(msg.contains("--peer") && msg.contains(bad), "{bad:?}: {msg}");
     }
+    let e = serve_settings(["--peer", "10.0.0.5", "--no-beacon"]).expect_err("seeds need the beacon");
+    assert!(e.to_string().contains("--no-beacon"), "{e}");
     let s = serve(&[], "peer = [\"10.0.0.7\"]\n").expect("from the file");
     let seeds: Vec<String> = s.beacon.expect("beacon").seeds.iter().map(|p| p.to_string()).collect();
     assert_eq!(seeds, ["10.0.0.7:8380"]);
