@@ -45,6 +45,19 @@ fn ok(what: &str, out: &std::process::Output) {
     );
 }
 
+/// Realises the fixture's closure on host `i` (upstream gone: only the holder has it) and
+/// prints the found rate as a `VENUE` line for `bench/run`.
+fn realises_from_the_holder(lan: &NixLan, i: usize, venue: &str) {
+    let f = fixture();
+    ok("nix-store -r through the proxy", &lan.hosts[i].realise(&[&f.top]));
+    let found = f.closure.iter().filter(|p| lan.hosts[i].has(p)).count();
+    eprintln!(
+        "VENUE {venue}: found {found} of {} paths only the holder has",
+        f.closure.len()
+    );
+    assert_eq!(found, f.closure.len());
+}
+
 /// Waits until host `i`'s status page says what is wrong with the network as `kind` (a
 /// `beacon::diagnose::Diagnosis`; silence means something once a link was joined for 15 s).
 fn wait_diagnosis(lan: &NixLan, i: usize, kind: &str) {
@@ -76,11 +89,14 @@ fn wait_listed(lan: &NixLan, i: usize, addr: std::net::Ipv4Addr) {
     );
 }
 
-/// Waits (at most the 10 s) until host `i` lists exactly the hosts `others`; returns
-/// how long it took.
-fn learns_the_hall(lan: &NixLan, i: usize, others: &[usize]) -> Duration {
+/// Starts host `i` with `seeds` and waits (at most the 10 s from its start) until it
+/// lists exactly the hosts `others`; prints how long that took from the start of its `serve`
+/// (a `VENUE` line, which `bench/run` reports) and returns it.
+fn starts_and_learns_the_hall(lan: &mut NixLan, i: usize, seeds: &[String], others: &[usize], venue: &str) -> Duration {
     let t0 = Instant::now();
-    lan.wait_peers(i, others, Duration::from_secs(10)).unwrap_or_else(|| {
+    start_seeded(lan, i, seeds);
+    let left = Duration::from_secs(10).saturating_sub(t0.elapsed());
+    lan.wait_peers(i, others, left).unwrap_or_else(|| {
         panic!(
             "host{} sees {:?} after {:?}; its log:\n{}",
             i + 1,
@@ -88,7 +104,13 @@ fn learns_the_hall(lan: &NixLan, i: usize, others: &[usize]) -> Duration {
             t0.elapsed(),
             lan.hosts[i].log()
         )
-    })
+    });
+    let took = t0.elapsed();
+    eprintln!(
+        "VENUE {venue}: a newcomer with one seed knew the hall {} ms after its serve started",
+        took.as_millis()
+    );
+    took
 }
 
 /// Guest Wi-Fi that drops the beacon groups' multicast (neighbour discovery still works): no
@@ -105,10 +127,8 @@ fn multicast_filtered_wifi_a_host_with_one_seed_learns_the_hall_and_fetches() {
     start_seeded(&mut lan, 0, &[]);
     start_seeded(&mut lan, 1, &[holder.to_string()]);
     wait_listed(&lan, 1, holder);
-    start_seeded(&mut lan, 2, &[seed.to_string()]);
-    let took = learns_the_hall(&lan, 2, &[0, 1]);
-    eprintln!("multicast filtered: the newcomer learnt the hall in {took:?}");
-    ok("nix-store -r through the proxy", &lan.hosts[2].realise(&[&f.top]));
+    starts_and_learns_the_hall(&mut lan, 2, &[seed.to_string()], &[0, 1], "multicast filtered");
+    realises_from_the_holder(&lan, 2, "multicast filtered");
     ok("nix store verify", &lan.hosts[2].verify(&f.top));
     assert!(
         lan.lan.multicast_dropped() > 0,
@@ -131,9 +151,7 @@ fn stateful_firewall_with_no_port_open_a_seed_gives_a_working_client() {
     stateful_firewall(&lan.hosts[1].net.ns);
     let holder = lan.hosts[0].net.ip4;
     start_seeded(&mut lan, 0, &[]);
-    start_seeded(&mut lan, 1, &[format!("{holder}:8380")]);
-    let took = learns_the_hall(&lan, 1, &[0]);
-    eprintln!("stateful firewall: the client learnt the hall in {took:?}");
+    starts_and_learns_the_hall(&mut lan, 1, &[format!("{holder}:8380")], &[0], "stateful firewall");
     // The `peers` tool takes seeds too, and shows each: the store server answering, an address
     // where nothing answers, and an HTTP server that is not a local-nix-cache store server
     // (the upstream), each failing seed retried, and none of them a crash.
@@ -170,7 +188,7 @@ fn stateful_firewall_with_no_port_open_a_seed_gives_a_working_client() {
     }
     // Only the holder can serve the path now.
     lan.upstream.stop();
-    ok("nix-store -r through the proxy", &lan.hosts[1].realise(&[&f.top]));
+    realises_from_the_holder(&lan, 1, "stateful firewall");
     // Its own beacons never come back through its firewall: it says so, with the fix.
     wait_diagnosis(&lan, 1, "own_beacons_not_heard");
 }
@@ -197,10 +215,8 @@ fn two_subnets_joined_by_a_router_a_seed_across_it_is_enough() {
     start_seeded(&mut lan, 0, &[]);
     start_seeded(&mut lan, 1, &[]);
     wait_listed(&lan, 1, holder);
-    start_seeded(&mut lan, 2, &[seed.to_string()]);
-    let took = learns_the_hall(&lan, 2, &[0, 1]);
-    eprintln!("across a router: the newcomer learnt the hall in {took:?}");
-    ok("nix-store -r through the proxy", &lan.hosts[2].realise(&[&f.top]));
+    starts_and_learns_the_hall(&mut lan, 2, &[seed.to_string()], &[0, 1], "across a router");
+    realises_from_the_holder(&lan, 2, "across a router");
 }
 
 /// Client isolation with a venue cache: host1 (the venue cache, on a non-isolated port) holds
@@ -228,10 +244,7 @@ fn client_isolation_laptops_get_the_venue_caches_paths_and_are_told_why_not_the_
         Duration::from_millis(50),
         || lan.hosts[2].peer_addrs().contains(&want),
     );
-    ok(
-        "nix-store -r of the venue cache's path",
-        &lan.hosts[2].realise(&[&f.top]),
-    );
+    realises_from_the_holder(&lan, 2, "client isolation, from the venue cache");
     wait_until(
         "host3's seed report counts host2 unreachable",
         Duration::from_secs(15),
