@@ -138,6 +138,7 @@ pub async fn run(
         wake_watch: wake::WakeWatch::new(wake::clocks()),
         scan_failing: false,
         exchange: JoinSet::new(),
+        seeds: cfg.seeds.clone(),
         shutdown,
     };
     b.sender.hello(&b.sockets, None).await;
@@ -185,6 +186,8 @@ struct BeaconLoop {
     scan_failing: bool,
     /// The peer exchange, at most one at a time, owned here.
     exchange: JoinSet<()>,
+    /// The seeds, asked again at once on a new link or after a wake-up.
+    seeds: seeds::Seeds,
     shutdown: CancellationToken,
 }
 
@@ -242,6 +245,7 @@ impl BeaconLoop {
                 if !ch.fresh.is_empty() {
                     self.sender.hello(&self.sockets, Some(&ch.fresh)).await;
                     self.schedule.new_link(Instant::now());
+                    self.seeds.nudge();
                 }
             }
             Err(e) => {
@@ -285,6 +289,7 @@ impl BeaconLoop {
             self.schedule.rescan_now(now);
             self.sender.hello(&self.sockets, None).await;
             self.schedule.hello_again(now);
+            self.seeds.nudge();
         }
         for p in self.wake_watch.drop_silent(&self.table, now) {
             tracing::info!(node = %p.node, "peer dropped: silent since the wake-up");

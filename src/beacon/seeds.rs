@@ -326,6 +326,7 @@ pub async fn run(seeds: Seeds, table: Arc<PeerTable>, stop: CancellationToken) {
     let dns = SystemResolver::default();
     let mut next = vec![Instant::now(); seeds.list().len()];
     let mut reports = seeds.snapshot();
+    let mut last_nudge = Instant::now();
     loop {
         for (i, seed) in seeds.list().iter().enumerate() {
             if next[i] > Instant::now() {
@@ -370,6 +371,13 @@ pub async fn run(seeds: Seeds, table: Arc<PeerTable>, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep_until(at) => {}
+            _ = seeds.nudged() => {
+                // A new link or a wake-up: every seed now, but not more than once per
+                // `SEED_RETRY_FIRST` however often the network changes.
+                let soon = Instant::now().max(last_nudge + SEED_RETRY_FIRST);
+                last_nudge = soon;
+                next.iter_mut().for_each(|t| *t = (*t).min(soon));
+            }
         }
     }
 }

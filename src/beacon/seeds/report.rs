@@ -95,6 +95,9 @@ impl SeedReport {
 pub struct Seeds {
     list: Arc<[Seed]>,
     reports: Arc<Mutex<Vec<SeedReport>>>,
+    /// Woken when the network changed (a new link, a wake-up): every seed is asked again at
+    /// once, whatever its back-off.
+    nudge: Arc<tokio::sync::Notify>,
 }
 
 impl Seeds {
@@ -114,6 +117,7 @@ impl Seeds {
         Self {
             list: uniq.into(),
             reports: Arc::new(Mutex::new(reports)),
+            nudge: Arc::default(),
         }
     }
 
@@ -128,6 +132,18 @@ impl Seeds {
     /// Every seed's current report.
     pub fn snapshot(&self) -> Vec<SeedReport> {
         self.reports.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The network changed: ask every seed again now (a laptop that joined a network after a
+    /// run of failures does not wait out its back-off). Several nudges before the seed task
+    /// looks count as one.
+    pub fn nudge(&self) {
+        self.nudge.notify_one();
+    }
+
+    /// Resolves at the next [`Self::nudge`] (or at once if one came since the last).
+    pub(super) async fn nudged(&self) {
+        self.nudge.notified().await
     }
 
     pub(super) fn set(&self, i: usize, r: SeedReport) {

@@ -190,3 +190,45 @@ async fn a_failing_seed_is_reported_and_retried_with_back_off() {
     stop.cancel();
     task.await.expect("the task ends when stopped");
 }
+
+/// A new link or a wake-up (a nudge) has every seed asked again at once, whatever its back-off:
+/// a laptop that joins a network after a run of failures does not wait out a minute.
+#[tokio::test(start_paused = true)]
+async fn a_nudge_asks_a_backed_off_seed_again_at_once() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let seeds = Seeds::new(vec![Seed {
+        host: SeedHost::Ip(closed.ip()),
+        port: closed.port(),
+    }]);
+    let table = Arc::new(PeerTable::new(NodeId([9; 16])));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(seeds.clone(), table, stop.clone()));
+    let failures = || seeds.snapshot()[0].failures;
+    // Back off to 16 s between tries (five failures: 1 + 2 + 4 + 8 s of waits so far).
+    for _ in 0..400 {
+        if failures() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(failures(), 5);
+    let before = Instant::now();
+    seeds.nudge();
+    for _ in 0..100 {
+        if failures() > 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(failures(), 6, "asked again after the nudge");
+    assert!(
+        before.elapsed() < retry_after(5),
+        "the nudge did not wait out the back-off: {:?}",
+        before.elapsed()
+    );
+    stop.cancel();
+    task.await.expect("the task ends when stopped");
+}
