@@ -13,6 +13,7 @@ let
     upstream = if cfg.upstreams == [ ] then [ "none" ] else cfg.upstreams;
     trusted-public-key = cfg.trustedPublicKeys;
     interface = cfg.interfaces;
+    peer = cfg.peers;
     spool-dir = "/var/cache/local-nix-cache";
     state-dir = "/var/lib/local-nix-cache";
     pass-through-proven-peers = cfg.passThroughProvenPeers;
@@ -65,6 +66,18 @@ in
       description = "Interfaces for the multicast beacon; empty: every up, multicast-capable, non-loopback one.";
     };
 
+    peers = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "10.0.0.5" "venue-cache.lan:8380" ];
+      description = ''
+        Seeds (`--peer HOST[:PORT]`, default port 8380): peers' store servers this host learns
+        the hall from over outbound HTTP, at start and every 10 s. Any one reachable peer is
+        enough: it works where multicast does not (a firewall with no port open, Wi-Fi that
+        filters multicast, another subnet behind a router, client isolation with a venue cache).
+      '';
+    };
+
     passThroughProvenPeers = mkOption {
       type = types.bool;
       default = true;
@@ -90,7 +103,14 @@ in
     openFirewall = mkOption {
       type = types.bool;
       default = false;
-      description = "Open TCP 8380 (store server) and UDP 8380 (beacon) in the firewall.";
+      description = ''
+        Open TCP 8380 (store server) and UDP 8380 (beacon) in the firewall. Off by default, as
+        for every NixOS service: the host is then a client only. With `peers` set it still
+        fetches from the whole hall (outbound HTTP, answers come back through the stateful
+        firewall); what breaks is the other direction: it hears no multicast beacons (without
+        `peers` it finds nobody), and no other host can fetch from it (they list it from its
+        beacons, fail to connect, and skip it). Turn it on to share this host's store.
+      '';
     };
 
     settings = mkOption {

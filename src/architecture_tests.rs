@@ -503,6 +503,18 @@ fn the_architecture_doc_quotes_the_constants() {
             secs(beacon::RESCAN_INTERVAL_NO_NETLINK)
         ),
         format!("`WAKE_GRACE` ({})", secs(beacon::WAKE_GRACE)),
+        format!(
+            "Seeds: at most {}, each asked every {} ({} once the table holds {} peers), a failure retried after {} doubling up to {}; {} entries per list, probed {} at a time, each within {}.",
+            beacon::seeds::MAX_SEEDS,
+            secs(beacon::seeds::SEED_REFRESH),
+            secs(beacon::seeds::SEED_REFRESH_LARGE),
+            beacon::seeds::SMALL_HALL,
+            secs(beacon::seeds::SEED_RETRY_FIRST),
+            secs(beacon::seeds::SEED_RETRY_MAX),
+            beacon::seeds::MAX_SEED_ENTRIES,
+            beacon::seeds::PROBES_AT_ONCE,
+            secs(beacon::seeds::PROBE_TIMEOUT),
+        ),
         format!("`QUERY_ANSWERS` ({})", beacon::QUERY_ANSWERS),
         // Shutdown, backpressure and bounds.
         format!("`DRAIN_TIMEOUT` ({})", secs(http::DRAIN_TIMEOUT)),

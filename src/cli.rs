@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
+use crate::beacon::seeds::{Seed, Seeds};
 use crate::beacon::{self, wire, BeaconConfig};
 use crate::config::{self, ConfigError};
 use crate::narinfo::{PublicKey, TrustedKeys};
@@ -151,6 +152,12 @@ pub struct BeaconArgs {
     /// UDP port of the beacon.
     #[arg(long, default_value_t = beacon::DEFAULT_PORT, value_name = "PORT")]
     pub beacon_port: u16,
+    /// A peer's store server to learn the hall from over HTTP (repeatable; default port 8380;
+    /// a name is looked up in /etc/hosts and DNS). Any one reachable peer is enough: it works
+    /// where multicast does not (Wi-Fi that filters it, a firewall with no port open, another
+    /// subnet behind a router). Asked at start and every 10 s, failures retried with back-off.
+    #[arg(long = "peer", value_name = "HOST[:PORT]", value_parser = parse_seed)]
+    pub peers: Vec<Seed>,
 }
 
 impl BeaconArgs {
@@ -170,8 +177,13 @@ impl BeaconArgs {
             port: self.beacon_port,
             announce,
             interval,
+            seeds: Seeds::new(self.peers.clone()),
         }
     }
+}
+
+fn parse_seed(s: &str) -> Result<Seed, settings::SettingError> {
+    s.parse::<Seed>().map_err(|e| settings::SettingError::new("peer", s, e))
 }
 
 #[derive(Args, Debug, Clone)]
@@ -265,8 +277,9 @@ pub struct ServeArgs {
     pub real_store_dir: Option<String>,
     #[command(flatten)]
     pub beacon: BeaconArgs,
-    /// Do not run the beacon (serve only to clients that are told this host's address).
-    #[arg(long)]
+    /// Do not run the beacon (serve only to clients that are told this host's address). Seeds
+    /// (`--peer`) are the beacon's: not with this.
+    #[arg(long, conflicts_with = "peers")]
     pub no_beacon: bool,
     /// Time between announces (with ±20% jitter); peers drop us after three missed.
     #[arg(long, default_value = "5s", value_name = "DUR", value_parser = humantime::parse_duration)]
@@ -360,6 +373,7 @@ impl ServeArgs {
                 groups: self.beacon.groups(),
                 port: self.beacon.beacon_port,
                 interval: self.announce_interval,
+                seeds: self.beacon.peers.clone(),
             }),
             proxy: ProxySettings {
                 listen: self.proxy_listen.clone(),

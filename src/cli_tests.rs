@@ -148,6 +148,39 @@ fn bad_config_names_key_and_line() {
     assert!(e.contains("line 1"), "{e}");
 }
 
+/// `--peer` (and the config key `peer`): repeatable seeds for `serve` and `peers`, 8380 by
+/// default; a malformed value stops the start with an error naming the flag and the value.
+#[test]
+fn peers_are_seeds_and_a_malformed_one_is_named() {
+    let s = serve_settings(["--peer", "10.0.0.5", "--peer", "cache.example:9000"]).expect("settings");
+    let seeds: Vec<String> = s.beacon.expect("beacon").seeds.iter().map(|p| p.to_string()).collect();
+    assert_eq!(seeds, ["10.0.0.5:8380", "cache.example:9000"]);
+    for bad in ["http://10.0.0.5:8380", "10.0.0.5:0", "", "a b"] {
+        let e = serve_settings(["--peer", bad])
+            .err()
+            .unwrap_or_else(|| panic!("{bad:?} accepted"));
+        let msg = e.to_string();
+        assert!(msg.contains("--peer") && msg.contains(bad), "{bad:?}: {msg}");
+    }
+    let e = serve_settings(["--peer", "10.0.0.5", "--no-beacon"]).expect_err("seeds need the beacon");
+    assert!(e.to_string().contains("--no-beacon"), "{e}");
+    let s = serve(&[], "peer = [\"10.0.0.7\"]\n").expect("from the file");
+    let seeds: Vec<String> = s.beacon.expect("beacon").seeds.iter().map(|p| p.to_string()).collect();
+    assert_eq!(seeds, ["10.0.0.7:8380"]);
+    let e = serve(&[], "peer = [\"10.0.0.7:http\"]\n").expect_err("a bad key value");
+    assert!(
+        e.to_string().contains("`peer`") && e.to_string().contains("10.0.0.7:http"),
+        "{e}"
+    );
+    let Command::Peers(p) = Cli::try_parse_from(["local-nix-cache", "peers", "--peer", "[fe80::1]:81"])
+        .expect("peers --peer")
+        .command
+    else {
+        panic!("not peers")
+    };
+    assert_eq!(p.options().beacon.seeds.list()[0].to_string(), "[fe80::1]:81");
+}
+
 /// The README's table of `serve` flags lists exactly the flags defined here.
 #[test]
 fn the_readme_lists_every_serve_flag() {

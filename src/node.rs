@@ -169,6 +169,7 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     parts.spawn("content summary", publisher.clone().run(shutdown.clone()));
     parts.spawn("learner", learner);
     let mut links = None;
+    let mut seeds = None;
     let peers = match (&settings.beacon, table) {
         (Some(b), Some(table)) => {
             let announce = beacon::Announce {
@@ -184,7 +185,9 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
                 port: b.port,
                 announce: Some(announce),
                 interval: b.interval,
+                seeds: beacon::seeds::Seeds::new(b.seeds.clone()),
             };
+            seeds = Some(cfg.seeds.clone());
             // Always runs: with no usable interface yet (an offline laptop) it waits for one.
             let sockets = beacon::bind(&cfg)?;
             for line in &sockets.report {
@@ -211,7 +214,11 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
             tracing::info!(addr = %a, "proxy listening");
             proxy_addrs.push(a);
         }
-        let handler = Arc::new(crate::status::NodePages::new(proxy.clone(), links.clone()));
+        let handler = Arc::new(crate::status::NodePages::new(
+            proxy.clone(),
+            links.clone(),
+            seeds.clone(),
+        ));
         parts.spawn("proxy listener", crate::http::serve(l, handler, shutdown.clone()));
     }
     Ok(Node {

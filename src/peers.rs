@@ -5,6 +5,8 @@
 //! per peer (stdout stays pure JSON lines; diagnostics go to stderr), `--raw` every datagram with
 //! its decoded form or decode error, `--announce` makes this tool a test host. With no usable
 //! interface it waits for one (interfaces are reported on stderr as they are joined and left).
+//! `--peer HOST` seeds are asked for the hall over HTTP; their states and what is wrong with the
+//! network (`beacon::diagnose`, each with its fix) go to stderr as they change.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -18,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::beacon::diagnose::{diagnose, Diagnosis};
 use crate::beacon::wire::{NodeId, FLAG_NAR_NONE, FLAG_NAR_ZSTD, FLAG_PROXY};
 use crate::beacon::{self, BeaconConfig, LinkState, Outcome, Peer, PeerTable, RawDatagram};
 
@@ -141,6 +144,9 @@ pub async fn run(opts: PeersOptions, stop: CancellationToken) -> Result<usize, b
     }
     let links = sockets.states.clone();
     let mut link_seen: Vec<(String, LinkState)> = Vec::new();
+    let seeds = opts.beacon.seeds.clone();
+    let mut seeds_seen: Vec<String> = Vec::new();
+    let mut told: Vec<std::mem::Discriminant<Diagnosis>> = Vec::new();
     let table = Arc::new(PeerTable::new(NodeId::random()));
     let (raw_tx, mut raw_rx) = mpsc::channel::<RawDatagram>(1024);
     // The beacon runs as a task owned here: cancelled with `stop` or at the end, and waited for
@@ -177,6 +183,24 @@ pub async fn run(opts: PeersOptions, stop: CancellationToken) -> Result<usize, b
             eprintln!("interface {name}: {}", state.as_str());
         }
         link_seen = now_links;
+        // Seeds as their state changes (stderr too).
+        let now_seeds: Vec<String> = seeds.snapshot().iter().map(|r| r.line()).collect();
+        for line in now_seeds.iter().filter(|l| !seeds_seen.contains(l)) {
+            eprintln!("{line}");
+        }
+        seeds_seen = now_seeds;
+        // What is wrong with the network, once per finding (stderr).
+        let found = diagnose(
+            &links.snapshot(Instant::now()),
+            &table.counters(),
+            table.len(),
+            &seeds.snapshot(),
+        );
+        // Once per kind of finding (its figures change every second).
+        for d in found.iter().filter(|d| !told.contains(&std::mem::discriminant(*d))) {
+            eprintln!("problem: {}", d.line());
+        }
+        told = found.iter().map(std::mem::discriminant).collect();
         // Report joins and leaves (the table notifies on both; expiry is checked by the beacon).
         let now = Instant::now();
         let peers = table.peers();

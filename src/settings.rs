@@ -57,6 +57,8 @@ pub struct BeaconSettings {
     pub port: u16,
     /// Time between announces (jittered).
     pub interval: Duration,
+    /// Store servers asked for the hall over HTTP (`--peer`), in the order given.
+    pub seeds: Vec<crate::beacon::seeds::Seed>,
 }
 
 /// How the proxy fetches NARs from peers that offer a compressed form.

@@ -9,52 +9,64 @@ pub struct ProxyWithPages(pub Arc<Proxy>);
 
 impl Handler for ProxyWithPages {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        pages(&self.0, None, req, peer).await
+        pages(&self.0, &BeaconStates::default(), req, peer).await
     }
 }
 
-/// A node's proxy listener: [`ProxyWithPages`] plus the beacon's interface states in the report.
+/// A node's proxy listener: [`ProxyWithPages`] plus the beacon's interface and seed states in
+/// the report.
 pub struct NodePages {
     proxy: Arc<Proxy>,
-    links: Option<Arc<LinkStates>>,
+    beacon: BeaconStates,
+}
+
+/// What the beacon reports besides the table: its interfaces and its seeds.
+#[derive(Clone, Default)]
+pub struct BeaconStates {
+    pub links: Option<Arc<LinkStates>>,
+    pub seeds: Option<Seeds>,
 }
 
 impl NodePages {
-    pub fn new(proxy: Arc<Proxy>, links: Option<Arc<LinkStates>>) -> Self {
-        Self { proxy, links }
+    pub fn new(proxy: Arc<Proxy>, links: Option<Arc<LinkStates>>, seeds: Option<Seeds>) -> Self {
+        Self {
+            proxy,
+            beacon: BeaconStates { links, seeds },
+        }
     }
 }
 
 impl Handler for NodePages {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        pages(&self.proxy, self.links.as_deref(), req, peer).await
+        pages(&self.proxy, &self.beacon, req, peer).await
     }
 }
 
-/// The proxy's report, with the interface states when there are some.
-pub fn report(proxy: &Proxy, links: Option<&LinkStates>) -> StatusReport {
+/// The proxy's report, with the interface and seed states when there are some.
+pub fn report(proxy: &Proxy, beacon: &BeaconStates) -> StatusReport {
     let mut st = proxy.status();
-    if let Some(l) = links {
+    if let Some(l) = &beacon.links {
         st.interfaces = l.snapshot(tokio::time::Instant::now());
+    }
+    if let Some(s) = &beacon.seeds {
+        st.seeds = s.snapshot();
+    }
+    if let (Some(c), Some(_)) = (&st.beacon, &beacon.links) {
+        st.diagnosis = diagnose(&st.interfaces, c, st.peers.len(), &st.seeds);
     }
     st
 }
 
-async fn pages(
-    proxy: &Arc<Proxy>,
-    links: Option<&LinkStates>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Response<Body> {
+async fn pages(proxy: &Arc<Proxy>, beacon: &BeaconStates, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let page = |body: String, content_type: &'static str| h::ok(Bytes::from(body), content_type);
     let mut resp = match (h::is_head(req.method()), req.uri().path()) {
         (Some(_), "/status.json") => page(
-            serde_json::to_string(&report(proxy, links)).unwrap_or_else(|_| "{}".into()),
+            serde_json::to_string(&report(proxy, beacon)).unwrap_or_else(|_| "{}".into()),
             "application/json",
         ),
-        (Some(_), "/") => page(html(&report(proxy, links)), "text/html; charset=utf-8"),
+        (Some(_), "/") => page(html(&report(proxy, beacon)), "text/html; charset=utf-8"),
         (Some(_), "/metrics") => page(
-            metrics(&report(proxy, links)),
+            metrics(&report(proxy, beacon)),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         _ => return proxy.handle(req, peer).await,
@@ -79,6 +91,8 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use crate::beacon::diagnose::diagnose;
+use crate::beacon::seeds::Seeds;
 use crate::beacon::{LinkState, LinkStates};
 use crate::http::{self as h, Body, Handler};
 use crate::proxy::stats::StatusReport;
@@ -148,6 +162,12 @@ pub fn text(st: &StatusReport) -> String {
             i.since_s
         );
     }
+    for s in &st.seeds {
+        let _ = writeln!(out, "{}", s.line());
+    }
+    for d in &st.diagnosis {
+        let _ = writeln!(out, "problem: {}", d.line());
+    }
     for u in st.upstreams.iter().filter(|u| !u.reachable) {
         let _ = writeln!(out, "upstream {} unreachable (skipped for now)", u.url);
     }
@@ -216,6 +236,25 @@ pub fn html(st: &StatusReport) -> String {
             i.since_s
         );
     }
+    let mut seeds = String::new();
+    for s in &st.seeds {
+        let _ = write!(seeds, "<li>{}</li>", escape(&s.line()));
+    }
+    if !seeds.is_empty() {
+        seeds = format!("<h2>Seeds</h2><ul>{seeds}</ul>");
+    }
+    let mut problems = String::new();
+    for d in &st.diagnosis {
+        let _ = write!(
+            problems,
+            "<li>{}<br>fix: {}</li>",
+            escape(&d.problem()),
+            escape(d.fix())
+        );
+    }
+    if !problems.is_empty() {
+        seeds = format!("<h2>Problems</h2><ul>{problems}</ul>{seeds}");
+    }
     let mut recent = String::new();
     for t in &st.recent {
         let _ = write!(
@@ -237,6 +276,7 @@ td,th{{border:1px solid #ccc;padding:.3em .7em;text-align:left}}th{{background:#
 <p class="big">{peers} peer(s) &middot; {saved} saved &middot; {lan} NARs from the LAN, {up} from upstream</p>
 <h2>Peers</h2><table><tr><th>address</th><th>host</th><th>served</th><th>failed</th><th>latency</th><th>state</th></tr>{rows}</table>
 <h2>Interfaces</h2><table><tr><th>interface</th><th>state</th><th>addresses</th><th>since</th></tr>{ifaces}</table>
+{seeds}
 <h2>Hits</h2><table><tr><th></th><th>LAN</th><th>upstream</th><th>miss</th></tr>
 <tr><th>narinfo</th><td>{ni_lan}</td><td>{ni_up}</td><td>{ni_miss}</td></tr>
 <tr><th>NAR</th><td>{lan}</td><td>{up}</td><td>{fail}</td></tr></table>
@@ -425,6 +465,8 @@ mod tests {
                 link("wlan0", LinkState::Waiting, &[]),
                 link("usb0", LinkState::Left, &[]),
             ],
+            seeds: vec![],
+            diagnosis: vec![],
             summary_bytes: 0,
         };
         let t = text(&st);
@@ -455,5 +497,53 @@ mod tests {
         v.as_object_mut().expect("object").remove("interfaces");
         let back: StatusReport = serde_json::from_value(v).expect("reads without interfaces");
         assert!(back.interfaces.is_empty());
+    }
+
+    /// The terminal and the page show each seed and each diagnosis with its fix; a report
+    /// without them (an older `serve`) still reads.
+    #[test]
+    fn seeds_and_problems_are_shown_with_their_fix() {
+        use crate::beacon::diagnose::Diagnosis;
+        use crate::beacon::seeds::{SeedReport, SeedState};
+        let seed = SeedReport {
+            seed: "10.0.0.5:8380".into(),
+            state: SeedState::Failing,
+            node: None,
+            addr: None,
+            listed: 0,
+            reachable: 0,
+            unreachable: 0,
+            failures: 3,
+            error: Some("answered HTTP 404 to GET /peers: not a local-nix-cache store server".into()),
+        };
+        let st = StatusReport {
+            peers: vec![],
+            stats: Stats::default(),
+            recent: vec![],
+            beacon: None,
+            upstreams: vec![],
+            interfaces: vec![],
+            seeds: vec![seed],
+            diagnosis: vec![Diagnosis::PeersUnreachable { count: 2 }],
+            summary_bytes: 0,
+        };
+        let t = text(&st);
+        assert!(
+            t.contains("seed 10.0.0.5:8380: failing (3 in a row): answered HTTP 404"),
+            "{t}"
+        );
+        assert!(
+            t.contains("problem: 2 peer(s) listed by a seed do not answer over TCP"),
+            "{t}"
+        );
+        assert!(t.contains("fix: use a venue cache"), "{t}");
+        let h = html(&st);
+        assert!(h.contains("<h2>Problems</h2>") && h.contains("<h2>Seeds</h2>"), "{h}");
+        let mut v = serde_json::to_value(&st).expect("json");
+        let o = v.as_object_mut().expect("object");
+        o.remove("seeds");
+        o.remove("diagnosis");
+        let back: StatusReport = serde_json::from_value(v).expect("reads without them");
+        assert!(back.seeds.is_empty() && back.diagnosis.is_empty());
     }
 }

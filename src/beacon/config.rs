@@ -55,6 +55,8 @@ pub struct BeaconConfig {
     /// `None`: listen and query only (the `peers` tool).
     pub announce: Option<Announce>,
     pub interval: Duration,
+    /// Store servers asked for the hall over HTTP (`--peer`), and their reported states.
+    pub seeds: super::seeds::Seeds,
 }
 
 impl Default for BeaconConfig {
@@ -65,6 +67,7 @@ impl Default for BeaconConfig {
             port: DEFAULT_PORT,
             announce: None,
             interval: DEFAULT_INTERVAL,
+            seeds: super::seeds::Seeds::default(),
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! [`config`] is what the beacon is told, [`wire`] the pure codec, [`table`] the peer table,
 //! [`identity`] this run's key and its proofs, [`prover`] the task that asks contested ids'
-//! claimants for proofs, [`pex`] the peer exchange, [`http`] their requests, [`iface`] the
+//! claimants for proofs, [`pex`] the peer exchange, [`seeds`] the `--peer` seeds asked over
+//! HTTP, [`diagnose`] what is wrong with the network, [`http`] their requests, [`iface`] the
 //! interfaces, [`links`] their reported states, `membership` the sockets, the groups joined per
 //! interface and the on-link checks, [`watch`] the kernel's notices of interface changes,
 //! [`wake`] the suspend detector, `sender` the beacons this host sends (within the hall's
@@ -12,11 +13,12 @@
 //! loop ([`run`]) that waits for a datagram, a netlink notice or whatever the schedule says is
 //! due next.
 //!
-//! Invariants: one task per beacon, plus its proof task ([`prover::verify_loop`]) and at most
-//! one peer-exchange task at a time, both owned by the loop and cancelled with it (nothing is
-//! spawned per datagram); multicast TTL and hop limit are 1, and only datagrams from the link
-//! count; the beacon never triggers a narinfo or NAR fetch (its only requests are the peer
-//! exchange's `GET /peers`, at most 3 after our own start or a new link, and `GET /identity` to
+//! Invariants: one task per beacon, plus its proof task ([`prover::verify_loop`]), its seed task
+//! ([`seeds::run`]) and at most one peer-exchange task at a time, all owned by the loop and
+//! cancelled with it (nothing is spawned per datagram); multicast TTL and hop limit are 1, and
+//! only datagrams from the link count; the beacon never triggers a narinfo or NAR fetch (its only
+//! requests are the peer exchange's `GET /peers`, at most 3 after our own start or a new link,
+//! the seeds' `GET /peers` and their entries' `GET /nix-cache-info` ([`seeds`]), and `GET /identity` to
 //! the claimants of a contested node id, from a claimant's second claim on and at most once per
 //! store-server address per 30 s, failures retried after 2 s doubling), it only tells the proxy
 //! where it may ask.
@@ -28,6 +30,7 @@
 //! only through it are forgotten. With no usable interface the beacon waits.
 
 pub mod config;
+pub mod diagnose;
 pub mod http;
 pub mod identity;
 pub mod iface;
@@ -37,6 +40,7 @@ pub mod pex;
 pub mod prover;
 mod receive;
 mod schedule;
+pub mod seeds;
 mod sender;
 pub mod table;
 pub mod wake;
@@ -119,6 +123,8 @@ pub async fn run(
     // here (cancelled with `shutdown`, aborted when the beacon ends).
     let mut proofs = JoinSet::new();
     proofs.spawn(prover::verify_loop(table.clone(), shutdown.child_token()));
+    // Seeds (`--peer`): asked for the hall over HTTP by one task owned here, like the prover.
+    proofs.spawn(seeds::run(cfg.seeds.clone(), table.clone(), shutdown.child_token()));
     let start = Instant::now();
     let mut b = BeaconLoop {
         schedule: Schedule::new(start, sender.announcing(), cfg.interval, rescan_every),
@@ -132,6 +138,7 @@ pub async fn run(
         wake_watch: wake::WakeWatch::new(wake::clocks()),
         scan_failing: false,
         exchange: JoinSet::new(),
+        seeds: cfg.seeds.clone(),
         shutdown,
     };
     b.sender.hello(&b.sockets, None).await;
@@ -179,6 +186,8 @@ struct BeaconLoop {
     scan_failing: bool,
     /// The peer exchange, at most one at a time, owned here.
     exchange: JoinSet<()>,
+    /// The seeds, asked again at once on a new link or after a wake-up.
+    seeds: seeds::Seeds,
     shutdown: CancellationToken,
 }
 
@@ -236,6 +245,7 @@ impl BeaconLoop {
                 if !ch.fresh.is_empty() {
                     self.sender.hello(&self.sockets, Some(&ch.fresh)).await;
                     self.schedule.new_link(Instant::now());
+                    self.seeds.nudge();
                 }
             }
             Err(e) => {
@@ -279,6 +289,7 @@ impl BeaconLoop {
             self.schedule.rescan_now(now);
             self.sender.hello(&self.sockets, None).await;
             self.schedule.hello_again(now);
+            self.seeds.nudge();
         }
         for p in self.wake_watch.drop_silent(&self.table, now) {
             tracing::info!(node = %p.node, "peer dropped: silent since the wake-up");

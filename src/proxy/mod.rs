@@ -183,6 +183,8 @@ impl Proxy {
             beacon: self.book.table().map(|t| t.counters()),
             upstreams: self.book.upstream_reports(),
             interfaces: Vec::new(),
+            seeds: Vec::new(),
+            diagnosis: Vec::new(),
             summary_bytes: self.book.summaries().bytes() as u64,
         }
     }

@@ -182,6 +182,13 @@ pub struct StatusReport {
     /// (the proxy itself does not know them). Empty without a beacon.
     #[serde(default)]
     pub interfaces: Vec<LinkReport>,
+    /// The seeds (`--peer`) and how each last answered; filled in by the node's status pages.
+    #[serde(default)]
+    pub seeds: Vec<crate::beacon::seeds::SeedReport>,
+    /// What is wrong with the network, each with its fix (`beacon::diagnose`); filled in by the
+    /// node's status pages.
+    #[serde(default)]
+    pub diagnosis: Vec<crate::beacon::diagnose::Diagnosis>,
     /// Memory held by peers' content summaries.
     pub summary_bytes: u64,
 }

@@ -4,8 +4,10 @@
 # It fetches that peer's own local-nix-cache binary (checking its sha256), installs it, adds the
 # local proxy as an extra substituter to nix.conf (with a backup; trusted keys are not touched, no
 # new trust is added), lowers narinfo-cache-negative-ttl, and starts `local-nix-cache serve`
-# (a systemd service when run as root on systemd, in the foreground otherwise). Running it again
-# changes nothing that is already in place.
+# (a systemd service when run as root on systemd, in the foreground otherwise) with this peer as
+# its seed (`--peer`), so it learns the hall from it where multicast does not reach (filtered
+# Wi-Fi, a firewall with no port open, another subnet). Running it again changes nothing that is
+# already in place.
 #
 # On NixOS (/etc/NIXOS) nix.conf is generated read-only from the system configuration: it is never
 # touched. The binary (static, so it runs without /lib64) is installed for the user and `serve`
@@ -16,6 +18,8 @@
 set -eu
 
 PEER='@PEER@'
+# This peer as a seed (`--peer HOST:PORT`): the hall is learnt from it over HTTP.
+SEED=${PEER#http://}
 SHA256='@SHA256@'
 # What the peer hands out: its version, size in bytes, and whether it runs without a loader.
 VERSION='@VERSION@'
@@ -97,6 +101,11 @@ if [ -n "$nixos" ]; then
     say "    }}/nixos/module.nix\""
     say "  ];"
     say "  services.local-nix-cache.enable = true;"
+    say "  # Learn the hall from this peer over HTTP (works where multicast does not)."
+    say "  services.local-nix-cache.peers = [ \"$SEED\" ];"
+    say "  # The firewall stays closed (openFirewall = false): this host fetches from the whole"
+    say "  # hall through its seed, but hears no beacons and nobody can fetch from it. To share"
+    say "  # your store too: services.local-nix-cache.openFirewall = true;"
     say "}"
     say "----- end local-nix-cache NixOS module -----"
     say "or, if your system is a flake, this peer's source as an input (same hash):"
@@ -105,7 +114,7 @@ if [ -n "$nixos" ]; then
     say "inputs.local-nix-cache.inputs.nixpkgs.follows = \"nixpkgs\";"
     say "# and in nixosSystem's modules:"
     say "#   inputs.local-nix-cache.nixosModules.default"
-    say "#   { services.local-nix-cache.enable = true; }"
+    say "#   { services.local-nix-cache.enable = true; services.local-nix-cache.peers = [ \"$SEED\" ]; }"
     say "----- end local-nix-cache flake input -----"
     say "then: sudo nixos-rebuild switch"
     say ""
@@ -158,7 +167,7 @@ After=network-online.target nix-daemon.socket
 Wants=network-online.target
 
 [Service]
-ExecStart=$bin serve
+ExecStart=$bin serve --peer $SEED
 Restart=on-failure
 DynamicUser=no
 NoNewPrivileges=yes
@@ -175,6 +184,6 @@ UNIT
     systemctl enable --now local-nix-cache
     say "started the local-nix-cache service (journalctl -u local-nix-cache)"
 else
-    say "starting local-nix-cache serve in the foreground (Ctrl-C to stop)"
-    exec "$bin" serve
+    say "starting local-nix-cache serve --peer $SEED in the foreground (Ctrl-C to stop)"
+    exec "$bin" serve --peer "$SEED"
 fi

@@ -79,7 +79,9 @@ fn newcomer_installs_from_a_peer_with_one_line() {
         .expect("run the one-liner");
     let pgid = child.id();
     let up = wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
-        let up = lan.hosts[1].peer_addrs() == vec![format!("{peer}:8380")];
+        // Found, and the one-liner kept the peer as its seed (`--peer`).
+        let up = lan.hosts[1].peer_addrs() == vec![format!("{peer}:8380")]
+            && lan.hosts[1].status()["seeds"][0]["seed"] == format!("{peer}:8380").as_str();
         if !up {
             if let Ok(Some(st)) = child.try_wait() {
                 panic!(
@@ -322,7 +324,9 @@ fn nixos_newcomer_gets_a_static_binary_commands_and_a_module_whose_hash_nix_acce
         .expect("run the one-liner");
     let pgid = child.id();
     let up = wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
-        let up = lan.hosts[1].peer_addrs() == vec![format!("{peer}:8380")];
+        // Found, and the one-liner kept the peer as its seed (`--peer`).
+        let up = lan.hosts[1].peer_addrs() == vec![format!("{peer}:8380")]
+            && lan.hosts[1].status()["seeds"][0]["seed"] == format!("{peer}:8380").as_str();
         if !up {
             if let Ok(Some(st)) = child.try_wait() {
                 panic!(
@@ -375,6 +379,11 @@ fn nixos_newcomer_gets_a_static_binary_commands_and_a_module_whose_hash_nix_acce
     assert!(
         snippet.contains(&format!("http://{peer}:8380/install/source.tar")),
         "{snippet}"
+    );
+    assert!(
+        snippet.contains(&format!("services.local-nix-cache.peers = [ \"{peer}:8380\" ];"))
+            && snippet.contains("openFirewall"),
+        "the snippet seeds the module with this peer and says what the firewall does:\n{snippet}"
     );
 
     // Nix 2.26 evaluates the snippet as printed: fetches the peer's source, accepts its hash, and

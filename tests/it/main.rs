@@ -19,3 +19,4 @@ mod roaming;
 mod static_binary;
 mod status_page;
 mod store_server;
+mod venues;

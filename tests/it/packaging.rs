@@ -71,6 +71,7 @@ fn nixos_module_options_and_generated_config() {
         "upstreams",
         "trustedPublicKeys",
         "interfaces",
+        "peers",
         "openFirewall",
         "passThroughProvenPeers",
         "settings",
@@ -105,6 +106,16 @@ fn nixos_module_options_and_generated_config() {
         settings.proxy.state_dir,
         std::path::PathBuf::from("/var/lib/local-nix-cache")
     );
+    // `peers` reaches `--peer` (seeds, default port 8380).
+    let seeds: Vec<String> = settings
+        .beacon
+        .as_ref()
+        .expect("beacon")
+        .seeds
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(seeds, ["10.0.0.5:8380", "venue-cache.lan:8381"], "{toml_text}");
     // The module's own options default to what `serve` defaults to: the flags are the one place.
     let serve = Cli::command().find_subcommand("serve").cloned().expect("serve");
     let default = |flag: &str| -> Vec<String> {
@@ -136,6 +147,7 @@ fn nixos_module_options_and_generated_config() {
         ("upstreams", "upstream"),
         ("trustedPublicKeys", "trusted-public-key"),
         ("interfaces", "interface"),
+        ("peers", "peer"),
     ] {
         assert_eq!(strings(&d[option]), default(flag), "option {option} vs --{flag}");
     }
@@ -171,6 +183,7 @@ fn nixos_module_types_follow_the_flags_and_are_checked() {
         ("upstreams", "upstream", false),
         ("trustedPublicKeys", "trusted-public-key", false),
         ("interfaces", "interface", false),
+        ("peers", "peer", false),
         ("passThroughProvenPeers", "pass-through-proven-peers", false),
     ] {
         let arg = serve

@@ -6,6 +6,7 @@
     services.local-nix-cache = {
       enable = true;
       interfaces = [ "wlan0" ];
+      peers = [ "10.0.0.5" "venue-cache.lan:8381" ];
       trustedPublicKeys = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
       upstreams = [ ];
       openFirewall = true;

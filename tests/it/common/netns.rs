@@ -48,6 +48,8 @@ impl NetHost {
 pub struct Lan {
     bridge_ns: String,
     pub hosts: Vec<NetHost>,
+    /// The third byte of this LAN's subnet, 10.77.<subnet>.0/24.
+    pub subnet: u8,
 }
 
 impl Lan {
@@ -62,6 +64,7 @@ impl Lan {
         let mut lan = Lan {
             bridge_ns: bridge_ns.clone(),
             hosts: Vec::new(),
+            subnet: (id % 250) as u8,
         };
         ip(&[
             "-n",
@@ -153,6 +156,156 @@ impl Lan {
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+}
+
+/// Venues (tests/it/venues.rs): what real networks do to the hall, simulated on the bridge.
+impl Lan {
+    /// This LAN's address `10.77.<subnet>.<last>`.
+    pub fn addr(&self, last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, self.subnet, last)
+    }
+
+    /// Guest Wi-Fi that filters multicast: the bridge drops frames to the beacon groups' MAC
+    /// addresses (IPv4 239.255.83.80 is 01:00:5e:7f:53:50, IPv6 ff02::8380 is
+    /// 33:33:00:00:83:80), counting them; ARP and neighbour discovery still pass.
+    pub fn filter_beacon_multicast(&self) {
+        nft_in(
+            &self.bridge_ns,
+            "table bridge venue {\n\
+             \tchain forward {\n\
+             \t\ttype filter hook forward priority 0; policy accept;\n\
+             \t\tether daddr { 01:00:5e:7f:53:50, 33:33:00:00:83:80 } counter drop\n\
+             \t}\n\
+             }\n",
+        );
+    }
+
+    /// Frames the multicast filter dropped so far.
+    pub fn multicast_dropped(&self) -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.bridge_ns,
+                "nft",
+                "list",
+                "table",
+                "bridge",
+                "venue",
+            ])
+            .output()
+            .expect("nft list");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Client isolation: host `i` (0-based) reaches only the bridge's non-isolated ports, not
+    /// other isolated ones (`bridge link set dev PORT isolated on`).
+    pub fn isolate(&self, i: usize) {
+        let port = format!("vb{}", i + 1);
+        let st = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.bridge_ns,
+                "bridge",
+                "link",
+                "set",
+                "dev",
+                &port,
+                "isolated",
+                "on",
+            ])
+            .status()
+            .expect("bridge");
+        assert!(st.success(), "bridge link set dev {port} isolated on");
+    }
+}
+
+/// Loads the nftables `ruleset` in namespace `ns` (asserts success).
+pub fn nft_in(ns: &str, ruleset: &str) {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(ruleset.as_bytes())
+        .expect("write ruleset");
+    let out = child.wait_with_output().expect("nft");
+    assert!(
+        out.status.success(),
+        "nft -f in {ns}: {}\n{ruleset}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A NixOS-style stateful host firewall in `ns` (what `networking.firewall` does with no port
+/// open): loopback, established and related traffic, ICMP and neighbour discovery in;
+/// everything else dropped, the beacon's UDP 8380 and the store server's TCP 8380 included.
+pub fn stateful_firewall(ns: &str) {
+    nft_in(
+        ns,
+        "table inet nixos-fw {\n\
+         \tchain input {\n\
+         \t\ttype filter hook input priority 0; policy drop;\n\
+         \t\tiifname \"lo\" accept\n\
+         \t\tct state { established, related } accept\n\
+         \t\tmeta l4proto { icmp, ipv6-icmp } accept\n\
+         \t}\n\
+         }\n",
+    );
+}
+
+/// A router namespace joining two LANs: `.254` on each, forwarding on; hosts need a route to
+/// the other subnet through it ([`Router::route_from`]). Deleted on drop.
+pub struct Router {
+    pub ns: String,
+}
+
+impl Router {
+    pub fn new(a: &Lan, b: &Lan) -> Self {
+        let ns = format!(
+            "lnc{}-rt{}",
+            std::process::id(),
+            LAN_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &ns]);
+        let r = Self { ns };
+        a.attach(&r.ns, "ra", Some(&format!("{}/24", a.addr(254))));
+        b.attach(&r.ns, "rb", Some(&format!("{}/24", b.addr(254))));
+        sysctl_in(&r.ns, "net.ipv4.ip_forward", "1");
+        r
+    }
+
+    /// Routes host namespace `ns` (on `from`) to the other LAN `to` through this router.
+    pub fn route_from(&self, ns: &str, from: &Lan, to: &Lan) {
+        ip_in(
+            ns,
+            &[
+                "route",
+                "add",
+                &format!("{}/24", to.addr(0)),
+                "via",
+                &from.addr(254).to_string(),
+            ],
+        );
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
 }
 

@@ -64,3 +64,13 @@ pub fn netns() -> bool {
     }
     missing("network namespaces", "they need root and iproute2")
 }
+
+/// True when nftables' `nft` runs (the venue tests simulate filtering bridges and host
+/// firewalls with it).
+pub fn nft() -> bool {
+    let ok = Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok || missing("nftables (nft)", "install nftables; the README's test command does")
+}
