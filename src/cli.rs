@@ -178,6 +178,7 @@ impl BeaconArgs {
             announce,
             interval,
             seeds: Seeds::new(self.peers.clone()),
+            askers: Default::default(),
         }
     }
 }

@@ -147,6 +147,11 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
         .beacon
         .as_ref()
         .map(|_| Arc::new(PeerTable::with_identity(identity.clone())));
+    // Hosts that seed us, queued by the store server's `GET /peers` and asked back by the beacon.
+    let askers = settings
+        .beacon
+        .as_ref()
+        .map(|_| beacon::seeds::askers::Askers::default());
     let install_binary = match &settings.server.install_binary {
         Some(path) => Some(server::install::check_install_binary(path)?),
         None => None,
@@ -158,7 +163,8 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
             .with_node_id(node_id)
             .with_identity(identity)
             .with_summary(publisher.clone())
-            .with_peers(table.clone()),
+            .with_peers(table.clone())
+            .with_askers(askers.clone()),
     );
     let mut parts = Parts::default();
     let running = server::parts(srv, listeners, settings.server.rescan_interval, shutdown.clone());
@@ -186,6 +192,7 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
                 announce: Some(announce),
                 interval: b.interval,
                 seeds: beacon::seeds::Seeds::new(b.seeds.clone()),
+                askers: askers.clone().unwrap_or_default(),
             };
             seeds = Some(cfg.seeds.clone());
             // Always runs: with no usable interface yet (an offline laptop) it waits for one.

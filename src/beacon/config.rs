@@ -57,6 +57,8 @@ pub struct BeaconConfig {
     pub interval: Duration,
     /// Store servers asked for the hall over HTTP (`--peer`), and their reported states.
     pub seeds: super::seeds::Seeds,
+    /// Hosts that asked our store server for its peer list, asked back (`seeds::askers`).
+    pub askers: super::seeds::askers::Askers,
 }
 
 impl Default for BeaconConfig {
@@ -68,6 +70,7 @@ impl Default for BeaconConfig {
             announce: None,
             interval: DEFAULT_INTERVAL,
             seeds: super::seeds::Seeds::default(),
+            askers: super::seeds::askers::Askers::default(),
         }
     }
 }

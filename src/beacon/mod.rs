@@ -124,7 +124,19 @@ pub async fn run(
     let mut proofs = JoinSet::new();
     proofs.spawn(prover::verify_loop(table.clone(), shutdown.child_token()));
     // Seeds (`--peer`): asked for the hall over HTTP by one task owned here, like the prover.
-    proofs.spawn(seeds::run(cfg.seeds.clone(), table.clone(), shutdown.child_token()));
+    let store_port = cfg.announce.as_ref().map(|a| a.store_port);
+    proofs.spawn(seeds::run(
+        cfg.seeds.clone(),
+        table.clone(),
+        store_port,
+        shutdown.child_token(),
+    ));
+    // Hosts that seed us: asked back, so hosts that all seed this one learn each other.
+    proofs.spawn(seeds::askers::run(
+        cfg.askers.clone(),
+        table.clone(),
+        shutdown.child_token(),
+    ));
     let start = Instant::now();
     let mut b = BeaconLoop {
         schedule: Schedule::new(start, sender.announcing(), cfg.interval, rescan_every),

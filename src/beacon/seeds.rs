@@ -40,6 +40,7 @@ use super::wire::{self, NodeId};
 use crate::cache_url::NODE_HEADER;
 use crate::dns::SystemResolver;
 
+pub mod askers;
 mod report;
 mod seed;
 pub use report::{SeedReport, SeedState, Seeds, MAX_SEEDS};
@@ -141,7 +142,7 @@ fn short(e: &reqwest::Error) -> String {
 }
 
 /// `GET path` at `addr`: the node id the store server named and the body (at most `max` bytes).
-async fn get_named(
+pub(super) async fn get_named(
     client: &reqwest::Client,
     addr: SocketAddr,
     path: &str,
@@ -229,10 +230,11 @@ async fn fetch(
     dns: &SystemResolver,
     seed: &Seed,
     table: &PeerTable,
+    path: &str,
 ) -> Result<Fetched, SeedFailure> {
     let mut last = SeedFailure::NoAddress;
     for addr in resolve(seed, dns).await? {
-        match get_named(client, addr, "/peers", PEX_MAX_BODY).await {
+        match get_named(client, addr, path, PEX_MAX_BODY).await {
             Ok((node, body)) => return Ok(enter(client, table, node, addr, &body).await),
             Err(e) => last = e,
         }
@@ -305,11 +307,16 @@ async fn enter(client: &reqwest::Client, table: &PeerTable, node: NodeId, addr: 
 }
 
 /// Asks every seed, at start and then every [`refresh_after`] (failures: [`retry_after`]),
-/// until `stop`. Nothing to do without seeds.
-pub async fn run(seeds: Seeds, table: Arc<PeerTable>, stop: CancellationToken) {
+/// until `stop`. Nothing to do without seeds. `store_port`, when this host runs a store server,
+/// is named in the request (`GET /peers?port=P`) so the seed asks it back ([`askers`]).
+pub async fn run(seeds: Seeds, table: Arc<PeerTable>, store_port: Option<u16>, stop: CancellationToken) {
     if seeds.is_empty() {
         return;
     }
+    let path = match store_port {
+        Some(p) => format!("/peers?port={p}"),
+        None => "/peers".to_owned(),
+    };
     let client = match reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
@@ -334,7 +341,7 @@ pub async fn run(seeds: Seeds, table: Arc<PeerTable>, stop: CancellationToken) {
             }
             let got = tokio::select! {
                 _ = stop.cancelled() => return,
-                got = fetch(&client, &dns, seed, &table) => got,
+                got = fetch(&client, &dns, seed, &table, &path) => got,
             };
             let r = &mut reports[i];
             match got {

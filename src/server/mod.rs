@@ -103,6 +103,9 @@ pub struct StoreServer {
     summary: Option<Arc<summary::Publisher>>,
     /// The beacon's peer table, for `GET /peers` (none without a beacon: 404).
     peers: Option<Arc<crate::beacon::PeerTable>>,
+    /// Hosts that asked for `GET /peers` naming their store-server port, handed to the
+    /// beacon to be asked back (none without a beacon).
+    askers: Option<crate::beacon::seeds::askers::Askers>,
     /// This node's key, for `GET /identity` (none: 404).
     identity: Option<Arc<crate::beacon::identity::Identity>>,
     /// Misses, checked with the daemon after their 404 (see `misses`).
@@ -136,6 +139,7 @@ impl StoreServer {
             node_header: None,
             summary: None,
             peers: None,
+            askers: None,
             identity: None,
             misses: misses::MissChecks::default(),
         }
@@ -164,6 +168,11 @@ impl StoreServer {
         self
     }
 
+    pub fn with_askers(mut self, a: Option<crate::beacon::seeds::askers::Askers>) -> Self {
+        self.askers = a;
+        self
+    }
+
     fn summary(&self, req: &Request<Incoming>) -> Result<Response<Body>, ServeError> {
         let p = self.summary.as_ref().ok_or(ServeError::NoSummary)?;
         let since = req
@@ -175,8 +184,17 @@ impl StoreServer {
         Ok(h::ok(b, "application/octet-stream"))
     }
 
-    fn peers(&self) -> Result<Response<Body>, ServeError> {
+    fn peers(&self, query: Option<&str>, peer: SocketAddr) -> Result<Response<Body>, ServeError> {
         let t = self.peers.as_ref().ok_or(ServeError::NoPeerTable)?;
+        // A seeding host names its store server's port: it is asked back (`seeds::askers`).
+        let port = query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .find_map(|kv| kv.strip_prefix("port="))
+            .and_then(|p| p.parse::<u16>().ok());
+        if let (Some(askers), Some(port)) = (&self.askers, port) {
+            askers.offer(SocketAddr::new(peer.ip(), port));
+        }
         Ok(h::ok(Bytes::from(crate::beacon::pex::render(t)), "text/plain"))
     }
 
@@ -320,7 +338,7 @@ impl StoreServer {
             Route::InstallBinary => self.install.binary(peer, head, &self.streams).await,
             Route::InstallSource => Ok(h::ok(Bytes::from_static(source::TARBALL), "application/x-tar")),
             Route::Summary => self.summary(req),
-            Route::Peers => self.peers(),
+            Route::Peers => self.peers(req.uri().query(), peer),
             Route::Identity => self.identity(req, peer),
             Route::Cache(CacheRoute::NarInfo(hash)) => self.narinfo(&hash, arrived).await,
             Route::Cache(CacheRoute::Nar {

@@ -141,6 +141,30 @@ fn multicast_filtered_wifi_a_host_with_one_seed_learns_the_hall_and_fetches() {
     wait_diagnosis(&lan, 0, "alone");
 }
 
+/// Filtered Wi-Fi where every laptop was given the same seed (the venue host, which has no seed
+/// itself and hears nobody): the seed asks back the hosts that seed it (`GET /peers?port=P`),
+/// so a newcomer learns the other laptops from it within 10 s and realises a path only one of
+/// them holds. Before, the seed knew nobody but itself, and every laptop learnt only the seed.
+#[test]
+fn multicast_filtered_wifi_laptops_that_all_seed_one_host_learn_each_other() {
+    require!(nix, netns, nft);
+    let f = fixture();
+    let mut lan = NixLan::new(&[&[], &[&f.top], &[]]);
+    lan.lan.filter_beacon_multicast();
+    lan.upstream.stop();
+    let venue = lan.hosts[0].net.ip4;
+    start_seeded(&mut lan, 0, &[]);
+    start_seeded(&mut lan, 1, &[venue.to_string()]);
+    // The venue host, told of nobody, learns the laptop that seeds it.
+    wait_listed(&lan, 0, lan.hosts[1].net.ip4);
+    starts_and_learns_the_hall(&mut lan, 2, &[venue.to_string()], &[0, 1], "one seed for all");
+    realises_from_the_holder(&lan, 2, "one seed for all");
+    assert!(
+        lan.lan.multicast_dropped() > 0,
+        "the bridge dropped no beacon: the venue was not simulated"
+    );
+}
+
 /// A NixOS laptop with its default firewall (stateful, no port open, `openFirewall = false`):
 /// with a seed it learns the hall over outbound HTTP and realises a path a peer holds.
 #[test]

@@ -115,16 +115,16 @@ async fn a_seed_is_entered_under_the_id_its_server_names_and_bad_seeds_fail_type
         port: a.port(),
     };
     let (not_found, t1) = fake_server("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
-    let got = fetch(&client(), &dns, &seed_at(not_found), &table).await;
+    let got = fetch(&client(), &dns, &seed_at(not_found), &table, "/peers").await;
     assert_eq!(got, Err(SeedFailure::Status(404)));
     let (anon, t2) = fake_server("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
-    let got = fetch(&client(), &dns, &seed_at(anon), &table).await;
+    let got = fetch(&client(), &dns, &seed_at(anon), &table, "/peers").await;
     assert_eq!(got, Err(SeedFailure::NoNodeId));
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let got = fetch(&client(), &dns, &seed_at(closed), &table).await;
+    let got = fetch(&client(), &dns, &seed_at(closed), &table, "/peers").await;
     assert!(matches!(got, Err(SeedFailure::Unreachable(_))), "{got:?}");
     assert!(table.is_empty());
     // A store server naming its id, listing one peer on loopback (never entered).
@@ -138,7 +138,7 @@ async fn a_seed_is_entered_under_the_id_its_server_names_and_bad_seeds_fail_type
         .into_boxed_str(),
     );
     let (store, t3) = fake_server(response).await;
-    let got = fetch(&client(), &dns, &seed_at(store), &table)
+    let got = fetch(&client(), &dns, &seed_at(store), &table, "/peers")
         .await
         .expect("a store server");
     assert_eq!(
@@ -168,7 +168,7 @@ async fn a_failing_seed_is_reported_and_retried_with_back_off() {
     assert_eq!(seeds.snapshot()[0].state, SeedState::Pending);
     let table = Arc::new(PeerTable::new(NodeId([9; 16])));
     let stop = CancellationToken::new();
-    let task = tokio::spawn(run(seeds.clone(), table, stop.clone()));
+    let task = tokio::spawn(run(seeds.clone(), table, None, stop.clone()));
     let mut seen = Vec::new();
     for _ in 0..200 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -205,7 +205,7 @@ async fn a_nudge_asks_a_backed_off_seed_again_at_once() {
     }]);
     let table = Arc::new(PeerTable::new(NodeId([9; 16])));
     let stop = CancellationToken::new();
-    let task = tokio::spawn(run(seeds.clone(), table, stop.clone()));
+    let task = tokio::spawn(run(seeds.clone(), table, None, stop.clone()));
     let failures = || seeds.snapshot()[0].failures;
     // Back off to 16 s between tries (five failures: 1 + 2 + 4 + 8 s of waits so far).
     for _ in 0..400 {
