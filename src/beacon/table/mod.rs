@@ -365,30 +365,43 @@ impl PeerTable {
             g.prove(&b.node, addr);
         }
         let Inner { peers, counters, .. } = g;
+        // An entry that would list a new address takes a place of that address's share, as a
+        // new id does (issue #25: ids announced first elsewhere put 5 ids at one address).
+        let room = match peers.get(&b.node) {
+            None => return ignored(counters, b, IgnoreReason::Gone),
+            Some(p) if p.addrs.iter().any(|a| a.ip() == addr.ip()) => None,
+            Some(_) => match admission::room_at_addr(peers, addr.ip(), Some(&b.node)) {
+                Ok(room) => room,
+                Err(why) => return ignored(counters, b, why),
+            },
+        };
         let Some(p) = peers.get_mut(&b.node) else {
             return ignored(counters, b, IgnoreReason::Gone);
         };
-        if p.commitment.is_some() && b.commitment != p.commitment {
+        let outcome = if p.commitment.is_some() && b.commitment != p.commitment {
             // An id made from its commitment (bound) cannot be announced with another one; an
             // entry that is not bound came from an older peer or from a forger who announced
             // the id first with a commitment of its own: a bound announce takes it over.
-            if b.bound() && !p.bound() {
-                *p = Peer::new(&b, addr, now);
-                counters.contested += 1;
-                return Outcome::Refreshed(b);
+            if !b.bound() || p.bound() {
+                // A node that committed to a goodbye secret keeps that commitment: announces
+                // naming it with another one are someone else's.
+                return ignored(counters, b, IgnoreReason::OtherCommitment);
             }
-            // A node that committed to a goodbye secret keeps that commitment: announces
-            // naming it with another one are someone else's.
-            return ignored(counters, b, IgnoreReason::OtherCommitment);
-        }
-        match p.announced(&b, addr, now) {
-            Ok(Announced::Refreshed) => Outcome::Refreshed(b),
-            Ok(Announced::MoveUndone) => {
-                counters.contested += 1;
-                Outcome::Refreshed(b)
+            *p = Peer::new(&b, addr, now);
+            counters.contested += 1;
+            Outcome::Refreshed(b)
+        } else {
+            match p.announced(&b, addr, now) {
+                Ok(Announced::Refreshed) => Outcome::Refreshed(b),
+                Ok(Announced::MoveUndone) => {
+                    counters.contested += 1;
+                    Outcome::Refreshed(b)
+                }
+                Err(why) => return ignored(counters, b, why),
             }
-            Err(why) => ignored(counters, b, why),
-        }
+        };
+        admission::make_room_at_addr(peers, addr.ip(), room, &mut counters.displaced);
+        outcome
     }
 
     /// An announce `b` of a node id not in the table, from `addr`: admitted, unless the address
