@@ -292,6 +292,24 @@ impl SourceBook {
         }
     }
 
+    /// Notes a peer's summary answer as [`Self::heard`] does a narinfo answer: which node the
+    /// server at its address named, and, when that was not the peer (another node, or none),
+    /// the peer is an impostor at that address, never asked there again (issue #25: such an
+    /// answer was only logged, and the summary fetched again every second).
+    pub fn heard_summary(&self, n: &NodeId, r: &Result<bytes::Bytes, SourceError>) {
+        let Some(a) = self.table().and_then(|t| t.get(n)).map(|p| p.http_addr()) else {
+            return;
+        };
+        match r {
+            Ok(_) => self.health.addr_owner(a, Some(*n)),
+            Err(e @ SourceError::NotThePeer { found, .. }) => {
+                self.health.addr_owner(a, *found);
+                self.judge(&SourceId::Peer(*n), Verdict::Failed(e));
+            }
+            Err(_) => {}
+        }
+    }
+
     /// When a peer's summary claimed `hash`, records whether its answer bore that out (a summary
     /// that keeps claiming paths its server does not have stops being believed).
     pub fn note_summary_claim(&self, s: &SourceId, hash: &StorePathHash, r: &Result<Option<Candidate>, SourceError>) {

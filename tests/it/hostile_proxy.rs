@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::fake::*;
-use crate::common::get;
+use crate::common::{get, wait_until};
 use local_nix_cache::beacon::wire::{NodeId, FLAG_NAR_NONE};
 
 /// Reflection: announces forged with many node ids, each naming a victim's address, make the
@@ -149,4 +149,59 @@ fn one_bad_path_does_not_shut_out_a_good_peer() {
         assert!(nar.body == p.nar, "{}: right bytes", p.path);
     }
     assert_eq!(px.stats().lies, 2, "both corrupt NARs were caught");
+}
+
+/// Issue #25: a summary answer that does not name the announced node (the next occupant of a
+/// departed host's address, brought back by replayed announces) was only logged, and the
+/// summary asked for again every second. It now marks the node an impostor at that address,
+/// as a narinfo answer does: the occupant gets one request, however often the node announces
+/// a new version.
+#[test]
+fn a_summary_answer_without_the_node_id_marks_an_impostor() {
+    use crate::common::forge;
+    let rig = Rig::new();
+    let announce = |addr: std::net::SocketAddr, node: NodeId, version: u64| {
+        let b = forge::announce(node, addr.port()).summary(Some(version)).encode();
+        let _g = rig.rt.enter();
+        rig.table.handle(addr, &b, tokio::time::Instant::now());
+    };
+    // The occupant names its own node id; the table lists another one at its address.
+    let occupant = Arc::new(FakeCache::default());
+    occupant.publish_summary(1);
+    *occupant.node.lock().expect("lock") = Some(NodeId([42; 16]));
+    let at = rig.cache_at(occupant.clone(), "127.1.0.7:0".parse().expect("addr"));
+    let departed = NodeId([7; 16]);
+    announce(at, departed, 1);
+    let honest = Arc::new(FakeCache::default());
+    let honest_at = rig.peer_with_summary(honest.clone(), 1);
+    let (_proxy, px) = rig.proxy(vec![]);
+    wait_until(
+        "the node is marked an impostor at the occupant's address",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || {
+            px.status()
+                .peers
+                .iter()
+                .any(|p| p.node == departed.to_string() && p.health.impostor)
+        },
+    );
+    wait_until(
+        "the honest peer's summary is fetched",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || honest.requests_for("/summary") >= 1,
+    );
+    // Both announce a new version; the honest peer's is fetched, the impostor's is not.
+    let before = honest.requests_for("/summary");
+    honest.publish_summary(2);
+    announce(at, departed, 2);
+    announce(honest_at, NodeId([1; 16]), 2);
+    wait_until(
+        "the honest peer's new summary is fetched",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || honest.requests_for("/summary") > before,
+    );
+    assert_eq!(occupant.requests_for("/summary"), 1, "one request for the occupant");
 }
