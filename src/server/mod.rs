@@ -17,6 +17,7 @@ pub mod index;
 pub mod install;
 pub mod limits;
 pub mod misses;
+pub mod proofs;
 pub mod source;
 pub mod store_watch;
 mod streams;
@@ -105,6 +106,8 @@ pub struct StoreServer {
     peers: Option<Arc<crate::beacon::PeerTable>>,
     /// This node's key, for `GET /identity` (none: 404).
     identity: Option<Arc<crate::beacon::identity::Identity>>,
+    /// How many `GET /identity` answers each source may have (each costs a signature).
+    proofs: proofs::ProofLimits,
     /// Misses, checked with the daemon after their 404 (see `misses`).
     misses: misses::MissChecks,
 }
@@ -137,6 +140,7 @@ impl StoreServer {
             summary: None,
             peers: None,
             identity: None,
+            proofs: proofs::ProofLimits::default(),
             misses: misses::MissChecks::default(),
         }
     }
@@ -182,6 +186,9 @@ impl StoreServer {
 
     fn identity(&self, req: &Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, ServeError> {
         let id = self.identity.as_ref().ok_or(ServeError::NoIdentity)?;
+        if !self.proofs.allow(peer.ip(), tokio::time::Instant::now()) {
+            return Err(ServeError::TooManyProofs { peer });
+        }
         let body = crate::beacon::identity::answer(id, req.uri().query(), crate::beacon::identity::is_own_address)
             .map_err(|source| ServeError::IdentityRefused { peer, source })?;
         Ok(h::ok(Bytes::from(body), "text/plain"))
