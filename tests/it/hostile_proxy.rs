@@ -151,6 +151,109 @@ fn one_bad_path_does_not_shut_out_a_good_peer() {
     assert_eq!(px.stats().lies, 2, "both corrupt NARs were caught");
 }
 
+/// A peer that accepts connections and never answers, as a `serve` stopped with SIGSTOP (the
+/// kernel still completes the handshake): counts the requests it was sent, answers none.
+struct Sleeper {
+    addr: std::net::SocketAddr,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sleeper {
+    fn start(ip: [u8; 4]) -> Self {
+        use std::io::Read;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let l = std::net::TcpListener::bind(std::net::SocketAddr::from((ip, 0))).expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        let addr = l.local_addr().expect("addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, halt) = (requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            let t0 = Instant::now();
+            // Bounded: until the test ends, at most 2 minutes.
+            while !halt.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(120) {
+                if let Ok((mut c, _)) = l.accept() {
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.set_read_timeout(Some(Duration::from_millis(500)));
+                    let mut buf = [0u8; 4096];
+                    let got = c.read(&mut buf).unwrap_or(0);
+                    let text = String::from_utf8_lossy(&buf[..got]);
+                    n.fetch_add(text.matches("GET ").count(), Ordering::SeqCst);
+                    held.push(c);
+                } else {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        });
+        Self {
+            addr,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Issue #25: a sleeping holder (SIGSTOP: the kernel still accepts the connection) cost every
+/// lookup a 3 s timeout, a retry after 200 ms and 3 s again. Now a lookup waits for a peer at
+/// most `PEER_LOOKUP_BUDGET` (1 s), does not retry a peer that accepted and said nothing, and
+/// skips it from then on until it announces again; honest peers answer meanwhile.
+#[test]
+fn a_sleeping_peer_costs_one_short_wait_then_is_skipped_until_it_announces() {
+    use local_nix_cache::proxy::lookup::PEER_LOOKUP_BUDGET;
+    use local_nix_cache::proxy::source::PEER_TIMEOUTS;
+    let rig = Rig::new();
+    let sleeper = Sleeper::start([127, 1, 0, 9]);
+    let asleep = NodeId([9; 16]);
+    rig.announce(sleeper.addr, asleep, FLAG_NAR_NONE, None);
+    let p = FakePath::new("awake", 1000, 25);
+    let honest = Arc::new(FakeCache::default());
+    honest.serve_path(&p);
+    rig.peer(honest, 1);
+    let (proxy, px) = rig.proxy(vec![]);
+    let absent = |i: usize| format!("/{:0>32}.narinfo", i);
+    let t0 = Instant::now();
+    assert_eq!(get(proxy, &absent(1)).status, 404);
+    let first = t0.elapsed();
+    eprintln!("first lookup with a sleeping peer: {first:?}");
+    // Before: at least two whole narinfo timeouts; now the budget, once.
+    assert!(
+        first < PEER_TIMEOUTS.narinfo,
+        "{first:?}, budget {PEER_LOOKUP_BUDGET:?}"
+    );
+    assert_eq!(sleeper.requests(), 1, "asked once, not retried");
+    let st = px.status();
+    let s = st.peers.iter().find(|x| x.node == asleep.to_string()).expect("listed");
+    assert!(s.health.silent_since.is_some(), "marked asleep");
+    // Later lookups skip it; the honest peer still answers.
+    for i in 2..6 {
+        assert_eq!(get(proxy, &absent(i)).status, 404);
+    }
+    assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+    assert_eq!(get(proxy, &p.nar_url()).status, 200);
+    assert_eq!(sleeper.requests(), 1, "skipped while asleep");
+    // It announces again (it woke up): asked again.
+    rig.announce(sleeper.addr, asleep, FLAG_NAR_NONE, None);
+    assert_eq!(get(proxy, &absent(7)).status, 404);
+    assert_eq!(sleeper.requests(), 2, "asked again once it announced");
+}
+
 /// Issue #25: a summary answer that does not name the announced node (the next occupant of a
 /// departed host's address, brought back by replayed announces) was only logged, and the
 /// summary asked for again every second. It now marks the node an impostor at that address,
