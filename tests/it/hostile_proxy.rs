@@ -308,3 +308,70 @@ fn a_summary_answer_without_the_node_id_marks_an_impostor() {
     );
     assert_eq!(occupant.requests_for("/summary"), 1, "one request for the occupant");
 }
+
+/// The `serve` process of a test host (the one process of its namespace named so), by PID.
+fn serve_pid(host: &crate::common::nixlan::NixHost) -> u32 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", &host.net.ns])
+        .output()
+        .expect("ip netns pids");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim().starts_with("local-nix-cach"))
+        })
+        .expect("serve runs in the host's namespace")
+}
+
+/// Issue #25 with a real `serve` host stopped with SIGSTOP (its kernel still accepts the
+/// connection): the path only it holds is a 404 after at most the lookup budget (before: 3 s,
+/// then a retry), the next lookups do not ask it while it sleeps, and once it runs again (and
+/// announces) its path is found.
+#[test]
+fn a_real_host_stopped_with_sigstop_costs_one_short_lookup() {
+    use crate::common::nixlan::NixLan;
+    use crate::common::{fixture, hash_of};
+    use local_nix_cache::proxy::source::PEER_TIMEOUTS;
+    require!(nix, netns);
+    let f = fixture();
+    let mut lan = NixLan::new(&[&[&f.top], &[]]);
+    lan.upstream.stop();
+    let up = lan.upstream.url();
+    lan.serve_all(&up);
+    lan.wait_peers(1, &[0], Duration::from_secs(10))
+        .expect("peer not found");
+    let pid = serve_pid(&lan.hosts[0]).to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &pid]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill {sig} {pid}");
+    };
+    let narinfo = |h: &str| format!("http://127.0.0.1:8381/{h}.narinfo");
+    let requests = |lan: &NixLan| {
+        lan.hosts[1].status()["stats"]["narinfo_peer_requests"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    signal("-STOP");
+    let t0 = Instant::now();
+    assert!(
+        lan.hosts[1].http(&narinfo(hash_of(&f.top))).is_none(),
+        "a 404 while its holder sleeps"
+    );
+    let first = t0.elapsed();
+    eprintln!("lookup of a path only a stopped host holds: {first:?}");
+    let asked = requests(&lan);
+    for i in 0..3 {
+        assert!(lan.hosts[1].http(&narinfo(&format!("{:0>32}", i))).is_none());
+    }
+    let after = requests(&lan);
+    signal("-CONT");
+    assert!(first < PEER_TIMEOUTS.narinfo, "{first:?}");
+    assert_eq!(after, asked, "the sleeping host was not asked again");
+    // Awake again: it announces within its interval, and its paths are found.
+    let other = f.closure.iter().find(|p| **p != f.top).expect("a path of the closure");
+    let found = crate::common::wait_for(Duration::from_secs(10), Duration::from_millis(200), || {
+        lan.hosts[1].http(&narinfo(hash_of(other))).is_some()
+    });
+    assert!(found.is_some(), "found again once it woke up");
+}
