@@ -74,7 +74,8 @@ pub struct NarInfo {
 
 impl NarInfo {
     /// Parses narinfo text. Strict where it matters for trust (duplicates, sizes, hashes, paths),
-    /// lenient where Nix is (unknown fields are ignored).
+    /// lenient where Nix is (unknown fields are ignored). Round trip: for any text that parses,
+    /// `parse(render(info)) == info` (values keep every byte but `\n`, including a trailing `\r`).
     pub fn parse(store_dir: &str, text: &str) -> Result<Self, ParseError> {
         if text.len() > MAX_NARINFO_BYTES {
             return Err(ParseError::TooLarge(text.len()));
@@ -94,7 +95,10 @@ impl NarInfo {
         }
         let mut raw = Raw::default();
         let mut sigs = Vec::new();
-        for (i, line) in text.lines().enumerate() {
+        // Lines end at `\n` only, as Nix reads them: a `\r` before it is part of the value
+        // (`str::lines` would drop one, so a value ending in `\r` would not survive a render
+        // and parse, and the proxy re-renders what it parsed for Nix).
+        for (i, line) in text.split('\n').enumerate() {
             if line.is_empty() {
                 continue;
             }

@@ -11,8 +11,8 @@
 //! the fetch that tries the sources in order is `fetch`.
 //!
 //! Invariant: a peer is asked only while it is announced, not an impostor at its address, and its
-//! address is not known to belong to another node; its bytes pass through only if, besides, it is
-//! proven at that address and never lied.
+//! address is not known to belong to another node (and, in a lookup, not asleep); its bytes pass
+//! through only if, besides, it is proven at that address and never lied.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -223,6 +223,9 @@ impl SourceBook {
             .peers()
             .into_iter()
             .filter(|p| self.usable(&p.node))
+            // Asleep (it let a lookup wait its whole budget and has not announced since): not
+            // asked until it wakes (a suspended host's kernel accepts, nobody answers).
+            .filter(|p| !self.health.asleep(&p.node, p.last_seen))
             .filter(|p| addrs.insert(p.http_addr()))
             .map(|p| {
                 let health = self.health.peer(&p.node);
@@ -279,6 +282,7 @@ impl SourceBook {
         let addr = self.table().and_then(|t| t.get(n)).map(|p| p.http_addr());
         match (r, addr) {
             (Ok(_), Some(a)) => {
+                self.health.awake(n);
                 self.health.latency(n, t0.elapsed());
                 self.health.addr_owner(a, Some(*n));
                 if let Some(t) = self.table() {
@@ -290,6 +294,34 @@ impl SourceBook {
             }
             _ => {}
         }
+    }
+
+    /// Notes a peer's summary answer as [`Self::heard`] does a narinfo answer: which node the
+    /// server at its address named, and, when that was not the peer (another node, or none),
+    /// the peer is an impostor at that address, never asked there again (issue #25: such an
+    /// answer was only logged, and the summary fetched again every second).
+    pub fn heard_summary(&self, n: &NodeId, r: &Result<bytes::Bytes, SourceError>) {
+        let Some(a) = self.table().and_then(|t| t.get(n)).map(|p| p.http_addr()) else {
+            return;
+        };
+        match r {
+            Ok(_) => {
+                self.health.awake(n);
+                self.health.addr_owner(a, Some(*n));
+            }
+            Err(e @ SourceError::NotThePeer { found, .. }) => {
+                self.health.addr_owner(a, *found);
+                self.judge(&SourceId::Peer(*n), Verdict::Failed(e));
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// A lookup waited its whole budget for peer `n`: asleep until it announces again or
+    /// answers (see `health`).
+    pub fn silent(&self, n: &NodeId) {
+        tracing::info!(node = %n, "peer accepted but did not answer: skipped until it announces again");
+        self.health.silent(n, Instant::now());
     }
 
     /// When a peer's summary claimed `hash`, records whether its answer bore that out (a summary

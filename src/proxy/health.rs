@@ -11,7 +11,9 @@
 //! else. The mark is per (node, address), not per node: an attacker who announces an honest
 //! host's node id from its own address for a moment must not make the proxy distrust the host
 //! at its real address. An upstream that could not be
-//! reached is skipped for [`UPSTREAM_DOWN_FOR`] (offline: fast misses).
+//! reached is skipped for [`UPSTREAM_DOWN_FOR`] (offline: fast misses). A peer that let a lookup
+//! wait its whole budget (accepted the connection, then said nothing: a suspended host) is
+//! *asleep*: skipped in lookups until it announces again or answers (`Health::silent_since`).
 //!
 //! Bounds (LRU, least recently used forgotten first): health of [`MAX_TRACKED_PEERS`] peers
 //! (about 100 bytes each), [`MAX_BAD_PATHS`] bad (peer, NAR) pairs (about 80 bytes each),
@@ -72,11 +74,21 @@ pub struct Health {
     pub claims_kept: u32,
     /// Lookups its summary said "maybe" to and its server answered 404.
     pub claims_broken: u32,
+    /// When a lookup last waited its whole budget for this peer's narinfo (a suspended host:
+    /// its kernel still accepts connections, nobody answers); until it announces again (or
+    /// answers), lookups skip it.
+    #[serde(skip)]
+    pub silent_since: Option<Instant>,
 }
 
 impl Health {
     pub fn backed_off(&self, now: Instant) -> bool {
         self.backoff_until.is_some_and(|t| t > now)
+    }
+
+    /// Silent since before its last announce (`last_announce`): asleep, not to be asked.
+    pub fn asleep(&self, last_announce: Instant) -> bool {
+        self.silent_since.is_some_and(|t| last_announce <= t)
     }
 
     /// Its summary claims paths its server does not have, far more often than an honest
@@ -149,6 +161,7 @@ impl SourceHealth {
                 let h = peers.get_or_insert_mut(*n, Health::default);
                 match v {
                     Verdict::Delivered => {
+                        h.silent_since = None;
                         h.successes += 1;
                         h.consecutive_failures = 0;
                         h.backoff_until = None;
@@ -186,6 +199,24 @@ impl SourceHealth {
         } else {
             h.claims_broken = h.claims_broken.saturating_add(1);
         }
+    }
+
+    /// A lookup waited its whole budget for `node` at `now`: skipped until it announces again
+    /// or answers ([`Health::asleep`]).
+    pub fn silent(&self, node: &NodeId, now: Instant) {
+        self.peers().get_or_insert_mut(*node, Health::default).silent_since = Some(now);
+    }
+
+    /// `node` answered (a narinfo, a summary): awake.
+    pub fn awake(&self, node: &NodeId) {
+        if let Some(h) = self.peers().get_mut(node) {
+            h.silent_since = None;
+        }
+    }
+
+    /// Whether `node`, which last announced at `last_announce`, is asleep ([`Health::asleep`]).
+    pub fn asleep(&self, node: &NodeId, last_announce: Instant) -> bool {
+        self.peers().peek(node).is_some_and(|h| h.asleep(last_announce))
     }
 
     /// A peer answered a narinfo request in `took`.

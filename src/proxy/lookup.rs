@@ -5,7 +5,8 @@
 //! Peers are asked first, at most `book::MAX_FANOUT` of them (fewest recent failures, then
 //! fastest; a peer never measured counts as fast so newcomers get asked); the upstreams are asked
 //! [`HEDGE_DELAY`] later, or at once when every peer has answered. A source's failure is judged
-//! (back-off, upstream down) as it comes in.
+//! (back-off, upstream down) as it comes in. A peer gets at most [`PEER_LOOKUP_BUDGET`] per
+//! lookup; one that used it all is skipped until it announces again (`health`).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -25,6 +26,11 @@ use crate::narinfo::{NarHash, StorePathHash};
 pub const HEDGE_DELAY: Duration = Duration::from_millis(150);
 /// A peer that could not be reached is asked once more after this long.
 const PEER_RETRY_AFTER: Duration = Duration::from_millis(200);
+/// The longest a lookup waits for one peer's narinfo, retry included (a LAN store server
+/// answers from its index in a millisecond). A peer that used it all is asleep until it
+/// announces again (issue #25: a suspended host, whose kernel still accepts connections, cost
+/// 3 s, a retry and 3 s again, per lookup).
+pub const PEER_LOOKUP_BUDGET: Duration = Duration::from_secs(1);
 /// When looking for every source of a NAR, wait this long after the first one answered.
 const GATHER_GRACE: Duration = Duration::from_millis(300);
 
@@ -47,13 +53,29 @@ impl<'a> Lookup<'a> {
         let sources = self.book.sources();
         Box::pin(async move {
             let t0 = Instant::now();
-            let mut r = sources.narinfo(&s, hash).await;
-            // A peer that could not be reached may be on a link that just came up (neighbour
-            // discovery, a bridge port not yet forwarding): one more try, a moment later.
-            if matches!((&s, &r), (SourceId::Peer(_), Err(e)) if e.is_unreachable()) {
-                tokio::time::sleep(PEER_RETRY_AFTER).await;
-                r = sources.narinfo(&s, hash).await;
-            }
+            let r = match &s {
+                SourceId::Peer(n) => {
+                    let asked = async {
+                        let mut r = sources.narinfo(&s, hash).await;
+                        // A peer that could not be connected to may be on a link that just came
+                        // up (neighbour discovery, a bridge port not yet forwarding): one more
+                        // try, a moment later. One that accepted and said nothing is not retried.
+                        if matches!(&r, Err(e) if e.is_connect_failure()) {
+                            tokio::time::sleep(PEER_RETRY_AFTER).await;
+                            r = sources.narinfo(&s, hash).await;
+                        }
+                        r
+                    };
+                    let r = tokio::time::timeout(PEER_LOOKUP_BUDGET, asked)
+                        .await
+                        .unwrap_or(Err(SourceError::Timeout));
+                    if matches!(r, Err(SourceError::Timeout)) {
+                        self.book.silent(n);
+                    }
+                    r
+                }
+                SourceId::Upstream(_) => sources.narinfo(&s, hash).await,
+            };
             self.book.heard(&s, &r, t0);
             (s, r)
         })

@@ -278,6 +278,8 @@ impl SummarySources for Proxy {
     }
 
     async fn fetch(&self, node: &NodeId, since: Option<u64>) -> Result<Bytes, SourceError> {
-        self.book.sources().summary(node, since).await
+        let r = self.book.sources().summary(node, since).await;
+        self.book.heard_summary(node, &r);
+        r
     }
 }

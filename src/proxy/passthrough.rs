@@ -5,20 +5,25 @@
 //! The fetch holds a [`Tap`]; the response body is fed by [`forward`]. Invariants: the tap only
 //! ever hands over bytes that the fetch then counts into the spool's hash, contiguous from the
 //! NAR's start, all from proven peers, and never past `NarSize - TAIL`; the rest of the body
-//! comes from the [`Verified`] spool (which need not keep what the tap took: `spool`), and only
-//! if no byte handed over was discarded since (a reset of the spool "breaks" the tap). A broken tap, a failed fetch or a NAR that did not verify ends the
-//! body early: Nix sees fewer bytes than the `Content-Length` (NarSize) it was promised, fails
-//! that substitution, installs nothing and does not resume (no `Accept-Ranges`).
+//! comes from the [`Verified`] spool (which need not keep what the tap took: `spool`). When the
+//! spool is reset after bytes were handed over (the NAR did not verify: the lie may be in the
+//! held-back tail only), the tap records the sha256 of what it handed over and detaches; the
+//! fetch goes on verify-first from other sources, and the body is finished from the NAR that
+//! then verifies only if that NAR's same prefix has the same hash (issue #25: a tail-only lie
+//! failed the build although an honest holder had the path). A prefix that differs, a failed
+//! fetch or a NAR that did not verify ends the body early: Nix sees fewer bytes than the
+//! `Content-Length` (NarSize) it was promised, fails that substitution, installs nothing and
+//! does not resume (no `Accept-Ranges`).
 //!
 //! Memory: at most [`PASS_CHUNKS`] read chunks (256 KiB each) wait in a tap's channel, and
 //! [`BODY_CHUNKS`] in the body's; one pass-through per open proxy connection at most.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::error::CutReason;
@@ -49,27 +54,32 @@ pub struct Tap {
     tx: Option<mpsc::Sender<Piece>>,
     /// Bytes handed over so far (contiguous from 0, all from proven peers).
     sent: u64,
-    /// Set when bytes already handed over can no longer be vouched for: the body is cut.
-    broken: Arc<AtomicBool>,
+    /// The sha256 of the bytes handed over so far.
+    prefix: Sha256,
+    /// Set when the spool was reset after bytes were handed over: how many, and their sha256,
+    /// which the NAR that finally verifies must match before the body gets a byte more.
+    recheck: Arc<OnceLock<(u64, [u8; 32])>>,
 }
 
 /// The body's end of a pass-through.
 pub struct TapEnd {
     pub rx: mpsc::Receiver<Piece>,
-    pub broken: Arc<AtomicBool>,
+    /// See [`Tap`]'s `recheck`.
+    pub recheck: Arc<OnceLock<(u64, [u8; 32])>>,
 }
 
 impl Tap {
     pub fn new() -> (Tap, TapEnd) {
         let (tx, rx) = mpsc::channel(PASS_CHUNKS);
-        let broken = Arc::new(AtomicBool::new(false));
+        let recheck = Arc::new(OnceLock::new());
         (
             Tap {
                 tx: Some(tx),
                 sent: 0,
-                broken: broken.clone(),
+                prefix: Sha256::new(),
+                recheck: recheck.clone(),
             },
-            TapEnd { rx, broken },
+            TapEnd { rx, recheck },
         )
     }
 
@@ -99,8 +109,10 @@ impl Tap {
         }
         let bytes = chunk.slice(..(upto - start) as usize);
         let n = bytes.len();
+        let handed = bytes.clone();
         match tokio::time::timeout(PASS_STALL, tx.send(Piece { size, bytes })).await {
             Ok(Ok(())) => {
+                self.prefix.update(&handed);
                 self.sent += n as u64;
                 n
             }
@@ -122,10 +134,12 @@ impl Tap {
         self.sent
     }
 
-    /// The spool is about to be emptied: if any byte was handed over, the body is cut.
+    /// The spool is about to be emptied: if any byte was handed over, the tap detaches and
+    /// records their hash; the body goes on only once a NAR verified whose prefix matches it.
     pub fn spool_reset(&mut self) {
         if self.sent > 0 {
-            self.broken.store(true, Ordering::SeqCst);
+            let digest: [u8; 32] = self.prefix.clone().finalize().into();
+            let _ = self.recheck.set((self.sent, digest));
             self.tx = None;
         }
     }
@@ -149,7 +163,8 @@ async fn cut<T>(sent: u64, why: CutReason, out: mpsc::Sender<std::io::Result<Byt
 }
 
 /// Feeds a pass-through body: `first`, the rest of the tap, then (once the fetch delivered a
-/// verified NAR and the tap was not broken) the remainder from the spool. Errors cut the body.
+/// verified NAR, and, when the spool was reset after bytes were handed over, that NAR's prefix
+/// matched what was sent) the remainder from the spool. Errors cut the body.
 ///
 /// `done` is the fetch's result (the verified spool and what the caller wants back with a
 /// delivered NAR); it is awaited only once the tap is closed, and dropped when the body is cut
@@ -175,27 +190,27 @@ pub async fn forward<T>(
             () = out.closed() => return (Outcome::Left { sent }, None),
         };
         let Some(p) = p else { break };
-        if tap.broken.load(Ordering::SeqCst) {
-            return cut(sent, CutReason::NotVerified, out).await;
-        }
         let n = p.bytes.len() as u64;
         if out.send(Ok(p.bytes)).await.is_err() {
             return (Outcome::Left { sent }, None);
         }
         sent += n;
     }
-    if tap.broken.load(Ordering::SeqCst) {
-        return cut(sent, CutReason::NotVerified, out).await;
-    }
     let done = tokio::select! {
         d = done => d,
         () = out.closed() => return (Outcome::Left { sent }, None),
     };
     let (v, extra) = match done {
-        Ok((v, x)) if !tap.broken.load(Ordering::SeqCst) && v.len() == size => (v, x),
+        Ok((v, x)) if v.len() == size => (v, x),
         Ok(_) => return cut(sent, CutReason::NotVerified, out).await,
         Err(why) => return cut(sent, why, out).await,
     };
+    if let Some((n, digest)) = tap.recheck.get() {
+        // The NAR came from elsewhere: what was sent must be its start.
+        if *n != sent || !prefix_matches(&v, sent, digest).await {
+            return cut(sent, CutReason::NotVerified, out).await;
+        }
+    }
     verified(&extra);
     let mut rest = v.stream(sent, size.saturating_sub(1));
     while let Some(c) = rest.next().await {
@@ -210,4 +225,17 @@ pub async fn forward<T>(
         sent += n;
     }
     (Outcome::Delivered, Some(extra))
+}
+
+/// Whether the first `n` bytes of `v` hash to `digest`.
+async fn prefix_matches(v: &Verified, n: u64, digest: &[u8; 32]) -> bool {
+    let mut h = Sha256::new();
+    let mut bytes = v.stream(0, n.saturating_sub(1));
+    while let Some(c) = bytes.next().await {
+        match c {
+            Ok(c) => h.update(&c),
+            Err(_) => return false,
+        }
+    }
+    <[u8; 32]>::from(h.finalize()) == *digest
 }

@@ -7,8 +7,10 @@
 //! address ever sent a NAR that failed verification. One wrong NAR bans the node id *and* the
 //! address for good: the ban is written to a small file in the state directory at once and read
 //! back at start. A missing, unreadable or corrupt file means nobody is proven (trust is earned
-//! again); a ban list that is full means nobody is proven either (fail closed), so flooding the
-//! list with throw-away identities cannot push a real ban out.
+//! again), and so does one that is not a regular file (a FIFO, a socket, a directory: logged and
+//! ignored, never opened for a blocking read); a ban list that is full means nobody is proven
+//! either (fail closed), so flooding the list with throw-away identities cannot push a real ban
+//! out.
 //!
 //! Why (node id, address) and not the node id alone: the node id is only a claim in a beacon and
 //! a header. Someone who announces a proven node's id from their own address is a different
@@ -231,6 +233,9 @@ impl ProvenPeers {
 enum ReadError {
     #[error("reading: {0}")]
     Io(#[from] io::Error),
+    /// A FIFO, a socket, a device or a directory: never read (a FIFO would block the start).
+    #[error("not a regular file ({0})")]
+    NotRegular(&'static str),
     #[error("larger than {MAX_FILE_BYTES} bytes")]
     TooLarge,
     #[error("does not parse: {0}")]
@@ -239,16 +244,50 @@ enum ReadError {
     Version(u32),
 }
 
+/// What kind of file `t` is, for the log.
+fn kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Reads the state file, if it is a regular file: opened without blocking (`O_NONBLOCK`: a
+/// FIFO opens at once instead of waiting for a writer), its type checked on the open file
+/// (no race with a rename), and at most [`MAX_FILE_BYTES`] + 1 bytes read whatever its
+/// length says.
 fn read_file(path: &Path) -> Result<Option<FileState>, ReadError> {
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(ReadError::NotRegular(kind(meta.file_type())));
+    }
     if meta.len() > MAX_FILE_BYTES {
         return Err(ReadError::TooLarge);
     }
-    let text = std::fs::read(path)?;
+    let mut text = Vec::new();
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut text)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(ReadError::TooLarge);
+    }
     let s: FileState = serde_json::from_slice(&text)?;
     if s.version != VERSION {
         return Err(ReadError::Version(s.version));
@@ -346,6 +385,43 @@ mod tests {
             assert!(!ProvenPeers::load(Some(dir.path())).is_proven(&n, a));
         }
         std::fs::write(&file, &good).expect("write");
+        assert!(ProvenPeers::load(Some(dir.path())).is_proven(&n, a));
+    }
+
+    /// Issue #25: a FIFO as the state file hung the proxy's start (the size check passed a
+    /// FIFO, length 0, and the read waited for a writer forever). Only a regular file is read;
+    /// a FIFO, a directory or a socket is logged and ignored, at once, and nobody is proven.
+    #[test]
+    fn only_a_regular_state_file_is_read_and_never_blocks() {
+        let n = NodeId([1; 16]);
+        let a = ip("10.0.0.1");
+        type Make = fn(&Path);
+        let kinds: [(&str, Make); 3] = [
+            ("fifo", |f| {
+                nix::unistd::mkfifo(f, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo")
+            }),
+            ("directory", |f| std::fs::create_dir(f).expect("mkdir")),
+            ("socket", |f| {
+                std::mem::forget(std::os::unix::net::UnixListener::bind(f).expect("bind"));
+            }),
+        ];
+        for (what, make) in kinds {
+            let dir = tempfile::tempdir().expect("dir");
+            make(&dir.path().join(FILE_NAME));
+            let (tx, rx) = std::sync::mpsc::channel();
+            let d = dir.path().to_owned();
+            // On a thread: the old code never returned (bounded: the test fails after 20 s).
+            std::thread::spawn(move || {
+                let _ = tx.send(ProvenPeers::load(Some(&d)).is_proven(&n, a));
+            });
+            let proven = rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("loading with a {what} as the state file blocked"));
+            assert!(!proven, "{what}");
+        }
+        // A regular file is still read.
+        let dir = tempfile::tempdir().expect("dir");
+        prove(&ProvenPeers::load(Some(dir.path())), &n, a);
         assert!(ProvenPeers::load(Some(dir.path())).is_proven(&n, a));
     }
 

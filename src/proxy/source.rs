@@ -83,6 +83,12 @@ impl SourceError {
         }
     }
 
+    /// The connection could not be made (refused, no route, connect timeout): worth one more
+    /// try on a link that just came up. Not a server that accepted and then said nothing.
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(self, SourceError::Http(e) if e.is_connect())
+    }
+
     /// A source that sent something false (not merely failed): worth a harsher back-off.
     pub fn is_lie(&self) -> bool {
         matches!(

@@ -4,7 +4,11 @@
 //! The beacon carries each peer's summary version; [`PeerSummaries::run`] fetches a summary (a
 //! delta when it can) whenever a peer announces a version it does not have, at most
 //! [`FETCH_AT_ONCE`] at a time and at most once per [`MIN_FETCH_GAP`] per peer, through the
-//! proxy's peer client (so the node-id check, the timeouts and the no-redirect rule apply).
+//! proxy's peer client (so the node-id check, the timeouts and the no-redirect rule apply). A
+//! fetch that fails (no answer, an error status, a summary that does not decode) doubles that
+//! peer's gap, up to [`MAX_FETCH_GAP`], until one succeeds; an answer that does not name the
+//! peer's node id marks it an impostor at that address (the proxy's `SummarySources::fetch`),
+//! which is then not asked at all.
 //! What a summary says is only a hint: "no" for a peer whose summary is stale or missing is
 //! treated as "unknown", and every answer is still checked like any other.
 //!
@@ -32,6 +36,9 @@ use crate::summary::{self, Summary};
 pub const FETCH_AT_ONCE: usize = 4;
 /// A peer's summary is fetched at most this often.
 pub const MIN_FETCH_GAP: Duration = Duration::from_secs(1);
+/// Longest gap between fetches of a summary whose fetches keep failing (the gap doubles per
+/// failure from [`MIN_FETCH_GAP`]).
+pub const MAX_FETCH_GAP: Duration = Duration::from_secs(60);
 /// How often the table is checked for new versions.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
 /// Keys kept from deltas per peer before a full summary is fetched instead.
@@ -80,11 +87,28 @@ impl Held {
     }
 }
 
+/// When a peer's summary was last asked for, and how many fetches in a row failed.
+#[derive(Clone, Copy)]
+struct Asked {
+    at: Instant,
+    failures: u32,
+}
+
+impl Asked {
+    /// The gap before the next fetch: [`MIN_FETCH_GAP`], doubled per failure in a row, at
+    /// most [`MAX_FETCH_GAP`].
+    fn gap(&self) -> Duration {
+        MIN_FETCH_GAP
+            .saturating_mul(1 << self.failures.min(16))
+            .min(MAX_FETCH_GAP)
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     held: HashMap<NodeId, Held>,
-    /// When each peer's summary was last asked for.
-    asked: HashMap<NodeId, Instant>,
+    /// When each peer's summary was last asked for (one entry per peer of the table).
+    asked: HashMap<NodeId, Asked>,
     bytes: usize,
 }
 
@@ -188,17 +212,23 @@ impl PeerSummaries {
             if have == Some(*v) {
                 continue;
             }
-            if inner
-                .asked
-                .get(node)
-                .is_some_and(|t| now.duration_since(*t) < MIN_FETCH_GAP)
-            {
-                continue;
-            }
-            inner.asked.insert(*node, now);
+            let failures = match inner.asked.get(node) {
+                Some(a) if now.duration_since(a.at) < a.gap() => continue,
+                Some(a) => a.failures,
+                None => 0,
+            };
+            inner.asked.insert(*node, Asked { at: now, failures });
             out.push((*node, have));
         }
         out
+    }
+
+    /// A fetch of `node`'s summary ended: `ok` (it came and decoded) clears its failures, a
+    /// failure doubles its gap.
+    fn fetched(&self, node: &NodeId, ok: bool) {
+        if let Some(a) = self.lock().asked.get_mut(node) {
+            a.failures = if ok { 0 } else { a.failures.saturating_add(1) };
+        }
     }
 
     /// Keeps the summaries of the table's peers current until `shutdown`.
@@ -235,7 +265,9 @@ impl PeerSummaries {
                             table.answered(&node, p.http_addr(), Instant::now());
                         }
                     }
-                    match r.map(|b| summary::decode(&b)) {
+                    let decoded = r.map(|b| summary::decode(&b));
+                    me.fetched(&node, matches!(decoded, Ok(Ok(_))));
+                    match decoded {
                         // One that does not fit leaves nothing held: the next fetch is full.
                         Ok(Ok(s)) => {
                             if !me.apply(node, s) {
@@ -307,5 +339,29 @@ mod tests {
         assert_eq!(s.due(&[(NodeId([2; 16]), 1)]), vec![], "not asked again at once");
         s.retain(&HashSet::new());
         assert_eq!(s.bytes(), 0, "peers that left take their summaries along");
+    }
+
+    /// Issue #25: a peer whose summary fetches fail was asked once a second, for ever. Each
+    /// failure in a row doubles the gap (up to `MAX_FETCH_GAP`); a success resets it.
+    #[tokio::test(start_paused = true)]
+    async fn failed_summary_fetches_back_off() {
+        let s = PeerSummaries::default();
+        let n = NodeId([1; 16]);
+        let due = |s: &PeerSummaries| s.due(&[(n, 1)]).len();
+        let ms = Duration::from_millis(1);
+        assert_eq!(due(&s), 1);
+        for k in 1..=8u32 {
+            s.fetched(&n, false);
+            let gap = (MIN_FETCH_GAP * (1u32 << k)).min(MAX_FETCH_GAP);
+            tokio::time::advance(gap - ms).await;
+            assert_eq!(due(&s), 0, "after {k} failures: not before {gap:?}");
+            tokio::time::advance(ms).await;
+            assert_eq!(due(&s), 1, "after {k} failures: at {gap:?}");
+        }
+        s.fetched(&n, true);
+        tokio::time::advance(MIN_FETCH_GAP - ms).await;
+        assert_eq!(due(&s), 0);
+        tokio::time::advance(ms).await;
+        assert_eq!(due(&s), 1, "a success resets the gap");
     }
 }

@@ -37,6 +37,9 @@ pub enum ServeError {
     /// `/identity` without a node key.
     #[error("no node identity")]
     NoIdentity,
+    /// `/identity` asked more often than `proofs::ProofLimits` allows this source.
+    #[error("too many identity proofs asked")]
+    TooManyProofs { peer: SocketAddr },
     #[error("identity proof refused: {source}")]
     IdentityRefused {
         peer: SocketAddr,
@@ -106,6 +109,10 @@ impl ServeError {
                 tracing::debug!(error = %self, "answering 416");
                 h::range_not_satisfiable(size)
             }
+            Self::TooManyProofs { peer } => {
+                tracing::debug!(%peer, "identity proofs rate-limited; answering 404");
+                h::not_found()
+            }
             Self::IdentityRefused { peer, ref source } => {
                 tracing::debug!(%peer, error = %source, "identity proof refused");
                 h::not_found()
@@ -174,6 +181,7 @@ mod tests {
                 404,
                 "not found\n",
             ),
+            (ServeError::TooManyProofs { peer }, 404, "not found\n"),
             (ServeError::Miss, 404, "not found\n"),
             (ServeError::Gone { path: path() }, 404, "not found\n"),
             (

@@ -17,6 +17,7 @@ pub mod index;
 pub mod install;
 pub mod limits;
 pub mod misses;
+pub mod proofs;
 pub mod source;
 pub mod store_watch;
 mod streams;
@@ -108,6 +109,8 @@ pub struct StoreServer {
     askers: Option<crate::beacon::seeds::askers::Askers>,
     /// This node's key, for `GET /identity` (none: 404).
     identity: Option<Arc<crate::beacon::identity::Identity>>,
+    /// How many `GET /identity` answers each source may have (each costs a signature).
+    proofs: proofs::ProofLimits,
     /// Misses, checked with the daemon after their 404 (see `misses`).
     misses: misses::MissChecks,
 }
@@ -141,6 +144,7 @@ impl StoreServer {
             peers: None,
             askers: None,
             identity: None,
+            proofs: proofs::ProofLimits::default(),
             misses: misses::MissChecks::default(),
         }
     }
@@ -200,6 +204,9 @@ impl StoreServer {
 
     fn identity(&self, req: &Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, ServeError> {
         let id = self.identity.as_ref().ok_or(ServeError::NoIdentity)?;
+        if !self.proofs.allow(peer.ip(), tokio::time::Instant::now()) {
+            return Err(ServeError::TooManyProofs { peer });
+        }
         let body = crate::beacon::identity::answer(id, req.uri().query(), crate::beacon::identity::is_own_address)
             .map_err(|source| ServeError::IdentityRefused { peer, source })?;
         Ok(h::ok(Bytes::from(body), "text/plain"))

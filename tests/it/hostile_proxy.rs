@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::fake::*;
-use crate::common::get;
+use crate::common::{get, wait_until};
 use local_nix_cache::beacon::wire::{NodeId, FLAG_NAR_NONE};
 
 /// Reflection: announces forged with many node ids, each naming a victim's address, make the
@@ -149,4 +149,229 @@ fn one_bad_path_does_not_shut_out_a_good_peer() {
         assert!(nar.body == p.nar, "{}: right bytes", p.path);
     }
     assert_eq!(px.stats().lies, 2, "both corrupt NARs were caught");
+}
+
+/// A peer that accepts connections and never answers, as a `serve` stopped with SIGSTOP (the
+/// kernel still completes the handshake): counts the requests it was sent, answers none.
+struct Sleeper {
+    addr: std::net::SocketAddr,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sleeper {
+    fn start(ip: [u8; 4]) -> Self {
+        use std::io::Read;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let l = std::net::TcpListener::bind(std::net::SocketAddr::from((ip, 0))).expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        let addr = l.local_addr().expect("addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, halt) = (requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            let t0 = Instant::now();
+            // Bounded: until the test ends, at most 2 minutes.
+            while !halt.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(120) {
+                if let Ok((mut c, _)) = l.accept() {
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.set_read_timeout(Some(Duration::from_millis(500)));
+                    let mut buf = [0u8; 4096];
+                    let got = c.read(&mut buf).unwrap_or(0);
+                    let text = String::from_utf8_lossy(&buf[..got]);
+                    n.fetch_add(text.matches("GET ").count(), Ordering::SeqCst);
+                    held.push(c);
+                } else {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        });
+        Self {
+            addr,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Issue #25: a sleeping holder (SIGSTOP: the kernel still accepts the connection) cost every
+/// lookup a 3 s timeout, a retry after 200 ms and 3 s again. Now a lookup waits for a peer at
+/// most `PEER_LOOKUP_BUDGET` (1 s), does not retry a peer that accepted and said nothing, and
+/// skips it from then on until it announces again; honest peers answer meanwhile.
+#[test]
+fn a_sleeping_peer_costs_one_short_wait_then_is_skipped_until_it_announces() {
+    use local_nix_cache::proxy::lookup::PEER_LOOKUP_BUDGET;
+    use local_nix_cache::proxy::source::PEER_TIMEOUTS;
+    let rig = Rig::new();
+    let sleeper = Sleeper::start([127, 1, 0, 9]);
+    let asleep = NodeId([9; 16]);
+    rig.announce(sleeper.addr, asleep, FLAG_NAR_NONE, None);
+    let p = FakePath::new("awake", 1000, 25);
+    let honest = Arc::new(FakeCache::default());
+    honest.serve_path(&p);
+    rig.peer(honest, 1);
+    let (proxy, px) = rig.proxy(vec![]);
+    let absent = |i: usize| format!("/{:0>32}.narinfo", i);
+    let t0 = Instant::now();
+    assert_eq!(get(proxy, &absent(1)).status, 404);
+    let first = t0.elapsed();
+    eprintln!("first lookup with a sleeping peer: {first:?}");
+    // Before: at least two whole narinfo timeouts; now the budget, once.
+    assert!(
+        first < PEER_TIMEOUTS.narinfo,
+        "{first:?}, budget {PEER_LOOKUP_BUDGET:?}"
+    );
+    assert_eq!(sleeper.requests(), 1, "asked once, not retried");
+    let st = px.status();
+    let s = st.peers.iter().find(|x| x.node == asleep.to_string()).expect("listed");
+    assert!(s.health.silent_since.is_some(), "marked asleep");
+    // Later lookups skip it; the honest peer still answers.
+    for i in 2..6 {
+        assert_eq!(get(proxy, &absent(i)).status, 404);
+    }
+    assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+    assert_eq!(get(proxy, &p.nar_url()).status, 200);
+    assert_eq!(sleeper.requests(), 1, "skipped while asleep");
+    // It announces again (it woke up): asked again.
+    rig.announce(sleeper.addr, asleep, FLAG_NAR_NONE, None);
+    assert_eq!(get(proxy, &absent(7)).status, 404);
+    assert_eq!(sleeper.requests(), 2, "asked again once it announced");
+}
+
+/// Issue #25: a summary answer that does not name the announced node (the next occupant of a
+/// departed host's address, brought back by replayed announces) was only logged, and the
+/// summary asked for again every second. It now marks the node an impostor at that address,
+/// as a narinfo answer does: the occupant gets one request, however often the node announces
+/// a new version.
+#[test]
+fn a_summary_answer_without_the_node_id_marks_an_impostor() {
+    use crate::common::forge;
+    let rig = Rig::new();
+    let announce = |addr: std::net::SocketAddr, node: NodeId, version: u64| {
+        let b = forge::announce(node, addr.port()).summary(Some(version)).encode();
+        let _g = rig.rt.enter();
+        rig.table.handle(addr, &b, tokio::time::Instant::now());
+    };
+    // The occupant names its own node id; the table lists another one at its address.
+    let occupant = Arc::new(FakeCache::default());
+    occupant.publish_summary(1);
+    *occupant.node.lock().expect("lock") = Some(NodeId([42; 16]));
+    let at = rig.cache_at(occupant.clone(), "127.1.0.7:0".parse().expect("addr"));
+    let departed = NodeId([7; 16]);
+    announce(at, departed, 1);
+    let honest = Arc::new(FakeCache::default());
+    let honest_at = rig.peer_with_summary(honest.clone(), 1);
+    let (_proxy, px) = rig.proxy(vec![]);
+    wait_until(
+        "the node is marked an impostor at the occupant's address",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || {
+            px.status()
+                .peers
+                .iter()
+                .any(|p| p.node == departed.to_string() && p.health.impostor)
+        },
+    );
+    wait_until(
+        "the honest peer's summary is fetched",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || honest.requests_for("/summary") >= 1,
+    );
+    // Both announce a new version; the honest peer's is fetched, the impostor's is not.
+    let before = honest.requests_for("/summary");
+    honest.publish_summary(2);
+    announce(at, departed, 2);
+    announce(honest_at, NodeId([1; 16]), 2);
+    wait_until(
+        "the honest peer's new summary is fetched",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || honest.requests_for("/summary") > before,
+    );
+    assert_eq!(occupant.requests_for("/summary"), 1, "one request for the occupant");
+}
+
+/// The `serve` process of a test host (the one process of its namespace named so), by PID.
+fn serve_pid(host: &crate::common::nixlan::NixHost) -> u32 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", &host.net.ns])
+        .output()
+        .expect("ip netns pids");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim().starts_with("local-nix-cach"))
+        })
+        .expect("serve runs in the host's namespace")
+}
+
+/// Issue #25 with a real `serve` host stopped with SIGSTOP (its kernel still accepts the
+/// connection): the path only it holds is a 404 after at most the lookup budget (before: 3 s,
+/// then a retry), the next lookups do not ask it while it sleeps, and once it runs again (and
+/// announces) its path is found.
+#[test]
+fn a_real_host_stopped_with_sigstop_costs_one_short_lookup() {
+    use crate::common::nixlan::NixLan;
+    use crate::common::{fixture, hash_of};
+    use local_nix_cache::proxy::source::PEER_TIMEOUTS;
+    require!(nix, netns);
+    let f = fixture();
+    let mut lan = NixLan::new(&[&[&f.top], &[]]);
+    lan.upstream.stop();
+    let up = lan.upstream.url();
+    lan.serve_all(&up);
+    lan.wait_peers(1, &[0], Duration::from_secs(10))
+        .expect("peer not found");
+    let pid = serve_pid(&lan.hosts[0]).to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &pid]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill {sig} {pid}");
+    };
+    let narinfo = |h: &str| format!("http://127.0.0.1:8381/{h}.narinfo");
+    let requests = |lan: &NixLan| {
+        lan.hosts[1].status()["stats"]["narinfo_peer_requests"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    signal("-STOP");
+    let t0 = Instant::now();
+    assert!(
+        lan.hosts[1].http(&narinfo(hash_of(&f.top))).is_none(),
+        "a 404 while its holder sleeps"
+    );
+    let first = t0.elapsed();
+    eprintln!("lookup of a path only a stopped host holds: {first:?}");
+    let asked = requests(&lan);
+    for i in 0..3 {
+        assert!(lan.hosts[1].http(&narinfo(&format!("{:0>32}", i))).is_none());
+    }
+    let after = requests(&lan);
+    signal("-CONT");
+    assert!(first < PEER_TIMEOUTS.narinfo, "{first:?}");
+    assert_eq!(after, asked, "the sleeping host was not asked again");
+    // Awake again: it announces within its interval, and its paths are found.
+    let other = f.closure.iter().find(|p| **p != f.top).expect("a path of the closure");
+    let found = crate::common::wait_for(Duration::from_secs(10), Duration::from_millis(200), || {
+        lan.hosts[1].http(&narinfo(hash_of(other))).is_some()
+    });
+    assert!(found.is_some(), "found again once it woke up");
 }

@@ -829,3 +829,51 @@ fn bench_store_server_under_attack() {
         );
     }
 }
+
+/// Issue #25: `GET /identity` as a CPU lever. Each answer costs an Ed25519 signature and an
+/// interface listing; pipelined requests from one host got 18,000 answers a second. Now one
+/// source address gets its burst (`server::proofs::PROOF_BURST_PER_SOURCE`) and then its rate:
+/// a flood of 400 pipelined requests gets mostly 404s, while another address still gets its
+/// proof and honest narinfo requests still answer.
+#[test]
+fn an_identity_flood_from_one_address_gets_mostly_404s() {
+    require!(nix);
+    let _one_at_a_time = serial();
+    let f = fixture();
+    let host = Host::with_paths(&[&f.top]);
+    let node = TestNode::start(serve_args(host.store_addr()));
+    let proof = |i: usize| format!("/identity?nonce={i:032x}&to=127.0.0.1");
+    const FLOOD: usize = 400;
+    let s = connect_from(lo(1), node.addr, None).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let requests: String = (0..FLOOD)
+        .map(|i| format!("GET {} HTTP/1.1\r\nHost: t\r\n\r\n", proof(i)))
+        .collect();
+    let writer = std::thread::spawn(move || w.write_all(requests.as_bytes()));
+    let mut r = BufReader::new(s);
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..FLOOD {
+        let (status, len) = read_head(&mut r).unwrap_or_else(|e| panic!("answer {i}: {e}"));
+        let mut body = vec![0; len.expect("content-length")];
+        r.read_exact(&mut body).expect("body");
+        match status {
+            200 => ok += 1,
+            404 => refused += 1,
+            other => panic!("answer {i}: status {other}"),
+        }
+    }
+    writer.join().expect("writer").expect("pipelined requests written");
+    eprintln!("identity flood from one address: {ok} proofs, {refused} refused of {FLOOD}");
+    assert!(ok >= 1, "the first requests get their proof");
+    assert!(
+        refused >= FLOOD * 9 / 10,
+        "{ok} of {FLOOD} pipelined requests from one address were signed"
+    );
+    // Another address still gets its proof, and honest narinfo requests answer.
+    let (status, body) = get_from(HONEST, node.addr, &proof(0), Duration::from_secs(10)).expect("proof");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let narinfo = format!("/{}.narinfo", hash_of(&f.top));
+    let (status, _) = get_from(HONEST, node.addr, &narinfo, Duration::from_secs(10)).expect("narinfo");
+    assert_eq!(status, 200);
+}

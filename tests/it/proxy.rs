@@ -767,6 +767,35 @@ fn a_proven_peer_that_lies_never_gets_its_tail_sent() {
     assert!(!proven(&px2, 1), "the ban survives a restart");
 }
 
+/// Issue #25: a proven peer whose lie is in the held-back tail only (every byte passed through
+/// was right) failed the build although another peer held the path. The bytes passed are now
+/// checked against the NAR that then verifies from the other peer, and the body is finished
+/// from it: Nix gets the whole, right NAR; the liar is still banned. (A lie in the passed part
+/// is still cut: `a_proven_peer_that_lies_never_gets_its_tail_sent`.)
+#[test]
+fn a_tail_only_lie_is_finished_from_another_source() {
+    use local_nix_cache::proxy::passthrough::TAIL;
+    let rig = Rig::new();
+    let size = 2_000_000;
+    let (honest, lie) = rig.proven_liar("tailonly", 300_000, size, 90, size - TAIL as usize / 2);
+    let (proxy, px) = rig.proxy(vec![]);
+    for p in &honest {
+        let (ni, nar, body) = fetch(proxy, p);
+        assert_eq!((ni, nar), (200, 200));
+        assert!(body == p.nar);
+    }
+    assert!(proven(&px, 1), "proven");
+    assert_eq!(get(proxy, &format!("/{}.narinfo", lie.hash())).status, 200);
+    let (status, len, body) = get_cut(proxy, &lie.nar_url());
+    assert_eq!((status, len), (200, Some(lie.info.nar_size)));
+    assert_eq!(body.len() as u64, lie.info.nar_size, "the whole NAR arrived");
+    assert!(body == lie.nar, "the right bytes");
+    let s = px.stats();
+    assert_eq!(s.nars_cut, 0, "{s:?}");
+    assert!(s.lies >= 1, "{s:?}");
+    assert!(!proven(&px, 1), "the liar is banned all the same");
+}
+
 /// An honest proven peer's NAR passes through whole and right; with the setting off, or for a
 /// request with `Range`, the NAR is verified first.
 #[test]

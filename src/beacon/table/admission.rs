@@ -39,23 +39,8 @@ pub(super) fn admit(
     answers_tracked: bool,
     displaced: &mut u64,
 ) -> Result<(), IgnoreReason> {
-    let mut at_addr: Vec<&Peer> = peers
-        .values()
-        .filter(|p| p.addrs.iter().any(|a| a.ip() == ip))
-        .collect();
-    if at_addr.len() >= MAX_PEERS_PER_ADDR {
-        at_addr.retain(|p| p.answered.is_none() && !p.proven.iter().any(|a| a.ip() == ip));
-        let Some(v) = at_addr.iter().min_by_key(|p| (p.first_seen, p.node)).map(|p| p.node) else {
-            return Err(IgnoreReason::AddressFull);
-        };
-        if let Some(p) = peers.get_mut(&v) {
-            p.addrs.retain(|a| a.ip() != ip);
-            if p.addrs.is_empty() {
-                peers.remove(&v);
-            }
-        }
-        *displaced += 1;
-    }
+    let room = room_at_addr(peers, ip, None)?;
+    make_room_at_addr(peers, ip, room, displaced);
     if peers.len() < MAX_PEERS {
         return Ok(());
     }
@@ -82,4 +67,47 @@ pub(super) fn admit(
         }
         None => Err(IgnoreReason::TableFull),
     }
+}
+
+/// Room at `ip` for one more entry listing it (a new node id, or `gaining`, an entry in the
+/// table that is to list `ip` as well): `Ok(None)` when the address is under its share,
+/// `Ok(Some(v))` when entry `v` (the longest held at `ip` whose store server never answered and
+/// never proved its id there) must give the address up first, refused when every entry there
+/// answered. Changes nothing, so a caller can still drop the announce.
+pub(super) fn room_at_addr(
+    peers: &HashMap<NodeId, Peer>,
+    ip: IpAddr,
+    gaining: Option<&NodeId>,
+) -> Result<Option<NodeId>, IgnoreReason> {
+    let at_addr = || {
+        peers
+            .values()
+            .filter(move |p| Some(&p.node) != gaining && p.addrs.iter().any(|a| a.ip() == ip))
+    };
+    if at_addr().count() < MAX_PEERS_PER_ADDR {
+        return Ok(None);
+    }
+    at_addr()
+        .filter(|p| p.answered.is_none() && !p.proven.iter().any(|a| a.ip() == ip))
+        .min_by_key(|p| (p.first_seen, p.node))
+        .map(|p| Some(p.node))
+        .ok_or(IgnoreReason::AddressFull)
+}
+
+/// Makes the room [`room_at_addr`] found: `victim` gives up `ip` (and goes, when that was its
+/// last address), counted in `displaced`.
+pub(super) fn make_room_at_addr(
+    peers: &mut HashMap<NodeId, Peer>,
+    ip: IpAddr,
+    victim: Option<NodeId>,
+    displaced: &mut u64,
+) {
+    let Some(v) = victim else { return };
+    if let Some(p) = peers.get_mut(&v) {
+        p.addrs.retain(|a| a.ip() != ip);
+        if p.addrs.is_empty() {
+            peers.remove(&v);
+        }
+    }
+    *displaced += 1;
 }

@@ -19,15 +19,21 @@ pub const RATE_BURST: f64 = 40.0;
 /// hall's goodbyes are a few a second; more are ignored, and their hosts expire instead).
 pub const MAX_SIGNATURE_CHECKS_PER_SEC: f64 = 200.0;
 
-#[derive(Clone, Copy)]
-struct Bucket {
+/// One token bucket (also the store server's limit on `GET /identity`, `server::proofs`).
+#[derive(Clone, Copy, Debug)]
+pub struct Bucket {
     tokens: f64,
     last: Instant,
 }
 
 impl Bucket {
+    /// A bucket holding `tokens` at `now`.
+    pub fn new(tokens: f64, now: Instant) -> Self {
+        Self { tokens, last: now }
+    }
+
     /// A token from the bucket refilled at `rate` a second, holding at most `burst`.
-    fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
+    pub fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
         let refill = now.duration_since(self.last).as_secs_f64() * rate;
         self.tokens = (self.tokens + refill).min(burst);
         self.last = now;

@@ -11,8 +11,9 @@
 //! The parts, one noun each: [`peer`] (one entry and the changes an announce makes to it:
 //! moves, pinning, proofs), [`admission`] (the caps, and who makes room at one), [`buckets`]
 //! (the rate limits), [`contest`] (the addresses queued to prove a contested node id, and what
-//! each proved), [`expiry`] (when to look for silent peers next), [`outcome`] (what a datagram
-//! did, why one was ignored, and their counters).
+//! each proved), [`departed`] (goodbyes' sequence numbers: an older announce is a replay),
+//! [`expiry`] (when to look for silent peers next), [`outcome`] (what a datagram did, why one
+//! was ignored, and their counters).
 //!
 //! A peer is *established* once it has announced [`ESTABLISHED_ANNOUNCES`] times (what the
 //! traffic budget, the query sampling and peer exchange count).
@@ -33,7 +34,8 @@
 //!
 //! Bounds: [`MAX_PEERS`] peers (about 600 bytes each with a hostname and a move being watched:
 //! under 1.5 MiB), buckets for [`MAX_SOURCES`] sources (about 64 bytes each),
-//! [`contest::MAX_ASKED`] asked addresses (about 120 bytes each); constant work per datagram
+//! [`contest::MAX_ASKED`] asked addresses (about 120 bytes each), [`departed::MAX_DEPARTED`]
+//! goodbyes (about 80 bytes each); constant work per datagram
 //! under the lock except a new node id's admission (linear in the table, bounded by the rate
 //! limits); a signed goodbye's signature is checked outside the lock, at most
 //! [`MAX_SIGNATURE_CHECKS_PER_SEC`].
@@ -41,6 +43,7 @@
 pub mod admission;
 pub mod buckets;
 pub mod contest;
+pub mod departed;
 pub mod expiry;
 pub mod outcome;
 pub mod peer;
@@ -62,6 +65,7 @@ use super::identity::{self, Identity};
 use super::wire::{self, Beacon, Kind, NodeId};
 use buckets::Buckets;
 use contest::Contests;
+use departed::Departed;
 use expiry::ExpiryCache;
 use peer::Announced;
 
@@ -80,6 +84,8 @@ struct Inner {
     contests: Contests,
     /// Rate limits by source, and for signature checks.
     buckets: Buckets,
+    /// Goodbyes' sequence numbers: older announces of a departed node are replays.
+    departed: Departed,
     /// The earliest expiry, cached ([`PeerTable::next_expiry`]).
     expiry: ExpiryCache,
     counters: Counters,
@@ -226,7 +232,7 @@ impl PeerTable {
         now: Instant,
     ) -> bool {
         let mut g = self.lock();
-        if node == self.own || g.peers.contains_key(&node) {
+        if node == self.own || g.peers.contains_key(&node) || g.departed.contains(&node) {
             return false;
         }
         let Inner { peers, counters, .. } = &mut *g;
@@ -317,6 +323,7 @@ impl PeerTable {
         });
         if genuine {
             g.peers.remove(&b.node);
+            g.departed.left(b.node, b.seq);
             drop(g);
             self.changed.notify_waiters();
             return Outcome::Left(b);
@@ -332,6 +339,7 @@ impl PeerTable {
         let mut g = self.lock();
         if signed && g.peers.get(&b.node).is_some_and(|p| p.fresh_goodbye(&b)) {
             g.peers.remove(&b.node);
+            g.departed.left(b.node, b.seq);
             drop(g);
             self.changed.notify_waiters();
             return Outcome::Left(b);
@@ -365,30 +373,43 @@ impl PeerTable {
             g.prove(&b.node, addr);
         }
         let Inner { peers, counters, .. } = g;
+        // An entry that would list a new address takes a place of that address's share, as a
+        // new id does (issue #25: ids announced first elsewhere put 5 ids at one address).
+        let room = match peers.get(&b.node) {
+            None => return ignored(counters, b, IgnoreReason::Gone),
+            Some(p) if p.addrs.iter().any(|a| a.ip() == addr.ip()) => None,
+            Some(_) => match admission::room_at_addr(peers, addr.ip(), Some(&b.node)) {
+                Ok(room) => room,
+                Err(why) => return ignored(counters, b, why),
+            },
+        };
         let Some(p) = peers.get_mut(&b.node) else {
             return ignored(counters, b, IgnoreReason::Gone);
         };
-        if p.commitment.is_some() && b.commitment != p.commitment {
+        let outcome = if p.commitment.is_some() && b.commitment != p.commitment {
             // An id made from its commitment (bound) cannot be announced with another one; an
             // entry that is not bound came from an older peer or from a forger who announced
             // the id first with a commitment of its own: a bound announce takes it over.
-            if b.bound() && !p.bound() {
-                *p = Peer::new(&b, addr, now);
-                counters.contested += 1;
-                return Outcome::Refreshed(b);
+            if !b.bound() || p.bound() {
+                // A node that committed to a goodbye secret keeps that commitment: announces
+                // naming it with another one are someone else's.
+                return ignored(counters, b, IgnoreReason::OtherCommitment);
             }
-            // A node that committed to a goodbye secret keeps that commitment: announces
-            // naming it with another one are someone else's.
-            return ignored(counters, b, IgnoreReason::OtherCommitment);
-        }
-        match p.announced(&b, addr, now) {
-            Ok(Announced::Refreshed) => Outcome::Refreshed(b),
-            Ok(Announced::MoveUndone) => {
-                counters.contested += 1;
-                Outcome::Refreshed(b)
+            *p = Peer::new(&b, addr, now);
+            counters.contested += 1;
+            Outcome::Refreshed(b)
+        } else {
+            match p.announced(&b, addr, now) {
+                Ok(Announced::Refreshed) => Outcome::Refreshed(b),
+                Ok(Announced::MoveUndone) => {
+                    counters.contested += 1;
+                    Outcome::Refreshed(b)
+                }
+                Err(why) => return ignored(counters, b, why),
             }
-            Err(why) => ignored(counters, b, why),
-        }
+        };
+        admission::make_room_at_addr(peers, addr.ip(), room, &mut counters.displaced);
+        outcome
     }
 
     /// An announce `b` of a node id not in the table, from `addr`: admitted, unless the address
@@ -396,6 +417,9 @@ impl PeerTable {
     fn announce_new(&self, g: &mut Inner, b: Beacon, addr: SocketAddr, now: Instant) -> Outcome {
         if g.contests.holder(addr, now).is_some_and(|n| n != b.node) {
             return g.ignore(b, IgnoreReason::AddressProvedAnother);
+        }
+        if g.departed.replayed(&b.node, b.seq) {
+            return g.ignore(b, IgnoreReason::Replayed);
         }
         let Inner { peers, counters, .. } = g;
         if let Err(why) = admission::admit(peers, addr.ip(), self.answers_tracked, &mut counters.displaced) {

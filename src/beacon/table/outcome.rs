@@ -66,6 +66,8 @@ pub enum IgnoreReason {
     AddressFull,
     /// The table is full of peers whose servers answered.
     TableFull,
+    /// An announce of a node that said goodbye, sent before its goodbye (a replay).
+    Replayed,
 }
 
 impl IgnoreReason {
@@ -83,6 +85,7 @@ impl IgnoreReason {
             Self::SecondAddress => "node id announced from a second address while alive at its own",
             Self::AddressFull => "address holds its share of node ids, all answered",
             Self::TableFull => "peer table full of peers that answered",
+            Self::Replayed => "announce older than the node's goodbye (a replay)",
         }
     }
 
@@ -93,7 +96,7 @@ impl IgnoreReason {
             Self::TooManySignatures => Some(&mut c.rate_limited),
             Self::AddressProvedAnother | Self::AddressDidNotProve | Self::SecondAddress => Some(&mut c.contested),
             Self::AddressFull | Self::TableFull => Some(&mut c.table_full),
-            Self::BadSignature | Self::UnprovenGoodbye | Self::Gone | Self::OtherCommitment => None,
+            Self::BadSignature | Self::UnprovenGoodbye | Self::Gone | Self::OtherCommitment | Self::Replayed => None,
         }
     }
 

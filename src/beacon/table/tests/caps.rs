@@ -288,3 +288,70 @@ async fn in_a_table_without_answers_a_flood_does_not_push_out_the_hall() {
         "the flood's own entries on probation made room"
     );
 }
+
+/// Issue #25 (found by fuzzing the table): an id already in the table that announced from a
+/// second address skipped admission, so 5 ids sat at one address against a cap of 4. An entry
+/// that gains an address takes a place of its share like a new id: it makes room from the
+/// address's entries that never answered, or is ignored when all of them answered.
+#[tokio::test(start_paused = true)]
+async fn an_id_gaining_an_address_counts_against_its_share() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let now = Instant::now();
+    let at = |t: &PeerTable, a: SocketAddr| {
+        t.peers()
+            .iter()
+            .filter(|p| p.addrs.iter().any(|x| x.ip() == a.ip()))
+            .count()
+    };
+    for i in 0..MAX_PEERS_PER_ADDR as u32 {
+        t.handle(ip(1), &announce_of(i, None), now);
+    }
+    // The fifth id announces elsewhere first, then from the full address.
+    t.handle(ip(2), &announce_of(50, None), now);
+    assert!(matches!(
+        t.handle(ip(1), &announce_of(50, None), now),
+        Outcome::Refreshed(_)
+    ));
+    assert_eq!(at(&t, ip(1)), MAX_PEERS_PER_ADDR, "the address keeps its share");
+    assert!(t.get(&id_of(0)).is_none(), "the entry held longest there made room");
+    assert!(t
+        .get(&id_of(50))
+        .is_some_and(|p| p.addrs.iter().any(|a| a.ip() == ip(1).ip())));
+    // Once every entry there answered, an id from elsewhere is not listed there.
+    for p in t.peers() {
+        t.answered(&p.node, p.addrs[0], now);
+    }
+    t.handle(ip(3), &announce_of(60, None), now);
+    assert!(matches!(
+        t.handle(ip(1), &announce_of(60, None), now),
+        Outcome::Ignored(_, IgnoreReason::AddressFull)
+    ));
+    assert_eq!(at(&t, ip(1)), MAX_PEERS_PER_ADDR);
+    assert_eq!(
+        t.get(&id_of(60)).map(|p| p.addrs),
+        Some(vec![ip(3)]),
+        "still listed where it was"
+    );
+}
+
+proptest::proptest! {
+    /// Any sequence of announces (ids moving between a few addresses, established or not,
+    /// commitments bound or not) leaves at most `MAX_PEERS_PER_ADDR` entries listing any address.
+    #[test]
+    fn no_address_ever_lists_more_than_its_share(
+        steps in proptest::collection::vec((0u32..10, 0u32..3, proptest::bool::ANY), 1..200),
+    ) {
+        let t = PeerTable::new(NodeId([0; 16]));
+        let mut now = Instant::now();
+        for (id, a, bound) in steps {
+            // Past the rate limits: a tenth of a second between datagrams.
+            now += Duration::from_millis(100);
+            let commitment = bound.then(|| id_of(id).0);
+            t.handle(ip(a), &announce_of(id, commitment), now);
+            for a in 0..3 {
+                let n = t.peers().iter().filter(|p| p.addrs.iter().any(|x| x.ip() == ip(a).ip())).count();
+                proptest::prop_assert!(n <= MAX_PEERS_PER_ADDR, "{} entries at {}", n, ip(a));
+            }
+        }
+    }
+}

@@ -104,3 +104,54 @@ async fn bad_signatures_are_checked_at_a_bounded_rate() {
     now += Duration::from_secs(1);
     assert!(matches!(t.handle(src(1), &bye, now), Outcome::Left(_)));
 }
+
+/// Issue #25: after a host left with its signed goodbye, its older announces replayed from its
+/// address re-created the entry (and the proxy sent the next occupant of the address requests).
+/// The goodbye's sequence number is remembered: an announce not after it is a replay, ignored;
+/// peer exchange does not bring the node back either; an announce after it is the host back.
+#[tokio::test(start_paused = true)]
+async fn announces_replayed_after_a_goodbye_do_not_bring_the_host_back() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let id = identity::Identity::generate();
+    let node = id.node();
+    let at = |seq: u32, kind: Kind| {
+        let mut b = encode(&Beacon {
+            kind,
+            seq,
+            ..wire::decode(&claim(node, node.0, 1000)).expect("decode")
+        });
+        if kind == Kind::Goodbye {
+            id.sign_datagram(&mut b);
+        }
+        b
+    };
+    let h = src(1);
+    let mut now = Instant::now();
+    let recorded: Vec<Vec<u8>> = (1..=3).map(|seq| at(seq, Kind::Announce)).collect();
+    for a in &recorded {
+        t.handle(h, a, now);
+    }
+    assert!(matches!(t.handle(h, &at(4, Kind::Goodbye), now), Outcome::Left(_)));
+    for a in &recorded {
+        now += Duration::from_millis(100);
+        assert!(
+            matches!(t.handle(h, a, now), Outcome::Ignored(_, IgnoreReason::Replayed)),
+            "a replay"
+        );
+    }
+    assert!(t.get(&node).is_none(), "the host stays gone");
+    assert!(
+        !t.learn(node, h, 0, Duration::from_secs(1), None, now),
+        "not on hearsay either"
+    );
+    assert!(
+        matches!(t.handle(h, &at(5, Kind::Announce), now), Outcome::Joined(_)),
+        "back"
+    );
+    // The memory is bounded (LRU).
+    let mut g = t.lock();
+    for i in 0..departed::MAX_DEPARTED as u32 + 10 {
+        g.departed.left(id_of(i), 1);
+    }
+    assert_eq!(g.departed.len(), departed::MAX_DEPARTED);
+}
