@@ -276,9 +276,15 @@ fn client_isolation_laptops_get_the_venue_caches_paths_and_are_told_why_not_the_
         || lan.hosts[2].status()["seeds"][0]["unreachable"].as_u64() >= Some(1),
     );
     wait_diagnosis(&lan, 2, "peers_unreachable");
+    let t0 = Instant::now();
     let out = lan.hosts[2].realise(&[&f.rand]);
     assert!(
         !out.status.success(),
         "a path only an unreachable laptop holds was fetched"
+    );
+    // Reported, not asserted (speed lives in benchmarks): the bound is 3 s.
+    eprintln!(
+        "VENUE client isolation: a path only an unreachable laptop holds was answered (not found) in {} ms",
+        t0.elapsed().as_millis()
     );
 }
