@@ -114,8 +114,9 @@ fn starts_and_learns_the_hall(lan: &mut NixLan, i: usize, seeds: &[String], othe
 }
 
 /// Guest Wi-Fi that drops the beacon groups' multicast (neighbour discovery still works): no
-/// host hears another's beacons; host2 has host1 as its seed, and the newcomer host3, given
-/// only host2, learns both within 10 s and realises a path only host1 holds.
+/// host hears another's beacons; host2 has host1 as its seed (and host1 asks host2 back), and
+/// the newcomer host3, given only host2, learns both within 10 s and realises a path only host1
+/// holds.
 #[test]
 fn multicast_filtered_wifi_a_host_with_one_seed_learns_the_hall_and_fetches() {
     require!(nix, netns, nft);
@@ -134,11 +135,17 @@ fn multicast_filtered_wifi_a_host_with_one_seed_learns_the_hall_and_fetches() {
         lan.lan.multicast_dropped() > 0,
         "the bridge dropped no beacon: the venue was not simulated"
     );
-    // The holder, with no seed, hears nobody: the filter works.
-    assert!(lan.hosts[0].peer_addrs().is_empty(), "{:?}", lan.hosts[0].peer_addrs());
-    // And each says why: the newcomer's peers answer over HTTP only; the holder is alone.
+    // The holder, with no seed, hears no beacon: it knows only the host that seeds it, which it
+    // asked back over HTTP (`seeds::askers`), never the newcomer, which seeds another host.
+    let seed_addr = format!("{seed}:8380");
+    assert_eq!(
+        lan.hosts[0].peer_addrs(),
+        vec![seed_addr],
+        "the holder learnt only its asker"
+    );
+    // And each says why: their peers answer over HTTP only, no multicast arrives.
     wait_diagnosis(&lan, 2, "multicast_filtered");
-    wait_diagnosis(&lan, 0, "alone");
+    wait_diagnosis(&lan, 0, "multicast_filtered");
 }
 
 /// Filtered Wi-Fi where every laptop was given the same seed (the venue host, which has no seed
