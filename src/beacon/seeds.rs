@@ -176,6 +176,17 @@ pub(super) async fn get_named(
         .map_err(|_| SeedFailure::Body)
 }
 
+/// The client for seeds and their entries: never through a proxy, never following a redirect,
+/// connecting within [`PROBE_TIMEOUT`], whole requests within `timeout`.
+fn http_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(PROBE_TIMEOUT)
+        .timeout(timeout)
+        .build()
+}
+
 /// The addresses to try for `seed` (a name through `crate::dns`; IPv4 first).
 async fn resolve(seed: &Seed, dns: &SystemResolver) -> Result<Vec<SocketAddr>, SeedFailure> {
     let mut addrs = match &seed.host {
@@ -317,13 +328,7 @@ pub async fn run(seeds: Seeds, table: Arc<PeerTable>, store_port: Option<u16>, s
         Some(p) => format!("/peers?port={p}"),
         None => "/peers".to_owned(),
     };
-    let client = match reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(PROBE_TIMEOUT)
-        .timeout(PEX_TIMEOUT)
-        .build()
-    {
+    let client = match http_client(PEX_TIMEOUT) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "seeds: no HTTP client; seeds are not used");

@@ -27,7 +27,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{get_named, place, SeedFailure, PROBES_AT_ONCE, PROBE_TIMEOUT, SEED_ENTRY_INTERVAL, SEED_FLAGS};
+use super::{
+    get_named, http_client, place, SeedFailure, PROBES_AT_ONCE, PROBE_TIMEOUT, SEED_ENTRY_INTERVAL, SEED_FLAGS,
+};
 use crate::beacon::table::PeerTable;
 use crate::beacon::wire::NodeId;
 
@@ -123,13 +125,7 @@ async fn ask(client: &reqwest::Client, at: SocketAddr) -> Option<(NodeId, Socket
 
 /// Asks back every queued asker and enters the ids their store servers name, until `stop`.
 pub async fn run(askers: Askers, table: Arc<PeerTable>, stop: CancellationToken) {
-    let client = match reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(PROBE_TIMEOUT)
-        .timeout(PROBE_TIMEOUT)
-        .build()
-    {
+    let client = match http_client(PROBE_TIMEOUT) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "askers: no HTTP client; hosts that seed this one are not asked back");
