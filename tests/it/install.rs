@@ -37,6 +37,37 @@ fn one_liner(ns: &str, home: &Path, peer: &str, path_env: &str, extra_env: &[(&s
     c
 }
 
+/// Runs the one-liner `cmd` (stderr to `log`) until the newcomer, `lan.hosts[1]`, lists exactly
+/// `peer` and kept it as its seed (`--peer`), then stops the `serve` it ended in (its process
+/// group) and returns what it said. Fails if the installer exits first, or after 20 s.
+fn runs_until_seeded(mut cmd: Command, log: &Path, lan: &NixLan, peer: &str, who: &str) -> String {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("run the one-liner");
+    let pgid = child.id();
+    let up = wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
+        let up = lan.hosts[1].peer_addrs() == vec![format!("{peer}:8380")]
+            && lan.hosts[1].status()["seeds"][0]["seed"] == format!("{peer}:8380").as_str();
+        if !up {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "installer exited {st}: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        }
+        up
+    })
+    .is_some();
+    let _ = Command::new("kill").args(["-TERM", "--", &format!("-{pgid}")]).status();
+    let _ = child.wait();
+    let out = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(up, "{who} serve did not start or find the peer:\n{out}");
+    out
+}
+
 #[test]
 fn newcomer_installs_from_a_peer_with_one_line() {
     require!(nix, netns);
@@ -72,31 +103,13 @@ fn newcomer_installs_from_a_peer_with_one_line() {
 
     // Run it: it installs, edits nix.conf, and ends in `serve` in the foreground.
     let log = dir.path().join("install.log");
-    let mut child = one_liner(&newcomer, &home, &peer, "/usr/bin:/bin", &[])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("run the one-liner");
-    let pgid = child.id();
-    let up = wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
-        // Found, and the one-liner kept the peer as its seed (`--peer`).
-        let up = lan.hosts[1].peer_addrs() == vec![format!("{peer}:8380")]
-            && lan.hosts[1].status()["seeds"][0]["seed"] == format!("{peer}:8380").as_str();
-        if !up {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!(
-                    "installer exited {st}: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        }
-        up
-    })
-    .is_some();
-    let _ = Command::new("kill").args(["-TERM", "--", &format!("-{pgid}")]).status();
-    let _ = child.wait();
-    let out = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(up, "the newcomer's serve did not start or find the peer:\n{out}");
+    let out = runs_until_seeded(
+        one_liner(&newcomer, &home, &peer, "/usr/bin:/bin", &[]),
+        &log,
+        &lan,
+        &peer,
+        "the newcomer's",
+    );
 
     // The binary is the peer's, byte for byte.
     let installed = home.join(".local/bin/local-nix-cache");
@@ -317,31 +330,13 @@ fn nixos_newcomer_gets_a_static_binary_commands_and_a_module_whose_hash_nix_acce
     let peer = lan.hosts[0].net.ip4.to_string();
     let newcomer = lan.hosts[1].net.ns.clone();
     let log = dir.path().join("install.log");
-    let mut child = nixos_one_liner(&newcomer, dir.path(), &tools, &home, &peer)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("run the one-liner");
-    let pgid = child.id();
-    let up = wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
-        // Found, and the one-liner kept the peer as its seed (`--peer`).
-        let up = lan.hosts[1].peer_addrs() == vec![format!("{peer}:8380")]
-            && lan.hosts[1].status()["seeds"][0]["seed"] == format!("{peer}:8380").as_str();
-        if !up {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!(
-                    "installer exited {st}: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        }
-        up
-    })
-    .is_some();
-    let _ = Command::new("kill").args(["-TERM", "--", &format!("-{pgid}")]).status();
-    let _ = child.wait();
-    let out = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(up, "the NixOS newcomer's serve did not start or find the peer:\n{out}");
+    let out = runs_until_seeded(
+        nixos_one_liner(&newcomer, dir.path(), &tools, &home, &peer),
+        &log,
+        &lan,
+        &peer,
+        "the NixOS newcomer's",
+    );
 
     // Installed for the user: the static binary, byte for byte. nix.conf untouched, no backup.
     assert_eq!(
