@@ -154,17 +154,22 @@ async fn a_seed_is_entered_under_the_id_its_server_names_and_bad_seeds_fail_type
     }
 }
 
-/// The seed task asks a failing seed again with back-off (no busy loop) and reports it.
-#[tokio::test(start_paused = true)]
-async fn a_failing_seed_is_reported_and_retried_with_back_off() {
+/// One seed at a loopback port where nothing listens (the listener is bound, then dropped).
+fn closed_seed() -> Seeds {
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let seeds = Seeds::new(vec![Seed {
+    Seeds::new(vec![Seed {
         host: SeedHost::Ip(closed.ip()),
         port: closed.port(),
-    }]);
+    }])
+}
+
+/// The seed task asks a failing seed again with back-off (no busy loop) and reports it.
+#[tokio::test(start_paused = true)]
+async fn a_failing_seed_is_reported_and_retried_with_back_off() {
+    let seeds = closed_seed();
     assert_eq!(seeds.snapshot()[0].state, SeedState::Pending);
     let table = Arc::new(PeerTable::new(NodeId([9; 16])));
     let stop = CancellationToken::new();
@@ -195,14 +200,7 @@ async fn a_failing_seed_is_reported_and_retried_with_back_off() {
 /// a laptop that joins a network after a run of failures does not wait out a minute.
 #[tokio::test(start_paused = true)]
 async fn a_nudge_asks_a_backed_off_seed_again_at_once() {
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
-    let seeds = Seeds::new(vec![Seed {
-        host: SeedHost::Ip(closed.ip()),
-        port: closed.port(),
-    }]);
+    let seeds = closed_seed();
     let table = Arc::new(PeerTable::new(NodeId([9; 16])));
     let stop = CancellationToken::new();
     let task = tokio::spawn(run(seeds.clone(), table, None, stop.clone()));
