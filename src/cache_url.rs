@@ -15,6 +15,12 @@ use crate::narinfo::{NarHash, StorePathHash};
 /// the server at an announced address is the node that announced it.
 pub const NODE_HEADER: &str = "x-local-nix-cache-node";
 
+/// Response header in which a store server names the version of the content summary it
+/// publishes now (decimal; absent before the first one): how a host that hears none of its
+/// announces (a seed's list, a host that seeds us) keeps the version current and so fetches the
+/// summary, instead of asking it about every path as a peer of unknown content.
+pub const SUMMARY_HEADER: &str = "x-local-nix-cache-summary";
+
 /// Longest request path looked at; longer ones are 414.
 pub const MAX_PATH_LEN: usize = 256;
 

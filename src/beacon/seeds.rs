@@ -12,8 +12,10 @@
 //! its own store server names ([`NODE_HEADER`]) at the address we reached, and each entry of its
 //! list only once the store server at the listed address named that entry's id when asked
 //! (`GET /nix-cache-info`); both are then recorded as answered, like an answer to the proxy,
-//! without a summary version (nothing would keep it current: a host that hears our seeds'
-//! hosts' announces gets theirs from them).
+//! with the summary version their store server names ([`SUMMARY_HEADER`]), so the proxy
+//! fetches their summaries as it does for peers whose beacons it hears. An entry that never
+//! announced to us is probed again at every refresh, which keeps that version current (a host
+//! that hears an entry's announces takes the version from them instead).
 //! Entries go through the table's admission (per-address cap; peers whose store server
 //! answered are never displaced by them). Multicast beacons from off the link stay rejected:
 //! only these HTTP answers cross a router.
@@ -37,7 +39,7 @@ use super::http::url;
 use super::pex::{self, Entry, PEX_MAX_BODY, PEX_TIMEOUT};
 use super::table::PeerTable;
 use super::wire::{self, NodeId};
-use crate::cache_url::NODE_HEADER;
+use crate::cache_url::{NODE_HEADER, SUMMARY_HEADER};
 use crate::dns::SystemResolver;
 
 pub mod askers;
@@ -141,13 +143,21 @@ fn short(e: &reqwest::Error) -> String {
     }
 }
 
-/// `GET path` at `addr`: the node id the store server named and the body (at most `max` bytes).
+/// A store server's answer: the node id and summary version it named, and the body.
+pub(super) struct Named {
+    pub node: NodeId,
+    /// The version of the content summary it publishes now ([`SUMMARY_HEADER`]), if any.
+    pub summary: Option<u64>,
+    pub body: String,
+}
+
+/// `GET path` at `addr`: what the store server named, and the body (at most `max` bytes).
 pub(super) async fn get_named(
     client: &reqwest::Client,
     addr: SocketAddr,
     path: &str,
     max: usize,
-) -> Result<(NodeId, String), SeedFailure> {
+) -> Result<Named, SeedFailure> {
     let mut resp = client
         .get(url(addr, path))
         .send()
@@ -162,6 +172,11 @@ pub(super) async fn get_named(
         .and_then(|v| v.to_str().ok())
         .and_then(|n| n.parse::<NodeId>().ok())
         .ok_or(SeedFailure::NoNodeId)?;
+    let summary = resp
+        .headers()
+        .get(SUMMARY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let mut body = Vec::new();
     loop {
         match resp.chunk().await {
@@ -172,7 +187,7 @@ pub(super) async fn get_named(
         }
     }
     String::from_utf8(body)
-        .map(|b| (node, b))
+        .map(|body| Named { node, summary, body })
         .map_err(|_| SeedFailure::Body)
 }
 
@@ -219,7 +234,8 @@ struct Fetched {
 
 /// The probe of one listed entry: did its store server name the listed id?
 enum Probe {
-    Named(Entry, SocketAddr),
+    /// It did, and named this summary version.
+    Named(Entry, SocketAddr, Option<u64>),
     /// Answered with another id (or none): not entered.
     Other,
     /// No TCP connection or no answer in time.
@@ -229,7 +245,7 @@ enum Probe {
 async fn probe(client: &reqwest::Client, e: Entry, at: SocketAddr) -> Probe {
     let asked = tokio::time::timeout(PROBE_TIMEOUT, get_named(client, at, "/nix-cache-info", 4096)).await;
     match asked {
-        Ok(Ok((node, _))) if node == e.node => Probe::Named(e, at),
+        Ok(Ok(n)) if n.node == e.node => Probe::Named(e, at, n.summary),
         Ok(Err(SeedFailure::Unreachable(_))) | Err(_) => Probe::Unreachable,
         Ok(_) => Probe::Other,
     }
@@ -246,29 +262,30 @@ async fn fetch(
     let mut last = SeedFailure::NoAddress;
     for addr in resolve(seed, dns).await? {
         match get_named(client, addr, path, PEX_MAX_BODY).await {
-            Ok((node, body)) => return Ok(enter(client, table, node, addr, &body).await),
+            Ok(named) => return Ok(enter(client, table, named, addr).await),
             Err(e) => last = e,
         }
     }
     Err(last)
 }
 
-/// Enters the seed (it named `node` at `addr`) and the entries of its list whose store servers
-/// name the listed id.
-async fn enter(client: &reqwest::Client, table: &PeerTable, node: NodeId, addr: SocketAddr, body: &str) -> Fetched {
+/// Enters the seed (what its store server at `addr` named) and the entries of its list whose
+/// store servers name the listed id.
+async fn enter(client: &reqwest::Client, table: &PeerTable, seed: Named, addr: SocketAddr) -> Fetched {
     let now = Instant::now();
+    let node = seed.node;
     if node != table.own() {
-        table.learn(node, addr, SEED_FLAGS, SEED_ENTRY_INTERVAL, None, now);
-        table.answered(&node, addr, now);
+        note(table, node, addr, SEED_FLAGS, SEED_ENTRY_INTERVAL, seed.summary, now);
     }
-    let entries: Vec<Entry> = pex::parse(body)
+    let entries: Vec<Entry> = pex::parse(&seed.body)
         .into_iter()
         .filter(|e| e.node != table.own() && e.node != node)
         .take(MAX_SEED_ENTRIES)
         .collect();
     let listed = entries.len();
-    // Entries we may reach; of those, the ones that keep themselves alive (announces heard, or
-    // an answer since the last refresh) are not probed.
+    // Entries we may reach; of those, the ones whose announces we hear are not probed (they
+    // keep themselves alive and their summary version current); the others are, at every
+    // refresh, which keeps their version current.
     let placed: Vec<(Entry, SocketAddr)> = entries
         .into_iter()
         .filter_map(|e| place(e.addr, addr).map(|a| (e, a)))
@@ -276,14 +293,7 @@ async fn enter(client: &reqwest::Client, table: &PeerTable, node: NodeId, addr: 
     let placed_len = placed.len();
     let to_probe: Vec<(Entry, SocketAddr)> = placed
         .into_iter()
-        .filter(|(e, a)| {
-            table.get(&e.node).is_none_or(|p| {
-                p.hearsay()
-                    && !p
-                        .answered
-                        .is_some_and(|t| now.duration_since(t) < SEED_REFRESH && p.addrs.contains(a))
-            })
-        })
+        .filter(|(e, _)| table.get(&e.node).is_none_or(|p| p.hearsay()))
         .collect();
     let alive = placed_len - to_probe.len();
     let probes: Vec<Probe> = stream::iter(to_probe)
@@ -295,14 +305,10 @@ async fn enter(client: &reqwest::Client, table: &PeerTable, node: NodeId, addr: 
     let now = Instant::now();
     for p in probes {
         match p {
-            Probe::Named(e, a) => {
+            Probe::Named(e, a, summary) => {
                 reachable += 1;
                 let interval = e.interval.clamp(SEED_ENTRY_INTERVAL, pex::HEARSAY_MAX_INTERVAL);
-                // No summary version: none of its announces reach us to keep one current, and a
-                // stale version's summary would say "no" to every path it gained since; without
-                // one the proxy asks it like any peer whose summary it does not know.
-                table.learn(e.node, a, e.flags, interval, None, now);
-                table.answered(&e.node, a, now);
+                note(table, e.node, a, e.flags, interval, summary, now);
             }
             Probe::Unreachable => unreachable += 1,
             Probe::Other => {}
@@ -315,6 +321,23 @@ async fn enter(client: &reqwest::Client, table: &PeerTable, node: NodeId, addr: 
         reachable,
         unreachable,
     }
+}
+
+/// Enters `node`, whose store server at `addr` named its id and `summary` version (or, when it
+/// is listed already, keeps that version if it never announced to us), as answered.
+pub(super) fn note(
+    table: &PeerTable,
+    node: NodeId,
+    addr: SocketAddr,
+    flags: u16,
+    interval: Duration,
+    summary: Option<u64>,
+    now: Instant,
+) {
+    if !table.learn(node, addr, flags, interval, summary, now) {
+        table.heard_summary(&node, addr, summary);
+    }
+    table.answered(&node, addr, now);
 }
 
 /// Asks every seed, at start and then every [`refresh_after`] (failures: [`retry_after`]),

@@ -377,6 +377,10 @@ impl h::Handler for StoreServer {
         if let Some(n) = &self.node_header {
             resp.headers_mut().insert(cache_url::NODE_HEADER, n.clone());
         }
+        if let Some(v) = self.summary.as_ref().and_then(|p| p.version()) {
+            resp.headers_mut()
+                .insert(cache_url::SUMMARY_HEADER, HeaderValue::from(v));
+        }
         resp
     }
 }

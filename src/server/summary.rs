@@ -93,6 +93,12 @@ impl Publisher {
         self.version.clone()
     }
 
+    /// The version published now; none before the first complete summary (the beacon does not
+    /// announce [`UNPUBLISHED`] either).
+    pub fn version(&self) -> Option<u64> {
+        Some(self.version.load(Ordering::Acquire)).filter(|v| *v != UNPUBLISHED)
+    }
+
     /// Rebuilds the summary if the index changed since the last build (once it is complete).
     pub fn refresh(&self) {
         if !self.index.complete() {

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    get_named, http_client, place, SeedFailure, PROBES_AT_ONCE, PROBE_TIMEOUT, SEED_ENTRY_INTERVAL, SEED_FLAGS,
+    get_named, http_client, note, place, SeedFailure, PROBES_AT_ONCE, PROBE_TIMEOUT, SEED_ENTRY_INTERVAL, SEED_FLAGS,
 };
 use crate::beacon::table::PeerTable;
 use crate::beacon::wire::NodeId;
@@ -40,6 +40,10 @@ pub const MAX_ASKERS_REMEMBERED: usize = 1024;
 /// An address is queued again only this long after it was last queued (an asker refreshes every
 /// `SEED_REFRESH`, 10 s; its entry lives three `SEED_ENTRY_INTERVAL`s after its last answer).
 pub const ASK_AGAIN_AFTER: Duration = Duration::from_secs(30);
+/// ... or this long, when its store server named no summary version yet (a host asks its seeds
+/// as it starts, before its first summary is published; its entry needs the version for the
+/// proxy to fetch its summary).
+pub const ASK_UNPUBLISHED_AGAIN: Duration = Duration::from_secs(2);
 
 /// The queue the store server fills and the beacon's askers task drains.
 #[derive(Clone)]
@@ -104,6 +108,17 @@ impl Askers {
         true
     }
 
+    /// `asker` named no summary version: it may be queued again [`ASK_UNPUBLISHED_AGAIN`] after
+    /// it was asked, not [`ASK_AGAIN_AFTER`].
+    fn again_soon(&self, asker: SocketAddr) {
+        let mut s = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = s.recent.get_mut(&asker) {
+            *t = Instant::now()
+                .checked_sub(ASK_AGAIN_AFTER.saturating_sub(ASK_UNPUBLISHED_AGAIN))
+                .unwrap_or(*t);
+        }
+    }
+
     fn take(&self) -> Vec<SocketAddr> {
         let mut s = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         s.queue.drain(..).collect()
@@ -115,10 +130,10 @@ impl Askers {
     }
 }
 
-/// The node id the store server at `at` names, if it answers in time.
-async fn ask(client: &reqwest::Client, at: SocketAddr) -> Option<(NodeId, SocketAddr)> {
+/// The node id and summary version the store server at `at` names, if it answers in time.
+async fn ask(client: &reqwest::Client, at: SocketAddr) -> Option<(NodeId, SocketAddr, Option<u64>)> {
     match tokio::time::timeout(PROBE_TIMEOUT, get_named(client, at, "/nix-cache-info", 4096)).await {
-        Ok(Ok((node, _))) => Some((node, at)),
+        Ok(Ok(n)) => Some((n.node, at, n.summary)),
         Ok(Err(SeedFailure::Unreachable(_))) | Ok(Err(_)) | Err(_) => None,
     }
 }
@@ -138,17 +153,19 @@ pub async fn run(askers: Askers, table: Arc<PeerTable>, stop: CancellationToken)
             _ = askers.inner.ready.notified() => {}
         }
         let batch = askers.take();
-        let named: Vec<Option<(NodeId, SocketAddr)>> = tokio::select! {
+        let named: Vec<Option<(NodeId, SocketAddr, Option<u64>)>> = tokio::select! {
             _ = stop.cancelled() => return,
             named = stream::iter(batch).map(|a| ask(&client, a)).buffer_unordered(PROBES_AT_ONCE).collect() => named,
         };
         let now = Instant::now();
-        for (node, at) in named.into_iter().flatten() {
+        for (node, at, summary) in named.into_iter().flatten() {
             if node == table.own() {
                 continue;
             }
-            table.learn(node, at, SEED_FLAGS, SEED_ENTRY_INTERVAL, None, now);
-            table.answered(&node, at, now);
+            note(&table, node, at, SEED_FLAGS, SEED_ENTRY_INTERVAL, summary, now);
+            if summary.is_none() {
+                askers.again_soon(at);
+            }
             tracing::debug!(%node, addr = %at, "a host that seeds us answered: entered");
         }
     }
@@ -178,5 +195,20 @@ mod tests {
             a.offer(SocketAddr::new(addr("10.0.0.9:1").ip(), port));
         }
         assert_eq!(a.waiting(), MAX_ASKERS_QUEUED, "capped");
+    }
+
+    /// An asker whose server named no summary version yet (it asked as it started) is asked
+    /// again soon, so its entry gets the version the proxy needs to fetch its summary.
+    #[tokio::test(start_paused = true)]
+    async fn an_asker_with_no_summary_yet_is_asked_again_soon() {
+        let a = Askers::default();
+        let at = addr("10.0.0.2:8380");
+        assert!(a.offer(at));
+        assert_eq!(a.take(), vec![at]);
+        a.again_soon(at);
+        tokio::time::advance(ASK_UNPUBLISHED_AGAIN / 2).await;
+        assert!(!a.offer(at), "not at once");
+        tokio::time::advance(ASK_UNPUBLISHED_AGAIN).await;
+        assert!(a.offer(at), "queued again after {ASK_UNPUBLISHED_AGAIN:?}");
     }
 }

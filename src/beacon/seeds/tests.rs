@@ -154,6 +154,42 @@ async fn a_seed_is_entered_under_the_id_its_server_names_and_bad_seeds_fail_type
     }
 }
 
+/// The summary version a seed's store server names (`SUMMARY_HEADER`) is kept with its entry,
+/// and a later answer's newer version replaces it (issue #23: entries learnt over HTTP had no
+/// version, so the proxy never fetched their summaries and asked only a sample of them).
+#[tokio::test]
+async fn a_seed_is_entered_with_the_summary_version_its_server_names() {
+    let table = PeerTable::new(NodeId([9; 16]));
+    let dns = SystemResolver::default();
+    let response: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\n{NODE_HEADER}: {}\r\n{SUMMARY_HEADER}: 7\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            NodeId([1; 16]),
+        )
+        .into_boxed_str(),
+    );
+    let (store, task) = fake_server(response).await;
+    let seed = Seed {
+        host: SeedHost::Ip(store.ip()),
+        port: store.port(),
+    };
+    fetch(&client(), &dns, &seed, &table, "/peers")
+        .await
+        .expect("a store server");
+    assert_eq!(table.get(&NodeId([1; 16])).map(|p| p.summary), Some(Some(7)));
+    note(
+        &table,
+        NodeId([1; 16]),
+        store,
+        SEED_FLAGS,
+        SEED_ENTRY_INTERVAL,
+        Some(8),
+        Instant::now(),
+    );
+    assert_eq!(table.get(&NodeId([1; 16])).map(|p| p.summary), Some(Some(8)));
+    task.abort();
+}
+
 /// One seed at a loopback port where nothing listens (the listener is bound, then dropped).
 fn closed_seed() -> Seeds {
     let closed = {

@@ -440,6 +440,15 @@ impl PeerTable {
         }
     }
 
+    /// `node`'s store server at `addr` named `summary` as its summary version now
+    /// (`cache_url::SUMMARY_HEADER`): kept for a peer that never announced to us (see
+    /// [`Peer::heard_summary`]).
+    pub fn heard_summary(&self, node: &NodeId, addr: SocketAddr, summary: Option<u64>) {
+        if let Some(p) = self.lock().peers.get_mut(node) {
+            p.heard_summary(addr, summary);
+        }
+    }
+
     /// Drops peers silent (no announce, no answer) for three of their intervals; returns them.
     pub fn expire(&self, now: Instant) -> Vec<Peer> {
         let mut g = self.lock();

@@ -201,6 +201,15 @@ impl Peer {
         }
     }
 
+    /// Its store server at `addr` named `summary` as its summary version now. Kept only while
+    /// it has never announced to us (no beacon keeps its version current) and for an address
+    /// it is listed with; a peer that announces keeps the version its beacons carry.
+    pub(super) fn heard_summary(&mut self, addr: SocketAddr, summary: Option<u64>) {
+        if self.standing == Standing::Hearsay && self.addrs.contains(&addr) {
+            self.summary = summary;
+        }
+    }
+
     /// A new entry for a peer heard of through peer exchange: on probation, zero announces.
     pub(super) fn heard_of(
         node: NodeId,

@@ -59,6 +59,41 @@ fn a_peer_heard_of_is_replaced_by_its_own_announce() {
     assert_eq!(gone.iter().map(|p| p.node).collect::<Vec<_>>(), [NodeId([2; 16])]);
 }
 
+/// A peer heard of through a list keeps the summary version its store server names (issue
+/// #23: seed-learnt peers had none, so the proxy never fetched their summaries), updated by
+/// each later answer at a listed address; once it announces, its beacons' version wins and an
+/// HTTP answer no longer changes it.
+#[test]
+fn a_listed_peer_keeps_the_summary_version_its_server_names_until_it_announces() {
+    let t = PeerTable::new(NodeId([0; 16]));
+    let now = Instant::now();
+    let at = SocketAddr::from(([10, 0, 0, 1], 8380));
+    assert!(t.learn(NodeId([1; 16]), at, 0, Duration::from_secs(5), Some(7), now));
+    assert_eq!(t.get(&NodeId([1; 16])).map(|p| p.summary), Some(Some(7)));
+    t.heard_summary(&NodeId([1; 16]), at, Some(8));
+    assert_eq!(t.get(&NodeId([1; 16])).map(|p| p.summary), Some(Some(8)));
+    t.heard_summary(&NodeId([1; 16]), src(9), Some(99));
+    assert_eq!(
+        t.get(&NodeId([1; 16])).map(|p| p.summary),
+        Some(Some(8)),
+        "an address it is not listed with"
+    );
+    let mut a = announce_of(0, None);
+    a = {
+        let mut b = crate::beacon::wire::decode(&a).expect("decodes");
+        b.node = NodeId([1; 16]);
+        b.summary = Some(20);
+        encode(&b)
+    };
+    assert!(matches!(t.handle(src(1), &a, now), Outcome::Refreshed(_)));
+    t.heard_summary(&NodeId([1; 16]), src(1), Some(9));
+    assert_eq!(
+        t.get(&NodeId([1; 16])).map(|p| p.summary),
+        Some(Some(20)),
+        "its beacon's"
+    );
+}
+
 fn beacon(kind: Kind, node: u8, interval_ms: u32) -> Vec<u8> {
     encode(&Beacon {
         kind,
