@@ -17,11 +17,10 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::common::netns::{in_netns, Lan, NetHost, Sniffer};
-use crate::common::{fixture, get, hash_of, nix as nix_cmd, run, wait_for, wait_until, Host};
+use crate::common::{fixture, get, hash_of, wait_for, wait_until, Host};
 use local_nix_cache::beacon::wire::{self, Beacon, Kind, NodeId};
 
 /// `serve` processes per namespace (the table takes 4 node ids per address: one left for a
@@ -37,51 +36,6 @@ fn per_ns() -> usize {
 }
 /// First store-server port; the proxy's is this plus 1000.
 const BASE_PORT: u16 = 8400;
-
-/// `n` small signed paths (`lnc-hall-0` ...), in the fixture's signed cache, each to be held by
-/// one host. Built once per test binary (more are built when a later caller wants more).
-fn hall_paths(n: usize) -> Vec<String> {
-    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
-    let mut built = BUILT.get_or_init(|| Mutex::new(Vec::new())).lock().expect("lock");
-    if built.len() < n {
-        let f = fixture();
-        let home = f.root.join("home");
-        let expr = f.root.join(format!("hall-{n}.nix"));
-        std::fs::write(
-            &expr,
-            format!(
-                r#"builtins.genList (i: builtins.derivation {{
-                    name = "lnc-hall-${{toString i}}";
-                    system = builtins.currentSystem;
-                    builder = "/bin/sh";
-                    args = [ "-c" "echo hall path ${{toString i}} > $out" ];
-                }}) {n}"#
-            ),
-        )
-        .expect("write hall.nix");
-        let out = run(nix_cmd("nix-build", &home).arg(&expr).arg("--no-out-link"));
-        let mut paths: Vec<(usize, String)> = out
-            .lines()
-            .map(|p| {
-                let i = p
-                    .rsplit("lnc-hall-")
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .expect("index");
-                (i, p.to_owned())
-            })
-            .collect();
-        paths.sort();
-        assert_eq!(paths.len(), n, "built {out}");
-        let cache = f.cache_url.trim_start_matches("file://");
-        let to = format!("file://{cache}?secret-key={}&compression=xz", f.sk_file.display());
-        run(nix_cmd("nix", &home)
-            .args(["copy", "--to", &to])
-            .args(paths.iter().map(|(_, p)| p)));
-        *built = paths.into_iter().map(|(_, p)| p).collect();
-    }
-    built[..n].to_vec()
-}
 
 /// One running `serve`, killed by PID on drop.
 struct Serve {
@@ -284,7 +238,7 @@ impl Hall {
         seeded: bool,
     ) -> Self {
         let f = fixture();
-        let paths = hall_paths(holders * per_holder);
+        let paths = crate::common::signed_paths(holders * per_holder);
         let per_ns = per_ns();
         let namespaces = n.div_ceil(per_ns);
         let lan = Lan::new(namespaces + Self::SPARE);

@@ -8,7 +8,16 @@ use std::time::{Duration, Instant};
 
 use crate::common::netns::{detach, stateful_firewall, Lan, Router};
 use crate::common::nixlan::NixLan;
-use crate::common::{fixture, wait_until};
+use crate::common::{fixture, hash_of, signed_paths, wait_until};
+
+/// Paths only the holder holds that the newcomer looks up (narinfo through its proxy) for the
+/// found rate, besides realising the fixture's closure.
+const LOOKUPS: usize = 100;
+
+/// The holder's store: `first` and the [`LOOKUPS`] signed paths.
+fn holding<'a>(first: &[&'a str], many: &'a [String]) -> Vec<&'a str> {
+    first.iter().copied().chain(many.iter().map(String::as_str)).collect()
+}
 
 /// `serve`'s flags for a venue host (as nixlan's defaults) plus its seeds.
 fn args_with_seeds(seeds: &[String]) -> Vec<String> {
@@ -45,17 +54,32 @@ fn ok(what: &str, out: &std::process::Output) {
     );
 }
 
-/// Realises the fixture's closure on host `i` (upstream gone: only the holder has it) and
-/// prints the found rate as a `VENUE` line for `bench/run`.
+/// Realises the fixture's closure on host `i` (upstream gone: only the holder has it), looks up
+/// the [`LOOKUPS`] paths the holder also holds through host `i`'s proxy (each its first lookup),
+/// and prints the found rate as a `VENUE` line for `bench/run`. The issue asks >= 99 %.
 fn realises_from_the_holder(lan: &NixLan, i: usize, venue: &str) {
     let f = fixture();
     ok("nix-store -r through the proxy", &lan.hosts[i].realise(&[&f.top]));
-    let found = f.closure.iter().filter(|p| lan.hosts[i].has(p)).count();
+    let realised = f.closure.iter().filter(|p| lan.hosts[i].has(p)).count();
+    assert_eq!(realised, f.closure.len(), "the closure was realised");
+    let urls: Vec<String> = signed_paths(LOOKUPS)
+        .iter()
+        .map(|p| format!("http://127.0.0.1:8381/{}.narinfo", hash_of(p)))
+        .collect();
+    // One curl for all, one status per line.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lan.hosts[i].net.ns, "curl", "-s", "--max-time", "10"])
+        .args(["-o", "/dev/null", "-w", "%{http_code}\\n"])
+        .args(&urls)
+        .output()
+        .expect("curl");
+    let codes = String::from_utf8_lossy(&out.stdout);
+    let looked_up = codes.lines().filter(|c| *c == "200").count();
+    let (found, all) = (realised + looked_up, f.closure.len() + LOOKUPS);
     eprintln!(
-        "VENUE {venue}: found {found} of {} paths only the holder has",
-        f.closure.len()
+        "VENUE {venue}: found {found} of {all} paths only the holder has ({realised} realised, {looked_up} of {LOOKUPS} looked up)"
     );
-    assert_eq!(found, f.closure.len());
+    assert!(found * 100 >= all * 99, "found {found} of {all}: {codes}");
 }
 
 /// Waits until host `i`'s status page says what is wrong with the network as `kind` (a
@@ -121,7 +145,8 @@ fn starts_and_learns_the_hall(lan: &mut NixLan, i: usize, seeds: &[String], othe
 fn multicast_filtered_wifi_a_host_with_one_seed_learns_the_hall_and_fetches() {
     require!(nix, netns, nft);
     let f = fixture();
-    let mut lan = NixLan::new(&[&[&f.top], &[], &[]]);
+    let many = signed_paths(LOOKUPS);
+    let mut lan = NixLan::new(&[&holding(&[&f.top], &many), &[], &[]]);
     lan.lan.filter_beacon_multicast();
     lan.upstream.stop();
     let (holder, seed) = (lan.hosts[0].net.ip4, lan.hosts[1].net.ip4);
@@ -156,7 +181,8 @@ fn multicast_filtered_wifi_a_host_with_one_seed_learns_the_hall_and_fetches() {
 fn multicast_filtered_wifi_laptops_that_all_seed_one_host_learn_each_other() {
     require!(nix, netns, nft);
     let f = fixture();
-    let mut lan = NixLan::new(&[&[], &[&f.top], &[]]);
+    let many = signed_paths(LOOKUPS);
+    let mut lan = NixLan::new(&[&[], &holding(&[&f.top], &many), &[]]);
     lan.lan.filter_beacon_multicast();
     lan.upstream.stop();
     let venue = lan.hosts[0].net.ip4;
@@ -178,7 +204,8 @@ fn multicast_filtered_wifi_laptops_that_all_seed_one_host_learn_each_other() {
 fn stateful_firewall_with_no_port_open_a_seed_gives_a_working_client() {
     require!(nix, netns, nft);
     let f = fixture();
-    let mut lan = NixLan::new(&[&[&f.top], &[]]);
+    let many = signed_paths(LOOKUPS);
+    let mut lan = NixLan::new(&[&holding(&[&f.top], &many), &[]]);
     stateful_firewall(&lan.hosts[1].net.ns);
     let holder = lan.hosts[0].net.ip4;
     start_seeded(&mut lan, 0, &[]);
@@ -231,7 +258,8 @@ fn stateful_firewall_with_no_port_open_a_seed_gives_a_working_client() {
 fn two_subnets_joined_by_a_router_a_seed_across_it_is_enough() {
     require!(nix, netns);
     let f = fixture();
-    let mut lan = NixLan::new(&[&[&f.top], &[], &[]]);
+    let many = signed_paths(LOOKUPS);
+    let mut lan = NixLan::new(&[&holding(&[&f.top], &many), &[], &[]]);
     let lan2 = Lan::new(0);
     let router = Router::new(&lan.lan, &lan2);
     let fresh = lan.hosts[2].net.ns.clone();
@@ -258,7 +286,8 @@ fn two_subnets_joined_by_a_router_a_seed_across_it_is_enough() {
 fn client_isolation_laptops_get_the_venue_caches_paths_and_are_told_why_not_the_others() {
     require!(nix, netns);
     let f = fixture();
-    let mut lan = NixLan::new(&[&[&f.top], &[&f.rand], &[]]);
+    let many = signed_paths(LOOKUPS);
+    let mut lan = NixLan::new(&[&holding(&[&f.top], &many), &[&f.rand], &[]]);
     lan.lan.isolate(1);
     lan.lan.isolate(2);
     lan.upstream.stop();

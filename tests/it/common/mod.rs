@@ -10,12 +10,14 @@ pub mod fake;
 pub mod forge;
 pub mod netns;
 pub mod nixlan;
+mod paths;
 #[macro_use]
 pub mod prereq;
 pub mod roots;
 pub mod wait;
 
 pub use cmd::{nix, output, run};
+pub use paths::signed_paths;
 pub use wait::{wait_for, wait_until};
 
 use std::io::{Read, Write};
