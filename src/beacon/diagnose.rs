@@ -100,16 +100,18 @@ pub fn diagnose(links: &[LinkReport], counters: &Counters, peers: usize, seeds: 
             .filter(|s| s.state == SeedState::Ok)
             .map(|s| s.seed.clone())
             .collect();
+        // Announces from another process on this host prove nothing about the network.
+        let heard = counters.announces.saturating_sub(counters.from_this_host);
         if counters.own == 0 {
             out.push(Diagnosis::OwnBeaconsNotHeard { iface, quiet_s });
-        } else if counters.announces == 0 && peers > 0 {
+        } else if heard == 0 && peers > 0 {
             out.push(Diagnosis::MulticastFiltered {
                 iface,
                 quiet_s,
                 peers,
                 seeds: answering,
             });
-        } else if counters.announces == 0 && answering.is_empty() {
+        } else if heard == 0 && answering.is_empty() {
             out.push(Diagnosis::Alone { iface, quiet_s });
         }
     }
@@ -187,6 +189,13 @@ mod tests {
             "{}",
             d[0].problem()
         );
+        // ... also when another process on this host announces (`peers` beside `serve`): its
+        // beacons loop back without crossing the network.
+        let local = Counters {
+            from_this_host: 7,
+            ..counters(5, 7)
+        };
+        assert_eq!(kinds(diagnose(&[link(20)], &local, 2, &ok)), ["filtered"]);
         // Nobody at all and no seed.
         assert_eq!(kinds(diagnose(&[link(20)], &counters(5, 0), 0, &[])), ["alone"]);
         assert_eq!(

@@ -162,6 +162,11 @@ pub(super) async fn receive(
         Ok(()) => table.handle(src, &buf[..n], now),
         Err(why) => table.off_link(why),
     };
+    if let Outcome::Joined(b) | Outcome::Refreshed(b) = &outcome {
+        if b.kind == Kind::Announce && b.node != table.own() && reply.is_own(src.ip(), now) {
+            table.from_this_host();
+        }
+    }
     match &outcome {
         Outcome::Joined(b) => tracing::info!(node = %b.node, %src, port = b.port, "peer joined"),
         Outcome::Left(b) => tracing::info!(node = %b.node, %src, "peer said goodbye"),

@@ -153,6 +153,18 @@ fn multicast_filtered_wifi_a_host_with_one_seed_learns_the_hall_and_fetches() {
     start_seeded(&mut lan, 0, &[]);
     start_seeded(&mut lan, 1, &[holder.to_string()]);
     wait_listed(&lan, 1, holder);
+    // The `peers` tool on the newcomer, given the same seed, says what is wrong too (after
+    // `diagnose::QUIET_AFTER`, 15 s, of silence on the link).
+    let tool = lan.hosts[2]
+        .net
+        .command(crate::common::nixlan::bin())
+        .args(["peers", "--json", "--timeout", "17s", "--interface", "eth0", "--peer"])
+        .arg(seed.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run peers");
+    let mut tool = crate::common::roots::Reap(tool);
     starts_and_learns_the_hall(&mut lan, 2, &[seed.to_string()], &[0, 1], "multicast filtered");
     realises_from_the_holder(&lan, 2, "multicast filtered");
     ok("nix store verify", &lan.hosts[2].verify(&f.top));
@@ -171,6 +183,22 @@ fn multicast_filtered_wifi_a_host_with_one_seed_learns_the_hall_and_fetches() {
     // And each says why: their peers answer over HTTP only, no multicast arrives.
     wait_diagnosis(&lan, 2, "multicast_filtered");
     wait_diagnosis(&lan, 0, "multicast_filtered");
+    let status = tool.0.wait().expect("peers ends at its timeout");
+    let mut stderr = String::new();
+    if let Some(mut e) = tool.0.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr).expect("peers' stderr");
+    }
+    assert!(status.success(), "peers failed: {stderr}");
+    for want in [
+        format!("seed {seed}:8380: ok"),
+        "this network filters multicast".to_owned(),
+        "fix: nothing to do while a seed answers".to_owned(),
+    ] {
+        assert!(
+            stderr.contains(&want),
+            "{want:?} not in the peers tool's stderr:\n{stderr}"
+        );
+    }
 }
 
 /// Filtered Wi-Fi where every laptop was given the same seed (the venue host, which has no seed

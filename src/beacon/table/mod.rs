@@ -573,6 +573,11 @@ impl PeerTable {
         self.lock().counters.clone()
     }
 
+    /// An announce came from one of this host's own addresses (another process here).
+    pub fn from_this_host(&self) {
+        self.lock().counters.from_this_host += 1;
+    }
+
     /// Resolves when the table next gains or loses a peer.
     pub async fn changed(&self) {
         self.changed.notified().await

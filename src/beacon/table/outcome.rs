@@ -27,6 +27,10 @@ pub struct Counters {
     /// Entries that never answered, pushed out of a full table by a newcomer.
     #[serde(default)]
     pub displaced: u64,
+    /// Announces (among `announces`) from one of this host's own addresses: another process on
+    /// this host (`peers` beside `serve`), which proves nothing about the network.
+    #[serde(default)]
+    pub from_this_host: u64,
     pub expired: u64,
 }
 
