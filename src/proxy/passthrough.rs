@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::error::CutReason;
+use super::spool::Spool;
 use super::verified::Verified;
 
 /// Bytes at the end of a NAR that are never sent before the whole NAR verified: a NAR missing
@@ -47,25 +48,28 @@ pub struct Piece {
     pub bytes: Bytes,
 }
 
+/// Set when the spool was reset after bytes were handed over: how many, and their sha256 (from
+/// the spool's own hasher, `Spool::passed_digest`; `None` if it could not tell, and then the
+/// body is cut), which the NAR that finally verifies must match before the body gets a byte more.
+pub type Recheck = Arc<OnceLock<(u64, Option<[u8; 32]>)>>;
+
 /// The fetch's end of a pass-through.
 pub struct Tap {
     /// None once detached (the body left or stalled, or the tap broke): the body's channel
     /// closes and it waits for the fetch's result.
     tx: Option<mpsc::Sender<Piece>>,
-    /// Bytes handed over so far (contiguous from 0, all from proven peers).
+    /// Bytes handed over so far (contiguous from 0, all from proven peers). No hash of its own:
+    /// the spool hashes every byte anyway (a second sha256 here was a third of the proxy's CPU
+    /// in pass-through, issue #27).
     sent: u64,
-    /// The sha256 of the bytes handed over so far.
-    prefix: Sha256,
-    /// Set when the spool was reset after bytes were handed over: how many, and their sha256,
-    /// which the NAR that finally verifies must match before the body gets a byte more.
-    recheck: Arc<OnceLock<(u64, [u8; 32])>>,
+    recheck: Recheck,
 }
 
 /// The body's end of a pass-through.
 pub struct TapEnd {
     pub rx: mpsc::Receiver<Piece>,
-    /// See [`Tap`]'s `recheck`.
-    pub recheck: Arc<OnceLock<(u64, [u8; 32])>>,
+    /// See [`Recheck`].
+    pub recheck: Recheck,
 }
 
 impl Tap {
@@ -76,7 +80,6 @@ impl Tap {
             Tap {
                 tx: Some(tx),
                 sent: 0,
-                prefix: Sha256::new(),
                 recheck: recheck.clone(),
             },
             TapEnd { rx, recheck },
@@ -109,10 +112,8 @@ impl Tap {
         }
         let bytes = chunk.slice(..(upto - start) as usize);
         let n = bytes.len();
-        let handed = bytes.clone();
         match tokio::time::timeout(PASS_STALL, tx.send(Piece { size, bytes })).await {
             Ok(Ok(())) => {
-                self.prefix.update(&handed);
                 self.sent += n as u64;
                 n
             }
@@ -134,11 +135,12 @@ impl Tap {
         self.sent
     }
 
-    /// The spool is about to be emptied: if any byte was handed over, the tap detaches and
-    /// records their hash; the body goes on only once a NAR verified whose prefix matches it.
-    pub fn spool_reset(&mut self) {
+    /// `sp` is about to be emptied: if any byte was handed over, the tap detaches and records
+    /// their hash (the spool's, see [`Recheck`]); the body goes on only once a NAR verified whose
+    /// prefix matches it.
+    pub async fn spool_reset(&mut self, sp: &mut Spool) {
         if self.sent > 0 {
-            let digest: [u8; 32] = self.prefix.clone().finalize().into();
+            let digest = sp.passed_digest(self.sent).await;
             let _ = self.recheck.set((self.sent, digest));
             self.tx = None;
         }
@@ -207,6 +209,9 @@ pub async fn forward<T>(
     };
     if let Some((n, digest)) = tap.recheck.get() {
         // The NAR came from elsewhere: what was sent must be its start.
+        let Some(digest) = digest else {
+            return cut(sent, CutReason::NotVerified, out).await;
+        };
         if *n != sent || !prefix_matches(&v, sent, digest).await {
             return cut(sent, CutReason::NotVerified, out).await;
         }
