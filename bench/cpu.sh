@@ -120,6 +120,28 @@ floor() {
 range() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {print (lo == hi) ? lo : lo "–" hi}'; }
 median() { printf '%s\n' "$@" | tr ' ' '\n' | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 
+# BENCH_PERF=DIR: instead of the figures, `perf record` (flat and with call graphs, 999 Hz) of the
+# proxy while it hands the NAR over (pass-through, verify-first) and of the store server serving
+# it plain; reports in DIR (needs linux-perf; a `--profile profiling` BENCH_BIN has the symbols).
+if [ -n "${BENCH_PERF:-}" ]; then
+    need_packages linux-perf
+    mkdir -p "$BENCH_PERF"
+    for job in "pass $PASS client http://127.0.0.1:8381/$NAR" "verify $VERIFY client2 http://127.0.0.1:8381/$NAR" \
+        "server $PEER client http://10.88.0.1:8380/$PEER_NAR"; do
+        read -r label pid host url <<<"$job"
+        perf record -q -F 999 -g -o "$D/perf.$label" -p "$pid" 2>/dev/null &
+        rec=$!
+        sleep 0.5
+        ip netns exec "$NS-$host" curl -sf -o /dev/null "$url"
+        kill -INT "$rec"
+        wait "$rec" || true
+        perf report -i "$D/perf.$label" -n --no-children --sort dso,symbol --stdio 2>/dev/null >"$BENCH_PERF/$label.flat.txt"
+        perf report -i "$D/perf.$label" -n --children --sort symbol --stdio -g none --percent-limit 2 2>/dev/null >"$BENCH_PERF/$label.children.txt"
+        echo "$label: $(grep -m1 '^# Samples' "$BENCH_PERF/$label.flat.txt")" >&2
+    done
+    exit 0
+fi
+
 declare -a F P V S1 S8 N1 N8 Z
 echo "measuring ($RUNS runs, $BYTES bytes)..." >&2
 for r in $(seq "$RUNS"); do
