@@ -540,41 +540,6 @@ mod tests {
         assert!(collect(&v, 0, data.len() as u64 - 1).await == data);
     }
 
-    /// Issue #27: the digest of what a pass-through body took comes from the spool's one hasher
-    /// (no second sha256 in the tap): right wherever the passed bytes end (inside a chunk, at a
-    /// chunk's end, at a block's end, past several blocks), for file and memory spools, and
-    /// `None` for any other length.
-    #[tokio::test]
-    async fn the_digest_of_the_passed_bytes_comes_from_the_spools_hasher() {
-        let data: Vec<u8> = (0..3_500_000u32).map(|i| (i % 233) as u8).collect();
-        let chunk = 100_000;
-        for took in [1, 99_999, 100_000, 1_000_000, FILE_BLOCK * 2 + 7, 3_000_000] {
-            for mem_one in [0, 8 << 20] {
-                let l = limits(mem_one);
-                let mut s = Spool::new(&l, data.len() as u64).await.expect("spool");
-                // A wrong byte after the passed ones: the spool does not verify and is reset.
-                let mut bytes = data.clone();
-                bytes[took + 5] ^= 1;
-                for (i, c) in bytes.chunks(chunk).enumerate() {
-                    let passed = took.saturating_sub(i * chunk).min(c.len());
-                    s.write(Bytes::copy_from_slice(c), passed).await.expect("write");
-                }
-                let mut back = s.verify(&hash(&data)).await.err().expect("a wrong byte");
-                let want: [u8; 32] = Sha256::digest(&data[..took]).into();
-                assert_eq!(
-                    back.passed_digest(took as u64).await,
-                    Some(want),
-                    "took {took}, mem_one {mem_one}"
-                );
-                if mem_one == 0 {
-                    assert_eq!(back.passed_digest(took as u64 + 1).await, None);
-                }
-                back.reset().await.expect("reset");
-                assert_eq!(back.passed_digest(took as u64).await, None, "gone with the reset");
-            }
-        }
-    }
-
     #[tokio::test]
     async fn positional_spool_verifies_out_of_order_writes() {
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
