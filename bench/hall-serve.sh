@@ -38,13 +38,35 @@ restore() {
 trap restore EXIT
 sysctl -qw net.ipv4.neigh.default.gc_thresh2=32768 net.ipv4.neigh.default.gc_thresh3=65536 \
     net.ipv6.neigh.default.gc_thresh2=32768 net.ipv6.neigh.default.gc_thresh3=65536
+# mix N: once the hall of N hosts is steady (its tables are full), what its beacon traffic is made
+# of: 20 s of every beacon datagram on the hall's bridge, decoded by bench/beacon-mix.py (periodic
+# announces, other announces, queries, goodbyes; the intervals announced and the hall size they
+# imply). Passive; runs beside the test, which goes on with its lookups meanwhile.
+mix() {
+    local n=$1 pid="" ns="" i
+    for i in $(seq 900); do
+        grep -q '^BENCH-HALL|table|' "$out/log-$n" 2>/dev/null && break
+        sleep 1
+    done
+    pid=$(pgrep -f 'hall_serve::bench_hall_of_real_serve_hosts' | while read -r p; do
+        [ "$(cat /proc/"$p"/comm 2>/dev/null)" != cargo ] && echo "$p"; done | tail -1)
+    [ -n "$pid" ] && ns=$(ip netns list | awk '{print $1}' | grep -E "^lnc$pid-[0-9]+-br$" | head -1)
+    if [ -n "$ns" ]; then
+        ip netns exec "$ns" python3 bench/beacon-mix.py br0 20 >"$out/mix-$n" 2>&1 || true
+    fi
+}
 for n in $SIZES; do
+    mix "$n" &
+    mixer=$!
     if ! BENCH_HOSTS=$n cargo test --release --locked -q --test it -- --ignored --nocapture \
         hall_serve::bench_hall_of_real_serve_hosts >"$out/log-$n" 2>&1; then
         echo "hall of $n failed:" >&2
         grep -v '^ *at \|^ *[0-9]*: ' "$out/log-$n" | tail -20 >&2
+        kill "$mixer" 2>/dev/null || true
+        wait "$mixer" 2>/dev/null || true
         continue
     fi
+    wait "$mixer" || true
     grep '^BENCH-HALL|' "$out/log-$n" >"$out/$n" || true
     [ -z "${BENCH_HALL_LOGS:-}" ] || cp "$out/log-$n" "$BENCH_HALL_LOGS/hall-$n.log"
 done
@@ -90,6 +112,11 @@ for key in holders ready_s exited table beacon_bps cpu cpu_ab rss perf found_fir
     row="| $key |"
     for n in $SIZES; do row="$row $(get "$n" "$key") |"; done
     echo "$row $(before "$key") | $(target "$key") |"
+done
+for n in $SIZES; do
+    echo
+    echo "beacon traffic of the steady hall of $n, by kind (bench/beacon-mix.py, 20 s):"
+    sed 's/^/  /' "$out/mix-$n" 2>/dev/null || echo "  not captured"
 done
 if [ -n "${BENCH_RESULTS:-}" ]; then
     for n in $SIZES; do

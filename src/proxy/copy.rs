@@ -4,9 +4,11 @@
 //! for peers, an overall deadline); what becomes of each chunk is the caller's business.
 
 use std::collections::VecDeque;
+use std::io;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
@@ -108,6 +110,11 @@ impl ReadBufs {
         &mut self.cur
     }
 
+    /// Room left in the buffer being read into.
+    fn cur_room(&self) -> usize {
+        self.cur.capacity() - self.cur.len()
+    }
+
     /// What was read since the last cut, as a chunk.
     fn cut(&mut self) -> Bytes {
         self.cur.split().freeze()
@@ -121,6 +128,8 @@ pub struct SourceRead {
     idle: Duration,
     floor: RateFloor,
     bufs: ReadBufs,
+    /// What a read after the first of a chunk met (the end, or an error), told at the next call.
+    after: Option<io::Result<()>>,
 }
 
 impl SourceRead {
@@ -131,19 +140,46 @@ impl SourceRead {
             idle: sources.timeouts(source).idle,
             floor: RateFloor::new(source, want),
             bufs: ReadBufs::new(),
+            after: None,
         }
     }
 
     /// The next chunk the source sent (`None` at its end), cut from the read buffers without a
     /// copy. A read error is [`SourceError::Read`] (the caller tells a decoder's from the
     /// connection's); silence or a drip is [`SourceError::Timeout`] or [`SourceError::TooSlow`].
+    ///
+    /// A chunk holds what one read gave and whatever more the source has ready at once, up to
+    /// the buffer's room ([`READ_CHUNK`]): a decoder or a socket gives 8-64 KiB a read, and each
+    /// chunk costs a trip through the spool, the pass-through's channels and a write to Nix
+    /// (wake-ups and context switches were a seventh of the proxy's CPU, issue #27).
     pub async fn next(&mut self) -> Result<Option<Bytes>, SourceError> {
-        let n = match tokio::time::timeout(self.idle, self.reader.read_buf(self.bufs.room())).await {
+        match self.after.take() {
+            Some(Ok(())) => return Ok(None),
+            Some(Err(e)) => return Err(SourceError::Read(e)),
+            None => {}
+        }
+        let mut n = match tokio::time::timeout(self.idle, self.reader.read_buf(self.bufs.room())).await {
             Err(_) => return Err(SourceError::Timeout),
             Ok(r) => r.map_err(SourceError::Read)?,
         };
         if n == 0 {
             return Ok(None);
+        }
+        // More, while it is ready now and the buffer has room (a read that would wait is
+        // dropped: it took nothing, and the next call asks again).
+        while self.bufs.cur_room() >= MIN_READ_ROOM {
+            match self.reader.read_buf(&mut self.bufs.cur).now_or_never() {
+                None => break,
+                Some(Ok(0)) => {
+                    self.after = Some(Ok(()));
+                    break;
+                }
+                Some(Ok(m)) => n += m,
+                Some(Err(e)) => {
+                    self.after = Some(Err(e));
+                    break;
+                }
+            }
         }
         self.floor.received(n as u64)?;
         Ok(Some(self.bufs.cut()))
@@ -153,6 +189,60 @@ impl SourceRead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source read through a channel of pieces (a `None` piece: the sender is dropped: the end).
+    fn piped() -> (tokio::sync::mpsc::UnboundedSender<io::Result<Bytes>>, SourceRead) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<io::Result<Bytes>>();
+        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let read = SourceRead {
+            reader: Box::pin(tokio_util::io::StreamReader::new(stream)),
+            idle: Duration::from_secs(5),
+            floor: RateFloor::new(&SourceId::Upstream(0), 1 << 20),
+            bufs: ReadBufs::new(),
+            after: None,
+        };
+        (tx, read)
+    }
+
+    fn piece(b: u8) -> io::Result<Bytes> {
+        Ok(Bytes::from(vec![b; 1000]))
+    }
+
+    /// Issue #27: what the source has ready at once becomes one chunk (one trip through the
+    /// spool and the pass-through), not one chunk per read; a read that would wait ends the
+    /// chunk; the end and an error met after the first read come after that chunk's bytes.
+    #[tokio::test]
+    async fn ready_reads_make_one_chunk_and_the_end_or_an_error_follows_it() {
+        let (tx, mut read) = piped();
+        for b in 1..=5 {
+            tx.send(piece(b)).expect("send");
+        }
+        let c = read.next().await.expect("read").expect("a chunk");
+        assert_eq!(c.len(), 5000, "five ready reads, one chunk");
+        assert!(c[..1000].iter().all(|x| *x == 1) && c[4000..].iter().all(|x| *x == 5));
+        // Nothing ready: the next chunk waits for the source, and holds what came then.
+        let later = tokio::spawn(async move {
+            let c = read.next().await.expect("read").expect("a chunk");
+            (c, read)
+        });
+        tokio::task::yield_now().await;
+        tx.send(piece(6)).expect("send");
+        let (c, mut read) = later.await.expect("task");
+        assert!(c.len() == 1000 && c.iter().all(|x| *x == 6));
+        // The end right after ready bytes: the bytes first, then the end.
+        tx.send(piece(7)).expect("send");
+        drop(tx);
+        let c = read.next().await.expect("read").expect("the last bytes");
+        assert!(c.len() == 1000 && c.iter().all(|x| *x == 7));
+        assert!(read.next().await.expect("read").is_none(), "then the end");
+        // An error after ready bytes: the bytes first, then the error.
+        let (tx, mut read) = piped();
+        tx.send(piece(8)).expect("send");
+        tx.send(Err(io::Error::other("broken"))).expect("send");
+        let c = read.next().await.expect("the bytes before the error").expect("a chunk");
+        assert_eq!(c.len(), 1000);
+        assert!(matches!(read.next().await, Err(SourceError::Read(_))));
+    }
 
     /// Fills the read buffer's room and cuts it: a chunk as a read would leave it.
     fn read_full(b: &mut ReadBufs) -> Bytes {

@@ -222,7 +222,7 @@ impl<'c> NarFetch<'c> {
     async fn reset_spool(&mut self) {
         if let Some(sp) = self.spool.as_mut() {
             if let Some(t) = self.tap.as_mut() {
-                t.spool_reset();
+                t.spool_reset(sp).await;
             }
             let _ = sp.reset().await;
         }
@@ -289,7 +289,7 @@ impl<'c> NarFetch<'c> {
                 }
                 self.last_error = Some(LieKind::HashMismatch.into());
                 if let Some(t) = self.tap.as_mut() {
-                    t.spool_reset();
+                    t.spool_reset(&mut back).await;
                 }
                 let _ = back.reset().await;
                 self.contributors.clear();

@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::error::CutReason;
+use super::spool::Spool;
 use super::verified::Verified;
 
 /// Bytes at the end of a NAR that are never sent before the whole NAR verified: a NAR missing
@@ -47,25 +48,28 @@ pub struct Piece {
     pub bytes: Bytes,
 }
 
+/// Set when the spool was reset after bytes were handed over: how many, and their sha256 (from
+/// the spool's own hasher, `Spool::passed_digest`; `None` if it could not tell, and then the
+/// body is cut), which the NAR that finally verifies must match before the body gets a byte more.
+pub type Recheck = Arc<OnceLock<(u64, Option<[u8; 32]>)>>;
+
 /// The fetch's end of a pass-through.
 pub struct Tap {
     /// None once detached (the body left or stalled, or the tap broke): the body's channel
     /// closes and it waits for the fetch's result.
     tx: Option<mpsc::Sender<Piece>>,
-    /// Bytes handed over so far (contiguous from 0, all from proven peers).
+    /// Bytes handed over so far (contiguous from 0, all from proven peers). No hash of its own:
+    /// the spool hashes every byte anyway (a second sha256 here was a third of the proxy's CPU
+    /// in pass-through, issue #27).
     sent: u64,
-    /// The sha256 of the bytes handed over so far.
-    prefix: Sha256,
-    /// Set when the spool was reset after bytes were handed over: how many, and their sha256,
-    /// which the NAR that finally verifies must match before the body gets a byte more.
-    recheck: Arc<OnceLock<(u64, [u8; 32])>>,
+    recheck: Recheck,
 }
 
 /// The body's end of a pass-through.
 pub struct TapEnd {
     pub rx: mpsc::Receiver<Piece>,
-    /// See [`Tap`]'s `recheck`.
-    pub recheck: Arc<OnceLock<(u64, [u8; 32])>>,
+    /// See [`Recheck`].
+    pub recheck: Recheck,
 }
 
 impl Tap {
@@ -76,7 +80,6 @@ impl Tap {
             Tap {
                 tx: Some(tx),
                 sent: 0,
-                prefix: Sha256::new(),
                 recheck: recheck.clone(),
             },
             TapEnd { rx, recheck },
@@ -109,10 +112,8 @@ impl Tap {
         }
         let bytes = chunk.slice(..(upto - start) as usize);
         let n = bytes.len();
-        let handed = bytes.clone();
         match tokio::time::timeout(PASS_STALL, tx.send(Piece { size, bytes })).await {
             Ok(Ok(())) => {
-                self.prefix.update(&handed);
                 self.sent += n as u64;
                 n
             }
@@ -134,11 +135,12 @@ impl Tap {
         self.sent
     }
 
-    /// The spool is about to be emptied: if any byte was handed over, the tap detaches and
-    /// records their hash; the body goes on only once a NAR verified whose prefix matches it.
-    pub fn spool_reset(&mut self) {
+    /// `sp` is about to be emptied: if any byte was handed over, the tap detaches and records
+    /// their hash (the spool's, see [`Recheck`]); the body goes on only once a NAR verified whose
+    /// prefix matches it.
+    pub async fn spool_reset(&mut self, sp: &mut Spool) {
         if self.sent > 0 {
-            let digest: [u8; 32] = self.prefix.clone().finalize().into();
+            let digest = sp.passed_digest(self.sent).await;
             let _ = self.recheck.set((self.sent, digest));
             self.tx = None;
         }
@@ -207,6 +209,9 @@ pub async fn forward<T>(
     };
     if let Some((n, digest)) = tap.recheck.get() {
         // The NAR came from elsewhere: what was sent must be its start.
+        let Some(digest) = digest else {
+            return cut(sent, CutReason::NotVerified, out).await;
+        };
         if *n != sent || !prefix_matches(&v, sent, digest).await {
             return cut(sent, CutReason::NotVerified, out).await;
         }
@@ -238,4 +243,50 @@ async fn prefix_matches(v: &Verified, n: u64, digest: &[u8; 32]) -> bool {
         }
     }
     <[u8; 32]>::from(h.finalize()) == *digest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::narinfo::NarHash;
+    use crate::proxy::spool::SpoolLimits;
+
+    /// Issue #27: the digest of what a pass-through body took comes from the spool's one hasher
+    /// (no second sha256 in the tap): right wherever the passed bytes end (inside a chunk, at a
+    /// chunk's end, at a block's end, past several blocks), for file and memory spools, and
+    /// `None` for any other length.
+    #[tokio::test]
+    async fn the_digest_of_the_passed_bytes_comes_from_the_spools_hasher() {
+        let data: Vec<u8> = (0..3_500_000u32).map(|i| (i % 233) as u8).collect();
+        let chunk = 100_000;
+        for took in [1, 99_999, 100_000, 1_000_000, 2 * 1024 * 1024 + 7, 3_000_000] {
+            for mem_one in [0, 8 << 20] {
+                let l = SpoolLimits::new(mem_one, 4, 64, std::env::temp_dir().join("lnc-spool-test"));
+                let mut s = Spool::new(&l, data.len() as u64).await.expect("spool");
+                // A wrong byte after the passed ones: the spool does not verify and is reset.
+                let mut bytes = data.clone();
+                bytes[took + 5] ^= 1;
+                for (i, c) in bytes.chunks(chunk).enumerate() {
+                    let passed = took.saturating_sub(i * chunk).min(c.len());
+                    s.write(Bytes::copy_from_slice(c), passed).await.expect("write");
+                }
+                let mut back = s
+                    .verify(&NarHash::from_digest(Sha256::digest(&data).into()))
+                    .await
+                    .err()
+                    .expect("a wrong byte");
+                let want: [u8; 32] = Sha256::digest(&data[..took]).into();
+                assert_eq!(
+                    back.passed_digest(took as u64).await,
+                    Some(want),
+                    "took {took}, mem_one {mem_one}"
+                );
+                if mem_one == 0 {
+                    assert_eq!(back.passed_digest(took as u64 + 1).await, None);
+                }
+                back.reset().await.expect("reset");
+                assert_eq!(back.passed_digest(took as u64).await, None, "gone with the reset");
+            }
+        }
+    }
 }

@@ -420,7 +420,7 @@ impl Sources {
         };
         // The connection's errors are told apart from a decoder's (see [`is_transport_error`]).
         let stream = resp.bytes_stream().map_err(|e| io::Error::new(TRANSPORT_ERROR, e));
-        let raw = tokio::io::BufReader::new(tokio_util::io::StreamReader::new(stream));
+        let raw = tokio_util::io::StreamReader::new(stream);
         use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
         let reader: NarReader = match &c.info.compression {
             Compression::None if zstd => Box::pin(peer_zstd_decoder(raw)),

@@ -69,8 +69,14 @@ pub enum SpoolError {
 /// the network gave, not copied).
 const FILE_BLOCK: usize = 1024 * 1024;
 
-/// A block being hashed and written: gives the hasher back, with the bytes written.
-type InFlight = tokio::task::JoinHandle<(Sha256, io::Result<u64>)>;
+/// A block being hashed and written: gives the hasher back, with its state where the bytes a
+/// pass-through body took end (if they end in or at the end of this block) and the bytes written.
+type InFlight = tokio::task::JoinHandle<(Sha256, Option<Prefix>, io::Result<u64>)>;
+
+/// The hasher's state after the first `.0` bytes: those a pass-through body took. One sha256
+/// serves both the NAR's check and, should the spool be reset, the check of what the body
+/// already sent (`passthrough`), instead of a second sha256 over every passed byte.
+type Prefix = (u64, Sha256);
 
 enum Store {
     Mem(BytesMut),
@@ -97,6 +103,9 @@ pub struct Spool {
     /// Bytes at the start of a file spool that were hashed but not written, because a
     /// pass-through body took them (see [`Spool::write`]). Always 0 for a memory spool.
     unkept: u64,
+    /// File spools: the hasher's state at the end of the `unkept` bytes, as of the last block
+    /// hashed (see [`Spool::passed_digest`]).
+    prefix: Option<Prefix>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -116,6 +125,7 @@ impl Spool {
                     len: 0,
                     expected: size,
                     unkept: 0,
+                    prefix: None,
                     _permit: p,
                 });
             }
@@ -133,6 +143,7 @@ impl Spool {
             len: 0,
             expected: size,
             unkept: 0,
+            prefix: None,
             _permit: permit,
         })
     }
@@ -184,8 +195,11 @@ impl Spool {
         let Some(h) = inflight.take() else {
             return Ok(());
         };
-        let (hasher, r) = h.await.map_err(io::Error::other)?;
+        let (hasher, prefix, r) = h.await.map_err(io::Error::other)?;
         self.hasher = Some(hasher);
+        if prefix.is_some() {
+            self.prefix = prefix;
+        }
         r?;
         Ok(())
     }
@@ -213,18 +227,29 @@ impl Spool {
         *pending_len = 0;
         let mut hasher = self.hasher.take().unwrap_or_default();
         *inflight = Some(tokio::task::spawn_blocking(move || {
-            // Every byte is hashed; only those from `keep_from` on are written.
-            let (mut pos, mut r) = (offset, Ok(()));
+            // Every byte is hashed; only those from `keep_from` on are written. The hasher's
+            // state where the passed bytes end is kept (the last block that reaches them).
+            let (mut pos, mut r, mut prefix) = (offset, Ok(()), None);
             for piece in &block {
-                hasher.update(piece);
                 let end = pos + piece.len() as u64;
+                if keep_from > 0 && pos <= keep_from && keep_from < end {
+                    let at = (keep_from - pos) as usize;
+                    hasher.update(&piece[..at]);
+                    prefix = Some((keep_from, hasher.clone()));
+                    hasher.update(&piece[at..]);
+                } else {
+                    hasher.update(piece);
+                }
                 if end > keep_from && r.is_ok() {
                     let skip = keep_from.saturating_sub(pos) as usize;
                     r = file.write_all_at(&piece[skip..], pos + skip as u64);
                 }
                 pos = end;
             }
-            (hasher, r.map(|()| pos - offset))
+            if keep_from > 0 && keep_from == pos {
+                prefix = Some((keep_from, hasher.clone()));
+            }
+            (hasher, prefix, r.map(|()| pos - offset))
         }));
         Ok(())
     }
@@ -236,6 +261,7 @@ impl Spool {
         self.hasher = Some(Sha256::new());
         self.len = 0;
         self.unkept = 0;
+        self.prefix = None;
         match &mut self.store {
             Store::Mem(b) => b.clear(),
             Store::File {
@@ -252,6 +278,22 @@ impl Spool {
             }
         }
         landed
+    }
+
+    /// The sha256 of the first `n` bytes, where `n` is what a pass-through body took (asked before
+    /// a reset, `passthrough`): from a memory spool's bytes, or from the file spool's hasher
+    /// state where the passed bytes end (they are not in the file). `None` when the spool cannot
+    /// tell (`n` is not where its passed bytes end, or a block failed).
+    pub async fn passed_digest(&mut self, n: u64) -> Option<[u8; 32]> {
+        if let Store::Mem(b) = &self.store {
+            return b.get(..usize::try_from(n).ok()?).map(|p| Sha256::digest(p).into());
+        }
+        self.flush().await.ok()?;
+        self.land().await.ok()?;
+        match &self.prefix {
+            Some((at, h)) if *at == n => Some(h.clone().finalize().into()),
+            _ => None,
+        }
     }
 
     /// Checks size and hash; on success the spool becomes servable, else it comes back (boxed)

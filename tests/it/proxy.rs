@@ -1024,8 +1024,10 @@ fn a_stalled_pass_through_body_of_a_lie_is_cut() {
 fn stalled_pass_through(lie: bool) {
     use local_nix_cache::proxy::passthrough::{PASS_STALL, TAIL};
     use std::io::Read;
-    // Far more than the socket buffers and the pass-through channels hold (about 10 MiB).
-    const SIZE: usize = 40 << 20;
+    // Far more than the socket buffers and the pass-through channels hold: the client's receive
+    // buffer alone may grow to `tcp_rmem`'s maximum, 32 MiB on recent kernels, the send buffer to
+    // 4 MiB, the channels hold 12 chunks of up to 256 KiB (3 MiB): 40 MiB was not (issue #27).
+    const SIZE: usize = 64 << 20;
     let rig = Rig::new();
     // One peer (with two, the NAR would be split between them, verify-first).
     let honest: Vec<FakePath> = (0..local_nix_cache::proxy::proven::PROVEN_AFTER)
@@ -1052,14 +1054,14 @@ fn stalled_pass_through(lie: bool) {
     if lie {
         wait_until(
             "the fetch finds the lie while the client does not read",
-            Duration::from_secs(40),
+            Duration::from_secs(120),
             Duration::from_millis(100),
             || px.stats().lies > before.lies,
         );
     } else {
         wait_until(
             "the fetch completes while the client does not read",
-            Duration::from_secs(40),
+            Duration::from_secs(120),
             Duration::from_millis(100),
             || px.stats().bytes_from_peers >= before.bytes_from_peers + big.nar.len() as u64,
         );
