@@ -6,10 +6,19 @@
 //! sends provably wrong bytes (more than NarSize, corrupt compression) loses them at once. The
 //! whole NAR is hashed at the end: a mismatch with one contributor is that source's lie; with
 //! several, the fetch starts over one source at a time so the next mismatch is attributable.
-//! Every source is tried at most once per fetch, and every source is looked for at most once.
+//! Every source is tried at most once per fetch, and every source is looked for at most once,
+//! except a busy one (issue #24).
+//!
+//! A peer whose store server is busy (no transfer slot, `SourceError::Busy`) has not failed: the
+//! fetch tries the NAR's other sources and, when none is left, waits its `Retry-After` with
+//! jitter and re-plans: it asks the peers again (hosts that got the path since are found, the
+//! busy ones answer with their load) and resumes with `Range` from what it has. Upstreams wait
+//! while a peer holds the NAR, so a crowd does not all go to the internet at once; after
+//! [`BUSY_WAIT_CAP`] of busy answers the fetch takes any source, and with none it fails.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -41,6 +50,12 @@ pub struct FetchParts {
     /// See `ProxyConfig::parallel_min_bytes`.
     pub parallel_min_bytes: u64,
 }
+
+/// How long a fetch keeps coming back to busy peers (from their first busy answer) before it
+/// takes an upstream or, with none, fails: well below the 300 s Nix waits for a silent download
+/// (`stalled-download-timeout`), above the time a holder's 32 slots take to turn over for a
+/// crowd of 100 (issue #24).
+pub const BUSY_WAIT_CAP: Duration = Duration::from_secs(180);
 
 /// A verified NAR with the narinfo it was checked against and where it came from.
 pub type Fetched = (Verified, Arc<NarInfo>, SourceId);
@@ -78,6 +93,14 @@ pub struct NarFetch<'c> {
     last_error: Option<SourceFailure>,
     /// Pass-through to the request that started the fetch (see `passthrough`), if any.
     tap: Option<Tap>,
+    /// Peers that answered busy since the last wait: asked again after it.
+    busy: Vec<Candidate>,
+    /// Upstreams held back while a peer holds the NAR but is busy (within [`BUSY_WAIT_CAP`]).
+    deferred: Vec<Candidate>,
+    /// The first busy answer of this fetch (the wait cap counts from it).
+    busy_since: Option<Instant>,
+    /// The longest `Retry-After` among the busy answers since the last wait.
+    retry_after: Duration,
 }
 
 impl<'c> NarFetch<'c> {
@@ -102,6 +125,10 @@ impl<'c> NarFetch<'c> {
             allow_resume: true,
             last_error: None,
             tap: None,
+            busy: Vec::new(),
+            deferred: Vec::new(),
+            busy_since: None,
+            retry_after: Duration::ZERO,
         }
     }
 
@@ -143,6 +170,7 @@ impl<'c> NarFetch<'c> {
                     self.reset_spool().await;
                     self.last_error = Some(e.into());
                 }
+                Err(CopyError::Failed(SourceError::Busy { retry_after })) => self.busy_source(c, retry_after),
                 Err(CopyError::Failed(e)) => {
                     let got = self.spool.as_ref().map_or(0, Spool::len);
                     tracing::info!(source = ?c.source, hash = %self.hash, got, error = %e, "NAR source failed; trying the next");
@@ -207,16 +235,89 @@ impl<'c> NarFetch<'c> {
         Some((v, info, peers[0].source.clone()))
     }
 
-    /// The next source not tried yet; when none is left, every source is asked once more.
+    /// The next source not tried yet; when none is left, every source is asked once more; when
+    /// only busy peers are left, they are asked again after a wait (see the module's text).
     async fn next_source(&mut self) -> Option<Candidate> {
         loop {
             match self.queue.pop_front() {
+                Some(c) if self.defer_upstream(&c) => self.deferred.push(c),
                 Some(c) if self.tried.insert(c.source.clone()) => return Some(c),
                 Some(_) => continue,
-                None if self.gathered => return None,
-                None => self.gather().await,
+                None if !self.gathered => self.gather().await,
+                None if !self.busy.is_empty() && self.within_busy_cap() => self.wait_and_replan().await,
+                None if !self.deferred.is_empty() => {
+                    // No busy peer to wait for (or the cap passed): the upstreams' turn.
+                    self.busy.clear();
+                    self.busy_since = None;
+                    self.queue.extend(self.deferred.drain(..));
+                }
+                None => return None,
             }
         }
+    }
+
+    /// A peer answered busy: not a failure (no back-off, its bytes kept for a resume); it is
+    /// asked again after the wait.
+    fn busy_source(&mut self, c: Candidate, retry_after: Duration) {
+        tracing::debug!(source = ?c.source, hash = %self.hash, ?retry_after, "NAR source busy; trying the next");
+        self.cx.stats.update(|s| s.busy_answers += 1);
+        self.cx
+            .book
+            .judge(&c.source, Verdict::Failed(&SourceError::Busy { retry_after }));
+        self.busy_since.get_or_insert_with(Instant::now);
+        self.retry_after = self.retry_after.max(retry_after);
+        self.last_error = Some(SourceFailure::Failed(SourceError::Busy { retry_after }));
+        self.busy.push(c);
+    }
+
+    /// Whether an upstream waits: a peer holds the NAR but is busy, within the cap.
+    fn defer_upstream(&self, c: &Candidate) -> bool {
+        matches!(c.source, SourceId::Upstream(_)) && !self.busy.is_empty() && self.within_busy_cap()
+    }
+
+    fn within_busy_cap(&self) -> bool {
+        self.busy_since.is_none_or(|t| t.elapsed() < BUSY_WAIT_CAP)
+    }
+
+    /// Every source left is a busy peer: waits its `Retry-After` with jitter (a crowd does not
+    /// come back at once), then asks the peers again, busy ones included (hosts that got the NAR
+    /// since are found; each answers with its load), and queues them least loaded first. The
+    /// upstreams are not asked again (their candidates wait in `deferred`).
+    async fn wait_and_replan(&mut self) {
+        use rand::Rng;
+        let left = self
+            .busy_since
+            .map_or(BUSY_WAIT_CAP, |t| BUSY_WAIT_CAP.saturating_sub(t.elapsed()));
+        let jitter = rand::thread_rng().gen_range(0.5..1.5);
+        let wait = self.retry_after.mul_f64(jitter).min(left);
+        self.cx.stats.update(|s| s.busy_waits += 1);
+        tracing::debug!(hash = %self.hash, busy = self.busy.len(), ?wait, "every source busy; waiting");
+        tokio::time::sleep(wait).await;
+        self.retry_after = Duration::ZERO;
+        let busy = std::mem::take(&mut self.busy);
+        for c in &busy {
+            self.tried.remove(&c.source);
+        }
+        let mut skip = self.tried.clone();
+        skip.extend((0..self.cx.book.sources().upstreams.len()).map(SourceId::Upstream));
+        let lookup = Lookup {
+            book: &self.cx.book,
+            stats: &self.cx.stats,
+        };
+        let mut found = lookup.gather(&self.hash, &self.nar_hash, &skip).await;
+        // A busy peer that did not answer this time keeps its place, after the others.
+        for c in busy {
+            if !found.iter().any(|f| f.source == c.source) {
+                found.push(c);
+            }
+        }
+        for c in found {
+            self.cx.cache.remember(self.hash, c.clone());
+            if !self.queue.iter().any(|q| q.source == c.source) {
+                self.queue.push_back(c);
+            }
+        }
+        self.cx.book.rank(self.queue.make_contiguous());
     }
 
     async fn reset_spool(&mut self) {

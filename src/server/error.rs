@@ -3,8 +3,9 @@
 //!
 //! Invariants: every miss and every failure is a 404 (a Nix client fails its build on a 5xx, but
 //! moves on after a 404), so an unsigned, untrusted, absent or unreadable path all look the
-//! same; only a malformed request (400, 414), a method other than GET and HEAD (405) and a range
-//! past a NAR's end (416) say more. Every reason is logged here; clients get fixed short bodies,
+//! same; only a malformed request (400, 414), a method other than GET and HEAD (405), a range
+//! past a NAR's end (416) and a proxy's request for a servable NAR when no transfer slot is free
+//! (503 busy, only to a request that says it takes one: `cache_url::BUSY_OK_HEADER`) say more. Every reason is logged here; clients get fixed short bodies,
 //! never a path, an address or a daemon message.
 
 use std::net::SocketAddr;
@@ -59,6 +60,15 @@ pub enum ServeError {
         #[source]
         source: Refused,
     },
+    /// No slot within `transfers::BUSY_WAIT` for a request that takes a busy answer (a proxy's,
+    /// `cache_url::BUSY_OK_HEADER`): 503 with `Retry-After`, before any body.
+    #[error("busy: no transfer slot for {path}: {source}")]
+    Busy {
+        peer: SocketAddr,
+        path: StorePath,
+        #[source]
+        source: Refused,
+    },
     #[error("daemon path info for {path} failed: {source}")]
     PathInfo {
         path: StorePath,
@@ -86,6 +96,16 @@ pub enum ServeError {
     /// A `Range` past the end of a NAR of `size` bytes.
     #[error("range not satisfiable for {size} bytes")]
     Range { size: u64 },
+}
+
+/// The busy answer: 503, `Retry-After` in whole seconds, a fixed body.
+fn busy() -> Response<Body> {
+    let mut r = h::text(StatusCode::SERVICE_UNAVAILABLE, "busy\n");
+    let secs = super::transfers::BUSY_RETRY_AFTER.as_secs().max(1);
+    if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert(http::header::RETRY_AFTER, v);
+    }
+    r
 }
 
 impl ServeError {
@@ -124,6 +144,14 @@ impl ServeError {
             } => {
                 tracing::info!(%peer, %path, error = %source, "no transfer slot; answering 404");
                 h::not_found()
+            }
+            Self::Busy {
+                peer,
+                ref path,
+                ref source,
+            } => {
+                tracing::info!(%peer, %path, error = %source, "no transfer slot; answering busy");
+                busy()
             }
             Self::NoInstallSlot { peer, ref source } => {
                 tracing::info!(%peer, error = %source, "no transfer slot for /install; answering 404");
@@ -194,6 +222,15 @@ mod tests {
                 "not found\n",
             ),
             (
+                ServeError::Busy {
+                    peer,
+                    path: path(),
+                    source: Refused::Timeout(super::super::transfers::BUSY_WAIT),
+                },
+                503,
+                "busy\n",
+            ),
+            (
                 ServeError::PathInfo {
                     path: path(),
                     source: daemon(),
@@ -235,6 +272,11 @@ mod tests {
             if status == 416 {
                 assert_eq!(r.headers()[http::header::CONTENT_RANGE], "bytes */1234");
             }
+            assert_eq!(
+                r.headers().get(http::header::RETRY_AFTER).is_some(),
+                status == 503,
+                "{name}"
+            );
             let got = r.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(got, body.as_bytes(), "{name}");
         }

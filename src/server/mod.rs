@@ -273,15 +273,25 @@ impl StoreServer {
         let permit = if req.method() == Method::HEAD {
             None
         } else {
+            // A proxy takes a busy answer (it tries another source or comes back); a Nix
+            // client waits in the queue and gets a miss after it (it fails a build on a 5xx).
+            let busy_ok = req.headers().contains_key(cache_url::BUSY_OK_HEADER);
+            let wait = if busy_ok {
+                transfers::BUSY_WAIT
+            } else {
+                transfers::QUEUE_WAIT
+            };
             let p = self
                 .streams
                 .transfers
-                .acquire(peer.ip())
+                .acquire_within(peer.ip(), wait)
                 .await
-                .map_err(|source| ServeError::NoSlot {
-                    peer,
-                    path: entry.path.clone(),
-                    source,
+                .map_err(|source| {
+                    let path = entry.path.clone();
+                    match busy_ok {
+                        true => ServeError::Busy { peer, path, source },
+                        false => ServeError::NoSlot { peer, path, source },
+                    }
                 })?;
             Some(Arc::new(p))
         };
@@ -376,6 +386,10 @@ impl h::Handler for StoreServer {
         }
         if let Some(n) = &self.node_header {
             resp.headers_mut().insert(cache_url::NODE_HEADER, n.clone());
+        }
+        // The load, for a proxy choosing among the holders of a NAR (issue #24).
+        if let Ok(v) = HeaderValue::from_str(&self.streams.transfers.load().render()) {
+            resp.headers_mut().insert(cache_url::LOAD_HEADER, v);
         }
         resp
     }

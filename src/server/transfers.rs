@@ -8,7 +8,10 @@
 //! earliest), so an honest newcomer gets the next free slot however many requests attacking
 //! addresses keep queued (unless they spread over more addresses than there are slots, each
 //! with a single request: then it waits its turn among them). A request that
-//! cannot start within [`QUEUE_WAIT`] is answered like a miss (404), before any header is sent.
+//! cannot start within [`QUEUE_WAIT`] is answered like a miss (404), before any header is sent;
+//! a proxy's request (it sends `cache_url::BUSY_OK_HEADER`) waits [`BUSY_WAIT`] at most and is
+//! then answered busy (503, `Retry-After:` [`BUSY_RETRY_AFTER`]), so it can try another source
+//! or come back, instead of timing out into a miss while the path is here.
 //! Together with [`crate::http::Pace`] (a transfer lives only while its client keeps up), this
 //! bounds the blocking threads, daemon connections, encoders and buffers clients can make the
 //! server hold.
@@ -37,6 +40,12 @@ pub const MAX_TRANSFERS_PER_ADDR: usize = 8;
 pub const MAX_WAITING_PER_ADDR: usize = 8;
 /// Longest wait for a slot; then 404, like a miss (a Nix client moves on to its next substituter).
 pub const QUEUE_WAIT: Duration = Duration::from_secs(20);
+
+/// Longest wait for a slot of a request that takes a busy answer (a proxy's): well within the
+/// proxy's wait for response headers (`proxy::source::PEER_TIMEOUTS`, 3 s).
+pub const BUSY_WAIT: Duration = Duration::from_secs(1);
+/// The `Retry-After` of a busy answer: when a slot may be free (the proxy adds jitter).
+pub const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The transfer slots of one server.
 pub struct Transfers {
@@ -184,6 +193,13 @@ impl Transfers {
 
     /// Waits (at most the queue wait) for a slot for a client at `ip`.
     pub async fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refused> {
+        self.acquire_within(ip, self.wait).await
+    }
+
+    /// As [`Self::acquire`], waiting at most `wait` (and never longer than the queue wait): a
+    /// request that takes a busy answer waits [`BUSY_WAIT`].
+    pub async fn acquire_within(self: &Arc<Self>, ip: IpAddr, wait: Duration) -> Result<Permit, Refused> {
+        let wait = wait.min(self.wait);
         let key = addr_key(ip);
         let (id, rx) = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -217,7 +233,7 @@ impl Transfers {
             rx,
             granted: false,
         };
-        match tokio::time::timeout(self.wait, &mut guard.rx).await {
+        match tokio::time::timeout(wait, &mut guard.rx).await {
             Ok(Ok(())) => {
                 // Granted: the slot is ours; the guard must not give it back.
                 guard.granted = true;
@@ -226,7 +242,7 @@ impl Transfers {
                     key,
                 })
             }
-            _ => Err(Refused::Timeout(self.wait)),
+            _ => Err(Refused::Timeout(wait)),
         }
     }
 
@@ -239,6 +255,16 @@ impl Transfers {
             return true;
         }
         false
+    }
+
+    /// Transfers streaming and waiting now (the store server's load header).
+    pub fn load(&self) -> crate::cache_url::Load {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        crate::cache_url::Load {
+            streaming: n(st.max - st.free),
+            waiting: n(st.queue.len()),
+        }
     }
 
     /// Slots free now.
@@ -348,6 +374,35 @@ mod tests {
         assert_eq!(t.available(), 1, "the slot is free again, not given to the gone waiter");
         let st = t.state.lock().expect("lock");
         assert!(st.keys.is_empty() && st.queue.is_empty());
+    }
+
+    /// Issue #24: a proxy's request waits [`BUSY_WAIT`], not the queue wait, and the load tells
+    /// who streams and who waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_taking_request_gives_up_after_the_busy_wait_and_load_counts() {
+        let t = Arc::new(Transfers::new(1, 4, 4, Duration::from_secs(20)));
+        let held = t.acquire(ip("10.0.0.1")).await.expect("held");
+        let t2 = t.clone();
+        let waiting = tokio::spawn(async move { t2.acquire(ip("10.0.0.2")).await });
+        tokio::task::yield_now().await;
+        assert_eq!(
+            t.load(),
+            crate::cache_url::Load {
+                streaming: 1,
+                waiting: 1
+            }
+        );
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(
+            t.acquire_within(ip("10.0.0.3"), BUSY_WAIT).await.err(),
+            Some(Refused::Timeout(BUSY_WAIT))
+        );
+        assert_eq!(t0.elapsed(), BUSY_WAIT);
+        drop(held);
+        let p = waiting.await.expect("join").expect("the queued one streams");
+        assert_eq!(t.load().streaming, 1);
+        drop(p);
+        assert_eq!(t.load(), crate::cache_url::Load::default());
     }
 
     #[tokio::test(start_paused = true)]
