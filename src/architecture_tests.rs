@@ -535,6 +535,12 @@ fn the_architecture_doc_quotes_the_constants() {
             secs(server::transfers::BUSY_RETRY_AFTER),
         ),
         format!(
+            "NARs offered to peers while they arrive ({}, `MAX_PARTIALS`; each a narinfo and a handle on its spool file; a reader reads {} at a time and waits at most {} for more)",
+            proxy::partial::MAX_PARTIALS,
+            kib(u(proxy::tail::TAIL_CHUNK)),
+            secs(server::partial::PARTIAL_IDLE),
+        ),
+        format!(
             "busy peers asked again for at most {} (`BUSY_WAIT_CAP`), their `Retry-After` taken within {} and {}",
             secs(proxy::fetch::BUSY_WAIT_CAP),
             secs(proxy::source::BUSY_RETRY_BOUNDS.0),

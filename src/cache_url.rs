@@ -25,6 +25,12 @@ pub const BUSY_OK_HEADER: &str = "x-local-nix-cache-busy-ok";
 /// transfers it streams and those waiting for a slot now (see [`Load`]).
 pub const LOAD_HEADER: &str = "x-local-nix-cache-load";
 
+/// Response header that marks a narinfo answer for a path the store server does not hold but its
+/// proxy is fetching (`proxy::partial`): its NAR comes from the bytes landed so far, unverified
+/// by the sender; the receiver verifies it whole and never passes it through. Only sent to
+/// requests carrying [`BUSY_OK_HEADER`] (proxies).
+pub const PARTIAL_HEADER: &str = "x-local-nix-cache-partial";
+
 /// A store server's load as its [`LOAD_HEADER`] tells it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Load {

@@ -178,6 +178,7 @@ mod tests {
             nar_url: url::Url::parse("http://x/nar/x.nar").expect("url"),
             zstd: false,
             load: None,
+            partial: false,
         };
         (path.hash(), c)
     }

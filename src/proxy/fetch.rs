@@ -30,6 +30,7 @@ use super::error::{FetchError, LieKind, SourceFailure};
 use super::forms::Form;
 use super::health::Verdict;
 use super::lookup::Lookup;
+use super::partial::{Offered, Partials};
 use super::passthrough::Tap;
 use super::source::{is_transport_error, Candidate, SourceError, SourceId};
 use super::split;
@@ -49,6 +50,8 @@ pub struct FetchParts {
     pub spool: SpoolLimits,
     /// See `ProxyConfig::parallel_min_bytes`.
     pub parallel_min_bytes: u64,
+    /// Where a fetch offers its NAR to peers while it arrives (see `partial`).
+    pub partials: Option<Arc<Partials>>,
 }
 
 /// How long a fetch keeps coming back to busy peers (from their first busy answer) before it
@@ -101,6 +104,8 @@ pub struct NarFetch<'c> {
     busy_since: Option<Instant>,
     /// The longest `Retry-After` among the busy answers since the last wait.
     retry_after: Duration,
+    /// This NAR offered to peers while it arrives (`partial`), until the spool is reset.
+    offered: Option<Offered>,
 }
 
 impl<'c> NarFetch<'c> {
@@ -129,6 +134,7 @@ impl<'c> NarFetch<'c> {
             deferred: Vec::new(),
             busy_since: None,
             retry_after: Duration::ZERO,
+            offered: None,
         }
     }
 
@@ -216,7 +222,7 @@ impl<'c> NarFetch<'c> {
             .queue
             .iter()
             // Byte ranges: of uncompressed NARs only.
-            .filter(|c| matches!(c.source, SourceId::Peer(_)) && c.resumable())
+            .filter(|c| matches!(c.source, SourceId::Peer(_)) && c.resumable() && !c.partial)
             .take(split::MAX_PARALLEL_SOURCES)
             .cloned()
             .collect();
@@ -321,6 +327,7 @@ impl<'c> NarFetch<'c> {
     }
 
     async fn reset_spool(&mut self) {
+        self.offered = None;
         if let Some(sp) = self.spool.as_mut() {
             if let Some(t) = self.tap.as_mut() {
                 t.spool_reset();
@@ -334,7 +341,14 @@ impl<'c> NarFetch<'c> {
     async fn copy_from(&mut self, c: &Candidate) -> Result<(), CopyError> {
         let size = c.info.nar_size;
         if self.spool.is_none() {
-            self.spool = Some(Spool::new(&self.cx.spool, size).await.map_err(CopyError::Spool)?);
+            let sp = Spool::new(&self.cx.spool, size).await.map_err(CopyError::Spool)?;
+            // Peers may fetch the bytes so far from this host's store server (issue #24).
+            let info = self.info.clone().unwrap_or_else(|| c.info.clone());
+            self.offered = match (&self.cx.partials, sp.tail()) {
+                (Some(p), Some(tail)) => p.offer(&info, tail),
+                _ => None,
+            };
+            self.spool = Some(sp);
         }
         let resume = self.allow_resume && c.resumable();
         if self.spool.as_ref().is_some_and(|sp| !sp.is_empty() && !resume) {
@@ -346,7 +360,9 @@ impl<'c> NarFetch<'c> {
         // Only a proven peer feeds the tap, and only if everything spooled so far went through
         // it (so no byte of another source is passed on unverified).
         let tap = match self.tap.as_mut() {
-            Some(t) if t.continues_at(sp.len(), size) && self.cx.book.passes_through(&c.source) => Some(t),
+            Some(t) if t.continues_at(sp.len(), size) && !c.partial && self.cx.book.passes_through(&c.source) => {
+                Some(t)
+            }
             Some(t) => {
                 if t.sent() > 0 {
                     t.detach();
@@ -372,7 +388,11 @@ impl<'c> NarFetch<'c> {
                 Some((v, info, c.source.clone()))
             }
             Err(mut back) => {
-                if self.contributors.len() == 1 {
+                if self.contributors.len() == 1 && c.partial {
+                    // An in-flight copy relays its own source's bytes: its lie may be another's.
+                    // It costs this fetch the attempt, and is not tried again in it.
+                    tracing::info!(source = ?c.source, hash = %self.hash, "in-flight copy did not verify");
+                } else if self.contributors.len() == 1 {
                     tracing::warn!(source = ?c.source, hash = %self.hash, "NAR hash mismatch; source backed off");
                     self.cx.book.judge(&c.source, Verdict::LiedAbout(self.nar_hash));
                 } else {
@@ -382,13 +402,18 @@ impl<'c> NarFetch<'c> {
                     self.cx.stats.update(|s| s.lies += 1);
                     self.allow_resume = false;
                     let others: Vec<SourceId> = self.contributors.iter().filter(|s| **s != c.source).cloned().collect();
-                    self.tried.retain(|s| !others.contains(s));
+                    self.tried.retain(|s| !others.contains(s) && *s != c.source);
                     if let Some(k) = self.cx.cache.known(&self.hash) {
                         self.queue
                             .extend(k.candidates.into_iter().filter(|k| others.contains(&k.source)));
                     }
+                    // The last one too, after them: the liar may be one that can no longer
+                    // answer (an in-flight copy that ended), and the honest one must get its
+                    // whole attempt (issue #24).
+                    self.queue.push_back(c.clone());
                 }
                 self.last_error = Some(LieKind::HashMismatch.into());
+                self.offered = None;
                 if let Some(t) = self.tap.as_mut() {
                     t.spool_reset();
                 }

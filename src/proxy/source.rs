@@ -17,7 +17,7 @@ use url::Url;
 
 use super::forms::Form;
 use crate::beacon::{wire::NodeId, PeerTable};
-use crate::cache_url::{Load, BUSY_OK_HEADER, LOAD_HEADER, NODE_HEADER};
+use crate::cache_url::{Load, BUSY_OK_HEADER, LOAD_HEADER, NODE_HEADER, PARTIAL_HEADER};
 use crate::narinfo::{Compression, NarInfo, StorePathHash, TrustedKeys, MAX_NARINFO_BYTES};
 
 /// Host-name suffix that the resolver maps to a peer of the table.
@@ -140,6 +140,9 @@ pub struct Candidate {
     /// The load the peer's store server told with its narinfo (none for upstreams): sources
     /// are tried least loaded first (issue #24).
     pub load: Option<Load>,
+    /// The peer is itself fetching this NAR and serves the bytes it has so far
+    /// (`cache_url::PARTIAL_HEADER`): verified whole here, never passed through, never split.
+    pub partial: bool,
 }
 
 impl Candidate {
@@ -362,7 +365,12 @@ impl Sources {
             .map_err(|_| SourceError::Url(hash.to_string()))?;
         let t = self.timeouts(s);
         let fetch = async {
-            let mut resp = self.client(s).get(url).send().await?;
+            let mut req = self.client(s).get(url);
+            if matches!(s, SourceId::Peer(_)) {
+                // A proxy: it may be offered a NAR the peer is fetching (`PARTIAL_HEADER`).
+                req = req.header(BUSY_OK_HEADER, "1");
+            }
+            let mut resp = req.send().await?;
             check_node(s, &resp)?;
             match resp.status().as_u16() {
                 200 => {}
@@ -370,6 +378,7 @@ impl Sources {
                 other => return Err(SourceError::Status(other)),
             }
             let load = matches!(s, SourceId::Peer(_)).then(|| load_of(&resp)).flatten();
+            let partial = matches!(s, SourceId::Peer(_)) && resp.headers().contains_key(PARTIAL_HEADER);
             let mut body = Vec::new();
             while let Some(chunk) = resp.chunk().await? {
                 if body.len() + chunk.len() > MAX_NARINFO_BYTES {
@@ -377,13 +386,15 @@ impl Sources {
                 }
                 body.extend_from_slice(&chunk);
             }
-            Ok(Some((body, load)))
+            Ok(Some((body, load, partial)))
         };
         let body = match tokio::time::timeout(t.narinfo, fetch).await {
             Err(_) => return Err(SourceError::Timeout),
             Ok(r) => r?,
         };
-        let Some((body, load)) = body else { return Ok(None) };
+        let Some((body, load, partial)) = body else {
+            return Ok(None);
+        };
         let text = String::from_utf8_lossy(&body);
         let info = NarInfo::parse(&self.store_dir, &text)?;
         if info.store_path.hash() != *hash {
@@ -406,6 +417,7 @@ impl Sources {
                     .is_some_and(|p| p.flags & crate::beacon::wire::FLAG_NAR_ZSTD != 0)
                     && info.compression == Compression::None
                     && nar_url.path().ends_with(".nar")
+                    && !partial
             }
             SourceId::Upstream(_) => false,
         };
@@ -421,6 +433,7 @@ impl Sources {
             nar_url,
             zstd,
             load,
+            partial,
         }))
     }
 

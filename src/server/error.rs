@@ -69,6 +69,13 @@ pub enum ServeError {
         #[source]
         source: Refused,
     },
+    /// As `Busy`, for a NAR this host is still fetching (`server::partial`).
+    #[error("busy: no transfer slot for an in-flight NAR: {source}")]
+    PartialBusy {
+        peer: SocketAddr,
+        #[source]
+        source: Refused,
+    },
     #[error("daemon path info for {path} failed: {source}")]
     PathInfo {
         path: StorePath,
@@ -153,6 +160,10 @@ impl ServeError {
                 tracing::info!(%peer, %path, error = %source, "no transfer slot; answering busy");
                 busy()
             }
+            Self::PartialBusy { peer, ref source } => {
+                tracing::info!(%peer, error = %source, "no transfer slot for an in-flight NAR; answering busy");
+                busy()
+            }
             Self::NoInstallSlot { peer, ref source } => {
                 tracing::info!(%peer, error = %source, "no transfer slot for /install; answering 404");
                 h::not_found()
@@ -226,6 +237,14 @@ mod tests {
                     peer,
                     path: path(),
                     source: Refused::Timeout(super::super::transfers::BUSY_WAIT),
+                },
+                503,
+                "busy\n",
+            ),
+            (
+                ServeError::PartialBusy {
+                    peer,
+                    source: Refused::AddrQueueFull,
                 },
                 503,
                 "busy\n",

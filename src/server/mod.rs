@@ -17,6 +17,7 @@ pub mod index;
 pub mod install;
 pub mod limits;
 pub mod misses;
+pub mod partial;
 pub mod proofs;
 pub mod source;
 pub mod store_watch;
@@ -113,6 +114,8 @@ pub struct StoreServer {
     proofs: proofs::ProofLimits,
     /// Misses, checked with the daemon after their 404 (see `misses`).
     misses: misses::MissChecks,
+    /// NARs this host's proxy is fetching, served to peers' proxies as they arrive (`partial`).
+    partials: Option<Arc<crate::proxy::partial::Partials>>,
 }
 
 impl StoreServer {
@@ -146,7 +149,14 @@ impl StoreServer {
             identity: None,
             proofs: proofs::ProofLimits::default(),
             misses: misses::MissChecks::default(),
+            partials: None,
         }
+    }
+
+    /// Serves peers' proxies the NARs this host's proxy is fetching (`partial`).
+    pub fn with_partials(mut self, p: Arc<crate::proxy::partial::Partials>) -> Self {
+        self.partials = Some(p);
+        self
     }
 
     /// Hands out `binary` (checked with [`install::check_install_binary`]) to the one-liner
@@ -249,9 +259,21 @@ impl StoreServer {
         found
     }
 
-    async fn narinfo(&self, hash: &StorePathHash, arrived: tokio::time::Instant) -> Result<Response<Body>, ServeError> {
-        let e = self.lookup(hash, arrived).await.ok_or(ServeError::Miss)?;
-        Ok(h::ok(e.narinfo.clone(), "text/x-nix-narinfo"))
+    /// A path's narinfo; a miss that this host's proxy is fetching is answered to a peer's proxy
+    /// from the fetch (`partial`).
+    async fn narinfo(
+        &self,
+        req: &Request<Incoming>,
+        hash: &StorePathHash,
+        arrived: tokio::time::Instant,
+    ) -> Result<Response<Body>, ServeError> {
+        match self.lookup(hash, arrived).await {
+            Some(e) => Ok(h::ok(e.narinfo.clone(), "text/x-nix-narinfo")),
+            None => {
+                let proxy = req.headers().contains_key(cache_url::BUSY_OK_HEADER);
+                partial::narinfo(self.partials.as_deref(), proxy, hash)
+            }
+        }
     }
 
     async fn nar(
@@ -264,11 +286,12 @@ impl StoreServer {
         arrived: tokio::time::Instant,
     ) -> Result<Response<Body>, ServeError> {
         let started = Instant::now();
-        let entry = self
-            .lookup(hash, arrived)
-            .await
-            .filter(|e| e.nar_hash == *nar_hash)
-            .ok_or(ServeError::Miss)?;
+        let Some(entry) = self.lookup(hash, arrived).await.filter(|e| e.nar_hash == *nar_hash) else {
+            if zstd {
+                return Err(ServeError::Miss);
+            }
+            return partial::nar(self.partials.as_deref(), &self.streams, req, peer, hash, nar_hash).await;
+        };
         // A slot first (the queue may take a while), then the validity check right before the NAR.
         let permit = if req.method() == Method::HEAD {
             None
@@ -357,7 +380,7 @@ impl StoreServer {
             Route::Summary => self.summary(req),
             Route::Peers => self.peers(req.uri().query(), peer),
             Route::Identity => self.identity(req, peer),
-            Route::Cache(CacheRoute::NarInfo(hash)) => self.narinfo(&hash, arrived).await,
+            Route::Cache(CacheRoute::NarInfo(hash)) => self.narinfo(req, &hash, arrived).await,
             Route::Cache(CacheRoute::Nar {
                 hash,
                 nar_hash,

@@ -12,9 +12,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::fake::{FakeCache, Reply, Rig};
+use crate::common::fake::{test_key, FakeCache, FakePath, Reply, Rig};
 use crate::common::*;
 use local_nix_cache::beacon::wire::FLAG_NAR_NONE;
+use local_nix_cache::cache_url;
 use local_nix_cache::narinfo::{PublicKey, TrustedKeys};
 use local_nix_cache::proxy::Proxy;
 
@@ -164,4 +165,177 @@ fn a_crowd_at_a_busy_holder_leaves_the_upstream_alone() {
     );
     let from_peers: u64 = proxies.iter().map(|p| p.stats().nars_from_peers).sum();
     assert_eq!(from_peers, CROWD as u64);
+}
+
+/// A node D (real `serve` in-process: store server and proxy) fetching `p` from a slow upstream
+/// that sends 128 KiB every 100 ms until the test opens `gate`; `bad_at`: a byte of the NAR the
+/// upstream flips (a lying source behind D).
+struct Downloader {
+    _host: Host,
+    node: TestNode,
+    upstream: Arc<FakeCache>,
+    gate: Arc<tokio::sync::Semaphore>,
+    /// D's own Nix asking its proxy for the NAR (what starts D's fetch).
+    own: Option<std::thread::JoinHandle<Resp>>,
+    _upstream_rig: Rig,
+}
+
+impl Downloader {
+    fn start(p: &FakePath, bad_at: Option<usize>) -> Self {
+        let host = Host::with_paths(&[]);
+        let upstream = Arc::new(FakeCache::default());
+        upstream.set(&format!("/{}.narinfo", p.hash()), Reply::ok(p.info.render()));
+        let mut nar = p.nar.to_vec();
+        if let Some(at) = bad_at {
+            nar[at] ^= 1;
+        }
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        upstream.set(
+            &format!("/{}", p.info.url),
+            Reply::Gated {
+                body: nar.into(),
+                piece: 128 * 1024,
+                every: Duration::from_millis(100),
+                gate: gate.clone(),
+            },
+        );
+        let upstream_rig = Rig::new();
+        let up = format!("http://{}/", upstream_rig.cache(upstream.clone()));
+        let state = tempfile::tempdir().expect("state").keep();
+        let settings = local_nix_cache::cli::serve_settings([
+            "--state-dir",
+            &state.display().to_string(),
+            "--store",
+            &host.store_addr().to_string(),
+            "--listen",
+            "127.0.0.1:0",
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--trusted-public-key",
+            &test_key().public().to_string(),
+            "--daemon-connections",
+            "4",
+            "--no-beacon",
+            "--upstream",
+            &up,
+        ])
+        .expect("settings");
+        let node = TestNode::start(settings);
+        Self {
+            _host: host,
+            node,
+            upstream,
+            gate,
+            own: None,
+            _upstream_rig: upstream_rig,
+        }
+    }
+
+    /// D's Nix asks D's proxy for the NAR; returns once D's store server offers it to proxies
+    /// (its narinfo answered, marked in flight).
+    fn fetch_and_offer(&mut self, p: &FakePath, proxy: SocketAddr) {
+        let url = p.nar_url();
+        self.own = Some(std::thread::spawn(move || get(proxy, &url)));
+        let addr = self.node.addr;
+        let path = format!("/{}.narinfo", p.hash());
+        wait_until(
+            "D's store server offers the NAR it is fetching",
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || {
+                let r = request(addr, "GET", &path, &[(cache_url::BUSY_OK_HEADER, "1")]);
+                r.status == 200 && r.header(cache_url::PARTIAL_HEADER).is_some()
+            },
+        );
+        // A Nix client (no proxy header) is never offered an in-flight path.
+        assert_eq!(get(addr, &path).status, 404);
+    }
+
+    /// Waits until D's store server streams a NAR body to a peer, then lets its upstream finish.
+    fn open_gate_once_serving(&self) {
+        let addr = self.node.addr;
+        wait_until(
+            "D's store server streams the in-flight NAR to a peer",
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || {
+                let r = get(addr, "/nix-cache-info");
+                r.header(cache_url::LOAD_HEADER)
+                    .and_then(cache_url::Load::parse)
+                    .is_some_and(|l| l.streaming >= 1)
+            },
+        );
+        self.gate.add_permits(1 << 20);
+    }
+}
+
+/// The proxy address of a node (its store server's address is `node.addr`).
+fn proxy_addr(node: &TestNode) -> SocketAddr {
+    node.proxy_addr.expect("the node's proxy listens")
+}
+
+/// Issue #24: a host that is itself fetching P answers another proxy's request for P with the
+/// bytes it has, following its spool as it grows, and that proxy gets a verified P. Before, only
+/// imported paths were served: the other proxy, with no other source, answered 404.
+#[test]
+fn a_host_fetching_a_nar_serves_it_to_a_peer_while_it_arrives() {
+    require!(nix);
+    let p = FakePath::new("crowd-inflight", 24 << 20, 31);
+    let mut d = Downloader::start(&p, None);
+    d.fetch_and_offer(&p, proxy_addr(&d.node));
+    let rig = Rig::new();
+    rig.announce(d.node.addr, d.node.node_id, FLAG_NAR_NONE, None);
+    let (r_addr, r) = rig.proxy(vec![]);
+    let url = p.nar_url();
+    let asked = std::thread::spawn(move || get(r_addr, &url));
+    d.open_gate_once_serving();
+    let got = asked.join().expect("R's request");
+    assert_eq!(got.status, 200);
+    assert!(got.body == p.nar, "R delivered the NAR");
+    let own = d.own.take().expect("D's request").join().expect("D's request");
+    assert!(own.status == 200 && own.body == p.nar, "D delivered it too");
+    assert_eq!(r.stats().nars_from_peers, 1);
+    assert_eq!(
+        d.upstream.requests_for(&p.info.url),
+        1,
+        "only D fetched the NAR from the upstream"
+    );
+}
+
+/// Issue #24: an in-flight copy whose source lied costs time only: the receiving proxy does not
+/// pass its bytes on, verifies the NAR whole and gets it from an honest holder.
+#[test]
+fn a_corrupt_in_flight_copy_costs_time_only() {
+    require!(nix);
+    let p = FakePath::new("crowd-inflight-bad", 24 << 20, 37);
+    let mut d = Downloader::start(&p, Some(5 << 20));
+    d.fetch_and_offer(&p, proxy_addr(&d.node));
+    let rig = Rig::new();
+    rig.announce(d.node.addr, d.node.node_id, FLAG_NAR_NONE, None);
+    // An honest holder, whose narinfo comes a moment after D's: R asks D first.
+    let honest = Arc::new(FakeCache::default());
+    honest.serve_path(&p);
+    honest.set(
+        &format!("/{}.narinfo", p.hash()),
+        Reply::slow(p.info.render(), Duration::from_millis(150)),
+    );
+    rig.peer(honest.clone(), 9);
+    let (r_addr, r) = rig.proxy(vec![]);
+    // Nix asks for the narinfo first: D answers first and wins the race.
+    let info = get(r_addr, &format!("/{}.narinfo", p.hash()));
+    assert_eq!(info.status, 200);
+    let url = p.nar_url();
+    let asked = std::thread::spawn(move || get(r_addr, &url));
+    d.open_gate_once_serving();
+    let got = asked.join().expect("R's request");
+    assert_eq!(got.status, 200);
+    assert!(got.body == p.nar, "R delivered the right NAR");
+    assert!(honest.requests_for(&p.info.url) >= 1, "the honest holder sent it");
+    let s = r.stats();
+    assert_eq!(
+        (s.nars_from_peers, s.nar_failures, s.nars_passed_through),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    let _ = d.own.take().map(|t| t.join());
 }
