@@ -31,6 +31,13 @@ pub const LOAD_HEADER: &str = "x-local-nix-cache-load";
 /// requests carrying [`BUSY_OK_HEADER`] (proxies).
 pub const PARTIAL_HEADER: &str = "x-local-nix-cache-partial";
 
+/// Header of a busy answer (503) naming, as comma-separated node ids (hex), hosts that stream the
+/// NAR from this server now: they are fetching it and serve what they have (at most
+/// [`MAX_TRY_HINTS`]; the receiver asks only those in its own peer table).
+pub const TRY_HEADER: &str = "x-local-nix-cache-try";
+/// Most node ids a busy answer names (and a proxy reads from one).
+pub const MAX_TRY_HINTS: usize = 4;
+
 /// A store server's load as its [`LOAD_HEADER`] tells it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Load {

@@ -37,6 +37,7 @@ use super::split;
 use super::spool::{Spool, SpoolError, SpoolLimits};
 use super::stats::StatsKeeper;
 use super::verified::Verified;
+use crate::beacon::wire::NodeId;
 use crate::narinfo::{Compression, NarHash, NarInfo, StorePathHash};
 
 /// What a NAR fetch needs of the proxy, and nothing else: shared (`Arc`) so a fetch can run in a
@@ -59,6 +60,8 @@ pub struct FetchParts {
 /// (`stalled-download-timeout`), above the time a holder's 32 slots take to turn over for a
 /// crowd of 100 (issue #24).
 pub const BUSY_WAIT_CAP: Duration = Duration::from_secs(180);
+/// Hosts a fetch asks because busy sources named them (each once per fetch).
+const MAX_HINTED: usize = 64;
 
 /// A verified NAR with the narinfo it was checked against and where it came from.
 pub type Fetched = (Verified, Arc<NarInfo>, SourceId);
@@ -106,6 +109,11 @@ pub struct NarFetch<'c> {
     retry_after: Duration,
     /// This NAR offered to peers while it arrives (`partial`), until the spool is reset.
     offered: Option<Offered>,
+    /// Hosts busy sources named as streaming the NAR, not asked yet.
+    hints: Vec<NodeId>,
+    /// Every host ever named so (each asked once per fetch through a hint), at most
+    /// [`MAX_HINTED`].
+    hinted: HashSet<NodeId>,
 }
 
 impl<'c> NarFetch<'c> {
@@ -135,6 +143,8 @@ impl<'c> NarFetch<'c> {
             busy_since: None,
             retry_after: Duration::ZERO,
             offered: None,
+            hints: Vec::new(),
+            hinted: HashSet::new(),
         }
     }
 
@@ -176,7 +186,9 @@ impl<'c> NarFetch<'c> {
                     self.reset_spool().await;
                     self.last_error = Some(e.into());
                 }
-                Err(CopyError::Failed(SourceError::Busy { retry_after })) => self.busy_source(c, retry_after),
+                Err(CopyError::Failed(SourceError::Busy { retry_after, hints })) => {
+                    self.busy_source(c, retry_after, hints)
+                }
                 Err(CopyError::Failed(e)) => {
                     let got = self.spool.as_ref().map_or(0, Spool::len);
                     tracing::info!(source = ?c.source, hash = %self.hash, got, error = %e, "NAR source failed; trying the next");
@@ -264,15 +276,23 @@ impl<'c> NarFetch<'c> {
 
     /// A peer answered busy: not a failure (no back-off, its bytes kept for a resume); it is
     /// asked again after the wait.
-    fn busy_source(&mut self, c: Candidate, retry_after: Duration) {
-        tracing::debug!(source = ?c.source, hash = %self.hash, ?retry_after, "NAR source busy; trying the next");
+    /// Its hints (hosts streaming the NAR from it) are asked at once, each once per fetch.
+    fn busy_source(&mut self, c: Candidate, retry_after: Duration, hints: Vec<NodeId>) {
+        tracing::debug!(source = ?c.source, hash = %self.hash, ?retry_after, ?hints, "NAR source busy; trying the next");
         self.cx.stats.update(|s| s.busy_answers += 1);
-        self.cx
-            .book
-            .judge(&c.source, Verdict::Failed(&SourceError::Busy { retry_after }));
+        let e = SourceError::Busy {
+            retry_after,
+            hints: Vec::new(),
+        };
+        self.cx.book.judge(&c.source, Verdict::Failed(&e));
         self.busy_since.get_or_insert_with(Instant::now);
         self.retry_after = self.retry_after.max(retry_after);
-        self.last_error = Some(SourceFailure::Failed(SourceError::Busy { retry_after }));
+        self.last_error = Some(SourceFailure::Failed(e));
+        for n in hints {
+            if self.hinted.len() < MAX_HINTED && self.hinted.insert(n) {
+                self.hints.push(n);
+            }
+        }
         self.busy.push(c);
     }
 
@@ -289,8 +309,20 @@ impl<'c> NarFetch<'c> {
     /// come back at once), then asks the peers again, busy ones included (hosts that got the NAR
     /// since are found; each answers with its load), and queues them least loaded first. The
     /// upstreams are not asked again (their candidates wait in `deferred`).
+    /// Hosts that busy sources named are asked first, without a wait.
     async fn wait_and_replan(&mut self) {
         use rand::Rng;
+        if !self.hints.is_empty() {
+            let found = self.ask_hints().await;
+            if !found.is_empty() {
+                for c in found {
+                    self.cx.cache.remember(self.hash, c.clone());
+                    self.queue.push_back(c);
+                }
+                self.cx.book.rank(self.queue.make_contiguous());
+                return;
+            }
+        }
         let left = self
             .busy_since
             .map_or(BUSY_WAIT_CAP, |t| BUSY_WAIT_CAP.saturating_sub(t.elapsed()));
@@ -423,6 +455,35 @@ impl<'c> NarFetch<'c> {
                 None
             }
         }
+    }
+}
+
+impl NarFetch<'_> {
+    /// Asks the hosts busy sources named (usable peers of the table, not tried, not queued) for
+    /// the narinfo, at once; those with this NAR.
+    async fn ask_hints(&mut self) -> Vec<Candidate> {
+        let hints = std::mem::take(&mut self.hints);
+        let (book, hash, nar_hash) = (&self.cx.book, self.hash, self.nar_hash);
+        let ask: Vec<SourceId> = hints
+            .into_iter()
+            .map(SourceId::Peer)
+            .filter(|s| !self.tried.contains(s) && !self.queue.iter().any(|q| q.source == *s))
+            .filter(|s| matches!(s, SourceId::Peer(n) if book.usable(n)) && book.may_ask_for(s, &nar_hash))
+            .collect();
+        let asks = ask.into_iter().map(|s| async move {
+            let r = tokio::time::timeout(super::lookup::PEER_LOOKUP_BUDGET, book.sources().narinfo(&s, &hash)).await;
+            match r {
+                Ok(Ok(Some(c))) if c.info.nar_hash == nar_hash => Some(c),
+                _ => None,
+            }
+        });
+        let found: Vec<Candidate> = futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        tracing::debug!(hash = %self.hash, found = found.len(), "asked the hosts a busy source named");
+        found
     }
 }
 

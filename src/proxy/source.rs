@@ -74,7 +74,12 @@ pub enum SourceError {
     /// A peer's store server has no transfer slot free now (503): not a failure and not a lie;
     /// the fetch tries the NAR's other sources and comes back after `retry_after` (issue #24).
     #[error("busy, retry after {retry_after:?}")]
-    Busy { retry_after: Duration },
+    Busy {
+        retry_after: Duration,
+        /// Peers the busy server names as streaming the NAR from it now (`cache_url::TRY_HEADER`;
+        /// at most `cache_url::MAX_TRY_HINTS`): they serve what they have.
+        hints: Vec<NodeId>,
+    },
 }
 
 /// The shortest and longest wait a busy answer's `Retry-After` is taken as (a peer's header is
@@ -90,6 +95,19 @@ fn busy_retry_after(resp: &reqwest::Response) -> Duration {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(1);
     Duration::from_secs(secs).clamp(BUSY_RETRY_BOUNDS.0, BUSY_RETRY_BOUNDS.1)
+}
+
+/// The node ids a busy answer names (`cache_url::TRY_HEADER`), at most `MAX_TRY_HINTS`; what
+/// does not parse is skipped.
+fn busy_hints(resp: &reqwest::Response) -> Vec<NodeId> {
+    resp.headers()
+        .get(crate::cache_url::TRY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .take(crate::cache_url::MAX_TRY_HINTS)
+        .filter_map(|n| n.trim().parse::<NodeId>().ok())
+        .collect()
 }
 
 /// The load a peer's store server told in its answer (none: not told, or not parseable).
@@ -470,6 +488,7 @@ impl Sources {
             503 if matches!(c.source, SourceId::Peer(_)) => {
                 return Err(SourceError::Busy {
                     retry_after: busy_retry_after(&resp),
+                    hints: busy_hints(&resp),
                 })
             }
             other => return Err(SourceError::Status(other)),
@@ -539,6 +558,7 @@ impl Sources {
         if resp.status().as_u16() == 503 && matches!(c.source, SourceId::Peer(_)) {
             return Err(SourceError::Busy {
                 retry_after: busy_retry_after(&resp),
+                hints: busy_hints(&resp),
             });
         }
         if resp.status().as_u16() != 206 || !from_start {

@@ -68,6 +68,8 @@ pub enum ServeError {
         path: StorePath,
         #[source]
         source: Refused,
+        /// Hosts streaming this NAR from here now, to be tried instead (`cache_url::TRY_HEADER`).
+        hints: Vec<crate::beacon::wire::NodeId>,
     },
     /// As `Busy`, for a NAR this host is still fetching (`server::partial`).
     #[error("busy: no transfer slot for an in-flight NAR: {source}")]
@@ -75,6 +77,7 @@ pub enum ServeError {
         peer: SocketAddr,
         #[source]
         source: Refused,
+        hints: Vec<crate::beacon::wire::NodeId>,
     },
     #[error("daemon path info for {path} failed: {source}")]
     PathInfo {
@@ -105,9 +108,19 @@ pub enum ServeError {
     Range { size: u64 },
 }
 
-/// The busy answer: 503, `Retry-After` in whole seconds, a fixed body.
-fn busy() -> Response<Body> {
+/// The busy answer: 503, `Retry-After` in whole seconds, the hosts to try instead, a fixed body.
+fn busy(hints: &[crate::beacon::wire::NodeId]) -> Response<Body> {
     let mut r = h::text(StatusCode::SERVICE_UNAVAILABLE, "busy\n");
+    let ids: Vec<String> = hints
+        .iter()
+        .take(crate::cache_url::MAX_TRY_HINTS)
+        .map(ToString::to_string)
+        .collect();
+    if let Ok(v) = http::HeaderValue::from_str(&ids.join(",")) {
+        if !ids.is_empty() {
+            r.headers_mut().insert(crate::cache_url::TRY_HEADER, v);
+        }
+    }
     let secs = super::transfers::BUSY_RETRY_AFTER.as_secs().max(1);
     if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
         r.headers_mut().insert(http::header::RETRY_AFTER, v);
@@ -156,13 +169,18 @@ impl ServeError {
                 peer,
                 ref path,
                 ref source,
+                ref hints,
             } => {
-                tracing::info!(%peer, %path, error = %source, "no transfer slot; answering busy");
-                busy()
+                tracing::info!(%peer, %path, error = %source, hints = hints.len(), "no transfer slot; answering busy");
+                busy(hints)
             }
-            Self::PartialBusy { peer, ref source } => {
-                tracing::info!(%peer, error = %source, "no transfer slot for an in-flight NAR; answering busy");
-                busy()
+            Self::PartialBusy {
+                peer,
+                ref source,
+                ref hints,
+            } => {
+                tracing::info!(%peer, error = %source, hints = hints.len(), "no transfer slot for an in-flight NAR; answering busy");
+                busy(hints)
             }
             Self::NoInstallSlot { peer, ref source } => {
                 tracing::info!(%peer, error = %source, "no transfer slot for /install; answering 404");
@@ -237,6 +255,7 @@ mod tests {
                     peer,
                     path: path(),
                     source: Refused::Timeout(super::super::transfers::BUSY_WAIT),
+                    hints: vec![crate::beacon::wire::NodeId([7; 16])],
                 },
                 503,
                 "busy\n",
@@ -245,6 +264,7 @@ mod tests {
                 ServeError::PartialBusy {
                     peer,
                     source: Refused::AddrQueueFull,
+                    hints: Vec::new(),
                 },
                 503,
                 "busy\n",
@@ -296,6 +316,11 @@ mod tests {
                 status == 503,
                 "{name}"
             );
+            if name.starts_with("Busy") {
+                assert_eq!(r.headers()[crate::cache_url::TRY_HEADER], "07".repeat(16));
+            } else {
+                assert!(r.headers().get(crate::cache_url::TRY_HEADER).is_none(), "{name}");
+            }
             let got = r.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(got, body.as_bytes(), "{name}");
         }

@@ -238,6 +238,12 @@ impl StoreServer {
         self
     }
 
+    /// The hosts (node ids, from the beacon's table) that a refusal names as streaming the NAR,
+    /// for a busy answer (`cache_url::TRY_HEADER`).
+    fn hints(&self, r: &transfers::Refused) -> Vec<crate::beacon::wire::NodeId> {
+        hints_in(self.peers.as_deref(), r)
+    }
+
     /// The servable entry for `hash`, from the index alone: a miss is answered at once, the same
     /// way for every kind of path, and checked with the daemon afterwards (`misses`), so a path
     /// added or signed since the last scan is served from the next request on. Until the first
@@ -290,7 +296,17 @@ impl StoreServer {
             if zstd {
                 return Err(ServeError::Miss);
             }
-            return partial::nar(self.partials.as_deref(), &self.streams, req, peer, hash, nar_hash).await;
+            let hints = |r: &transfers::Refused| self.hints(r);
+            return partial::nar(
+                self.partials.as_deref(),
+                &self.streams,
+                req,
+                peer,
+                hash,
+                nar_hash,
+                hints,
+            )
+            .await;
         };
         // A slot first (the queue may take a while), then the validity check right before the NAR.
         let permit = if req.method() == Method::HEAD {
@@ -299,23 +315,31 @@ impl StoreServer {
             // A proxy takes a busy answer (it tries another source or comes back); a Nix
             // client waits in the queue and gets a miss after it (it fails a build on a 5xx).
             let busy_ok = req.headers().contains_key(cache_url::BUSY_OK_HEADER);
-            let wait = if busy_ok {
-                transfers::BUSY_WAIT
-            } else {
-                transfers::QUEUE_WAIT
+            // A proxy also shares one NAR with at most `MAX_TRANSFERS_PER_NAR` others at once
+            // (and is told whom to try instead).
+            let t = &self.streams.transfers;
+            let got = match busy_ok {
+                true => {
+                    t.acquire_for_nar(peer.ip(), *nar_hash, transfers::MAX_TRANSFERS_PER_NAR)
+                        .await
+                }
+                false => t.acquire(peer.ip()).await,
             };
-            let p = self
-                .streams
-                .transfers
-                .acquire_within(peer.ip(), wait)
-                .await
-                .map_err(|source| {
-                    let path = entry.path.clone();
-                    match busy_ok {
-                        true => ServeError::Busy { peer, path, source },
-                        false => ServeError::NoSlot { peer, path, source },
+            let p = got.map_err(|source| {
+                let path = entry.path.clone();
+                match busy_ok {
+                    true => {
+                        let hints = self.hints(&source);
+                        ServeError::Busy {
+                            peer,
+                            path,
+                            source,
+                            hints,
+                        }
                     }
-                })?;
+                    false => ServeError::NoSlot { peer, path, source },
+                }
+            })?;
             Some(Arc::new(p))
         };
         // The daemon's NarFromPath does not check validity: ask for the path info right before,
@@ -499,6 +523,22 @@ pub fn parts(
         ));
     }
     Running { addrs, parts }
+}
+
+/// See [`StoreServer::hints`].
+fn hints_in(table: Option<&crate::beacon::PeerTable>, r: &transfers::Refused) -> Vec<crate::beacon::wire::NodeId> {
+    let (Some(t), transfers::Refused::NarShared(ips)) = (table, r) else {
+        return Vec::new();
+    };
+    t.peers()
+        .into_iter()
+        .filter(|p| {
+            ips.iter()
+                .any(|ip| ip.to_canonical() == p.http_addr().ip().to_canonical())
+        })
+        .map(|p| p.node)
+        .take(crate::cache_url::MAX_TRY_HINTS)
+        .collect()
 }
 
 /// Connections that count as a burst: once the open ones fall to a quarter of such a peak,

@@ -49,6 +49,7 @@ pub async fn nar(
     peer: SocketAddr,
     hash: &StorePathHash,
     nar_hash: &NarHash,
+    hints: impl Fn(&transfers::Refused) -> Vec<crate::beacon::wire::NodeId>,
 ) -> Result<Response<Body>, ServeError> {
     let proxy = req.headers().contains_key(crate::cache_url::BUSY_OK_HEADER);
     let p = partials
@@ -65,9 +66,13 @@ pub async fn nar(
     } else {
         let permit = streams
             .transfers
-            .acquire_within(peer.ip(), transfers::BUSY_WAIT)
+            .acquire_for_nar(peer.ip(), *nar_hash, transfers::MAX_TRANSFERS_PER_NAR)
             .await
-            .map_err(|source| ServeError::PartialBusy { peer, source })?;
+            .map_err(|source| ServeError::PartialBusy {
+                peer,
+                hints: hints(&source),
+                source,
+            })?;
         streams.tail_body(
             p.tail.clone(),
             hash.to_string(),

@@ -47,6 +47,12 @@ pub const BUSY_WAIT: Duration = Duration::from_secs(1);
 /// The `Retry-After` of a busy answer: when a slot may be free (the proxy adds jitter).
 pub const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// Bodies of one NAR streamed at once to proxies (requests that take a busy answer): past it a
+/// proxy is answered busy at once, with the hosts that stream that NAR from here as hints, so a
+/// crowd fetching one path forms a tree (each host feeding two others, from the bytes it has so
+/// far) instead of a star around the holder (issue #24). Nix clients are not counted.
+pub const MAX_TRANSFERS_PER_NAR: usize = 2;
+
 /// The transfer slots of one server.
 pub struct Transfers {
     state: Mutex<State>,
@@ -66,6 +72,9 @@ struct State {
     keys: HashMap<IpAddr, (usize, usize)>,
     /// Waiting requests in arrival order.
     queue: VecDeque<Waiter>,
+    /// Per NAR streamed to proxies: the client addresses streaming it (one entry per held
+    /// [`Permit`] that names the NAR, so at most `max` in all).
+    per_nar: HashMap<crate::narinfo::NarHash, Vec<IpAddr>>,
     next_id: u64,
 }
 
@@ -114,11 +123,23 @@ impl State {
 pub struct Permit {
     transfers: Arc<Transfers>,
     key: IpAddr,
+    /// The NAR and client address it counts for ([`Transfers::acquire_for_nar`]).
+    nar: Option<(crate::narinfo::NarHash, IpAddr)>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut st = self.transfers.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((nar, ip)) = self.nar {
+            if let Some(v) = st.per_nar.get_mut(&nar) {
+                if let Some(i) = v.iter().position(|a| *a == ip) {
+                    v.swap_remove(i);
+                }
+                if v.is_empty() {
+                    st.per_nar.remove(&nar);
+                }
+            }
+        }
         if let Some(k) = st.keys.get_mut(&self.key) {
             k.0 -= 1;
         }
@@ -169,6 +190,9 @@ pub enum Refused {
     AddrQueueFull,
     #[error("no transfer slot within {0:?}")]
     Timeout(Duration),
+    /// [`MAX_TRANSFERS_PER_NAR`] proxies stream this NAR already: these addresses.
+    #[error("this NAR is streamed to {} proxies already", .0.len())]
+    NarShared(Vec<IpAddr>),
 }
 
 impl Default for Transfers {
@@ -217,6 +241,7 @@ impl Transfers {
                 return Ok(Permit {
                     transfers: self.clone(),
                     key,
+                    nar: None,
                 });
             }
             k.1 += 1;
@@ -240,10 +265,35 @@ impl Transfers {
                 Ok(Permit {
                     transfers: self.clone(),
                     key,
+                    nar: None,
                 })
             }
             _ => Err(Refused::Timeout(wait)),
         }
+    }
+
+    /// A slot for a proxy at `ip` streaming the NAR `nar`, waiting at most [`BUSY_WAIT`]; refused
+    /// at once while `max_per_nar` proxies stream that NAR ([`Refused::NarShared`] names them).
+    pub async fn acquire_for_nar(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        nar: crate::narinfo::NarHash,
+        max_per_nar: usize,
+    ) -> Result<Permit, Refused> {
+        let shared = |st: &State| st.per_nar.get(&nar).filter(|v| v.len() >= max_per_nar.max(1)).cloned();
+        if let Some(v) = shared(&self.state.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Err(Refused::NarShared(v));
+        }
+        let mut p = self.acquire_within(ip, BUSY_WAIT).await?;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Another proxy may have taken the NAR's last share while this one waited.
+        if let Some(v) = shared(&st) {
+            drop(st);
+            return Err(Refused::NarShared(v));
+        }
+        st.per_nar.entry(nar).or_default().push(ip);
+        p.nar = Some((nar, ip));
+        Ok(p)
     }
 
     /// True if no transfer runs or waits now but some ran since the last call that said so
@@ -403,6 +453,35 @@ mod tests {
         assert_eq!(t.load().streaming, 1);
         drop(p);
         assert_eq!(t.load(), crate::cache_url::Load::default());
+    }
+
+    /// Issue #24: at most `max_per_nar` proxies stream one NAR; the next is refused at once with
+    /// their addresses, another NAR still gets a slot, and a finished transfer frees its share.
+    #[tokio::test(start_paused = true)]
+    async fn a_nar_is_streamed_to_at_most_its_share_of_proxies() {
+        let t = Arc::new(Transfers::new(8, 8, 8, Duration::from_secs(20)));
+        let (x, y) = (
+            crate::narinfo::NarHash::from_digest([1; 32]),
+            crate::narinfo::NarHash::from_digest([2; 32]),
+        );
+        let a = t.acquire_for_nar(ip("10.0.0.1"), x, 2).await.expect("a");
+        let _b = t.acquire_for_nar(ip("10.0.0.2"), x, 2).await.expect("b");
+        let t0 = tokio::time::Instant::now();
+        match t.acquire_for_nar(ip("10.0.0.3"), x, 2).await {
+            Err(Refused::NarShared(mut v)) => {
+                v.sort();
+                assert_eq!(v, vec![ip("10.0.0.1"), ip("10.0.0.2")]);
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO, "refused at once");
+        assert!(t.acquire_for_nar(ip("10.0.0.3"), y, 2).await.is_ok(), "another NAR");
+        drop(a);
+        let _c = t
+            .acquire_for_nar(ip("10.0.0.3"), x, 2)
+            .await
+            .expect("a's share is free");
+        assert_eq!(t.state.lock().expect("lock").per_nar[&x].len(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -88,3 +88,22 @@ fn a_busy_answers_retry_after_is_bounded() {
         assert_eq!(busy_retry_after(&resp(v)), want, "{v:?}");
     }
 }
+
+/// Issue #24: the hosts a busy answer names are read as node ids, at most `MAX_TRY_HINTS`,
+/// what does not parse skipped.
+#[test]
+fn a_busy_answers_hints_are_node_ids_and_capped() {
+    let id = |b: u8| NodeId([b; 16]);
+    let resp = |v: &str| {
+        let r = http::Response::builder()
+            .status(503)
+            .header(crate::cache_url::TRY_HEADER, v)
+            .body("busy")
+            .expect("response");
+        reqwest::Response::from(r)
+    };
+    let all: Vec<String> = (1..=6u8).map(|b| id(b).to_string()).collect();
+    assert_eq!(busy_hints(&resp(&all.join(","))), (1..=4u8).map(id).collect::<Vec<_>>());
+    assert_eq!(busy_hints(&resp(&format!("junk, {}", id(9)))), vec![id(9)]);
+    assert!(busy_hints(&reqwest::Response::from(http::Response::new("x"))).is_empty());
+}
