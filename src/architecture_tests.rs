@@ -527,7 +527,7 @@ fn the_architecture_doc_quotes_the_constants() {
         format!("at most {})", kib(u(http::MAX_READ_BUF))),
         format!("NAR streams leave {} to queries", store::QUERY_RESERVE),
         format!(
-            "transfers ({}, {} per address, {} fair queue; a proxy's request waits {} and is then answered busy, `Retry-After` {}; one NAR streams to at most {} proxies at once, the next is answered busy at once naming them, at most {})",
+            "transfers ({}, {} per address, {} fair queue; a proxy's request waits {} and is then answered busy, `Retry-After` {}; one NAR streams to at most {} proxies at once, the next is answered busy at once naming them, at most {}; NARs of {} or less are not shared so)",
             server::transfers::MAX_TRANSFERS,
             server::transfers::MAX_TRANSFERS_PER_ADDR,
             secs(server::transfers::QUEUE_WAIT),
@@ -535,6 +535,7 @@ fn the_architecture_doc_quotes_the_constants() {
             secs(server::transfers::BUSY_RETRY_AFTER),
             server::transfers::MAX_TRANSFERS_PER_NAR,
             cache_url::MAX_TRY_HINTS,
+            mib(server::transfers::SHARED_NAR_MIN_BYTES),
         ),
         format!(
             "NARs offered to peers while they arrive ({}, `MAX_PARTIALS`; each a narinfo and a handle on its spool file; a reader reads {} at a time and waits at most {} for more)",

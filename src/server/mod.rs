@@ -318,12 +318,16 @@ impl StoreServer {
             // A proxy also shares one NAR with at most `MAX_TRANSFERS_PER_NAR` others at once
             // (and is told whom to try instead).
             let t = &self.streams.transfers;
-            let got = match busy_ok {
-                true => {
+            // Only NARs a downloader can relay (file-spooled ones) are shared so: a small one is
+            // over in moments, and its takers could only wait.
+            let shared = entry.nar_size > transfers::SHARED_NAR_MIN_BYTES;
+            let got = match (busy_ok, shared) {
+                (true, true) => {
                     t.acquire_for_nar(peer.ip(), *nar_hash, transfers::MAX_TRANSFERS_PER_NAR)
                         .await
                 }
-                false => t.acquire(peer.ip()).await,
+                (true, false) => t.acquire_within(peer.ip(), transfers::BUSY_WAIT).await,
+                (false, _) => t.acquire(peer.ip()).await,
             };
             let p = got.map_err(|source| {
                 let path = entry.path.clone();

@@ -52,6 +52,9 @@ pub const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// crowd fetching one path forms a tree (each host feeding two others, from the bytes it has so
 /// far) instead of a star around the holder (issue #24). Nix clients are not counted.
 pub const MAX_TRANSFERS_PER_NAR: usize = 2;
+/// NARs up to this size are not shared so: a proxy spools them in memory and cannot relay them
+/// (`proxy::MEM_SPOOL_ONE`), and they are over in moments.
+pub const SHARED_NAR_MIN_BYTES: u64 = crate::proxy::MEM_SPOOL_ONE;
 
 /// The transfer slots of one server.
 pub struct Transfers {
