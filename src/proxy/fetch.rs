@@ -192,7 +192,11 @@ impl<'c> NarFetch<'c> {
                 Err(CopyError::Failed(e)) => {
                     let got = self.spool.as_ref().map_or(0, Spool::len);
                     tracing::info!(source = ?c.source, hash = %self.hash, got, error = %e, "NAR source failed; trying the next");
-                    self.cx.book.judge(&c.source, Verdict::Failed(&e));
+                    // An in-flight copy that is gone (its fetch ended, its store not yet
+                    // indexed) answers 404: not the peer's failure.
+                    if !(c.partial && matches!(e, SourceError::Status(404))) {
+                        self.cx.book.judge(&c.source, Verdict::Failed(&e));
+                    }
                     if got > 0 {
                         self.contributors.push(c.source.clone());
                     }
