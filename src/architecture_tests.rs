@@ -545,7 +545,7 @@ fn the_architecture_doc_quotes_the_constants() {
         ),
         format!(
             "busy peers asked again for at most {} (`BUSY_WAIT_CAP`), their `Retry-After` taken within {} and {}",
-            secs(proxy::fetch::BUSY_WAIT_CAP),
+            secs(proxy::busy::BUSY_WAIT_CAP),
             secs(proxy::source::BUSY_RETRY_BOUNDS.0),
             secs(proxy::source::BUSY_RETRY_BOUNDS.1),
         ),
