@@ -577,17 +577,4 @@ async fn release_memory_when_idle(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn install_routes_before_cache_routes() {
-        assert_eq!(route("/install"), Ok(Route::Install));
-        assert_eq!(route("/install/local-nix-cache"), Ok(Route::InstallBinary));
-        assert_eq!(route("/nix-cache-info"), Ok(Route::Cache(CacheRoute::CacheInfo)));
-        assert_eq!(route("/install/x"), Err(RouteError::NotFound));
-        assert_eq!(route("/peers"), Ok(Route::Peers));
-        assert_eq!(route("/identity"), Ok(Route::Identity));
-        assert_eq!(route("/install/../x"), Err(RouteError::BadRequest));
-    }
-}
+mod tests;
