@@ -91,8 +91,10 @@ impl Partials {
         })
     }
 
-    /// The NAR of `hash` being fetched, if offered and its bytes are still there to serve (not
-    /// after a reset, nor when a pass-through took its start: then its file lacks it).
+    /// The NAR of `hash` being fetched, if offered, once its first bytes landed (a fetch that
+    /// waits for a busy source has nothing to give, and must not draw the crowd to itself), and
+    /// while they are there to serve (not after a reset, nor when a pass-through took its start:
+    /// then its file lacks it).
     pub fn get(&self, hash: &StorePathHash) -> Option<Arc<Partial>> {
         let p = self
             .offers
@@ -100,7 +102,7 @@ impl Partials {
             .unwrap_or_else(|p| p.into_inner())
             .get(hash)
             .cloned()?;
-        (!p.tail.abandoned()).then_some(p)
+        (!p.tail.abandoned() && p.tail.filled() > 0).then_some(p)
     }
 }
 
@@ -143,6 +145,8 @@ mod tests {
         let hash = i.store_path.hash();
         let (w, t) = tail();
         let first = p.offer(&i, t).expect("offered");
+        assert!(p.get(&hash).is_none(), "nothing landed yet");
+        w.filled(4);
         let got = p.get(&hash).expect("served");
         let text = String::from_utf8_lossy(&got.narinfo).to_string();
         assert!(
@@ -151,7 +155,8 @@ mod tests {
         );
         assert!(text.contains("Compression: none"), "{text}");
         // A later fetch of the same path replaces it; the first guard no longer withdraws it.
-        let (_w2, t2) = tail();
+        let (w2, t2) = tail();
+        w2.filled(4);
         let second = p.offer(&i, t2).expect("replaced");
         drop(first);
         assert!(p.get(&hash).is_some());
@@ -159,6 +164,7 @@ mod tests {
         assert!(p.get(&hash).is_none(), "withdrawn with its guard");
         // An abandoned tail is not served.
         let (w3, t3) = tail();
+        w3.filled(4);
         let _third = p.offer(&i, t3).expect("offered");
         w3.abandon();
         assert!(p.get(&hash).is_none(), "abandoned");
