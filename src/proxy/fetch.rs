@@ -15,6 +15,11 @@
 //! busy ones answer with their load) and resumes with `Range` from what it has. Upstreams wait
 //! while a peer holds the NAR, so a crowd does not all go to the internet at once; after
 //! `busy::BUSY_WAIT_CAP` of busy answers the fetch takes any source, and with none it fails.
+//!
+//! A fetch into a file spool offers its NAR to peers while it arrives (`partial`, withdrawn
+//! when its spool is reset or the fetch ends). A source that is itself such an in-flight copy
+//! (`Candidate::partial`) is never passed through nor split over, and a mismatch from it is not
+//! judged a lie (it relays its own source's bytes).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -252,8 +257,8 @@ impl<'c> NarFetch<'c> {
     }
 
     /// A peer answered busy: not a failure (no back-off, its bytes kept for a resume); it is
-    /// asked again after the wait.
-    /// Its hints (hosts streaming the NAR from it) are asked at once, each once per fetch.
+    /// asked again after the wait, and the hosts it named (streaming the NAR from it) at once,
+    /// each once per fetch.
     fn busy_source(&mut self, c: Candidate, retry_after: Duration, hints: Vec<NodeId>) {
         tracing::debug!(source = ?c.source, hash = %self.hash, ?retry_after, ?hints, "NAR source busy; trying the next");
         self.cx.stats.update(|s| s.busy_answers += 1);
@@ -266,11 +271,11 @@ impl<'c> NarFetch<'c> {
         self.busy.note(c, retry_after, hints);
     }
 
-    /// Every source left is a busy peer: waits its `Retry-After` with jitter (a crowd does not
-    /// come back at once), then asks the peers again, busy ones included (hosts that got the NAR
-    /// since are found; each answers with its load), and queues them least loaded first. The
-    /// upstreams are not asked again (their candidates wait in `deferred`).
-    /// Hosts that busy sources named are asked first, without a wait.
+    /// Every source left is a busy peer. Hosts the busy answers named are asked first, without a
+    /// wait; otherwise it waits the `Retry-After` with jitter (a crowd does not come back at
+    /// once), then asks the peers again, busy ones included (hosts that got the NAR since are
+    /// found; each answers with its load), and queues them least loaded first. The upstreams are
+    /// not asked again (their candidates wait in `BusySources`).
     async fn wait_and_replan(&mut self) {
         let lookup = Lookup {
             book: &self.cx.book,
