@@ -252,3 +252,29 @@ async fn round_trip(data: &[u8]) {
     assert_eq!(got, valid.then_some(want));
     assert!(!c.is_broken());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The raw seeds are whole conversations: each operation succeeds, so mutations start deep.
+    #[test]
+    fn the_raw_seeds_get_through_every_operation() {
+        let seeds = crate::fuzzing::seeds(crate::fuzzing::Target::Daemon);
+        RUNTIME.with(|rt| {
+            rt.block_on(async {
+                let mut c = connect(seeds[0][1..].to_vec()).await.expect("handshake");
+                let info = c.query_path_info("/nix/store/x".into()).await.expect("path info");
+                assert_eq!(info.map(|i| i.nar_size), Some(528));
+                assert!(c
+                    .query_path_from_hash_part("x".into())
+                    .await
+                    .expect("hash part")
+                    .is_some());
+                assert_eq!(c.query_all_valid_paths().await.expect("all").len(), 1);
+                let mut c = connect(seeds[1][1..].to_vec()).await.expect("handshake");
+                assert!(nar(&mut c, seeds[1].len()).await, "the NAR seed reads whole");
+            })
+        });
+    }
+}
