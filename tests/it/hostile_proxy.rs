@@ -375,3 +375,94 @@ fn a_real_host_stopped_with_sigstop_costs_one_short_lookup() {
     });
     assert!(found.is_some(), "found again once it woke up");
 }
+
+/// Issue #25: 24 node ids on 6 addresses (4 ports each) publish a copy of the holder's summary
+/// and answer 404, and take new node ids at the same addresses every 4 lookups (ids are free),
+/// so no id ever collects the 8 broken claims after which it was distrusted. Before, each lookup
+/// asked 3 random "maybe" peers of 25, then at most 16 more: the holder was missed in about a
+/// quarter of lookups. Broken claims now count per address too (new ids at a liar's address
+/// inherit its record) and peers that kept their claims are asked first: at most the very
+/// first lookup can miss.
+#[test]
+fn lying_summaries_on_rotating_ids_cost_the_liars_not_the_lookups() {
+    use crate::common::forge;
+    use std::net::{IpAddr, SocketAddr};
+    // More for a figure: LNC_LYING_LOOKUPS=200.
+    let lookups: usize = std::env::var("LNC_LYING_LOOKUPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    const ROTATE_EVERY: usize = 4;
+    let rig = Rig::new();
+    let paths: Vec<FakePath> = (0..lookups)
+        .map(|i| FakePath::new(&format!("hidden{i}"), 500, i as u8))
+        .collect();
+    let holder = Arc::new(FakeCache::default());
+    for p in &paths {
+        holder.serve_path(p);
+    }
+    rig.peer_with_summary(holder.clone(), 1);
+    let copied = holder
+        .routes
+        .lock()
+        .expect("lock")
+        .get("/summary")
+        .cloned()
+        .expect("a summary");
+    let liar_ips: Vec<IpAddr> = (21..27u8).map(|i| IpAddr::from([127, 1, 0, i])).collect();
+    let liars: Vec<(Arc<FakeCache>, SocketAddr)> = liar_ips
+        .iter()
+        .flat_map(|ip| std::iter::repeat_n(*ip, 4))
+        .map(|ip| {
+            let c = Arc::new(FakeCache::default());
+            c.set("/summary", copied.clone());
+            let at = rig.cache_at(c.clone(), SocketAddr::new(ip, 0));
+            (c, at)
+        })
+        .collect();
+    // Generation `g` of the liars' ids: the old entries go (as silent ids expire), new ones are
+    // announced at the same addresses.
+    let rotate = |g: u8| -> Vec<NodeId> {
+        rig.table.forget_addrs(|a| liar_ips.contains(&a.ip()));
+        let _g = rig.rt.enter();
+        liars
+            .iter()
+            .enumerate()
+            .map(|(k, (c, at))| {
+                let mut id = [0xa5; 16];
+                (id[0], id[1]) = (g, k as u8);
+                let node = NodeId(id);
+                *c.node.lock().expect("lock") = Some(node);
+                let b = forge::announce(node, at.port()).summary(Some(1)).encode();
+                rig.table.handle(*at, &b, tokio::time::Instant::now());
+                node
+            })
+            .collect()
+    };
+    let (proxy, px) = rig.proxy(vec![]);
+    let mut misses = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        if i % ROTATE_EVERY == 0 {
+            let ids: Vec<String> = rotate((i / ROTATE_EVERY) as u8).iter().map(|n| n.to_string()).collect();
+            wait_until(
+                "the holder's and every new liar's summary are fetched",
+                Duration::from_secs(20),
+                Duration::from_millis(20),
+                || {
+                    let st = px.status();
+                    let held = |n: &str| st.peers.iter().any(|p| p.node == n && p.summary.is_some());
+                    held(&NodeId([1; 16]).to_string()) && ids.iter().all(|n| held(n))
+                },
+            );
+        }
+        if get(proxy, &format!("/{}.narinfo", p.hash())).status != 200 {
+            misses.push(i);
+        }
+    }
+    let lied_to = liars.iter().map(|(c, _)| c.requests_for(".narinfo")).sum::<usize>();
+    eprintln!(
+        "holder found on the first lookup in {} of {lookups}; the liars got {lied_to} narinfo requests",
+        lookups - misses.len()
+    );
+    assert!(misses.len() <= 1, "the holder was missed in lookups {misses:?}");
+}
