@@ -151,13 +151,14 @@ impl SourceBook {
     }
 
     /// Whether bytes from `s` may go to Nix before the whole NAR verified: a peer still usable
-    /// (announced, no impostor, its address its own) and proven at its current address.
+    /// (announced, no impostor, its address its own), proven at its current address, and let
+    /// through by the host-wide breaker (`breaker`).
     pub fn passes_through(&self, s: &SourceId) -> bool {
         let SourceId::Peer(n) = s else { return false };
         let Some(addr) = self.table().and_then(|t| t.get(n)).map(|p| p.http_addr()) else {
             return false;
         };
-        self.pass_through && self.usable(n) && self.proven.is_proven(n, addr.ip())
+        self.pass_through && self.usable(n) && self.proven.may_pass_through(n, addr.ip())
     }
 
     /// A source as a person reads it.

@@ -466,3 +466,81 @@ fn lying_summaries_on_rotating_ids_cost_the_liars_not_the_lookups() {
     );
     assert!(misses.len() <= 1, "the holder was missed in lookups {misses:?}");
 }
+
+/// A new identity of the churning liar (node id `id` at its own address alias 127.1.0.`id`):
+/// `PROVEN_AFTER` honest 256 KiB paths, then a 1 MiB NAR with a byte flipped in its middle,
+/// whose honest holder (another peer) answers the narinfo 300 ms later, so the liar wins.
+fn churned_liar(rig: &Rig, id: u8, holder: u8) -> (Vec<FakePath>, FakePath) {
+    use local_nix_cache::proxy::proven::PROVEN_AFTER;
+    let honest: Vec<FakePath> = (0..PROVEN_AFTER)
+        .map(|i| FakePath::new(&format!("churn{id}-{i}"), 256 * 1024, id.wrapping_mul(7) + i as u8))
+        .collect();
+    let lie = FakePath::new(&format!("churn{id}-lie"), 1 << 20, id.wrapping_mul(13));
+    let liar = Arc::new(FakeCache::default());
+    for p in &honest {
+        liar.serve_path(p);
+    }
+    liar.serve_path(&lie);
+    let mut bad = lie.nar.to_vec();
+    bad[lie.nar.len() / 2] ^= 1;
+    liar.set(&format!("/{}", lie.info.url), Reply::ok(bad));
+    let other = Arc::new(FakeCache::default());
+    other.serve_path(&lie);
+    other.set(
+        &format!("/{}.narinfo", lie.hash()),
+        Reply::slow(lie.info.render(), Duration::from_millis(300)),
+    );
+    rig.peer(liar, id);
+    rig.peer(other, holder);
+    (honest, lie)
+}
+
+fn proven(px: &local_nix_cache::proxy::Proxy, id: u8) -> bool {
+    let node = NodeId([id; 16]).to_string();
+    px.status().peers.iter().any(|p| p.node == node && p.proven)
+}
+
+/// Issue #25: a proven peer flips a byte mid-NAR while its bytes pass through to Nix (a failed
+/// substitution), then takes a new node id and a new address alias, is proven again with three
+/// honest NARs, and lies again: each identity cost one failed substitution (5 of 5). The
+/// host-wide breaker (`proxy::breaker`) lets only seasoned peers pass through for an hour
+/// after such a lie: the next identities are verified first, their lies cost nothing, and
+/// every NAR arrives right. At most `MAX_PASS_THROUGH_LIES` (K) failures per hour whatever the
+/// number of identities; with churned identities, one.
+#[test]
+fn a_liar_churning_identities_fails_one_substitution_not_one_per_identity() {
+    use crate::proxy::get_cut;
+    use local_nix_cache::proxy::breaker::MAX_PASS_THROUGH_LIES;
+    const CYCLES: u8 = 5;
+    let rig = Rig::new();
+    let (proxy, px) = rig.proxy(vec![]);
+    let mut failed = Vec::new();
+    for c in 0..CYCLES {
+        let (honest, lie) = churned_liar(&rig, 60 + c, 120 + c);
+        for p in &honest {
+            assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+            let nar = get(proxy, &p.nar_url());
+            assert!(nar.status == 200 && nar.body == p.nar, "{}", p.path);
+        }
+        assert!(proven(&px, 60 + c), "identity {c} is proven");
+        assert_eq!(get(proxy, &format!("/{}.narinfo", lie.hash())).status, 200);
+        let (status, _, body) = get_cut(proxy, &lie.nar_url());
+        assert_eq!(status, 200);
+        if body != lie.nar {
+            assert!((body.len() as u64) < lie.info.nar_size, "a wrong NAR was sent whole");
+            failed.push(c);
+        }
+    }
+    let s = px.stats();
+    eprintln!(
+        "{} of {CYCLES} substitutions failed (cycles {failed:?}); {} lies, {} cut, {} passed through",
+        failed.len(),
+        s.lies,
+        s.nars_cut,
+        s.nars_passed_through
+    );
+    assert_eq!(s.nars_cut as usize, failed.len(), "{s:?}");
+    assert!(s.lies >= CYCLES as u64, "every lie was caught: {s:?}");
+    assert!(failed.len() <= 1, "one failure per identity: {failed:?}");
+    assert!(failed.len() <= MAX_PASS_THROUGH_LIES);
+}
