@@ -20,8 +20,10 @@ use std::sync::Arc;
 use rand::seq::SliceRandom;
 use tokio::time::Instant;
 
+use super::breaker::Pass;
 use super::forms::PeerForms;
 use super::health::{ClaimRecord, SourceHealth, Verdict};
+use super::passthrough::Tap;
 use super::proven::ProvenPeers;
 use super::source::{Candidate, SourceError, SourceId, Sources};
 use super::stats::{PeerReport, StatsKeeper, UpstreamReport};
@@ -153,12 +155,24 @@ impl SourceBook {
     /// Whether bytes from `s` may go to Nix before the whole NAR verified: a peer still usable
     /// (announced, no impostor, its address its own), proven at its current address, and let
     /// through by the host-wide breaker (`breaker`).
-    pub fn passes_through(&self, s: &SourceId) -> bool {
+    /// An unseasoned peer's grant goes to `tap`, given back when it detaches or ends.
+    pub fn passes_through(&self, s: &SourceId, tap: &Tap) -> bool {
         let SourceId::Peer(n) = s else { return false };
         let Some(addr) = self.table().and_then(|t| t.get(n)).map(|p| p.http_addr()) else {
             return false;
         };
-        self.pass_through && self.usable(n) && self.proven.may_pass_through(n, addr.ip())
+        if !(self.pass_through && self.usable(n)) {
+            return false;
+        }
+        tap.release();
+        match self.proven.may_pass_through(n, addr.ip()) {
+            Some(Pass::Granted(g)) => {
+                tap.hold(g);
+                true
+            }
+            Some(Pass::Free) => true,
+            None => false,
+        }
     }
 
     /// A source as a person reads it.

@@ -14,17 +14,24 @@
 //! after the first, each further one needs an identity that delivered 16 verified NARs and was
 //! proven for 10 minutes before the first lie. Honest halls never trip it.
 //!
-//! Not covered: pass-throughs already streaming when the breaker trips (their lies are caught
-//! when their NAR ends): Nix runs up to `max-substitution-jobs` (16 by default) at once, each
-//! from an identity proven before the first lie. The breaker lives in memory (a restarted proxy
-//! starts closed; bans persist in `proven`).
+//! A lie is caught when its NAR ends, so pass-throughs already streaming when the breaker trips
+//! could all lie (Nix runs up to 16 substitutions at once by default): peers that are not
+//! seasoned pass through [`UNSEASONED_AT_ONCE`] NAR at a time, host-wide (a [`Grant`], held by the
+//! pass-through's tap and given back when the tap detaches or its fetch ends); the others are verified
+//! first. So a batch of cheap identities proven before the first lie fails one substitution, not
+//! one each; only seasoned identities (16 NARs, 10 minutes each) could lie in one burst. The
+//! breaker lives in memory (a restarted proxy starts closed; bans persist in `proven`).
 //!
-//! Bounds: the last [`MAX_PASS_THROUGH_LIES`] lie times (a few bytes).
+//! Bounds: the last [`MAX_PASS_THROUGH_LIES`] lie times and [`UNSEASONED_AT_ONCE`] grants (a
+//! few dozen bytes).
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::beacon::wire::NodeId;
 
 /// How long a lie by a peer allowed to pass through keeps the breaker tripped.
 pub const BREAKER_FOR: Duration = Duration::from_secs(3600);
@@ -37,6 +44,9 @@ pub const SEASONED_AGE: Duration = Duration::from_secs(600);
 /// Verified NARs a peer must have delivered (at its address) to pass through while the breaker
 /// is tripped.
 pub const SEASONED_NARS: u32 = 16;
+
+/// Pass-throughs at once from peers that are not seasoned, host-wide.
+pub const UNSEASONED_AT_ONCE: usize = 1;
 
 /// What a proven (node, address) pair earned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,10 +64,47 @@ impl Earned {
     }
 }
 
-/// Lies by peers that were allowed to pass through, newest last.
+/// A proven peer: node id and address.
+pub type Pair = (NodeId, std::net::IpAddr);
+
+/// Who holds each grant (by the grant's number).
+type Holders = Arc<Mutex<Vec<(u64, Pair)>>>;
+
+fn lock(h: &Holders) -> std::sync::MutexGuard<'_, Vec<(u64, Pair)>> {
+    h.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An unseasoned peer's pass-through of one NAR: given back when dropped.
+#[derive(Debug)]
+pub struct Grant {
+    holders: Holders,
+    n: u64,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        lock(&self.holders).retain(|(n, _)| *n != self.n);
+    }
+}
+
+/// What the breaker lets a proven peer do with one NAR.
+#[derive(Debug)]
+pub enum Pass {
+    /// Seasoned: pass through.
+    Free,
+    /// Unseasoned: pass through while the grant is held.
+    Granted(Grant),
+}
+
+/// Lies by peers that were allowed to pass through, newest last, and the pass-throughs granted
+/// to unseasoned peers.
 #[derive(Debug, Default)]
 pub struct Breaker {
     lies: VecDeque<Instant>,
+    /// Who holds the grants in force.
+    holders: Holders,
+    /// The next grant's number.
+    next: u64,
 }
 
 impl Breaker {
@@ -83,6 +130,34 @@ impl Breaker {
             None => true,
             Some(first) => self.recent(now).count() < MAX_PASS_THROUGH_LIES && e.seasoned_at(*first),
         }
+    }
+
+    /// Whether `who` (which earned `e`) may pass one NAR through now; an unseasoned peer takes
+    /// one of the [`UNSEASONED_AT_ONCE`] grants, or is refused when none is free.
+    pub fn pass(&mut self, who: Pair, e: &Earned, now: Instant) -> Option<Pass> {
+        if !self.allows(e, now) {
+            return None;
+        }
+        if e.seasoned_at(now) {
+            return Some(Pass::Free);
+        }
+        let mut holders = lock(&self.holders);
+        if holders.len() >= UNSEASONED_AT_ONCE {
+            return None;
+        }
+        self.next += 1;
+        holders.push((self.next, who));
+        Some(Pass::Granted(Grant {
+            holders: self.holders.clone(),
+            n: self.next,
+        }))
+    }
+
+    /// Whether `who` (which earned `e`) may have been passing a NAR through when it lied: let
+    /// through by the breaker, and seasoned or holding a grant. (A lie by a proven peer that was
+    /// verified first cost Nix nothing and does not count.)
+    pub fn was_passing(&self, who: Pair, e: &Earned, now: Instant) -> bool {
+        self.allows(e, now) && (e.seasoned_at(now) || lock(&self.holders).iter().any(|(_, p)| *p == who))
     }
 
     /// Lies counted within the last [`BREAKER_FOR`] (for the status page and tests).
@@ -134,6 +209,44 @@ mod tests {
         assert!(
             b.allows(&seasoned, lie + BREAKER_FOR + Duration::from_secs(5)),
             "an hour after the second lie, closed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unseasoned_peers_pass_through_one_nar_at_a_time() {
+        let now = Instant::now() + SEASONED_AGE;
+        let fresh = Earned {
+            verified: 3,
+            proven_at: now,
+        };
+        let seasoned = Earned {
+            verified: SEASONED_NARS,
+            proven_at: now - SEASONED_AGE,
+        };
+        let (a, b) = (
+            (NodeId([1; 16]), "10.0.0.1".parse().expect("ip")),
+            (NodeId([2; 16]), "10.0.0.2".parse().expect("ip")),
+        );
+        let mut br = Breaker::default();
+        let grant = br.pass(a, &fresh, now);
+        assert!(
+            matches!(grant, Some(Pass::Granted(_))),
+            "the first unseasoned pass-through"
+        );
+        assert!(br.was_passing(a, &fresh, now) && !br.was_passing(b, &fresh, now));
+        assert!(
+            br.pass(b, &fresh, now).is_none(),
+            "a second one at once: verified first"
+        );
+        assert!(br.pass(a, &fresh, now).is_none(), "also from the same peer");
+        assert!(
+            matches!(br.pass(b, &seasoned, now), Some(Pass::Free)),
+            "seasoned: not limited"
+        );
+        drop(grant);
+        assert!(
+            br.pass(b, &fresh, now).is_some(),
+            "free again once the pass-through ended"
         );
     }
 }

@@ -26,6 +26,7 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use super::breaker::Grant;
 use super::error::CutReason;
 use super::verified::Verified;
 
@@ -59,6 +60,8 @@ pub struct Tap {
     /// Set when the spool was reset after bytes were handed over: how many, and their sha256,
     /// which the NAR that finally verifies must match before the body gets a byte more.
     recheck: Arc<OnceLock<(u64, [u8; 32])>>,
+    /// An unseasoned peer's grant to pass through (`breaker`), held while it feeds the tap.
+    grant: std::sync::Mutex<Option<Grant>>,
 }
 
 /// The body's end of a pass-through.
@@ -78,6 +81,7 @@ impl Tap {
                 sent: 0,
                 prefix: Sha256::new(),
                 recheck: recheck.clone(),
+                grant: std::sync::Mutex::new(None),
             },
             TapEnd { rx, recheck },
         )
@@ -127,6 +131,17 @@ impl Tap {
     /// good as long as the spool is not reset.
     pub fn detach(&mut self) {
         self.tx = None;
+        self.release();
+    }
+
+    /// Holds the breaker's grant for the source now feeding the tap (the breaker hook).
+    pub fn hold(&self, g: Grant) {
+        *self.grant.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
+    }
+
+    /// Gives back the grant held, if any.
+    pub fn release(&self) {
+        self.grant.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Bytes handed over so far.
@@ -141,6 +156,7 @@ impl Tap {
             let digest: [u8; 32] = self.prefix.clone().finalize().into();
             let _ = self.recheck.set((self.sent, digest));
             self.tx = None;
+            self.release();
         }
     }
 }

@@ -38,7 +38,7 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::breaker::{Breaker, Earned};
+use super::breaker::{Breaker, Earned, Pass};
 use crate::beacon::wire::NodeId;
 
 /// Verified NARs a peer must deliver (at one address) before its bytes may pass through.
@@ -203,10 +203,12 @@ impl ProvenPeers {
         lock(&self.state).earned(node, ip).is_some()
     }
 
-    /// Whether `node` at `ip` may pass bytes through now: proven, and the breaker allows it.
-    pub fn may_pass_through(&self, node: &NodeId, ip: IpAddr) -> bool {
-        let s = lock(&self.state);
-        s.earned(node, ip).is_some_and(|e| s.breaker.allows(&e, Instant::now()))
+    /// Whether `node` at `ip` may pass the bytes of one NAR through now: proven, and the breaker
+    /// allows it (an unseasoned peer gets a grant, to be held while it passes through).
+    pub fn may_pass_through(&self, node: &NodeId, ip: IpAddr) -> Option<Pass> {
+        let mut s = lock(&self.state);
+        let e = s.earned(node, ip)?;
+        s.breaker.pass((*node, ip), &e, Instant::now())
     }
 
     /// Lies by peers allowed to pass through within the breaker's window.
@@ -246,8 +248,8 @@ impl ProvenPeers {
             let mut s = lock(&self.state);
             let now = Instant::now();
             let passing = ip
-                .and_then(|ip| s.earned(node, ip))
-                .is_some_and(|e| s.breaker.allows(&e, now));
+                .and_then(|ip| s.earned(node, ip).map(|e| (ip, e)))
+                .is_some_and(|(ip, e)| s.breaker.was_passing((*node, ip), &e, now));
             if passing {
                 s.breaker.tripped(now);
                 tracing::warn!(node = %node, ?ip, recent = s.breaker.recent_lies(now), "a peer allowed to pass through lied: pass-through breaker tripped");
@@ -406,17 +408,19 @@ mod tests {
         let liar = |i: u8| (NodeId([100 + i; 16]), ip(&format!("10.0.1.{i}")));
         let (l0, a0) = liar(0);
         prove(&p, &l0, a0);
-        assert!(p.may_pass_through(&l0, a0), "closed breaker: any proven peer");
+        let passing = p.may_pass_through(&l0, a0);
+        assert!(passing.is_some(), "closed breaker: any proven peer");
         p.lied(&l0, Some(a0));
+        drop(passing);
         assert_eq!(p.recent_pass_through_lies(), 1);
         assert!(
-            p.may_pass_through(&honest, hip),
+            p.may_pass_through(&honest, hip).is_some(),
             "the seasoned honest peer keeps pass-through"
         );
         let (l1, a1) = liar(1);
         prove(&p, &l1, a1);
         assert!(
-            p.is_proven(&l1, a1) && !p.may_pass_through(&l1, a1),
+            p.is_proven(&l1, a1) && p.may_pass_through(&l1, a1).is_none(),
             "a new identity: verify first"
         );
         p.lied(&l1, Some(a1));
@@ -431,15 +435,15 @@ mod tests {
         for _ in 0..SEASONED_NARS {
             p.delivered(&l2, a2);
         }
-        assert!(!p.may_pass_through(&l2, a2), "proven after the first lie");
+        assert!(p.may_pass_through(&l2, a2).is_none(), "proven after the first lie");
         // The seasoned peer lies too: the second lie of the window, nobody passes through.
         p.lied(&honest, Some(hip));
         assert_eq!(p.recent_pass_through_lies(), MAX_PASS_THROUGH_LIES);
         let (h2, hip2) = (NodeId([2; 16]), ip("10.0.0.2"));
         prove(&p, &h2, hip2);
-        assert!(!p.may_pass_through(&h2, hip2), "K lies: nobody");
+        assert!(p.may_pass_through(&h2, hip2).is_none(), "K lies: nobody");
         tokio::time::advance(BREAKER_FOR).await;
-        assert!(p.may_pass_through(&h2, hip2), "an hour later, closed again");
+        assert!(p.may_pass_through(&h2, hip2).is_some(), "an hour later, closed again");
     }
 
     #[test]

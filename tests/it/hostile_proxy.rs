@@ -469,8 +469,9 @@ fn lying_summaries_on_rotating_ids_cost_the_liars_not_the_lookups() {
 
 /// A new identity of the churning liar (node id `id` at its own address alias 127.1.0.`id`):
 /// `PROVEN_AFTER` honest 256 KiB paths, then a 1 MiB NAR with a byte flipped in its middle,
-/// whose honest holder (another peer) answers the narinfo 300 ms later, so the liar wins.
-fn churned_liar(rig: &Rig, id: u8, holder: u8) -> (Vec<FakePath>, FakePath) {
+/// whose honest holder (another peer) answers the narinfo 300 ms later, so the liar wins. The
+/// wrong NAR starts after `delay`.
+fn churned_liar(rig: &Rig, id: u8, holder: u8, delay: Duration) -> (Vec<FakePath>, FakePath) {
     use local_nix_cache::proxy::proven::PROVEN_AFTER;
     let honest: Vec<FakePath> = (0..PROVEN_AFTER)
         .map(|i| FakePath::new(&format!("churn{id}-{i}"), 256 * 1024, id.wrapping_mul(7) + i as u8))
@@ -483,7 +484,7 @@ fn churned_liar(rig: &Rig, id: u8, holder: u8) -> (Vec<FakePath>, FakePath) {
     liar.serve_path(&lie);
     let mut bad = lie.nar.to_vec();
     bad[lie.nar.len() / 2] ^= 1;
-    liar.set(&format!("/{}", lie.info.url), Reply::ok(bad));
+    liar.set(&format!("/{}", lie.info.url), Reply::slow(bad, delay));
     let other = Arc::new(FakeCache::default());
     other.serve_path(&lie);
     other.set(
@@ -516,7 +517,7 @@ fn a_liar_churning_identities_fails_one_substitution_not_one_per_identity() {
     let (proxy, px) = rig.proxy(vec![]);
     let mut failed = Vec::new();
     for c in 0..CYCLES {
-        let (honest, lie) = churned_liar(&rig, 60 + c, 120 + c);
+        let (honest, lie) = churned_liar(&rig, 60 + c, 120 + c, Duration::ZERO);
         for p in &honest {
             assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
             let nar = get(proxy, &p.nar_url());
@@ -543,4 +544,44 @@ fn a_liar_churning_identities_fails_one_substitution_not_one_per_identity() {
     assert!(s.lies >= CYCLES as u64, "every lie was caught: {s:?}");
     assert!(failed.len() <= 1, "one failure per identity: {failed:?}");
     assert!(failed.len() <= MAX_PASS_THROUGH_LIES);
+}
+
+/// Issue #25: the liar proves several identities first and lies with all of them in one batch
+/// of parallel substitutions (Nix runs up to 16 at once), before the breaker has seen a lie: all
+/// of them failed. Unseasoned peers now pass through one NAR at a time host-wide; the others
+/// are verified first: one failure for the batch.
+#[test]
+fn identities_proven_beforehand_lying_at_once_fail_one_substitution() {
+    use crate::proxy::get_cut;
+    const IDS: u8 = 3;
+    let rig = Rig::new();
+    let (proxy, px) = rig.proxy(vec![]);
+    let liars: Vec<(Vec<FakePath>, FakePath)> = (0..IDS)
+        .map(|i| churned_liar(&rig, 80 + i, 140 + i, Duration::from_millis(500)))
+        .collect();
+    for (i, (honest, _)) in liars.iter().enumerate() {
+        for p in honest {
+            assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+            assert_eq!(get(proxy, &p.nar_url()).status, 200);
+        }
+        assert!(proven(&px, 80 + i as u8), "identity {i} is proven");
+    }
+    for (_, lie) in &liars {
+        assert_eq!(get(proxy, &format!("/{}.narinfo", lie.hash())).status, 200);
+    }
+    // Every wrong NAR starts 500 ms after it is asked for: the fetches overlap.
+    let failed = std::thread::scope(|s| {
+        let runs: Vec<_> = liars
+            .iter()
+            .map(|(_, lie)| s.spawn(move || get_cut(proxy, &lie.nar_url()).2 != lie.nar))
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().unwrap_or(true))
+            .filter(|f| *f)
+            .count()
+    });
+    let s = px.stats();
+    eprintln!("{failed} of {IDS} parallel substitutions failed; {s:?}");
+    assert_eq!(s.nars_cut as usize, failed, "{s:?}");
+    assert!(failed <= 1, "{failed} of {IDS} failed");
 }
