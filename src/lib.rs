@@ -7,6 +7,8 @@ pub mod cache_url;
 pub mod cli;
 pub mod config;
 pub mod dns;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod narinfo;
 pub mod node;

@@ -1,23 +1,8 @@
-//! Any byte stream, in two chunks: the NAR framer never panics and never reports an end beyond
-//! its input.
+//! The `nar_framer` target: its invariants are `local_nix_cache::fuzzing`'s (`Target::NarFramer`), which CI
+//! also runs, uninstrumented, over `fuzz/seeds/nar_framer` and inputs mutated from it.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use local_nix_cache::store::nar::{NarFramer, Progress};
+use local_nix_cache::fuzzing::{check, Target};
 
-fuzz_target!(|data: &[u8]| {
-    let split = data.first().map_or(0, |b| *b as usize).min(data.len());
-    let mut f = NarFramer::new();
-    let mut seen = 0;
-    for part in [&data[..split], &data[split..]] {
-        match f.feed(part) {
-            Ok(Progress::NeedMore) => seen += part.len(),
-            Ok(Progress::Done { consumed }) => {
-                assert!(consumed <= part.len());
-                assert_eq!(f.bytes_seen() as usize, seen + consumed);
-                return;
-            }
-            Err(_) => return,
-        }
-    }
-});
+fuzz_target!(|data: &[u8]| check(Target::NarFramer, data));

@@ -20,8 +20,10 @@ use std::sync::Arc;
 use rand::seq::SliceRandom;
 use tokio::time::Instant;
 
+use super::breaker::Pass;
 use super::forms::PeerForms;
-use super::health::{SourceHealth, Verdict};
+use super::health::{ClaimRecord, SourceHealth, Verdict};
+use super::passthrough::Tap;
 use super::proven::ProvenPeers;
 use super::source::{Candidate, SourceError, SourceId, Sources};
 use super::stats::{PeerReport, StatsKeeper, UpstreamReport};
@@ -151,13 +153,26 @@ impl SourceBook {
     }
 
     /// Whether bytes from `s` may go to Nix before the whole NAR verified: a peer still usable
-    /// (announced, no impostor, its address its own) and proven at its current address.
-    pub fn passes_through(&self, s: &SourceId) -> bool {
+    /// (announced, no impostor, its address its own), proven at its current address, and let
+    /// through by the host-wide breaker (`breaker`).
+    /// An unseasoned peer's grant goes to `tap`, given back when it detaches or ends.
+    pub fn passes_through(&self, s: &SourceId, tap: &Tap) -> bool {
         let SourceId::Peer(n) = s else { return false };
         let Some(addr) = self.table().and_then(|t| t.get(n)).map(|p| p.http_addr()) else {
             return false;
         };
-        self.pass_through && self.usable(n) && self.proven.is_proven(n, addr.ip())
+        if !(self.pass_through && self.usable(n)) {
+            return false;
+        }
+        tap.release();
+        match self.proven.may_pass_through(n, addr.ip()) {
+            Some(Pass::Granted(g)) => {
+                tap.hold(g);
+                true
+            }
+            Some(Pass::Free) => true,
+            None => false,
+        }
     }
 
     /// A source as a person reads it.
@@ -207,7 +222,8 @@ impl SourceBook {
 
     /// Whom to ask for `hash`, in two waves: first peers in good standing whose summary says
     /// "maybe" (at most [`MAYBE_FANOUT`], chosen at random so a crowd fetching one closure
-    /// spreads over every host that has it), with a random sample of peers whose summary is
+    /// spreads over every host that has it; those that kept their claims first, and none that
+    /// broke more than they kept, by id or at its address: `health::ClaimRecord`), with a random sample of peers whose summary is
     /// unknown ([`UNKNOWN_SAMPLE`]; up to [`MAX_FANOUT`] when we hold no peer's current summary,
     /// whether none publishes one or none could be fetched yet); then, as a
     /// last resort, backed-off (demoted) peers that may have it. Peers whose current summary
@@ -234,7 +250,7 @@ impl SourceBook {
             .filter(|p| !self.health.asleep(&p.node, p.last_seen))
             .filter(|p| addrs.insert(p.http_addr()))
             .map(|p| {
-                let health = self.health.peer(&p.node);
+                let health = self.health.peer_at(&p.node, p.http_addr().ip());
                 let mut hint = self.summaries.hint(&p.node, p.summary, key);
                 if hint == Hint::Maybe && health.summary_distrusted() {
                     hint = Hint::Unknown;
@@ -245,9 +261,11 @@ impl SourceBook {
         // Summaries narrow the fan-out only once we hold some: peers that announce one we
         // could not fetch (yet) say nothing about where a path is.
         let any_summaries = peers.iter().any(|(_, _, hint)| *hint != Hint::Unknown);
-        // Random order first, then the stable sort by health keeps ties random.
+        // Random order first, then the stable sort by health keeps ties random; among equals,
+        // peers that kept their summary's claims first, those that broke more than they kept
+        // (by id or at their address) last.
         peers.shuffle(&mut rng);
-        peers.sort_by_key(|(_, h, _)| h.consecutive_failures);
+        peers.sort_by_key(|(_, h, _)| (h.consecutive_failures, h.claim_record()));
         let ids = |v: Vec<(NodeId, _, Hint)>, n: usize| -> Vec<SourceId> {
             v.into_iter().take(n).map(|(n, _, _)| SourceId::Peer(n)).collect()
         };
@@ -260,8 +278,13 @@ impl SourceBook {
             (false, false) => (0, MAX_FANOUT),
         };
         // Maybes beyond the first wave go first in the second one: peers that claim a path
-        // they do not serve cannot keep its one honest holder from being asked.
-        let (maybe, more_maybe) = maybe.split_at(maybe_n.min(maybe.len()));
+        // they do not serve cannot keep its one honest holder from being asked. Peers that broke
+        // more claims than they kept wait for the second wave (issue #25).
+        let believed = maybe
+            .iter()
+            .take(maybe_n)
+            .take_while(|(_, h, _)| h.claim_record() != ClaimRecord::Broken);
+        let (maybe, more_maybe) = maybe.split_at(believed.count());
         let mut first = ids(maybe.to_vec(), maybe_n);
         first.extend(ids(unknown, unknown_n));
         let mut last = ids(more_maybe.to_vec(), MAX_FANOUT);
@@ -334,15 +357,19 @@ impl SourceBook {
     /// that keeps claiming paths its server does not have stops being believed).
     pub fn note_summary_claim(&self, s: &SourceId, hash: &StorePathHash, r: &Result<Option<Candidate>, SourceError>) {
         let SourceId::Peer(n) = s else { return };
-        let Some(announced) = self.table().and_then(|t| t.get(n)).map(|p| p.summary) else {
+        let Some((announced, ip)) = self
+            .table()
+            .and_then(|t| t.get(n))
+            .map(|p| (p.summary, p.http_addr().ip()))
+        else {
             return;
         };
         if self.summaries.hint(n, announced, crate::summary::key(hash)) != Hint::Maybe {
             return;
         }
         match r {
-            Ok(Some(_)) => self.health.summary_claim(n, true),
-            Ok(None) => self.health.summary_claim(n, false),
+            Ok(Some(_)) => self.health.summary_claim(n, ip, true),
+            Ok(None) => self.health.summary_claim(n, ip, false),
             Err(_) => {}
         }
     }

@@ -355,7 +355,7 @@ impl<'c> NarFetch<'c> {
         // Only a proven peer feeds the tap, and only if everything spooled so far went through
         // it (so no byte of another source is passed on unverified).
         let tap = match self.tap.as_mut() {
-            Some(t) if t.continues_at(sp.len(), size) && !c.partial && self.cx.book.passes_through(&c.source) => {
+            Some(t) if t.continues_at(sp.len(), size) && !c.partial && self.cx.book.passes_through(&c.source, t) => {
                 Some(t)
             }
             Some(t) => {

@@ -14,14 +14,19 @@
 //! reached is skipped for [`UPSTREAM_DOWN_FOR`] (offline: fast misses). A peer that let a lookup
 //! wait its whole budget (accepted the connection, then said nothing: a suspended host) is
 //! *asleep*: skipped in lookups until it announces again or answers (`Health::silent_since`).
+//! A summary's claims ("maybe" for a path its server then answers 404) are counted per node id
+//! and per address (IP), so an attacker cannot shed a record of broken claims by taking new ids
+//! (issue #25: 24 lying ids on 6 addresses hid the one holder, each id distrusted only after 8
+//! broken claims of its own); among the peers whose summary says "maybe", those that kept their
+//! claims are asked first and those with more broken than kept last ([`ClaimRecord`]).
 //!
 //! Bounds (LRU, least recently used forgotten first): health of [`MAX_TRACKED_PEERS`] peers
 //! (about 100 bytes each), [`MAX_BAD_PATHS`] bad (peer, NAR) pairs (about 80 bytes each),
 //! [`MAX_ADDR_OWNERS`] address owners and [`MAX_IMPOSTORS`] impostor marks (about 80 bytes
-//! each): under 1.5 MiB in all; one slot per
-//! configured upstream.
+//! each), claims of [`MAX_CLAIM_ADDRS`] addresses (about 60 bytes each): under 1.8 MiB in all;
+//! one slot per configured upstream.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -55,6 +60,39 @@ pub const MAX_ADDR_OWNERS: usize = 4096;
 pub const MAX_IMPOSTORS: usize = 4096;
 /// How long an address's owner is trusted without a new answer from it (addresses get reused).
 pub const ADDR_OWNER_FOR: Duration = Duration::from_secs(600);
+/// Addresses whose summary claims are counted (besides per node id).
+pub const MAX_CLAIM_ADDRS: usize = 4096;
+
+/// A summary's claims that its server bore out (kept) or answered 404 (broken).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub kept: u32,
+    pub broken: u32,
+}
+
+impl Claims {
+    /// Far more broken claims than an honest filter's false positives (1 in 65,000) or a stale
+    /// summary would make.
+    fn distrusted(&self) -> bool {
+        self.broken >= DISTRUST_AFTER && self.broken > 4 * self.kept
+    }
+
+    fn add(&mut self, kept: bool) {
+        let n = if kept { &mut self.kept } else { &mut self.broken };
+        *n = n.saturating_add(1);
+    }
+}
+
+/// In which order peers whose summary says "maybe" are asked (`book::pick_peers`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ClaimRecord {
+    /// Kept claims, and broke no more than it kept (by id and at its address).
+    Kept,
+    /// No claims judged yet.
+    Unknown,
+    /// Broke more claims than it kept, by id or at its address.
+    Broken,
+}
 
 /// What the proxy learned about one peer.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -74,6 +112,9 @@ pub struct Health {
     pub claims_kept: u32,
     /// Lookups its summary said "maybe" to and its server answered 404.
     pub claims_broken: u32,
+    /// The claims of every node at its current address (filled in by [`SourceHealth::peer_at`]).
+    #[serde(default)]
+    pub addr_claims: Claims,
     /// When a lookup last waited its whole budget for this peer's narinfo (a suspended host:
     /// its kernel still accepts connections, nobody answers); until it announces again (or
     /// answers), lookups skip it.
@@ -94,8 +135,28 @@ impl Health {
     /// Its summary claims paths its server does not have, far more often than an honest
     /// filter's false positives (1 in 65,000) or a stale summary would: it is not believed
     /// (the peer is asked as one with no summary).
+    /// Counted per node id and per address: new ids at an address inherit its record.
     pub fn summary_distrusted(&self) -> bool {
-        self.claims_broken >= DISTRUST_AFTER && self.claims_broken > 4 * self.claims_kept
+        self.own_claims().distrusted() || self.addr_claims.distrusted()
+    }
+
+    fn own_claims(&self) -> Claims {
+        Claims {
+            kept: self.claims_kept,
+            broken: self.claims_broken,
+        }
+    }
+
+    /// Whether its summary's "maybe" is asked before others' ([`ClaimRecord`]).
+    pub fn claim_record(&self) -> ClaimRecord {
+        let (own, addr) = (self.own_claims(), self.addr_claims);
+        if own.broken > own.kept || addr.broken > addr.kept {
+            ClaimRecord::Broken
+        } else if own.kept > 0 {
+            ClaimRecord::Kept
+        } else {
+            ClaimRecord::Unknown
+        }
     }
 }
 
@@ -118,6 +179,8 @@ pub struct SourceHealth {
     addr_owners: Mutex<LruCache<SocketAddr, (Option<NodeId>, Instant)>>,
     /// (node, address) pairs where the server was not that node.
     impostors: Mutex<LruCache<(NodeId, SocketAddr), ()>>,
+    /// Summary claims per address, whatever node id made them.
+    claim_addrs: Mutex<LruCache<IpAddr, Claims>>,
     /// Per upstream: skipped until this instant.
     upstream_down: Mutex<Vec<Option<Instant>>>,
 }
@@ -137,6 +200,7 @@ impl SourceHealth {
             bad_paths: Mutex::new(LruCache::new(cap(MAX_BAD_PATHS))),
             addr_owners: Mutex::new(LruCache::new(cap(MAX_ADDR_OWNERS))),
             impostors: Mutex::new(LruCache::new(cap(MAX_IMPOSTORS))),
+            claim_addrs: Mutex::new(LruCache::new(cap(MAX_CLAIM_ADDRS))),
             upstream_down: Mutex::new(vec![None; upstreams]),
         }
     }
@@ -192,15 +256,21 @@ impl SourceHealth {
         lie
     }
 
-    /// A peer whose summary claimed a path answered (`kept`: with its narinfo; else 404).
-    pub fn summary_claim(&self, node: &NodeId, kept: bool) {
-        let mut peers = self.peers();
-        let h = peers.get_or_insert_mut(*node, Health::default);
-        if kept {
-            h.claims_kept = h.claims_kept.saturating_add(1);
-        } else {
-            h.claims_broken = h.claims_broken.saturating_add(1);
+    /// A peer at `ip` whose summary claimed a path answered (`kept`: with its narinfo; else
+    /// 404): counted for its node id and for its address.
+    pub fn summary_claim(&self, node: &NodeId, ip: IpAddr, kept: bool) {
+        {
+            let mut peers = self.peers();
+            let h = peers.get_or_insert_mut(*node, Health::default);
+            if kept {
+                h.claims_kept = h.claims_kept.saturating_add(1);
+            } else {
+                h.claims_broken = h.claims_broken.saturating_add(1);
+            }
         }
+        lock(&self.claim_addrs)
+            .get_or_insert_mut(ip.to_canonical(), Claims::default)
+            .add(kept);
     }
 
     /// A lookup waited its whole budget for `node` at `now`: skipped until it announces again
@@ -235,6 +305,16 @@ impl SourceHealth {
     /// The health of a peer (default for one never judged).
     pub fn peer(&self, node: &NodeId) -> Health {
         self.peers().peek(node).cloned().unwrap_or_default()
+    }
+
+    /// The health of a peer at `ip`, with the claims made at that address.
+    pub fn peer_at(&self, node: &NodeId, ip: IpAddr) -> Health {
+        let mut h = self.peer(node);
+        h.addr_claims = lock(&self.claim_addrs)
+            .peek(&ip.to_canonical())
+            .copied()
+            .unwrap_or_default();
+        h
     }
 
     /// Backed off: asked only as a last resort.
@@ -366,6 +446,40 @@ mod tests {
             h.may_ask(&real, nobody, live),
             "address records expire (addresses get reused)"
         );
+    }
+
+    /// Issue #25: broken summary claims count per address as well as per id, so a new id at a
+    /// liar's address starts with the address's record; kept claims rank a peer first.
+    #[test]
+    fn summary_claims_count_per_address_and_rank_the_peers() {
+        let h = SourceHealth::new(0);
+        let liar_ip: IpAddr = "10.0.0.9".parse().expect("ip");
+        let holder_ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        for i in 0..DISTRUST_AFTER {
+            h.summary_claim(&NodeId([i as u8; 16]), liar_ip, false);
+        }
+        let fresh = NodeId([0xf0; 16]);
+        assert_eq!(
+            h.peer(&fresh).claim_record(),
+            ClaimRecord::Unknown,
+            "by id: nothing known"
+        );
+        let at_liar = h.peer_at(&fresh, liar_ip);
+        assert!(
+            at_liar.summary_distrusted(),
+            "a new id at the liar's address is not believed"
+        );
+        assert_eq!(at_liar.claim_record(), ClaimRecord::Broken);
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().expect("ip");
+        assert!(
+            h.peer_at(&fresh, mapped).summary_distrusted(),
+            "one address however written"
+        );
+        let holder = NodeId([0xee; 16]);
+        assert_eq!(h.peer_at(&holder, holder_ip).claim_record(), ClaimRecord::Unknown);
+        h.summary_claim(&holder, holder_ip, true);
+        assert_eq!(h.peer_at(&holder, holder_ip).claim_record(), ClaimRecord::Kept);
+        assert!(ClaimRecord::Kept < ClaimRecord::Unknown && ClaimRecord::Unknown < ClaimRecord::Broken);
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,6 +26,7 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use super::breaker::Grant;
 use super::error::CutReason;
 use super::spool::Spool;
 use super::verified::Verified;
@@ -63,6 +64,8 @@ pub struct Tap {
     /// in pass-through, issue #27).
     sent: u64,
     recheck: Recheck,
+    /// An unseasoned peer's grant to pass through (`breaker`), held while it feeds the tap.
+    grant: std::sync::Mutex<Option<Grant>>,
 }
 
 /// The body's end of a pass-through.
@@ -81,6 +84,7 @@ impl Tap {
                 tx: Some(tx),
                 sent: 0,
                 recheck: recheck.clone(),
+                grant: std::sync::Mutex::new(None),
             },
             TapEnd { rx, recheck },
         )
@@ -128,6 +132,17 @@ impl Tap {
     /// good as long as the spool is not reset.
     pub fn detach(&mut self) {
         self.tx = None;
+        self.release();
+    }
+
+    /// Holds the breaker's grant for the source now feeding the tap (the breaker hook).
+    pub fn hold(&self, g: Grant) {
+        *self.grant.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
+    }
+
+    /// Gives back the grant held, if any.
+    pub fn release(&self) {
+        self.grant.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Bytes handed over so far.
@@ -143,6 +158,7 @@ impl Tap {
             let digest = sp.passed_digest(self.sent).await;
             let _ = self.recheck.set((self.sent, digest));
             self.tx = None;
+            self.release();
         }
     }
 }

@@ -18,6 +18,10 @@
 //! another node id is the same. Only the node that earned the record, at the address where it
 //! earned it, streams.
 //!
+//! Being proven is not enough while the host-wide breaker is tripped (`breaker`: after a lie by
+//! a peer allowed to pass through, for an hour, only peers proven long before with many
+//! verified NARs pass through, and after K such lies nobody): [`ProvenPeers::may_pass_through`].
+//!
 //! Bounds: [`MAX_PROVEN`] (node, address) records with their counts (LRU; forgetting one only
 //! costs that peer its privilege), [`MAX_BANNED_NODES`] node ids and [`MAX_BANNED_ADDRS`]
 //! addresses (never evicted), about 200 bytes each in memory; the file is at most
@@ -32,7 +36,9 @@ use std::sync::Mutex;
 
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
+use super::breaker::{Breaker, Earned, Pass};
 use crate::beacon::wire::NodeId;
 
 /// Verified NARs a peer must deliver (at one address) before its bytes may pass through.
@@ -74,16 +80,45 @@ pub enum ProvenError {
     Encode(#[from] serde_json::Error),
 }
 
+/// What a (node, address) pair did.
+#[derive(Clone, Copy, Debug)]
+struct Record {
+    /// Verified NARs delivered there.
+    verified: u32,
+    /// When it reached [`PROVEN_AFTER`].
+    proven_at: Option<Instant>,
+}
+
+impl Record {
+    fn earned(&self) -> Option<Earned> {
+        let proven_at = self.proven_at.filter(|_| self.verified >= PROVEN_AFTER)?;
+        Some(Earned {
+            verified: self.verified,
+            proven_at,
+        })
+    }
+}
+
 struct State {
-    /// Verified NARs per (node, address), counted up to [`PROVEN_AFTER`].
-    counts: LruCache<(NodeId, IpAddr), u32>,
+    /// Verified NARs per (node, address), and since when it is proven.
+    counts: LruCache<(NodeId, IpAddr), Record>,
     banned_nodes: HashSet<NodeId>,
     banned_addrs: HashSet<IpAddr>,
+    /// Host-wide: trips when a peer allowed to pass through lies.
+    breaker: Breaker,
 }
 
 impl State {
     fn full(&self) -> bool {
         self.banned_nodes.len() >= MAX_BANNED_NODES || self.banned_addrs.len() >= MAX_BANNED_ADDRS
+    }
+
+    /// What `node` at `ip` earned, if it is proven there (not banned, list not full).
+    fn earned(&self, node: &NodeId, ip: IpAddr) -> Option<Earned> {
+        if self.full() || self.banned_nodes.contains(node) || self.banned_addrs.contains(&ip) {
+            return None;
+        }
+        self.counts.peek(&(*node, ip)).and_then(Record::earned)
     }
 
     fn snapshot(&self) -> FileState {
@@ -92,7 +127,7 @@ impl State {
             proven: self
                 .counts
                 .iter()
-                .filter(|(_, n)| **n >= PROVEN_AFTER)
+                .filter(|(_, r)| r.earned().is_some())
                 .map(|((node, ip), _)| (node.to_string(), *ip))
                 .collect(),
             banned_nodes: self.banned_nodes.iter().map(NodeId::to_string).collect(),
@@ -121,6 +156,7 @@ impl ProvenPeers {
             counts: LruCache::new(NonZeroUsize::new(MAX_PROVEN).unwrap_or(NonZeroUsize::MIN)),
             banned_nodes: HashSet::new(),
             banned_addrs: HashSet::new(),
+            breaker: Breaker::default(),
         };
         if let Some(f) = &file {
             match read_file(f) {
@@ -135,7 +171,15 @@ impl ProvenPeers {
                     }
                     for (n, ip) in &s.proven {
                         if let Ok(n) = n.parse::<NodeId>() {
-                            state.counts.put((n, *ip), PROVEN_AFTER);
+                            // Proven from now on: seasoned only after `breaker::SEASONED_AGE`.
+                            let proven_at = Some(Instant::now());
+                            state.counts.put(
+                                (n, *ip),
+                                Record {
+                                    verified: PROVEN_AFTER,
+                                    proven_at,
+                                },
+                            );
                         }
                     }
                     tracing::info!(file = %f.display(), proven = state.counts.len(), banned = state.banned_nodes.len(), "proven peers loaded");
@@ -153,13 +197,23 @@ impl ProvenPeers {
         }
     }
 
-    /// Whether `node` at `ip` may pass bytes through.
+    /// Whether `node` is proven at `ip` (see [`Self::may_pass_through`] for whether its bytes
+    /// may pass through now).
     pub fn is_proven(&self, node: &NodeId, ip: IpAddr) -> bool {
-        let s = lock(&self.state);
-        !s.full()
-            && !s.banned_nodes.contains(node)
-            && !s.banned_addrs.contains(&ip)
-            && s.counts.peek(&(*node, ip)).is_some_and(|n| *n >= PROVEN_AFTER)
+        lock(&self.state).earned(node, ip).is_some()
+    }
+
+    /// Whether `node` at `ip` may pass the bytes of one NAR through now: proven, and the breaker
+    /// allows it (an unseasoned peer gets a grant, to be held while it passes through).
+    pub fn may_pass_through(&self, node: &NodeId, ip: IpAddr) -> Option<Pass> {
+        let mut s = lock(&self.state);
+        let e = s.earned(node, ip)?;
+        s.breaker.pass((*node, ip), &e, Instant::now())
+    }
+
+    /// Lies by peers allowed to pass through within the breaker's window.
+    pub fn recent_pass_through_lies(&self) -> usize {
+        lock(&self.state).breaker.recent_lies(Instant::now())
     }
 
     /// `node` at `ip` delivered a NAR that verified. Returns true when this made it proven.
@@ -169,10 +223,16 @@ impl ProvenPeers {
             if s.banned_nodes.contains(node) || s.banned_addrs.contains(&ip) {
                 return false;
             }
-            let n = s.counts.get_or_insert_mut((*node, ip), || 0);
-            let before = *n;
-            *n = before.saturating_add(1).min(PROVEN_AFTER);
-            before < PROVEN_AFTER && *n == PROVEN_AFTER
+            let r = s.counts.get_or_insert_mut((*node, ip), || Record {
+                verified: 0,
+                proven_at: None,
+            });
+            r.verified = r.verified.saturating_add(1);
+            let became = r.verified == PROVEN_AFTER && r.proven_at.is_none();
+            if became {
+                r.proven_at = Some(Instant::now());
+            }
+            became
         };
         if became {
             tracing::info!(node = %node, %ip, "peer proven: its NARs may pass through");
@@ -181,10 +241,19 @@ impl ProvenPeers {
         became
     }
 
-    /// `node` (at `ip`, when known) sent a NAR that failed verification: banned for good.
+    /// `node` (at `ip`, when known) sent a NAR that failed verification: banned for good. If
+    /// it was allowed to pass through, the breaker trips.
     pub fn lied(&self, node: &NodeId, ip: Option<IpAddr>) {
         {
             let mut s = lock(&self.state);
+            let now = Instant::now();
+            let passing = ip
+                .and_then(|ip| s.earned(node, ip).map(|e| (ip, e)))
+                .is_some_and(|(ip, e)| s.breaker.was_passing((*node, ip), &e, now));
+            if passing {
+                s.breaker.tripped(now);
+                tracing::warn!(node = %node, ?ip, recent = s.breaker.recent_lies(now), "a peer allowed to pass through lied: pass-through breaker tripped");
+            }
             if s.banned_nodes.len() < MAX_BANNED_NODES {
                 s.banned_nodes.insert(*node);
             }
@@ -322,6 +391,59 @@ mod tests {
         for _ in 0..PROVEN_AFTER {
             p.delivered(n, a);
         }
+    }
+
+    /// Issue #25: a lie by a peer allowed to pass through trips the host-wide breaker: a
+    /// seasoned honest peer keeps passing through, a freshly proven identity does not (nor does
+    /// its lie count again), and after K such lies nobody does, for an hour.
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_through_lie_leaves_only_seasoned_peers() {
+        use crate::proxy::breaker::{BREAKER_FOR, MAX_PASS_THROUGH_LIES, SEASONED_AGE, SEASONED_NARS};
+        let p = ProvenPeers::load(None);
+        let (honest, hip) = (NodeId([1; 16]), ip("10.0.0.1"));
+        for _ in 0..SEASONED_NARS {
+            p.delivered(&honest, hip);
+        }
+        tokio::time::advance(SEASONED_AGE).await;
+        let liar = |i: u8| (NodeId([100 + i; 16]), ip(&format!("10.0.1.{i}")));
+        let (l0, a0) = liar(0);
+        prove(&p, &l0, a0);
+        let passing = p.may_pass_through(&l0, a0);
+        assert!(passing.is_some(), "closed breaker: any proven peer");
+        p.lied(&l0, Some(a0));
+        drop(passing);
+        assert_eq!(p.recent_pass_through_lies(), 1);
+        assert!(
+            p.may_pass_through(&honest, hip).is_some(),
+            "the seasoned honest peer keeps pass-through"
+        );
+        let (l1, a1) = liar(1);
+        prove(&p, &l1, a1);
+        assert!(
+            p.is_proven(&l1, a1) && p.may_pass_through(&l1, a1).is_none(),
+            "a new identity: verify first"
+        );
+        p.lied(&l1, Some(a1));
+        assert_eq!(
+            p.recent_pass_through_lies(),
+            1,
+            "a lie that could not pass through costs nothing"
+        );
+        // Proven after the first lie: not seasoned for this window, however many NARs.
+        let (l2, a2) = liar(2);
+        prove(&p, &l2, a2);
+        for _ in 0..SEASONED_NARS {
+            p.delivered(&l2, a2);
+        }
+        assert!(p.may_pass_through(&l2, a2).is_none(), "proven after the first lie");
+        // The seasoned peer lies too: the second lie of the window, nobody passes through.
+        p.lied(&honest, Some(hip));
+        assert_eq!(p.recent_pass_through_lies(), MAX_PASS_THROUGH_LIES);
+        let (h2, hip2) = (NodeId([2; 16]), ip("10.0.0.2"));
+        prove(&p, &h2, hip2);
+        assert!(p.may_pass_through(&h2, hip2).is_none(), "K lies: nobody");
+        tokio::time::advance(BREAKER_FOR).await;
+        assert!(p.may_pass_through(&h2, hip2).is_some(), "an hour later, closed again");
     }
 
     #[test]

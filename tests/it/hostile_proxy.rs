@@ -375,3 +375,213 @@ fn a_real_host_stopped_with_sigstop_costs_one_short_lookup() {
     });
     assert!(found.is_some(), "found again once it woke up");
 }
+
+/// Issue #25: 24 node ids on 6 addresses (4 ports each) publish a copy of the holder's summary
+/// and answer 404, and take new node ids at the same addresses every 4 lookups (ids are free),
+/// so no id ever collects the 8 broken claims after which it was distrusted. Before, each lookup
+/// asked 3 random "maybe" peers of 25, then at most 16 more: the holder was missed in about a
+/// quarter of lookups. Broken claims now count per address too (new ids at a liar's address
+/// inherit its record) and peers that kept their claims are asked first: at most the very
+/// first lookup can miss.
+#[test]
+fn lying_summaries_on_rotating_ids_cost_the_liars_not_the_lookups() {
+    use crate::common::forge;
+    use std::net::{IpAddr, SocketAddr};
+    // More for a figure: LNC_LYING_LOOKUPS=200.
+    let lookups: usize = std::env::var("LNC_LYING_LOOKUPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    const ROTATE_EVERY: usize = 4;
+    let rig = Rig::new();
+    let paths: Vec<FakePath> = (0..lookups)
+        .map(|i| FakePath::new(&format!("hidden{i}"), 500, i as u8))
+        .collect();
+    let holder = Arc::new(FakeCache::default());
+    for p in &paths {
+        holder.serve_path(p);
+    }
+    rig.peer_with_summary(holder.clone(), 1);
+    let copied = holder
+        .routes
+        .lock()
+        .expect("lock")
+        .get("/summary")
+        .cloned()
+        .expect("a summary");
+    let liar_ips: Vec<IpAddr> = (21..27u8).map(|i| IpAddr::from([127, 1, 0, i])).collect();
+    let liars: Vec<(Arc<FakeCache>, SocketAddr)> = liar_ips
+        .iter()
+        .flat_map(|ip| std::iter::repeat_n(*ip, 4))
+        .map(|ip| {
+            let c = Arc::new(FakeCache::default());
+            c.set("/summary", copied.clone());
+            let at = rig.cache_at(c.clone(), SocketAddr::new(ip, 0));
+            (c, at)
+        })
+        .collect();
+    // Generation `g` of the liars' ids: the old entries go (as silent ids expire), new ones are
+    // announced at the same addresses.
+    let rotate = |g: u8| -> Vec<NodeId> {
+        rig.table.forget_addrs(|a| liar_ips.contains(&a.ip()));
+        let _g = rig.rt.enter();
+        liars
+            .iter()
+            .enumerate()
+            .map(|(k, (c, at))| {
+                let mut id = [0xa5; 16];
+                (id[0], id[1]) = (g, k as u8);
+                let node = NodeId(id);
+                *c.node.lock().expect("lock") = Some(node);
+                let b = forge::announce(node, at.port()).summary(Some(1)).encode();
+                rig.table.handle(*at, &b, tokio::time::Instant::now());
+                node
+            })
+            .collect()
+    };
+    let (proxy, px) = rig.proxy(vec![]);
+    let mut misses = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        if i % ROTATE_EVERY == 0 {
+            let ids: Vec<String> = rotate((i / ROTATE_EVERY) as u8).iter().map(|n| n.to_string()).collect();
+            wait_until(
+                "the holder's and every new liar's summary are fetched",
+                Duration::from_secs(20),
+                Duration::from_millis(20),
+                || {
+                    let st = px.status();
+                    let held = |n: &str| st.peers.iter().any(|p| p.node == n && p.summary.is_some());
+                    held(&NodeId([1; 16]).to_string()) && ids.iter().all(|n| held(n))
+                },
+            );
+        }
+        if get(proxy, &format!("/{}.narinfo", p.hash())).status != 200 {
+            misses.push(i);
+        }
+    }
+    let lied_to = liars.iter().map(|(c, _)| c.requests_for(".narinfo")).sum::<usize>();
+    eprintln!(
+        "holder found on the first lookup in {} of {lookups}; the liars got {lied_to} narinfo requests",
+        lookups - misses.len()
+    );
+    assert!(misses.len() <= 1, "the holder was missed in lookups {misses:?}");
+}
+
+/// A new identity of the churning liar (node id `id` at its own address alias 127.1.0.`id`):
+/// `PROVEN_AFTER` honest 256 KiB paths, then a 1 MiB NAR with a byte flipped in its middle,
+/// whose honest holder (another peer) answers the narinfo 300 ms later, so the liar wins. The
+/// wrong NAR starts after `delay`.
+fn churned_liar(rig: &Rig, id: u8, holder: u8, delay: Duration) -> (Vec<FakePath>, FakePath) {
+    use local_nix_cache::proxy::proven::PROVEN_AFTER;
+    let honest: Vec<FakePath> = (0..PROVEN_AFTER)
+        .map(|i| FakePath::new(&format!("churn{id}-{i}"), 256 * 1024, id.wrapping_mul(7) + i as u8))
+        .collect();
+    let lie = FakePath::new(&format!("churn{id}-lie"), 1 << 20, id.wrapping_mul(13));
+    let liar = Arc::new(FakeCache::default());
+    for p in &honest {
+        liar.serve_path(p);
+    }
+    liar.serve_path(&lie);
+    let mut bad = lie.nar.to_vec();
+    bad[lie.nar.len() / 2] ^= 1;
+    liar.set(&format!("/{}", lie.info.url), Reply::slow(bad, delay));
+    let other = Arc::new(FakeCache::default());
+    other.serve_path(&lie);
+    other.set(
+        &format!("/{}.narinfo", lie.hash()),
+        Reply::slow(lie.info.render(), Duration::from_millis(300)),
+    );
+    rig.peer(liar, id);
+    rig.peer(other, holder);
+    (honest, lie)
+}
+
+fn proven(px: &local_nix_cache::proxy::Proxy, id: u8) -> bool {
+    let node = NodeId([id; 16]).to_string();
+    px.status().peers.iter().any(|p| p.node == node && p.proven)
+}
+
+/// Issue #25: a proven peer flips a byte mid-NAR while its bytes pass through to Nix (a failed
+/// substitution), then takes a new node id and a new address alias, is proven again with three
+/// honest NARs, and lies again: each identity cost one failed substitution (5 of 5). The
+/// host-wide breaker (`proxy::breaker`) lets only seasoned peers pass through for an hour
+/// after such a lie: the next identities are verified first, their lies cost nothing, and
+/// every NAR arrives right. At most `MAX_PASS_THROUGH_LIES` (K) failures per hour whatever the
+/// number of identities; with churned identities, one.
+#[test]
+fn a_liar_churning_identities_fails_one_substitution_not_one_per_identity() {
+    use crate::proxy::get_cut;
+    use local_nix_cache::proxy::breaker::MAX_PASS_THROUGH_LIES;
+    const CYCLES: u8 = 5;
+    let rig = Rig::new();
+    let (proxy, px) = rig.proxy(vec![]);
+    let mut failed = Vec::new();
+    for c in 0..CYCLES {
+        let (honest, lie) = churned_liar(&rig, 60 + c, 120 + c, Duration::ZERO);
+        for p in &honest {
+            assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+            let nar = get(proxy, &p.nar_url());
+            assert!(nar.status == 200 && nar.body == p.nar, "{}", p.path);
+        }
+        assert!(proven(&px, 60 + c), "identity {c} is proven");
+        assert_eq!(get(proxy, &format!("/{}.narinfo", lie.hash())).status, 200);
+        let (status, _, body) = get_cut(proxy, &lie.nar_url());
+        assert_eq!(status, 200);
+        if body != lie.nar {
+            assert!((body.len() as u64) < lie.info.nar_size, "a wrong NAR was sent whole");
+            failed.push(c);
+        }
+    }
+    let s = px.stats();
+    eprintln!(
+        "{} of {CYCLES} substitutions failed (cycles {failed:?}); {} lies, {} cut, {} passed through",
+        failed.len(),
+        s.lies,
+        s.nars_cut,
+        s.nars_passed_through
+    );
+    assert_eq!(s.nars_cut as usize, failed.len(), "{s:?}");
+    assert!(s.lies >= CYCLES as u64, "every lie was caught: {s:?}");
+    assert!(failed.len() <= 1, "one failure per identity: {failed:?}");
+    assert!(failed.len() <= MAX_PASS_THROUGH_LIES);
+}
+
+/// Issue #25: the liar proves several identities first and lies with all of them in one batch
+/// of parallel substitutions (Nix runs up to 16 at once), before the breaker has seen a lie: all
+/// of them failed. Unseasoned peers now pass through one NAR at a time host-wide; the others
+/// are verified first: one failure for the batch.
+#[test]
+fn identities_proven_beforehand_lying_at_once_fail_one_substitution() {
+    use crate::proxy::get_cut;
+    const IDS: u8 = 3;
+    let rig = Rig::new();
+    let (proxy, px) = rig.proxy(vec![]);
+    let liars: Vec<(Vec<FakePath>, FakePath)> = (0..IDS)
+        .map(|i| churned_liar(&rig, 80 + i, 140 + i, Duration::from_millis(500)))
+        .collect();
+    for (i, (honest, _)) in liars.iter().enumerate() {
+        for p in honest {
+            assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+            assert_eq!(get(proxy, &p.nar_url()).status, 200);
+        }
+        assert!(proven(&px, 80 + i as u8), "identity {i} is proven");
+    }
+    for (_, lie) in &liars {
+        assert_eq!(get(proxy, &format!("/{}.narinfo", lie.hash())).status, 200);
+    }
+    // Every wrong NAR starts 500 ms after it is asked for: the fetches overlap.
+    let failed = std::thread::scope(|s| {
+        let runs: Vec<_> = liars
+            .iter()
+            .map(|(_, lie)| s.spawn(move || get_cut(proxy, &lie.nar_url()).2 != lie.nar))
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().unwrap_or(true))
+            .filter(|f| *f)
+            .count()
+    });
+    let s = px.stats();
+    eprintln!("{failed} of {IDS} parallel substitutions failed; {s:?}");
+    assert_eq!(s.nars_cut as usize, failed, "{s:?}");
+    assert!(failed <= 1, "{failed} of {IDS} failed");
+}

@@ -671,7 +671,7 @@ fn bench_narinfo_latency_16_peers() {
 
 /// A raw GET that keeps what arrived when the server cuts the body short: the status, the
 /// `Content-Length` and the body bytes received.
-fn get_cut(addr: std::net::SocketAddr, path: &str) -> (u16, Option<u64>, Vec<u8>) {
+pub(crate) fn get_cut(addr: std::net::SocketAddr, path: &str) -> (u16, Option<u64>, Vec<u8>) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");

@@ -1,0 +1,8 @@
+//! The `identity` target: its invariants are `local_nix_cache::fuzzing`'s (`Target::Identity`), which CI
+//! also runs, uninstrumented, over `fuzz/seeds/identity` and inputs mutated from it.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use local_nix_cache::fuzzing::{check, Target};
+
+fuzz_target!(|data: &[u8]| check(Target::Identity, data));
