@@ -428,6 +428,10 @@ impl StoreServer {
 
 impl h::Handler for StoreServer {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        // One request per turn of the runtime: a connection with pipelined requests queued
+        // (a flood) would otherwise answer up to tokio's budget of them before another
+        // connection's request is looked at.
+        tokio::task::yield_now().await;
         let arrived = tokio::time::Instant::now();
         let Some(head) = h::is_head(req.method()) else {
             // Answered before anything else, without the node id.
