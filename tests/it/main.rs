@@ -6,6 +6,7 @@ mod common;
 
 mod beacon;
 mod compression;
+mod crowd;
 mod hall;
 mod hall_serve;
 mod hostile_proxy;
