@@ -26,6 +26,9 @@ use crate::common::{fixture, nix as nix_cmd, run, wait_for};
 /// Every host's link, as in the issue.
 const RATE: &str = "200mbit";
 const MIB: u64 = 1024 * 1024;
+/// How long a crowd waits, once every host knows the LAN and the holder's summary, for the
+/// other hosts' summaries.
+const SUMMARIES_WAIT: Duration = Duration::from_secs(15);
 
 /// `mib` MiB of random bytes (nothing compresses it, on the LAN or upstream) as one signed path
 /// in the fixture's cache, stored there uncompressed (xz gains nothing on random bytes and costs
@@ -136,7 +139,7 @@ impl Crowd {
             path,
             size: mib * MIB,
         };
-        me.wait_ready(&(0..=clients).collect::<Vec<_>>(), Duration::from_secs(60));
+        me.wait_ready(&(0..=clients).collect::<Vec<_>>(), Duration::from_secs(150));
         me
     }
 
@@ -144,24 +147,55 @@ impl Crowd {
         self.lan.hosts.len()
     }
 
-    /// Waits until every host of `who` lists every other serving host of `who` with its content
-    /// summary (so the holder is found on the first lookup, and every host could be a source).
+    /// Waits until every host of `who` lists every other serving host of `who` and holds the
+    /// holder's content summary (so the holder is found on the first lookup), then (at most
+    /// [`SUMMARIES_WAIT`] more) until it holds every other host's summary too. A host's first
+    /// summary fetches can fail while many start at once (they back off, up to a minute): a
+    /// peer without a summary is still asked now and then, as in a real hall.
     fn wait_ready(&self, who: &[usize], limit: Duration) {
         let t0 = Instant::now();
         let want = who.len() - 1;
+        let holder = format!("{}:8380", self.lan.hosts[0].net.ip4);
+        let peers = |i: usize| {
+            self.lan.hosts[i].status()["peers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        };
         for &i in who {
             let ready = wait_for(limit.saturating_sub(t0.elapsed()), Duration::from_millis(200), || {
-                let st = self.lan.hosts[i].status();
-                let peers = st["peers"].as_array().cloned().unwrap_or_default();
-                let with_summary = peers.iter().filter(|p| !p["summary"].is_null()).count();
-                peers.len() >= want && with_summary >= want
+                let peers = peers(i);
+                let holder_summary = i == 0
+                    || peers
+                        .iter()
+                        .any(|p| p["addr"].as_str() == Some(holder.as_str()) && !p["summary"].is_null());
+                (peers.len() >= want && holder_summary).then_some(())
             });
-            assert!(
-                ready.is_some(),
-                "host{} does not know the LAN after {:?}: {}",
-                i + 1,
-                t0.elapsed(),
-                self.lan.hosts[i].status()["peers"]
+            if ready.is_none() {
+                let listed = peers(i);
+                let known: Vec<&str> = listed.iter().filter_map(|p| p["addr"].as_str()).collect();
+                let missing: Vec<String> = who
+                    .iter()
+                    .map(|&j| format!("{}:8380", self.lan.hosts[j].net.ip4))
+                    .filter(|a| *a != format!("{}:8380", self.lan.hosts[i].net.ip4) && !known.contains(&a.as_str()))
+                    .collect();
+                let holder_entry = listed.iter().find(|p| p["addr"].as_str() == Some(holder.as_str()));
+                panic!(
+                    "host{} does not know the LAN after {:?}: {} of {want} peers listed, missing {missing:?}; \
+                     the holder's entry: {holder_entry:?}; beacon: {}",
+                    i + 1,
+                    t0.elapsed(),
+                    listed.len(),
+                    self.lan.hosts[i].status()["beacon"]
+                );
+            }
+        }
+        let t1 = Instant::now();
+        for &i in who {
+            let _ = wait_for(
+                SUMMARIES_WAIT.saturating_sub(t1.elapsed()),
+                Duration::from_millis(200),
+                || (peers(i).iter().filter(|p| !p["summary"].is_null()).count() >= want).then_some(()),
             );
         }
     }
@@ -265,8 +299,23 @@ impl Crowd {
     /// The failed clients' `nix-store` errors and their hosts' serve logs' last lines.
     fn failures(&self, w: &Wave) -> String {
         let mut out = String::new();
-        for (k, &c) in w.clients.iter().enumerate() {
-            if !matches!(w.ended[k], Some((_, true))) {
+        let failed: Vec<usize> = (0..w.clients.len())
+            .filter(|k| !matches!(w.ended[*k], Some((_, true))))
+            .collect();
+        out += &format!(
+            " {} of {}: {}",
+            failed.len(),
+            w.clients.len(),
+            failed
+                .iter()
+                .map(|k| self.lan.hosts[w.clients[*k]].name.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        // The first two in detail.
+        for &k in failed.iter().take(2) {
+            let c = w.clients[k];
+            {
                 let h = &self.lan.hosts[c];
                 let err = std::fs::read_to_string(h.store.dir.path().join("realise.err")).unwrap_or_default();
                 let log = h.log();
