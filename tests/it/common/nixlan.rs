@@ -93,13 +93,6 @@ impl NixHost {
         self.start_serve_full(std::path::Path::new(bin()), upstream, &args);
     }
 
-    /// [`Self::start_serve`] with `extra` flags after the default ones (e.g. a lower transfer cap).
-    pub fn start_serve_extra(&mut self, upstream: &str, extra: &[&str]) {
-        let mut args = DEFAULT_SERVE_ARGS.to_vec();
-        args.extend_from_slice(extra);
-        self.start_serve_full(std::path::Path::new(bin()), upstream, &args);
-    }
-
     /// Starts `serve` with `args` instead of the default listen address, interface and announce
     /// interval (e.g. every interface, as the NixOS module and the one-liner run it).
     pub fn start_serve_args(&mut self, upstream: &str, args: &[&str]) {
@@ -115,7 +108,13 @@ impl NixHost {
             .arg("serve")
             .arg("--store")
             .arg(format!("unix://{}", self.store.socket.display()))
-            .args(["--real-store-dir", &self.store.physical_store()])
+            // Unless `args` say otherwise (`none`: every NAR through the daemon).
+            .args(
+                Some(["--real-store-dir", &self.store.physical_store()])
+                    .filter(|_| !args.contains(&"--real-store-dir"))
+                    .into_iter()
+                    .flatten(),
+            )
             .args(args)
             .args(["--upstream", upstream, "--trusted-public-key", &fixture().pk])
             .arg("--spool-dir")
