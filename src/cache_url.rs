@@ -15,6 +15,60 @@ use crate::narinfo::{NarHash, StorePathHash};
 /// the server at an announced address is the node that announced it.
 pub const NODE_HEADER: &str = "x-local-nix-cache-node";
 
+/// Request header by which a proxy says it takes a busy answer (503 with `Retry-After`) instead
+/// of waiting in the store server's transfer queue (see `server::transfers::BUSY_WAIT`). Nix
+/// never sends it: a Nix client pointed straight at a store server still gets the queue and,
+/// after it, a 404 (it fails its build on a 5xx).
+pub const BUSY_OK_HEADER: &str = "x-local-nix-cache-busy-ok";
+
+/// Response header in which a store server tells its load: `<streaming> <waiting>`, the NAR
+/// transfers it streams and those waiting for a slot now (see [`Load`]).
+pub const LOAD_HEADER: &str = "x-local-nix-cache-load";
+
+/// Response header that marks a narinfo answer for a path the store server does not hold but its
+/// proxy is fetching (`proxy::partial`): its NAR comes from the bytes landed so far, unverified
+/// by the sender; the receiver verifies it whole and never passes it through. Only sent to
+/// requests carrying [`BUSY_OK_HEADER`] (proxies).
+pub const PARTIAL_HEADER: &str = "x-local-nix-cache-partial";
+
+/// Header of a busy answer (503) naming, as comma-separated node ids (hex), hosts that stream the
+/// NAR from this server now: they are fetching it and serve what they have (at most
+/// [`MAX_TRY_HINTS`]; the receiver asks only those in its own peer table).
+pub const TRY_HEADER: &str = "x-local-nix-cache-try";
+/// Most node ids a busy answer names (and a proxy reads from one).
+pub const MAX_TRY_HINTS: usize = 4;
+
+/// A store server's load as its [`LOAD_HEADER`] tells it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Load {
+    /// Transfers streaming now.
+    pub streaming: u32,
+    /// Transfers waiting for a slot now.
+    pub waiting: u32,
+}
+
+impl Load {
+    /// The header value.
+    pub fn render(&self) -> String {
+        format!("{} {}", self.streaming, self.waiting)
+    }
+
+    /// Parses a header value; `None` when it is not two decimal numbers (a peer's header is
+    /// untrusted input: it only orders sources, never admits one).
+    pub fn parse(v: &str) -> Option<Self> {
+        let (s, w) = v.trim().split_once(' ')?;
+        Some(Self {
+            streaming: s.parse().ok()?,
+            waiting: w.parse().ok()?,
+        })
+    }
+
+    /// One number to rank by: the transfers a new one would share the server with.
+    pub fn weight(&self) -> u64 {
+        u64::from(self.streaming) + u64::from(self.waiting)
+    }
+}
+
 /// Longest request path looked at; longer ones are 414.
 pub const MAX_PATH_LEN: usize = 256;
 
@@ -150,5 +204,18 @@ mod tests {
             assert_eq!(parse(&path), want, "{path}");
         }
         assert_eq!(nar_url(&hash, &nar_hash), format!("nar/{h}-{n}.nar"));
+    }
+
+    #[test]
+    fn load_header_round_trips_and_rejects_garbage() {
+        let l = Load {
+            streaming: 3,
+            waiting: 7,
+        };
+        assert_eq!(Load::parse(&l.render()), Some(l));
+        assert_eq!(l.weight(), 10);
+        for bad in ["", "3", "3 x", "-1 2", "3  7", "99999999999 1"] {
+            assert_eq!(Load::parse(bad), None, "{bad:?}");
+        }
     }
 }

@@ -156,8 +156,11 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
         Some(path) => Some(server::install::check_install_binary(path)?),
         None => None,
     };
+    // NARs the proxy is fetching, served to peers' proxies as they arrive (issue #24).
+    let partials = Arc::new(crate::proxy::partial::Partials::default());
     let srv = Arc::new(
         StoreServer::new(store, index, keys.clone())
+            .with_partials(partials.clone())
             .with_stall_timeout(settings.server.client_stall_timeout)
             .with_install_binary(install_binary)
             .with_node_id(node_id)
@@ -210,6 +213,7 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     };
     let mut proxy_config = ProxyConfig::from_settings(settings);
     proxy_config.delivered = Some(delivered);
+    proxy_config.partials = Some(partials);
     let proxy = Proxy::new(proxy_config, peers.clone())?;
     parts.spawn(
         "peer summaries",

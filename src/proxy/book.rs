@@ -178,7 +178,6 @@ impl SourceBook {
     /// The cached sources of a NAR still usable (a cached peer may have left the table, or lied
     /// about this NAR since), in the order to try them: backed-off peers go last.
     pub fn usable_candidates(&self, candidates: Vec<Candidate>, nar_hash: &NarHash) -> VecDeque<Candidate> {
-        let now = Instant::now();
         let mut usable: Vec<Candidate> = candidates
             .into_iter()
             .filter(|c| match &c.source {
@@ -186,16 +185,23 @@ impl SourceBook {
                 SourceId::Upstream(_) => true,
             })
             .collect();
-        usable.sort_by_key(|c| matches!(&c.source, SourceId::Peer(n) if self.health.backed_off(n, now)));
+        self.rank(&mut usable);
         VecDeque::from(usable)
     }
 
-    /// Orders the sources found for a NAR: peers in good standing, backed-off peers, upstreams.
+    /// Orders the sources found for a NAR: peers in good standing, backed-off peers, upstreams;
+    /// among peers of one standing the least loaded first (the load their store server told with
+    /// the narinfo), at random among equals, never in answer order: a crowd spreads over the
+    /// holders instead of piling onto the first to answer (issue #24).
     pub fn rank(&self, found: &mut [Candidate]) {
         let now = Instant::now();
+        found.shuffle(&mut rand::thread_rng());
         found.sort_by_key(|c| match &c.source {
-            SourceId::Peer(n) => u8::from(self.health.backed_off(n, now)),
-            SourceId::Upstream(_) => 2,
+            SourceId::Peer(n) => (
+                u8::from(self.health.backed_off(n, now)),
+                c.load.map_or(0, |l| l.weight()),
+            ),
+            SourceId::Upstream(_) => (2, 0),
         });
     }
 

@@ -177,6 +177,8 @@ mod tests {
             info: Arc::new(info),
             nar_url: url::Url::parse("http://x/nar/x.nar").expect("url"),
             zstd: false,
+            load: None,
+            partial: false,
         };
         (path.hash(), c)
     }

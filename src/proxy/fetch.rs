@@ -6,10 +6,19 @@
 //! sends provably wrong bytes (more than NarSize, corrupt compression) loses them at once. The
 //! whole NAR is hashed at the end: a mismatch with one contributor is that source's lie; with
 //! several, the fetch starts over one source at a time so the next mismatch is attributable.
-//! Every source is tried at most once per fetch, and every source is looked for at most once.
+//! Every source is tried at most once per fetch, and every source is looked for at most once,
+//! except a busy one (issue #24).
+//!
+//! A peer whose store server is busy (no transfer slot, `SourceError::Busy`) has not failed: the
+//! fetch tries the NAR's other sources and, when none is left, waits its `Retry-After` with
+//! jitter and re-plans: it asks the peers again (hosts that got the path since are found, the
+//! busy ones answer with their load) and resumes with `Range` from what it has. Upstreams wait
+//! while a peer holds the NAR, so a crowd does not all go to the internet at once; after
+//! [`BUSY_WAIT_CAP`] of busy answers the fetch takes any source, and with none it fails.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -21,12 +30,14 @@ use super::error::{FetchError, LieKind, SourceFailure};
 use super::forms::Form;
 use super::health::Verdict;
 use super::lookup::Lookup;
+use super::partial::{Offered, Partials};
 use super::passthrough::Tap;
 use super::source::{is_transport_error, Candidate, SourceError, SourceId};
 use super::split;
 use super::spool::{Spool, SpoolError, SpoolLimits};
 use super::stats::StatsKeeper;
 use super::verified::Verified;
+use crate::beacon::wire::NodeId;
 use crate::narinfo::{Compression, NarHash, NarInfo, StorePathHash};
 
 /// What a NAR fetch needs of the proxy, and nothing else: shared (`Arc`) so a fetch can run in a
@@ -40,7 +51,17 @@ pub struct FetchParts {
     pub spool: SpoolLimits,
     /// See `ProxyConfig::parallel_min_bytes`.
     pub parallel_min_bytes: u64,
+    /// Where a fetch offers its NAR to peers while it arrives (see `partial`).
+    pub partials: Option<Arc<Partials>>,
 }
+
+/// How long a fetch keeps coming back to busy peers (from their first busy answer) before it
+/// takes an upstream or, with none, fails: well below the 300 s Nix waits for a silent download
+/// (`stalled-download-timeout`), above the time a holder's 32 slots take to turn over for a
+/// crowd of 100 (issue #24).
+pub const BUSY_WAIT_CAP: Duration = Duration::from_secs(180);
+/// Hosts a fetch asks because busy sources named them (each once per fetch).
+const MAX_HINTED: usize = 64;
 
 /// A verified NAR with the narinfo it was checked against and where it came from.
 pub type Fetched = (Verified, Arc<NarInfo>, SourceId);
@@ -78,6 +99,21 @@ pub struct NarFetch<'c> {
     last_error: Option<SourceFailure>,
     /// Pass-through to the request that started the fetch (see `passthrough`), if any.
     tap: Option<Tap>,
+    /// Peers that answered busy since the last wait: asked again after it.
+    busy: Vec<Candidate>,
+    /// Upstreams held back while a peer holds the NAR but is busy (within [`BUSY_WAIT_CAP`]).
+    deferred: Vec<Candidate>,
+    /// The first busy answer of this fetch (the wait cap counts from it).
+    busy_since: Option<Instant>,
+    /// The longest `Retry-After` among the busy answers since the last wait.
+    retry_after: Duration,
+    /// This NAR offered to peers while it arrives (`partial`), until the spool is reset.
+    offered: Option<Offered>,
+    /// Hosts busy sources named as streaming the NAR, not asked yet.
+    hints: Vec<NodeId>,
+    /// Every host ever named so (each asked once per fetch through a hint), at most
+    /// [`MAX_HINTED`].
+    hinted: HashSet<NodeId>,
 }
 
 impl<'c> NarFetch<'c> {
@@ -102,6 +138,13 @@ impl<'c> NarFetch<'c> {
             allow_resume: true,
             last_error: None,
             tap: None,
+            busy: Vec::new(),
+            deferred: Vec::new(),
+            busy_since: None,
+            retry_after: Duration::ZERO,
+            offered: None,
+            hints: Vec::new(),
+            hinted: HashSet::new(),
         }
     }
 
@@ -143,10 +186,17 @@ impl<'c> NarFetch<'c> {
                     self.reset_spool().await;
                     self.last_error = Some(e.into());
                 }
+                Err(CopyError::Failed(SourceError::Busy { retry_after, hints })) => {
+                    self.busy_source(c, retry_after, hints)
+                }
                 Err(CopyError::Failed(e)) => {
                     let got = self.spool.as_ref().map_or(0, Spool::len);
                     tracing::info!(source = ?c.source, hash = %self.hash, got, error = %e, "NAR source failed; trying the next");
-                    self.cx.book.judge(&c.source, Verdict::Failed(&e));
+                    // An in-flight copy that is gone (its fetch ended, its store not yet
+                    // indexed) answers 404: not the peer's failure.
+                    if !(c.partial && matches!(e, SourceError::Status(404))) {
+                        self.cx.book.judge(&c.source, Verdict::Failed(&e));
+                    }
                     if got > 0 {
                         self.contributors.push(c.source.clone());
                     }
@@ -188,7 +238,7 @@ impl<'c> NarFetch<'c> {
             .queue
             .iter()
             // Byte ranges: of uncompressed NARs only.
-            .filter(|c| matches!(c.source, SourceId::Peer(_)) && c.resumable())
+            .filter(|c| matches!(c.source, SourceId::Peer(_)) && c.resumable() && !c.partial)
             .take(split::MAX_PARALLEL_SOURCES)
             .cloned()
             .collect();
@@ -207,19 +257,113 @@ impl<'c> NarFetch<'c> {
         Some((v, info, peers[0].source.clone()))
     }
 
-    /// The next source not tried yet; when none is left, every source is asked once more.
+    /// The next source not tried yet; when none is left, every source is asked once more; when
+    /// only busy peers are left, they are asked again after a wait (see the module's text).
     async fn next_source(&mut self) -> Option<Candidate> {
         loop {
             match self.queue.pop_front() {
+                Some(c) if self.defer_upstream(&c) => self.deferred.push(c),
                 Some(c) if self.tried.insert(c.source.clone()) => return Some(c),
                 Some(_) => continue,
-                None if self.gathered => return None,
-                None => self.gather().await,
+                None if !self.gathered => self.gather().await,
+                None if !self.busy.is_empty() && self.within_busy_cap() => self.wait_and_replan().await,
+                None if !self.deferred.is_empty() => {
+                    // No busy peer to wait for (or the cap passed): the upstreams' turn.
+                    self.busy.clear();
+                    self.busy_since = None;
+                    self.queue.extend(self.deferred.drain(..));
+                }
+                None => return None,
             }
         }
     }
 
+    /// A peer answered busy: not a failure (no back-off, its bytes kept for a resume); it is
+    /// asked again after the wait.
+    /// Its hints (hosts streaming the NAR from it) are asked at once, each once per fetch.
+    fn busy_source(&mut self, c: Candidate, retry_after: Duration, hints: Vec<NodeId>) {
+        tracing::debug!(source = ?c.source, hash = %self.hash, ?retry_after, ?hints, "NAR source busy; trying the next");
+        self.cx.stats.update(|s| s.busy_answers += 1);
+        let e = SourceError::Busy {
+            retry_after,
+            hints: Vec::new(),
+        };
+        self.cx.book.judge(&c.source, Verdict::Failed(&e));
+        self.busy_since.get_or_insert_with(Instant::now);
+        self.retry_after = self.retry_after.max(retry_after);
+        self.last_error = Some(SourceFailure::Failed(e));
+        for n in hints {
+            if self.hinted.len() < MAX_HINTED && self.hinted.insert(n) {
+                self.hints.push(n);
+            }
+        }
+        self.busy.push(c);
+    }
+
+    /// Whether an upstream waits: a peer holds the NAR but is busy, within the cap.
+    fn defer_upstream(&self, c: &Candidate) -> bool {
+        matches!(c.source, SourceId::Upstream(_)) && !self.busy.is_empty() && self.within_busy_cap()
+    }
+
+    fn within_busy_cap(&self) -> bool {
+        self.busy_since.is_none_or(|t| t.elapsed() < BUSY_WAIT_CAP)
+    }
+
+    /// Every source left is a busy peer: waits its `Retry-After` with jitter (a crowd does not
+    /// come back at once), then asks the peers again, busy ones included (hosts that got the NAR
+    /// since are found; each answers with its load), and queues them least loaded first. The
+    /// upstreams are not asked again (their candidates wait in `deferred`).
+    /// Hosts that busy sources named are asked first, without a wait.
+    async fn wait_and_replan(&mut self) {
+        use rand::Rng;
+        if !self.hints.is_empty() {
+            let found = self.ask_hints().await;
+            if !found.is_empty() {
+                for c in found {
+                    self.cx.cache.remember(self.hash, c.clone());
+                    self.queue.push_back(c);
+                }
+                self.cx.book.rank(self.queue.make_contiguous());
+                return;
+            }
+        }
+        let left = self
+            .busy_since
+            .map_or(BUSY_WAIT_CAP, |t| BUSY_WAIT_CAP.saturating_sub(t.elapsed()));
+        let jitter = rand::thread_rng().gen_range(0.5..1.5);
+        let wait = self.retry_after.mul_f64(jitter).min(left);
+        self.cx.stats.update(|s| s.busy_waits += 1);
+        tracing::debug!(hash = %self.hash, busy = self.busy.len(), ?wait, "every source busy; waiting");
+        tokio::time::sleep(wait).await;
+        self.retry_after = Duration::ZERO;
+        let busy = std::mem::take(&mut self.busy);
+        for c in &busy {
+            self.tried.remove(&c.source);
+        }
+        let mut skip = self.tried.clone();
+        skip.extend((0..self.cx.book.sources().upstreams.len()).map(SourceId::Upstream));
+        let lookup = Lookup {
+            book: &self.cx.book,
+            stats: &self.cx.stats,
+        };
+        let mut found = lookup.gather(&self.hash, &self.nar_hash, &skip).await;
+        // A busy peer that did not answer this time keeps its place, after the others.
+        for c in busy {
+            if !found.iter().any(|f| f.source == c.source) {
+                found.push(c);
+            }
+        }
+        for c in found {
+            self.cx.cache.remember(self.hash, c.clone());
+            if !self.queue.iter().any(|q| q.source == c.source) {
+                self.queue.push_back(c);
+            }
+        }
+        self.cx.book.rank(self.queue.make_contiguous());
+    }
+
     async fn reset_spool(&mut self) {
+        self.offered = None;
         if let Some(sp) = self.spool.as_mut() {
             if let Some(t) = self.tap.as_mut() {
                 t.spool_reset();
@@ -233,7 +377,14 @@ impl<'c> NarFetch<'c> {
     async fn copy_from(&mut self, c: &Candidate) -> Result<(), CopyError> {
         let size = c.info.nar_size;
         if self.spool.is_none() {
-            self.spool = Some(Spool::new(&self.cx.spool, size).await.map_err(CopyError::Spool)?);
+            let sp = Spool::new(&self.cx.spool, size).await.map_err(CopyError::Spool)?;
+            // Peers may fetch the bytes so far from this host's store server (issue #24).
+            let info = self.info.clone().unwrap_or_else(|| c.info.clone());
+            self.offered = match (&self.cx.partials, sp.tail()) {
+                (Some(p), Some(tail)) => p.offer(&info, tail),
+                _ => None,
+            };
+            self.spool = Some(sp);
         }
         let resume = self.allow_resume && c.resumable();
         if self.spool.as_ref().is_some_and(|sp| !sp.is_empty() && !resume) {
@@ -245,7 +396,9 @@ impl<'c> NarFetch<'c> {
         // Only a proven peer feeds the tap, and only if everything spooled so far went through
         // it (so no byte of another source is passed on unverified).
         let tap = match self.tap.as_mut() {
-            Some(t) if t.continues_at(sp.len(), size) && self.cx.book.passes_through(&c.source) => Some(t),
+            Some(t) if t.continues_at(sp.len(), size) && !c.partial && self.cx.book.passes_through(&c.source) => {
+                Some(t)
+            }
             Some(t) => {
                 if t.sent() > 0 {
                     t.detach();
@@ -271,7 +424,11 @@ impl<'c> NarFetch<'c> {
                 Some((v, info, c.source.clone()))
             }
             Err(mut back) => {
-                if self.contributors.len() == 1 {
+                if self.contributors.len() == 1 && c.partial {
+                    // An in-flight copy relays its own source's bytes: its lie may be another's.
+                    // It costs this fetch the attempt, and is not tried again in it.
+                    tracing::info!(source = ?c.source, hash = %self.hash, "in-flight copy did not verify");
+                } else if self.contributors.len() == 1 {
                     tracing::warn!(source = ?c.source, hash = %self.hash, "NAR hash mismatch; source backed off");
                     self.cx.book.judge(&c.source, Verdict::LiedAbout(self.nar_hash));
                 } else {
@@ -281,13 +438,18 @@ impl<'c> NarFetch<'c> {
                     self.cx.stats.update(|s| s.lies += 1);
                     self.allow_resume = false;
                     let others: Vec<SourceId> = self.contributors.iter().filter(|s| **s != c.source).cloned().collect();
-                    self.tried.retain(|s| !others.contains(s));
+                    self.tried.retain(|s| !others.contains(s) && *s != c.source);
                     if let Some(k) = self.cx.cache.known(&self.hash) {
                         self.queue
                             .extend(k.candidates.into_iter().filter(|k| others.contains(&k.source)));
                     }
+                    // The last one too, after them: the liar may be one that can no longer
+                    // answer (an in-flight copy that ended), and the honest one must get its
+                    // whole attempt (issue #24).
+                    self.queue.push_back(c.clone());
                 }
                 self.last_error = Some(LieKind::HashMismatch.into());
+                self.offered = None;
                 if let Some(t) = self.tap.as_mut() {
                     t.spool_reset();
                 }
@@ -297,6 +459,35 @@ impl<'c> NarFetch<'c> {
                 None
             }
         }
+    }
+}
+
+impl NarFetch<'_> {
+    /// Asks the hosts busy sources named (usable peers of the table, not tried, not queued) for
+    /// the narinfo, at once; those with this NAR.
+    async fn ask_hints(&mut self) -> Vec<Candidate> {
+        let hints = std::mem::take(&mut self.hints);
+        let (book, hash, nar_hash) = (&self.cx.book, self.hash, self.nar_hash);
+        let ask: Vec<SourceId> = hints
+            .into_iter()
+            .map(SourceId::Peer)
+            .filter(|s| !self.tried.contains(s) && !self.queue.iter().any(|q| q.source == *s))
+            .filter(|s| matches!(s, SourceId::Peer(n) if book.usable(n)) && book.may_ask_for(s, &nar_hash))
+            .collect();
+        let asks = ask.into_iter().map(|s| async move {
+            let r = tokio::time::timeout(super::lookup::PEER_LOOKUP_BUDGET, book.sources().narinfo(&s, &hash)).await;
+            match r {
+                Ok(Ok(Some(c))) if c.info.nar_hash == nar_hash => Some(c),
+                _ => None,
+            }
+        });
+        let found: Vec<Candidate> = futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        tracing::debug!(hash = %self.hash, found = found.len(), "asked the hosts a busy source named");
+        found
     }
 }
 

@@ -166,6 +166,8 @@ impl SourceHealth {
                         h.consecutive_failures = 0;
                         h.backoff_until = None;
                     }
+                    // Busy is not a failure: the peer has the NAR and said so (issue #24).
+                    Verdict::Failed(SourceError::Busy { .. }) => {}
                     // Marked per address by the caller (`impostor_at`).
                     Verdict::Failed(SourceError::NotThePeer { .. }) => {
                         h.failures += 1;

@@ -32,6 +32,7 @@ pub mod health;
 mod inflight;
 pub mod lookup;
 pub mod nar;
+pub mod partial;
 pub mod passthrough;
 pub mod proven;
 pub mod source;
@@ -39,6 +40,7 @@ pub mod split;
 pub mod spool;
 pub mod stats;
 pub mod summaries;
+pub mod tail;
 pub mod verified;
 
 use std::net::SocketAddr;
@@ -99,6 +101,9 @@ pub struct ProxyConfig {
     pub pass_through: bool,
     /// Where the proven and banned peers are kept across restarts (none: in memory only).
     pub state_dir: Option<std::path::PathBuf>,
+    /// NARs being fetched, offered to peers by this host's store server while they arrive
+    /// (`partial`; none: not offered).
+    pub partials: Option<Arc<partial::Partials>>,
 }
 
 impl ProxyConfig {
@@ -116,6 +121,7 @@ impl ProxyConfig {
             delivered: None,
             pass_through: s.proxy.pass_through_proven_peers,
             state_dir: Some(s.proxy.state_dir.clone()),
+            partials: None,
         }
     }
 }
@@ -157,6 +163,7 @@ impl Proxy {
             stats: stats.clone(),
             spool: cfg.spool,
             parallel_min_bytes: cfg.parallel_min_bytes,
+            partials: cfg.partials,
         });
         Ok(Arc::new(Self {
             book,

@@ -17,7 +17,7 @@ use url::Url;
 
 use super::forms::Form;
 use crate::beacon::{wire::NodeId, PeerTable};
-use crate::cache_url::NODE_HEADER;
+use crate::cache_url::{Load, BUSY_OK_HEADER, LOAD_HEADER, NODE_HEADER, PARTIAL_HEADER};
 use crate::narinfo::{Compression, NarInfo, StorePathHash, TrustedKeys, MAX_NARINFO_BYTES};
 
 /// Host-name suffix that the resolver maps to a peer of the table.
@@ -71,6 +71,48 @@ pub enum SourceError {
     Overrun(u64),
     #[error("ended after {got} of {want} bytes")]
     Short { got: u64, want: u64 },
+    /// A peer's store server has no transfer slot free now (503): not a failure and not a lie;
+    /// the fetch tries the NAR's other sources and comes back after `retry_after` (issue #24).
+    #[error("busy, retry after {retry_after:?}")]
+    Busy {
+        retry_after: Duration,
+        /// Peers the busy server names as streaming the NAR from it now (`cache_url::TRY_HEADER`;
+        /// at most `cache_url::MAX_TRY_HINTS`): they serve what they have.
+        hints: Vec<NodeId>,
+    },
+}
+
+/// The shortest and longest wait a busy answer's `Retry-After` is taken as (a peer's header is
+/// untrusted: it cannot make the proxy ask again at once, nor wait for long).
+pub const BUSY_RETRY_BOUNDS: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
+
+/// The `Retry-After` of a busy answer (whole seconds), within [`BUSY_RETRY_BOUNDS`].
+fn busy_retry_after(resp: &reqwest::Response) -> Duration {
+    let secs = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(secs).clamp(BUSY_RETRY_BOUNDS.0, BUSY_RETRY_BOUNDS.1)
+}
+
+/// The node ids a busy answer names (`cache_url::TRY_HEADER`), at most `MAX_TRY_HINTS`; what
+/// does not parse is skipped.
+fn busy_hints(resp: &reqwest::Response) -> Vec<NodeId> {
+    resp.headers()
+        .get(crate::cache_url::TRY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .take(crate::cache_url::MAX_TRY_HINTS)
+        .filter_map(|n| n.trim().parse::<NodeId>().ok())
+        .collect()
+}
+
+/// The load a peer's store server told in its answer (none: not told, or not parseable).
+fn load_of(resp: &reqwest::Response) -> Option<Load> {
+    Load::parse(resp.headers().get(LOAD_HEADER)?.to_str().ok()?)
 }
 
 impl SourceError {
@@ -113,6 +155,12 @@ pub struct Candidate {
     /// A peer (our store server) that offers zstd also sends this NAR compressed on the fly at
     /// `<nar_url>.zst`: whether it is fetched so is decided per fetch (`forms`).
     pub zstd: bool,
+    /// The load the peer's store server told with its narinfo (none for upstreams): sources
+    /// are tried least loaded first (issue #24).
+    pub load: Option<Load>,
+    /// The peer is itself fetching this NAR and serves the bytes it has so far
+    /// (`cache_url::PARTIAL_HEADER`): verified whole here, never passed through, never split.
+    pub partial: bool,
 }
 
 impl Candidate {
@@ -335,13 +383,20 @@ impl Sources {
             .map_err(|_| SourceError::Url(hash.to_string()))?;
         let t = self.timeouts(s);
         let fetch = async {
-            let mut resp = self.client(s).get(url).send().await?;
+            let mut req = self.client(s).get(url);
+            if matches!(s, SourceId::Peer(_)) {
+                // A proxy: it may be offered a NAR the peer is fetching (`PARTIAL_HEADER`).
+                req = req.header(BUSY_OK_HEADER, "1");
+            }
+            let mut resp = req.send().await?;
             check_node(s, &resp)?;
             match resp.status().as_u16() {
                 200 => {}
                 404 | 403 | 410 => return Ok(None),
                 other => return Err(SourceError::Status(other)),
             }
+            let load = matches!(s, SourceId::Peer(_)).then(|| load_of(&resp)).flatten();
+            let partial = matches!(s, SourceId::Peer(_)) && resp.headers().contains_key(PARTIAL_HEADER);
             let mut body = Vec::new();
             while let Some(chunk) = resp.chunk().await? {
                 if body.len() + chunk.len() > MAX_NARINFO_BYTES {
@@ -349,13 +404,15 @@ impl Sources {
                 }
                 body.extend_from_slice(&chunk);
             }
-            Ok(Some(body))
+            Ok(Some((body, load, partial)))
         };
         let body = match tokio::time::timeout(t.narinfo, fetch).await {
             Err(_) => return Err(SourceError::Timeout),
             Ok(r) => r?,
         };
-        let Some(body) = body else { return Ok(None) };
+        let Some((body, load, partial)) = body else {
+            return Ok(None);
+        };
         let text = String::from_utf8_lossy(&body);
         let info = NarInfo::parse(&self.store_dir, &text)?;
         if info.store_path.hash() != *hash {
@@ -378,6 +435,7 @@ impl Sources {
                     .is_some_and(|p| p.flags & crate::beacon::wire::FLAG_NAR_ZSTD != 0)
                     && info.compression == Compression::None
                     && nar_url.path().ends_with(".nar")
+                    && !partial
             }
             SourceId::Upstream(_) => false,
         };
@@ -392,7 +450,18 @@ impl Sources {
             info: Arc::new(info),
             nar_url,
             zstd,
+            load,
+            partial,
         }))
+    }
+
+    /// A GET of a NAR of `c` at `url`: a peer is told the proxy takes a busy answer.
+    fn nar_request(&self, c: &Candidate, url: Url) -> reqwest::RequestBuilder {
+        let req = self.client(&c.source).get(url);
+        match c.source {
+            SourceId::Peer(_) => req.header(BUSY_OK_HEADER, "1"),
+            SourceId::Upstream(_) => req,
+        }
     }
 
     /// Opens the NAR of `c`, decompressed, from uncompressed byte `from` (only for resumable
@@ -402,7 +471,7 @@ impl Sources {
     pub async fn open_nar(&self, c: &Candidate, from: u64, form: Form) -> Result<(NarReader, u64), SourceError> {
         let zstd = form == Form::Zstd && c.zstd && from == 0;
         let url = if zstd { c.zstd_url() } else { c.nar_url.clone() };
-        let mut req = self.client(&c.source).get(url);
+        let mut req = self.nar_request(c, url);
         let ranged = from > 0 && c.resumable();
         if ranged {
             req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
@@ -416,6 +485,12 @@ impl Sources {
         let start = match status {
             206 if ranged => from,
             200 => 0,
+            503 if matches!(c.source, SourceId::Peer(_)) => {
+                return Err(SourceError::Busy {
+                    retry_after: busy_retry_after(&resp),
+                    hints: busy_hints(&resp),
+                })
+            }
             other => return Err(SourceError::Status(other)),
         };
         // The connection's errors are told apart from a decoder's (see [`is_transport_error`]).
@@ -468,8 +543,7 @@ impl Sources {
     /// required).
     pub async fn open_range(&self, c: &Candidate, start: u64, end: u64) -> Result<NarReader, SourceError> {
         let req = self
-            .client(&c.source)
-            .get(c.nar_url.clone())
+            .nar_request(c, c.nar_url.clone())
             .header(reqwest::header::RANGE, format!("bytes={start}-{end}"));
         let t = self.timeouts(&c.source);
         let resp = tokio::time::timeout(t.narinfo, req.send())
@@ -481,6 +555,12 @@ impl Sources {
             .get(reqwest::header::CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with(&format!("bytes {start}-")));
+        if resp.status().as_u16() == 503 && matches!(c.source, SourceId::Peer(_)) {
+            return Err(SourceError::Busy {
+                retry_after: busy_retry_after(&resp),
+                hints: busy_hints(&resp),
+            });
+        }
         if resp.status().as_u16() != 206 || !from_start {
             return Err(SourceError::Status(resp.status().as_u16()));
         }
@@ -517,70 +597,4 @@ fn peer_zstd_decoder<R: tokio::io::AsyncBufRead>(raw: R) -> async_compression::t
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A peer's zstd frame that asks for a 128 MiB window is refused (as a decoding error, not a
-    /// transport one), while our store server's 512 KiB window decodes.
-    #[tokio::test]
-    async fn a_peer_zstd_frame_with_a_huge_window_is_refused() {
-        use std::io::Write;
-        use tokio::io::AsyncReadExt;
-        let data = vec![42u8; 300_000];
-        let frame = |window_log: u32| {
-            let mut enc = zstd::stream::Encoder::new(Vec::new(), 1).expect("encoder");
-            enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(window_log))
-                .expect("window");
-            enc.write_all(&data).expect("write");
-            enc.finish().expect("finish")
-        };
-        let decode = |frame: Vec<u8>| async move {
-            let mut out = Vec::new();
-            peer_zstd_decoder(&frame[..]).read_to_end(&mut out).await.map(|_| out)
-        };
-        assert_eq!(decode(frame(19)).await.expect("ours decodes"), data);
-        let huge = frame(27);
-        let mut plain = Vec::new();
-        async_compression::tokio::bufread::ZstdDecoder::new(&huge[..])
-            .read_to_end(&mut plain)
-            .await
-            .expect("a valid frame for an uncapped decoder");
-        let e = decode(huge).await.expect_err("refused");
-        assert!(!is_transport_error(&e), "{e:?}");
-    }
-
-    /// Issue #22: a client that cannot be built with its policies was silently replaced by
-    /// `reqwest::Client::new()` (following redirects, without the peer resolver): fail-open. It
-    /// is an error now, which stops the node at start.
-    #[tokio::test]
-    async fn a_client_that_cannot_be_built_is_an_error_not_a_default_client() {
-        let resolver = || {
-            Arc::new(PeerResolver {
-                table: None,
-                loopback_peers: false,
-                system: Arc::new(crate::dns::SystemResolver::default()),
-            })
-        };
-        let e = build_clients(resolver(), "bad\nagent").expect_err("no client without its policies");
-        assert_eq!(e.which, "peer");
-        assert!(build_clients(resolver(), USER_AGENT).is_ok());
-    }
-
-    #[test]
-    fn peers_are_never_reached_on_this_hosts_own_or_special_addresses() {
-        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
-        for (addr, loopback_ok, want) in [
-            ("10.0.0.2:8380", false, true),
-            ("[fe80::1%2]:8380", false, true),
-            ("127.0.0.1:8380", false, false),
-            ("[::1]:8380", false, false),
-            ("[::ffff:127.0.0.1]:8380", false, false),
-            ("127.0.0.1:8380", true, true),
-            ("0.0.0.0:8380", true, false),
-            ("239.255.83.80:8380", true, false),
-            ("10.0.0.2:0", true, false),
-        ] {
-            assert_eq!(peer_addr_allowed(&a(addr), loopback_ok), want, "{addr} {loopback_ok}");
-        }
-    }
-}
+mod tests;

@@ -24,6 +24,7 @@ use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::tail::{Tail, TailWriter};
 use super::verified::{Data, Verified};
 use crate::narinfo::NarHash;
 
@@ -97,6 +98,9 @@ pub struct Spool {
     /// Bytes at the start of a file spool that were hashed but not written, because a
     /// pass-through body took them (see [`Spool::write`]). Always 0 for a memory spool.
     unkept: u64,
+    /// A file spool's tail, for peers served the bytes so far (`tail`, `partial`); none for a
+    /// memory spool, and none after a reset.
+    tail: Option<(TailWriter, Tail)>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -116,14 +120,17 @@ impl Spool {
                     len: 0,
                     expected: size,
                     unkept: 0,
+                    tail: None,
                     _permit: p,
                 });
             }
         }
         let (permit, file) = reserve_disk(limits, size).await?;
+        let file = Arc::new(file);
+        let tail = Some(TailWriter::new(file.clone(), size));
         Ok(Self {
             store: Store::File {
-                file: Arc::new(file),
+                file,
                 pending: Vec::new(),
                 pending_len: 0,
                 written: 0,
@@ -133,8 +140,15 @@ impl Spool {
             len: 0,
             expected: size,
             unkept: 0,
+            tail,
             _permit: permit,
         })
+    }
+
+    /// The bytes landed so far, for readers that follow them (a file spool until its first
+    /// reset; see `tail`).
+    pub fn tail(&self) -> Option<Tail> {
+        self.tail.as_ref().map(|(_, t)| t.clone())
     }
 
     pub fn len(&self) -> u64 {
@@ -212,6 +226,7 @@ impl Spool {
         *written += *pending_len as u64;
         *pending_len = 0;
         let mut hasher = self.hasher.take().unwrap_or_default();
+        let tail = self.tail.as_ref().map(|(w, _)| w.clone());
         *inflight = Some(tokio::task::spawn_blocking(move || {
             // Every byte is hashed; only those from `keep_from` on are written.
             let (mut pos, mut r) = (offset, Ok(()));
@@ -224,6 +239,13 @@ impl Spool {
                 }
                 pos = end;
             }
+            // Readers of the tail see the block once it is in the file, and only while the
+            // file holds every byte from the start.
+            match (&tail, &r) {
+                (Some(t), Ok(())) if keep_from == 0 => t.filled(pos),
+                (Some(t), _) => t.abandon(),
+                (None, _) => {}
+            }
             (hasher, r.map(|()| pos - offset))
         }));
         Ok(())
@@ -232,6 +254,9 @@ impl Spool {
     /// Starts over (after a source that lied), keeping the reservation. A block still being
     /// written lands first, so no late write reaches the emptied file.
     pub async fn reset(&mut self) -> Result<(), SpoolError> {
+        if let Some((w, _)) = self.tail.take() {
+            w.abandon();
+        }
         let landed = self.land().await;
         self.hasher = Some(Sha256::new());
         self.len = 0;

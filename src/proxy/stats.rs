@@ -43,6 +43,13 @@ pub struct Stats {
     /// failed download for Nix.
     #[serde(default)]
     pub nars_cut: u64,
+    /// Busy answers from peers' store servers (no transfer slot free): the fetch tried the
+    /// NAR's other sources or came back later (issue #24).
+    #[serde(default)]
+    pub busy_answers: u64,
+    /// Waits (with jitter) of a fetch whose every source was busy, before asking again.
+    #[serde(default)]
+    pub busy_waits: u64,
 }
 
 /// What became of one NAR request.

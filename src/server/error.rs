@@ -3,8 +3,9 @@
 //!
 //! Invariants: every miss and every failure is a 404 (a Nix client fails its build on a 5xx, but
 //! moves on after a 404), so an unsigned, untrusted, absent or unreadable path all look the
-//! same; only a malformed request (400, 414), a method other than GET and HEAD (405) and a range
-//! past a NAR's end (416) say more. Every reason is logged here; clients get fixed short bodies,
+//! same; only a malformed request (400, 414), a method other than GET and HEAD (405), a range
+//! past a NAR's end (416) and a proxy's request for a servable NAR when no transfer slot is free
+//! (503 busy, only to a request that says it takes one: `cache_url::BUSY_OK_HEADER`) say more. Every reason is logged here; clients get fixed short bodies,
 //! never a path, an address or a daemon message.
 
 use std::net::SocketAddr;
@@ -59,6 +60,25 @@ pub enum ServeError {
         #[source]
         source: Refused,
     },
+    /// No slot within `transfers::BUSY_WAIT` for a request that takes a busy answer (a proxy's,
+    /// `cache_url::BUSY_OK_HEADER`): 503 with `Retry-After`, before any body.
+    #[error("busy: no transfer slot for {path}: {source}")]
+    Busy {
+        peer: SocketAddr,
+        path: StorePath,
+        #[source]
+        source: Refused,
+        /// Hosts streaming this NAR from here now, to be tried instead (`cache_url::TRY_HEADER`).
+        hints: Vec<crate::beacon::wire::NodeId>,
+    },
+    /// As `Busy`, for a NAR this host is still fetching (`server::partial`).
+    #[error("busy: no transfer slot for an in-flight NAR: {source}")]
+    PartialBusy {
+        peer: SocketAddr,
+        #[source]
+        source: Refused,
+        hints: Vec<crate::beacon::wire::NodeId>,
+    },
     #[error("daemon path info for {path} failed: {source}")]
     PathInfo {
         path: StorePath,
@@ -86,6 +106,26 @@ pub enum ServeError {
     /// A `Range` past the end of a NAR of `size` bytes.
     #[error("range not satisfiable for {size} bytes")]
     Range { size: u64 },
+}
+
+/// The busy answer: 503, `Retry-After` in whole seconds, the hosts to try instead, a fixed body.
+fn busy(hints: &[crate::beacon::wire::NodeId]) -> Response<Body> {
+    let mut r = h::text(StatusCode::SERVICE_UNAVAILABLE, "busy\n");
+    let ids: Vec<String> = hints
+        .iter()
+        .take(crate::cache_url::MAX_TRY_HINTS)
+        .map(ToString::to_string)
+        .collect();
+    if let Ok(v) = http::HeaderValue::from_str(&ids.join(",")) {
+        if !ids.is_empty() {
+            r.headers_mut().insert(crate::cache_url::TRY_HEADER, v);
+        }
+    }
+    let secs = super::transfers::BUSY_RETRY_AFTER.as_secs().max(1);
+    if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert(http::header::RETRY_AFTER, v);
+    }
+    r
 }
 
 impl ServeError {
@@ -124,6 +164,23 @@ impl ServeError {
             } => {
                 tracing::info!(%peer, %path, error = %source, "no transfer slot; answering 404");
                 h::not_found()
+            }
+            Self::Busy {
+                peer,
+                ref path,
+                ref source,
+                ref hints,
+            } => {
+                tracing::info!(%peer, %path, error = %source, hints = hints.len(), "no transfer slot; answering busy");
+                busy(hints)
+            }
+            Self::PartialBusy {
+                peer,
+                ref source,
+                ref hints,
+            } => {
+                tracing::info!(%peer, error = %source, hints = hints.len(), "no transfer slot for an in-flight NAR; answering busy");
+                busy(hints)
             }
             Self::NoInstallSlot { peer, ref source } => {
                 tracing::info!(%peer, error = %source, "no transfer slot for /install; answering 404");
@@ -194,6 +251,25 @@ mod tests {
                 "not found\n",
             ),
             (
+                ServeError::Busy {
+                    peer,
+                    path: path(),
+                    source: Refused::Timeout(super::super::transfers::BUSY_WAIT),
+                    hints: vec![crate::beacon::wire::NodeId([7; 16])],
+                },
+                503,
+                "busy\n",
+            ),
+            (
+                ServeError::PartialBusy {
+                    peer,
+                    source: Refused::AddrQueueFull,
+                    hints: Vec::new(),
+                },
+                503,
+                "busy\n",
+            ),
+            (
                 ServeError::PathInfo {
                     path: path(),
                     source: daemon(),
@@ -234,6 +310,16 @@ mod tests {
             assert_eq!(r.headers().get(http::header::ALLOW).is_some(), status == 405, "{name}");
             if status == 416 {
                 assert_eq!(r.headers()[http::header::CONTENT_RANGE], "bytes */1234");
+            }
+            assert_eq!(
+                r.headers().get(http::header::RETRY_AFTER).is_some(),
+                status == 503,
+                "{name}"
+            );
+            if name.starts_with("Busy") {
+                assert_eq!(r.headers()[crate::cache_url::TRY_HEADER], "07".repeat(16));
+            } else {
+                assert!(r.headers().get(crate::cache_url::TRY_HEADER).is_none(), "{name}");
             }
             let got = r.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(got, body.as_bytes(), "{name}");

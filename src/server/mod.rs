@@ -17,6 +17,7 @@ pub mod index;
 pub mod install;
 pub mod limits;
 pub mod misses;
+pub mod partial;
 pub mod proofs;
 pub mod source;
 pub mod store_watch;
@@ -113,6 +114,8 @@ pub struct StoreServer {
     proofs: proofs::ProofLimits,
     /// Misses, checked with the daemon after their 404 (see `misses`).
     misses: misses::MissChecks,
+    /// NARs this host's proxy is fetching, served to peers' proxies as they arrive (`partial`).
+    partials: Option<Arc<crate::proxy::partial::Partials>>,
 }
 
 impl StoreServer {
@@ -146,7 +149,14 @@ impl StoreServer {
             identity: None,
             proofs: proofs::ProofLimits::default(),
             misses: misses::MissChecks::default(),
+            partials: None,
         }
+    }
+
+    /// Serves peers' proxies the NARs this host's proxy is fetching (`partial`).
+    pub fn with_partials(mut self, p: Arc<crate::proxy::partial::Partials>) -> Self {
+        self.partials = Some(p);
+        self
     }
 
     /// Hands out `binary` (checked with [`install::check_install_binary`]) to the one-liner
@@ -228,6 +238,12 @@ impl StoreServer {
         self
     }
 
+    /// The hosts (node ids, from the beacon's table) that a refusal names as streaming the NAR,
+    /// for a busy answer (`cache_url::TRY_HEADER`).
+    fn hints(&self, r: &transfers::Refused) -> Vec<crate::beacon::wire::NodeId> {
+        hints_in(self.peers.as_deref(), r)
+    }
+
     /// The servable entry for `hash`, from the index alone: a miss is answered at once, the same
     /// way for every kind of path, and checked with the daemon afterwards (`misses`), so a path
     /// added or signed since the last scan is served from the next request on. Until the first
@@ -249,9 +265,21 @@ impl StoreServer {
         found
     }
 
-    async fn narinfo(&self, hash: &StorePathHash, arrived: tokio::time::Instant) -> Result<Response<Body>, ServeError> {
-        let e = self.lookup(hash, arrived).await.ok_or(ServeError::Miss)?;
-        Ok(h::ok(e.narinfo.clone(), "text/x-nix-narinfo"))
+    /// A path's narinfo; a miss that this host's proxy is fetching is answered to a peer's proxy
+    /// from the fetch (`partial`).
+    async fn narinfo(
+        &self,
+        req: &Request<Incoming>,
+        hash: &StorePathHash,
+        arrived: tokio::time::Instant,
+    ) -> Result<Response<Body>, ServeError> {
+        match self.lookup(hash, arrived).await {
+            Some(e) => Ok(h::ok(e.narinfo.clone(), "text/x-nix-narinfo")),
+            None => {
+                let proxy = req.headers().contains_key(cache_url::BUSY_OK_HEADER);
+                partial::narinfo(self.partials.as_deref(), proxy, hash)
+            }
+        }
     }
 
     async fn nar(
@@ -264,25 +292,58 @@ impl StoreServer {
         arrived: tokio::time::Instant,
     ) -> Result<Response<Body>, ServeError> {
         let started = Instant::now();
-        let entry = self
-            .lookup(hash, arrived)
-            .await
-            .filter(|e| e.nar_hash == *nar_hash)
-            .ok_or(ServeError::Miss)?;
+        let Some(entry) = self.lookup(hash, arrived).await.filter(|e| e.nar_hash == *nar_hash) else {
+            if zstd {
+                return Err(ServeError::Miss);
+            }
+            let hints = |r: &transfers::Refused| self.hints(r);
+            return partial::nar(
+                self.partials.as_deref(),
+                &self.streams,
+                req,
+                peer,
+                hash,
+                nar_hash,
+                hints,
+            )
+            .await;
+        };
         // A slot first (the queue may take a while), then the validity check right before the NAR.
         let permit = if req.method() == Method::HEAD {
             None
         } else {
-            let p = self
-                .streams
-                .transfers
-                .acquire(peer.ip())
-                .await
-                .map_err(|source| ServeError::NoSlot {
-                    peer,
-                    path: entry.path.clone(),
-                    source,
-                })?;
+            // A proxy takes a busy answer (it tries another source or comes back); a Nix
+            // client waits in the queue and gets a miss after it (it fails a build on a 5xx).
+            let busy_ok = req.headers().contains_key(cache_url::BUSY_OK_HEADER);
+            // A proxy also shares one NAR with at most `MAX_TRANSFERS_PER_NAR` others at once
+            // (and is told whom to try instead).
+            let t = &self.streams.transfers;
+            // Only NARs a downloader can relay (file-spooled ones) are shared so: a small one is
+            // over in moments, and its takers could only wait.
+            let shared = entry.nar_size > transfers::SHARED_NAR_MIN_BYTES;
+            let got = match (busy_ok, shared) {
+                (true, true) => {
+                    t.acquire_for_nar(peer.ip(), *nar_hash, transfers::MAX_TRANSFERS_PER_NAR)
+                        .await
+                }
+                (true, false) => t.acquire_within(peer.ip(), transfers::BUSY_WAIT).await,
+                (false, _) => t.acquire(peer.ip()).await,
+            };
+            let p = got.map_err(|source| {
+                let path = entry.path.clone();
+                match busy_ok {
+                    true => {
+                        let hints = self.hints(&source);
+                        ServeError::Busy {
+                            peer,
+                            path,
+                            source,
+                            hints,
+                        }
+                    }
+                    false => ServeError::NoSlot { peer, path, source },
+                }
+            })?;
             Some(Arc::new(p))
         };
         // The daemon's NarFromPath does not check validity: ask for the path info right before,
@@ -347,7 +408,7 @@ impl StoreServer {
             Route::Summary => self.summary(req),
             Route::Peers => self.peers(req.uri().query(), peer),
             Route::Identity => self.identity(req, peer),
-            Route::Cache(CacheRoute::NarInfo(hash)) => self.narinfo(&hash, arrived).await,
+            Route::Cache(CacheRoute::NarInfo(hash)) => self.narinfo(req, &hash, arrived).await,
             Route::Cache(CacheRoute::Nar {
                 hash,
                 nar_hash,
@@ -376,6 +437,10 @@ impl h::Handler for StoreServer {
         }
         if let Some(n) = &self.node_header {
             resp.headers_mut().insert(cache_url::NODE_HEADER, n.clone());
+        }
+        // The load, for a proxy choosing among the holders of a NAR (issue #24).
+        if let Ok(v) = HeaderValue::from_str(&self.streams.transfers.load().render()) {
+            resp.headers_mut().insert(cache_url::LOAD_HEADER, v);
         }
         resp
     }
@@ -462,6 +527,22 @@ pub fn parts(
         ));
     }
     Running { addrs, parts }
+}
+
+/// See [`StoreServer::hints`].
+fn hints_in(table: Option<&crate::beacon::PeerTable>, r: &transfers::Refused) -> Vec<crate::beacon::wire::NodeId> {
+    let (Some(t), transfers::Refused::NarShared(ips)) = (table, r) else {
+        return Vec::new();
+    };
+    t.peers()
+        .into_iter()
+        .filter(|p| {
+            ips.iter()
+                .any(|ip| ip.to_canonical() == p.http_addr().ip().to_canonical())
+        })
+        .map(|p| p.node)
+        .take(crate::cache_url::MAX_TRY_HINTS)
+        .collect()
 }
 
 /// Connections that count as a burst: once the open ones fall to a quarter of such a peak,

@@ -90,6 +90,46 @@ impl Streams {
     }
 }
 
+impl Streams {
+    /// The body for bytes `start..=end` of a NAR still arriving in `tail` (`server::partial`),
+    /// fed by a task that holds `permit`, reads what landed, waits at most `idle` for more and
+    /// keeps its client's pace; a reset spool or a silent one ends the body with an error.
+    pub fn tail_body(
+        &self,
+        mut tail: crate::proxy::tail::Tail,
+        path: String,
+        start: u64,
+        end: u64,
+        permit: Arc<Permit>,
+        idle: Duration,
+    ) -> Body {
+        let (tx, rx) = mpsc::channel(NAR_CHANNEL_CHUNKS);
+        let mut pace = self.pace();
+        self.tasks.spawn(async move {
+            let _permit = permit;
+            let mut pos = start;
+            while pos <= end {
+                match tail.read_at(pos, end, idle).await {
+                    Ok(chunk) => {
+                        pos += chunk.len() as u64;
+                        if pace.send(&tx, Ok(chunk)).await.is_err() {
+                            tracing::info!(%path, sent = pos - start, "in-flight NAR client left");
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::info!(%path, sent = pos - start, error = %e, "in-flight NAR transfer ended early");
+                        let _ = tx.try_send(Err(std::io::Error::other(e)));
+                        return;
+                    }
+                }
+            }
+            tracing::info!(%path, bytes = pos - start, "in-flight NAR served");
+        });
+        Body::Stream(rx)
+    }
+}
+
 /// Why a NAR transfer stopped early.
 #[derive(Debug, thiserror::Error)]
 enum PumpError {

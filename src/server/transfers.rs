@@ -8,7 +8,10 @@
 //! earliest), so an honest newcomer gets the next free slot however many requests attacking
 //! addresses keep queued (unless they spread over more addresses than there are slots, each
 //! with a single request: then it waits its turn among them). A request that
-//! cannot start within [`QUEUE_WAIT`] is answered like a miss (404), before any header is sent.
+//! cannot start within [`QUEUE_WAIT`] is answered like a miss (404), before any header is sent;
+//! a proxy's request (it sends `cache_url::BUSY_OK_HEADER`) waits [`BUSY_WAIT`] at most and is
+//! then answered busy (503, `Retry-After:` [`BUSY_RETRY_AFTER`]), so it can try another source
+//! or come back, instead of timing out into a miss while the path is here.
 //! Together with [`crate::http::Pace`] (a transfer lives only while its client keeps up), this
 //! bounds the blocking threads, daemon connections, encoders and buffers clients can make the
 //! server hold.
@@ -38,6 +41,21 @@ pub const MAX_WAITING_PER_ADDR: usize = 8;
 /// Longest wait for a slot; then 404, like a miss (a Nix client moves on to its next substituter).
 pub const QUEUE_WAIT: Duration = Duration::from_secs(20);
 
+/// Longest wait for a slot of a request that takes a busy answer (a proxy's): well within the
+/// proxy's wait for response headers (`proxy::source::PEER_TIMEOUTS`, 3 s).
+pub const BUSY_WAIT: Duration = Duration::from_secs(1);
+/// The `Retry-After` of a busy answer: when a slot may be free (the proxy adds jitter).
+pub const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Bodies of one NAR streamed at once to proxies (requests that take a busy answer): past it a
+/// proxy is answered busy at once, with the hosts that stream that NAR from here as hints, so a
+/// crowd fetching one path forms a tree (each host feeding two others, from the bytes it has so
+/// far) instead of a star around the holder (issue #24). Nix clients are not counted.
+pub const MAX_TRANSFERS_PER_NAR: usize = 2;
+/// NARs up to this size are not shared so: a proxy spools them in memory and cannot relay them
+/// (`proxy::MEM_SPOOL_ONE`), and they are over in moments.
+pub const SHARED_NAR_MIN_BYTES: u64 = crate::proxy::MEM_SPOOL_ONE;
+
 /// The transfer slots of one server.
 pub struct Transfers {
     state: Mutex<State>,
@@ -57,6 +75,9 @@ struct State {
     keys: HashMap<IpAddr, (usize, usize)>,
     /// Waiting requests in arrival order.
     queue: VecDeque<Waiter>,
+    /// Per NAR streamed to proxies: the client addresses streaming it (one entry per held
+    /// [`Permit`] that names the NAR, so at most `max` in all).
+    per_nar: HashMap<crate::narinfo::NarHash, Vec<IpAddr>>,
     next_id: u64,
 }
 
@@ -105,11 +126,23 @@ impl State {
 pub struct Permit {
     transfers: Arc<Transfers>,
     key: IpAddr,
+    /// The NAR and client address it counts for ([`Transfers::acquire_for_nar`]).
+    nar: Option<(crate::narinfo::NarHash, IpAddr)>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut st = self.transfers.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((nar, ip)) = self.nar {
+            if let Some(v) = st.per_nar.get_mut(&nar) {
+                if let Some(i) = v.iter().position(|a| *a == ip) {
+                    v.swap_remove(i);
+                }
+                if v.is_empty() {
+                    st.per_nar.remove(&nar);
+                }
+            }
+        }
         if let Some(k) = st.keys.get_mut(&self.key) {
             k.0 -= 1;
         }
@@ -160,6 +193,9 @@ pub enum Refused {
     AddrQueueFull,
     #[error("no transfer slot within {0:?}")]
     Timeout(Duration),
+    /// [`MAX_TRANSFERS_PER_NAR`] proxies stream this NAR already: these addresses.
+    #[error("this NAR is streamed to {} proxies already", .0.len())]
+    NarShared(Vec<IpAddr>),
 }
 
 impl Default for Transfers {
@@ -184,6 +220,13 @@ impl Transfers {
 
     /// Waits (at most the queue wait) for a slot for a client at `ip`.
     pub async fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refused> {
+        self.acquire_within(ip, self.wait).await
+    }
+
+    /// As [`Self::acquire`], waiting at most `wait` (and never longer than the queue wait): a
+    /// request that takes a busy answer waits [`BUSY_WAIT`].
+    pub async fn acquire_within(self: &Arc<Self>, ip: IpAddr, wait: Duration) -> Result<Permit, Refused> {
+        let wait = wait.min(self.wait);
         let key = addr_key(ip);
         let (id, rx) = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -201,6 +244,7 @@ impl Transfers {
                 return Ok(Permit {
                     transfers: self.clone(),
                     key,
+                    nar: None,
                 });
             }
             k.1 += 1;
@@ -217,17 +261,42 @@ impl Transfers {
             rx,
             granted: false,
         };
-        match tokio::time::timeout(self.wait, &mut guard.rx).await {
+        match tokio::time::timeout(wait, &mut guard.rx).await {
             Ok(Ok(())) => {
                 // Granted: the slot is ours; the guard must not give it back.
                 guard.granted = true;
                 Ok(Permit {
                     transfers: self.clone(),
                     key,
+                    nar: None,
                 })
             }
-            _ => Err(Refused::Timeout(self.wait)),
+            _ => Err(Refused::Timeout(wait)),
         }
+    }
+
+    /// A slot for a proxy at `ip` streaming the NAR `nar`, waiting at most [`BUSY_WAIT`]; refused
+    /// at once while `max_per_nar` proxies stream that NAR ([`Refused::NarShared`] names them).
+    pub async fn acquire_for_nar(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        nar: crate::narinfo::NarHash,
+        max_per_nar: usize,
+    ) -> Result<Permit, Refused> {
+        let shared = |st: &State| st.per_nar.get(&nar).filter(|v| v.len() >= max_per_nar.max(1)).cloned();
+        if let Some(v) = shared(&self.state.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Err(Refused::NarShared(v));
+        }
+        let mut p = self.acquire_within(ip, BUSY_WAIT).await?;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Another proxy may have taken the NAR's last share while this one waited.
+        if let Some(v) = shared(&st) {
+            drop(st);
+            return Err(Refused::NarShared(v));
+        }
+        st.per_nar.entry(nar).or_default().push(ip);
+        p.nar = Some((nar, ip));
+        Ok(p)
     }
 
     /// True if no transfer runs or waits now but some ran since the last call that said so
@@ -239,6 +308,16 @@ impl Transfers {
             return true;
         }
         false
+    }
+
+    /// Transfers streaming and waiting now (the store server's load header).
+    pub fn load(&self) -> crate::cache_url::Load {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        crate::cache_url::Load {
+            streaming: n(st.max - st.free),
+            waiting: n(st.queue.len()),
+        }
     }
 
     /// Slots free now.
@@ -348,6 +427,64 @@ mod tests {
         assert_eq!(t.available(), 1, "the slot is free again, not given to the gone waiter");
         let st = t.state.lock().expect("lock");
         assert!(st.keys.is_empty() && st.queue.is_empty());
+    }
+
+    /// Issue #24: a proxy's request waits [`BUSY_WAIT`], not the queue wait, and the load tells
+    /// who streams and who waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_taking_request_gives_up_after_the_busy_wait_and_load_counts() {
+        let t = Arc::new(Transfers::new(1, 4, 4, Duration::from_secs(20)));
+        let held = t.acquire(ip("10.0.0.1")).await.expect("held");
+        let t2 = t.clone();
+        let waiting = tokio::spawn(async move { t2.acquire(ip("10.0.0.2")).await });
+        tokio::task::yield_now().await;
+        assert_eq!(
+            t.load(),
+            crate::cache_url::Load {
+                streaming: 1,
+                waiting: 1
+            }
+        );
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(
+            t.acquire_within(ip("10.0.0.3"), BUSY_WAIT).await.err(),
+            Some(Refused::Timeout(BUSY_WAIT))
+        );
+        assert_eq!(t0.elapsed(), BUSY_WAIT);
+        drop(held);
+        let p = waiting.await.expect("join").expect("the queued one streams");
+        assert_eq!(t.load().streaming, 1);
+        drop(p);
+        assert_eq!(t.load(), crate::cache_url::Load::default());
+    }
+
+    /// Issue #24: at most `max_per_nar` proxies stream one NAR; the next is refused at once with
+    /// their addresses, another NAR still gets a slot, and a finished transfer frees its share.
+    #[tokio::test(start_paused = true)]
+    async fn a_nar_is_streamed_to_at_most_its_share_of_proxies() {
+        let t = Arc::new(Transfers::new(8, 8, 8, Duration::from_secs(20)));
+        let (x, y) = (
+            crate::narinfo::NarHash::from_digest([1; 32]),
+            crate::narinfo::NarHash::from_digest([2; 32]),
+        );
+        let a = t.acquire_for_nar(ip("10.0.0.1"), x, 2).await.expect("a");
+        let _b = t.acquire_for_nar(ip("10.0.0.2"), x, 2).await.expect("b");
+        let t0 = tokio::time::Instant::now();
+        match t.acquire_for_nar(ip("10.0.0.3"), x, 2).await {
+            Err(Refused::NarShared(mut v)) => {
+                v.sort();
+                assert_eq!(v, vec![ip("10.0.0.1"), ip("10.0.0.2")]);
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO, "refused at once");
+        assert!(t.acquire_for_nar(ip("10.0.0.3"), y, 2).await.is_ok(), "another NAR");
+        drop(a);
+        let _c = t
+            .acquire_for_nar(ip("10.0.0.3"), x, 2)
+            .await
+            .expect("a's share is free");
+        assert_eq!(t.state.lock().expect("lock").per_nar[&x].len(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,6 +7,7 @@ mod common;
 mod beacon;
 mod compression;
 mod crowd;
+mod crowd_mechanism;
 mod hall;
 mod hall_serve;
 mod hostile_proxy;

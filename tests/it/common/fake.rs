@@ -123,6 +123,14 @@ pub enum Reply {
     Endless,
     /// 302 to this URL.
     Redirect(String),
+    /// The body in pieces of `piece` bytes, one per `every`, until `gate` has a permit (the test
+    /// adds one), then the rest at once: a slow source whose end the test decides.
+    Gated {
+        body: Bytes,
+        piece: usize,
+        every: Duration,
+        gate: Arc<tokio::sync::Semaphore>,
+    },
     /// The body, one byte per `every` (bounded), then an abort.
     Drip {
         body: Bytes,
@@ -271,6 +279,34 @@ impl FakeCache {
                         tokio::time::sleep(every).await;
                     }
                     let _ = tx.send(Err(std::io::Error::other("fake drip ends"))).await;
+                });
+                let mut r = Response::new(Body::Stream(rx));
+                r.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, len.to_string().parse().expect("hv"));
+                r
+            }
+            Some(Reply::Gated {
+                body,
+                piece,
+                every,
+                gate,
+            }) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(2);
+                let len = body.len();
+                tokio::spawn(async move {
+                    let mut at = 0;
+                    // Bounded: the body's length in pieces, then the rest once the gate opens.
+                    while at < len {
+                        let open = gate.try_acquire().is_ok();
+                        let n = if open { len - at } else { piece.min(len - at) };
+                        if tx.send(Ok(body.slice(at..at + n))).await.is_err() {
+                            return;
+                        }
+                        at += n;
+                        if !open {
+                            tokio::time::sleep(every).await;
+                        }
+                    }
                 });
                 let mut r = Response::new(Body::Stream(rx));
                 r.headers_mut()
@@ -489,6 +525,7 @@ impl Rig {
                 pass_through: self.pass_through.load(std::sync::atomic::Ordering::Relaxed),
                 peer_zstd_min_bytes: self.peer_zstd_min_bytes.load(std::sync::atomic::Ordering::Relaxed),
                 state_dir: Some(self.state.path().to_owned()),
+                partials: None,
             },
             Some(self.table.clone()),
         )

@@ -327,6 +327,8 @@ pub struct TestNode {
     pub addr: SocketAddr,
     /// The node id its store server names in every answer.
     pub node_id: local_nix_cache::beacon::wire::NodeId,
+    /// Its proxy's first address (none when it listens nowhere).
+    pub proxy_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -344,14 +346,16 @@ impl TestNode {
                 .expect("runtime");
             rt.block_on(async move {
                 let node = node::start(&args, token).expect("start node");
-                tx.send((node.addrs[0], node.node_id)).expect("send addr");
+                tx.send((node.addrs[0], node.node_id, node.proxy_addrs.first().copied()))
+                    .expect("send addr");
                 node.wait().await.expect("node ran and stopped cleanly");
             });
         });
-        let (addr, node_id) = rx.recv_timeout(Duration::from_secs(10)).expect("node started");
+        let (addr, node_id, proxy_addr) = rx.recv_timeout(Duration::from_secs(10)).expect("node started");
         Self {
             addr,
             node_id,
+            proxy_addr,
             shutdown,
             thread: Some(thread),
         }

@@ -1,0 +1,341 @@
+//! Issue #24, the mechanism behind a flash crowd: a holder whose transfer slots are all taken
+//! answers its peers' proxies "busy" instead of queueing them into a miss, and the proxies come
+//! back (and leave the upstream alone while a peer holds the path).
+//!
+//! The holder is a real store server (in-process node, private nix-daemon, transfer cap 2: the
+//! daemon connections NAR streams may use); its slots are held by two raw clients that read
+//! nothing, so every proxy meets a full server, whatever the machine's speed. No timed
+//! assertions: the outcome (every proxy delivers the verified NAR) and request counts.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::fake::{test_key, FakeCache, FakePath, Reply, Rig};
+use crate::common::*;
+use local_nix_cache::beacon::wire::FLAG_NAR_NONE;
+use local_nix_cache::cache_url;
+use local_nix_cache::narinfo::{PublicKey, TrustedKeys};
+use local_nix_cache::proxy::Proxy;
+
+/// Proxies fetching the same NAR at once: three times the holder's slots.
+const CROWD: usize = 6;
+
+/// The NAR URL of `path` as a store server (and the proxy) serve it.
+fn nar_url(host: &Host, node: &TestNode, path: &str) -> (String, Vec<u8>) {
+    let info = get(node.addr, &format!("/{}.narinfo", hash_of(path)));
+    assert_eq!(info.status, 200, "the holder serves {path}");
+    let text = String::from_utf8_lossy(&info.body).to_string();
+    let url = text
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .expect("URL line")
+        .to_owned();
+    (format!("/{url}"), host.dump(path))
+}
+
+/// Takes one transfer slot of the server at `addr`: a GET of `url` whose body is not read past
+/// its first bytes (the server keeps the slot while its client keeps pace, ten seconds at least).
+fn hold_slot(addr: SocketAddr, url: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET {url} HTTP/1.1\r\nHost: test\r\n\r\n").expect("send");
+    let mut first = [0u8; 64];
+    let n = s.read(&mut first).expect("the body started");
+    assert!(
+        first[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    s
+}
+
+/// A holder with both slots taken, `CROWD` proxies asking it for the same NAR at once; returns
+/// the rig, the proxies and the running requests (answers: status and body).
+struct Crowd {
+    rig: Rig,
+    proxies: Vec<Arc<Proxy>>,
+    asks: Vec<std::thread::JoinHandle<Resp>>,
+    held: Vec<TcpStream>,
+}
+
+fn crowd_at_a_full_holder(node: &TestNode, url: &str, upstreams: Vec<String>) -> Crowd {
+    let rig = Rig::new();
+    rig.announce(node.addr, node.node_id, FLAG_NAR_NONE, None);
+    let held = vec![hold_slot(node.addr, url), hold_slot(node.addr, url)];
+    let mut proxies = Vec::new();
+    let mut asks = Vec::new();
+    for _ in 0..CROWD {
+        let keys = TrustedKeys::new(vec![PublicKey::parse(&fixture().pk).expect("fixture key")]);
+        let (addr, p) = rig.proxy_trusting(upstreams.clone(), keys);
+        proxies.push(p);
+        let url = url.to_owned();
+        asks.push(std::thread::spawn(move || get(addr, &url)));
+    }
+    Crowd {
+        rig,
+        proxies,
+        asks,
+        held,
+    }
+}
+
+impl Crowd {
+    /// Waits until every proxy met the full holder (a busy answer each), then frees its slots.
+    fn release_once_all_met_busy(&mut self) {
+        wait_until(
+            "every proxy got a busy answer from the full holder",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || self.proxies.iter().all(|p| p.stats().busy_answers >= 1),
+        );
+        self.held.clear();
+    }
+
+    /// Every answer, once all came.
+    fn answers(self) -> (Rig, Vec<Arc<Proxy>>, Vec<Resp>) {
+        let answers = self
+            .asks
+            .into_iter()
+            .map(|t| t.join().expect("request thread"))
+            .collect();
+        (self.rig, self.proxies, answers)
+    }
+}
+
+/// Issue #24: a crowd past the holder's transfer cap, no upstream (an offline hall). Before, the
+/// holder queued the requests past its cap, the proxies gave up on its headers after 3 s and
+/// answered Nix 404: failed builds while the holder had the path. Now every proxy delivers it.
+#[test]
+fn a_crowd_past_the_holders_cap_all_get_the_nar_without_an_upstream() {
+    require!(nix);
+    let f = fixture();
+    let host = Host::with_paths(&[&f.big]);
+    let node = TestNode::start(serve_args(host.store_addr()));
+    let (url, nar) = nar_url(&host, &node, &f.big);
+    let mut crowd = crowd_at_a_full_holder(&node, &url, vec![]);
+    crowd.release_once_all_met_busy();
+    let (_rig, proxies, answers) = crowd.answers();
+    for (i, r) in answers.iter().enumerate() {
+        assert_eq!(r.status, 200, "proxy {i} answered {}", r.status);
+        assert!(r.body == nar, "proxy {i} delivered the wrong bytes");
+    }
+    for p in &proxies {
+        let s = p.stats();
+        assert_eq!((s.nars_from_peers, s.nar_failures), (1, 0), "{s:?}");
+    }
+}
+
+/// Issue #24: the same crowd with an upstream that has the path: while the holder is busy the
+/// proxies wait for it instead of all going to the internet at once (before: one upstream NAR
+/// per proxy).
+#[test]
+fn a_crowd_at_a_busy_holder_leaves_the_upstream_alone() {
+    require!(nix);
+    let f = fixture();
+    let host = Host::with_paths(&[&f.big]);
+    let node = TestNode::start(serve_args(host.store_addr()));
+    let (url, nar) = nar_url(&host, &node, &f.big);
+    // The upstream: the signed fixture cache (xz NARs), served by a fake that counts requests.
+    let upstream = Arc::new(FakeCache::default());
+    let cache_dir = f.cache_url.trim_start_matches("file://");
+    let narinfo = std::fs::read_to_string(format!("{cache_dir}/{}.narinfo", hash_of(&f.big))).expect("narinfo");
+    let xz_url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .expect("URL")
+        .to_owned();
+    let xz = std::fs::read(format!("{cache_dir}/{xz_url}")).expect("xz NAR");
+    upstream.set(&format!("/{}.narinfo", hash_of(&f.big)), Reply::ok(narinfo));
+    upstream.set(&format!("/{xz_url}"), Reply::ok(xz));
+    let rig_upstream = Rig::new();
+    let up = format!("http://{}/", rig_upstream.cache(upstream.clone()));
+    let mut crowd = crowd_at_a_full_holder(&node, &url, vec![up]);
+    crowd.release_once_all_met_busy();
+    let (_rig, proxies, answers) = crowd.answers();
+    for (i, r) in answers.iter().enumerate() {
+        assert_eq!(r.status, 200, "proxy {i} answered {}", r.status);
+        assert!(r.body == nar, "proxy {i} delivered the wrong bytes");
+    }
+    assert_eq!(
+        upstream.requests_for(".nar.xz"),
+        0,
+        "the upstream was asked for the NAR"
+    );
+    let from_peers: u64 = proxies.iter().map(|p| p.stats().nars_from_peers).sum();
+    assert_eq!(from_peers, CROWD as u64);
+}
+
+/// A node D (real `serve` in-process: store server and proxy) fetching `p` from a slow upstream
+/// that sends 128 KiB every 100 ms until the test opens `gate`; `bad_at`: a byte of the NAR the
+/// upstream flips (a lying source behind D).
+struct Downloader {
+    _host: Host,
+    node: TestNode,
+    upstream: Arc<FakeCache>,
+    gate: Arc<tokio::sync::Semaphore>,
+    /// D's own Nix asking its proxy for the NAR (what starts D's fetch).
+    own: Option<std::thread::JoinHandle<Resp>>,
+    _upstream_rig: Rig,
+}
+
+impl Downloader {
+    fn start(p: &FakePath, bad_at: Option<usize>) -> Self {
+        let host = Host::with_paths(&[]);
+        let upstream = Arc::new(FakeCache::default());
+        upstream.set(&format!("/{}.narinfo", p.hash()), Reply::ok(p.info.render()));
+        let mut nar = p.nar.to_vec();
+        if let Some(at) = bad_at {
+            nar[at] ^= 1;
+        }
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        upstream.set(
+            &format!("/{}", p.info.url),
+            Reply::Gated {
+                body: nar.into(),
+                piece: 128 * 1024,
+                every: Duration::from_millis(100),
+                gate: gate.clone(),
+            },
+        );
+        let upstream_rig = Rig::new();
+        let up = format!("http://{}/", upstream_rig.cache(upstream.clone()));
+        let state = tempfile::tempdir().expect("state").keep();
+        let settings = local_nix_cache::cli::serve_settings([
+            "--state-dir",
+            &state.display().to_string(),
+            "--store",
+            &host.store_addr().to_string(),
+            "--listen",
+            "127.0.0.1:0",
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--trusted-public-key",
+            &test_key().public().to_string(),
+            "--daemon-connections",
+            "4",
+            "--no-beacon",
+            "--upstream",
+            &up,
+        ])
+        .expect("settings");
+        let node = TestNode::start(settings);
+        Self {
+            _host: host,
+            node,
+            upstream,
+            gate,
+            own: None,
+            _upstream_rig: upstream_rig,
+        }
+    }
+
+    /// D's Nix asks D's proxy for the NAR; returns once D's store server offers it to proxies
+    /// (its narinfo answered, marked in flight).
+    fn fetch_and_offer(&mut self, p: &FakePath, proxy: SocketAddr) {
+        let url = p.nar_url();
+        self.own = Some(std::thread::spawn(move || get(proxy, &url)));
+        let addr = self.node.addr;
+        let path = format!("/{}.narinfo", p.hash());
+        wait_until(
+            "D's store server offers the NAR it is fetching",
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || {
+                let r = request(addr, "GET", &path, &[(cache_url::BUSY_OK_HEADER, "1")]);
+                r.status == 200 && r.header(cache_url::PARTIAL_HEADER).is_some()
+            },
+        );
+        // A Nix client (no proxy header) is never offered an in-flight path.
+        assert_eq!(get(addr, &path).status, 404);
+    }
+
+    /// Waits until D's store server streams a NAR body to a peer, then lets its upstream finish.
+    fn open_gate_once_serving(&self) {
+        let addr = self.node.addr;
+        wait_until(
+            "D's store server streams the in-flight NAR to a peer",
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || {
+                let r = get(addr, "/nix-cache-info");
+                r.header(cache_url::LOAD_HEADER)
+                    .and_then(cache_url::Load::parse)
+                    .is_some_and(|l| l.streaming >= 1)
+            },
+        );
+        self.gate.add_permits(1 << 20);
+    }
+}
+
+/// The proxy address of a node (its store server's address is `node.addr`).
+fn proxy_addr(node: &TestNode) -> SocketAddr {
+    node.proxy_addr.expect("the node's proxy listens")
+}
+
+/// Issue #24: a host that is itself fetching P answers another proxy's request for P with the
+/// bytes it has, following its spool as it grows, and that proxy gets a verified P. Before, only
+/// imported paths were served: the other proxy, with no other source, answered 404.
+#[test]
+fn a_host_fetching_a_nar_serves_it_to_a_peer_while_it_arrives() {
+    require!(nix);
+    let p = FakePath::new("crowd-inflight", 24 << 20, 31);
+    let mut d = Downloader::start(&p, None);
+    d.fetch_and_offer(&p, proxy_addr(&d.node));
+    let rig = Rig::new();
+    rig.announce(d.node.addr, d.node.node_id, FLAG_NAR_NONE, None);
+    let (r_addr, r) = rig.proxy(vec![]);
+    let url = p.nar_url();
+    let asked = std::thread::spawn(move || get(r_addr, &url));
+    d.open_gate_once_serving();
+    let got = asked.join().expect("R's request");
+    assert_eq!(got.status, 200);
+    assert!(got.body == p.nar, "R delivered the NAR");
+    let own = d.own.take().expect("D's request").join().expect("D's request");
+    assert!(own.status == 200 && own.body == p.nar, "D delivered it too");
+    assert_eq!(r.stats().nars_from_peers, 1);
+    assert_eq!(
+        d.upstream.requests_for(&p.info.url),
+        1,
+        "only D fetched the NAR from the upstream"
+    );
+}
+
+/// Issue #24: an in-flight copy whose source lied costs time only: the receiving proxy does not
+/// pass its bytes on, verifies the NAR whole and gets it from an honest holder.
+#[test]
+fn a_corrupt_in_flight_copy_costs_time_only() {
+    require!(nix);
+    let p = FakePath::new("crowd-inflight-bad", 24 << 20, 37);
+    let mut d = Downloader::start(&p, Some(5 << 20));
+    d.fetch_and_offer(&p, proxy_addr(&d.node));
+    let rig = Rig::new();
+    rig.announce(d.node.addr, d.node.node_id, FLAG_NAR_NONE, None);
+    // An honest holder, whose narinfo comes a moment after D's: R asks D first.
+    let honest = Arc::new(FakeCache::default());
+    honest.serve_path(&p);
+    honest.set(
+        &format!("/{}.narinfo", p.hash()),
+        Reply::slow(p.info.render(), Duration::from_millis(150)),
+    );
+    rig.peer(honest.clone(), 9);
+    let (r_addr, r) = rig.proxy(vec![]);
+    // Nix asks for the narinfo first: D answers first and wins the race.
+    let info = get(r_addr, &format!("/{}.narinfo", p.hash()));
+    assert_eq!(info.status, 200);
+    let url = p.nar_url();
+    let asked = std::thread::spawn(move || get(r_addr, &url));
+    d.open_gate_once_serving();
+    let got = asked.join().expect("R's request");
+    assert_eq!(got.status, 200);
+    assert!(got.body == p.nar, "R delivered the right NAR");
+    assert!(honest.requests_for(&p.info.url) >= 1, "the honest holder sent it");
+    let s = r.stats();
+    assert_eq!(
+        (s.nars_from_peers, s.nar_failures, s.nars_passed_through),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    let _ = d.own.take().map(|t| t.join());
+}
