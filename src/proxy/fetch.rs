@@ -14,7 +14,12 @@
 //! jitter and re-plans: it asks the peers again (hosts that got the path since are found, the
 //! busy ones answer with their load) and resumes with `Range` from what it has. Upstreams wait
 //! while a peer holds the NAR, so a crowd does not all go to the internet at once; after
-//! [`BUSY_WAIT_CAP`] of busy answers the fetch takes any source, and with none it fails.
+//! `busy::BUSY_WAIT_CAP` of busy answers the fetch takes any source, and with none it fails.
+//!
+//! A fetch into a file spool offers its NAR to peers while it arrives (`partial`, withdrawn
+//! when its spool is reset or the fetch ends). A source that is itself such an in-flight copy
+//! (`Candidate::partial`) is never passed through nor split over, and a mismatch from it is not
+//! judged a lie (it relays its own source's bytes).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -24,6 +29,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::book::SourceBook;
+use super::busy::BusySources;
 use super::cache::NarinfoCache;
 use super::copy::SourceRead;
 use super::error::{FetchError, LieKind, SourceFailure};
@@ -54,14 +60,6 @@ pub struct FetchParts {
     /// Where a fetch offers its NAR to peers while it arrives (see `partial`).
     pub partials: Option<Arc<Partials>>,
 }
-
-/// How long a fetch keeps coming back to busy peers (from their first busy answer) before it
-/// takes an upstream or, with none, fails: well below the 300 s Nix waits for a silent download
-/// (`stalled-download-timeout`), above the time a holder's 32 slots take to turn over for a
-/// crowd of 100 (issue #24).
-pub const BUSY_WAIT_CAP: Duration = Duration::from_secs(180);
-/// Hosts a fetch asks because busy sources named them (each once per fetch).
-const MAX_HINTED: usize = 64;
 
 /// A verified NAR with the narinfo it was checked against and where it came from.
 pub type Fetched = (Verified, Arc<NarInfo>, SourceId);
@@ -99,21 +97,10 @@ pub struct NarFetch<'c> {
     last_error: Option<SourceFailure>,
     /// Pass-through to the request that started the fetch (see `passthrough`), if any.
     tap: Option<Tap>,
-    /// Peers that answered busy since the last wait: asked again after it.
-    busy: Vec<Candidate>,
-    /// Upstreams held back while a peer holds the NAR but is busy (within [`BUSY_WAIT_CAP`]).
-    deferred: Vec<Candidate>,
-    /// The first busy answer of this fetch (the wait cap counts from it).
-    busy_since: Option<Instant>,
-    /// The longest `Retry-After` among the busy answers since the last wait.
-    retry_after: Duration,
+    /// Peers that answered busy, the upstreams held back meanwhile, the hosts they named.
+    busy: BusySources,
     /// This NAR offered to peers while it arrives (`partial`), until the spool is reset.
     offered: Option<Offered>,
-    /// Hosts busy sources named as streaming the NAR, not asked yet.
-    hints: Vec<NodeId>,
-    /// Every host ever named so (each asked once per fetch through a hint), at most
-    /// [`MAX_HINTED`].
-    hinted: HashSet<NodeId>,
 }
 
 impl<'c> NarFetch<'c> {
@@ -138,13 +125,8 @@ impl<'c> NarFetch<'c> {
             allow_resume: true,
             last_error: None,
             tap: None,
-            busy: Vec::new(),
-            deferred: Vec::new(),
-            busy_since: None,
-            retry_after: Duration::ZERO,
+            busy: BusySources::default(),
             offered: None,
-            hints: Vec::new(),
-            hinted: HashSet::new(),
         }
     }
 
@@ -262,25 +244,21 @@ impl<'c> NarFetch<'c> {
     async fn next_source(&mut self) -> Option<Candidate> {
         loop {
             match self.queue.pop_front() {
-                Some(c) if self.defer_upstream(&c) => self.deferred.push(c),
-                Some(c) if self.tried.insert(c.source.clone()) => return Some(c),
-                Some(_) => continue,
+                Some(c) => match self.busy.defer(c) {
+                    Some(c) if self.tried.insert(c.source.clone()) => return Some(c),
+                    _ => continue,
+                },
                 None if !self.gathered => self.gather().await,
-                None if !self.busy.is_empty() && self.within_busy_cap() => self.wait_and_replan().await,
-                None if !self.deferred.is_empty() => {
-                    // No busy peer to wait for (or the cap passed): the upstreams' turn.
-                    self.busy.clear();
-                    self.busy_since = None;
-                    self.queue.extend(self.deferred.drain(..));
-                }
-                None => return None,
+                None if self.busy.waiting() => self.wait_and_replan().await,
+                // No busy peer to wait for (or the cap passed): the upstreams' turn.
+                None => self.queue.extend(self.busy.release_upstreams()?),
             }
         }
     }
 
     /// A peer answered busy: not a failure (no back-off, its bytes kept for a resume); it is
-    /// asked again after the wait.
-    /// Its hints (hosts streaming the NAR from it) are asked at once, each once per fetch.
+    /// asked again after the wait, and the hosts it named (streaming the NAR from it) at once,
+    /// each once per fetch.
     fn busy_source(&mut self, c: Candidate, retry_after: Duration, hints: Vec<NodeId>) {
         tracing::debug!(source = ?c.source, hash = %self.hash, ?retry_after, ?hints, "NAR source busy; trying the next");
         self.cx.stats.update(|s| s.busy_answers += 1);
@@ -289,35 +267,25 @@ impl<'c> NarFetch<'c> {
             hints: Vec::new(),
         };
         self.cx.book.judge(&c.source, Verdict::Failed(&e));
-        self.busy_since.get_or_insert_with(Instant::now);
-        self.retry_after = self.retry_after.max(retry_after);
         self.last_error = Some(SourceFailure::Failed(e));
-        for n in hints {
-            if self.hinted.len() < MAX_HINTED && self.hinted.insert(n) {
-                self.hints.push(n);
-            }
-        }
-        self.busy.push(c);
+        self.busy.note(c, retry_after, hints);
     }
 
-    /// Whether an upstream waits: a peer holds the NAR but is busy, within the cap.
-    fn defer_upstream(&self, c: &Candidate) -> bool {
-        matches!(c.source, SourceId::Upstream(_)) && !self.busy.is_empty() && self.within_busy_cap()
-    }
-
-    fn within_busy_cap(&self) -> bool {
-        self.busy_since.is_none_or(|t| t.elapsed() < BUSY_WAIT_CAP)
-    }
-
-    /// Every source left is a busy peer: waits its `Retry-After` with jitter (a crowd does not
-    /// come back at once), then asks the peers again, busy ones included (hosts that got the NAR
-    /// since are found; each answers with its load), and queues them least loaded first. The
-    /// upstreams are not asked again (their candidates wait in `deferred`).
-    /// Hosts that busy sources named are asked first, without a wait.
+    /// Every source left is a busy peer. Hosts the busy answers named are asked first, without a
+    /// wait; otherwise it waits the `Retry-After` with jitter (a crowd does not come back at
+    /// once), then asks the peers again, busy ones included (hosts that got the NAR since are
+    /// found; each answers with its load), and queues them least loaded first. The upstreams are
+    /// not asked again (their candidates wait in `BusySources`).
     async fn wait_and_replan(&mut self) {
-        use rand::Rng;
-        if !self.hints.is_empty() {
-            let found = self.ask_hints().await;
+        let lookup = Lookup {
+            book: &self.cx.book,
+            stats: &self.cx.stats,
+        };
+        let named: Vec<SourceId> = (self.busy.take_hints().into_iter().map(SourceId::Peer))
+            .filter(|s| !self.tried.contains(s) && !self.queue.iter().any(|q| q.source == *s))
+            .collect();
+        if !named.is_empty() {
+            let found = lookup.named(&self.hash, &self.nar_hash, named).await;
             if !found.is_empty() {
                 for c in found {
                     self.cx.cache.remember(self.hash, c.clone());
@@ -327,25 +295,16 @@ impl<'c> NarFetch<'c> {
                 return;
             }
         }
-        let left = self
-            .busy_since
-            .map_or(BUSY_WAIT_CAP, |t| BUSY_WAIT_CAP.saturating_sub(t.elapsed()));
-        let jitter = rand::thread_rng().gen_range(0.5..1.5);
-        let wait = self.retry_after.mul_f64(jitter).min(left);
+        let wait = self.busy.wait();
         self.cx.stats.update(|s| s.busy_waits += 1);
-        tracing::debug!(hash = %self.hash, busy = self.busy.len(), ?wait, "every source busy; waiting");
+        tracing::debug!(hash = %self.hash, busy = self.busy.busy_len(), ?wait, "every source busy; waiting");
         tokio::time::sleep(wait).await;
-        self.retry_after = Duration::ZERO;
-        let busy = std::mem::take(&mut self.busy);
+        let busy = self.busy.take_busy();
         for c in &busy {
             self.tried.remove(&c.source);
         }
         let mut skip = self.tried.clone();
         skip.extend((0..self.cx.book.sources().upstreams.len()).map(SourceId::Upstream));
-        let lookup = Lookup {
-            book: &self.cx.book,
-            stats: &self.cx.stats,
-        };
         let mut found = lookup.gather(&self.hash, &self.nar_hash, &skip).await;
         // A busy peer that did not answer this time keeps its place, after the others.
         for c in busy {
@@ -459,35 +418,6 @@ impl<'c> NarFetch<'c> {
                 None
             }
         }
-    }
-}
-
-impl NarFetch<'_> {
-    /// Asks the hosts busy sources named (usable peers of the table, not tried, not queued) for
-    /// the narinfo, at once; those with this NAR.
-    async fn ask_hints(&mut self) -> Vec<Candidate> {
-        let hints = std::mem::take(&mut self.hints);
-        let (book, hash, nar_hash) = (&self.cx.book, self.hash, self.nar_hash);
-        let ask: Vec<SourceId> = hints
-            .into_iter()
-            .map(SourceId::Peer)
-            .filter(|s| !self.tried.contains(s) && !self.queue.iter().any(|q| q.source == *s))
-            .filter(|s| matches!(s, SourceId::Peer(n) if book.usable(n)) && book.may_ask_for(s, &nar_hash))
-            .collect();
-        let asks = ask.into_iter().map(|s| async move {
-            let r = tokio::time::timeout(super::lookup::PEER_LOOKUP_BUDGET, book.sources().narinfo(&s, &hash)).await;
-            match r {
-                Ok(Ok(Some(c))) if c.info.nar_hash == nar_hash => Some(c),
-                _ => None,
-            }
-        });
-        let found: Vec<Candidate> = futures_util::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-        tracing::debug!(hash = %self.hash, found = found.len(), "asked the hosts a busy source named");
-        found
     }
 }
 

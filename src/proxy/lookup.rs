@@ -128,6 +128,24 @@ impl<'a> Lookup<'a> {
         }
     }
 
+    /// The named peers (hosts a busy source named, issue #24) that have the NAR `nar_hash` of
+    /// `hash`: only usable peers of the table, not marked for lying about it, asked at once.
+    pub async fn named(self, hash: &'a StorePathHash, nar_hash: &NarHash, named: Vec<SourceId>) -> Vec<Candidate> {
+        let asks: FuturesUnordered<Answer<'_>> = named
+            .into_iter()
+            .filter(|s| matches!(s, SourceId::Peer(n) if self.book.usable(n)) && self.book.may_ask_for(s, nar_hash))
+            .map(|s| self.ask(s, hash))
+            .collect();
+        let answers: Vec<_> = asks.collect().await;
+        let mut found: Vec<Candidate> = answers
+            .into_iter()
+            .filter_map(|(_, r)| r.ok().flatten())
+            .filter(|c| c.info.nar_hash == *nar_hash)
+            .collect();
+        self.book.rank(&mut found);
+        found
+    }
+
     /// Every source that has the NAR `nar_hash` of `hash` (peers first), excluding `skip`;
     /// waits [`GATHER_GRACE`] after the first for the others. Peers that lied about this NAR
     /// are not asked; demoted peers come after those in good standing.

@@ -23,6 +23,7 @@
 //! a build after retrying a 5xx); every cache, fan-out and spool is capped.
 
 pub mod book;
+pub mod busy;
 pub mod cache;
 mod copy;
 pub mod error;

@@ -91,8 +91,89 @@ impl Partials {
         })
     }
 
-    /// The NAR of `hash` being fetched, if offered.
+    /// The NAR of `hash` being fetched, if offered, once its first bytes landed (a fetch that
+    /// waits for a busy source has nothing to give, and must not draw the crowd to itself), and
+    /// while they are there to serve (not after a reset, nor when a pass-through took its start:
+    /// then its file lacks it).
     pub fn get(&self, hash: &StorePathHash) -> Option<Arc<Partial>> {
-        self.offers.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()
+        let p = self
+            .offers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(hash)
+            .cloned()?;
+        (!p.tail.abandoned() && p.tail.filled() > 0).then_some(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::narinfo::StorePath;
+    use crate::proxy::tail::TailWriter;
+
+    fn info(i: u32) -> NarInfo {
+        let hash: String = (0..32)
+            .map(|k| b"0123456789abcdfghijklmnpqrsvwxyz"[((i >> (k % 4 * 5)) as usize + k) % 32] as char)
+            .collect();
+        NarInfo {
+            store_path: StorePath::parse("/nix/store", &format!("/nix/store/{hash}-x")).expect("path"),
+            url: "nar/elsewhere.nar.xz".into(),
+            compression: Compression::Xz,
+            file_hash: None,
+            file_size: None,
+            nar_hash: NarHash::from_digest([1; 32]),
+            nar_size: 10,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        }
+    }
+
+    fn tail() -> (TailWriter, Tail) {
+        TailWriter::new(Arc::new(tempfile::tempfile().expect("file")), 10)
+    }
+
+    /// An offer is served with our own NAR URL and `Compression: none`, withdrawn by its guard
+    /// (not by a later offer's) and hidden once its tail is abandoned; past the cap nothing new
+    /// is offered.
+    #[test]
+    fn offers_are_withdrawn_with_their_guard_or_their_tail_and_capped() {
+        let p = Arc::new(Partials::default());
+        let i = info(1);
+        let hash = i.store_path.hash();
+        let (w, t) = tail();
+        let first = p.offer(&i, t).expect("offered");
+        assert!(p.get(&hash).is_none(), "nothing landed yet");
+        w.filled(4);
+        let got = p.get(&hash).expect("served");
+        let text = String::from_utf8_lossy(&got.narinfo).to_string();
+        assert!(
+            text.contains(&format!("URL: {}", cache_url::nar_url(&hash, &i.nar_hash))),
+            "{text}"
+        );
+        assert!(text.contains("Compression: none"), "{text}");
+        // A later fetch of the same path replaces it; the first guard no longer withdraws it.
+        let (w2, t2) = tail();
+        w2.filled(4);
+        let second = p.offer(&i, t2).expect("replaced");
+        drop(first);
+        assert!(p.get(&hash).is_some());
+        drop(second);
+        assert!(p.get(&hash).is_none(), "withdrawn with its guard");
+        // An abandoned tail is not served.
+        let (w3, t3) = tail();
+        w3.filled(4);
+        let _third = p.offer(&i, t3).expect("offered");
+        w3.abandon();
+        assert!(p.get(&hash).is_none(), "abandoned");
+        drop(w);
+        // The cap.
+        let held: Vec<_> = (100..100 + MAX_PARTIALS as u32)
+            .filter_map(|n| p.offer(&info(n), tail().1))
+            .collect();
+        assert_eq!(held.len(), MAX_PARTIALS - 1, "one place is the abandoned offer's");
+        assert!(p.offer(&info(7), tail().1).is_none(), "past the cap");
     }
 }

@@ -94,6 +94,12 @@ impl Tail {
         }
     }
 
+    /// The spool was reset, or its start is not in the file (a pass-through took it): nothing
+    /// to offer.
+    pub fn abandoned(&self) -> bool {
+        *self.rx.borrow() == Progress::Abandoned
+    }
+
     /// Reads the next chunk at `pos` (at most `TAIL_CHUNK`, never past `end`, inclusive),
     /// waiting at most `idle` for the writer to get there.
     pub async fn read_at(&mut self, pos: u64, end: u64, idle: Duration) -> Result<Bytes, TailError> {

@@ -319,8 +319,13 @@ impl StoreServer {
             // (and is told whom to try instead).
             let t = &self.streams.transfers;
             // Only NARs a downloader can relay (file-spooled ones) are shared so: a small one is
-            // over in moments, and its takers could only wait.
-            let shared = entry.nar_size > transfers::SHARED_NAR_MIN_BYTES;
+            // over in moments, and its takers could only wait. Nor a segment of a split fetch
+            // (a range that stops short of the end): the split needs all its segments.
+            let segment = matches!(
+                h::parse_range(req.headers().get(header::RANGE), entry.nar_size),
+                Ok(Some(r)) if r.end + 1 < entry.nar_size
+            );
+            let shared = entry.nar_size > transfers::SHARED_NAR_MIN_BYTES && !segment;
             let got = match (busy_ok, shared) {
                 (true, true) => {
                     t.acquire_for_nar(peer.ip(), *nar_hash, transfers::MAX_TRANSFERS_PER_NAR)
@@ -577,17 +582,4 @@ async fn release_memory_when_idle(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn install_routes_before_cache_routes() {
-        assert_eq!(route("/install"), Ok(Route::Install));
-        assert_eq!(route("/install/local-nix-cache"), Ok(Route::InstallBinary));
-        assert_eq!(route("/nix-cache-info"), Ok(Route::Cache(CacheRoute::CacheInfo)));
-        assert_eq!(route("/install/x"), Err(RouteError::NotFound));
-        assert_eq!(route("/peers"), Ok(Route::Peers));
-        assert_eq!(route("/identity"), Ok(Route::Identity));
-        assert_eq!(route("/install/../x"), Err(RouteError::BadRequest));
-    }
-}
+mod tests;

@@ -50,7 +50,8 @@ pub const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Bodies of one NAR streamed at once to proxies (requests that take a busy answer): past it a
 /// proxy is answered busy at once, with the hosts that stream that NAR from here as hints, so a
 /// crowd fetching one path forms a tree (each host feeding two others, from the bytes it has so
-/// far) instead of a star around the holder (issue #24). Nix clients are not counted.
+/// far) instead of a star around the holder (issue #24). Nix clients are not counted, nor
+/// segments of split fetches (a range short of the NAR's end).
 pub const MAX_TRANSFERS_PER_NAR: usize = 2;
 /// NARs up to this size are not shared so: a proxy spools them in memory and cannot relay them
 /// (`proxy::MEM_SPOOL_ONE`), and they are over in moments.

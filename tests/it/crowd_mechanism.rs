@@ -22,6 +22,26 @@ use local_nix_cache::proxy::Proxy;
 /// Proxies fetching the same NAR at once: three times the holder's slots.
 const CROWD: usize = 6;
 
+/// A status and a body.
+type Answer = (u16, Vec<u8>);
+
+/// A GET whose answer may take long (a crowd on a loaded machine): as `get`, with a 180 s read
+/// timeout instead of 30 s. Only for answers with a `Content-Length` (the proxy's NARs).
+fn get_slow(addr: SocketAddr, path: &str) -> Answer {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(180))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
+    let status = String::from_utf8_lossy(&raw[..end])
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (status, raw[end + 4..].to_vec())
+}
+
 /// The NAR URL of `path` as a store server (and the proxy) serve it.
 fn nar_url(host: &Host, node: &TestNode, path: &str) -> (String, Vec<u8>) {
     let info = get(node.addr, &format!("/{}.narinfo", hash_of(path)));
@@ -56,7 +76,7 @@ fn hold_slot(addr: SocketAddr, url: &str) -> TcpStream {
 struct Crowd {
     rig: Rig,
     proxies: Vec<Arc<Proxy>>,
-    asks: Vec<std::thread::JoinHandle<Resp>>,
+    asks: Vec<std::thread::JoinHandle<Answer>>,
     held: Vec<TcpStream>,
 }
 
@@ -71,7 +91,7 @@ fn crowd_at_a_full_holder(node: &TestNode, url: &str, upstreams: Vec<String>) ->
         let (addr, p) = rig.proxy_trusting(upstreams.clone(), keys);
         proxies.push(p);
         let url = url.to_owned();
-        asks.push(std::thread::spawn(move || get(addr, &url)));
+        asks.push(std::thread::spawn(move || get_slow(addr, &url)));
     }
     Crowd {
         rig,
@@ -94,7 +114,7 @@ impl Crowd {
     }
 
     /// Every answer, once all came.
-    fn answers(self) -> (Rig, Vec<Arc<Proxy>>, Vec<Resp>) {
+    fn answers(self) -> (Rig, Vec<Arc<Proxy>>, Vec<Answer>) {
         let answers = self
             .asks
             .into_iter()
@@ -117,9 +137,9 @@ fn a_crowd_past_the_holders_cap_all_get_the_nar_without_an_upstream() {
     let mut crowd = crowd_at_a_full_holder(&node, &url, vec![]);
     crowd.release_once_all_met_busy();
     let (_rig, proxies, answers) = crowd.answers();
-    for (i, r) in answers.iter().enumerate() {
-        assert_eq!(r.status, 200, "proxy {i} answered {}", r.status);
-        assert!(r.body == nar, "proxy {i} delivered the wrong bytes");
+    for (i, (status, body)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200, "proxy {i} answered {status}");
+        assert!(*body == nar, "proxy {i} delivered the wrong bytes");
     }
     for p in &proxies {
         let s = p.stats();
@@ -154,9 +174,9 @@ fn a_crowd_at_a_busy_holder_leaves_the_upstream_alone() {
     let mut crowd = crowd_at_a_full_holder(&node, &url, vec![up]);
     crowd.release_once_all_met_busy();
     let (_rig, proxies, answers) = crowd.answers();
-    for (i, r) in answers.iter().enumerate() {
-        assert_eq!(r.status, 200, "proxy {i} answered {}", r.status);
-        assert!(r.body == nar, "proxy {i} delivered the wrong bytes");
+    for (i, (status, body)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200, "proxy {i} answered {status}");
+        assert!(*body == nar, "proxy {i} delivered the wrong bytes");
     }
     assert_eq!(
         upstream.requests_for(".nar.xz"),
@@ -176,7 +196,7 @@ struct Downloader {
     upstream: Arc<FakeCache>,
     gate: Arc<tokio::sync::Semaphore>,
     /// D's own Nix asking its proxy for the NAR (what starts D's fetch).
-    own: Option<std::thread::JoinHandle<Resp>>,
+    own: Option<std::thread::JoinHandle<Answer>>,
     _upstream_rig: Rig,
 }
 
@@ -235,7 +255,7 @@ impl Downloader {
     /// (its narinfo answered, marked in flight).
     fn fetch_and_offer(&mut self, p: &FakePath, proxy: SocketAddr) {
         let url = p.nar_url();
-        self.own = Some(std::thread::spawn(move || get(proxy, &url)));
+        self.own = Some(std::thread::spawn(move || get_slow(proxy, &url)));
         let addr = self.node.addr;
         let path = format!("/{}.narinfo", p.hash());
         wait_until(
@@ -287,13 +307,13 @@ fn a_host_fetching_a_nar_serves_it_to_a_peer_while_it_arrives() {
     rig.announce(d.node.addr, d.node.node_id, FLAG_NAR_NONE, None);
     let (r_addr, r) = rig.proxy(vec![]);
     let url = p.nar_url();
-    let asked = std::thread::spawn(move || get(r_addr, &url));
+    let asked = std::thread::spawn(move || get_slow(r_addr, &url));
     d.open_gate_once_serving();
-    let got = asked.join().expect("R's request");
-    assert_eq!(got.status, 200);
-    assert!(got.body == p.nar, "R delivered the NAR");
-    let own = d.own.take().expect("D's request").join().expect("D's request");
-    assert!(own.status == 200 && own.body == p.nar, "D delivered it too");
+    let (status, body) = asked.join().expect("R's request");
+    assert_eq!(status, 200);
+    assert!(body == p.nar, "R delivered the NAR");
+    let (status, body) = d.own.take().expect("D's request").join().expect("D's request");
+    assert!(status == 200 && body == p.nar, "D delivered it too");
     assert_eq!(r.stats().nars_from_peers, 1);
     assert_eq!(
         d.upstream.requests_for(&p.info.url),
@@ -325,11 +345,11 @@ fn a_corrupt_in_flight_copy_costs_time_only() {
     let info = get(r_addr, &format!("/{}.narinfo", p.hash()));
     assert_eq!(info.status, 200);
     let url = p.nar_url();
-    let asked = std::thread::spawn(move || get(r_addr, &url));
+    let asked = std::thread::spawn(move || get_slow(r_addr, &url));
     d.open_gate_once_serving();
-    let got = asked.join().expect("R's request");
-    assert_eq!(got.status, 200);
-    assert!(got.body == p.nar, "R delivered the right NAR");
+    let (status, body) = asked.join().expect("R's request");
+    assert_eq!(status, 200);
+    assert!(body == p.nar, "R delivered the right NAR");
     assert!(honest.requests_for(&p.info.url) >= 1, "the honest holder sent it");
     let s = r.stats();
     assert_eq!(
@@ -338,4 +358,100 @@ fn a_corrupt_in_flight_copy_costs_time_only() {
         "{s:?}"
     );
     let _ = d.own.take().map(|t| t.join());
+}
+
+/// Bytes a host's namespace sent on its LAN link so far.
+fn tx_bytes(ns: &str) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/sys/class/net/eth0/statistics/tx_bytes"])
+        .output()
+        .expect("ip netns exec");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("tx_bytes")
+}
+
+/// Issue #24 with real `serve` hosts and real Nix: one holder, six hosts realising its 8 MiB
+/// path of random bytes (zstd cannot shrink it) at once, offline. Every host realises it, and the holder sends at most three copies
+/// (before: one per host, a star): it streams the NAR to two proxies at once and names them to
+/// the others, which fetch from their bytes so far (a tree). Byte counts, no timing.
+#[test]
+fn a_real_crowd_forms_a_tree_and_the_holder_sends_at_most_three_copies() {
+    require!(nix, netns);
+    let f = fixture();
+    const HOSTS: usize = 6;
+    let mut stores: Vec<&[&str]> = vec![&[]; HOSTS + 1];
+    let held = [f.rand.as_str()];
+    stores[0] = &held;
+    let mut lan = crate::common::nixlan::NixLan::new(&stores);
+    // The holder's link is slower than the others' (a speaker's laptop on Wi-Fi): hosts that
+    // wait for it are better served by those that already get it.
+    let st = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lan.hosts[0].net.ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "eth0",
+            "root",
+            "tbf",
+        ])
+        .args(["rate", "50mbit", "burst", "64kbit", "latency", "400ms"])
+        .status()
+        .expect("tc");
+    assert!(st.success());
+    lan.upstream.stop();
+    let up = lan.upstream.url();
+    lan.serve_all(&up);
+    for i in 1..=HOSTS {
+        wait_until(
+            "every host knows the holder",
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || {
+                lan.hosts[i]
+                    .peer_addrs()
+                    .contains(&format!("{}:8380", lan.hosts[0].net.ip4))
+            },
+        );
+    }
+    let size = std::fs::metadata(lan.hosts[0].store.root.join(f.rand.trim_start_matches('/')))
+        .map(|m| m.len())
+        .expect("held path");
+    let before = tx_bytes(&lan.hosts[0].net.ns);
+    let outs: Vec<std::process::Output> = std::thread::scope(|s| {
+        let runs: Vec<_> = (1..=HOSTS)
+            .map(|i| {
+                let h = &lan.hosts[i];
+                let p = f.rand.as_str();
+                s.spawn(move || h.realise(&[p]))
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().expect("realise thread")).collect()
+    });
+    let sent = tx_bytes(&lan.hosts[0].net.ns) - before;
+    for (i, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "host {} failed: {}",
+            i + 1,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(lan.hosts[i + 1].has(&f.rand), "host {} lacks the path", i + 1);
+    }
+    eprintln!("holder sent {sent} bytes for {HOSTS} hosts of a {size}-byte path");
+    for (i, h) in lan.hosts.iter().enumerate() {
+        let st = &h.status()["stats"];
+        eprintln!(
+            "host {i}: sent {} busy answers {}",
+            tx_bytes(&h.net.ns),
+            st["busy_answers"]
+        );
+    }
+    assert!(
+        sent <= 3 * size + size / 2,
+        "the holder sent {sent} bytes, {:.1} copies",
+        sent as f64 / size as f64
+    );
 }
