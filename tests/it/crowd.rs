@@ -116,8 +116,11 @@ impl Wave {
         self.ended.iter().filter(|e| !matches!(e, Some((_, true)))).count()
     }
 
+    /// When the last client ended (succeeded or failed); none while one was still running at
+    /// the limit.
     fn all_done(&self) -> Option<Duration> {
-        self.ended.iter().map(|e| e.map(|(d, _)| d)).max().flatten()
+        let ends: Option<Vec<Duration>> = self.ended.iter().map(|e| e.map(|(d, _)| d)).collect();
+        ends?.into_iter().max()
     }
 
     fn done_times(&self) -> Vec<Duration> {
