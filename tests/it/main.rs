@@ -6,6 +6,7 @@ mod common;
 
 mod beacon;
 mod compression;
+mod crowd;
 mod crowd_mechanism;
 mod hall;
 mod hall_serve;

@@ -108,7 +108,13 @@ impl NixHost {
             .arg("serve")
             .arg("--store")
             .arg(format!("unix://{}", self.store.socket.display()))
-            .args(["--real-store-dir", &self.store.physical_store()])
+            // Unless `args` say otherwise (`none`: every NAR through the daemon).
+            .args(
+                Some(["--real-store-dir", &self.store.physical_store()])
+                    .filter(|_| !args.contains(&"--real-store-dir"))
+                    .into_iter()
+                    .flatten(),
+            )
             .args(args)
             .args(["--upstream", upstream, "--trusted-public-key", &fixture().pk])
             .arg("--spool-dir")
@@ -186,6 +192,11 @@ impl NixHost {
     /// `nix-store -r` of `paths` into this host's store, with this host's proxy as the only
     /// substituter (as a user of the product would).
     pub fn realise(&self, paths: &[&str]) -> Output {
+        output(&mut self.realise_cmd(paths))
+    }
+
+    /// The command [`Self::realise`] runs, to spawn many at once (a crowd).
+    pub fn realise_cmd(&self, paths: &[&str]) -> Command {
         let mut c = self.nix_cmd("nix-store");
         c.arg("--store")
             .arg(self.client_store())
@@ -193,7 +204,19 @@ impl NixHost {
             .args(paths)
             .args(["--option", "substituters", "http://127.0.0.1:8381"])
             .args(["--option", "trusted-public-keys", &fixture().pk]);
-        output(&mut c)
+        c
+    }
+
+    /// Limits this host's egress (everything it sends on the LAN: its store server's NARs above
+    /// all) with `tc tbf` at `rate` (e.g. `200mbit`), as a laptop's link would.
+    pub fn shape_egress(&self, rate: &str) {
+        tbf(&self.net.ns, rate, LAN_BURST, LAN_LATENCY);
+    }
+
+    /// Bytes this host has put on its link so far (`eth0`'s transmit counter: headers,
+    /// acknowledgements and beacons included, about 1.5 % over the payload it streamed).
+    pub fn tx_bytes(&self) -> u64 {
+        link_tx_bytes(&self.net.ns)
     }
 
     /// `nix store verify` of `path`'s closure in this host's store (content and signatures).
@@ -234,10 +257,36 @@ impl Drop for NixHost {
     }
 }
 
+/// Burst and queue of a shaped LAN link ([`NixHost::shape_egress`]): 64 KiB at once (about
+/// 2.6 ms at 200 Mbit/s), and at most 50 ms of queue, as a switch port would hold.
+const LAN_BURST: &str = "64kb";
+const LAN_LATENCY: &str = "50ms";
+
+/// `tc qdisc replace ... root tbf` on `eth0` of namespace `ns`.
+fn tbf(ns: &str, rate: &str, burst: &str, latency: &str) {
+    let st = Command::new("ip")
+        .args([
+            "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
+        ])
+        .args(["rate", rate, "burst", burst, "latency", latency])
+        .status()
+        .expect("tc");
+    assert!(st.success(), "tc tbf failed");
+}
+
+/// `eth0`'s transmit byte counter in namespace `ns`.
+fn link_tx_bytes(ns: &str) -> u64 {
+    let out = run(Command::new("ip").args(["-n", ns, "-j", "-s", "link", "show", "dev", "eth0"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
+    v[0]["stats64"]["tx"]["bytes"].as_u64().expect("tx bytes")
+}
+
 /// The upstream "hydra": the signed fixture cache over HTTP.
 pub struct Upstream {
     pub net: NetHost,
     server: Child,
+    /// The server's request log (one line per request), to count what the LAN asked upstream.
+    log: tempfile::NamedTempFile,
 }
 
 impl Upstream {
@@ -247,23 +296,22 @@ impl Upstream {
 
     /// Limits the upstream's egress (what hosts download from it) with `tc tbf`.
     pub fn shape(&self, rate: &str) {
-        let st = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.net.ns,
-                "tc",
-                "qdisc",
-                "replace",
-                "dev",
-                "eth0",
-                "root",
-                "tbf",
-            ])
-            .args(["rate", rate, "burst", "32kbit", "latency", "400ms"])
-            .status()
-            .expect("tc");
-        assert!(st.success(), "tc tbf failed");
+        tbf(&self.net.ns, rate, "32kbit", "400ms");
+    }
+
+    /// GET requests the upstream answered so far whose path contains `part` (e.g. `/nar/`, or
+    /// `.narinfo`).
+    pub fn gets(&self, part: &str) -> usize {
+        std::fs::read_to_string(self.log.path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"GET ") && l.contains(part))
+            .count()
+    }
+
+    /// Bytes the upstream has put on its link so far.
+    pub fn tx_bytes(&self) -> u64 {
+        link_tx_bytes(&self.net.ns)
     }
 
     pub fn stop(&mut self) {
@@ -292,6 +340,10 @@ impl NixLan {
         let lan = Lan::new(stores.len() + 1);
         let up_net = lan.hosts[stores.len()].clone();
         let cache = fixture().cache_url.trim_start_matches("file://").to_owned();
+        let log = tempfile::Builder::new()
+            .prefix("lnc-upstream")
+            .tempfile()
+            .expect("upstream log");
         let server = Command::new("ip")
             .args([
                 "netns",
@@ -306,10 +358,14 @@ impl NixLan {
             .arg(up_net.ip4.to_string())
             .args(["--directory", &cache])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.reopen().expect("upstream log"))
             .spawn()
             .expect("spawn upstream http server");
-        let upstream = Upstream { net: up_net, server };
+        let upstream = Upstream {
+            net: up_net,
+            server,
+            log,
+        };
         let nix226 = roots::nix226_root_for_mixed_lan();
         let hosts = stores
             .iter()
