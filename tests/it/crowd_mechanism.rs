@@ -384,23 +384,7 @@ fn a_real_crowd_forms_a_tree_and_the_holder_sends_at_most_three_copies() {
     let mut lan = crate::common::nixlan::NixLan::new(&stores);
     // The holder's link is slower than the others' (a speaker's laptop on Wi-Fi): hosts that
     // wait for it are better served by those that already get it.
-    let st = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lan.hosts[0].net.ns,
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            "eth0",
-            "root",
-            "tbf",
-        ])
-        .args(["rate", "50mbit", "burst", "64kbit", "latency", "400ms"])
-        .status()
-        .expect("tc");
-    assert!(st.success());
+    lan.hosts[0].shape_egress("50mbit");
     lan.upstream.stop();
     let up = lan.upstream.url();
     lan.serve_all(&up);

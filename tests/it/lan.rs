@@ -215,23 +215,7 @@ fn peer_dies_mid_transfer_and_another_peer_completes_it() {
     let mut lan = NixLan::new(&[&[&f.rand], &[], &[]]);
     // Host 1's link is slow, so its 8 MiB of random bytes (which zstd cannot shrink) take
     // about four seconds.
-    let st = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lan.hosts[0].net.ns,
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            "eth0",
-            "root",
-            "tbf",
-        ])
-        .args(["rate", "16mbit", "burst", "32kbit", "latency", "400ms"])
-        .status()
-        .expect("tc");
-    assert!(st.success());
+    lan.hosts[0].shape_egress("16mbit");
     lan.serve_all("none");
     lan.wait_peers(2, &[0, 1], Duration::from_secs(5)).expect("peers");
     let big = f.rand.clone();
