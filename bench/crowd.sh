@@ -23,21 +23,14 @@ dpkg -s nix-bin >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=nonin
 SCENARIOS=${BENCH_CROWD_SCENARIOS:-12 24+24 40 40up}
 cargo test --release --locked -q --test it --no-run 2>/dev/null
 out=$(mktemp -d)
-# One kernel plays every host: its neighbour tables are capped at 1,024 entries by default, and N
-# hosts in N namespaces need about N² of them (every proxy talks to every store server). Past the
-# cap the kernel drops unicast and multicast alike ("neighbor table overflow"): at 50 hosts,
-# beacons went missing and peers kept expiring. Raised for the run, restored (as hall-serve.sh).
-saved=$(sysctl -n net.ipv4.neigh.default.gc_thresh2 net.ipv4.neigh.default.gc_thresh3 \
-    net.ipv6.neigh.default.gc_thresh2 net.ipv6.neigh.default.gc_thresh3 | tr '\n' ' ')
+# Neighbour-table caps raised for the run and restored (bench/neigh.sh says why).
+. bench/neigh.sh
 restore() {
-    read -r a b c d <<<"$saved"
-    sysctl -qw net.ipv4.neigh.default.gc_thresh2="$a" net.ipv4.neigh.default.gc_thresh3="$b" \
-        net.ipv6.neigh.default.gc_thresh2="$c" net.ipv6.neigh.default.gc_thresh3="$d"
+    neigh_restore
     rm -rf "$out"
 }
 trap restore EXIT
-sysctl -qw net.ipv4.neigh.default.gc_thresh2=32768 net.ipv4.neigh.default.gc_thresh3=65536 \
-    net.ipv6.neigh.default.gc_thresh2=32768 net.ipv6.neigh.default.gc_thresh3=65536
+neigh_raise
 for s in $SCENARIOS; do
     n=${s%%[@+u]*}
     mib=64

@@ -23,21 +23,14 @@ SIZES=${BENCH_HALL_SIZES:-100 300}
 export HALL_PER_NS=${BENCH_HALL_PER_NS:-4}
 cargo test --release --locked -q --test it --no-run 2>/dev/null
 out=$(mktemp -d)
-# One kernel plays every host: its ARP and neighbour tables are shared by all namespaces, capped
-# at 1,024 entries by default, and a hall of N hosts in K namespaces needs about K² of them (every
-# proxy talks to every store server). Past the cap the kernel drops unicast and multicast alike
-# ("neighbor table overflow"): the hall of 300 collapsed that way. Raised for the run, restored.
-saved=$(sysctl -n net.ipv4.neigh.default.gc_thresh2 net.ipv4.neigh.default.gc_thresh3 \
-    net.ipv6.neigh.default.gc_thresh2 net.ipv6.neigh.default.gc_thresh3 | tr '\n' ' ')
+# Neighbour-table caps raised for the run and restored (bench/neigh.sh says why).
+. bench/neigh.sh
 restore() {
-    read -r a b c d <<<"$saved"
-    sysctl -qw net.ipv4.neigh.default.gc_thresh2="$a" net.ipv4.neigh.default.gc_thresh3="$b" \
-        net.ipv6.neigh.default.gc_thresh2="$c" net.ipv6.neigh.default.gc_thresh3="$d"
+    neigh_restore
     rm -rf "$out"
 }
 trap restore EXIT
-sysctl -qw net.ipv4.neigh.default.gc_thresh2=32768 net.ipv4.neigh.default.gc_thresh3=65536 \
-    net.ipv6.neigh.default.gc_thresh2=32768 net.ipv6.neigh.default.gc_thresh3=65536
+neigh_raise
 # mix N: once the hall of N hosts is steady (its tables are full), what its beacon traffic is made
 # of: 20 s of every beacon datagram on the hall's bridge, decoded by bench/beacon-mix.py (periodic
 # announces, other announces, queries, goodbyes; the intervals announced and the hall size they
