@@ -7,17 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::netns::in_netns;
 use crate::common::nixlan::NixLan;
-use crate::common::{fixture, forge, run, wait_for, wait_until};
+use crate::common::{fixture, forge, ok, run, wait_for, wait_until};
 use local_nix_cache::beacon::wire::NodeId;
-
-fn ok(what: &str, out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[test]
 fn discovery_hosts_see_each_other_within_a_second_and_a_stopped_host_leaves() {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::netns::{detach, ip_in, sysctl_in, Lan, TestBeacon};
 use crate::common::nixlan::{NixHost, NixLan};
-use crate::common::{fixture, wait_for};
+use crate::common::{fixture, ok, wait_for};
 use local_nix_cache::beacon::BeaconConfig;
 
 /// `serve` on every interface, as installed (1 s announces, so the tests stay short).
@@ -19,15 +19,6 @@ const EVERY_INTERFACE: &[&str] = &["--listen", "0.0.0.0:8380", "--announce-inter
 const EVERY_INTERFACE_RARELY: &[&str] = &["--listen", "0.0.0.0:8380", "--announce-interval", "30s"];
 /// The holder's path is realised by a peer within this long of the change that made it reachable.
 const REACH_LIMIT: Duration = Duration::from_secs(15);
-
-fn ok(what: &str, out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The state `host`'s status report gives interface `name` ("joined", "waiting", "left").
 fn iface_state(host: &NixHost, name: &str) -> Option<String> {

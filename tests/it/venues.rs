@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use crate::common::netns::{detach, stateful_firewall, Lan, Router};
-use crate::common::nixlan::NixLan;
-use crate::common::{fixture, hash_of, signed_paths, wait_until};
+use crate::common::nixlan::{NixLan, DEFAULT_SERVE_ARGS};
+use crate::common::{fixture, hash_of, ok, signed_paths, wait_until};
 
 /// Paths only the holder holds that the newcomer looks up (narinfo through its proxy) for the
 /// found rate, besides realising the fixture's closure.
@@ -19,18 +19,9 @@ fn holding<'a>(first: &[&'a str], many: &'a [String]) -> Vec<&'a str> {
     first.iter().copied().chain(many.iter().map(String::as_str)).collect()
 }
 
-/// `serve`'s flags for a venue host (as nixlan's defaults) plus its seeds.
+/// `serve`'s flags for a venue host (nixlan's defaults) plus its seeds.
 fn args_with_seeds(seeds: &[String]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "--listen",
-        "0.0.0.0:8380",
-        "--interface",
-        "eth0",
-        "--announce-interval",
-        "1s",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut v: Vec<String> = DEFAULT_SERVE_ARGS.iter().map(|a| a.to_string()).collect();
     for s in seeds {
         v.push("--peer".into());
         v.push(s.clone());
@@ -43,15 +34,6 @@ fn start_seeded(lan: &mut NixLan, i: usize, seeds: &[String]) {
     let args = args_with_seeds(seeds);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     lan.hosts[i].start_serve_args(&up, &args);
-}
-
-fn ok(what: &str, out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Realises the fixture's closure on host `i` (upstream gone: only the holder has it), looks up

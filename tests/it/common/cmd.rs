@@ -18,13 +18,18 @@ pub fn nix(program: &str, home: &Path) -> Command {
 /// Runs a command, panicking with its output if it fails.
 pub fn run(cmd: &mut Command) -> String {
     let out = output(cmd);
+    ok(&format!("{cmd:?}"), &out);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Fails the test, with the command's output, unless `out` (of `what`) succeeded.
+pub fn ok(what: &str, out: &Output) {
     assert!(
         out.status.success(),
-        "{cmd:?} failed: {}\n{}",
+        "{what} failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 pub fn output(cmd: &mut Command) -> Output {

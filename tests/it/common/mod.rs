@@ -16,7 +16,7 @@ pub mod prereq;
 pub mod roots;
 pub mod wait;
 
-pub use cmd::{nix, output, run};
+pub use cmd::{nix, ok, output, run};
 pub use paths::signed_paths;
 pub use wait::{wait_for, wait_until};
 

@@ -31,7 +31,7 @@ pub struct NixHost {
 }
 
 /// `serve`'s flags for a test host, besides store, upstream, key and spool.
-const DEFAULT_SERVE_ARGS: &[&str] = &[
+pub const DEFAULT_SERVE_ARGS: &[&str] = &[
     "--listen",
     "0.0.0.0:8380",
     "--interface",

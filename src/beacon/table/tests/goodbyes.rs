@@ -1,6 +1,21 @@
 //! Tests of the table: goodbyes: secrets, signatures, replays and the signature-check budget.
 use super::*;
 
+/// `id`'s node's datagram of `kind` with sequence number `seq`, bound to its key (a goodbye
+/// signed by it).
+fn datagram_of(id: &identity::Identity, seq: u32, kind: Kind) -> Vec<u8> {
+    let node = id.node();
+    let mut b = encode(&Beacon {
+        kind,
+        seq,
+        ..wire::decode(&claim(node, node.0, 1000)).expect("decode")
+    });
+    if kind == Kind::Goodbye {
+        id.sign_datagram(&mut b);
+    }
+    b
+}
+
 /// A goodbye needs the secret whose commitment the announces carried; a forged one (from the
 /// peer's own address even) is ignored.
 #[tokio::test(start_paused = true)]
@@ -42,17 +57,7 @@ async fn a_signed_goodbye_cannot_be_replayed() {
     let t = PeerTable::new(NodeId([0; 16]));
     let id = identity::Identity::generate();
     let node = id.node();
-    let at = |seq: u32, kind: Kind| {
-        let mut b = encode(&Beacon {
-            kind,
-            seq,
-            ..wire::decode(&claim(node, node.0, 1000)).expect("decode")
-        });
-        if kind == Kind::Goodbye {
-            id.sign_datagram(&mut b);
-        }
-        b
-    };
+    let at = |seq: u32, kind: Kind| datagram_of(&id, seq, kind);
     let h = src(1);
     let now = Instant::now();
     for seq in 1..=3 {
@@ -76,18 +81,9 @@ async fn a_signed_goodbye_cannot_be_replayed() {
 async fn bad_signatures_are_checked_at_a_bounded_rate() {
     let t = PeerTable::new(NodeId([0; 16]));
     let id = identity::Identity::generate();
-    let node = id.node();
-    let at = |seq: u32, kind: Kind| {
-        encode(&Beacon {
-            kind,
-            seq,
-            ..wire::decode(&claim(node, node.0, 1000)).expect("decode")
-        })
-    };
     let mut now = Instant::now();
-    t.handle(src(1), &at(1, Kind::Announce), now);
-    let mut bye = at(2, Kind::Goodbye);
-    id.sign_datagram(&mut bye);
+    t.handle(src(1), &datagram_of(&id, 1, Kind::Announce), now);
+    let bye = datagram_of(&id, 2, Kind::Goodbye);
     let mut bad = bye.clone();
     let n = bad.len();
     bad[n - 1] ^= 1;
@@ -114,17 +110,7 @@ async fn announces_replayed_after_a_goodbye_do_not_bring_the_host_back() {
     let t = PeerTable::new(NodeId([0; 16]));
     let id = identity::Identity::generate();
     let node = id.node();
-    let at = |seq: u32, kind: Kind| {
-        let mut b = encode(&Beacon {
-            kind,
-            seq,
-            ..wire::decode(&claim(node, node.0, 1000)).expect("decode")
-        });
-        if kind == Kind::Goodbye {
-            id.sign_datagram(&mut b);
-        }
-        b
-    };
+    let at = |seq: u32, kind: Kind| datagram_of(&id, seq, kind);
     let h = src(1);
     let mut now = Instant::now();
     let recorded: Vec<Vec<u8>> = (1..=3).map(|seq| at(seq, Kind::Announce)).collect();
