@@ -23,9 +23,9 @@ use crate::http::{self as h, Body};
 use crate::narinfo::{NarHash, StorePathHash};
 use crate::proxy::partial::Partials;
 
-/// Longest wait of an in-flight body for its next bytes (the receiving proxy gives up on a peer
-/// that sends nothing for `proxy::source::PEER_TIMEOUTS.idle`, the same 5 s).
-pub const PARTIAL_IDLE: Duration = Duration::from_secs(5);
+/// Longest wait of an in-flight body for its next bytes: as long as the receiving proxy waits
+/// for a peer that sends nothing (`proxy::source::PEER_TIMEOUTS.idle`, 5 s).
+pub const PARTIAL_IDLE: Duration = crate::proxy::source::PEER_TIMEOUTS.idle;
 
 fn mark(mut r: Response<Body>) -> Response<Body> {
     r.headers_mut().insert(PARTIAL_HEADER, HeaderValue::from_static("1"));
