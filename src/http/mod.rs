@@ -9,13 +9,15 @@
 //! that stalls or reads too slowly.
 //!
 //! Files: `serve` (binding, the accept loop, the drain), `admission` (who holds the connections),
-//! `body` (the body type and the response pieces), `pace`, `tasks` (the tasks feeding streamed
+//! `body` (the body type and the response pieces), `pace`, `raw` (requests a handler serves
+//! itself on the socket before hyper gets the connection), `tasks` (the tasks feeding streamed
 //! bodies), `resources`. None imports this file:
 //! it only re-exports.
 
 mod admission;
 mod body;
 mod pace;
+pub mod raw;
 mod resources;
 mod serve;
 mod tasks;

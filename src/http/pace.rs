@@ -60,6 +60,19 @@ impl Pace {
         chunk: Result<Bytes, io::Error>,
     ) -> Result<(), PaceError> {
         let len = chunk.as_ref().map_or(0, |c| c.len() as u64);
+        match self.within(tx.send(chunk)).await? {
+            Err(_) => Err(PaceError::Gone),
+            Ok(()) => {
+                self.took(len);
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs `step` (a step that moves bytes to the client: a send into its body's channel, a
+    /// wait for its socket to take more) within the deadline: the stall timeout, or the end of
+    /// the current window if that comes first. Count what it moved with [`Self::took`].
+    pub async fn within<T>(&mut self, step: impl std::future::Future<Output = T>) -> Result<T, PaceError> {
         let now = tokio::time::Instant::now();
         let window_end = self.window_start + self.window;
         let (deadline, too_slow) = if now + self.stall <= window_end {
@@ -67,21 +80,22 @@ impl Pace {
         } else {
             (window_end, true)
         };
-        match tokio::time::timeout_at(deadline, tx.send(chunk)).await {
+        match tokio::time::timeout_at(deadline, step).await {
             Err(_) if too_slow => Err(PaceError::TooSlow {
                 bytes: self.window_bytes,
                 window: self.window,
             }),
             Err(_) => Err(PaceError::Stalled(self.stall)),
-            Ok(Err(_)) => Err(PaceError::Gone),
-            Ok(Ok(())) => {
-                self.in_window += len;
-                if self.in_window >= self.window_bytes {
-                    self.window_start = tokio::time::Instant::now();
-                    self.in_window = 0;
-                }
-                Ok(())
-            }
+            Ok(v) => Ok(v),
+        }
+    }
+
+    /// Counts `len` bytes the client took.
+    pub fn took(&mut self, len: u64) {
+        self.in_window += len;
+        if self.in_window >= self.window_bytes {
+            self.window_start = tokio::time::Instant::now();
+            self.in_window = 0;
         }
     }
 }

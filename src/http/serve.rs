@@ -12,11 +12,12 @@ use http::Response;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::admission::{Admission, BusyGuard, ConnLimits, TrackedBody};
+use super::admission::{Admission, BusyGuard, ConnLimits, ConnState, TrackedBody};
 use super::body::Body;
+use super::raw::{self, Rewind};
 
 /// On shutdown, in-flight responses get this long to finish.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,6 +29,27 @@ const BACKLOG: i32 = 1024;
 /// A request handler. `peer` is the client's address.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: http::Request<Incoming>, peer: SocketAddr) -> impl Future<Output = Response<Body>> + Send;
+
+    /// Whether this handler serves some requests itself on the raw connection (`raw`): if not,
+    /// each connection goes straight to hyper.
+    const RAW: bool = false;
+
+    /// Whether to serve `req` (a plain head: `raw::plain_head`) with [`Self::serve_raw`]; at
+    /// the first `false` the connection goes to hyper.
+    fn sure(&self, _req: &http::Request<()>) -> bool {
+        false
+    }
+
+    /// Answers `req` by writing the whole response to `stream` (see `raw::RawOut`); returns
+    /// whether the connection may serve another request.
+    fn serve_raw(
+        &self,
+        _req: http::Request<()>,
+        _peer: SocketAddr,
+        _stream: &tokio::net::TcpStream,
+    ) -> impl Future<Output = Result<bool, super::raw::RawError>> + Send {
+        async { Ok(false) }
+    }
 }
 
 /// Binds a TCP listener. `[::]:PORT` is dual-stack (IPv4 and IPv6) where the host has IPv6,
@@ -105,36 +127,105 @@ pub async fn serve_with<H: Handler>(
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
         let state = slot.state.clone();
-        let svc = service_fn(move |req| {
-            let h = h.clone();
-            let busy = BusyGuard::new(state.clone());
-            async move {
-                let resp = h.handle(req, peer).await;
-                Ok::<_, Infallible>(resp.map(|body| TrackedBody { body, _busy: busy }))
-            }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(admission.limits.header_timeout)
-            .max_buf_size(MAX_READ_BUF)
-            .serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
+        let header_timeout = admission.limits.header_timeout;
+        let watcher = graceful.watcher();
+        let stop = shutdown.clone();
         conns.spawn(async move {
-            tokio::select! {
-                r = conn => if let Err(e) = r {
+            let conn = async {
+                // A handler that serves some requests raw reads the first heads itself.
+                let io = match H::RAW {
+                    false => Rewind::new(bytes::Bytes::new(), stream),
+                    true => match run_raw(&*h, stream, peer, &state, header_timeout, &stop).await {
+                        Outcome::Done => return,
+                        Outcome::Handoff(io) => io,
+                    },
+                };
+                let svc = service_fn(move |req| {
+                    let h = h.clone();
+                    let busy = BusyGuard::new(state.clone());
+                    async move {
+                        let resp = h.handle(req, peer).await;
+                        Ok::<_, Infallible>(resp.map(|body| TrackedBody { body, _busy: busy }))
+                    }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .max_buf_size(MAX_READ_BUF)
+                    .serve_connection(TokioIo::new(io), svc);
+                if let Err(e) = watcher.watch(conn).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
-                },
+                }
+            };
+            tokio::select! {
+                _ = conn => {}
                 _ = slot.state.shed.cancelled() => tracing::debug!(%peer, "idle connection shed for a newcomer"),
             }
             drop(slot);
         });
     }
     drop(listener);
+    // hyper's connections finish their responses and close; raw ones (`raw::run`) close when
+    // idle and after the response they are writing.
+    let drained = async {
+        graceful.shutdown().await;
+        while conns.join_next().await.is_some() {}
+    };
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = drained => {}
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!(?local, "connections still open after the drain timeout"),
     }
     conns.shutdown().await;
+}
+
+/// What became of a connection's raw part.
+enum Outcome {
+    /// Closed (client gone, timeout, `Connection: close`, shutdown, an error).
+    Done,
+    /// A request this module is not sure about: hyper serves the rest, these bytes first.
+    Handoff(raw::Rewind<TcpStream>),
+}
+
+/// Serves `stream`'s requests raw while `handler` is sure about them; see the module doc.
+async fn run_raw<H: Handler>(
+    handler: &H,
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: &std::sync::Arc<ConnState>,
+    header_timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Outcome {
+    let mut buf = bytes::BytesMut::new();
+    let mut stream = stream;
+    loop {
+        let head = tokio::select! {
+            h = tokio::time::timeout(header_timeout, raw::read_head(&mut stream, &mut buf)) => h,
+            // Between requests a raw connection is idle: it closes at once at shutdown.
+            _ = shutdown.cancelled(), if buf.is_empty() => return Outcome::Done,
+        };
+        let (req, len) = match head {
+            Err(_) | Ok(Err(_)) | Ok(Ok(raw::Head::Closed)) => return Outcome::Done,
+            Ok(Ok(raw::Head::Unsure)) => return Outcome::Handoff(raw::Rewind::new(buf.freeze(), stream)),
+            Ok(Ok(raw::Head::Complete(req, len))) => (req, len),
+        };
+        if !handler.sure(&req) {
+            return Outcome::Handoff(raw::Rewind::new(buf.freeze(), stream));
+        }
+        bytes::Buf::advance(&mut buf, len);
+        let close = raw::wants_close(req.headers());
+        let busy = BusyGuard::new(state.clone());
+        let keep = handler.serve_raw(*req, peer, &stream).await;
+        drop(busy);
+        raw::RAW_RESPONSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match keep {
+            Ok(true) if !close && !shutdown.is_cancelled() => {}
+            Ok(_) => return Outcome::Done,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "raw response ended early");
+                return Outcome::Done;
+            }
+        }
+    }
 }
 
 /// Largest buffer of one connection. hyper applies it to both directions: requests (line and

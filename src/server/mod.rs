@@ -19,6 +19,8 @@ pub mod limits;
 pub mod misses;
 pub mod partial;
 pub mod proofs;
+mod raw;
+mod route;
 pub mod source;
 pub mod store_watch;
 mod streams;
@@ -35,7 +37,7 @@ use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache_url::{self, CacheRoute, NarEncoding, RouteError};
+use crate::cache_url::{self, CacheRoute, NarEncoding};
 use crate::http::{self as h, Body};
 use crate::narinfo::{NarHash, StorePathHash, TrustedKeys};
 use crate::store::Store;
@@ -45,6 +47,7 @@ use streams::{NarPart, Streams};
 use transfers::Transfers;
 
 pub use error::ServeError;
+pub use route::{route, Route};
 pub use streams::NAR_CHANNEL_CHUNKS;
 
 /// Priority in `/nix-cache-info`: before cache.nixos.org (40), for clients pointed straight at us.
@@ -56,36 +59,6 @@ const TRIM_CHECK: Duration = Duration::from_secs(2);
 /// after the request arrived, not sooner (the daemon answers sooner for a path it lacks than for
 /// one it holds unsigned). Afterwards misses are answered from the index alone (`misses`).
 pub const MISS_FLOOR_BEFORE_SCAN: Duration = Duration::from_millis(5);
-
-/// What a request to the store server asks for: a binary-cache route, or the one-liner's files.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Route {
-    Cache(CacheRoute),
-    /// The conference one-liner: `curl -fsSL http://PEER:8380/install | sh`.
-    Install,
-    /// This host's own binary, fetched by the install script.
-    InstallBinary,
-    /// The content summary (`?since=VERSION` for a delta), for peers' proxies.
-    Summary,
-    /// This host's own source (`source::TARBALL`), for the NixOS module snippet.
-    InstallSource,
-    /// The peers this host's beacon heard directly (peer exchange, `beacon::pex`).
-    Peers,
-    /// The proof that this server holds its node id at the address asked (`beacon::identity`).
-    Identity,
-}
-
-pub fn route(path: &str) -> Result<Route, RouteError> {
-    match path {
-        "/install" => Ok(Route::Install),
-        "/install/local-nix-cache" => Ok(Route::InstallBinary),
-        "/install/source.tar" => Ok(Route::InstallSource),
-        "/summary" => Ok(Route::Summary),
-        "/peers" => Ok(Route::Peers),
-        "/identity" => Ok(Route::Identity),
-        _ => cache_url::parse(path).map(Route::Cache),
-    }
-}
 
 /// The store server of one host.
 pub struct StoreServer {
@@ -187,7 +160,7 @@ impl StoreServer {
         self
     }
 
-    fn summary(&self, req: &Request<Incoming>) -> Result<Response<Body>, ServeError> {
+    fn summary<B>(&self, req: &Request<B>) -> Result<Response<Body>, ServeError> {
         let p = self.summary.as_ref().ok_or(ServeError::NoSummary)?;
         let since = req
             .uri()
@@ -212,7 +185,7 @@ impl StoreServer {
         Ok(h::ok(Bytes::from(crate::beacon::pex::render(t)), "text/plain"))
     }
 
-    fn identity(&self, req: &Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, ServeError> {
+    fn identity<B>(&self, req: &Request<B>, peer: SocketAddr) -> Result<Response<Body>, ServeError> {
         let id = self.identity.as_ref().ok_or(ServeError::NoIdentity)?;
         if !self.proofs.allow(peer.ip(), tokio::time::Instant::now()) {
             return Err(ServeError::TooManyProofs { peer });
@@ -267,9 +240,9 @@ impl StoreServer {
 
     /// A path's narinfo; a miss that this host's proxy is fetching is answered to a peer's proxy
     /// from the fetch (`partial`).
-    async fn narinfo(
+    async fn narinfo<B: Sync>(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         hash: &StorePathHash,
         arrived: tokio::time::Instant,
     ) -> Result<Response<Body>, ServeError> {
@@ -282,9 +255,9 @@ impl StoreServer {
         }
     }
 
-    async fn nar(
+    async fn nar<B: Sync>(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         peer: SocketAddr,
         hash: &StorePathHash,
         nar_hash: &NarHash,
@@ -372,35 +345,41 @@ impl StoreServer {
         let range_header = if zstd { None } else { req.headers().get(header::RANGE) };
         let range = h::parse_range(range_header, size).map_err(|h::Unsatisfiable| ServeError::Range { size })?;
         let (start, end) = range.map_or((0, size - 1), |r| (r.start, r.end));
-        let body = if req.method() == Method::HEAD {
-            Body::empty()
-        } else {
-            let stream = self.store.nar(&info).await.map_err(|source| ServeError::DaemonNar {
-                path: entry.path.clone(),
-                source,
-            })?;
-            let part = NarPart {
-                path: entry.path.to_string(),
-                size,
-                start,
-                end,
-                zstd,
-            };
-            self.streams.nar_body(stream, part, permit, started)
+        let part = NarPart {
+            path: entry.path.to_string(),
+            size,
+            start,
+            end,
+            zstd,
+        };
+        let (body, disk) = match raw::on_disk(req, &self.store, &info, zstd) {
+            _ if req.method() == Method::HEAD => (Body::empty(), None),
+            Some(p) => (
+                Body::empty(),
+                Some(raw::DiskNar::new(p, info.clone(), part, permit, started)),
+            ),
+            None => {
+                let stream = self.store.nar(&info).await.map_err(|source| ServeError::DaemonNar {
+                    path: entry.path.clone(),
+                    source,
+                })?;
+                (self.streams.nar_body(stream, part, permit, started), None)
+            }
         };
         if zstd {
             // Length unknown until compressed: chunked, and no ranges.
             return Ok(h::ok(body, "application/zstd"));
         }
-        Ok(h::nar_response(body, size, start, end, range.is_some()))
+        Ok(raw::with_disk(
+            h::nar_response(body, size, start, end, range.is_some()),
+            disk,
+        ))
     }
-}
 
-impl StoreServer {
     /// Answers one GET or HEAD request (errors still to be turned into responses).
-    async fn respond(
+    async fn respond<B: Sync>(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         peer: SocketAddr,
         head: bool,
         arrived: tokio::time::Instant,
@@ -424,10 +403,10 @@ impl StoreServer {
             }
         }
     }
-}
 
-impl h::Handler for StoreServer {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    /// The response to `req`, the same whether hyper or `raw` sends it; for a request served
+    /// raw (`h::raw::Raw`), a NAR read from disk comes as a `raw::DiskNar` in its extensions.
+    async fn answer<B: Sync>(&self, req: &Request<B>, peer: SocketAddr) -> Response<Body> {
         // One request per turn of the runtime: a connection with pipelined requests queued
         // (a flood) would otherwise answer up to tokio's budget of them before another
         // connection's request is looked at.
@@ -438,7 +417,7 @@ impl h::Handler for StoreServer {
             return ServeError::Method.into_response();
         };
         let mut resp = self
-            .respond(&req, peer, head, arrived)
+            .respond(req, peer, head, arrived)
             .await
             .unwrap_or_else(ServeError::into_response);
         if head {
@@ -459,7 +438,29 @@ impl h::Handler for StoreServer {
     }
 }
 
-/// A running store server: the bound addresses and the task handles.
+impl h::Handler for StoreServer {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        self.answer(&req, peer).await
+    }
+
+    const RAW: bool = true;
+
+    fn sure(&self, req: &Request<()>) -> bool {
+        raw::sure(req)
+    }
+
+    async fn serve_raw(
+        &self,
+        req: Request<()>,
+        peer: SocketAddr,
+        stream: &tokio::net::TcpStream,
+    ) -> Result<bool, h::raw::RawError> {
+        let mut out = h::raw::RawOut::new(stream, self.streams.pace(), &req);
+        let resp = self.answer(&req, peer).await;
+        raw::send(resp, req.method() == Method::HEAD, &mut out, &self.store, &self.streams).await
+    }
+}
+
 /// The store server's bound addresses and the tasks to run, by name (the node owns them).
 pub struct Running {
     pub addrs: Vec<SocketAddr>,

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Request, Response};
-use hyper::body::Incoming;
 
 use super::error::ServeError;
 use super::streams::Streams;
@@ -42,10 +41,10 @@ pub fn narinfo(partials: Option<&Partials>, proxy: bool, hash: &StorePathHash) -
 }
 
 /// The bytes so far of the NAR `nar_hash` of a path being fetched here, for a peer's proxy.
-pub async fn nar(
+pub async fn nar<B: Sync>(
     partials: Option<&Partials>,
     streams: &Streams,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     peer: SocketAddr,
     hash: &StorePathHash,
     nar_hash: &NarHash,

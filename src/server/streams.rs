@@ -34,6 +34,7 @@ pub struct Streams {
 }
 
 /// Which bytes of which NAR a body carries.
+#[derive(Clone)]
 pub struct NarPart {
     /// For the log.
     pub path: String,

@@ -1,6 +1,7 @@
 //! Tests of the store server's routing and busy hints.
 
 use super::*;
+use crate::cache_url::RouteError;
 
 /// Issue #24: a busy answer names the hosts (node ids of the beacon's table) streaming the
 /// NAR from the addresses the refusal lists, IPv4-mapped or not; other refusals name none.

@@ -41,6 +41,54 @@ pub enum DumpError {
     /// The receiver went away; not a failure of the dump.
     #[error("consumer stopped")]
     Stopped,
+    /// A [`plan`] would hold more than [`MAX_PLAN_BYTES`]: stream the dump instead.
+    #[error("the NAR's plan would exceed {MAX_PLAN_BYTES} bytes")]
+    PlanTooLarge,
+}
+
+/// Memory a [`plan`] may hold (its framing, and the path of each regular file): a NAR of a path
+/// with more files than fit (about 5,000 with short names) is streamed by [`dump`] instead.
+pub const MAX_PLAN_BYTES: usize = 1024 * 1024;
+
+/// One piece of a NAR [`plan`], in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// NAR framing (strings, sizes, padding), coalesced between files.
+    Bytes(Bytes),
+    /// The first `len` bytes of the regular file at `path` (its size when planned).
+    File { path: std::path::PathBuf, len: u64 },
+}
+
+impl Piece {
+    pub fn len(&self) -> u64 {
+        match self {
+            Piece::Bytes(b) => b.len() as u64,
+            Piece::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The NAR of a path as framing and references to its files' contents, for a sender that copies
+/// the contents from file to socket in the kernel (`sendfile`). A file that shrinks before it is
+/// sent is the sender's error to report, as [`DumpError::Changed`] is the dump's.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub pieces: Vec<Piece>,
+}
+
+impl Plan {
+    /// The NAR's size.
+    pub fn len(&self) -> u64 {
+        self.pieces.iter().map(Piece::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
 }
 
 /// The buffer being filled, and those whose chunks may still be held by the consumer.
@@ -84,6 +132,9 @@ impl Bufs {
 struct Writer<F: FnMut(Bytes) -> bool> {
     bufs: Bufs,
     emit: F,
+    /// Planning ([`plan`]): framing and files are collected here instead of emitted and read,
+    /// with the bytes held so far.
+    plan: Option<(Plan, usize)>,
 }
 
 impl<F: FnMut(Bytes) -> bool> Writer<F> {
@@ -91,12 +142,25 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
         Self {
             bufs: Bufs::new(),
             emit,
+            plan: None,
         }
     }
 
     fn flush(&mut self) -> Result<(), DumpError> {
         if self.bufs.cur.is_empty() {
             return Ok(());
+        }
+        if let Some((plan, held)) = &mut self.plan {
+            // A copy: a plan holds many small pieces, each must not pin a whole buffer.
+            let piece = Bytes::copy_from_slice(&self.bufs.cur);
+            self.bufs.cur.clear();
+            *held += piece.len();
+            plan.pieces.push(Piece::Bytes(piece));
+            return if *held > MAX_PLAN_BYTES {
+                Err(DumpError::PlanTooLarge)
+            } else {
+                Ok(())
+            };
         }
         let chunk = self.bufs.cut();
         if (self.emit)(chunk) {
@@ -156,6 +220,20 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
         self.pad(len)
     }
 
+    /// Plans a regular file: its size, then its contents as a [`Piece::File`], then padding.
+    fn plan_file(&mut self, path: &Path, len: u64) -> Result<(), DumpError> {
+        self.put(&len.to_le_bytes())?;
+        self.flush()?;
+        if let Some((plan, held)) = &mut self.plan {
+            *held += path.as_os_str().len() + std::mem::size_of::<Piece>();
+            plan.pieces.push(Piece::File {
+                path: path.to_path_buf(),
+                len,
+            });
+        }
+        self.pad(len)
+    }
+
     fn node(&mut self, path: &Path) -> Result<(), DumpError> {
         let io_err = |source| DumpError::Io {
             path: path.display().to_string(),
@@ -172,8 +250,12 @@ impl<F: FnMut(Bytes) -> bool> Writer<F> {
                 self.string(b"")?;
             }
             self.string(b"contents")?;
-            let file = File::open(path).map_err(io_err)?;
-            self.contents(path, file, meta.len())?;
+            if self.plan.is_some() {
+                self.plan_file(path, meta.len())?;
+            } else {
+                let file = File::open(path).map_err(io_err)?;
+                self.contents(path, file, meta.len())?;
+            }
         } else if ft.is_symlink() {
             self.string(b"symlink")?;
             self.string(b"target")?;
@@ -210,6 +292,17 @@ pub fn dump(path: &Path, emit: impl FnMut(Bytes) -> bool) -> Result<(), DumpErro
     w.string(b"nix-archive-1")?;
     w.node(path)?;
     w.flush()
+}
+
+/// Plans the NAR of `path` (see [`Plan`]): the same bytes as [`dump`], the files' contents by
+/// reference. Fails with [`DumpError::PlanTooLarge`] past [`MAX_PLAN_BYTES`].
+pub fn plan(path: &Path) -> Result<Plan, DumpError> {
+    let mut w = Writer::new(|_| true);
+    w.plan = Some((Plan::default(), 0));
+    w.string(b"nix-archive-1")?;
+    w.node(path)?;
+    w.flush()?;
+    Ok(w.plan.take().map(|(p, _)| p).unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -323,6 +416,43 @@ mod tests {
                 data.len() / CHUNK
             );
         }
+    }
+
+    /// A plan, its files read in, is the dump byte for byte (issue #27: the store server sends
+    /// the files with `sendfile`); a path with more files than [`MAX_PLAN_BYTES`] allows is
+    /// refused, to be streamed instead.
+    #[test]
+    fn a_plan_expands_to_the_dump_and_is_bounded() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("out");
+        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+        std::fs::write(root.join("bin/tool"), b"#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(root.join("bin/tool"), std::fs::Permissions::from_mode(0o555)).expect("chmod");
+        std::fs::write(root.join("big"), vec![3u8; 3 * CHUNK + 5]).expect("write");
+        std::fs::write(root.join("empty"), b"").expect("write");
+        std::os::unix::fs::symlink("bin/tool", root.join("link")).expect("symlink");
+        for p in [root.clone(), root.join("big"), root.join("link")] {
+            let want = dump_all(&p);
+            let plan = plan(&p).expect("plan");
+            let mut got = Vec::new();
+            for piece in &plan.pieces {
+                match piece {
+                    Piece::Bytes(b) => got.extend_from_slice(b),
+                    Piece::File { path, len } => {
+                        let data = std::fs::read(path).expect("read");
+                        got.extend_from_slice(&data[..*len as usize]);
+                    }
+                }
+            }
+            assert_eq!(plan.len(), want.len() as u64, "{}", p.display());
+            assert!(got == want, "{}: the plan differs from the dump", p.display());
+        }
+        let many = d.path().join("many");
+        std::fs::create_dir(&many).expect("mkdir");
+        for i in 0..MAX_PLAN_BYTES / 100 {
+            std::fs::write(many.join(format!("f{i:05}")), b"x").expect("write");
+        }
+        assert!(matches!(plan(&many), Err(DumpError::PlanTooLarge)));
     }
 
     #[test]

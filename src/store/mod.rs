@@ -197,11 +197,8 @@ impl Store {
     /// NarFromPath itself does not check validity. Read from disk when the physical store
     /// directory is known and holds the path, else through the daemon.
     pub async fn nar(&self, info: &PathInfo) -> Result<NarStream, Error> {
-        if let Some(real) = &self.real_store_dir {
-            let physical = real.join(info.path.basename());
-            if std::fs::symlink_metadata(&physical).is_ok() {
-                return Ok(self.nar_from_disk(info, physical));
-            }
+        if let Some(physical) = self.on_disk(info) {
+            return Ok(self.nar_from_disk(info, physical));
         }
         let path = info.path.to_string();
         let stream_permit = tokio::time::timeout(pool::POOL_WAIT, self.nar_streams.clone().acquire_owned())
@@ -232,6 +229,13 @@ impl Store {
                 Err(_) => return Err(Error::Timeout("starting a NAR")),
             }
         }
+    }
+
+    /// Where `info.path` is in the physical store directory, when it is known and holds the path:
+    /// its NAR is then read from there ([`dump`]). The caller got `info` from [`Self::path_info`].
+    pub fn on_disk(&self, info: &PathInfo) -> Option<PathBuf> {
+        let physical = self.real_store_dir.as_ref()?.join(info.path.basename());
+        std::fs::symlink_metadata(&physical).is_ok().then_some(physical)
     }
 
     fn nar_from_disk(&self, info: &PathInfo, physical: PathBuf) -> NarStream {

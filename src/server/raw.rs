@@ -1,0 +1,176 @@
+//! The store server's raw path (issue #27): a plain NAR request on a connection that started
+//! with one is answered on the socket itself (`http::raw`), and a NAR read from the physical
+//! store directory is sent as its framing plus each file's contents with `sendfile(2)`, kernel to
+//! socket, instead of two copies through user space and three task wake-ups per chunk.
+//!
+//! Only the writing of the body differs from the hyper path: the response (route, index lookup,
+//! validity check, transfer slot, busy answer, headers) is `StoreServer::answer`'s, the same for
+//! both. Invariants: the transfer slot is held until the last byte is written; a NAR whose files
+//! changed since the daemon vouched for it (a size that differs, a file that shrank) is cut
+//! short, never completed with other bytes; writing keeps the client's pace.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Method, Request, Response};
+
+use super::streams::{NarPart, Streams};
+use super::transfers::Permit;
+use crate::cache_url::{self, CacheRoute, NarEncoding};
+use crate::http::raw::{write_response, RawError, RawOut};
+use crate::http::{self as h, Body};
+use crate::store::dump::{self, DumpError, Piece, Plan};
+use crate::store::{PathInfo, Store};
+
+/// A plain NAR (`cache_url`'s route): the request the raw path exists for. Everything else goes
+/// to hyper.
+pub(super) fn sure(req: &Request<()>) -> bool {
+    matches!(
+        cache_url::parse(req.uri().path()),
+        Ok(CacheRoute::Nar {
+            encoding: NarEncoding::Plain,
+            ..
+        })
+    )
+}
+
+/// Writes `resp` to a raw connection: a [`DiskNar`] it carries with `sendfile`, any other body
+/// as its frames come. Returns whether the connection may serve another request.
+pub(super) async fn send(
+    mut resp: Response<Body>,
+    head: bool,
+    out: &mut RawOut<'_>,
+    store: &Store,
+    streams: &Streams,
+) -> Result<bool, RawError> {
+    match resp.extensions_mut().remove::<DiskNar>() {
+        None => write_response(out, resp, head).await,
+        Some(disk) => disk.send(store, streams, resp, out).await,
+    }
+}
+
+/// A NAR to send from the physical store directory, as `StoreServer::nar` decided for a request
+/// served raw: it rides in the response's extensions (hence `Clone`; it is never cloned).
+#[derive(Clone)]
+pub(super) struct DiskNar {
+    physical: PathBuf,
+    info: PathInfo,
+    part: NarPart,
+    /// The transfer slot, held until the body is written.
+    permit: Option<Arc<Permit>>,
+    started: Instant,
+}
+
+/// Where the NAR of `info` is on disk, when `req` is served raw and is a GET of it plain: then the
+/// response carries a [`DiskNar`] for [`h::Handler::serve_raw`] instead of a body.
+pub(super) fn on_disk<B>(
+    req: &Request<B>,
+    store: &crate::store::Store,
+    info: &PathInfo,
+    zstd: bool,
+) -> Option<PathBuf> {
+    let raw = req.extensions().get::<h::raw::Raw>().is_some();
+    (raw && !zstd && req.method() == Method::GET).then(|| store.on_disk(info))?
+}
+
+/// `resp`, carrying `disk` (for `StoreServer::nar`).
+pub(super) fn with_disk(mut resp: Response<Body>, disk: Option<DiskNar>) -> Response<Body> {
+    if let Some(d) = disk {
+        resp.extensions_mut().insert(d);
+    }
+    resp
+}
+
+impl DiskNar {
+    pub(super) fn new(
+        physical: PathBuf,
+        info: PathInfo,
+        part: NarPart,
+        permit: Option<Arc<Permit>>,
+        started: Instant,
+    ) -> Self {
+        Self {
+            physical,
+            info,
+            part,
+            permit,
+            started,
+        }
+    }
+
+    /// Writes `resp`'s head and bytes `start..=end` of the NAR. A path with too many files to
+    /// plan (`dump::MAX_PLAN_BYTES`) is streamed by the dump, the hyper path's body.
+    async fn send(
+        self,
+        store: &Store,
+        streams: &Streams,
+        mut resp: Response<Body>,
+        out: &mut RawOut<'_>,
+    ) -> Result<bool, RawError> {
+        let physical = self.physical.clone();
+        let path = self.part.path.clone();
+        let plan = match tokio::task::spawn_blocking(move || dump::plan(&physical)).await {
+            Ok(Ok(plan)) if plan.len() == self.part.size => plan,
+            Ok(Err(DumpError::PlanTooLarge)) => {
+                let stream = store.nar(&self.info).await.map_err(|e| {
+                    tracing::warn!(%path, error = %e, "NAR transfer aborted");
+                    RawError::Source(std::io::Error::other(e))
+                })?;
+                *resp.body_mut() = streams.nar_body(stream, self.part, self.permit, self.started);
+                return write_response(out, resp, false).await;
+            }
+            r => {
+                let e = match r {
+                    Ok(Ok(plan)) => {
+                        std::io::Error::other(format!("{} bytes on disk, {} vouched for", plan.len(), self.part.size))
+                    }
+                    Ok(Err(e)) => std::io::Error::other(e),
+                    Err(e) => std::io::Error::other(e),
+                };
+                tracing::warn!(%path, error = %e, "NAR transfer aborted");
+                return Err(RawError::Source(e));
+            }
+        };
+        let (parts, _) = resp.into_parts();
+        let keep = out.write_head(&parts).await?;
+        let r = send_plan(&plan, self.part.start, self.part.end, out).await;
+        out.cork(false);
+        let ms = self.started.elapsed().as_millis() as u64;
+        match r {
+            Ok(()) => tracing::info!(%path, bytes = out.sent, ms, raw = true, "NAR served"),
+            Err(ref e) => tracing::warn!(%path, ms, error = %e, raw = true, "NAR transfer aborted"),
+        }
+        r.map(|()| keep)
+    }
+}
+
+/// Writes bytes `start..=end` of the NAR `plan`: framing from memory, contents with `sendfile`.
+async fn send_plan(plan: &Plan, start: u64, end: u64, out: &mut RawOut<'_>) -> Result<(), RawError> {
+    let mut pos = 0u64;
+    for piece in &plan.pieces {
+        let (p_start, p_end) = (pos, pos + piece.len());
+        pos = p_end;
+        if p_end <= start || piece.is_empty() {
+            continue;
+        }
+        if p_start > end {
+            break;
+        }
+        let from = start.saturating_sub(p_start);
+        let to = (end + 1).min(p_end) - p_start;
+        match piece {
+            Piece::Bytes(b) => out.write_all(&b[from as usize..to as usize], true).await?,
+            Piece::File { path, len } => {
+                let file = std::fs::File::open(path).map_err(RawError::Source)?;
+                let now = file.metadata().map_err(RawError::Source)?.len();
+                if now < *len {
+                    let e = DumpError::Changed(path.display().to_string());
+                    return Err(RawError::Source(std::io::Error::other(e)));
+                }
+                out.sendfile(&file, from, to - from).await?;
+            }
+        }
+    }
+    Ok(())
+}
