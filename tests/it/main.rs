@@ -20,5 +20,6 @@ mod proxy_nix;
 mod roaming;
 mod static_binary;
 mod status_page;
+mod store_raw;
 mod store_server;
 mod venues;

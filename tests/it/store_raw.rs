@@ -1,0 +1,249 @@
+//! The store server's raw path (issue #27): a connection that starts with a plain NAR request is
+//! served on the socket (NARs from disk with `sendfile`) until a request it is not sure about,
+//! when hyper takes the connection over. Its answers are the hyper path's, byte for byte, apart
+//! from `Date`; `http::raw::RAW_RESPONSES` shows the raw path answered.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::common::*;
+use local_nix_cache::http::raw::RAW_RESPONSES;
+
+/// A kept-alive connection that sends requests and reads answers one by one.
+struct Conn {
+    r: BufReader<TcpStream>,
+}
+
+impl Conn {
+    fn open(addr: SocketAddr) -> Self {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        Self { r: BufReader::new(s) }
+    }
+
+    fn send(&mut self, raw: &str) {
+        self.r.get_mut().write_all(raw.as_bytes()).expect("send");
+    }
+
+    fn ask(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> Resp {
+        self.send(&head(method, path, headers));
+        self.read(method == "HEAD")
+    }
+
+    /// One answer (every answer here carries its `Content-Length`).
+    fn read(&mut self, head: bool) -> Resp {
+        let mut line = String::new();
+        self.r.read_line(&mut line).expect("status line");
+        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+        let mut headers = Vec::new();
+        loop {
+            let mut l = String::new();
+            self.r.read_line(&mut l).expect("header");
+            let l = l.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let (k, v) = l.split_once(':').expect("header line");
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+        let mut resp = Resp {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        let len: usize = resp
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .expect("length");
+        if !head {
+            resp.body = vec![0; len];
+            self.r.read_exact(&mut resp.body).expect("body");
+        }
+        resp
+    }
+}
+
+fn head(method: &str, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut s = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
+    for (k, v) in headers {
+        s.push_str(&format!("{k}: {v}\r\n"));
+    }
+    s + "\r\n"
+}
+
+/// Headers that must agree between the two paths (all but `date` and `connection`).
+fn comparable(r: &Resp) -> Vec<(String, String)> {
+    let mut h: Vec<_> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k != "date" && k != "connection")
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    h.sort();
+    h
+}
+
+fn nar_url(node: &TestNode, path: &str) -> String {
+    let r = get(node.addr, &format!("/{}.narinfo", hash_of(path)));
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body).expect("utf8");
+    text.lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .map(|u| format!("/{u}"))
+        .expect("URL")
+}
+
+fn disk_node(host: &Host, stall: Option<Duration>) -> TestNode {
+    let mut args = serve_args(host.store_addr());
+    args.store.real_store_dir = Some(host.physical_store().into());
+    if let Some(s) = stall {
+        args.server.client_stall_timeout = s;
+    }
+    TestNode::start(args)
+}
+
+/// Full NARs, ranges (first byte, middle, last, past the end), HEAD, keep-alive, pipelining and
+/// the handoff to hyper: the raw answers equal hyper's, and the raw path answered them.
+#[test]
+fn raw_answers_equal_hypers_and_hand_over_to_it() {
+    require!(nix, netns);
+    let f = fixture();
+    let host = Host::with_paths(&[&f.big, &f.top]);
+    let node = disk_node(&host, None);
+    let url = nar_url(&node, &f.big);
+    let want = host.dump(&f.big);
+    let n = want.len() as u64;
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("GET", vec![]),
+        ("HEAD", vec![]),
+        ("GET", vec![("Range", "bytes=0-0".into())]),
+        (
+            "GET",
+            vec![("Range", format!("bytes={}-{}", n / 2 - 7, n / 2 + 100_000))],
+        ),
+        ("GET", vec![("Range", "bytes=-1".into())]),
+        ("GET", vec![("Range", format!("bytes={n}-"))]),
+    ];
+    let before = RAW_RESPONSES.load(Ordering::Relaxed);
+    // One connection served raw throughout (keep-alive), one handed to hyper by a narinfo first.
+    let mut raw = Conn::open(node.addr);
+    let mut hyper = Conn::open(node.addr);
+    let info = hyper.ask("GET", &format!("/{}.narinfo", hash_of(&f.big)), &[]);
+    assert_eq!(info.status, 200);
+    for (method, hs) in &cases {
+        let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let a = raw.ask(method, &url, &hs);
+        let b = hyper.ask(method, &url, &hs);
+        assert_eq!(
+            (a.status, comparable(&a)),
+            (b.status, comparable(&b)),
+            "{method} {hs:?}"
+        );
+        assert!(a.body == b.body, "{method} {hs:?}: the bodies differ");
+    }
+    assert!(
+        RAW_RESPONSES.load(Ordering::Relaxed) >= before + cases.len() as u64,
+        "the raw path did not answer"
+    );
+    // What it sent is the NAR: whole, and the ranges.
+    let full = raw.ask("GET", &url, &[]);
+    assert!(full.body == want, "the raw NAR differs from nix-store --dump");
+    let mid = raw.ask("GET", &url, &[("Range", "bytes=10-4000")]);
+    assert_eq!(mid.status, 206);
+    assert!(mid.body == want[10..=4000]);
+    // Every NAR of a tree (directories, an executable, a symlink), from disk.
+    for p in &f.closure {
+        let u = nar_url(&node, p);
+        assert!(raw.ask("GET", &u, &[]).body == host.dump(p), "NAR of {p}");
+    }
+    // The same connection, now a narinfo: hyper answers it, and what follows.
+    let info_raw = raw.ask("GET", &format!("/{}.narinfo", hash_of(&f.top)), &[]);
+    assert_eq!(info_raw.status, 200);
+    assert!(raw.ask("GET", &url, &[("Range", "bytes=0-99")]).body == want[..100]);
+    // A pipelined pair in one write: a NAR range (raw), then a narinfo (handed over).
+    let mut pipe = Conn::open(node.addr);
+    let top_url = nar_url(&node, &f.top);
+    pipe.send(&(head("GET", &top_url, &[]) + &head("GET", &format!("/{}.narinfo", hash_of(&f.top)), &[])));
+    assert!(pipe.read(false).body == host.dump(&f.top));
+    let second = pipe.read(false);
+    assert_eq!(second.status, 200);
+    assert!(String::from_utf8_lossy(&second.body).contains("StorePath: "));
+    // A head over the raw cap goes to hyper, which answers it the same.
+    let pad = "x".repeat(local_nix_cache::http::raw::MAX_RAW_HEAD);
+    let long = request(node.addr, "GET", &top_url, &[("X-Pad", &pad)]);
+    assert_eq!(long.status, 200);
+    assert!(long.body == host.dump(&f.top));
+    // `Connection: close` is honoured: the answer, then the end of the connection.
+    let mut c = Conn::open(node.addr);
+    let r = c.ask("GET", &top_url, &[("Connection", "close")]);
+    assert_eq!(r.header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    assert_eq!(c.r.read_to_end(&mut rest).expect("closed"), 0);
+}
+
+/// A raw client that takes nothing is cut off after the stall timeout (1 s here) and its transfer
+/// slot freed, though it never read (reading what was sent before the cut would not tell: a
+/// 4 KiB receive window on loopback crawls on the sender's window probes).
+#[test]
+fn raw_slow_reader_is_cut_off_by_the_pace() {
+    require!(nix, netns);
+    let f = fixture();
+    let host = Host::with_paths(&[&f.big]);
+    let node = disk_node(&host, Some(Duration::from_secs(1)));
+    let url = nar_url(&node, &f.big);
+    let s = TcpStream::connect(node.addr).expect("connect");
+    let _ = socket2::SockRef::from(&s).set_recv_buffer_size(4096);
+    let mut c = Conn { r: BufReader::new(s) };
+    c.send(&head("GET", &url, &[]));
+    // Its transfer runs (the load every answer carries), then ends though it never read.
+    let streaming = |n: &str| {
+        let r = get(node.addr, &format!("/{}.narinfo", hash_of(&f.big)));
+        r.header(local_nix_cache::cache_url::LOAD_HEADER)
+            .is_some_and(|l| l.starts_with(&format!("{n} ")))
+    };
+    let wait = |what, n| {
+        wait_until(what, Duration::from_secs(20), Duration::from_millis(20), || {
+            streaming(n)
+        })
+    };
+    wait("the transfer to start", "1");
+    wait("the stalled transfer to be cut off", "0");
+    drop(c);
+}
+
+/// When the NAR's shares are taken, a proxy's raw request gets the busy answer (503,
+/// `Retry-After`), the same code path as through hyper.
+#[test]
+fn raw_busy_answer_when_the_nar_is_shared_out() {
+    require!(nix, netns);
+    let f = fixture();
+    let host = Host::with_paths(&[&f.big]);
+    let node = disk_node(&host, None);
+    let url = nar_url(&node, &f.big);
+    let busy = [(local_nix_cache::cache_url::BUSY_OK_HEADER, "1")];
+    // Two proxies stream the 32 MiB NAR and read nothing: its two shares are taken.
+    let holders: Vec<Conn> = (0..2)
+        .map(|_| {
+            let s = TcpStream::connect(node.addr).expect("connect");
+            let _ = socket2::SockRef::from(&s).set_recv_buffer_size(4096);
+            let mut c = Conn { r: BufReader::new(s) };
+            c.send(&head("GET", &url, &busy));
+            let mut line = String::new();
+            c.r.read_line(&mut line).expect("status");
+            assert!(line.contains(" 200 "), "{line}");
+            c
+        })
+        .collect();
+    let before = RAW_RESPONSES.load(Ordering::Relaxed);
+    let mut c = Conn::open(node.addr);
+    let r = c.ask("GET", &url, &busy);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.header("retry-after").is_some(), "{r:?}");
+    assert!(
+        RAW_RESPONSES.load(Ordering::Relaxed) > before,
+        "the raw path did not answer"
+    );
+    drop(holders);
+}
