@@ -270,6 +270,8 @@ pub struct Sources {
     peers: Option<Arc<PeerTable>>,
     pub upstreams: Vec<Url>,
     peer_client: reqwest::Client,
+    /// NARs from peers, on connections of their own: a store server sends a NAR-first one with sendfile.
+    peer_nar_client: reqwest::Client,
     upstream_client: reqwest::Client,
     store_dir: String,
     keys: TrustedKeys,
@@ -295,13 +297,10 @@ pub struct ClientError {
 /// The `User-Agent` of every request.
 const USER_AGENT: &str = concat!("local-nix-cache/", env!("CARGO_PKG_VERSION"));
 
-/// Builds the peer client and the upstream client, both resolving through `resolver`. The peer
-/// client follows no redirect and uses no HTTP proxy; a client that cannot be built so is an
-/// error, never a default client.
-fn build_clients(
-    resolver: Arc<PeerResolver>,
-    user_agent: &str,
-) -> Result<(reqwest::Client, reqwest::Client), ClientError> {
+/// Builds the peer clients (NARs have their own pool) and the upstream client, all resolving
+/// through `resolver`. The peer clients follow no redirect and use no HTTP proxy; a client that
+/// cannot be built so is an error, never a default client.
+fn build_clients(resolver: Arc<PeerResolver>, user_agent: &str) -> Result<[reqwest::Client; 3], ClientError> {
     let build = |t: Timeouts, which: &'static str| {
         let mut b = reqwest::Client::builder()
             .connect_timeout(t.connect)
@@ -317,7 +316,8 @@ fn build_clients(
         }
         b.build().map_err(|source| ClientError { which, source })
     };
-    Ok((build(PEER_TIMEOUTS, "peer")?, build(UPSTREAM_TIMEOUTS, "upstream")?))
+    let peer = || build(PEER_TIMEOUTS, "peer");
+    Ok([peer()?, peer()?, build(UPSTREAM_TIMEOUTS, "upstream")?])
 }
 
 impl Sources {
@@ -335,9 +335,10 @@ impl Sources {
             loopback_peers,
             system: Arc::new(crate::dns::SystemResolver::default()),
         });
-        let (peer_client, upstream_client) = build_clients(resolver, USER_AGENT)?;
+        let [peer_client, peer_nar_client, upstream_client] = build_clients(resolver, USER_AGENT)?;
         Ok(Self {
             peer_client,
+            peer_nar_client,
             upstream_client,
             peers,
             upstreams,
@@ -457,10 +458,9 @@ impl Sources {
 
     /// A GET of a NAR of `c` at `url`: a peer is told the proxy takes a busy answer.
     fn nar_request(&self, c: &Candidate, url: Url) -> reqwest::RequestBuilder {
-        let req = self.client(&c.source).get(url);
         match c.source {
-            SourceId::Peer(_) => req.header(BUSY_OK_HEADER, "1"),
-            SourceId::Upstream(_) => req,
+            SourceId::Peer(_) => self.peer_nar_client.get(url).header(BUSY_OK_HEADER, "1"),
+            SourceId::Upstream(_) => self.upstream_client.get(url),
         }
     }
 
