@@ -525,6 +525,15 @@ fn the_architecture_doc_quotes_the_constants() {
             server::limits::MAX_CONNECTIONS_PER_ADDR,
         ),
         format!("at most {})", kib(u(http::MAX_READ_BUF))),
+        format!(
+            "(`httparse`, at most {} and {} headers, within the header timeout)",
+            kib(u(http::raw::MAX_RAW_HEAD)),
+            http::raw::MAX_RAW_HEADERS
+        ),
+        format!(
+            "the NAR's framing and references to its files, at most {}, for",
+            mib(u(store::dump::MAX_PLAN_BYTES))
+        ),
         format!("NAR streams leave {} to queries", store::QUERY_RESERVE),
         format!(
             "transfers ({}, {} per address, {} fair queue; a proxy's request waits {} and is then answered busy, `Retry-After` {}; one NAR streams to at most {} proxies at once, the next is answered busy at once naming them, at most {}; NARs of {} or less and split fetches' segments are not shared so)",
