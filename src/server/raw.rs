@@ -9,6 +9,7 @@
 //! changed since the daemon vouched for it (a size that differs, a file that shrank) is cut
 //! short, never completed with other bytes; writing keeps the client's pace.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -162,7 +163,13 @@ async fn send_plan(plan: &Plan, start: u64, end: u64, out: &mut RawOut<'_>) -> R
         match piece {
             Piece::Bytes(b) => out.write_all(&b[from as usize..to as usize], true).await?,
             Piece::File { path, len } => {
-                let file = std::fs::File::open(path).map_err(RawError::Source)?;
+                // Not through a symlink put in the file's place since the plan (the dump's walk
+                // does not follow them either).
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(path)
+                    .map_err(RawError::Source)?;
                 let now = file.metadata().map_err(RawError::Source)?.len();
                 if now < *len {
                     let e = DumpError::Changed(path.display().to_string());
