@@ -1,5 +1,6 @@
 //! The accept loop: binding (dual-stack), admission of each connection, one owned task per
-//! connection, and the drain at shutdown.
+//! connection (which first serves the requests its handler takes raw, `run_raw` and `raw`, then
+//! hands the connection to hyper), and the drain at shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -165,8 +166,8 @@ pub async fn serve_with<H: Handler>(
         });
     }
     drop(listener);
-    // hyper's connections finish their responses and close; raw ones (`raw::run`) close when
-    // idle and after the response they are writing.
+    // hyper's connections finish their responses and close; raw ones (`run_raw`) close when
+    // idle and after the response they are writing (each holds a watcher until it ends).
     let drained = async {
         graceful.shutdown().await;
         while conns.join_next().await.is_some() {}
