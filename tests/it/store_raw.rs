@@ -276,3 +276,30 @@ fn a_raw_response_in_flight_is_drained_at_shutdown() {
         rest.len() - body_at
     );
 }
+
+/// A proxy asks peers for NARs on connections of their own (`proxy::source`), so its NAR
+/// requests start them and the peer serves them raw, though the proxy asked the narinfo just
+/// before: real `serve` hosts, real Nix, offline. Checked: with the NAR requests on the narinfo's
+/// pooled connections, the peer's log has no raw line.
+#[test]
+fn a_proxys_nar_requests_reach_the_raw_path() {
+    require!(nix, netns);
+    let f = fixture();
+    let mut lan = crate::common::nixlan::NixLan::new(&[&[&f.top], &[]]);
+    lan.upstream.stop();
+    let up = lan.upstream.url();
+    lan.serve_all(&up);
+    lan.wait_peers(1, &[0], Duration::from_secs(5)).expect("peer not found");
+    ok("nix-store -r through the proxy", &lan.hosts[1].realise(&[&f.top]));
+    let log = lan.hosts[0].log();
+    let raw = log
+        .lines()
+        .filter(|l| l.contains("NAR served") && l.contains("raw=true"))
+        .count();
+    assert_eq!(
+        raw,
+        f.closure.len(),
+        "NARs the peer served raw, of {}:\n{log}",
+        f.closure.len()
+    );
+}
