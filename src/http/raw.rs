@@ -38,7 +38,8 @@ pub const MAX_RAW_HEADERS: usize = 32;
 /// anyway when the socket buffer is full.
 const SENDFILE_MAX: usize = 1 << 20;
 
-/// Responses served raw by this process (all servers): the log and tests see the raw path used.
+/// Requests taken by the raw path in this process (all servers; counted before the answer is
+/// written): tests see the raw path used.
 pub static RAW_RESPONSES: AtomicU64 = AtomicU64::new(0);
 
 /// A response served raw ended early.

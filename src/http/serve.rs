@@ -214,10 +214,11 @@ async fn run_raw<H: Handler>(
         }
         bytes::Buf::advance(&mut buf, len);
         let close = raw::wants_close(req.headers());
+        // Counted as taken, before a byte of the answer is written.
+        raw::RAW_RESPONSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let busy = BusyGuard::new(state.clone());
         let keep = handler.serve_raw(*req, peer, &stream).await;
         drop(busy);
-        raw::RAW_RESPONSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match keep {
             Ok(true) if !close && !shutdown.is_cancelled() => {}
             Ok(_) => return Outcome::Done,
