@@ -88,6 +88,9 @@ pub struct NarFetch<'c> {
     tried: HashSet<SourceId>,
     /// Every source was already asked.
     gathered: bool,
+    /// The upstreams were asked (or there are none): a gather leaves them alone while a peer
+    /// has the NAR, and the fetch asks them once the peers are used up (issue #24).
+    upstreams_asked: bool,
     spool: Option<Spool>,
     /// Sources whose bytes are in the spool.
     contributors: Vec<SourceId>,
@@ -120,6 +123,7 @@ impl<'c> NarFetch<'c> {
             queue,
             tried: HashSet::new(),
             gathered: false,
+            upstreams_asked: false,
             spool: None,
             contributors: Vec::new(),
             allow_resume: true,
@@ -202,7 +206,9 @@ impl<'c> NarFetch<'c> {
             book: &self.cx.book,
             stats: &self.cx.stats,
         };
-        for c in lookup.gather(&self.hash, &self.nar_hash, &self.tried).await {
+        let g = lookup.gather(&self.hash, &self.nar_hash, &self.tried).await;
+        self.upstreams_asked |= g.upstreams_asked;
+        for c in g.found {
             self.cx.cache.remember(self.hash, c.clone());
             if !self.queue.iter().any(|q| q.source == c.source) {
                 self.queue.push_back(c);
@@ -251,8 +257,22 @@ impl<'c> NarFetch<'c> {
                 None if !self.gathered => self.gather().await,
                 None if self.busy.waiting() => self.wait_and_replan().await,
                 // No busy peer to wait for (or the cap passed): the upstreams' turn.
+                None if !self.upstreams_asked => self.ask_upstreams().await,
                 None => self.queue.extend(self.busy.release_upstreams()?),
             }
+        }
+    }
+
+    /// The upstreams, once (the gather left them alone while a peer had the NAR).
+    async fn ask_upstreams(&mut self) {
+        self.upstreams_asked = true;
+        let lookup = Lookup {
+            book: &self.cx.book,
+            stats: &self.cx.stats,
+        };
+        for c in lookup.upstreams(&self.hash, &self.nar_hash, &self.tried).await {
+            self.cx.cache.remember(self.hash, c.clone());
+            self.queue.push_back(c);
         }
     }
 
@@ -305,7 +325,7 @@ impl<'c> NarFetch<'c> {
         }
         let mut skip = self.tried.clone();
         skip.extend((0..self.cx.book.sources().upstreams.len()).map(SourceId::Upstream));
-        let mut found = lookup.gather(&self.hash, &self.nar_hash, &skip).await;
+        let mut found = lookup.gather(&self.hash, &self.nar_hash, &skip).await.found;
         // A busy peer that did not answer this time keeps its place, after the others.
         for c in busy {
             if !found.iter().any(|f| f.source == c.source) {

@@ -183,8 +183,70 @@ fn a_crowd_at_a_busy_holder_leaves_the_upstream_alone() {
         0,
         "the upstream was asked for the NAR"
     );
+    // Nor for its narinfo (each fetch gathered the NAR's sources and asked the upstream too,
+    // once per proxy, while the holder had it).
+    assert!(
+        upstream.requests_for(".narinfo") <= UPSTREAM_ASKS,
+        "the upstream was asked for the narinfo {} times",
+        upstream.requests_for(".narinfo")
+    );
     let from_peers: u64 = proxies.iter().map(|p| p.stats().nars_from_peers).sum();
     assert_eq!(from_peers, CROWD as u64);
+}
+
+/// "A few" upstream requests per path for a whole crowd (issue #24's goal).
+const UPSTREAM_ASKS: usize = 2;
+
+/// Issue #24: a crowd with an upstream, looking the path up and fetching it, while its one
+/// holder (whose summary claims it) answers narinfo later than the hedge, as a loaded holder
+/// does (400 ms). Before, every proxy's lookup asked the upstream 150 ms after the peers, and
+/// every fetch that gathered the NAR's sources asked it again: twice per host (the crowd
+/// benchmark: 97 narinfo requests for 100 hosts). Now the upstream waits for the claiming peer,
+/// and a gather leaves it alone while a peer has the NAR.
+#[test]
+fn a_crowd_leaves_the_upstream_alone_while_a_slow_holder_claims_the_path() {
+    let rig = Rig::new();
+    // Past the rig's split size (4 MiB), so each fetch gathers the NAR's sources.
+    let p = FakePath::new("crowd-upstream", 5 << 20, 24);
+    let holder = Arc::new(FakeCache::default());
+    holder.serve_path(&p);
+    holder.set(
+        &format!("/{}.narinfo", p.hash()),
+        Reply::slow(p.info.render(), Duration::from_millis(400)),
+    );
+    rig.peer_with_summary(holder.clone(), 1);
+    let upstream = Arc::new(FakeCache::default());
+    upstream.serve_path(&p);
+    let up_rig = Rig::new();
+    let up = format!("http://{}/", up_rig.cache(upstream.clone()));
+    let proxies: Vec<(SocketAddr, Arc<Proxy>)> = (0..CROWD).map(|_| rig.proxy(vec![up.clone()])).collect();
+    wait_until(
+        "every proxy has the holder's summary",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || {
+            proxies
+                .iter()
+                .all(|(_, px)| px.status().peers.iter().any(|x| x.summary.is_some()))
+        },
+    );
+    let asks: Vec<_> = proxies
+        .iter()
+        .map(|(addr, _)| {
+            let (addr, info, url) = (*addr, format!("/{}.narinfo", p.hash()), p.nar_url());
+            std::thread::spawn(move || (get(addr, &info).status, get_slow(addr, &url)))
+        })
+        .collect();
+    for (i, t) in asks.into_iter().enumerate() {
+        let (info, (status, body)) = t.join().expect("request thread");
+        assert_eq!((info, status), (200, 200), "proxy {i}");
+        assert!(body == p.nar, "proxy {i} delivered the wrong bytes");
+    }
+    let asked = upstream.requests_for(".narinfo") + upstream.requests_for(".nar");
+    assert!(
+        asked <= UPSTREAM_ASKS,
+        "{asked} upstream requests for one path from {CROWD} proxies"
+    );
 }
 
 /// A node D (real `serve` in-process: store server and proxy) fetching `p` from a slow upstream
