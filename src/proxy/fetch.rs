@@ -206,8 +206,16 @@ impl<'c> NarFetch<'c> {
             book: &self.cx.book,
             stats: &self.cx.stats,
         };
-        let g = lookup.gather(&self.hash, &self.nar_hash, &self.tried).await;
-        self.upstreams_asked |= g.upstreams_asked;
+        // A busy peer holds the NAR (it answered busy before this gather, which skips it as
+        // tried): the upstreams are not asked now (issue #24: every fetch of a crowd asked the
+        // upstream for the narinfo here).
+        let held = self.busy.waiting();
+        let mut skip = self.tried.clone();
+        if held {
+            skip.extend((0..self.cx.book.sources().upstreams.len()).map(SourceId::Upstream));
+        }
+        let g = lookup.gather(&self.hash, &self.nar_hash, &skip).await;
+        self.upstreams_asked |= g.upstreams_asked && !held;
         for c in g.found {
             self.cx.cache.remember(self.hash, c.clone());
             if !self.queue.iter().any(|q| q.source == c.source) {
