@@ -235,7 +235,8 @@ impl<'c> NarFetch<'c> {
             .iter()
             // Byte ranges: of uncompressed NARs only.
             .filter(|c| matches!(c.source, SourceId::Peer(_)) && c.resumable() && !c.partial)
-            .take(split::MAX_PARALLEL_SOURCES)
+            // The first segments' peers and spares for segments that fail.
+            .take(split::MAX_PARALLEL_SOURCES + split::MAX_SEGMENT_RETRIES)
             .cloned()
             .collect();
         if peers.len() < 2 {

@@ -550,3 +550,33 @@ fn a_real_crowd_forms_a_tree_and_the_holder_sends_at_most_three_copies() {
         sent as f64 / size as f64
     );
 }
+
+/// Issue #24 (later waves): a split fetch whose segment's peer fails hands that segment to
+/// another peer, from where it stood, once one is free. Before, the split was given up, the
+/// other segments (fetched whole meanwhile) thrown away and the NAR fetched again whole from one
+/// peer: its senders paid 5/3 of it here, bytes nobody kept (in the crowd benchmark's second
+/// wave, 38.6 × P sent for 24 × P received).
+#[test]
+fn a_failed_segment_goes_on_from_another_peer_and_no_byte_is_fetched_twice() {
+    let p = FakePath::new("split-moved", 6_000_000, 12);
+    let rig = Rig::new();
+    let peers: Vec<Arc<FakeCache>> = (0..3).map(|_| Arc::new(FakeCache::default())).collect();
+    for (i, c) in peers.iter().enumerate() {
+        c.serve_path(&p);
+        rig.peer(c.clone(), i as u8 + 1);
+    }
+    // The second peer fails every NAR request (whichever segment it is given).
+    peers[1].set(&format!("/{}", p.info.url), Reply::Status(500));
+    let (proxy, px) = rig.proxy(vec![]);
+    assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+    let nar = get_slow(proxy, &p.nar_url());
+    assert_eq!(nar.0, 200);
+    assert!(nar.1 == p.nar, "wrong bytes delivered");
+    let s = px.stats();
+    let n = p.nar.len() as u64;
+    assert!(
+        s.bytes_from_peers <= n + n / 10,
+        "{} bytes fetched for a NAR of {n} ({s:?})",
+        s.bytes_from_peers
+    );
+}
