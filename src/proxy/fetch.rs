@@ -29,7 +29,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::book::SourceBook;
-use super::busy::BusySources;
+use super::busy::{BusySources, SlowWatch, MAX_SLOW_SWITCHES};
 use super::cache::NarinfoCache;
 use super::copy::SourceRead;
 use super::error::{FetchError, LieKind, SourceFailure};
@@ -73,6 +73,9 @@ enum CopyError {
     Lie(LieKind),
     /// Our side failed (the spool): no source is to blame.
     Spool(SpoolError),
+    /// The source ran below `busy::SLOW_RATE_FLOOR` and these peers have the whole NAR: its
+    /// bytes are kept, the fetch goes on from them.
+    Slow(Vec<Candidate>),
 }
 
 /// One NAR being fetched.
@@ -104,6 +107,8 @@ pub struct NarFetch<'c> {
     busy: BusySources,
     /// This NAR offered to peers while it arrives (`partial`), until the spool is reset.
     offered: Option<Offered>,
+    /// Lookups this fetch made for a faster peer (at most `busy::MAX_SLOW_SWITCHES`).
+    slow_switches: usize,
 }
 
 impl<'c> NarFetch<'c> {
@@ -131,6 +136,7 @@ impl<'c> NarFetch<'c> {
             tap: None,
             busy: BusySources::default(),
             offered: None,
+            slow_switches: 0,
         }
     }
 
@@ -175,6 +181,7 @@ impl<'c> NarFetch<'c> {
                 Err(CopyError::Failed(SourceError::Busy { retry_after, hints })) => {
                     self.busy_source(c, retry_after, hints)
                 }
+                Err(CopyError::Slow(found)) => self.slow_source(c, found),
                 Err(CopyError::Failed(e)) => {
                     let got = self.spool.as_ref().map_or(0, Spool::len);
                     tracing::info!(source = ?c.source, hash = %self.hash, got, error = %e, "NAR source failed; trying the next");
@@ -282,6 +289,20 @@ impl<'c> NarFetch<'c> {
         for c in lookup.upstreams(&self.hash, &self.nar_hash, &self.tried).await {
             self.cx.cache.remember(self.hash, c.clone());
             self.queue.push_back(c);
+        }
+    }
+
+    /// `c` ran slow and `found` have the whole NAR: they go first, `c` after them (it goes on
+    /// where it stopped if they fail).
+    fn slow_source(&mut self, c: Candidate, found: Vec<Candidate>) {
+        if !self.contributors.contains(&c.source) {
+            self.contributors.push(c.source.clone());
+        }
+        self.tried.remove(&c.source);
+        self.queue.push_back(c);
+        for f in found.into_iter().rev() {
+            self.cx.cache.remember(self.hash, f.clone());
+            self.queue.push_front(f);
         }
     }
 
@@ -395,13 +416,26 @@ impl<'c> NarFetch<'c> {
             }
             None => None,
         };
-        self.cx.copy_into(c, sp, size, tap).await
+        // A peer's copy is watched for a slow rate while the fetch has lookups left for it.
+        let watched = matches!(c.source, SourceId::Peer(_)) && self.slow_switches < MAX_SLOW_SWITCHES;
+        let lookup = Lookup {
+            book: &self.cx.book,
+            stats: &self.cx.stats,
+        };
+        let mut skip = self.tried.clone();
+        skip.extend((0..self.cx.book.sources().upstreams.len()).map(SourceId::Upstream));
+        let mut watch = SlowWatch::new(watched.then_some(lookup), &c.info, skip);
+        let r = self.cx.copy_into(c, sp, size, tap, &mut watch).await;
+        self.slow_switches += usize::from(watched && watch.looked());
+        r
     }
 
     /// Hashes the full spool: a verified NAR, or (on a mismatch) the liar judged and the spool
     /// emptied for the next source.
     async fn verify(&mut self, c: &Candidate) -> Option<Fetched> {
-        self.contributors.push(c.source.clone());
+        if !self.contributors.contains(&c.source) {
+            self.contributors.push(c.source.clone());
+        }
         let full = self.spool.take()?;
         match full.verify(&self.nar_hash).await {
             Ok(v) => {
@@ -459,6 +493,7 @@ impl FetchParts {
         sp: &mut Spool,
         size: u64,
         tap: Option<&mut Tap>,
+        watch: &mut SlowWatch<'_>,
     ) -> Result<(), CopyError> {
         let from = sp.len();
         // The form: chosen per peer (`forms`) for a whole NAR its peer offers as zstd; a resume
@@ -469,7 +504,7 @@ impl FetchParts {
         };
         let form = measured.map_or(Form::Plain, |node| self.book.forms().choose(node, size));
         let began = Instant::now();
-        let r = self.copy_form(c, sp, size, tap, form).await;
+        let r = self.copy_form(c, sp, size, tap, form, watch).await;
         // What this form delivered, also when it failed (a form that keeps failing looks slow).
         if let Some(node) = measured {
             let took = began.elapsed();
@@ -487,6 +522,7 @@ impl FetchParts {
         size: u64,
         mut tap: Option<&mut Tap>,
         form: Form,
+        watch: &mut SlowWatch<'_>,
     ) -> Result<(), CopyError> {
         let from = sp.len();
         let sources = self.book.sources();
@@ -495,6 +531,7 @@ impl FetchParts {
         let mut skip = from - start;
         let mut received = 0u64;
         let mut read = SourceRead::new(sources, &c.source, reader, size.saturating_sub(from));
+        let mut faster = None;
         loop {
             // The bytes read become the chunk for the spool and the tap (no copy).
             let mut data: Bytes = match read.next().await {
@@ -530,7 +567,14 @@ impl FetchParts {
             if let Some(t) = tap.as_deref_mut() {
                 passed = t.offer(end, size, &data).await;
             }
+            let n = data.len() as u64;
             sp.write(data, passed).await.map_err(CopyError::Spool)?;
+            if sp.len() < size {
+                faster = watch.faster(n).await;
+                if faster.is_some() {
+                    break;
+                }
+            }
         }
         let zstd = form == Form::Zstd || c.info.compression == Compression::Zstd;
         self.stats.update(|s| match c.source {
@@ -540,6 +584,9 @@ impl FetchParts {
             }
             SourceId::Upstream(_) => s.bytes_from_upstream += received,
         });
+        if let Some(found) = faster {
+            return Err(CopyError::Slow(found));
+        }
         if sp.len() < size {
             return Err(CopyError::Failed(SourceError::Short {
                 got: sp.len(),

@@ -580,3 +580,48 @@ fn a_failed_segment_goes_on_from_another_peer_and_no_byte_is_fetched_twice() {
         s.bytes_from_peers
     );
 }
+
+/// Issue #24: a fetch whose source runs slow (a holder queued behind a crowd, a slow relay)
+/// goes on with `Range` from a peer that got the whole NAR since. Before, a fetch kept its
+/// first source to the end: here a holder sending 160 KB/s, while a host that got the path a
+/// moment after the fetch began could send it at once.
+#[test]
+fn a_slow_fetch_goes_on_from_a_peer_that_got_the_nar_since() {
+    let p = FakePath::new("slow-then-fast", 3_000_000, 13);
+    let rig = Rig::new();
+    let slow = Arc::new(FakeCache::default());
+    slow.serve_path(&p);
+    slow.set(
+        &format!("/{}", p.info.url),
+        Reply::Gated {
+            body: p.nar.clone(),
+            piece: 16 * 1024,
+            every: Duration::from_millis(100),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        },
+    );
+    rig.peer(slow.clone(), 1);
+    // A host with nothing yet: it gets the path once the fetch is under way.
+    let fast = Arc::new(FakeCache::default());
+    rig.peer(fast.clone(), 2);
+    let (proxy, px) = rig.proxy(vec![]);
+    assert_eq!(get(proxy, &format!("/{}.narinfo", p.hash())).status, 200);
+    let url = p.nar_url();
+    let nar = std::thread::spawn(move || get_slow(proxy, &url));
+    wait_until(
+        "the fetch began at the slow holder",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || slow.requests_for(&p.info.url) >= 1,
+    );
+    fast.serve_path(&p);
+    let (status, body) = nar.join().expect("request thread");
+    assert_eq!(status, 200);
+    assert!(body == p.nar, "wrong bytes delivered");
+    let ranges = fast.ranges.lock().expect("lock").clone();
+    assert!(
+        ranges.iter().any(|r| !r.starts_with("bytes=0-")),
+        "the fast peer was not asked to go on where the slow one stood: {ranges:?} ({:?})",
+        px.stats()
+    );
+}
