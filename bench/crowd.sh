@@ -79,7 +79,7 @@ for s in $SCENARIOS; do
         label="$s: $(get "$s" "${w}_clients")"
         [ "$w" = w1 ] || label="$s: second wave of $(get "$s" w2_clients), 10 s after"
         fails="$(get "$s" "${w}_failed") of $(get "$s" "${w}_clients")"
-        echo "| $label | $(get "$s" mib) MiB | $(get "$s" t1_s) s | $(get "$s" "${w}_all_done_s") s (median $(get "$s" "${w}_median_done_s") s) | $(get "$s" "${w}_all_done_t1") | $(get "$s" "${w}_holder_xp") × P | $(get "$s" "${w}_max_xp") | $(get "$s" "${w}_sources") | $fails | $(get "$s" "${w}_upstream") | $(get "$s" "${w}_cpu_busy_pct") % |"
+        echo "| $label | $(get "$s" mib) MiB | $(get "$s" t1_s) s | $(get "$s" "${w}_all_done_s") s (median $(get "$s" "${w}_median_done_s") s) | $(get "$s" "${w}_all_done_t1") | $(get "$s" "${w}_holder_xp") × P | $(get "$s" "${w}_max_xp"); $(get "$s" "${w}_hosts_over_2p") hosts over 2 × P; all hosts $(get "$s" "${w}_total_xp") × P | $(get "$s" "${w}_sources") | $fails | $(get "$s" "${w}_upstream") | $(get "$s" "${w}_cpu_busy_pct") % |"
         if [ -n "${BENCH_RESULTS:-}" ]; then
             echo "flash crowd $label on one holder: all done (x T1)|$(get "$s" "${w}_all_done_t1")|23 (issue 24, 24 at once)|-|<= 3 (24), <= 4 log2(N) (40, 100)" >>"$BENCH_RESULTS"
             echo "flash crowd $label: holder sent (x P)|$(get "$s" "${w}_holder_xp")|N (issue 24: a star)|-|<= 3" >>"$BENCH_RESULTS"
