@@ -11,10 +11,10 @@
 //!
 //! A peer whose store server is busy (no transfer slot, `SourceError::Busy`) has not failed: the
 //! fetch tries the NAR's other sources and, when none is left, waits its `Retry-After` with
-//! jitter and re-plans: it asks the peers again (hosts that got the path since are found, the
-//! busy ones answer with their load) and resumes with `Range` from what it has. Upstreams wait
-//! while a peer holds the NAR, so a crowd does not all go to the internet at once; after
-//! `busy::BUSY_WAIT_CAP` of busy answers the fetch takes any source, and with none it fails.
+//! jitter and re-plans (asks the peers again: hosts that got the path since are found) and resumes
+//! with `Range`. Upstreams are asked once the peers are used up and wait while a peer holds the
+//! NAR (until `busy::BUSY_WAIT_CAP`): a crowd does not go to the internet. A copy from a peer
+//! slower than `busy::SLOW_RATE_FLOOR` goes on from a peer that has the whole NAR now, if any.
 //!
 //! A fetch into a file spool offers its NAR to peers while it arrives (`partial`, withdrawn
 //! when its spool is reset or the fetch ends). A source that is itself such an in-flight copy
