@@ -11,7 +11,9 @@
 # Scenarios (BENCH_CROWD_SCENARIOS, default "12 24+24 40 40up"): N[@MIB][+WAVE2][up]; MIB
 # defaults to 64 (16 from 40 clients up, as the issue measured). "24+24": a second wave of 24,
 # 10 s after the first is all done. "up": the proxies have the upstream (shaped too); otherwise
-# none (an offline hall). BENCH_CROWD_LOGS=DIR keeps the logs; BENCH_CROWD_UNTIL=EPOCH_SECONDS
+# none (an offline hall). BENCH_CROWD_LOGS=DIR keeps the logs (and every host's serve log, in
+# DIR/serve-SCENARIO); the CPU column is the machine's CPU time busy during the wave (/proc/stat;
+# every host shares this machine's cores); BENCH_CROWD_UNTIL=EPOCH_SECONDS
 # starts no scenario after that time. Each scenario bounds itself (the LAN settles within 150 s,
 # T1 within 120 s, each wave within CROWD_LIMIT_S, 240 s: then its clients are killed and count
 # as failed), so the test's own drop kills its processes by PID and deletes its namespaces (an
@@ -44,7 +46,12 @@ for s in $SCENARIOS; do
         echo "crowd scenario $s skipped: past BENCH_CROWD_UNTIL" >&2
         continue
     fi
-    if ! CROWD_N=$n CROWD_MIB=$mib CROWD_WAVE2=$wave2 CROWD_UPSTREAM=$up \
+    serve_logs=
+    if [ -n "${BENCH_CROWD_LOGS:-}" ]; then
+        serve_logs="$BENCH_CROWD_LOGS/serve-$s"
+        mkdir -p "$serve_logs"
+    fi
+    if ! CROWD_N=$n CROWD_MIB=$mib CROWD_WAVE2=$wave2 CROWD_UPSTREAM=$up CROWD_SERVE_LOGS=$serve_logs \
         cargo test --release --locked -q --test it -- --ignored --nocapture --exact crowd::bench_crowd \
         >"$out/log-$s" 2>&1; then
         echo "crowd scenario $s failed:" >&2
@@ -60,19 +67,19 @@ get() { # scenario key
 }
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), load $(cut -d' ' -f1-3 /proc/loadavg); every link 200 Mbit/s (tc tbf)"
 echo
-echo "| crowd at once | P | T1 | all done | × T1 | holder sent | most any host sent | NARs per source | failures | upstream |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
-echo "| before (issue 24): 12 | 64 MiB | 3.0 s | 34 s | 11 | 12.1 × P | 12.1 × P (H) | H: 12 | 0 | — |"
-echo "| before (issue 24): 24 | 64 MiB | 3.0 s | 69 s | 23 | 24.1 × P | 24.1 × P (H) | H: 24 | 0 | — |"
-echo "| before (issue 24): 40, no upstream | 16 MiB | — | 24 s for 32 of them | — | 32 × P | 32 × P (H) | H: 32 | 8 of 40 | — |"
-echo "| before (issue 24): second wave of 24 | 64 MiB | 3.0 s | 17 s | — | 0.5 × P | 4.8 × P (two first-wave hosts) | split 4 ways | 0 | — |"
+echo "| crowd at once | P | T1 | all done | × T1 | holder sent | most any host sent | NARs per source | failures | upstream | CPU busy |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| before (issue 24): 12 | 64 MiB | 3.0 s | 34 s | 11 | 12.1 × P | 12.1 × P (H) | H: 12 | 0 | — | — |"
+echo "| before (issue 24): 24 | 64 MiB | 3.0 s | 69 s | 23 | 24.1 × P | 24.1 × P (H) | H: 24 | 0 | — | — |"
+echo "| before (issue 24): 40, no upstream | 16 MiB | — | 24 s for 32 of them | — | 32 × P | 32 × P (H) | H: 32 | 8 of 40 | — | — |"
+echo "| before (issue 24): second wave of 24 | 64 MiB | 3.0 s | 17 s | — | 0.5 × P | 4.8 × P (two first-wave hosts) | split 4 ways | 0 | — | — |"
 for s in $SCENARIOS; do
     for w in w1 w2; do
         [ "$(get "$s" "${w}_clients")" != "—" ] || continue
         label="$s: $(get "$s" "${w}_clients")"
         [ "$w" = w1 ] || label="$s: second wave of $(get "$s" w2_clients), 10 s after"
         fails="$(get "$s" "${w}_failed") of $(get "$s" "${w}_clients")"
-        echo "| $label | $(get "$s" mib) MiB | $(get "$s" t1_s) s | $(get "$s" "${w}_all_done_s") s (median $(get "$s" "${w}_median_done_s") s) | $(get "$s" "${w}_all_done_t1") | $(get "$s" "${w}_holder_xp") × P | $(get "$s" "${w}_max_xp") | $(get "$s" "${w}_sources") | $fails | $(get "$s" "${w}_upstream") |"
+        echo "| $label | $(get "$s" mib) MiB | $(get "$s" t1_s) s | $(get "$s" "${w}_all_done_s") s (median $(get "$s" "${w}_median_done_s") s) | $(get "$s" "${w}_all_done_t1") | $(get "$s" "${w}_holder_xp") × P | $(get "$s" "${w}_max_xp"); $(get "$s" "${w}_hosts_over_2p") hosts over 2 × P; all hosts $(get "$s" "${w}_total_xp") × P | $(get "$s" "${w}_sources") | $fails | $(get "$s" "${w}_upstream") | $(get "$s" "${w}_cpu_busy_pct") % |"
         if [ -n "${BENCH_RESULTS:-}" ]; then
             echo "flash crowd $label on one holder: all done (x T1)|$(get "$s" "${w}_all_done_t1")|23 (issue 24, 24 at once)|-|<= 3 (24), <= 4 log2(N) (40, 100)" >>"$BENCH_RESULTS"
             echo "flash crowd $label: holder sent (x P)|$(get "$s" "${w}_holder_xp")|N (issue 24: a star)|-|<= 3" >>"$BENCH_RESULTS"

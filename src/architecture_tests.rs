@@ -536,7 +536,7 @@ fn the_architecture_doc_quotes_the_constants() {
         ),
         format!("NAR streams leave {} to queries", store::QUERY_RESERVE),
         format!(
-            "transfers ({}, {} per address, {} fair queue; a proxy's request waits {} and is then answered busy, `Retry-After` {}; one NAR streams to at most {} proxies at once, the next is answered busy at once naming them, at most {}; NARs of {} or less and split fetches' segments are not shared so)",
+            "transfers ({}, {} per address, {} fair queue; a proxy's request waits {} and is then answered busy, `Retry-After` {}; one NAR streams to at most {} copies at once, a split fetch's segment counting by its length, the next is answered busy at once naming the hosts fetching it whole, at most {}; NARs of {} or less are not shared so)",
             server::transfers::MAX_TRANSFERS,
             server::transfers::MAX_TRANSFERS_PER_ADDR,
             secs(server::transfers::QUEUE_WAIT),

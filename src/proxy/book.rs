@@ -295,6 +295,18 @@ impl SourceBook {
         (first, last)
     }
 
+    /// Whether `s` is a peer whose current summary claims `hash` and is believed (not distrusted
+    /// for broken claims): a lookup holds the upstreams back while such a peer has not answered
+    /// (`lookup`, issue #24).
+    pub fn claims(&self, s: &SourceId, hash: &StorePathHash) -> bool {
+        let SourceId::Peer(n) = s else { return false };
+        let Some(p) = self.table().and_then(|t| t.get(n)) else {
+            return false;
+        };
+        self.summaries.hint(n, p.summary, crate::summary::key(hash)) == Hint::Maybe
+            && !self.health.peer_at(n, p.http_addr().ip()).summary_distrusted()
+    }
+
     /// Upstreams not marked unreachable.
     pub fn live_upstreams(&self) -> Vec<SourceId> {
         let now = Instant::now();

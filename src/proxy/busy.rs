@@ -14,8 +14,10 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
+use super::lookup::Lookup;
 use super::source::{Candidate, SourceId};
 use crate::beacon::wire::NodeId;
+use crate::narinfo::{NarHash, NarInfo, StorePathHash};
 
 /// How long a fetch keeps coming back to busy peers (from their first busy answer) before it
 /// takes an upstream or, with none, fails: well below the 300 s Nix waits for a silent download
@@ -24,6 +26,89 @@ use crate::beacon::wire::NodeId;
 pub const BUSY_WAIT_CAP: Duration = Duration::from_secs(180);
 /// Hosts a fetch asks because busy sources named them (each once per fetch).
 pub const MAX_HINTED: usize = 64;
+
+/// A copy from a peer that sends less than this a second (judged over [`SLOW_WINDOW`]) is slow:
+/// the fetch asks the NAR's peers again and, if one got the whole NAR since, goes on from it with
+/// `Range` (issue #24: a crowd's fetch stayed on a queued holder or a slow relay while other hosts
+/// finished). A twelfth of a 200 Mbit/s link, well below what a LAN peer sends; upstreams are
+/// not judged so (the internet may be slow, and there is no second upstream copy to move to).
+pub const SLOW_RATE_FLOOR: u64 = 2 * 1024 * 1024;
+/// How long a copy runs before its rate is judged, and the window each judgement covers: longer
+/// than the read floor's window (`copy::RATE_WINDOW`), so a source that all but stopped fails
+/// that floor first and is judged for it; this watch is for sources slow, not failing.
+pub const SLOW_WINDOW: Duration = Duration::from_secs(super::copy::RATE_WINDOW.as_secs() + 1);
+/// Lookups one fetch makes for a faster peer (each asks the NAR's peers once, like a gather).
+pub const MAX_SLOW_SWITCHES: usize = 2;
+
+/// Watches one copy's rate (see [`SLOW_RATE_FLOOR`]) and looks for a faster peer.
+pub struct SlowWatch<'a> {
+    /// Asks the peers (none: not watched, e.g. an upstream, or the fetch's lookups used up).
+    lookup: Option<Lookup<'a>>,
+    hash: StorePathHash,
+    nar_hash: NarHash,
+    /// Sources not to move to: tried by the fetch already, and the upstreams.
+    skip: HashSet<SourceId>,
+    rate: Rate,
+}
+
+/// A copy's rate over windows of [`SLOW_WINDOW`].
+struct Rate {
+    /// The current window's start, and the bytes received in it.
+    since: Instant,
+    bytes: u64,
+}
+
+impl Rate {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// `n` more bytes arrived: true when the window that just ended ran below the floor.
+    fn slow(&mut self, n: u64) -> bool {
+        self.bytes += n;
+        let took = self.since.elapsed();
+        if took < SLOW_WINDOW {
+            return false;
+        }
+        let slow = (self.bytes as f64) < SLOW_RATE_FLOOR as f64 * took.as_secs_f64();
+        *self = Self::new();
+        slow
+    }
+}
+
+impl<'a> SlowWatch<'a> {
+    pub fn new(lookup: Option<Lookup<'a>>, info: &NarInfo, skip: HashSet<SourceId>) -> Self {
+        Self {
+            lookup,
+            hash: info.store_path.hash(),
+            nar_hash: info.nar_hash,
+            skip,
+            rate: Rate::new(),
+        }
+    }
+
+    /// `n` more bytes arrived: when the copy runs slow, the peers that have the whole NAR now
+    /// (not in-flight copies), if any. Each lookup uses one of the fetch's switches.
+    pub async fn faster(&mut self, n: u64) -> Option<Vec<Candidate>> {
+        if !(self.rate.slow(n) && self.lookup.is_some()) {
+            return None;
+        }
+        let lookup = self.lookup.take()?;
+        let found = lookup.gather(&self.hash, &self.nar_hash, &self.skip).await.found;
+        let found: Vec<Candidate> = found.into_iter().filter(|c| !c.partial).collect();
+        tracing::info!(hash = %self.hash, found = found.len(), "NAR source slow; asked the peers for a faster one");
+        self.rate = Rate::new();
+        (!found.is_empty()).then_some(found)
+    }
+
+    /// Whether it looked for a faster peer (used one of the fetch's lookups).
+    pub fn looked(&self) -> bool {
+        self.lookup.is_none()
+    }
+}
 
 /// The busy state of one fetch.
 #[derive(Default)]
@@ -132,6 +217,18 @@ mod tests {
             load: None,
             partial: false,
         }
+    }
+
+    /// A copy is slow once a window passed below the floor, judged again over the next window.
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_is_slow_after_a_window_below_the_floor() {
+        let at_floor = SLOW_RATE_FLOOR * SLOW_WINDOW.as_secs();
+        let mut r = Rate::new();
+        assert!(!r.slow(1), "not judged before a window passed");
+        tokio::time::advance(SLOW_WINDOW).await;
+        assert!(r.slow(at_floor / 2), "half the floor over the window");
+        tokio::time::advance(SLOW_WINDOW).await;
+        assert!(!r.slow(at_floor * 2), "above the floor");
     }
 
     /// Upstreams wait while a peer is busy, until the cap; waits are jittered around the

@@ -11,10 +11,10 @@
 //!
 //! A peer whose store server is busy (no transfer slot, `SourceError::Busy`) has not failed: the
 //! fetch tries the NAR's other sources and, when none is left, waits its `Retry-After` with
-//! jitter and re-plans: it asks the peers again (hosts that got the path since are found, the
-//! busy ones answer with their load) and resumes with `Range` from what it has. Upstreams wait
-//! while a peer holds the NAR, so a crowd does not all go to the internet at once; after
-//! `busy::BUSY_WAIT_CAP` of busy answers the fetch takes any source, and with none it fails.
+//! jitter and re-plans (asks the peers again: hosts that got the path since are found) and resumes
+//! with `Range`. Upstreams are asked once the peers are used up and wait while a peer holds the
+//! NAR (until `busy::BUSY_WAIT_CAP`): a crowd does not go to the internet. A copy from a peer
+//! slower than `busy::SLOW_RATE_FLOOR` goes on from a peer that has the whole NAR now, if any.
 //!
 //! A fetch into a file spool offers its NAR to peers while it arrives (`partial`, withdrawn
 //! when its spool is reset or the fetch ends). A source that is itself such an in-flight copy
@@ -29,7 +29,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::book::SourceBook;
-use super::busy::BusySources;
+use super::busy::{BusySources, SlowWatch, MAX_SLOW_SWITCHES};
 use super::cache::NarinfoCache;
 use super::copy::SourceRead;
 use super::error::{FetchError, LieKind, SourceFailure};
@@ -73,6 +73,9 @@ enum CopyError {
     Lie(LieKind),
     /// Our side failed (the spool): no source is to blame.
     Spool(SpoolError),
+    /// The source ran below `busy::SLOW_RATE_FLOOR` and these peers have the whole NAR: its
+    /// bytes are kept, the fetch goes on from them.
+    Slow(Vec<Candidate>),
 }
 
 /// One NAR being fetched.
@@ -88,6 +91,9 @@ pub struct NarFetch<'c> {
     tried: HashSet<SourceId>,
     /// Every source was already asked.
     gathered: bool,
+    /// The upstreams were asked (or there are none): a gather leaves them alone while a peer
+    /// has the NAR, and the fetch asks them once the peers are used up (issue #24).
+    upstreams_asked: bool,
     spool: Option<Spool>,
     /// Sources whose bytes are in the spool.
     contributors: Vec<SourceId>,
@@ -101,6 +107,8 @@ pub struct NarFetch<'c> {
     busy: BusySources,
     /// This NAR offered to peers while it arrives (`partial`), until the spool is reset.
     offered: Option<Offered>,
+    /// Lookups this fetch made for a faster peer (at most `busy::MAX_SLOW_SWITCHES`).
+    slow_switches: usize,
 }
 
 impl<'c> NarFetch<'c> {
@@ -120,6 +128,7 @@ impl<'c> NarFetch<'c> {
             queue,
             tried: HashSet::new(),
             gathered: false,
+            upstreams_asked: false,
             spool: None,
             contributors: Vec::new(),
             allow_resume: true,
@@ -127,6 +136,7 @@ impl<'c> NarFetch<'c> {
             tap: None,
             busy: BusySources::default(),
             offered: None,
+            slow_switches: 0,
         }
     }
 
@@ -171,6 +181,7 @@ impl<'c> NarFetch<'c> {
                 Err(CopyError::Failed(SourceError::Busy { retry_after, hints })) => {
                     self.busy_source(c, retry_after, hints)
                 }
+                Err(CopyError::Slow(found)) => self.slow_source(c, found),
                 Err(CopyError::Failed(e)) => {
                     let got = self.spool.as_ref().map_or(0, Spool::len);
                     tracing::info!(source = ?c.source, hash = %self.hash, got, error = %e, "NAR source failed; trying the next");
@@ -202,7 +213,17 @@ impl<'c> NarFetch<'c> {
             book: &self.cx.book,
             stats: &self.cx.stats,
         };
-        for c in lookup.gather(&self.hash, &self.nar_hash, &self.tried).await {
+        // A busy peer holds the NAR (it answered busy before this gather, which skips it as
+        // tried): the upstreams are not asked now (issue #24: every fetch of a crowd asked the
+        // upstream for the narinfo here).
+        let held = self.busy.waiting();
+        let mut skip = self.tried.clone();
+        if held {
+            skip.extend((0..self.cx.book.sources().upstreams.len()).map(SourceId::Upstream));
+        }
+        let g = lookup.gather(&self.hash, &self.nar_hash, &skip).await;
+        self.upstreams_asked |= g.upstreams_asked && !held;
+        for c in g.found {
             self.cx.cache.remember(self.hash, c.clone());
             if !self.queue.iter().any(|q| q.source == c.source) {
                 self.queue.push_back(c);
@@ -221,7 +242,8 @@ impl<'c> NarFetch<'c> {
             .iter()
             // Byte ranges: of uncompressed NARs only.
             .filter(|c| matches!(c.source, SourceId::Peer(_)) && c.resumable() && !c.partial)
-            .take(split::MAX_PARALLEL_SOURCES)
+            // The first segments' peers and spares for segments that fail.
+            .take(split::MAX_PARALLEL_SOURCES + split::MAX_SEGMENT_RETRIES)
             .cloned()
             .collect();
         if peers.len() < 2 {
@@ -251,8 +273,36 @@ impl<'c> NarFetch<'c> {
                 None if !self.gathered => self.gather().await,
                 None if self.busy.waiting() => self.wait_and_replan().await,
                 // No busy peer to wait for (or the cap passed): the upstreams' turn.
+                None if !self.upstreams_asked => self.ask_upstreams().await,
                 None => self.queue.extend(self.busy.release_upstreams()?),
             }
+        }
+    }
+
+    /// The upstreams, once (the gather left them alone while a peer had the NAR).
+    async fn ask_upstreams(&mut self) {
+        self.upstreams_asked = true;
+        let lookup = Lookup {
+            book: &self.cx.book,
+            stats: &self.cx.stats,
+        };
+        for c in lookup.upstreams(&self.hash, &self.nar_hash, &self.tried).await {
+            self.cx.cache.remember(self.hash, c.clone());
+            self.queue.push_back(c);
+        }
+    }
+
+    /// `c` ran slow and `found` have the whole NAR: they go first, `c` after them (it goes on
+    /// where it stopped if they fail).
+    fn slow_source(&mut self, c: Candidate, found: Vec<Candidate>) {
+        if !self.contributors.contains(&c.source) {
+            self.contributors.push(c.source.clone());
+        }
+        self.tried.remove(&c.source);
+        self.queue.push_back(c);
+        for f in found.into_iter().rev() {
+            self.cx.cache.remember(self.hash, f.clone());
+            self.queue.push_front(f);
         }
     }
 
@@ -305,7 +355,7 @@ impl<'c> NarFetch<'c> {
         }
         let mut skip = self.tried.clone();
         skip.extend((0..self.cx.book.sources().upstreams.len()).map(SourceId::Upstream));
-        let mut found = lookup.gather(&self.hash, &self.nar_hash, &skip).await;
+        let mut found = lookup.gather(&self.hash, &self.nar_hash, &skip).await.found;
         // A busy peer that did not answer this time keeps its place, after the others.
         for c in busy {
             if !found.iter().any(|f| f.source == c.source) {
@@ -366,13 +416,26 @@ impl<'c> NarFetch<'c> {
             }
             None => None,
         };
-        self.cx.copy_into(c, sp, size, tap).await
+        // A peer's copy is watched for a slow rate while the fetch has lookups left for it.
+        let watched = matches!(c.source, SourceId::Peer(_)) && self.slow_switches < MAX_SLOW_SWITCHES;
+        let lookup = Lookup {
+            book: &self.cx.book,
+            stats: &self.cx.stats,
+        };
+        let mut skip = self.tried.clone();
+        skip.extend((0..self.cx.book.sources().upstreams.len()).map(SourceId::Upstream));
+        let mut watch = SlowWatch::new(watched.then_some(lookup), &c.info, skip);
+        let r = self.cx.copy_into(c, sp, size, tap, &mut watch).await;
+        self.slow_switches += usize::from(watched && watch.looked());
+        r
     }
 
     /// Hashes the full spool: a verified NAR, or (on a mismatch) the liar judged and the spool
     /// emptied for the next source.
     async fn verify(&mut self, c: &Candidate) -> Option<Fetched> {
-        self.contributors.push(c.source.clone());
+        if !self.contributors.contains(&c.source) {
+            self.contributors.push(c.source.clone());
+        }
         let full = self.spool.take()?;
         match full.verify(&self.nar_hash).await {
             Ok(v) => {
@@ -430,6 +493,7 @@ impl FetchParts {
         sp: &mut Spool,
         size: u64,
         tap: Option<&mut Tap>,
+        watch: &mut SlowWatch<'_>,
     ) -> Result<(), CopyError> {
         let from = sp.len();
         // The form: chosen per peer (`forms`) for a whole NAR its peer offers as zstd; a resume
@@ -440,7 +504,7 @@ impl FetchParts {
         };
         let form = measured.map_or(Form::Plain, |node| self.book.forms().choose(node, size));
         let began = Instant::now();
-        let r = self.copy_form(c, sp, size, tap, form).await;
+        let r = self.copy_form(c, sp, size, tap, form, watch).await;
         // What this form delivered, also when it failed (a form that keeps failing looks slow).
         if let Some(node) = measured {
             let took = began.elapsed();
@@ -458,6 +522,7 @@ impl FetchParts {
         size: u64,
         mut tap: Option<&mut Tap>,
         form: Form,
+        watch: &mut SlowWatch<'_>,
     ) -> Result<(), CopyError> {
         let from = sp.len();
         let sources = self.book.sources();
@@ -466,6 +531,7 @@ impl FetchParts {
         let mut skip = from - start;
         let mut received = 0u64;
         let mut read = SourceRead::new(sources, &c.source, reader, size.saturating_sub(from));
+        let mut faster = None;
         loop {
             // The bytes read become the chunk for the spool and the tap (no copy).
             let mut data: Bytes = match read.next().await {
@@ -501,7 +567,14 @@ impl FetchParts {
             if let Some(t) = tap.as_deref_mut() {
                 passed = t.offer(end, size, &data).await;
             }
+            let n = data.len() as u64;
             sp.write(data, passed).await.map_err(CopyError::Spool)?;
+            if sp.len() < size {
+                faster = watch.faster(n).await;
+                if faster.is_some() {
+                    break;
+                }
+            }
         }
         let zstd = form == Form::Zstd || c.info.compression == Compression::Zstd;
         self.stats.update(|s| match c.source {
@@ -511,6 +584,9 @@ impl FetchParts {
             }
             SourceId::Upstream(_) => s.bytes_from_upstream += received,
         });
+        if let Some(found) = faster {
+            return Err(CopyError::Slow(found));
+        }
         if sp.len() < size {
             return Err(CopyError::Failed(SourceError::Short {
                 got: sp.len(),

@@ -4,7 +4,9 @@
 //!
 //! Peers are asked first, at most `book::MAX_FANOUT` of them (fewest recent failures, then
 //! fastest; a peer never measured counts as fast so newcomers get asked); the upstreams are asked
-//! [`HEDGE_DELAY`] later, or at once when every peer has answered. A source's failure is judged
+//! [`HEDGE_DELAY`] later, or at once when every peer has answered, but not while a peer whose
+//! summary claims the path has not answered (at most [`CLAIMED_WAIT`]); when gathering a NAR's
+//! sources, not at all if a peer has it (issue #24). A source's failure is judged
 //! (back-off, upstream down) as it comes in. A peer gets at most [`PEER_LOOKUP_BUDGET`] per
 //! lookup; one that used it all is skipped until it announces again (`health`).
 
@@ -31,6 +33,9 @@ const PEER_RETRY_AFTER: Duration = Duration::from_millis(200);
 /// announces again (issue #25: a suspended host, whose kernel still accepts connections, cost
 /// 3 s, a retry and 3 s again, per lookup).
 pub const PEER_LOOKUP_BUDGET: Duration = Duration::from_secs(1);
+/// The longest the upstreams wait for a peer whose summary claims the path (each peer's answer
+/// is bounded by [`PEER_LOOKUP_BUDGET`] anyway: this is that bound, named where it is used).
+pub const CLAIMED_WAIT: Duration = PEER_LOOKUP_BUDGET;
 /// When looking for every source of a NAR, wait this long after the first one answered.
 const GATHER_GRACE: Duration = Duration::from_millis(300);
 
@@ -88,19 +93,21 @@ impl<'a> Lookup<'a> {
     }
 
     /// Races the sources for the narinfo of `hash`; the first verified answer wins. Demoted
-    /// peers are asked with the upstreams, after the peers in good standing.
+    /// peers are asked with the upstreams, after the peers in good standing, when the [`Hedge`]
+    /// says so.
     pub async fn race(self, hash: &'a StorePathHash) -> Option<Candidate> {
         let (good, demoted) = self.book.pick_peers(hash, false);
+        let mut hedge = Hedge::new(good.iter().filter(|s| self.book.claims(s, hash)).cloned());
         let mut pending: FuturesUnordered<Answer<'_>> = good.into_iter().map(|p| self.ask(p, hash)).collect();
-        // The second wave: demoted peers and the upstreams, after the hedge delay or once every
+        // The second wave: demoted peers and the upstreams, when the hedge is due or once every
         // peer in good standing has answered.
         let mut second_wave = Some(demoted);
-        let hedge = tokio::time::sleep(if pending.is_empty() {
-            Duration::ZERO
+        let timer = tokio::time::sleep_until(if pending.is_empty() {
+            Instant::now()
         } else {
-            HEDGE_DELAY
+            hedge.due()
         });
-        tokio::pin!(hedge);
+        tokio::pin!(timer);
         loop {
             if pending.is_empty() && second_wave.is_none() {
                 return None;
@@ -115,9 +122,11 @@ impl<'a> Lookup<'a> {
                         Ok(None) => {}
                         Err(e) => self.judge_answer(&s, hash, &e),
                     }
+                    hedge.answered(&s);
+                    timer.as_mut().reset(hedge.due());
                     pending.is_empty()
                 }
-                _ = &mut hedge, if second_wave.is_some() => true,
+                _ = &mut timer, if second_wave.is_some() => true,
             };
             if start_second_wave {
                 if let Some(mut wave) = second_wave.take() {
@@ -146,22 +155,39 @@ impl<'a> Lookup<'a> {
         found
     }
 
-    /// Every source that has the NAR `nar_hash` of `hash` (peers first), excluding `skip`;
-    /// waits [`GATHER_GRACE`] after the first for the others. Peers that lied about this NAR
-    /// are not asked; demoted peers come after those in good standing.
-    pub async fn gather(self, hash: &'a StorePathHash, nar_hash: &NarHash, skip: &HashSet<SourceId>) -> Vec<Candidate> {
-        let (mut all, demoted) = self.book.pick_peers(hash, true);
-        all.extend(demoted);
-        all.extend(self.book.live_upstreams());
-        let mut pending: FuturesUnordered<Answer<'_>> = all
-            .into_iter()
-            .filter(|s| !skip.contains(s))
-            .filter(|s| self.book.may_ask_for(s, nar_hash))
-            .map(|s| self.ask(s, hash))
-            .collect();
+    /// Every source that has the NAR `nar_hash` of `hash`, excluding `skip`: the peers at once,
+    /// the upstreams only if no peer has the NAR by the time the [`Hedge`] is due (a fetch asks
+    /// them later, [`Self::upstreams`], if those peers fail: issue #24, a crowd's fetches all
+    /// asked the upstream for the narinfo of a NAR a peer held); waits [`GATHER_GRACE`] after
+    /// the first for the others. Peers that lied about this NAR are not asked; demoted peers come
+    /// after those in good standing.
+    pub async fn gather(self, hash: &'a StorePathHash, nar_hash: &NarHash, skip: &HashSet<SourceId>) -> Gathered {
+        let (mut peers, demoted) = self.book.pick_peers(hash, true);
+        peers.extend(demoted);
+        let askable = |s: &SourceId| !skip.contains(s) && self.book.may_ask_for(s, nar_hash);
+        peers.retain(|s| askable(s));
+        let mut hedge = Hedge::new(peers.iter().filter(|s| self.book.claims(s, hash)).cloned());
+        let mut upstreams: Option<Vec<SourceId>> =
+            Some(self.book.live_upstreams().into_iter().filter(|s| askable(s)).collect());
+        let mut pending: FuturesUnordered<Answer<'_>> = peers.into_iter().map(|s| self.ask(s, hash)).collect();
         let mut found = Vec::new();
+        let mut upstreams_asked = false;
+        let timer = tokio::time::sleep_until(hedge.due());
+        tokio::pin!(timer);
         let mut deadline: Option<Instant> = None;
-        while !pending.is_empty() {
+        loop {
+            if pending.is_empty() || timer.is_elapsed() {
+                // The peers' turn is over: the upstreams, unless a peer has the NAR.
+                if let Some(ups) = upstreams.take() {
+                    upstreams_asked = found.is_empty();
+                    if upstreams_asked {
+                        pending.extend(ups.into_iter().map(|s| self.ask(s, hash)));
+                    }
+                }
+                if pending.is_empty() {
+                    break;
+                }
+            }
             let grace = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -169,18 +195,89 @@ impl<'a> Lookup<'a> {
                 }
             };
             tokio::select! {
-                Some((s, r)) = pending.next() => match r {
-                    Ok(Some(c)) if c.info.nar_hash == *nar_hash => {
-                        found.push(c);
-                        deadline.get_or_insert(Instant::now() + GATHER_GRACE);
+                Some((s, r)) = pending.next() => {
+                    match r {
+                        Ok(Some(c)) if c.info.nar_hash == *nar_hash => {
+                            found.push(c);
+                            deadline.get_or_insert(Instant::now() + GATHER_GRACE);
+                        }
+                        Ok(_) => {}
+                        Err(e) => self.judge_answer(&s, hash, &e),
                     }
-                    Ok(_) => {}
-                    Err(e) => self.judge_answer(&s, hash, &e),
-                },
+                    hedge.answered(&s);
+                    timer.as_mut().reset(hedge.due());
+                }
+                _ = &mut timer, if upstreams.is_some() => {}
                 _ = grace => break,
             }
         }
         self.book.rank(&mut found);
+        Gathered { found, upstreams_asked }
+    }
+
+    /// The upstreams not in `skip` that have the NAR `nar_hash` of `hash`, asked at once: a
+    /// fetch's last resort when [`Self::gather`] left them alone and the peers failed.
+    pub async fn upstreams(
+        self,
+        hash: &'a StorePathHash,
+        nar_hash: &NarHash,
+        skip: &HashSet<SourceId>,
+    ) -> Vec<Candidate> {
+        let asks: FuturesUnordered<Answer<'_>> = (self.book.live_upstreams().into_iter())
+            .filter(|s| !skip.contains(s))
+            .map(|s| self.ask(s, hash))
+            .collect();
+        let answers: Vec<_> = asks.collect().await;
+        let mut found = Vec::new();
+        for (s, r) in answers {
+            match r {
+                Ok(Some(c)) if c.info.nar_hash == *nar_hash => found.push(c),
+                Ok(_) => {}
+                Err(e) => self.judge_answer(&s, hash, &e),
+            }
+        }
         found
+    }
+}
+
+/// What [`Lookup::gather`] found.
+pub struct Gathered {
+    /// The sources with the NAR, in the order to try them.
+    pub found: Vec<Candidate>,
+    /// Whether the upstreams (not skipped) were asked; when not, a peer had the NAR.
+    pub upstreams_asked: bool,
+}
+
+/// When a lookup's upstreams are due: [`HEDGE_DELAY`] after the peers were asked; but while a
+/// peer whose summary claims the path (`SourceBook::claims`) has not answered, not before
+/// [`CLAIMED_WAIT`] (issue #24: the holder of a crowd's path, loaded, took more than 150 ms to
+/// answer, and every host's lookup asked the upstream). A miss no peer claims stays fast.
+struct Hedge {
+    asked: Instant,
+    /// The claiming peers that have not answered yet.
+    claimed: HashSet<SourceId>,
+}
+
+impl Hedge {
+    fn new(claimed: impl Iterator<Item = SourceId>) -> Self {
+        Self {
+            asked: Instant::now(),
+            claimed: claimed.collect(),
+        }
+    }
+
+    /// `s` answered (or failed).
+    fn answered(&mut self, s: &SourceId) {
+        self.claimed.remove(s);
+    }
+
+    /// When the upstreams are due.
+    fn due(&self) -> Instant {
+        self.asked
+            + if self.claimed.is_empty() {
+                HEDGE_DELAY
+            } else {
+                CLAIMED_WAIT
+            }
     }
 }

@@ -182,7 +182,7 @@ impl NarDesk {
                     book: &self.parts.book,
                     stats: &self.parts.stats,
                 };
-                match lookup.gather(hash, nar_hash, &Default::default()).await.first() {
+                match lookup.gather(hash, nar_hash, &Default::default()).await.found.first() {
                     Some(c) => c.info.nar_size,
                     None => return Err(ProxyError::NarUnavailable(Arc::new(FetchError::NoSource))),
                 }

@@ -50,6 +50,9 @@ pub struct Stats {
     /// Waits (with jitter) of a fetch whose every source was busy, before asking again.
     #[serde(default)]
     pub busy_waits: u64,
+    /// Segments of split fetches that went on from another peer after theirs failed (`split`).
+    #[serde(default)]
+    pub segments_moved: u64,
 }
 
 /// What became of one NAR request.

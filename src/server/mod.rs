@@ -292,16 +292,22 @@ impl StoreServer {
             // (and is told whom to try instead).
             let t = &self.streams.transfers;
             // Only NARs a downloader can relay (file-spooled ones) are shared so: a small one is
-            // over in moments, and its takers could only wait. Nor a segment of a split fetch
-            // (a range that stops short of the end): the split needs all its segments.
-            let segment = matches!(
-                h::parse_range(req.headers().get(header::RANGE), entry.nar_size),
-                Ok(Some(r)) if r.end + 1 < entry.nar_size
-            );
-            let shared = entry.nar_size > transfers::SHARED_NAR_MIN_BYTES && !segment;
+            // over in moments, and its takers could only wait. A segment of a split fetch counts
+            // by its length (a busy one goes on from another of the NAR's holders).
+            let (start, end) = match h::parse_range(req.headers().get(header::RANGE), entry.nar_size) {
+                Ok(Some(r)) => (r.start, r.end),
+                _ => (0, entry.nar_size.saturating_sub(1)),
+            };
+            let share = transfers::NarShare {
+                nar: *nar_hash,
+                size: entry.nar_size,
+                start,
+                end,
+            };
+            let shared = entry.nar_size > transfers::SHARED_NAR_MIN_BYTES;
             let got = match (busy_ok, shared) {
                 (true, true) => {
-                    t.acquire_for_nar(peer.ip(), *nar_hash, transfers::MAX_TRANSFERS_PER_NAR)
+                    t.acquire_for_nar(peer.ip(), share, transfers::MAX_TRANSFERS_PER_NAR)
                         .await
                 }
                 (true, false) => t.acquire_within(peer.ip(), transfers::BUSY_WAIT).await,

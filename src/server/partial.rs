@@ -65,7 +65,16 @@ pub async fn nar<B: Sync>(
     } else {
         let permit = streams
             .transfers
-            .acquire_for_nar(peer.ip(), *nar_hash, transfers::MAX_TRANSFERS_PER_NAR)
+            .acquire_for_nar(
+                peer.ip(),
+                transfers::NarShare {
+                    nar: *nar_hash,
+                    size,
+                    start,
+                    end,
+                },
+                transfers::MAX_TRANSFERS_PER_NAR,
+            )
             .await
             .map_err(|source| ServeError::PartialBusy {
                 peer,

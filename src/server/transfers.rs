@@ -47,11 +47,13 @@ pub const BUSY_WAIT: Duration = Duration::from_secs(1);
 /// The `Retry-After` of a busy answer: when a slot may be free (the proxy adds jitter).
 pub const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Bodies of one NAR streamed at once to proxies (requests that take a busy answer): past it a
-/// proxy is answered busy at once, with the hosts that stream that NAR from here as hints, so a
-/// crowd fetching one path forms a tree (each host feeding two others, from the bytes it has so
-/// far) instead of a star around the holder (issue #24). Nix clients are not counted, nor
-/// segments of split fetches (a range short of the NAR's end).
+/// Copies of one NAR streamed at once to proxies (requests that take a busy answer), counted in
+/// bytes: a whole NAR is one copy, a segment of a split fetch the share of it its range is. Past
+/// it a proxy is answered busy at once, with the hosts that stream that NAR from here to its end
+/// as hints, so a crowd fetching one path forms a tree (each host feeding two others, from the
+/// bytes it has so far) instead of a star around the holder, and the segments of a later wave
+/// spread over the holders instead of piling onto the ones picked most (issue #24). Nix clients
+/// are not counted.
 pub const MAX_TRANSFERS_PER_NAR: usize = 2;
 /// NARs up to this size are not shared so: a proxy spools them in memory and cannot relay them
 /// (`proxy::MEM_SPOOL_ONE`), and they are over in moments.
@@ -76,10 +78,39 @@ struct State {
     keys: HashMap<IpAddr, (usize, usize)>,
     /// Waiting requests in arrival order.
     queue: VecDeque<Waiter>,
-    /// Per NAR streamed to proxies: the client addresses streaming it (one entry per held
-    /// [`Permit`] that names the NAR, so at most `max` in all).
-    per_nar: HashMap<crate::narinfo::NarHash, Vec<IpAddr>>,
+    /// Per NAR streamed to proxies: its streams (one entry per held [`Permit`] that names the
+    /// NAR, so at most `max` in all).
+    per_nar: HashMap<crate::narinfo::NarHash, Vec<NarStream>>,
     next_id: u64,
+}
+
+/// One stream of a NAR to a proxy, as the NAR's share counts it.
+struct NarStream {
+    /// Tells the permit's entry from the others.
+    id: u64,
+    ip: IpAddr,
+    /// Bytes of the NAR it sends.
+    sends: u64,
+    /// It sends up to the NAR's end: its taker fetches the whole NAR, and can relay it.
+    to_end: bool,
+}
+
+/// What a proxy's request for a NAR would stream, for the NAR's share (issue #24).
+#[derive(Clone, Copy, Debug)]
+pub struct NarShare {
+    pub nar: crate::narinfo::NarHash,
+    /// The NAR's size.
+    pub size: u64,
+    /// The first and last byte sent.
+    pub start: u64,
+    pub end: u64,
+}
+
+impl NarShare {
+    /// The bytes it sends, and whether up to the NAR's end.
+    fn counts(&self) -> (u64, bool) {
+        ((self.end + 1).saturating_sub(self.start), self.end + 1 >= self.size)
+    }
 }
 
 struct Waiter {
@@ -127,16 +158,16 @@ impl State {
 pub struct Permit {
     transfers: Arc<Transfers>,
     key: IpAddr,
-    /// The NAR and client address it counts for ([`Transfers::acquire_for_nar`]).
-    nar: Option<(crate::narinfo::NarHash, IpAddr)>,
+    /// The NAR and the stream's id in its share ([`Transfers::acquire_for_nar`]).
+    nar: Option<(crate::narinfo::NarHash, u64)>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut st = self.transfers.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((nar, ip)) = self.nar {
+        if let Some((nar, id)) = self.nar {
             if let Some(v) = st.per_nar.get_mut(&nar) {
-                if let Some(i) = v.iter().position(|a| *a == ip) {
+                if let Some(i) = v.iter().position(|a| a.id == id) {
                     v.swap_remove(i);
                 }
                 if v.is_empty() {
@@ -194,8 +225,9 @@ pub enum Refused {
     AddrQueueFull,
     #[error("no transfer slot within {0:?}")]
     Timeout(Duration),
-    /// [`MAX_TRANSFERS_PER_NAR`] proxies stream this NAR already: these addresses.
-    #[error("this NAR is streamed to {} proxies already", .0.len())]
+    /// [`MAX_TRANSFERS_PER_NAR`] copies of this NAR are streamed already: to these addresses up
+    /// to its end (the hosts that can relay it; segments' takers are not named).
+    #[error("this NAR's share is taken ({} proxies fetch it whole)", .0.len())]
     NarShared(Vec<IpAddr>),
 }
 
@@ -276,15 +308,19 @@ impl Transfers {
         }
     }
 
-    /// A slot for a proxy at `ip` streaming the NAR `nar`, waiting at most [`BUSY_WAIT`]; refused
-    /// at once while `max_per_nar` proxies stream that NAR ([`Refused::NarShared`] names them).
-    pub async fn acquire_for_nar(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        nar: crate::narinfo::NarHash,
-        max_per_nar: usize,
-    ) -> Result<Permit, Refused> {
-        let shared = |st: &State| st.per_nar.get(&nar).filter(|v| v.len() >= max_per_nar.max(1)).cloned();
+    /// A slot for a proxy at `ip` streaming `share` of a NAR, waiting at most [`BUSY_WAIT`];
+    /// refused at once while the NAR's streams, with this one, would send more than `max` copies
+    /// of it (one stream is always let through; [`Refused::NarShared`] names the takers
+    /// of whole copies).
+    pub async fn acquire_for_nar(self: &Arc<Self>, ip: IpAddr, share: NarShare, max: usize) -> Result<Permit, Refused> {
+        let nar = share.nar;
+        let cap = share.size.saturating_mul(max.max(1) as u64);
+        let shared = |st: &State| {
+            let v = st.per_nar.get(&nar)?;
+            let sent: u64 = v.iter().map(|s| s.sends).sum();
+            (sent.saturating_add(share.counts().0) > cap)
+                .then(|| v.iter().filter(|s| s.to_end).map(|s| s.ip).collect::<Vec<_>>())
+        };
         if let Some(v) = shared(&self.state.lock().unwrap_or_else(|p| p.into_inner())) {
             return Err(Refused::NarShared(v));
         }
@@ -295,8 +331,14 @@ impl Transfers {
             drop(st);
             return Err(Refused::NarShared(v));
         }
-        st.per_nar.entry(nar).or_default().push(ip);
-        p.nar = Some((nar, ip));
+        st.next_id += 1;
+        let id = st.next_id;
+        let (sends, to_end) = share.counts();
+        st.per_nar
+            .entry(nar)
+            .or_default()
+            .push(NarStream { id, ip, sends, to_end });
+        p.nar = Some((nar, id));
         Ok(p)
     }
 
@@ -464,10 +506,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_nar_is_streamed_to_at_most_its_share_of_proxies() {
         let t = Arc::new(Transfers::new(8, 8, 8, Duration::from_secs(20)));
-        let (x, y) = (
-            crate::narinfo::NarHash::from_digest([1; 32]),
-            crate::narinfo::NarHash::from_digest([2; 32]),
-        );
+        let (x, y) = (whole(1, 1000), whole(2, 1000));
         let a = t.acquire_for_nar(ip("10.0.0.1"), x, 2).await.expect("a");
         let _b = t.acquire_for_nar(ip("10.0.0.2"), x, 2).await.expect("b");
         let t0 = tokio::time::Instant::now();
@@ -485,7 +524,48 @@ mod tests {
             .acquire_for_nar(ip("10.0.0.3"), x, 2)
             .await
             .expect("a's share is free");
-        assert_eq!(t.state.lock().expect("lock").per_nar[&x].len(), 2);
+        assert_eq!(t.state.lock().expect("lock").per_nar[&x.nar].len(), 2);
+    }
+
+    /// The whole NAR of digest byte `d`, `size` bytes.
+    fn whole(d: u8, size: u64) -> NarShare {
+        NarShare {
+            nar: crate::narinfo::NarHash::from_digest([d; 32]),
+            size,
+            start: 0,
+            end: size - 1,
+        }
+    }
+
+    /// Issue #24, later waves: segments of split fetches count towards a NAR's share by their
+    /// length (before, not at all: a host picked by many splits sent 3 copies in a wave where 25
+    /// hosts had the NAR); a segment's taker is never named to try (it cannot relay the NAR); a
+    /// resume counts what is left.
+    #[tokio::test(start_paused = true)]
+    async fn segments_count_towards_a_nars_share_by_their_length() {
+        let t = Arc::new(Transfers::new(32, 32, 8, Duration::from_secs(20)));
+        let n = whole(1, 1000);
+        let part = |start: u64, end: u64| NarShare { start, end, ..n };
+        let at = |k: u64| ip(&format!("10.0.0.{k}"));
+        let mut held = Vec::new();
+        for k in 0..8 {
+            // Quarters short of the end (a last one is taken for a resume: named, harmlessly).
+            let p = t.acquire_for_nar(at(k), part(k % 3 * 250, k % 3 * 250 + 249), 2);
+            held.push(p.await.expect("8 quarters"));
+        }
+        let refused = |r: Result<Permit, Refused>| match r {
+            Err(Refused::NarShared(v)) => v,
+            other => panic!("{:?}", other.err()),
+        };
+        let r = t.acquire_for_nar(at(9), part(0, 249), 2).await;
+        assert!(refused(r).is_empty(), "a 9th quarter");
+        held.truncate(4);
+        let _w = t.acquire_for_nar(at(20), n, 2).await.expect("a whole copy fits");
+        let v = refused(t.acquire_for_nar(at(21), part(500, 749), 2).await);
+        assert_eq!(v, vec![at(20)], "only the whole copy's taker is named");
+        held.clear();
+        let r = t.acquire_for_nar(at(21), part(900, 999), 2).await;
+        assert!(r.is_ok(), "a resume fits");
     }
 
     #[tokio::test(start_paused = true)]

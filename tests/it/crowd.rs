@@ -109,6 +109,27 @@ struct Wave {
     upstream_narinfos: usize,
     upstream_nars: usize,
     upstream_sent: u64,
+    /// The machine's CPU time busy during the wave, as a share of all its cores' time
+    /// (`/proc/stat`): every host shares this machine's cores, so a wave that keeps them busy is
+    /// bound by the CPU, not by the links.
+    cpu_busy: f64,
+}
+
+/// The machine's CPU time from `/proc/stat`'s first line: (busy, total), in ticks.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    let total: u64 = ticks.iter().take(8).sum();
+    (total.saturating_sub(idle), total)
 }
 
 impl Wave {
@@ -248,6 +269,7 @@ impl Crowd {
             (part, a, b)
         };
         let up_sent = up.tx_bytes();
+        let cpu0 = cpu_ticks();
         let t0 = Instant::now();
         let mut children: Vec<Child> = clients
             .iter()
@@ -273,6 +295,7 @@ impl Crowd {
             }
             ended.iter().all(Option::is_some).then_some(())
         });
+        let cpu1 = cpu_ticks();
         for (k, ch) in children.iter_mut().enumerate() {
             if ended[k].is_none() {
                 let _ = ch.kill();
@@ -313,6 +336,7 @@ impl Crowd {
             upstream_narinfos: up.gets(&narinfo_part) - up_narinfos,
             upstream_nars: up.gets("/nar/") - up_nars,
             upstream_sent: up.tx_bytes().saturating_sub(up_sent),
+            cpu_busy: (cpu1.0 - cpu0.0) as f64 / (cpu1.1 - cpu0.1).max(1) as f64,
         }
     }
 
@@ -406,6 +430,7 @@ impl Crowd {
             ("hosts_over_2p", over_2p.to_string()),
             ("total_xp", format!("{:.2}", self.times_p(w.sent.iter().sum()))),
             ("sources", sources_text(&w.sources)),
+            ("cpu_busy_pct", format!("{:.0}", w.cpu_busy * 100.0)),
             (
                 "upstream",
                 format!(
@@ -484,7 +509,8 @@ fn a_crowd_of_eight_on_one_holder_all_succeed_and_no_host_sends_more_than_four_c
 /// One scenario of `bench/crowd.sh`, from the environment: `CROWD_N` clients at once (12),
 /// `CROWD_MIB` (64), `CROWD_UPSTREAM=1` (the proxies have the shaped upstream; default none),
 /// `CROWD_WAVE2` (a second wave of that many, 10 s after the first is all done; 0),
-/// `CROWD_HOLDER_ARGS` (more `serve` flags for the holder, space-separated). T1 first: one more
+/// `CROWD_HOLDER_ARGS` (more `serve` flags for the holder, space-separated), `CROWD_SERVE_LOGS`
+/// (a directory: every host's `serve` log is written there at the end). T1 first: one more
 /// host realises P alone, then stops its `serve` (a goodbye) before the crowd starts.
 #[test]
 #[ignore]
@@ -543,6 +569,12 @@ fn bench_crowd() {
         figure("w2_first_wave_max_xp", &format!("{first_max:.2}"));
         if w2.failed() > 0 {
             eprintln!("second wave failures:{}", crowd.failures(&w2));
+        }
+    }
+    // The hosts' `serve` logs, for a look at where the time and the bytes went.
+    if let Some(dir) = std::env::var("CROWD_SERVE_LOGS").ok().filter(|d| !d.is_empty()) {
+        for h in &crowd.lan.hosts {
+            let _ = std::fs::write(std::path::Path::new(&dir).join(format!("{}.log", h.name)), h.log());
         }
     }
 }
