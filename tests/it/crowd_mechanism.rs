@@ -529,9 +529,10 @@ fn a_real_crowd_forms_a_tree_and_the_holder_sends_at_most_three_copies() {
     for (i, o) in outs.iter().enumerate() {
         assert!(
             o.status.success(),
-            "host {} failed: {}",
+            "host {} failed: {}\n--- its serve log:\n{}",
             i + 1,
-            String::from_utf8_lossy(&o.stderr)
+            String::from_utf8_lossy(&o.stderr),
+            lan.hosts[i + 1].log()
         );
         assert!(lan.hosts[i + 1].has(&f.rand), "host {} lacks the path", i + 1);
     }
