@@ -14,7 +14,9 @@
 # none (an offline hall). BENCH_CROWD_LOGS=DIR keeps the logs (and every host's serve log, in
 # DIR/serve-SCENARIO); the CPU column is the machine's CPU time busy during the wave (/proc/stat;
 # every host shares this machine's cores); BENCH_CROWD_UNTIL=EPOCH_SECONDS
-# starts no scenario after that time. Each scenario bounds itself (the LAN settles within 150 s,
+# starts no scenario after that time; BENCH_CROWD_RATE (200mbit) shapes every link to another
+# rate (a slower one spreads the same CPU work over more time: on this 2-core machine it tells a
+# crowd limited by the cores from one limited by the links). Each scenario bounds itself (the LAN settles within 150 s,
 # T1 within 120 s, each wave within CROWD_LIMIT_S, 240 s: then its clients are killed and count
 # as failed), so the test's own drop kills its processes by PID and deletes its namespaces (an
 # outer `timeout` would kill cargo and orphan them).
@@ -51,7 +53,7 @@ for s in $SCENARIOS; do
         serve_logs="$BENCH_CROWD_LOGS/serve-$s"
         mkdir -p "$serve_logs"
     fi
-    if ! CROWD_N=$n CROWD_MIB=$mib CROWD_WAVE2=$wave2 CROWD_UPSTREAM=$up CROWD_SERVE_LOGS=$serve_logs \
+    if ! CROWD_RATE=${BENCH_CROWD_RATE:-200mbit} CROWD_N=$n CROWD_MIB=$mib CROWD_WAVE2=$wave2 CROWD_UPSTREAM=$up CROWD_SERVE_LOGS=$serve_logs \
         cargo test --release --locked -q --test it -- --ignored --nocapture --exact crowd::bench_crowd \
         >"$out/log-$s" 2>&1; then
         echo "crowd scenario $s failed:" >&2
@@ -65,7 +67,7 @@ get() { # scenario key
     v=$(awk -F'|' -v k="$2" '$2 == k { print $3 }' "$out/$1" 2>/dev/null)
     echo "${v:-—}"
 }
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), load $(cut -d' ' -f1-3 /proc/loadavg); every link 200 Mbit/s (tc tbf)"
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), load $(cut -d' ' -f1-3 /proc/loadavg); every link ${BENCH_CROWD_RATE:-200mbit} (tc tbf)"
 echo
 echo "| crowd at once | P | T1 | all done | × T1 | holder sent | most any host sent | NARs per source | failures | upstream | CPU busy |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::common::nixlan::NixLan;
 use crate::common::{fixture, nix as nix_cmd, run, wait_for};
 
-/// Every host's link, as in the issue.
+/// Every host's link, as in the issue (`bench_crowd` takes another from `CROWD_RATE`).
 const RATE: &str = "200mbit";
 const MIB: u64 = 1024 * 1024;
 /// Every crowd host's `serve` flags (besides store, upstream, key, spool and state): the
@@ -156,16 +156,21 @@ impl Crowd {
     /// fixture's cache, shaped like the hosts) or none (an offline hall); `holder_args`: more
     /// `serve` flags for the holder.
     fn new(clients: usize, mib: u64, upstream: bool, holder_args: &[&str]) -> Self {
+        Self::with_rate(clients, mib, upstream, holder_args, RATE)
+    }
+
+    /// [`Crowd::new`] with every link shaped to `rate` (a tc rate: "50mbit").
+    fn with_rate(clients: usize, mib: u64, upstream: bool, holder_args: &[&str], rate: &str) -> Self {
         let path = crowd_path(mib);
         let mut stores: Vec<&[&str]> = vec![&[]; clients + 1];
         let held = [path.as_str()];
         stores[0] = &held;
         let mut lan = NixLan::new(&stores);
         for h in &lan.hosts {
-            h.shape_egress(RATE);
+            h.shape_egress(rate);
         }
         let up = if upstream {
-            lan.upstream.shape(RATE);
+            lan.upstream.shape(rate);
             lan.upstream.url()
         } else {
             lan.upstream.stop();
@@ -510,7 +515,10 @@ fn a_crowd_of_eight_on_one_holder_all_succeed_and_no_host_sends_more_than_four_c
 /// `CROWD_MIB` (64), `CROWD_UPSTREAM=1` (the proxies have the shaped upstream; default none),
 /// `CROWD_WAVE2` (a second wave of that many, 10 s after the first is all done; 0),
 /// `CROWD_HOLDER_ARGS` (more `serve` flags for the holder, space-separated), `CROWD_SERVE_LOGS`
-/// (a directory: every host's `serve` log is written there at the end). T1 first: one more
+/// (a directory: every host's `serve` log is written there at the end), `CROWD_RATE` (every
+/// link's rate, [`RATE`] by default: a slower one spreads the same CPU work over a longer
+/// time, which tells a crowd limited by this machine's two cores from one limited by its
+/// links). T1 first: one more
 /// host realises P alone, then stops its `serve` (a goodbye) before the crowd starts.
 #[test]
 #[ignore]
@@ -525,8 +533,10 @@ fn bench_crowd() {
     let holder_args: Vec<&str> = holder_args.split_whitespace().collect();
     let t_setup = Instant::now();
     // Host 1 is the solo client for T1; then the first wave, then the second.
-    let mut crowd = Crowd::new(1 + n + wave2, mib, upstream, &holder_args);
+    let rate = std::env::var("CROWD_RATE").unwrap_or_else(|_| RATE.to_owned());
+    let mut crowd = Crowd::with_rate(1 + n + wave2, mib, upstream, &holder_args, &rate);
     let figure = |k: &str, v: &dyn std::fmt::Display| println!("BENCH-CROWD|{k}|{v}");
+    figure("rate", &rate);
     figure("setup_s", &format!("{:.0}", t_setup.elapsed().as_secs_f64()));
     figure(
         "machine",
