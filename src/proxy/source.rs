@@ -495,16 +495,20 @@ impl Sources {
         };
         // The connection's errors are told apart from a decoder's (see [`is_transport_error`]).
         let stream = resp.bytes_stream().map_err(|e| io::Error::new(TRANSPORT_ERROR, e));
+        if c.info.compression == Compression::None && !zstd {
+            // Plain: the response's own chunks, no copy (see [`NarReader`]).
+            return Ok((NarReader::Chunks(Box::pin(stream)), start));
+        }
         let raw = tokio_util::io::StreamReader::new(stream);
         use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
-        let reader: NarReader = match &c.info.compression {
-            Compression::None if zstd => Box::pin(peer_zstd_decoder(raw)),
-            Compression::None => Box::pin(raw),
+        let reader: Pin<Box<dyn AsyncRead + Send>> = match &c.info.compression {
+            Compression::None => Box::pin(peer_zstd_decoder(raw)),
             Compression::Xz => Box::pin(XzDecoder::new(raw)),
             Compression::Zstd => Box::pin(ZstdDecoder::new(raw)),
             Compression::Bzip2 => Box::pin(BzDecoder::new(raw)),
             Compression::Other(c) => return Err(SourceError::Compression(c.clone())),
         };
+        let reader = NarReader::Decoded(reader);
         Ok((reader, start))
     }
 }
@@ -565,12 +569,18 @@ impl Sources {
             return Err(SourceError::Status(resp.status().as_u16()));
         }
         let stream = resp.bytes_stream().map_err(io::Error::other);
-        Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
+        Ok(NarReader::Chunks(Box::pin(stream)))
     }
 }
 
 /// A NAR's uncompressed bytes from one source.
-pub type NarReader = Pin<Box<dyn AsyncRead + Send>>;
+pub enum NarReader {
+    /// A plain NAR: the chunks the HTTP client cut from its read buffer, handed on as they are
+    /// (issue #27: reading them through an `AsyncRead` copied every byte once more).
+    Chunks(futures_util::stream::BoxStream<'static, io::Result<bytes::Bytes>>),
+    /// A decoder's output (a compressed NAR, or a peer's `.nar.zst`), read into buffers.
+    Decoded(Pin<Box<dyn AsyncRead + Send>>),
+}
 
 /// Largest zstd window (log2) accepted in a peer's `.nar.zst`: our store servers write 2^19
 /// (`server::compress`); without a cap a peer's frame header could make the decoder allocate up
