@@ -464,6 +464,21 @@ impl Sources {
         }
     }
 
+    /// Sends `req` for a NAR of `c` within its source's timeout: the answer, from the node
+    /// announced (`check_node`); a peer's 503 is [`SourceError::Busy`].
+    async fn send_nar(&self, c: &Candidate, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SourceError> {
+        let t = self.timeouts(&c.source);
+        let resp = tokio::time::timeout(t.narinfo, req.send())
+            .await
+            .map_err(|_| SourceError::Timeout)??;
+        check_node(&c.source, &resp)?;
+        if resp.status().as_u16() == 503 && matches!(c.source, SourceId::Peer(_)) {
+            let (retry_after, hints) = (busy_retry_after(&resp), busy_hints(&resp));
+            return Err(SourceError::Busy { retry_after, hints });
+        }
+        Ok(resp)
+    }
+
     /// Opens the NAR of `c`, decompressed, from uncompressed byte `from` (only for resumable
     /// candidates; others always start at 0). Returns the reader and the offset it starts at.
     /// `form`: [`Form::Zstd`] fetches a candidate that offers it (`c.zstd`) from byte 0 as
@@ -476,27 +491,15 @@ impl Sources {
         if ranged {
             req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
         }
-        let t = self.timeouts(&c.source);
-        let resp = tokio::time::timeout(t.narinfo, req.send())
-            .await
-            .map_err(|_| SourceError::Timeout)??;
-        check_node(&c.source, &resp)?;
-        let status = resp.status().as_u16();
-        let start = match status {
+        let resp = self.send_nar(c, req).await?;
+        let start = match resp.status().as_u16() {
             206 if ranged => from,
             200 => 0,
-            503 if matches!(c.source, SourceId::Peer(_)) => {
-                return Err(SourceError::Busy {
-                    retry_after: busy_retry_after(&resp),
-                    hints: busy_hints(&resp),
-                })
-            }
             other => return Err(SourceError::Status(other)),
         };
         // The connection's errors are told apart from a decoder's (see [`is_transport_error`]).
         let stream = resp.bytes_stream().map_err(|e| io::Error::new(TRANSPORT_ERROR, e));
         if c.info.compression == Compression::None && !zstd {
-            // Plain: the response's own chunks, no copy (see [`NarReader`]).
             return Ok((NarReader::Chunks(Box::pin(stream)), start));
         }
         let raw = tokio_util::io::StreamReader::new(stream);
@@ -508,8 +511,7 @@ impl Sources {
             Compression::Bzip2 => Box::pin(BzDecoder::new(raw)),
             Compression::Other(c) => return Err(SourceError::Compression(c.clone())),
         };
-        let reader = NarReader::Decoded(reader);
-        Ok((reader, start))
+        Ok((NarReader::Decoded(reader), start))
     }
 }
 
@@ -549,22 +551,12 @@ impl Sources {
         let req = self
             .nar_request(c, c.nar_url.clone())
             .header(reqwest::header::RANGE, format!("bytes={start}-{end}"));
-        let t = self.timeouts(&c.source);
-        let resp = tokio::time::timeout(t.narinfo, req.send())
-            .await
-            .map_err(|_| SourceError::Timeout)??;
-        check_node(&c.source, &resp)?;
+        let resp = self.send_nar(c, req).await?;
         let from_start = resp
             .headers()
             .get(reqwest::header::CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with(&format!("bytes {start}-")));
-        if resp.status().as_u16() == 503 && matches!(c.source, SourceId::Peer(_)) {
-            return Err(SourceError::Busy {
-                retry_after: busy_retry_after(&resp),
-                hints: busy_hints(&resp),
-            });
-        }
         if resp.status().as_u16() != 206 || !from_start {
             return Err(SourceError::Status(resp.status().as_u16()));
         }
@@ -573,12 +565,10 @@ impl Sources {
     }
 }
 
-/// A NAR's uncompressed bytes from one source.
+/// A NAR's uncompressed bytes from one source: a plain NAR's chunks as the HTTP client cut them
+/// (handed on uncopied, issue #27), or a decoder's output (read into buffers).
 pub enum NarReader {
-    /// A plain NAR: the chunks the HTTP client cut from its read buffer, handed on as they are
-    /// (issue #27: reading them through an `AsyncRead` copied every byte once more).
     Chunks(futures_util::stream::BoxStream<'static, io::Result<bytes::Bytes>>),
-    /// A decoder's output (a compressed NAR, or a peer's `.nar.zst`), read into buffers.
     Decoded(Pin<Box<dyn AsyncRead + Send>>),
 }
 
