@@ -8,7 +8,7 @@ use std::io;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
@@ -130,8 +130,6 @@ pub struct SourceRead {
     bufs: ReadBufs,
     /// What a read after the first of a chunk met (the end, or an error), told at the next call.
     after: Option<io::Result<()>>,
-    /// A plain NAR's chunk taken while gathering small ones that did not join them: the next.
-    held: Option<Bytes>,
 }
 
 impl SourceRead {
@@ -143,7 +141,6 @@ impl SourceRead {
             floor: RateFloor::new(source, want),
             bufs: ReadBufs::new(),
             after: None,
-            held: None,
         }
     }
 
@@ -155,25 +152,13 @@ impl SourceRead {
     /// the buffer's room ([`READ_CHUNK`]): a decoder or a socket gives 8-64 KiB a read, and each
     /// chunk costs a trip through the spool, the pass-through's channels and a write to Nix
     /// (wake-ups and context switches were a seventh of the proxy's CPU, issue #27).
-    ///
-    /// A plain NAR's chunks (`NarReader::Chunks`) are handed on as the HTTP client cut them,
-    /// without a copy; only chunks under [`MIN_READ_ROOM`] are gathered (copied) into a read
-    /// buffer with whatever more is ready, so a trickle of small pieces does not cost a trip each.
     pub async fn next(&mut self) -> Result<Option<Bytes>, SourceError> {
-        if let Some(c) = self.held.take() {
-            self.floor.received(c.len() as u64)?;
-            return Ok(Some(c));
-        }
         match self.after.take() {
             Some(Ok(())) => return Ok(None),
             Some(Err(e)) => return Err(SourceError::Read(e)),
             None => {}
         }
-        let reader = match &mut self.reader {
-            NarReader::Chunks(_) => return self.next_chunk().await,
-            NarReader::Decoded(r) => r,
-        };
-        let mut n = match tokio::time::timeout(self.idle, reader.read_buf(self.bufs.room())).await {
+        let mut n = match tokio::time::timeout(self.idle, self.reader.read_buf(self.bufs.room())).await {
             Err(_) => return Err(SourceError::Timeout),
             Ok(r) => r.map_err(SourceError::Read)?,
         };
@@ -183,7 +168,7 @@ impl SourceRead {
         // More, while it is ready now and the buffer has room (a read that would wait is
         // dropped: it took nothing, and the next call asks again).
         while self.bufs.cur_room() >= MIN_READ_ROOM {
-            match reader.read_buf(&mut self.bufs.cur).now_or_never() {
+            match self.reader.read_buf(&mut self.bufs.cur).now_or_never() {
                 None => break,
                 Some(Ok(0)) => {
                     self.after = Some(Ok(()));
@@ -199,50 +184,6 @@ impl SourceRead {
         self.floor.received(n as u64)?;
         Ok(Some(self.bufs.cut()))
     }
-
-    /// [`Self::next`] for a plain NAR's chunks.
-    async fn next_chunk(&mut self) -> Result<Option<Bytes>, SourceError> {
-        let NarReader::Chunks(chunks) = &mut self.reader else {
-            return Ok(None);
-        };
-        let first = loop {
-            match tokio::time::timeout(self.idle, chunks.next()).await {
-                Err(_) => return Err(SourceError::Timeout),
-                Ok(None) => return Ok(None),
-                Ok(Some(Err(e))) => return Err(SourceError::Read(e)),
-                Ok(Some(Ok(c))) if c.is_empty() => continue,
-                Ok(Some(Ok(c))) => break c,
-            }
-        };
-        if first.len() >= MIN_READ_ROOM {
-            self.floor.received(first.len() as u64)?;
-            return Ok(Some(first));
-        }
-        // A small piece: gather it with the small ones ready now; a large one (or one that does
-        // not fit) is kept for the next call, the end or an error told after these bytes.
-        self.bufs.room().extend_from_slice(&first);
-        while self.bufs.cur_room() >= MIN_READ_ROOM {
-            match chunks.next().now_or_never() {
-                None => break,
-                Some(None) => {
-                    self.after = Some(Ok(()));
-                    break;
-                }
-                Some(Some(Err(e))) => {
-                    self.after = Some(Err(e));
-                    break;
-                }
-                Some(Some(Ok(c))) if c.len() < MIN_READ_ROOM => self.bufs.cur.extend_from_slice(&c),
-                Some(Some(Ok(c))) => {
-                    self.held = Some(c);
-                    break;
-                }
-            }
-        }
-        let c = self.bufs.cut();
-        self.floor.received(c.len() as u64)?;
-        Ok(Some(c))
-    }
 }
 
 #[cfg(test)]
@@ -251,25 +192,14 @@ mod tests {
 
     /// A source read through a channel of pieces (a `None` piece: the sender is dropped: the end).
     fn piped() -> (tokio::sync::mpsc::UnboundedSender<io::Result<Bytes>>, SourceRead) {
-        piped_as(false)
-    }
-
-    /// [`piped`], read as a decoder's output or (`plain`) as a plain NAR's chunks.
-    fn piped_as(plain: bool) -> (tokio::sync::mpsc::UnboundedSender<io::Result<Bytes>>, SourceRead) {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<io::Result<Bytes>>();
         let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let reader = if plain {
-            NarReader::Chunks(Box::pin(stream))
-        } else {
-            NarReader::Decoded(Box::pin(tokio_util::io::StreamReader::new(stream)))
-        };
         let read = SourceRead {
-            reader,
+            reader: Box::pin(tokio_util::io::StreamReader::new(stream)),
             idle: Duration::from_secs(5),
             floor: RateFloor::new(&SourceId::Upstream(0), 1 << 20),
             bufs: ReadBufs::new(),
             after: None,
-            held: None,
         };
         (tx, read)
     }
@@ -311,42 +241,6 @@ mod tests {
         tx.send(Err(io::Error::other("broken"))).expect("send");
         let c = read.next().await.expect("the bytes before the error").expect("a chunk");
         assert_eq!(c.len(), 1000);
-        assert!(matches!(read.next().await, Err(SourceError::Read(_))));
-    }
-
-    /// Issue #27: a plain NAR's chunks go on as the HTTP client cut them (the same memory, no
-    /// copy); small ones ready together are gathered into one chunk, a large one met while
-    /// gathering comes next, and the end or an error after the bytes before it.
-    #[tokio::test]
-    async fn a_plain_nars_chunks_go_on_uncopied_and_small_ones_are_gathered() {
-        let (tx, mut read) = piped_as(true);
-        let big = Bytes::from(vec![1u8; 100_000]);
-        tx.send(Ok(big.clone())).expect("send");
-        let c = read.next().await.expect("read").expect("a chunk");
-        assert_eq!(c.as_ptr(), big.as_ptr(), "the client's own chunk, not a copy");
-        assert_eq!(c.len(), big.len());
-        // Three small pieces, then a large one, all ready: one gathered chunk, then the large one.
-        for b in 2..=4 {
-            tx.send(piece(b)).expect("send");
-        }
-        let big = Bytes::from(vec![5u8; 50_000]);
-        tx.send(Ok(big.clone())).expect("send");
-        let c = read.next().await.expect("read").expect("a chunk");
-        assert_eq!(c.len(), 3000, "the small pieces, gathered");
-        assert!(c[..1000].iter().all(|x| *x == 2) && c[2000..].iter().all(|x| *x == 4));
-        let c = read.next().await.expect("read").expect("a chunk");
-        assert_eq!(c.as_ptr(), big.as_ptr(), "then the large one, uncopied");
-        // A small piece and the end: the bytes, then the end.
-        tx.send(piece(6)).expect("send");
-        drop(tx);
-        let c = read.next().await.expect("read").expect("the last bytes");
-        assert!(c.len() == 1000 && c.iter().all(|x| *x == 6));
-        assert!(read.next().await.expect("read").is_none(), "then the end");
-        // A small piece and an error: the bytes, then the error.
-        let (tx, mut read) = piped_as(true);
-        tx.send(piece(7)).expect("send");
-        tx.send(Err(io::Error::other("broken"))).expect("send");
-        assert_eq!(read.next().await.expect("the bytes").expect("a chunk").len(), 1000);
         assert!(matches!(read.next().await, Err(SourceError::Read(_))));
     }
 

@@ -499,19 +499,17 @@ impl Sources {
         };
         // The connection's errors are told apart from a decoder's (see [`is_transport_error`]).
         let stream = resp.bytes_stream().map_err(|e| io::Error::new(TRANSPORT_ERROR, e));
-        if c.info.compression == Compression::None && !zstd {
-            return Ok((NarReader::Chunks(Box::pin(stream)), start));
-        }
         let raw = tokio_util::io::StreamReader::new(stream);
         use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
-        let reader: Pin<Box<dyn AsyncRead + Send>> = match &c.info.compression {
-            Compression::None => Box::pin(peer_zstd_decoder(raw)),
+        let reader: NarReader = match &c.info.compression {
+            Compression::None if zstd => Box::pin(peer_zstd_decoder(raw)),
+            Compression::None => Box::pin(raw),
             Compression::Xz => Box::pin(XzDecoder::new(raw)),
             Compression::Zstd => Box::pin(ZstdDecoder::new(raw)),
             Compression::Bzip2 => Box::pin(BzDecoder::new(raw)),
             Compression::Other(c) => return Err(SourceError::Compression(c.clone())),
         };
-        Ok((NarReader::Decoded(reader), start))
+        Ok((reader, start))
     }
 }
 
@@ -561,16 +559,12 @@ impl Sources {
             return Err(SourceError::Status(resp.status().as_u16()));
         }
         let stream = resp.bytes_stream().map_err(io::Error::other);
-        Ok(NarReader::Chunks(Box::pin(stream)))
+        Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
     }
 }
 
-/// A NAR's uncompressed bytes from one source: a plain NAR's chunks as the HTTP client cut them
-/// (handed on uncopied, issue #27), or a decoder's output (read into buffers).
-pub enum NarReader {
-    Chunks(futures_util::stream::BoxStream<'static, io::Result<bytes::Bytes>>),
-    Decoded(Pin<Box<dyn AsyncRead + Send>>),
-}
+/// A NAR's uncompressed bytes from one source.
+pub type NarReader = Pin<Box<dyn AsyncRead + Send>>;
 
 /// Largest zstd window (log2) accepted in a peer's `.nar.zst`: our store servers write 2^19
 /// (`server::compress`); without a cap a peer's frame header could make the decoder allocate up
