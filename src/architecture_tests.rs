@@ -573,10 +573,9 @@ fn the_architecture_doc_quotes_the_constants() {
             kib(u(proxy::READ_CHUNK))
         ),
         format!(
-            "pass-through channels ({} read chunks of {} per tap, {} to hyper; a body that takes nothing for {} detaches its tap)",
+            "pass-through channels ({} read chunks of {} per tap, pulled by the connection; a body that takes nothing for {} detaches its tap)",
             proxy::passthrough::PASS_CHUNKS,
             kib(u(proxy::READ_CHUNK)),
-            proxy::passthrough::BODY_CHUNKS,
             secs(proxy::passthrough::PASS_STALL),
         ),
         format!(

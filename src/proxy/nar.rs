@@ -261,10 +261,10 @@ impl NarDesk {
     /// fetch copies it from a proven peer (see `passthrough`); otherwise answered as a verified
     /// NAR. `None` when a fetch of this NAR is already under way (the caller joins it).
     ///
-    /// The fetch runs in its own task (the response is returned before the NAR is complete);
-    /// the task is aborted when this request goes away first, and a request waiting for the
-    /// same NAR then takes over, as with any fetch. Both tasks (the fetch, the body) are owned by
-    /// `inflight`.
+    /// The fetch runs in its own task (the response is returned before the NAR is complete),
+    /// owned by `inflight`; the body is pulled by the connection (`passthrough::body`). The task
+    /// is aborted when this request or its body goes away first, and a request waiting for the
+    /// same NAR then takes over, as with any fetch.
     async fn passing(
         &self,
         req: &Request<Incoming>,
@@ -308,23 +308,26 @@ impl NarDesk {
             return Some(self.verified(req, &hash, r, t0));
         };
         let size = first.size;
-        let (out_tx, out_rx) = tokio::sync::mpsc::channel(passthrough::BODY_CHUNKS);
         let ledger = self.ledger.clone();
-        self.inflight.spawn(async move {
-            let _guard = guard;
-            let done = async move {
-                match done_rx.await {
-                    Ok(Ok((v, info, source))) => Ok((v, (info, source))),
-                    Ok(Err(e)) => Err(CutReason::Fetch(e)),
-                    Err(_) => Err(CutReason::FetchEnded),
-                }
-            };
-            let verified = |(info, source): &(Arc<NarInfo>, SourceId)| ledger.passed(info, source, t0);
-            let (outcome, _) = passthrough::forward(first, end, done, verified, out_tx).await;
+        let done = async move {
+            match done_rx.await {
+                Ok(Ok((v, info, source))) => Ok((v, (info, source))),
+                Ok(Err(e)) => Err(CutReason::Fetch(e)),
+                Err(_) => Err(CutReason::FetchEnded),
+            }
+        };
+        let verified = {
+            let ledger = ledger.clone();
+            move |(info, source): &(Arc<NarInfo>, SourceId)| ledger.passed(info, source, t0)
+        };
+        // The guard goes with the body: a body dropped early (the client left) aborts the fetch.
+        let ended = move |outcome| {
             ledger.pass_done(&hash, outcome, t0);
-        });
+            drop(guard);
+        };
+        let body = passthrough::body(first, end, done, verified, ended);
         tracing::debug!(%hash, size, "NAR passing through");
-        let mut resp = h::nar_response(Body::Stream(out_rx), size, 0, size.saturating_sub(1), false);
+        let mut resp = h::nar_response(Body::Pull(body), size, 0, size.saturating_sub(1), false);
         // A cut body must not be resumed with `Range`: the bytes Nix already has might be the
         // liar's. Without `Accept-Ranges`, Nix fails the download instead.
         resp.headers_mut().remove(header::ACCEPT_RANGES);

@@ -2,7 +2,7 @@
 //! hashes them, except the last [`TAIL`] bytes, which wait until size and hash matched. See
 //! `proven` for who qualifies and `docs/security.md` for the trade.
 //!
-//! The fetch holds a [`Tap`]; the response body is fed by [`forward`]. Invariants: the tap only
+//! The fetch holds a [`Tap`]; the response body is [`body`], pulled by the connection. Invariants: the tap only
 //! ever hands over bytes that the fetch then counts into the spool's hash, contiguous from the
 //! NAR's start, all from proven peers, and never past `NarSize - TAIL`; the rest of the body
 //! comes from the [`Verified`] spool (which need not keep what the tap took: `spool`). When the
@@ -15,8 +15,8 @@
 //! `Content-Length` (NarSize) it was promised, fails that substitution, installs nothing and
 //! does not resume (no `Accept-Ranges`).
 //!
-//! Memory: at most [`PASS_CHUNKS`] read chunks (256 KiB each) wait in a tap's channel, and
-//! [`BODY_CHUNKS`] in the body's; one pass-through per open proxy connection at most.
+//! Memory: at most [`PASS_CHUNKS`] read chunks (256 KiB each) wait in a tap's channel, and what
+//! hyper holds of the one it is sending; one pass-through per open proxy connection at most.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -37,11 +37,14 @@ use super::verified::Verified;
 pub const TAIL: u64 = 64 * 1024;
 /// Read chunks a tap may have handed over that the body has not sent yet.
 pub const PASS_CHUNKS: usize = 8;
-/// Chunks waiting between the body task and hyper.
-pub const BODY_CHUNKS: usize = 4;
 /// A tap whose body does not take a chunk for this long is detached (the fetch goes on at full
-/// speed; the body gets the rest once the NAR verified).
-pub const PASS_STALL: Duration = Duration::from_secs(10);
+/// speed; the body gets the rest once the NAR verified). Shorter than a peer's idle timeout
+/// (`source::PEER_TIMEOUTS`): while the tap waits, the fetch reads nothing from the peer, and
+/// the HTTP client's idle timer, armed by a read that found nothing ready, counts that wait as
+/// the peer's silence (with 10 s against 5 s, a client that stopped reading lost the peer and the
+/// NAR, depending on the timing of the last read).
+pub const PASS_STALL: Duration = Duration::from_secs(4);
+const _: () = assert!(PASS_STALL.as_secs() < super::source::PEER_TIMEOUTS.idle.as_secs());
 
 /// Bytes handed from the fetch to the body, with the NAR's size (for `Content-Length`).
 pub struct Piece {
@@ -173,79 +176,145 @@ pub enum Outcome {
     Left { sent: u64 },
 }
 
-/// Ends a pass-through body with an error (hyper then closes the connection short of its
-/// `Content-Length`).
-async fn cut<T>(sent: u64, why: CutReason, out: mpsc::Sender<std::io::Result<Bytes>>) -> (Outcome, Option<T>) {
-    let _ = out.send(Err(std::io::Error::other(format!("NAR cut: {why}")))).await;
-    (Outcome::Cut { sent, why }, None)
+/// Reports how a pass-through body ended, once: [`Outcome::Left`] when the body is dropped (the
+/// client went away, or the connection was shut down) before it ended.
+struct Ending<E: FnOnce(Outcome)> {
+    /// Bytes handed to hyper so far.
+    sent: u64,
+    report: Option<E>,
 }
 
-/// Feeds a pass-through body: `first`, the rest of the tap, then (once the fetch delivered a
-/// verified NAR, and, when the spool was reset after bytes were handed over, that NAR's prefix
-/// matched what was sent) the remainder from the spool. Errors cut the body.
+impl<E: FnOnce(Outcome)> Ending<E> {
+    fn report(&mut self, outcome: Outcome) {
+        if let Some(f) = self.report.take() {
+            f(outcome);
+        }
+    }
+}
+
+impl<E: FnOnce(Outcome)> Drop for Ending<E> {
+    fn drop(&mut self) {
+        let sent = self.sent;
+        self.report(Outcome::Left { sent });
+    }
+}
+
+/// Where a pass-through body stands.
+enum Phase<D> {
+    /// Handing on the tap's pieces; then waiting for the fetch's result (`done`).
+    Tap { tap: TapEnd, done: D },
+    /// The rest, from the verified spool.
+    Rest(futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>),
+    /// Ended (delivered or cut).
+    Over,
+}
+
+/// A pass-through body: `first`, the rest of the tap, then (once the fetch delivered a verified
+/// NAR, and, when the spool was reset after bytes were handed over, that NAR's prefix matched
+/// what was sent) the remainder from the spool. A cut ends it with an error (hyper then closes
+/// the connection short of its `Content-Length`).
+///
+/// The body is pulled by the connection that sends it: each chunk the fetch hands the tap goes
+/// from the tap's channel to the socket with no task in between (issue #27: a body task of its
+/// own, with a channel to hyper, cost a wake-up per chunk). A client that leaves while nothing is
+/// ready drops the body (hyper notices the closed connection), and with it `done`, which holds
+/// what aborts the fetch.
 ///
 /// `done` is the fetch's result (the verified spool and what the caller wants back with a
-/// delivered NAR); it is awaited only once the tap is closed, and dropped when the body is cut
-/// or left early.
-/// `verified` is told once the NAR verified, before its tail is sent.
-pub async fn forward<T>(
+/// delivered NAR); it is awaited only once the tap is closed. `verified` is told once the NAR
+/// verified, before its tail is sent; `ended` how the body ended, once.
+pub fn body<T, D, V, E>(
     first: Piece,
-    mut tap: TapEnd,
-    done: impl std::future::Future<Output = Result<(Verified, T), CutReason>>,
-    verified: impl FnOnce(&T),
-    out: mpsc::Sender<std::io::Result<Bytes>>,
-) -> (Outcome, Option<T>) {
+    tap: TapEnd,
+    done: D,
+    verified: V,
+    ended: E,
+) -> futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>
+where
+    T: Send + 'static,
+    D: std::future::Future<Output = Result<(Verified, T), CutReason>> + Send + 'static,
+    V: FnOnce(&T) + Send + 'static,
+    E: FnOnce(Outcome) + Send + 'static,
+{
     let size = first.size;
-    let mut sent = first.bytes.len() as u64;
-    if out.send(Ok(first.bytes)).await.is_err() {
-        return (Outcome::Left { sent: 0 }, None);
-    }
-    // A client that leaves while nothing is ready to send is noticed at once (its fetch is
-    // then aborted with this task's guard), not at the next send.
-    loop {
-        let p = tokio::select! {
-            p = tap.rx.recv() => p,
-            () = out.closed() => return (Outcome::Left { sent }, None),
-        };
-        let Some(p) = p else { break };
-        let n = p.bytes.len() as u64;
-        if out.send(Ok(p.bytes)).await.is_err() {
-            return (Outcome::Left { sent }, None);
-        }
-        sent += n;
-    }
-    let done = tokio::select! {
-        d = done => d,
-        () = out.closed() => return (Outcome::Left { sent }, None),
-    };
-    let (v, extra) = match done {
-        Ok((v, x)) if v.len() == size => (v, x),
-        Ok(_) => return cut(sent, CutReason::NotVerified, out).await,
-        Err(why) => return cut(sent, why, out).await,
-    };
-    if let Some((n, digest)) = tap.recheck.get() {
-        // The NAR came from elsewhere: what was sent must be its start.
-        let Some(digest) = digest else {
-            return cut(sent, CutReason::NotVerified, out).await;
-        };
-        if *n != sent || !prefix_matches(&v, sent, digest).await {
-            return cut(sent, CutReason::NotVerified, out).await;
-        }
-    }
-    verified(&extra);
-    let mut rest = v.stream(sent, size.saturating_sub(1));
-    while let Some(c) = rest.next().await {
-        let c = match c {
-            Ok(c) => c,
-            Err(e) => return cut(sent, CutReason::Spool(Arc::new(e)), out).await,
-        };
-        let n = c.len() as u64;
-        if out.send(Ok(c)).await.is_err() {
-            return (Outcome::Left { sent }, None);
-        }
-        sent += n;
-    }
-    (Outcome::Delivered, Some(extra))
+    let state = (
+        Some(first.bytes),
+        Phase::Tap {
+            tap,
+            done: Box::pin(done),
+        },
+        Some(verified),
+        Ending {
+            sent: 0,
+            report: Some(ended),
+        },
+    );
+    let stream = futures_util::stream::unfold(
+        state,
+        move |(mut first, mut phase, mut verified, mut ending)| async move {
+            let cut = |why: CutReason, ending: &mut Ending<E>| {
+                let e = std::io::Error::other(format!("NAR cut: {why}"));
+                let sent = ending.sent;
+                ending.report(Outcome::Cut { sent, why });
+                Err(e)
+            };
+            loop {
+                if let Some(b) = first.take() {
+                    ending.sent += b.len() as u64;
+                    return Some((Ok(b), (None, phase, verified, ending)));
+                }
+                phase = match phase {
+                    Phase::Over => return None,
+                    Phase::Tap { mut tap, done } => {
+                        if let Some(p) = tap.rx.recv().await {
+                            ending.sent += p.bytes.len() as u64;
+                            return Some((Ok(p.bytes), (None, Phase::Tap { tap, done }, verified, ending)));
+                        }
+                        let sent = ending.sent;
+                        let checked = match done.await {
+                            Ok((v, x)) if v.len() == size => match tap.recheck.get() {
+                                None => Ok((v, x)),
+                                // The NAR came from elsewhere: what was sent must be its start.
+                                Some((n, Some(digest))) if *n == sent && prefix_matches(&v, sent, digest).await => {
+                                    Ok((v, x))
+                                }
+                                Some(_) => Err(CutReason::NotVerified),
+                            },
+                            Ok(_) => Err(CutReason::NotVerified),
+                            Err(why) => Err(why),
+                        };
+                        match checked {
+                            Ok((v, x)) => {
+                                if let Some(f) = verified.take() {
+                                    f(&x);
+                                }
+                                Phase::Rest(v.stream(sent, size.saturating_sub(1)))
+                            }
+                            Err(why) => {
+                                let e = cut(why, &mut ending);
+                                return Some((e, (None, Phase::Over, verified, ending)));
+                            }
+                        }
+                    }
+                    Phase::Rest(mut rest) => match rest.next().await {
+                        Some(Ok(c)) => {
+                            ending.sent += c.len() as u64;
+                            return Some((Ok(c), (None, Phase::Rest(rest), verified, ending)));
+                        }
+                        Some(Err(e)) => {
+                            let e = cut(CutReason::Spool(Arc::new(e)), &mut ending);
+                            return Some((e, (None, Phase::Over, verified, ending)));
+                        }
+                        None => {
+                            ending.report(Outcome::Delivered);
+                            Phase::Over
+                        }
+                    },
+                };
+            }
+        },
+    );
+    Box::pin(stream)
 }
 
 /// Whether the first `n` bytes of `v` hash to `digest`.
@@ -266,6 +335,89 @@ mod tests {
     use super::*;
     use crate::narinfo::NarHash;
     use crate::proxy::spool::SpoolLimits;
+    use futures_util::FutureExt;
+
+    /// A verified memory spool of `data`.
+    async fn verified(data: &[u8]) -> Verified {
+        let l = SpoolLimits::new(8 << 20, 16, 16, std::env::temp_dir().join("lnc-spool-test"));
+        let mut s = Spool::new(&l, data.len() as u64).await.expect("spool");
+        s.write(Bytes::copy_from_slice(data), 0).await.expect("write");
+        s.verify(&NarHash::from_digest(Sha256::digest(data).into()))
+            .await
+            .unwrap_or_else(|_| panic!("verify"))
+    }
+
+    type Ended = Arc<std::sync::Mutex<Vec<String>>>;
+
+    /// Issue #27: the pass-through body is a stream the connection pulls (no task of its own):
+    /// the tap's chunks in order, nothing of the held-back tail before the NAR verified, then the
+    /// tail from the spool; `verified` told before the tail; `ended` told once, how it ended
+    /// (delivered, cut with an error item, or left when dropped early).
+    #[tokio::test]
+    async fn the_pulled_body_keeps_order_and_the_tail_rule_and_reports_how_it_ended() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let size = data.len() as u64;
+        let v = verified(&data).await;
+        // Delivered, Cut and Left in turn.
+        for case in 0..3 {
+            let (mut tap, mut end) = Tap::new();
+            let mut spooled = 0;
+            for c in data.chunks(70_000) {
+                spooled += c.len() as u64;
+                tap.offer(spooled, size, &Bytes::copy_from_slice(c)).await;
+            }
+            assert_eq!(tap.sent(), size - TAIL);
+            drop(tap);
+            let first = end.rx.recv().await.expect("a first piece");
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(Verified, u8), CutReason>>();
+            let told: Ended = Arc::default();
+            let (t1, t2) = (told.clone(), told.clone());
+            let mut b = body(
+                first,
+                end,
+                async move { done_rx.await.unwrap_or(Err(CutReason::FetchEnded)) },
+                move |x: &u8| t1.lock().expect("lock").push(format!("verified {x}")),
+                move |o| {
+                    let o = match o {
+                        Outcome::Delivered => "delivered".to_owned(),
+                        Outcome::Cut { sent, .. } => format!("cut {sent}"),
+                        Outcome::Left { sent } => format!("left {sent}"),
+                    };
+                    t2.lock().expect("lock").push(o);
+                },
+            );
+            let mut got = Vec::new();
+            while (got.len() as u64) < size - TAIL {
+                let c = b.next().await.expect("a chunk").expect("bytes");
+                got.extend_from_slice(&c);
+            }
+            assert!(got == data[..got.len()], "the tap's bytes, in order");
+            assert_eq!(got.len() as u64, size - TAIL, "none of the tail");
+            assert!(b.next().now_or_never().is_none(), "the tail waits for the verdict");
+            assert!(told.lock().expect("lock").is_empty());
+            match case {
+                0 => {
+                    done_tx.send(Ok((v.clone(), 7))).ok().expect("send");
+                    while let Some(c) = b.next().await {
+                        got.extend_from_slice(&c.expect("bytes"));
+                    }
+                    assert!(got == data, "the whole NAR");
+                    assert_eq!(*told.lock().expect("lock"), ["verified 7", "delivered"]);
+                }
+                1 => {
+                    done_tx.send(Err(CutReason::NotVerified)).ok().expect("send");
+                    assert!(b.next().await.expect("an item").is_err(), "a cut ends with an error");
+                    assert!(b.next().await.is_none());
+                    assert_eq!(*told.lock().expect("lock"), [format!("cut {}", size - TAIL)]);
+                }
+                _ => {
+                    drop(b);
+                    assert!(done_tx.is_closed(), "the fetch's result is dropped with the body");
+                    assert_eq!(*told.lock().expect("lock"), [format!("left {}", size - TAIL)]);
+                }
+            }
+        }
+    }
 
     /// Issue #27: the digest of what a pass-through body took comes from the spool's one hasher
     /// (no second sha256 in the tap): right wherever the passed bytes end (inside a chunk, at a

@@ -464,6 +464,21 @@ impl Sources {
         }
     }
 
+    /// Sends `req` for a NAR of `c` within its source's timeout: the answer, from the node
+    /// announced (`check_node`); a peer's 503 is [`SourceError::Busy`].
+    async fn send_nar(&self, c: &Candidate, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SourceError> {
+        let t = self.timeouts(&c.source);
+        let resp = tokio::time::timeout(t.narinfo, req.send())
+            .await
+            .map_err(|_| SourceError::Timeout)??;
+        check_node(&c.source, &resp)?;
+        if resp.status().as_u16() == 503 && matches!(c.source, SourceId::Peer(_)) {
+            let (retry_after, hints) = (busy_retry_after(&resp), busy_hints(&resp));
+            return Err(SourceError::Busy { retry_after, hints });
+        }
+        Ok(resp)
+    }
+
     /// Opens the NAR of `c`, decompressed, from uncompressed byte `from` (only for resumable
     /// candidates; others always start at 0). Returns the reader and the offset it starts at.
     /// `form`: [`Form::Zstd`] fetches a candidate that offers it (`c.zstd`) from byte 0 as
@@ -476,21 +491,10 @@ impl Sources {
         if ranged {
             req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
         }
-        let t = self.timeouts(&c.source);
-        let resp = tokio::time::timeout(t.narinfo, req.send())
-            .await
-            .map_err(|_| SourceError::Timeout)??;
-        check_node(&c.source, &resp)?;
-        let status = resp.status().as_u16();
-        let start = match status {
+        let resp = self.send_nar(c, req).await?;
+        let start = match resp.status().as_u16() {
             206 if ranged => from,
             200 => 0,
-            503 if matches!(c.source, SourceId::Peer(_)) => {
-                return Err(SourceError::Busy {
-                    retry_after: busy_retry_after(&resp),
-                    hints: busy_hints(&resp),
-                })
-            }
             other => return Err(SourceError::Status(other)),
         };
         // The connection's errors are told apart from a decoder's (see [`is_transport_error`]).
@@ -545,22 +549,12 @@ impl Sources {
         let req = self
             .nar_request(c, c.nar_url.clone())
             .header(reqwest::header::RANGE, format!("bytes={start}-{end}"));
-        let t = self.timeouts(&c.source);
-        let resp = tokio::time::timeout(t.narinfo, req.send())
-            .await
-            .map_err(|_| SourceError::Timeout)??;
-        check_node(&c.source, &resp)?;
+        let resp = self.send_nar(c, req).await?;
         let from_start = resp
             .headers()
             .get(reqwest::header::CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with(&format!("bytes {start}-")));
-        if resp.status().as_u16() == 503 && matches!(c.source, SourceId::Peer(_)) {
-            return Err(SourceError::Busy {
-                retry_after: busy_retry_after(&resp),
-                hints: busy_hints(&resp),
-            });
-        }
         if resp.status().as_u16() != 206 || !from_start {
             return Err(SourceError::Status(resp.status().as_u16()));
         }

@@ -1,10 +1,24 @@
 //! A NAR whose size and hash were verified, served from memory or its spool file: whole, as a
 //! `Range`, or as the rest of a pass-through. Invariant: one exists only once a spool (see
 //! `spool`) checked its size and sha256; its disk or memory reservation lives as long as it.
+//!
+//! A spool file is served through one read-only shared mapping of it ([`Mapping`], made when the
+//! NAR verified): its chunks are slices of the page cache handed to hyper as they are, with no
+//! copy into a buffer and no blocking-thread trip per chunk (issue #27: the read-back was a copy of
+//! every byte and a thread hop per 512 KiB in verify-first). Memory: a mapping is address space,
+//! not memory of its own; the pages it touches are the file's page cache, which the kernel can
+//! drop as before. It is unmapped when the last clone of its [`Verified`] and the last chunk
+//! cut from it are dropped. A mapped file that shrank would fault (`SIGBUS`) on a read past its
+//! new end: nothing truncates or writes a spool file once it verified (the spool that wrote it
+//! was consumed by the check, and the file is unlinked, so no other process opens it by name).
+//! If the mapping cannot be made, the file is read back with `pread` on a blocking thread.
 
 use std::collections::VecDeque;
+use std::ffi::c_void;
 use std::io;
+use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -59,11 +73,79 @@ impl ReadBack {
     }
 }
 
+/// A read-only shared mapping of a verified spool file, unmapped when dropped (see the module's
+/// doc for why the file cannot shrink under it).
+struct Mapping {
+    at: NonNull<c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and its pages stay valid until `Drop` unmaps them; nothing
+// writes or truncates the file once it verified.
+unsafe impl Send for Mapping {}
+// SAFETY: as for `Send`: shared reads of memory nobody writes.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps the first `len` bytes of `file` (`None` for an empty file or when `mmap` fails).
+    fn new(file: &std::fs::File, len: u64) -> Option<Self> {
+        use nix::sys::mman::{madvise, mmap, MapFlags, MmapAdvise, ProtFlags};
+        let n = NonZeroUsize::new(usize::try_from(len).ok()?)?;
+        // SAFETY: a fresh read-only shared mapping of a file this process owns; see `Mapping`.
+        let at = unsafe { mmap(None, n, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, file, 0) }.ok()?;
+        // SAFETY: advice on the mapping just made. Read in order: larger read-ahead on a fault.
+        let _ = unsafe { madvise(at, n.get(), MmapAdvise::MADV_SEQUENTIAL) };
+        Some(Self { at, len: n.get() })
+    }
+
+    /// Asks the kernel to read `start..start + len` (clipped) into the page cache now, in the
+    /// background, so that a page the kernel dropped does not stall a runtime thread later.
+    /// `start` is a multiple of [`CHUNK`] (the mapping starts on a page boundary).
+    fn will_need(&self, start: usize, len: usize) {
+        use nix::sys::mman::{madvise, MmapAdvise};
+        let len = len.min(self.len.saturating_sub(start));
+        if len == 0 {
+            return;
+        }
+        // SAFETY: a page-aligned range inside the mapping; advice only.
+        let at = unsafe { NonNull::new_unchecked(self.at.as_ptr().cast::<u8>().add(start).cast()) };
+        // SAFETY: see above.
+        let _ = unsafe { madvise(at, len, MmapAdvise::MADV_WILLNEED) };
+    }
+}
+
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `len` readable bytes at `at` for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.at.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; no slice of it outlives `self`
+        // (`Bytes::from_owner` drops the owner after its last slice).
+        let _ = unsafe { nix::sys::mman::munmap(self.at, self.len) };
+    }
+}
+
+/// The owner of the [`Bytes`] over a mapping (the `Verified` keeps the mapping too, to advise it).
+struct ArcMapping(Arc<Mapping>);
+
+impl AsRef<[u8]> for ArcMapping {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_ref().as_ref()
+    }
+}
+
 /// A NAR whose size and hash were verified. Cheap to clone; the reservation is released when the
 /// last clone is dropped.
 #[derive(Clone)]
 pub struct Verified {
     data: Data,
+    /// A file spool's bytes, mapped once (see [`Mapping`]); `None` for a memory spool or when
+    /// the mapping failed (then the file is read back).
+    mapped: Option<(Bytes, Arc<Mapping>)>,
     len: u64,
     /// The first byte kept: those before it went to a pass-through body only (see
     /// `Spool::write`) and cannot be served from here.
@@ -75,8 +157,16 @@ impl Verified {
     /// A spool whose size and sha256 matched (only the spools call this, right after checking):
     /// `len` bytes in `data`, servable from `kept_from` on, holding the spool's reservation.
     pub fn new(data: Data, len: u64, kept_from: u64, permit: OwnedSemaphorePermit) -> Self {
+        let mapped = match &data {
+            Data::File(f) => Mapping::new(f, len).map(|m| {
+                let m = Arc::new(m);
+                (Bytes::from_owner(ArcMapping(m.clone())), m)
+            }),
+            Data::Mem(_) => None,
+        };
         Self {
             data,
+            mapped,
             len,
             kept_from,
             _permit: Arc::new(permit),
@@ -140,9 +230,16 @@ impl Verified {
                 return None;
             }
             let n = (end + 1 - pos).min(CHUNK);
-            let chunk = match &v.data {
-                Data::Mem(b) => Ok(b.slice(pos as usize..(pos + n) as usize)),
-                Data::File(f) => {
+            let chunk = match (&v.data, &v.mapped) {
+                (Data::Mem(b), _) | (Data::File(_), Some((b, _))) => {
+                    if let Some((_, m)) = &v.mapped {
+                        // The next chunk: read ahead while this one is sent.
+                        let next = (pos + n) as usize;
+                        m.will_need(next - next % CHUNK as usize, 2 * CHUNK as usize);
+                    }
+                    Ok(b.slice(pos as usize..(pos + n) as usize))
+                }
+                (Data::File(f), None) => {
                     let (f, mut buf) = (f.clone(), bufs.take());
                     let read = tokio::task::spawn_blocking(move || {
                         buf.resize(n as usize, 0);
@@ -169,6 +266,48 @@ impl Verified {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #27: a verified spool file is served as slices of one mapping of it (no copy into a
+    /// buffer): the chunks of a stream are exactly the file's bytes, one after the other in
+    /// memory; the mapping lives while the `Verified` or a chunk of it does, and is gone after.
+    #[tokio::test]
+    async fn a_spool_file_is_served_from_one_mapping_gone_with_its_last_chunk() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let data: Vec<u8> = (0..3_000_001u32).map(|i| (i % 251) as u8).collect();
+        let mut f = tempfile::tempfile().expect("file");
+        f.write_all(&data).expect("write");
+        let name = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).expect("fd");
+        let name = name.to_string_lossy().trim_end_matches(" (deleted)").to_owned();
+        let mapped = || {
+            let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+            maps.lines().any(|l| l.contains(&name))
+        };
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        let v = Verified::new(Data::File(Arc::new(f)), data.len() as u64, 0, permit);
+        assert!(mapped(), "the file is mapped once it verified");
+        let last = data.len() as u64 - 1;
+        for (start, end) in [(0, last), (12_345, 2_500_000), (last, last)] {
+            let chunks: Vec<Bytes> = v.stream(start, end).map(|c| c.expect("a chunk")).collect().await;
+            let got: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            assert!(got == data[start as usize..=end as usize], "bytes {start}-{end}");
+            for w in chunks.windows(2) {
+                assert_eq!(
+                    w[0].as_ptr().wrapping_add(w[0].len()),
+                    w[1].as_ptr(),
+                    "one mapping, in order"
+                );
+            }
+        }
+        let held = v.stream(100, 200).next().await.expect("a chunk").expect("read");
+        drop(v);
+        assert!(mapped(), "a chunk still held keeps the mapping");
+        assert_eq!(held[..], data[100..=200]);
+        drop(held);
+        assert!(!mapped(), "unmapped with the last chunk");
+    }
 
     /// Issue #27: a stream reads its spool file back into a few reused buffers: a client that
     /// sends each chunk before the next is read costs one buffer; one that holds 3 at a time about
