@@ -90,6 +90,13 @@ async fn watch_changed(w: &Option<watch::Watcher>) {
     }
 }
 
+async fn clock_jumped(j: &Option<wake::ClockJumps>) {
+    match j {
+        Some(j) => j.jumped().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs the beacon until `shutdown`: answers queries, announces (if configured), expires peers,
 /// follows the interfaces, and says goodbye at the end. `raw`, if given, receives every datagram
 /// (for `peers --raw`). `goodbye: false` skips the goodbye (tests of a host that dies).
@@ -137,9 +144,23 @@ pub async fn run(
         table.clone(),
         shutdown.child_token(),
     ));
+    // A wake-up from suspend wakes the loop by itself (the wall clock's timerfd); without it
+    // the loop looks once a second.
+    let jumps = match wake::ClockJumps::new() {
+        Ok(j) => Some(j),
+        Err(e) => {
+            tracing::debug!(error = %e, "no timerfd for wake-ups; looking every {:?}", schedule::EXPIRE_MAX_WAIT);
+            None
+        }
+    };
+    let look_every = if jumps.is_some() {
+        wake::LOOK_SAFETY
+    } else {
+        schedule::EXPIRE_MAX_WAIT
+    };
     let start = Instant::now();
     let mut b = BeaconLoop {
-        schedule: Schedule::new(start, sender.announcing(), cfg.interval, rescan_every),
+        schedule: Schedule::new(start, sender.announcing(), cfg.interval, rescan_every, look_every),
         announcing: sender.announcing(),
         goodbye,
         configured: cfg.interval,
@@ -169,6 +190,7 @@ pub async fn run(
             r = recv(&b.sockets.v4, &mut buf4, &mut cmsg4) => receive(&b.table, &raw, &b.sockets, r, &buf4, &mut b.reply, b.announcing).await,
             r = recv(&b.sockets.v6, &mut buf6, &mut cmsg6) => receive(&b.table, &raw, &b.sockets, r, &buf6, &mut b.reply, b.announcing).await,
             _ = watch_changed(&watcher) => b.schedule.rescan_soon(Instant::now()),
+            _ = clock_jumped(&jumps) => b.on(Due::Look).await,
             _ = tokio::time::sleep_until(at) => b.on(due).await,
         }
     }
