@@ -64,7 +64,7 @@ pub use iface::{choose_interfaces, has_multicast_route_v4, list_interfaces, Inte
 pub use links::{LinkReport, LinkState, LinkStates};
 pub use membership::{bind, Sockets};
 use membership::{lost, try_recv};
-pub use reading::{MAX_DRAIN, RCVBUF_BYTES, READ_EVERY};
+pub use reading::{MAX_DRAIN, RCVBUF_BYTES, READ_EVERY, READ_EVERY_INTERVALS};
 use receive::{receive, Reply};
 pub use receive::{RawDatagram, DEFEND_MIN_GAP, QUERY_ANSWERS};
 use schedule::{Due, Schedule};
@@ -208,8 +208,10 @@ pub async fn run(
             b.wake_watch.due(),
             Instant::now(),
         );
-        let urgent = b.reply.answer_at().is_some() || b.reply.defend_at().is_some();
-        let drain_at = match reader.prepare(&b.sockets, urgent) {
+        // Every datagram read at once while it counts: an answer's duplicate suppression, a
+        // defence, our own start's answers before its peer exchange.
+        let urgent = b.reply.answer_at().is_some() || b.reply.defend_at().is_some() || b.schedule.starting();
+        let drain_at = match reader.prepare((b.sockets.fd_v4(), b.sockets.fd_v6()), urgent) {
             reading::Wait::Datagram => None,
             reading::Wait::Drain(at) => Some(at),
         };

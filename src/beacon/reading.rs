@@ -3,9 +3,10 @@
 //!
 //! A socket registered with the runtime's reactor wakes it for every datagram that arrives,
 //! read or not. So the sockets are registered ([`Reader`] *listening*) only while the loop
-//! waits for the first datagram after a quiet spell, or while an answer to a query or a
-//! defence of our node id is pending (then every announce heard counts at once: the answer's
-//! duplicate suppression). Otherwise, once a datagram was read, the sockets are left
+//! waits for the first datagram after a quiet spell, while an answer to a query or a defence
+//! of our node id is pending (then every announce heard counts at once: the answer's duplicate
+//! suppression), and during our own start until its peer exchange (the answers to our query
+//! name the peers it asks). Otherwise, once a datagram was read, the sockets are left
 //! unregistered and read every [`READ_EVERY`] (at most a tenth of the announce interval),
 //! each time draining what queued (at most
 //! [`MAX_DRAIN`] datagrams a socket; a socket left with more is drained again at once, so a
@@ -34,8 +35,6 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::time::Instant;
-
-use super::membership::Sockets;
 
 /// How long the sockets are left unread once a datagram was read (while no answer or defence
 /// is pending); never more than [`READ_EVERY_INTERVALS`] of the configured announce interval
@@ -93,11 +92,8 @@ impl Reader {
 
     /// Registers or unregisters the sockets for this turn of the loop: registered when no
     /// batch is running or when `urgent` (an answer or a defence pending).
-    pub(super) fn prepare(&mut self, sockets: &Sockets, urgent: bool) -> Wait {
-        self.prepare_fds((sockets.fd_v4(), sockets.fd_v6()), urgent)
-    }
-
-    fn prepare_fds(&mut self, (v4, v6): (Option<RawFd>, Option<RawFd>), urgent: bool) -> Wait {
+    /// `fds`: the IPv4 and IPv6 sockets' descriptors (`Sockets::fd_v4`, `fd_v6`).
+    pub(super) fn prepare(&mut self, (v4, v6): (Option<RawFd>, Option<RawFd>), urgent: bool) -> Wait {
         match self.read_at {
             Some(at) if !urgent => {
                 self.listening = None;
@@ -184,22 +180,16 @@ mod tests {
         let sockets = (Some(sock.as_raw_fd()), None);
         let mut r = Reader::new(Duration::from_secs(5));
         let t0 = Instant::now();
-        assert!(matches!(r.prepare_fds(sockets, false), Wait::Datagram));
+        assert!(matches!(r.prepare(sockets, false), Wait::Datagram));
         assert!(r.listening());
         r.drained(3, false, t0);
-        assert!(matches!(r.prepare_fds(sockets, false), Wait::Drain(at) if at == t0 + READ_EVERY));
+        assert!(matches!(r.prepare(sockets, false), Wait::Drain(at) if at == t0 + READ_EVERY));
         assert!(!r.listening(), "unregistered while batching");
-        assert!(
-            matches!(r.prepare_fds(sockets, true), Wait::Datagram),
-            "a reply pending"
-        );
+        assert!(matches!(r.prepare(sockets, true), Wait::Datagram), "a reply pending");
         assert!(r.listening());
         r.drained(MAX_DRAIN, true, t0);
-        assert!(matches!(r.prepare_fds(sockets, false), Wait::Drain(at) if at == t0));
+        assert!(matches!(r.prepare(sockets, false), Wait::Drain(at) if at == t0));
         r.drained(0, false, t0);
-        assert!(
-            matches!(r.prepare_fds(sockets, false), Wait::Datagram),
-            "quiet: listening"
-        );
+        assert!(matches!(r.prepare(sockets, false), Wait::Datagram), "quiet: listening");
     }
 }

@@ -161,6 +161,12 @@ impl Schedule {
         }
     }
 
+    /// A start (or a new link) is under way: its query was sent and the peer exchange that
+    /// follows it is not due yet (the loop then reads every datagram at once, `reading`).
+    pub(super) fn starting(&self) -> bool {
+        self.pex_at.is_some()
+    }
+
     /// The peer exchange was started (or one is still running).
     pub(super) fn exchanged(&mut self) {
         self.pex_at = None;

@@ -289,19 +289,16 @@ impl PeerTable {
                 g.counters.announces += 1;
                 let addr = addr_with_scope(SocketAddr::new(src.ip(), b.port), src);
                 let before = g.peers.get(&b.node).map(|p| p.summary);
-                let outcome = if g.peers.contains_key(&b.node) {
-                    self.announce_known(&mut g, b, addr, now)
-                } else {
-                    self.announce_new(&mut g, b, addr, now)
+                let outcome = match before {
+                    Some(_) => self.announce_known(&mut g, b, addr, now),
+                    None => self.announce_new(&mut g, b, addr, now),
                 };
                 if let Outcome::Joined(b) | Outcome::Refreshed(b) = &outcome {
                     let Inner { peers, expiry, .. } = &mut *g;
-                    let p = peers.get(&b.node);
-                    p.inspect(|p| expiry.note(p.expires_at()));
-                    let joined = matches!(outcome, Outcome::Joined(_));
+                    let p = peers.get(&b.node).inspect(|p| expiry.note(p.expires_at()));
                     let resummed = p.is_some_and(|p| before != Some(p.summary));
                     drop(g);
-                    self.changes.told(joined, resummed);
+                    self.changes.told(matches!(outcome, Outcome::Joined(_)), resummed);
                 }
                 outcome
             }
