@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Idle cost of one `serve` (issue #27: laptops sleep deeper when idle): a client `serve` alone in
 # a network namespace (no peers: a quiet hall of one), after a settling time, over BENCH_SECS:
-# its CPU (utime + stime, /proc) and its wake-ups (context switches of all its threads,
-# voluntary and not, from /proc/PID/task/*/status). In a hall every received beacon datagram
+# its CPU (utime + stime, /proc) and its wake-ups (voluntary context switches of all its
+# threads, from /proc/PID/task/*/status; the figures before issue #27 counted preemptions too). In a hall every received beacon datagram
 # adds a wake-up on top (about 58 a second at 300 hosts; bench/hall-serve.sh). Needs root.
 # The settling time is long: this client has no nix-daemon, so its store scan fails and is
 # retried with a doubling back-off (`server::index`), which dominates the first half minute.
@@ -16,7 +16,8 @@ nix-store --generate-binary-cache-key bench-idle-1 "$D/sk" "$D/pk"
 lan_up solo
 start_client solo "$(cat "$D/pk")"
 sleep "${BENCH_SETTLE:-40}"
-switches() { cat /proc/"$CLIENT_PID"/task/*/status | awk '/ctxt_switches/ {s += $2} END {print s}'; }
+# Wake-ups: voluntary context switches (a thread slept and was woken); preemptions are not.
+switches() { cat /proc/"$CLIENT_PID"/task/*/status | awk '$1 == "voluntary_ctxt_switches:" {s += $2} END {print s}'; }
 ticks() { awk '{print $14 + $15}' /proc/"$CLIENT_PID"/stat; }
 s0=$(switches); t0=$(ticks)
 sleep "$SECS"

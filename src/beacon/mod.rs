@@ -265,6 +265,7 @@ impl BeaconLoop {
     ) {
         let mut read = 0;
         let mut full = false;
+        self.reply.batch(true);
         for (fam, (buf, cmsg)) in [(&self.sockets.v4, &mut bufs.v4), (&self.sockets.v6, &mut bufs.v6)] {
             let mut n = 0;
             while n < MAX_DRAIN {
@@ -284,6 +285,7 @@ impl BeaconLoop {
             read += n;
             full |= n == MAX_DRAIN;
         }
+        self.reply.batch(false);
         reader.drained(read, full, Instant::now());
     }
 
