@@ -516,6 +516,15 @@ fn the_architecture_doc_quotes_the_constants() {
             secs(beacon::seeds::PROBE_TIMEOUT),
         ),
         format!("`QUERY_ANSWERS` ({})", beacon::QUERY_ANSWERS),
+        format!("`LOOK_SAFETY` ({})", secs(beacon::wake::LOOK_SAFETY)),
+        format!(
+            "drained every `READ_EVERY` ({}, at most {} of the announce interval), at most {} datagrams a socket per drain",
+            secs(beacon::READ_EVERY),
+            beacon::READ_EVERY_INTERVALS,
+            beacon::MAX_DRAIN,
+        ),
+        format!("{} of receive buffer asked per socket", kib(u(beacon::RCVBUF_BYTES))),
+        format!("every `CHECK_SAFETY` ({}) otherwise", secs(proxy::summaries::CHECK_SAFETY)),
         // Shutdown, backpressure and bounds.
         format!("`DRAIN_TIMEOUT` ({})", secs(http::DRAIN_TIMEOUT)),
         format!(

@@ -2,7 +2,8 @@
 //! the groups joined and left per interface as interfaces come and go ([`Sockets::rescan`]).
 //! Invariants: at most [`MAX_LINKS`] interfaces joined; joins are by interface index, so an
 //! address change needs no re-join; errors on leaving are ignored (a removed interface has no
-//! memberships left), errors on sending only logged at debug (a link may be going as we send).
+//! memberships left), errors on sending only logged at debug (a link may be going as we send;
+//! a send that would block, a full send buffer, is such an error: the datagram is lost).
 //!
 //! (Just over 500 lines: the two families' socket set-up, joins and packet-info reads are
 //! alike but not the same calls, and read best side by side.)
@@ -17,21 +18,23 @@ use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage};
 use socket2::{Domain, InterfaceIndexOrAddress, Protocol, Socket, Type};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use std::net::UdpSocket;
+use std::os::fd::RawFd;
 use tokio::time::Instant;
 
 use super::config::{BeaconConfig, BeaconError, MAX_LINKS};
 use super::iface::{choose_interfaces, has_multicast_route_v4, list_interfaces, Interface};
 use super::links::{LinkState, LinkStates};
 use super::pex::OnLink;
+use super::reading::RCVBUF_BYTES;
 
 /// IPv4 (20) and UDP (8) header bytes of a beacon on the link.
 const V4_OVERHEAD: usize = 28;
 /// IPv6 (40) and UDP (8) header bytes of a beacon on the link.
 const V6_OVERHEAD: usize = 48;
 
-/// One bound family: its socket and groups.
+/// One bound family: its socket (non-blocking, registered with the reactor only while
+/// `reading::Reader` listens) and groups.
 pub(super) struct Family {
     sock: UdpSocket,
     groups: Vec<IpAddr>,
@@ -98,6 +101,15 @@ fn sock_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> BeaconError {
     move |source| BeaconError::Socket { what, source }
 }
 
+/// Asks for [`RCVBUF_BYTES`] of receive buffer (the reads are batched, `reading`); a refusal
+/// leaves the system's default, logged.
+fn with_rcvbuf(s: Socket) -> Socket {
+    if let Err(e) = s.set_recv_buffer_size(RCVBUF_BYTES) {
+        tracing::debug!(error = %e, "beacon: SO_RCVBUF refused; the default stays");
+    }
+    s
+}
+
 fn socket_v4(port: u16) -> Result<UdpSocket, BeaconError> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(sock_err("ipv4"))?;
     s.set_reuse_address(true).map_err(sock_err("SO_REUSEADDR"))?;
@@ -110,7 +122,7 @@ fn socket_v4(port: u16) -> Result<UdpSocket, BeaconError> {
     s.set_nonblocking(true).map_err(sock_err("nonblocking"))?;
     let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     s.bind(&bind.into()).map_err(sock_err(format!("bind {bind}")))?;
-    UdpSocket::from_std(s.into()).map_err(sock_err("register"))
+    Ok(with_rcvbuf(s).into())
 }
 
 fn socket_v6(port: u16) -> Result<UdpSocket, BeaconError> {
@@ -125,7 +137,7 @@ fn socket_v6(port: u16) -> Result<UdpSocket, BeaconError> {
     s.set_nonblocking(true).map_err(sock_err("nonblocking"))?;
     let bind = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
     s.bind(&bind.into()).map_err(sock_err(format!("bind {bind}")))?;
-    UdpSocket::from_std(s.into()).map_err(sock_err("register"))
+    Ok(with_rcvbuf(s).into())
 }
 
 /// Binds the beacon port and joins the groups on the interfaces usable now. Interfaces that
@@ -345,7 +357,7 @@ impl Sockets {
                 Err(e) => tracing::debug!(iface = %l.iface.name, error = %e, "IP_MULTICAST_IF"),
                 Ok(()) => {
                     for g in &f.groups {
-                        if let Err(e) = f.sock.send_to(bytes, SocketAddr::new(*g, self.port)).await {
+                        if let Err(e) = f.sock.send_to(bytes, SocketAddr::new(*g, self.port)) {
                             tracing::debug!(iface = %l.iface.name, %g, error = %e, "beacon send failed");
                         }
                     }
@@ -361,7 +373,7 @@ impl Sockets {
             for g in &f.groups {
                 let IpAddr::V6(g6) = g else { continue };
                 let to = SocketAddrV6::new(*g6, self.port, 0, l.iface.index);
-                if let Err(e) = f.sock.send_to(bytes, to).await {
+                if let Err(e) = f.sock.send_to(bytes, to) {
                     tracing::debug!(iface = %l.iface.name, %g, error = %e, "beacon send failed");
                 }
             }
@@ -421,14 +433,12 @@ pub(super) fn cmsg_buffer() -> Vec<u8> {
     nix::cmsg_space!(nix::libc::in6_pktinfo)
 }
 
-pub(super) async fn recv(f: &Option<Family>, buf: &mut [u8], cmsg: &mut Vec<u8>) -> io::Result<Received> {
-    match f {
-        Some(f) => {
-            f.sock
-                .async_io(Interest::READABLE, || recv_pktinfo(&f.sock, buf, cmsg))
-                .await
-        }
-        None => std::future::pending().await,
+/// The next queued datagram of `f`, without waiting: `None` when there is none (or no such
+/// socket).
+pub(super) fn try_recv(f: &Option<Family>, buf: &mut [u8], cmsg: &mut Vec<u8>) -> Option<io::Result<Received>> {
+    match recv_pktinfo(&f.as_ref()?.sock, buf, cmsg) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        r => Some(r),
     }
 }
 
@@ -468,6 +478,16 @@ fn recv_pktinfo(sock: &UdpSocket, buf: &mut [u8], cmsg: &mut Vec<u8>) -> io::Res
 }
 
 impl Sockets {
+    /// The IPv4 socket's descriptor (for `reading`'s registrations).
+    pub(super) fn fd_v4(&self) -> Option<RawFd> {
+        self.v4.as_ref().map(|f| f.sock.as_raw_fd())
+    }
+
+    /// The IPv6 socket's descriptor.
+    pub(super) fn fd_v6(&self) -> Option<RawFd> {
+        self.v6.as_ref().map(|f| f.sock.as_raw_fd())
+    }
+
     /// Whether a datagram came from this link (`proto/beacon.md`, on-link checks): sent to one
     /// of our groups (not unicast), on an interface we joined, from a source on that link (IPv4:
     /// in one of the interface's subnets; IPv6: link-local; on a loopback link, loopback).

@@ -38,6 +38,7 @@ pub mod links;
 mod membership;
 pub mod pex;
 pub mod prover;
+mod reading;
 mod receive;
 mod schedule;
 pub mod seeds;
@@ -62,7 +63,8 @@ pub use config::{
 pub use iface::{choose_interfaces, has_multicast_route_v4, list_interfaces, Interface};
 pub use links::{LinkReport, LinkState, LinkStates};
 pub use membership::{bind, Sockets};
-use membership::{lost, recv};
+use membership::{lost, try_recv};
+pub use reading::{MAX_DRAIN, RCVBUF_BYTES, READ_EVERY, READ_EVERY_INTERVALS};
 use receive::{receive, Reply};
 pub use receive::{RawDatagram, DEFEND_MIN_GAP, QUERY_ANSWERS};
 use schedule::{Due, Schedule};
@@ -86,6 +88,33 @@ pub fn hostname() -> Option<String> {
 async fn watch_changed(w: &Option<watch::Watcher>) {
     match w {
         Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The receive buffers, one per family (allocated once).
+struct Buffers {
+    v4: (Vec<u8>, Vec<u8>),
+    v6: (Vec<u8>, Vec<u8>),
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        let one = || (vec![0u8; RECV_BUF], membership::cmsg_buffer());
+        Self { v4: one(), v6: one() }
+    }
+}
+
+async fn clock_jumped(j: &Option<wake::ClockJumps>) {
+    match j {
+        Some(j) => j.jumped().await,
         None => std::future::pending().await,
     }
 }
@@ -137,9 +166,23 @@ pub async fn run(
         table.clone(),
         shutdown.child_token(),
     ));
+    // A wake-up from suspend wakes the loop by itself (the wall clock's timerfd); without it
+    // the loop looks once a second.
+    let jumps = match wake::ClockJumps::new() {
+        Ok(j) => Some(j),
+        Err(e) => {
+            tracing::debug!(error = %e, "no timerfd for wake-ups; looking every {:?}", schedule::EXPIRE_MAX_WAIT);
+            None
+        }
+    };
+    let look_every = if jumps.is_some() {
+        wake::LOOK_SAFETY
+    } else {
+        schedule::EXPIRE_MAX_WAIT
+    };
     let start = Instant::now();
     let mut b = BeaconLoop {
-        schedule: Schedule::new(start, sender.announcing(), cfg.interval, rescan_every),
+        schedule: Schedule::new(start, sender.announcing(), cfg.interval, rescan_every, look_every),
         announcing: sender.announcing(),
         goodbye,
         configured: cfg.interval,
@@ -154,8 +197,9 @@ pub async fn run(
         shutdown,
     };
     b.sender.hello(&b.sockets, None).await;
-    let (mut buf4, mut buf6) = (vec![0u8; RECV_BUF], vec![0u8; RECV_BUF]);
-    let (mut cmsg4, mut cmsg6) = (membership::cmsg_buffer(), membership::cmsg_buffer());
+    // Read at once while listening, in batches otherwise (`reading`).
+    let mut reader = reading::Reader::new(cfg.interval);
+    let mut bufs = Buffers::default();
     loop {
         let (at, due) = b.schedule.next(
             b.reply.answer_at(),
@@ -164,11 +208,19 @@ pub async fn run(
             b.wake_watch.due(),
             Instant::now(),
         );
+        // Every datagram read at once while it counts: an answer's duplicate suppression, a
+        // defence, our own start's answers before its peer exchange.
+        let urgent = b.reply.answer_at().is_some() || b.reply.defend_at().is_some() || b.schedule.starting();
+        let drain_at = match reader.prepare((b.sockets.fd_v4(), b.sockets.fd_v6()), urgent) {
+            reading::Wait::Datagram => None,
+            reading::Wait::Drain(at) => Some(at),
+        };
         tokio::select! {
             _ = b.shutdown.cancelled() => break,
-            r = recv(&b.sockets.v4, &mut buf4, &mut cmsg4) => receive(&b.table, &raw, &b.sockets, r, &buf4, &mut b.reply, b.announcing).await,
-            r = recv(&b.sockets.v6, &mut buf6, &mut cmsg6) => receive(&b.table, &raw, &b.sockets, r, &buf6, &mut b.reply, b.announcing).await,
+            _ = reader.readable() => b.drain(&mut reader, &mut bufs, &raw).await,
+            _ = sleep_until_some(drain_at) => b.drain(&mut reader, &mut bufs, &raw).await,
             _ = watch_changed(&watcher) => b.schedule.rescan_soon(Instant::now()),
+            _ = clock_jumped(&jumps) => b.on(Due::Look).await,
             _ = tokio::time::sleep_until(at) => b.on(due).await,
         }
     }
@@ -204,6 +256,39 @@ struct BeaconLoop {
 }
 
 impl BeaconLoop {
+    /// Reads every queued datagram of both sockets (at most `MAX_DRAIN` each) into the table.
+    async fn drain(
+        &mut self,
+        reader: &mut reading::Reader,
+        bufs: &mut Buffers,
+        raw: &Option<mpsc::Sender<RawDatagram>>,
+    ) {
+        let mut read = 0;
+        let mut full = false;
+        self.reply.batch(true);
+        for (fam, (buf, cmsg)) in [(&self.sockets.v4, &mut bufs.v4), (&self.sockets.v6, &mut bufs.v6)] {
+            let mut n = 0;
+            while n < MAX_DRAIN {
+                let Some(r) = try_recv(fam, buf, cmsg) else { break };
+                receive(
+                    &self.table,
+                    raw,
+                    &self.sockets,
+                    r,
+                    buf,
+                    &mut self.reply,
+                    self.announcing,
+                )
+                .await;
+                n += 1;
+            }
+            read += n;
+            full |= n == MAX_DRAIN;
+        }
+        self.reply.batch(false);
+        reader.drained(read, full, Instant::now());
+    }
+
     /// Does what `due` names.
     async fn on(&mut self, due: Due) {
         match due {

@@ -58,6 +58,8 @@ pub(super) struct Reply {
     /// our node id; re-read at most once per [`DEFEND_MIN_GAP`], when a source is not in it.
     own_ips: Vec<IpAddr>,
     own_ips_at: Option<Instant>,
+    /// Announces count as answers heard ([`Reply::batch`]).
+    counting: bool,
 }
 
 /// Least time between two announces made because our node id was heard from another address,
@@ -78,6 +80,7 @@ impl Reply {
             defended: None,
             own_ips: Vec::new(),
             own_ips_at: None,
+            counting: true,
         }
     }
 
@@ -95,6 +98,30 @@ impl Reply {
     pub(super) fn answered(&mut self, now: Instant) {
         self.at = None;
         self.last = now;
+    }
+
+    /// A batch of datagrams is read (`reading`): when no answer was pending as it began, the
+    /// announces in it do not count as answers to a query read in it (the other family's
+    /// socket is drained second, so some arrived before the query). `false` when it ends.
+    pub(super) fn batch(&mut self, begins: bool) {
+        self.counting = !begins || self.at.is_some();
+    }
+
+    /// An announce of `node` was heard while an answer is pending: counted once (never the
+    /// asker's own); once [`QUERY_ANSWERS`] others were, our answer would add nothing.
+    fn heard(&mut self, node: NodeId) {
+        if self.at.is_none() || !self.counting {
+            return;
+        }
+        // The asker's own announces (its start burst) are no answers.
+        let asker = self.asked.is_some_and(|(n, _)| n == node);
+        if !asker && !self.heard.contains(&node) {
+            self.heard.push(node);
+        }
+        if self.heard.len() >= QUERY_ANSWERS {
+            self.at = None;
+            self.heard.clear();
+        }
     }
 
     /// The defending announce went out.
@@ -201,18 +228,7 @@ pub(super) async fn receive(
         _ => {}
     }
     match &outcome {
-        Outcome::Joined(b) | Outcome::Refreshed(b) if reply.at.is_some() => {
-            // The asker's own announces (its start burst) are no answers.
-            let asker = reply.asked.is_some_and(|(n, _)| n == b.node);
-            if !asker && !reply.heard.contains(&b.node) {
-                reply.heard.push(b.node);
-            }
-            if reply.heard.len() >= QUERY_ANSWERS {
-                // Enough hosts answered already: ours would add nothing.
-                reply.at = None;
-                reply.heard.clear();
-            }
-        }
+        Outcome::Joined(b) | Outcome::Refreshed(b) => reply.heard(b.node),
         _ => {}
     }
     if let Some(tx) = raw {
@@ -245,5 +261,35 @@ mod tests {
                 "{hosts} hosts: {yes} of {draws} vs {expected}"
             );
         }
+    }
+
+    /// Issue #27 (batched reads): a query read in a batch was followed by the batch's other
+    /// announces, some older than the query (the IPv6 socket is drained after the IPv4 one),
+    /// which counted as answers and silenced ours (2 answers to a newcomer in a hall of 100
+    /// instead of about 24). Announces of the batch the query came in do not count; those read
+    /// afterwards do.
+    #[test]
+    fn announces_read_in_the_querys_batch_do_not_silence_the_answer() {
+        let t0 = Instant::now();
+        let mut r = Reply::new(t0);
+        r.batch(true);
+        r.asked = Some((NodeId([99; 16]), t0));
+        r.at = Some(t0 + Duration::from_millis(100));
+        for n in 0..QUERY_ANSWERS as u8 {
+            r.heard(NodeId([n; 16]));
+        }
+        assert!(r.answer_at().is_some(), "the batch's announces silenced the answer");
+        r.batch(false);
+        for n in 0..QUERY_ANSWERS as u8 {
+            r.heard(NodeId([n; 16]));
+        }
+        assert!(r.answer_at().is_none(), "announces read afterwards count");
+        // A batch that begins with an answer pending counts: all of it came after the query.
+        r.at = Some(t0 + Duration::from_millis(100));
+        r.batch(true);
+        for n in 0..QUERY_ANSWERS as u8 {
+            r.heard(NodeId([n; 16]));
+        }
+        assert!(r.answer_at().is_none());
     }
 }

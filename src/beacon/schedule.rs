@@ -2,7 +2,9 @@
 //! when: the periodic announce and the start-up burst, the interface re-scan, the peer
 //! exchange after a start or a new link, the looks for silent peers (and for a wake-up from
 //! suspend), and the [`super::receive::Reply`]'s answer to a query and defence of our node id.
-//! A look is never more than [`EXPIRE_MAX_WAIT`] away, so something is always due.
+//! A look is never more than the schedule's `look_every` away ([`EXPIRE_MAX_WAIT`], or
+//! `wake::LOOK_SAFETY` when a wake-up from suspend wakes the loop by itself), so something is
+//! always due.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -15,8 +17,9 @@ use super::pex::PEX_DELAY;
 /// Extra announces right after start (and after a new link or a wake-up), in case the first
 /// datagrams are lost.
 const START_BURST: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(300)];
-/// Longest sleep between looks for silent peers (the loop also wakes at the earliest expiry).
-const EXPIRE_MAX_WAIT: Duration = Duration::from_secs(1);
+/// Longest sleep between looks for silent peers and wake-ups when nothing tells the loop of a
+/// wake-up from suspend (no timerfd; the loop also wakes at the earliest expiry).
+pub const EXPIRE_MAX_WAIT: Duration = Duration::from_secs(1);
 /// Periodic re-scan of the interfaces: the safety net behind the netlink notices.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
 /// Periodic re-scan when netlink notices are unavailable.
@@ -47,6 +50,8 @@ pub(super) struct Schedule {
     /// This host announces (the `peers` tool does not: no announce is ever due).
     announcing: bool,
     rescan_every: Duration,
+    /// Longest wait between two looks (expiries have their own deadline, the table's).
+    look_every: Duration,
     rescan_at: Instant,
     next_announce: Instant,
     /// The start-up burst's announces still to send.
@@ -63,10 +68,17 @@ fn jittered(interval: Duration) -> Duration {
 
 impl Schedule {
     /// The timers of a beacon started (its hello sent) at `start`.
-    pub(super) fn new(start: Instant, announcing: bool, interval: Duration, rescan_every: Duration) -> Self {
+    pub(super) fn new(
+        start: Instant,
+        announcing: bool,
+        interval: Duration,
+        rescan_every: Duration,
+        look_every: Duration,
+    ) -> Self {
         let mut s = Self {
             announcing,
             rescan_every,
+            look_every,
             rescan_at: start + rescan_every,
             next_announce: start + jittered(interval),
             burst: VecDeque::new(),
@@ -86,7 +98,7 @@ impl Schedule {
 
     /// What is due next, and when: the earliest of the loop's timers, the reply's (`answer_at`,
     /// `defend_at`) and the next look (at the earliest `expiry` or `wake` check, at most
-    /// [`EXPIRE_MAX_WAIT`] after `now`).
+    /// `look_every` after `now`).
     pub(super) fn next(
         &self,
         answer_at: Option<Instant>,
@@ -95,7 +107,7 @@ impl Schedule {
         wake: Option<Instant>,
         now: Instant,
     ) -> (Instant, Due) {
-        let look = expiry.into_iter().chain(wake).fold(now + EXPIRE_MAX_WAIT, Instant::min);
+        let look = expiry.into_iter().chain(wake).fold(now + self.look_every, Instant::min);
         let send = self.announcing.then(|| {
             self.burst
                 .front()
@@ -149,6 +161,12 @@ impl Schedule {
         }
     }
 
+    /// A start (or a new link) is under way: its query was sent and the peer exchange that
+    /// follows it is not due yet (the loop then reads every datagram at once, `reading`).
+    pub(super) fn starting(&self) -> bool {
+        self.pex_at.is_some()
+    }
+
     /// The peer exchange was started (or one is still running).
     pub(super) fn exchanged(&mut self) {
         self.pex_at = None;
@@ -164,11 +182,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_schedule_names_the_earliest_deadline() {
         let t0 = Instant::now();
-        let s = Schedule::new(t0, true, Duration::from_secs(5), RESCAN_INTERVAL);
+        let s = Schedule::new(t0, true, Duration::from_secs(5), RESCAN_INTERVAL, EXPIRE_MAX_WAIT);
         assert_eq!(s.next(None, None, None, None, t0), (t0 + START_BURST[0], Due::Announce));
         let answer = t0 + Duration::from_millis(50);
         assert_eq!(s.next(Some(answer), None, None, None, t0), (answer, Due::Answer));
-        let quiet = Schedule::new(t0, false, Duration::from_secs(5), RESCAN_INTERVAL);
+        let quiet = Schedule::new(t0, false, Duration::from_secs(5), RESCAN_INTERVAL, EXPIRE_MAX_WAIT);
         assert_eq!(
             quiet.next(None, None, None, None, t0),
             (t0 + PEX_DELAY, Due::PeerExchange)
@@ -186,5 +204,34 @@ mod tests {
             quiet.next(None, None, None, None, t0),
             (t0 + RESCAN_DEBOUNCE, Due::Rescan)
         );
+    }
+
+    /// Issue #27: the loop looked for expired peers and wake-ups every second, whatever the
+    /// table held. With a timerfd telling it of wake-ups, the next look is the table's earliest
+    /// expiry, or `LOOK_SAFETY` away.
+    #[tokio::test(start_paused = true)]
+    async fn with_wake_ups_told_the_loop_looks_at_the_earliest_expiry_only() {
+        use super::super::wake::LOOK_SAFETY;
+        let t0 = Instant::now();
+        let mut s = Schedule::new(
+            t0,
+            false,
+            Duration::from_secs(5),
+            Duration::from_secs(3600),
+            LOOK_SAFETY,
+        );
+        s.exchanged();
+        assert_eq!(s.next(None, None, None, None, t0), (t0 + LOOK_SAFETY, Due::Look));
+        let expiry = t0 + Duration::from_secs(31);
+        assert_eq!(s.next(None, None, Some(expiry), None, t0), (expiry, Due::Look));
+    }
+
+    /// The wall clock's timerfd can be made and stays quiet while the clock does not jump (a
+    /// resume cannot be caused in a test: the kernel's cancellation is what tells the loop).
+    #[tokio::test]
+    async fn the_clock_jump_timer_is_armed_and_quiet() {
+        let jumps = super::super::wake::ClockJumps::new().expect("timerfd");
+        let quiet = tokio::time::timeout(Duration::from_millis(50), jumps.jumped()).await;
+        assert!(quiet.is_err(), "no jump, no wake-up");
     }
 }

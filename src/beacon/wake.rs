@@ -1,10 +1,21 @@
 //! Noticing a wake-up from suspend. `CLOCK_MONOTONIC` (what Tokio's `Instant` reads) stops while
 //! the machine sleeps, `CLOCK_BOOTTIME` does not: when boot time advanced clearly more than
 //! monotonic time between two looks, the machine slept for the difference.
+//!
+//! When to look: [`ClockJumps`], a timerfd on `CLOCK_REALTIME` armed with
+//! `TFD_TIMER_CANCEL_ON_SET`, becomes readable when the kernel resumes from suspend (it treats a
+//! resume as a clock set: `timerfd_resume`) or the wall clock is set, so the beacon loop looks
+//! at once after a wake-up instead of once a second (issue #27: a wake-up a second on an idle
+//! laptop); with it the loop's periodic look is only a safety net ([`LOOK_SAFETY`]). Without a
+//! timerfd (it cannot be created) the loop looks every second, as before.
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{self, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use nix::time::{clock_gettime, ClockId};
+use tokio::io::unix::AsyncFd;
 use tokio::time::Instant;
 
 use super::receive::QUERY_ANSWERS;
@@ -18,6 +29,65 @@ pub const WAKE_GRACE: Duration = Duration::from_secs(2);
 /// A gap between the two clocks larger than this is a sleep (the loop looks at least once a
 /// second, so scheduling delays stay far below it).
 pub const SLEEP_THRESHOLD: Duration = Duration::from_secs(3);
+
+/// With [`ClockJumps`], the longest wait between two looks for a wake-up (a kernel that does not
+/// report resumes to timerfds is noticed this late; the clocks' comparison does not depend on
+/// how long ago the last look was).
+pub const LOOK_SAFETY: Duration = Duration::from_secs(60);
+
+/// Wakes the beacon loop when the wall clock jumps, which the kernel also reports on a resume
+/// from suspend (see the module doc). One file descriptor; nothing else is kept.
+pub struct ClockJumps {
+    fd: AsyncFd<Timer>,
+}
+
+/// The timerfd, as the raw descriptor Tokio's reactor registers.
+struct Timer(TimerFd);
+
+impl AsRawFd for Timer {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl ClockJumps {
+    /// A timerfd on `CLOCK_REALTIME`, armed far in the future with `TFD_TIMER_CANCEL_ON_SET`.
+    pub fn new() -> std::io::Result<Self> {
+        let fd = TimerFd::new(
+            timerfd::ClockId::CLOCK_REALTIME,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        let now = clock_gettime(ClockId::CLOCK_REALTIME)?;
+        // About 68 years on: it never expires, only its cancellation matters.
+        let far = TimeSpec::new(now.tv_sec().saturating_add(i32::MAX as _), 0);
+        fd.set(
+            Expiration::OneShot(far),
+            TimerSetTimeFlags::TFD_TIMER_ABSTIME | TimerSetTimeFlags::TFD_TIMER_CANCEL_ON_SET,
+        )?;
+        // SAFETY: the descriptor is the `TimerFd`'s `OwnedFd`, owned by the `AsyncFd` from here
+        // on, never closed or replaced before the `AsyncFd` is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(Timer(fd), tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        Ok(Self { fd })
+    }
+
+    /// Resolves at the next jump of the wall clock (a resume from suspend, a clock set).
+    pub async fn jumped(&self) {
+        loop {
+            let Ok(mut ready) = self.fd.readable().await else {
+                return std::future::pending().await;
+            };
+            let mut tick = [0u8; 8];
+            match nix::unistd::read(self.fd.get_ref().as_raw_fd(), &mut tick) {
+                // Cancelled: the clock jumped (the next read waits for the next jump).
+                Err(nix::errno::Errno::ECANCELED) => return,
+                Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
+                // Expired (decades on) or failed: nothing more to wait for.
+                Ok(_) | Err(_) => return std::future::pending().await,
+            }
+        }
+    }
+}
 
 /// Compares the two clocks from one look to the next.
 #[derive(Clone, Copy, Debug)]

@@ -39,8 +39,13 @@ pub const MIN_FETCH_GAP: Duration = Duration::from_secs(1);
 /// Longest gap between fetches of a summary whose fetches keep failing (the gap doubles per
 /// failure from [`MIN_FETCH_GAP`]).
 pub const MAX_FETCH_GAP: Duration = Duration::from_secs(60);
-/// How often the table is checked for new versions.
+/// The table is looked at most this often: a change (a join, a leave, a new summary version)
+/// is acted on within this long, and a burst of them (a hall booting) costs one pass.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
+/// With no change in the table, it is still looked at this often (a peer the proxy may ask
+/// again, `SummarySources::usable`, changes nothing in the table). Issue #27: an idle loop
+/// used to look every [`CHECK_EVERY`], two wake-ups a second on a laptop with nothing to do.
+pub const CHECK_SAFETY: Duration = Duration::from_secs(10);
 /// Keys kept from deltas per peer before a full summary is fetched instead.
 pub const MAX_ADDED: usize = 65_536;
 /// Memory for all summaries together.
@@ -115,6 +120,8 @@ struct Inner {
 #[derive(Default)]
 pub struct PeerSummaries {
     inner: Mutex<Inner>,
+    /// Passes of [`Self::run`] over the table (what an idle proxy wakes for; tests).
+    passes: std::sync::atomic::AtomicU64,
 }
 
 impl PeerSummaries {
@@ -223,6 +230,22 @@ impl PeerSummaries {
         out
     }
 
+    /// When the first of `announced` whose version is not held may be asked next (its gap
+    /// after the last ask); `None` when every version is held.
+    fn next_due(&self, announced: &[(NodeId, u64)]) -> Option<Instant> {
+        let inner = self.lock();
+        announced
+            .iter()
+            .filter(|(n, v)| inner.held.get(n).map(|h| h.version) != Some(*v))
+            .map(|(n, _)| inner.asked.get(n).map_or_else(Instant::now, |a| a.at + a.gap()))
+            .min()
+    }
+
+    /// Passes over the table so far.
+    pub fn passes(&self) -> u64 {
+        self.passes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A fetch of `node`'s summary ended: `ok` (it came and decoded) clears its failures, a
     /// failure doubles its gap.
     fn fetched(&self, node: &NodeId, ok: bool) {
@@ -231,13 +254,19 @@ impl PeerSummaries {
         }
     }
 
-    /// Keeps the summaries of the table's peers current until `shutdown`.
+    /// Keeps the summaries of the table's peers current until `shutdown`: a pass over the table
+    /// when it changed (at most every [`CHECK_EVERY`]), when a fetch that failed or came too
+    /// soon is due again, and every [`CHECK_SAFETY`].
     pub async fn run(proxy: Arc<impl SummarySources>, shutdown: CancellationToken) {
         let Some(table) = proxy.table().cloned() else {
             return shutdown.cancelled().await;
         };
         let me = proxy.held();
+        let mut generation = table.watch_summaries();
         loop {
+            generation.borrow_and_update();
+            let pass_at = Instant::now();
+            me.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // One pass over the table without copying its entries, and the (costlier) usability
             // check only for peers announcing a version not held: in a steady hall, none
             // (copying every entry here, twice over, was 13-27 % of a steady serve's CPU).
@@ -250,7 +279,7 @@ impl PeerSummaries {
                 .filter(|(n, _)| proxy.usable(n))
                 .collect();
             let due = me.due(&announced);
-            let table = &table;
+            let table_ref = &table;
             let work = futures_util::stream::iter(due)
                 .map(|(node, have)| {
                     let proxy = &proxy;
@@ -261,8 +290,8 @@ impl PeerSummaries {
                     if r.is_ok() {
                         // Its server answered, naming its node id: a useful peer, kept over
                         // new identities when the table is full (`beacon::table`).
-                        if let Some(p) = table.get(&node) {
-                            table.answered(&node, p.http_addr(), Instant::now());
+                        if let Some(p) = table_ref.get(&node) {
+                            table_ref.answered(&node, p.http_addr(), Instant::now());
                         }
                     }
                     let decoded = r.map(|b| summary::decode(&b));
@@ -282,9 +311,19 @@ impl PeerSummaries {
                 _ = shutdown.cancelled() => return,
                 _ = work => {}
             }
+            let retry = me.next_due(&announced).map(|at| at.max(pass_at + CHECK_EVERY));
+            let safety = Instant::now() + CHECK_SAFETY;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(CHECK_EVERY) => {}
+                // The table changed: looked at again, but not sooner than `CHECK_EVERY` after
+                // the last pass. (A closed channel, the table gone, leaves the timers.)
+                Ok(()) = generation.changed() => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep_until(pass_at + CHECK_EVERY) => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(retry.map_or(safety, |r| r.min(safety))) => {}
             }
         }
     }
@@ -363,5 +402,81 @@ mod tests {
         assert_eq!(due(&s), 0);
         tokio::time::advance(ms).await;
         assert_eq!(due(&s), 1, "a success resets the gap");
+    }
+
+    /// A proxy whose peers are a bare table, whose fetches count and always succeed.
+    struct Fake {
+        held: PeerSummaries,
+        table: Arc<PeerTable>,
+        fetches: std::sync::atomic::AtomicU64,
+    }
+
+    impl SummarySources for Fake {
+        fn held(&self) -> &PeerSummaries {
+            &self.held
+        }
+        fn table(&self) -> Option<&Arc<PeerTable>> {
+            Some(&self.table)
+        }
+        fn usable(&self, _: &NodeId) -> bool {
+            true
+        }
+        async fn fetch(&self, node: &NodeId, _: Option<u64>) -> Result<bytes::Bytes, SourceError> {
+            self.fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let v = self.table.get(node).and_then(|p| p.summary).unwrap_or(1);
+            Ok(summary::encode_full(v, &[key(1)]).expect("encode"))
+        }
+    }
+
+    fn announce(summary: u64) -> Vec<u8> {
+        crate::beacon::wire::encode(&crate::beacon::wire::Beacon {
+            kind: crate::beacon::wire::Kind::Announce,
+            flags: 0,
+            node: NodeId([1; 16]),
+            port: 8380,
+            interval_ms: 10_000,
+            seq: 1,
+            hostname: None,
+            summary: Some(summary),
+            commitment: None,
+            proof: None,
+        })
+    }
+
+    /// Issue #27: the loop looked at the table every 500 ms whatever happened (two wake-ups a
+    /// second on an idle laptop). It now looks when the table changes (a join, a new summary
+    /// version), within `CHECK_EVERY`, and otherwise every `CHECK_SAFETY`.
+    #[tokio::test(start_paused = true)]
+    async fn the_summary_loop_wakes_on_table_changes_not_on_a_timer() {
+        let proxy = Arc::new(Fake {
+            held: PeerSummaries::default(),
+            table: Arc::new(PeerTable::new(NodeId([0; 16]))),
+            fetches: Default::default(),
+        });
+        let shutdown = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(PeerSummaries::run(proxy.clone(), shutdown.clone()));
+        let minute = Duration::from_secs(60);
+        tokio::time::sleep(minute).await;
+        let idle = proxy.held.passes();
+        let most = 1 + (minute.as_secs() / CHECK_SAFETY.as_secs());
+        assert!(idle <= most, "{idle} passes in a quiet minute (at most {most})");
+        let src = std::net::SocketAddr::from(([10, 0, 0, 1], 8380));
+        let n = NodeId([1; 16]);
+        for version in [7, 8] {
+            proxy.table.handle(src, &announce(version), Instant::now());
+            tokio::time::sleep(CHECK_EVERY + MIN_FETCH_GAP).await;
+            assert_eq!(proxy.held.version(&n), Some(version), "fetched once announced");
+        }
+        assert_eq!(proxy.fetches.load(std::sync::atomic::Ordering::Relaxed), 2);
+        let before = proxy.held.passes();
+        tokio::time::sleep(minute).await;
+        let quiet = proxy.held.passes() - before;
+        assert!(
+            quiet <= most,
+            "{quiet} passes in a quiet minute with a peer (at most {most})"
+        );
+        shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
     }
 }

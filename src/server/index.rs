@@ -87,6 +87,9 @@ pub struct Index {
     /// A full scan of the store succeeded: the index holds every servable path (up to the
     /// memory cap), so a summary of it is complete.
     complete: std::sync::atomic::AtomicBool,
+    /// Woken when `generation` moves or the index is marked complete: the summary publisher
+    /// waits on it instead of polling (one waiter; a permit is kept, no change is missed).
+    changed: tokio::sync::Notify,
 }
 
 impl Index {
@@ -97,12 +100,19 @@ impl Index {
             max_bytes,
             generation: AtomicU64::new(0),
             complete: std::sync::atomic::AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Resolves once the index changed or was marked complete since the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await
     }
 
     /// Marks the index complete (after a full scan; tests).
     pub fn mark_complete(&self) {
         self.complete.store(true, Ordering::Release);
+        self.changed.notify_one();
     }
 
     /// True once a full scan succeeded (see the field).
@@ -139,6 +149,7 @@ impl Index {
             }
             None => {
                 self.generation.fetch_add(1, Ordering::AcqRel);
+                self.changed.notify_one();
             }
         }
         self.bytes.fetch_add(cost, Ordering::Relaxed);
@@ -149,6 +160,7 @@ impl Index {
         if let Some(old) = self.map.write().unwrap_or_else(|p| p.into_inner()).remove(hash) {
             self.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
             self.generation.fetch_add(1, Ordering::AcqRel);
+            self.changed.notify_one();
         }
     }
 
@@ -172,6 +184,7 @@ impl Index {
             if !keep {
                 self.bytes.fetch_sub(e.cost(), Ordering::Relaxed);
                 self.generation.fetch_add(1, Ordering::AcqRel);
+                self.changed.notify_one();
             }
             keep
         });

@@ -52,8 +52,10 @@ pub use streams::NAR_CHANNEL_CHUNKS;
 
 /// Priority in `/nix-cache-info`: before cache.nixos.org (40), for clients pointed straight at us.
 pub const PRIORITY: u32 = 30;
-/// How often the server looks whether its transfers went idle, to hand freed memory back.
-const TRIM_CHECK: Duration = Duration::from_secs(2);
+/// The server looks whether its transfers went idle, to hand freed memory back, when its last
+/// body task ends, and at least this often (a burst of connections without transfers; issue
+/// #27: it looked every 2 s, a wake-up an idle laptop paid for).
+const TRIM_CHECK: Duration = Duration::from_secs(30);
 
 /// Before the first scan of the store completed, a miss asks the daemon and is answered this long
 /// after the request arrived, not sooner (the daemon answers sooner for a path it lacks than for
@@ -532,6 +534,7 @@ pub fn parts(
         "memory release",
         Box::pin(release_memory_when_idle(
             server.streams.transfers.clone(),
+            server.streams.tasks.clone(),
             admission.clone(),
             shutdown.clone(),
         )),
@@ -574,6 +577,7 @@ const CONNECTION_BURST: usize = 256;
 /// returns near its baseline.
 async fn release_memory_when_idle(
     transfers: Arc<Transfers>,
+    tasks: Arc<h::BodyTasks>,
     admission: Arc<h::Admission>,
     shutdown: CancellationToken,
 ) {
@@ -581,6 +585,7 @@ async fn release_memory_when_idle(
     let mut conn_peak = 0;
     loop {
         tokio::select! {
+            _ = tasks.went_idle() => {}
             _ = tokio::time::sleep(TRIM_CHECK) => {}
             _ = shutdown.cancelled() => return,
         }

@@ -1,8 +1,9 @@
 //! The store server's content summary (`GET /summary`, format in `crate::summary`), and the
 //! learner that puts paths this host just substituted into the index at once.
 //!
-//! The [`Publisher`] rebuilds the summary from the index at most every [`REBUILD_EVERY`] when
-//! the index changed, bumps the version the beacon announces, and remembers the last
+//! The [`Publisher`] rebuilds the summary from the index when the index changed (woken by it,
+//! not polling: issue #27), at most every [`REBUILD_EVERY`] (a scan's burst of changes is one
+//! rebuild), bumps the version the beacon announces, and remembers the last
 //! [`MAX_LOG`] additions so peers fetch deltas. Nothing is published before the first full scan
 //! of the store succeeded (a summary of a half-filled index would tell peers "no" for paths this
 //! host has): until then the beacon announces no version, and peers ask this host as one with
@@ -68,6 +69,8 @@ pub struct Publisher {
     /// first complete summary.
     version: Arc<AtomicU64>,
     state: Mutex<State>,
+    /// Times [`Self::run`] woke to look at the index (tests: an idle publisher does not poll).
+    looks: AtomicU64,
 }
 
 impl Publisher {
@@ -85,6 +88,7 @@ impl Publisher {
                 log: VecDeque::new(),
                 log_floor: epoch,
             }),
+            looks: AtomicU64::new(0),
         }
     }
 
@@ -153,13 +157,25 @@ impl Publisher {
         }
     }
 
-    /// Keeps the summary current until `shutdown`.
+    /// Times the publisher looked at the index.
+    pub fn looks(&self) -> u64 {
+        self.looks.load(Ordering::Relaxed)
+    }
+
+    /// Keeps the summary current until `shutdown`: a rebuild when the index changed, at most
+    /// every [`REBUILD_EVERY`].
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
+            self.looks.fetch_add(1, Ordering::Relaxed);
             self.refresh();
+            let rebuilt = tokio::time::Instant::now();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(REBUILD_EVERY) => {}
+                _ = self.index.changed() => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(rebuilt + REBUILD_EVERY) => {}
             }
         }
     }
@@ -271,5 +287,29 @@ mod tests {
             decode(&p.response(Some(v2 + 1)).expect("published")).expect("full"),
             Summary::Full { .. }
         ));
+    }
+
+    /// Issue #27: the publisher looked at the index every second whatever happened. It now
+    /// sleeps until the index changes, and a change is published within `REBUILD_EVERY`.
+    #[tokio::test(start_paused = true)]
+    async fn the_publisher_wakes_on_index_changes_not_on_a_timer() {
+        let index = Arc::new(Index::new(1 << 30));
+        index.insert(entry(1));
+        index.mark_complete();
+        let p = Arc::new(Publisher::new(index.clone()));
+        let shutdown = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(p.clone().run(shutdown.clone()));
+        tokio::time::sleep(REBUILD_EVERY * 2).await;
+        let v1 = p.version().expect("published");
+        let looks = p.looks();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(p.looks(), looks, "no look without a change");
+        index.insert(entry(2));
+        tokio::time::sleep(REBUILD_EVERY).await;
+        assert!(p.version().expect("published") > v1, "the change is published");
+        assert_eq!(p.looks(), looks + 1);
+        shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
     }
 }

@@ -655,6 +655,22 @@ fn cpu_ticks(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Voluntary context switches of every thread of `pid` so far: its wake-ups.
+fn wake_ups(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 /// One figure for `bench/hall-serve.sh`.
 fn figure(key: &str, value: impl std::fmt::Display) {
     println!("BENCH-HALL|{key}|{value}");
@@ -728,9 +744,20 @@ fn bench_hall_of_real_serve_hosts() {
     // Steady state: 10 s of beacon traffic, CPU over the same window, RSS after it.
     let pids: Vec<u32> = hall.serves.iter().filter_map(Serve::pid).collect();
     let c0: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let w0: u64 = pids.iter().map(|p| wake_ups(*p)).sum();
     let sniff = Sniffer::start(hall.spare(0), Duration::from_secs(10));
     let seen = sniff.finish();
     let c1: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let w1: u64 = pids.iter().map(|p| wake_ups(*p)).sum();
+    // Issue #27: a laptop in a quiet hall should wake its CPU only a few times a second.
+    figure(
+        "wakeups",
+        format!(
+            "{:.1} a second each (voluntary context switches, mean of {})",
+            (w1 - w0) as f64 / 10.0 / pids.len() as f64,
+            pids.len()
+        ),
+    );
     // /proc/PID/stat counts in USER_HZ, 100 on Linux.
     let hz = 100.0;
     let bytes: usize = seen.iter().map(|s| s.wire_bytes()).sum();

@@ -13,7 +13,8 @@
 //! (the rate limits), [`contest`] (the addresses queued to prove a contested node id, and what
 //! each proved), [`departed`] (goodbyes' sequence numbers: an older announce is a replay),
 //! [`expiry`] (when to look for silent peers next), [`outcome`] (what a datagram did, why one
-//! was ignored, and their counters).
+//! was ignored, and their counters), [`changes`] (who is told of joins, leaves and new summary
+//! versions).
 //!
 //! A peer is *established* once it has announced [`ESTABLISHED_ANNOUNCES`] times (what the
 //! traffic budget, the query sampling and peer exchange count).
@@ -42,6 +43,7 @@
 
 pub mod admission;
 pub mod buckets;
+mod changes;
 pub mod contest;
 pub mod departed;
 pub mod expiry;
@@ -64,10 +66,11 @@ pub use peer::{Hold, Move, Peer, Standing, ESTABLISHED_ANNOUNCES, EXPIRY_INTERVA
 use super::identity::{self, Identity};
 use super::wire::{self, Beacon, Kind, NodeId};
 use buckets::Buckets;
+use changes::Changes;
 use contest::Contests;
 use departed::Departed;
 use expiry::ExpiryCache;
-use peer::Announced;
+use peer::{addr_with_scope, Announced};
 
 /// In the table of a node whose proxy reports answers ([`PeerTable::answered`]), an established
 /// peer that never answered counts as part of the hall (the traffic budget, the query sampling,
@@ -138,8 +141,8 @@ pub struct PeerTable {
     /// Woken when a proof is wanted (the prover).
     proofs_wanted: tokio::sync::Notify,
     inner: Mutex<Inner>,
-    /// Woken on every join or leave, for whoever waits for the table to change.
-    changed: tokio::sync::Notify,
+    /// Joins, leaves and summary versions changed: who is told ([`changes`]).
+    changes: Changes,
 }
 
 impl PeerTable {
@@ -150,7 +153,7 @@ impl PeerTable {
             answers_tracked: false,
             proofs_wanted: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner::default()),
-            changed: tokio::sync::Notify::new(),
+            changes: Changes::default(),
         }
     }
 
@@ -243,7 +246,7 @@ impl PeerTable {
         g.expiry.note(p.expires_at());
         g.peers.insert(node, p);
         drop(g);
-        self.changed.notify_waiters();
+        self.changes.membership();
         true
     }
 
@@ -285,19 +288,17 @@ impl PeerTable {
             Kind::Announce => {
                 g.counters.announces += 1;
                 let addr = addr_with_scope(SocketAddr::new(src.ip(), b.port), src);
-                let outcome = if g.peers.contains_key(&b.node) {
-                    self.announce_known(&mut g, b, addr, now)
-                } else {
-                    self.announce_new(&mut g, b, addr, now)
+                let before = g.peers.get(&b.node).map(|p| p.summary);
+                let outcome = match before {
+                    Some(_) => self.announce_known(&mut g, b, addr, now),
+                    None => self.announce_new(&mut g, b, addr, now),
                 };
                 if let Outcome::Joined(b) | Outcome::Refreshed(b) = &outcome {
-                    if let Some(at) = g.peers.get(&b.node).map(Peer::expires_at) {
-                        g.expiry.note(at);
-                    }
-                }
-                drop(g);
-                if matches!(outcome, Outcome::Joined(_)) {
-                    self.changed.notify_waiters();
+                    let Inner { peers, expiry, .. } = &mut *g;
+                    let p = peers.get(&b.node).inspect(|p| expiry.note(p.expires_at()));
+                    let resummed = p.is_some_and(|p| before != Some(p.summary));
+                    drop(g);
+                    self.changes.told(matches!(outcome, Outcome::Joined(_)), resummed);
                 }
                 outcome
             }
@@ -325,7 +326,7 @@ impl PeerTable {
             g.peers.remove(&b.node);
             g.departed.left(b.node, b.seq);
             drop(g);
-            self.changed.notify_waiters();
+            self.changes.membership();
             return Outcome::Left(b);
         }
         if !verify {
@@ -341,7 +342,7 @@ impl PeerTable {
             g.peers.remove(&b.node);
             g.departed.left(b.node, b.seq);
             drop(g);
-            self.changed.notify_waiters();
+            self.changes.membership();
             return Outcome::Left(b);
         }
         g.ignore(b, IgnoreReason::BadSignature)
@@ -444,8 +445,13 @@ impl PeerTable {
     /// (`cache_url::SUMMARY_HEADER`): kept for a peer that never announced to us (see
     /// [`Peer::heard_summary`]).
     pub fn heard_summary(&self, node: &NodeId, addr: SocketAddr, summary: Option<u64>) {
-        if let Some(p) = self.lock().peers.get_mut(node) {
-            p.heard_summary(addr, summary);
+        if self
+            .lock()
+            .peers
+            .get_mut(node)
+            .is_some_and(|p| p.heard_summary(addr, summary))
+        {
+            self.changes.summaries();
         }
     }
 
@@ -462,7 +468,7 @@ impl PeerTable {
         g.counters.expired += removed.len() as u64;
         drop(g);
         if !removed.is_empty() {
-            self.changed.notify_waiters();
+            self.changes.membership();
         }
         removed
     }
@@ -494,7 +500,7 @@ impl PeerTable {
         let removed: Vec<Peer> = gone.iter().filter_map(|n| g.peers.remove(n)).collect();
         drop(g);
         if !removed.is_empty() {
-            self.changed.notify_waiters();
+            self.changes.membership();
         }
         removed
     }
@@ -580,18 +586,13 @@ impl PeerTable {
 
     /// Resolves when the table next gains or loses a peer.
     pub async fn changed(&self) {
-        self.changed.notified().await
+        self.changes.joined_or_left().await
     }
-}
 
-/// IPv6 link-local addresses need the scope (interface) they were seen on to be reachable.
-fn addr_with_scope(addr: SocketAddr, src: SocketAddr) -> SocketAddr {
-    match (addr, src) {
-        (SocketAddr::V6(mut a), SocketAddr::V6(s)) => {
-            a.set_scope_id(s.scope_id());
-            SocketAddr::V6(a)
-        }
-        _ => addr,
+    /// The table's generation, which changes whenever a peer joins or leaves or a peer's
+    /// summary version changes: what the proxy's summary loop waits on.
+    pub fn watch_summaries(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 

@@ -203,11 +203,14 @@ impl Peer {
 
     /// Its store server at `addr` named `summary` as its summary version now. Kept only while
     /// it has never announced to us (no beacon keeps its version current) and for an address
-    /// it is listed with; a peer that announces keeps the version its beacons carry.
-    pub(super) fn heard_summary(&mut self, addr: SocketAddr, summary: Option<u64>) {
+    /// it is listed with; a peer that announces keeps the version its beacons carry. True when
+    /// the version changed.
+    pub(super) fn heard_summary(&mut self, addr: SocketAddr, summary: Option<u64>) -> bool {
+        let before = self.summary;
         if self.standing == Standing::Hearsay && self.addrs.contains(&addr) {
             self.summary = summary;
         }
+        self.summary != before
     }
 
     /// A new entry for a peer heard of through peer exchange: on probation, zero announces.
@@ -371,5 +374,16 @@ impl Peer {
             self.addrs.truncate(MAX_ADDRS_PER_PEER);
         }
         self.hold = Hold::Pinned;
+    }
+}
+
+/// IPv6 link-local addresses need the scope (interface) they were seen on to be reachable.
+pub(super) fn addr_with_scope(addr: SocketAddr, src: SocketAddr) -> SocketAddr {
+    match (addr, src) {
+        (SocketAddr::V6(mut a), SocketAddr::V6(s)) => {
+            a.set_scope_id(s.scope_id());
+            SocketAddr::V6(a)
+        }
+        _ => addr,
     }
 }
