@@ -27,6 +27,6 @@ pub use body::{
     Body, ByteRange, Unsatisfiable,
 };
 pub use pace::{Pace, PaceError, PACE_WINDOW, PACE_WINDOW_BYTES};
-pub use resources::{nofile_limit, raise_nofile_limit, release_free_memory};
+pub use resources::{nofile_limit, raise_nofile_limit, release_after_bursts, release_free_memory};
 pub use serve::{bind, serve, serve_with, Handler, DRAIN_TIMEOUT, MAX_READ_BUF};
 pub use tasks::BodyTasks;

@@ -583,22 +583,16 @@ async fn release_memory_when_idle(
 ) {
     let mut seen = 0;
     let mut conn_peak = 0;
-    loop {
-        tokio::select! {
-            _ = tasks.went_idle() => {}
-            _ = tokio::time::sleep(TRIM_CHECK) => {}
-            _ = shutdown.cancelled() => return,
-        }
+    let burst_over = move || {
         conn_peak = conn_peak.max(admission.take_peak());
         let open = admission.open();
         let conns_gone = conn_peak >= CONNECTION_BURST && open <= conn_peak / 4;
         if conns_gone {
             conn_peak = open;
         }
-        if transfers.went_idle(&mut seen) || conns_gone {
-            let _ = tokio::task::spawn_blocking(h::release_free_memory).await;
-        }
-    }
+        transfers.went_idle(&mut seen) || conns_gone
+    };
+    h::release_after_bursts(tasks, burst_over, h::release_free_memory, TRIM_CHECK, shutdown).await
 }
 
 #[cfg(test)]
