@@ -320,16 +320,23 @@ mod tests {
         out
     }
 
-    #[test]
-    fn dump_of_a_tree_is_a_complete_nar() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let root = d.path().join("out");
+    /// A store path's tree with every kind of entry: a directory, an executable, a file of
+    /// several chunks, an empty file and a symlink.
+    fn sample_tree(dir: &std::path::Path) -> std::path::PathBuf {
+        let root = dir.join("out");
         std::fs::create_dir_all(root.join("bin")).expect("mkdir");
         std::fs::write(root.join("bin/tool"), b"#!/bin/sh\n").expect("write");
         std::fs::set_permissions(root.join("bin/tool"), std::fs::Permissions::from_mode(0o555)).expect("chmod");
         std::fs::write(root.join("big"), vec![3u8; 3 * CHUNK + 5]).expect("write");
         std::fs::write(root.join("empty"), b"").expect("write");
         std::os::unix::fs::symlink("bin/tool", root.join("link")).expect("symlink");
+        root
+    }
+
+    #[test]
+    fn dump_of_a_tree_is_a_complete_nar() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = sample_tree(d.path());
         let nar = dump_all(&root);
         let mut f = NarFramer::new();
         assert_eq!(f.feed(&nar), Ok(Progress::Done { consumed: nar.len() }));
@@ -424,13 +431,7 @@ mod tests {
     #[test]
     fn a_plan_expands_to_the_dump_and_is_bounded() {
         let d = tempfile::tempdir().expect("tempdir");
-        let root = d.path().join("out");
-        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
-        std::fs::write(root.join("bin/tool"), b"#!/bin/sh\n").expect("write");
-        std::fs::set_permissions(root.join("bin/tool"), std::fs::Permissions::from_mode(0o555)).expect("chmod");
-        std::fs::write(root.join("big"), vec![3u8; 3 * CHUNK + 5]).expect("write");
-        std::fs::write(root.join("empty"), b"").expect("write");
-        std::os::unix::fs::symlink("bin/tool", root.join("link")).expect("symlink");
+        let root = sample_tree(d.path());
         for p in [root.clone(), root.join("big"), root.join("link")] {
             let want = dump_all(&p);
             let plan = plan(&p).expect("plan");
