@@ -18,6 +18,7 @@ BIG_MIB=${BENCH_BIG_MIB:-512}
 RUNS=${BENCH_RUNS:-3}
 BENCH_NAME=cpubench
 . bench/hosts.sh
+. bench/nginx.sh
 need_packages openssl nginx-light
 
 echo "building a $BIG_MIB MiB path..." >&2
@@ -59,20 +60,7 @@ FILE_NAR=$(awk '/^URL:/ {print $2}' "$D/cache/$H.narinfo")
 BYTES=$(stat -c %s "$D/cache/$FILE_NAR")
 
 # nginx in the peer's namespace serving the file:// cache (the same NAR bytes), with sendfile.
-mkdir -p "$D/nginx"
-cat >"$D/nginx.conf" <<NGX
-worker_processes 2;
-pid $D/nginx/nginx.pid;
-error_log $D/nginx/error.log;
-events { worker_connections 64; }
-http {
-  access_log off;
-  sendfile on; tcp_nopush on;
-  client_body_temp_path $D/nginx; proxy_temp_path $D/nginx; fastcgi_temp_path $D/nginx;
-  uwsgi_temp_path $D/nginx; scgi_temp_path $D/nginx;
-  server { listen 10.88.0.1:8480; root $D/cache; }
-}
-NGX
+nginx_conf "$D" 10.88.0.1:8480 2 64 "$D/cache"
 ip netns exec "$NS-peer" nginx -c "$D/nginx.conf" -g 'daemon off;' &
 NGINX=$!
 PIDS+=($NGINX)

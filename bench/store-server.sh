@@ -6,6 +6,7 @@
 #   bench/store-server.sh            (BENCH_SECS=10 BENCH_PATHS=300 BENCH_BIG_MIB=1024 to change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/nginx.sh
 SECS=${BENCH_SECS:-10}
 NPATHS=${BENCH_PATHS:-300}
 BIG_MIB=${BENCH_BIG_MIB:-1024}
@@ -52,20 +53,7 @@ NGINX=127.0.0.1:18481
 if [ -n "${BENCH_VIA_DAEMON:-}" ]; then REAL=none; else REAL=$D/store/nix/store; fi
 RUST_LOG=warn "$BIN" serve --no-beacon --store "unix://$D/daemon.sock" --listen "$OURS" --real-store-dir "$REAL" \
     --trusted-public-key "$(cat "$D/pk")" >"$D/serve.log" 2>&1 & SERVE_PID=$!; PIDS+=($SERVE_PID)
-mkdir -p "$D/nginx"
-cat > "$D/nginx.conf" <<NGX
-worker_processes auto;
-pid $D/nginx/nginx.pid;
-error_log $D/nginx/error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  sendfile on; tcp_nopush on;
-  client_body_temp_path $D/nginx; proxy_temp_path $D/nginx; fastcgi_temp_path $D/nginx;
-  uwsgi_temp_path $D/nginx; scgi_temp_path $D/nginx;
-  server { listen $NGINX; root $D/cache; }
-}
-NGX
+nginx_conf "$D" "$NGINX" auto 1024 "$D/cache"
 nginx -c "$D/nginx.conf" -g 'daemon off;' & PIDS+=($!)
 for _ in $(seq 100); do curl -sf "http://$OURS/nix-cache-info" >/dev/null && curl -sf "http://$NGINX/nix-cache-info" >/dev/null && break; sleep 0.1; done
 # Wait for the index scan to cover every path.
