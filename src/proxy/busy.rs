@@ -14,6 +14,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
+use super::copy::ByteWindow;
 use super::lookup::Lookup;
 use super::source::{Candidate, SourceId};
 use crate::beacon::wire::NodeId;
@@ -52,30 +53,18 @@ pub struct SlowWatch<'a> {
 }
 
 /// A copy's rate over windows of [`SLOW_WINDOW`].
-struct Rate {
-    /// The current window's start, and the bytes received in it.
-    since: Instant,
-    bytes: u64,
-}
+struct Rate(ByteWindow);
 
 impl Rate {
     fn new() -> Self {
-        Self {
-            since: Instant::now(),
-            bytes: 0,
-        }
+        Self(ByteWindow::new(Instant::now()))
     }
 
     /// `n` more bytes arrived: true when the window that just ended ran below the floor.
     fn slow(&mut self, n: u64) -> bool {
-        self.bytes += n;
-        let took = self.since.elapsed();
-        if took < SLOW_WINDOW {
-            return false;
-        }
-        let slow = (self.bytes as f64) < SLOW_RATE_FLOOR as f64 * took.as_secs_f64();
-        *self = Self::new();
-        slow
+        self.0
+            .add(n, Instant::now(), SLOW_WINDOW)
+            .is_some_and(|(bytes, took)| (bytes as f64) < SLOW_RATE_FLOOR as f64 * took.as_secs_f64())
     }
 }
 

@@ -35,9 +35,35 @@ const PEER_BUDGET_RATE: u64 = 1024 * 1024;
 /// The floor under a source's rate: [`MIN_WINDOW_BYTES`] per [`RATE_WINDOW`], and for peers an
 /// overall deadline.
 pub struct RateFloor {
-    window_start: Instant,
-    in_window: u64,
+    window: ByteWindow,
     deadline: Option<Instant>,
+}
+
+/// Bytes counted over consecutive windows of one length: the rate floor's, and the slow watch's
+/// (`busy::SlowWatch`).
+pub struct ByteWindow {
+    start: Instant,
+    bytes: u64,
+}
+
+impl ByteWindow {
+    /// A window starting at `now`.
+    pub fn new(now: Instant) -> Self {
+        Self { start: now, bytes: 0 }
+    }
+
+    /// Counts `n` bytes at `now`. Once `len` has passed since the window began: its bytes and
+    /// how long it ran, and the next window begins at `now`.
+    pub fn add(&mut self, n: u64, now: Instant, len: Duration) -> Option<(u64, Duration)> {
+        self.bytes += n;
+        let took = now.duration_since(self.start);
+        if took < len {
+            return None;
+        }
+        let bytes = self.bytes;
+        *self = Self::new(now);
+        Some((bytes, took))
+    }
 }
 
 impl RateFloor {
@@ -47,8 +73,7 @@ impl RateFloor {
         let deadline = matches!(source, SourceId::Peer(_))
             .then(|| now + PEER_BUDGET_BASE + Duration::from_secs(size / PEER_BUDGET_RATE));
         Self {
-            window_start: now,
-            in_window: 0,
+            window: ByteWindow::new(now),
             deadline,
         }
     }
@@ -59,18 +84,13 @@ impl RateFloor {
         if self.deadline.is_some_and(|d| now > d) {
             return Err(SourceError::Timeout);
         }
-        self.in_window += n;
-        if now.duration_since(self.window_start) >= RATE_WINDOW {
-            if self.in_window < MIN_WINDOW_BYTES {
-                return Err(SourceError::TooSlow {
-                    min_bytes: MIN_WINDOW_BYTES,
-                    window: RATE_WINDOW,
-                });
-            }
-            self.window_start = now;
-            self.in_window = 0;
+        match self.window.add(n, now, RATE_WINDOW) {
+            Some((bytes, _)) if bytes < MIN_WINDOW_BYTES => Err(SourceError::TooSlow {
+                min_bytes: MIN_WINDOW_BYTES,
+                window: RATE_WINDOW,
+            }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
