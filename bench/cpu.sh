@@ -6,12 +6,14 @@
 # - the proxy, per GiB handed to the client: pass-through from a proven peer, and verify-first
 #   (a second client with --pass-through-proven-peers false), next to the floor measured in the
 #   same run on the same bytes: `openssl dgst -sha256` of the NAR read from a file (one read and
-#   the sha256, SHA-NI where the CPU has it);
+#   the sha256, SHA-NI where the CPU has it), and next to the least any hashing proxy spends on
+#   the same link: bench/relay.py, one thread that receives, hashes and sends (pass) or spools
+#   (spool) the NAR with one reused buffer and nothing else;
 # - the store server, per GiB served of a plain NAR read from disk, one stream and eight at once,
 #   next to nginx (sendfile) serving the same NAR file; and its `.nar.zst` (on-the-fly zstd).
 # Hosts in network namespaces as in bench/proxy.sh (needs root); the client is curl, whose own
 # CPU is not counted. Everything started is killed by PID on exit.
-#   bench/cpu.sh      (BENCH_BIG_MIB=512 BENCH_RUNS=3)
+#   bench/cpu.sh      (BENCH_BIG_MIB=512 BENCH_RUNS=3 BENCH_RELAY_BUF=4194304)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIG_MIB=${BENCH_BIG_MIB:-512}
@@ -19,7 +21,7 @@ RUNS=${BENCH_RUNS:-3}
 BENCH_NAME=cpubench
 . bench/hosts.sh
 . bench/nginx.sh
-need_packages openssl nginx-light
+need_packages openssl nginx-light python3
 
 echo "building a $BIG_MIB MiB path..." >&2
 cat >"$D/big.nix" <<NIX
@@ -65,6 +67,20 @@ ip netns exec "$NS-peer" nginx -c "$D/nginx.conf" -g 'daemon off;' &
 NGINX=$!
 PIDS+=($NGINX)
 for _ in $(seq 100); do ip netns exec "$NS-client" curl -sf -o /dev/null "http://10.88.0.1:8480/nix-cache-info" && break; sleep 0.1; done
+
+# The least a hashing proxy spends (bench/relay.py): one thread relaying nginx's NAR to curl
+# through sha256, each read sent as soon as it is hashed (pass) or only after the whole body was
+# hashed into a file (spool): the proxy's two modes without anything else a proxy does. Its
+# buffer (BENCH_RELAY_BUF, default 4 MiB) is how much one read may take: the larger, the fewer
+# reads and sends (2026-12-07: 1.10 CPU-s/GiB at 1 MiB, 0.97 at 4 MiB; docs/benchmarks.md).
+RELAY_BUF=${BENCH_RELAY_BUF:-$((4 * 1024 * 1024))}
+for mode in pass spool; do
+    port=$([ $mode = pass ] && echo 8490 || echo 8491)
+    ip netns exec "$NS-client" python3 bench/relay.py $mode $port 10.88.0.1 8480 "$RELAY_BUF" 1000 "$D" &
+    PIDS+=($!)
+    [ $mode = pass ] && RELAY_PASS=$! || RELAY_SPOOL=$!
+done
+sleep 0.5
 
 TICK=$(getconf CLK_TCK)
 # cpu PID...: utime + stime of the processes (every thread, and for nginx its workers), in ticks.
@@ -130,18 +146,20 @@ if [ -n "${BENCH_PERF:-}" ]; then
     exit 0
 fi
 
-declare -a F P V S1 S8 N1 N8 Z
+declare -a F P V RP RS S1 S8 N1 N8 Z
 echo "measuring ($RUNS runs, $BYTES bytes)..." >&2
 for r in $(seq "$RUNS"); do
     F+=("$(floor)")
     P+=("$(measure "$PASS" client 1 "http://127.0.0.1:8381/$NAR")")
     V+=("$(measure "$VERIFY" client2 1 "http://127.0.0.1:8381/$NAR")")
+    RP+=("$(measure "$RELAY_PASS" client 1 "http://127.0.0.1:8490/$FILE_NAR")")
+    RS+=("$(measure "$RELAY_SPOOL" client 1 "http://127.0.0.1:8491/$FILE_NAR")")
     S1+=("$(measure "$PEER" client 1 "http://10.88.0.1:8380/$PEER_NAR" 8)")
     N1+=("$(measure "$NGINX" client 1 "http://10.88.0.1:8480/$FILE_NAR" 8)")
     S8+=("$(measure "$PEER" client 8 "http://10.88.0.1:8380/$PEER_NAR")")
     N8+=("$(measure "$NGINX" client 8 "http://10.88.0.1:8480/$FILE_NAR")")
     Z+=("$(measure "$PEER" client 1 "http://10.88.0.1:8380/${PEER_NAR%.nar}.nar.zst")")
-    echo "  run $r: floor ${F[-1]}, pass-through ${P[-1]}, verify-first ${V[-1]}, server ${S1[-1]}/${S8[-1]} vs nginx ${N1[-1]}/${N8[-1]}, zstd ${Z[-1]}" >&2
+    echo "  run $r: floor ${F[-1]}, pass-through ${P[-1]} (relay ${RP[-1]}), verify-first ${V[-1]} (relay ${RS[-1]}), server ${S1[-1]}/${S8[-1]} vs nginx ${N1[-1]}/${N8[-1]}, zstd ${Z[-1]}" >&2
 done
 if grep -aq 'pass-through cut' "$D/client.log"; then echo "a pass-through was cut" >&2; exit 1; fi
 ratio() { awk -v a="$(median "$1")" -v b="$(median "$2")" 'BEGIN {printf "%.2fx", a / b}'; }
@@ -153,6 +171,10 @@ echo "|---|---|---|---|---|"
 rows=(
     "proxy, pass-through from a proven peer|$(range "${P[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${P[*]}" "${F[*]}")|<= 1.5x"
     "proxy, verify-first|$(range "${V[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${V[*]}" "${F[*]}")|<= 1.5x"
+    "hashing relay, pass (bench/relay.py: the least a proxy spends)|$(range "${RP[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${RP[*]}" "${F[*]}")|- (reported)"
+    "hashing relay, spool (bench/relay.py: the least verify-first spends)|$(range "${RS[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${RS[*]}" "${F[*]}")|- (reported)"
+    "proxy, pass-through, against the relay|$(range "${P[@]}")|$(range "${RP[@]}") (relay, pass)|$(ratio "${P[*]}" "${RP[*]}")|- (reported)"
+    "proxy, verify-first, against the relay|$(range "${V[@]}")|$(range "${RS[@]}") (relay, spool)|$(ratio "${V[*]}" "${RS[*]}")|- (reported)"
     "store server, plain NAR from disk, 1 stream (8 one after the other)|$(range "${S1[@]}")|$(range "${N1[@]}") (nginx, sendfile)|$(ratio "${S1[*]}" "${N1[*]}")|<= 1.2x"
     "store server, plain NAR from disk, 8 streams|$(range "${S8[@]}")|$(range "${N8[@]}") (nginx, sendfile)|$(ratio "${S8[*]}" "${N8[*]}")|<= 1.2x"
     "store server, .nar.zst (on-the-fly zstd), 1 stream|$(range "${Z[@]}")|$(range "${N1[@]}") (nginx, plain)|$(ratio "${Z[*]}" "${N1[*]}")|- (reported)"
