@@ -5,14 +5,21 @@
 #   - steady-state beacon traffic of 24 hosts asking for a 150 ms interval (budget 8 KB/s);
 #   - datagrams on the link after one newcomer starts in a hall of 100 (target <= 64);
 #   - time until that newcomer knows a converged hall of 100 (30 s interval; target <= 10 s).
-# Not (yet) real `serve` processes: see docs/benchmarks.md. All traffic stays in the test's own
-# namespaces; each test deletes them.
+#   - steady-state beacon traffic of a simulated hall of BENCH_HALL_SIM_SIZES hosts (default
+#     1000; tests/it/hall_sim.rs: one in-process beacon per namespace, default config, so the
+#     budget sets the interval; a window longer than one round; budget 8 KB/s).
+# Not real `serve` processes (bench/hall-serve.sh runs those, up to about 500 here). All traffic
+# stays in the test's own namespaces; each test deletes them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${BENCH_RUNS:-3}
+SIM_SIZES=${BENCH_HALL_SIM_SIZES:-1000}
+# Neighbour-table caps raised for the run and restored (bench/neigh.sh says why).
+. bench/neigh.sh
 export PATH=$HOME/.cargo/bin:$PATH
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; neigh_restore' EXIT
+neigh_raise
 cargo test --release --locked -q --test it --no-run 2>/dev/null
 for _ in $(seq "$RUNS"); do
     cargo test --release --locked -q --test it -- --nocapture --test-threads 1 \
@@ -38,3 +45,18 @@ if [ -n "${BENCH_RESULTS:-}" ]; then
     echo "beacon traffic, 24 hosts asking for 150 ms (B/s)|$(med "$bps")|33462 (no budget)|-|<= 8000" >> "$BENCH_RESULTS"
     echo "datagrams after one start in a hall of 100|$(med "$dgr")|208 (everyone answers)|-|<= 64" >> "$BENCH_RESULTS"
 fi
+
+# The simulated halls: one run per size.
+echo
+echo "| simulated hall | wired / beacons started / tables full (s) | window | datagrams/s | B/s on the link | formula (hosts x 208 B a round, at most 6,000 B/s) | smallest table | dropped |"
+echo "|---|---|---|---|---|---|---|---|"
+for n in $SIM_SIZES; do
+    line=$(LNC_HALL_SIM_SIZE=$n cargo test --release --locked -q --test it -- --ignored --nocapture --exact \
+        hall_sim::bench_a_simulated_hall_stays_within_the_beacon_budget 2>&1 | grep -o "HALL-SIM .*" || true)
+    if [ -z "$line" ]; then echo "| $n | failed (see cargo test output) | | | | | | |"; continue; fi
+    v() { echo "$line" | sed -E "s/.* $1=([^ ]+).*/\1/"; }
+    echo "| $n | $(v wired_s) / $(v started_s) / $(v full_s) | $(v window_s) s | $(v dgrams_per_s) | $(v bytes_per_s) | $(v formula_bytes_per_s) | $(v table_min) of $((n - 1)) | $(v dropped) |"
+    if [ -n "${BENCH_RESULTS:-}" ]; then
+        echo "beacon traffic, simulated hall of $n (B/s)|$(v bytes_per_s)|$(v formula_bytes_per_s) (budget formula)|-|<= 8000" >> "$BENCH_RESULTS"
+    fi
+done

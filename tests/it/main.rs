@@ -10,6 +10,7 @@ mod crowd;
 mod crowd_mechanism;
 mod hall;
 mod hall_serve;
+mod hall_sim;
 mod hostile_proxy;
 mod hostile_store;
 mod install;

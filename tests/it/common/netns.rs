@@ -52,9 +52,20 @@ pub struct Lan {
     pub subnet: u8,
 }
 
+/// Host `i` (from 1) of LAN `id` with `n` hosts: 10.77.<id>.<i>/24, or for a hall of more than
+/// 254 hosts (the beacon's 1,000-host simulation) 10.<200 + id % 50>.<i / 250>.<i % 250 + 1>/16.
+fn host_ip4(id: u32, i: usize, n: usize) -> (Ipv4Addr, u8) {
+    if n <= 254 {
+        (Ipv4Addr::new(10, 77, (id % 250) as u8, i as u8), 24)
+    } else {
+        let (hi, lo) = ((i / 250) as u8, (i % 250 + 1) as u8);
+        (Ipv4Addr::new(10, 200 + (id % 50) as u8, hi, lo), 16)
+    }
+}
+
 impl Lan {
     /// A LAN of `n` hosts on one bridge (IGMP snooping off, so multicast floods like a switch
-    /// without a querier). Each host has `eth0` with 10.77.<lan>.<i>/24, a multicast route, `lo`
+    /// without a querier). Each host has `eth0` with 10.77.<lan>.<i>/24 ([`host_ip4`]), a multicast route, `lo`
     /// up, and IPv6 duplicate address detection off (link-local addresses usable at once).
     pub fn new(n: usize) -> Self {
         let id = LAN_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -85,7 +96,7 @@ impl Lan {
             let host = NetHost {
                 ns: ns.clone(),
                 iface: "eth0".into(),
-                ip4: Ipv4Addr::new(10, 77, (id % 250) as u8, i as u8),
+                ip4: host_ip4(id, i, n).0,
             };
             lan.hosts.push(host.clone());
             for k in ["all", "default"] {
@@ -100,7 +111,8 @@ impl Lan {
             ]);
             ip(&["-n", &bridge_ns, "link", "set", &peer, "master", "br0"]);
             ip(&["-n", &bridge_ns, "link", "set", &peer, "up"]);
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", host.ip4), "dev", "eth0"]);
+            let cidr = format!("{}/{}", host.ip4, host_ip4(id, i, n).1);
+            ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"]);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
             ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "eth0"]);
