@@ -594,9 +594,10 @@ fn the_architecture_doc_quotes_the_constants() {
             mib(proxy::proven::MAX_FILE_BYTES),
         ),
         format!(
-            "proxy fan-out ({} \"maybe\" peers + {} unknown with summaries, {} without)",
+            "proxy fan-out ({} \"maybe\" peers + {} unknown with summaries, {} unknown when none says \"maybe\", {} without)",
             proxy::book::MAYBE_FANOUT,
             proxy::book::UNKNOWN_SAMPLE,
+            proxy::book::MAX_FANOUT,
             proxy::book::MAX_FANOUT,
         ),
         format!(

@@ -226,7 +226,9 @@ impl SourceBook {
     /// broke more than they kept, by id or at its address: `health::ClaimRecord`), with a random sample of peers whose summary is
     /// unknown ([`UNKNOWN_SAMPLE`]; up to [`MAX_FANOUT`] when we hold no peer's current summary,
     /// whether none publishes one or none could be fetched yet); then, as a
-    /// last resort, backed-off (demoted) peers that may have it. Peers whose current summary
+    /// last resort, backed-off (demoted) peers that may have it. When no believed summary says
+    /// "maybe", the peers whose summary is unknown are the only ones that may have the path: up
+    /// to [`MAX_FANOUT`] of them are asked, not the sample. Peers whose current summary
     /// says "no" are not asked in a lookup. With `all` (gathering every source of a NAR a fetch
     /// needs), every candidate, and in the last wave also [`NO_SAMPLE`] peers whose summary says
     /// "no": a host may have gained the path since (built it, copied it) before its index did.
@@ -285,6 +287,10 @@ impl SourceBook {
             .take(maybe_n)
             .take_while(|(_, h, _)| h.claim_record() != ClaimRecord::Broken);
         let (maybe, more_maybe) = maybe.split_at(believed.count());
+        // No believed summary claims the path: if anyone has it, it is a peer whose summary we
+        // do not hold (yet: a newcomer's first second, when only some summaries came), so those
+        // are asked as when no summary is held, not a sample that may miss the one holder.
+        let unknown_n = if maybe.is_empty() { MAX_FANOUT } else { unknown_n };
         let mut first = ids(maybe.to_vec(), maybe_n);
         first.extend(ids(unknown, unknown_n));
         let mut last = ids(more_maybe.to_vec(), MAX_FANOUT);

@@ -202,3 +202,38 @@ fn a_summary_fetch_naming_the_node_marks_the_peer_useful() {
     }
     assert!(rig.table.get(&forged).is_some_and(|p| p.answered.is_none()));
 }
+
+/// A holder whose summary the proxy does not hold (it publishes none, or the proxy has not
+/// fetched it yet: a newcomer's first second, when only some summaries came) is asked whenever
+/// no held summary claims the path. Before, once any summary was held, a lookup took only a
+/// sample of 2 such peers: it missed the holder, answered Nix "not found" in a few ms and
+/// remembered the miss (the crowd test's 1-in-10 flake: `crowd_mechanism`, a host's first
+/// lookup a second after it started). Here each of 8 paths is held by one of 8 peers without a
+/// summary, beside 4 with summaries: with the old sample, each lookup found its holder 1 time
+/// in 4.
+#[test]
+fn a_holder_whose_summary_is_not_held_is_asked_when_no_summary_claims_the_path() {
+    let rig = Rig::new();
+    let paths: Vec<FakePath> = (0..8u8)
+        .map(|i| FakePath::new(&format!("u{i}"), 1000, 200 + i))
+        .collect();
+    for (id, p) in (1..).zip(&paths) {
+        let c = Arc::new(FakeCache::default());
+        c.serve_path(p);
+        rig.peer(c, id);
+    }
+    for id in 9..=12u8 {
+        rig.peer_with_summary(Arc::new(FakeCache::default()), id);
+    }
+    let (proxy, px) = rig.proxy(vec![]);
+    wait_until(
+        "the published summaries fetched",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || px.status().peers.iter().filter(|p| p.summary.is_some()).count() >= 4,
+    );
+    for p in &paths {
+        let r = get(proxy, &format!("/{}.narinfo", p.hash()));
+        assert_eq!(r.status, 200, "{} ({:?})", p.path, px.stats());
+    }
+}
