@@ -97,6 +97,8 @@ impl<'a> Lookup<'a> {
     /// says so.
     pub async fn race(self, hash: &'a StorePathHash) -> Option<Candidate> {
         let (good, demoted) = self.book.pick_peers(hash, false);
+        // Which peers a lookup asked: a miss can then be told from a holder left out.
+        tracing::debug!(%hash, asked = ?good, demoted = ?demoted, "narinfo lookup");
         let mut hedge = Hedge::new(good.iter().filter(|s| self.book.claims(s, hash)).cloned());
         let mut pending: FuturesUnordered<Answer<'_>> = good.into_iter().map(|p| self.ask(p, hash)).collect();
         // The second wave: demoted peers and the upstreams, when the hedge is due or once every
