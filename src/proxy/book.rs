@@ -224,11 +224,11 @@ impl SourceBook {
     /// "maybe" (at most [`MAYBE_FANOUT`], chosen at random so a crowd fetching one closure
     /// spreads over every host that has it; those that kept their claims first, and none that
     /// broke more than they kept, by id or at its address: `health::ClaimRecord`), with a random sample of peers whose summary is
-    /// unknown ([`UNKNOWN_SAMPLE`]; up to [`MAX_FANOUT`] when we hold no peer's current summary,
-    /// whether none publishes one or none could be fetched yet); then, as a
-    /// last resort, backed-off (demoted) peers that may have it. When no believed summary says
-    /// "maybe", the peers whose summary is unknown are the only ones that may have the path: up
-    /// to [`MAX_FANOUT`] of them are asked, not the sample. Peers whose current summary
+    /// unknown ([`UNKNOWN_SAMPLE`]); when no believed summary says "maybe" (also when we hold no
+    /// peer's current summary, whether none publishes one or none could be fetched yet), the
+    /// peers whose summary is unknown are the only ones that may have the path, and up to
+    /// [`MAX_FANOUT`] of them are asked instead of the sample; then, as a last resort,
+    /// backed-off (demoted) peers that may have it. Peers whose current summary
     /// says "no" are not asked in a lookup. With `all` (gathering every source of a NAR a fetch
     /// needs), every candidate, and in the last wave also [`NO_SAMPLE`] peers whose summary says
     /// "no": a host may have gained the path since (built it, copied it) before its index did.
@@ -260,9 +260,6 @@ impl SourceBook {
                 (p.node, health, hint)
             })
             .collect();
-        // Summaries narrow the fan-out only once we hold some: peers that announce one we
-        // could not fetch (yet) say nothing about where a path is.
-        let any_summaries = peers.iter().any(|(_, _, hint)| *hint != Hint::Unknown);
         // Random order first, then the stable sort by health keeps ties random; among equals,
         // peers that kept their summary's claims first, those that broke more than they kept
         // (by id or at their address) last.
@@ -274,11 +271,7 @@ impl SourceBook {
         let (no, peers): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, _, hint)| *hint == Hint::No);
         let (good, demoted): (Vec<_>, Vec<_>) = peers.into_iter().partition(|(_, h, _)| !h.backed_off(now));
         let (maybe, unknown): (Vec<_>, Vec<_>) = good.into_iter().partition(|(_, _, hint)| *hint == Hint::Maybe);
-        let (maybe_n, unknown_n) = match (all, any_summaries) {
-            (true, _) => (MAX_FANOUT, MAX_FANOUT),
-            (false, true) => (MAYBE_FANOUT, UNKNOWN_SAMPLE),
-            (false, false) => (0, MAX_FANOUT),
-        };
+        let maybe_n = if all { MAX_FANOUT } else { MAYBE_FANOUT };
         // Maybes beyond the first wave go first in the second one: peers that claim a path
         // they do not serve cannot keep its one honest holder from being asked. Peers that broke
         // more claims than they kept wait for the second wave (issue #25).
@@ -287,10 +280,15 @@ impl SourceBook {
             .take(maybe_n)
             .take_while(|(_, h, _)| h.claim_record() != ClaimRecord::Broken);
         let (maybe, more_maybe) = maybe.split_at(believed.count());
-        // No believed summary claims the path: if anyone has it, it is a peer whose summary we
-        // do not hold (yet: a newcomer's first second, when only some summaries came), so those
-        // are asked as when no summary is held, not a sample that may miss the one holder.
-        let unknown_n = if maybe.is_empty() { MAX_FANOUT } else { unknown_n };
+        // Summaries narrow the fan-out only where a believed one claims the path. Where none
+        // does, if anyone has it, it is a peer whose summary we do not hold (none is published,
+        // or it was not fetched yet: a newcomer's first second, when only some summaries came),
+        // so those are all asked (up to the cap), not a sample that may miss the one holder.
+        let unknown_n = if all || maybe.is_empty() {
+            MAX_FANOUT
+        } else {
+            UNKNOWN_SAMPLE
+        };
         let mut first = ids(maybe.to_vec(), maybe_n);
         first.extend(ids(unknown, unknown_n));
         let mut last = ids(more_maybe.to_vec(), MAX_FANOUT);
