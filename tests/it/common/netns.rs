@@ -92,11 +92,12 @@ impl Lan {
         for i in 1..=n {
             let ns = format!("{prefix}-h{i}");
             ip(&["netns", "add", &ns]);
+            let (ip4, prefix) = host_ip4(id, i, n);
             // Registered before anything else can fail, so drop deletes it.
             let host = NetHost {
                 ns: ns.clone(),
                 iface: "eth0".into(),
-                ip4: host_ip4(id, i, n).0,
+                ip4,
             };
             lan.hosts.push(host.clone());
             for k in ["all", "default"] {
@@ -111,8 +112,7 @@ impl Lan {
             ]);
             ip(&["-n", &bridge_ns, "link", "set", &peer, "master", "br0"]);
             ip(&["-n", &bridge_ns, "link", "set", &peer, "up"]);
-            let cidr = format!("{}/{}", host.ip4, host_ip4(id, i, n).1);
-            ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"]);
+            ip(&["-n", &ns, "addr", "add", &format!("{ip4}/{prefix}"), "dev", "eth0"]);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
             ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "eth0"]);
