@@ -15,6 +15,10 @@ use crate::common::netns::{Lan, Sniffer, TestBeacon};
 use crate::common::wait::wait_for;
 use local_nix_cache::beacon::{self, BeaconConfig};
 
+/// Bytes one host's round of periodic announces puts on the link (IPv4 and IPv6 datagrams with
+/// their headers), about: the hostname's length moves it by a few bytes.
+const ROUND_BYTES: usize = 208;
+
 /// The hall's size: `LNC_HALL_SIM_SIZE` (default 1,000).
 fn size() -> usize {
     std::env::var("LNC_HALL_SIM_SIZE")
@@ -66,7 +70,7 @@ fn bench_a_simulated_hall_stays_within_the_beacon_budget() {
         .map(|h| TestBeacon::start(h, cfg.clone()))
         .collect();
     let started = t1.elapsed();
-    // Every table full: within a few of the budget's rounds (hosts x 208 B / 6,000 B/s).
+    // Every table full: within a few of the budget's rounds (`beacon::budgeted_interval`).
     let full = wait_for(Duration::from_secs(300), Duration::from_millis(500), || {
         hall.iter().all(|b| b.table.peers().len() == n - 1)
     });
@@ -81,7 +85,7 @@ fn bench_a_simulated_hall_stays_within_the_beacon_budget() {
     );
     // A window of whole rounds (a part of a round holds a part of the hosts' announces), at
     // least 40 s (34.7 s a round at 1,000 hosts), after one more round to settle.
-    let round = Duration::from_millis((n as u64 * 208 * 1000 / 6000).max(5000));
+    let round = beacon::budgeted_interval(beacon::DEFAULT_INTERVAL, n, ROUND_BYTES);
     std::thread::sleep(round.min(Duration::from_secs(40)));
     let window = round * (40_000 / round.as_millis() as u32 + 1);
     let seen = Sniffer::start(&lan.hosts[0], window).finish();
@@ -92,14 +96,14 @@ fn bench_a_simulated_hall_stays_within_the_beacon_budget() {
     let dropped = drops(&lan);
     eprintln!(
         "HALL-SIM hosts={n} wired_s={:.1} started_s={:.1} full_s={:.1} window_s={:.1} datagrams={} \
-         dgrams_per_s={:.1} bytes_per_s={bps:.0} formula_bytes_per_s={} table_min={} table_median={} dropped={dropped}",
+         dgrams_per_s={:.1} bytes_per_s={bps:.0} formula_bytes_per_s={:.0} table_min={} table_median={} dropped={dropped}",
         wired.as_secs_f64(),
         started.as_secs_f64(),
         converged.as_secs_f64(),
         window.as_secs_f64(),
         seen.len(),
         seen.len() as f64 / window.as_secs_f64(),
-        (n as u64 * 208 * 1000 / round.as_millis() as u64).min(6000),
+        (n * ROUND_BYTES) as f64 / round.as_secs_f64(),
         after[0],
         after[n / 2],
     );
