@@ -74,12 +74,16 @@ for _ in $(seq 100); do ip netns exec "$NS-client" curl -sf -o /dev/null "http:/
 # buffer (BENCH_RELAY_BUF, default 4 MiB) is how much one read may take: the larger, the fewer
 # reads and sends (2026-12-07: 1.10 CPU-s/GiB at 1 MiB, 0.97 at 4 MiB; docs/benchmarks.md).
 RELAY_BUF=${BENCH_RELAY_BUF:-$((4 * 1024 * 1024))}
-for mode in pass spool; do
-    port=$([ $mode = pass ] && echo 8490 || echo 8491)
-    ip netns exec "$NS-client" python3 bench/relay.py $mode $port 10.88.0.1 8480 "$RELAY_BUF" 1000 "$D" &
-    PIDS+=($!)
-    [ $mode = pass ] && RELAY_PASS=$! || RELAY_SPOOL=$!
-done
+# start_relay MODE PORT: the relay in the client's namespace, fetching from nginx; sets RELAY_PID.
+start_relay() {
+    ip netns exec "$NS-client" python3 bench/relay.py "$1" "$2" 10.88.0.1 8480 "$RELAY_BUF" 1000 "$D" &
+    RELAY_PID=$!
+    PIDS+=($RELAY_PID)
+}
+start_relay pass 8490
+RELAY_PASS=$RELAY_PID
+start_relay spool 8491
+RELAY_SPOOL=$RELAY_PID
 sleep 0.5
 
 TICK=$(getconf CLK_TCK)
