@@ -84,6 +84,8 @@ start_relay pass 8490
 RELAY_PASS=$RELAY_PID
 start_relay spool 8491
 RELAY_SPOOL=$RELAY_PID
+start_relay splice 8492
+RELAY_SPLICE=$RELAY_PID
 sleep 0.5
 
 TICK=$(getconf CLK_TCK)
@@ -150,7 +152,7 @@ if [ -n "${BENCH_PERF:-}" ]; then
     exit 0
 fi
 
-declare -a F P V RP RS S1 S8 N1 N8 Z
+declare -a F P V RP RS RZ S1 S8 N1 N8 Z
 echo "measuring ($RUNS runs, $BYTES bytes)..." >&2
 for r in $(seq "$RUNS"); do
     F+=("$(floor)")
@@ -158,12 +160,13 @@ for r in $(seq "$RUNS"); do
     V+=("$(measure "$VERIFY" client2 1 "http://127.0.0.1:8381/$NAR")")
     RP+=("$(measure "$RELAY_PASS" client 1 "http://127.0.0.1:8490/$FILE_NAR")")
     RS+=("$(measure "$RELAY_SPOOL" client 1 "http://127.0.0.1:8491/$FILE_NAR")")
+    RZ+=("$(measure "$RELAY_SPLICE" client 1 "http://127.0.0.1:8492/$FILE_NAR")")
     S1+=("$(measure "$PEER" client 1 "http://10.88.0.1:8380/$PEER_NAR" 8)")
     N1+=("$(measure "$NGINX" client 1 "http://10.88.0.1:8480/$FILE_NAR" 8)")
     S8+=("$(measure "$PEER" client 8 "http://10.88.0.1:8380/$PEER_NAR")")
     N8+=("$(measure "$NGINX" client 8 "http://10.88.0.1:8480/$FILE_NAR")")
     Z+=("$(measure "$PEER" client 1 "http://10.88.0.1:8380/${PEER_NAR%.nar}.nar.zst")")
-    echo "  run $r: floor ${F[-1]}, pass-through ${P[-1]} (relay ${RP[-1]}), verify-first ${V[-1]} (relay ${RS[-1]}), server ${S1[-1]}/${S8[-1]} vs nginx ${N1[-1]}/${N8[-1]}, zstd ${Z[-1]}" >&2
+    echo "  run $r: floor ${F[-1]}, pass-through ${P[-1]} (relay ${RP[-1]}, splice ${RZ[-1]}), verify-first ${V[-1]} (relay ${RS[-1]}), server ${S1[-1]}/${S8[-1]} vs nginx ${N1[-1]}/${N8[-1]}, zstd ${Z[-1]}" >&2
 done
 if grep -aq 'pass-through cut' "$D/client.log"; then echo "a pass-through was cut" >&2; exit 1; fi
 ratio() { awk -v a="$(median "$1")" -v b="$(median "$2")" 'BEGIN {printf "%.2fx", a / b}'; }
@@ -177,6 +180,7 @@ rows=(
     "proxy, verify-first|$(range "${V[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${V[*]}" "${F[*]}")|<= 1.5x"
     "hashing relay, pass (bench/relay.py: the least a proxy spends)|$(range "${RP[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${RP[*]}" "${F[*]}")|- (reported)"
     "hashing relay, spool (bench/relay.py: the least verify-first spends)|$(range "${RS[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${RS[*]}" "${F[*]}")|- (reported)"
+    "hashing relay, splice (bench/relay.py: sockets joined by splice(2), only the hash reads the bytes)|$(range "${RZ[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${RZ[*]}" "${F[*]}")|- (reported)"
     "proxy, pass-through, against the relay|$(range "${P[@]}")|$(range "${RP[@]}") (relay, pass)|$(ratio "${P[*]}" "${RP[*]}")|- (reported)"
     "proxy, verify-first, against the relay|$(range "${V[@]}")|$(range "${RS[@]}") (relay, spool)|$(ratio "${V[*]}" "${RS[*]}")|- (reported)"
     "store server, plain NAR from disk, 1 stream (8 one after the other)|$(range "${S1[@]}")|$(range "${N1[@]}") (nginx, sendfile)|$(ratio "${S1[*]}" "${N1[*]}")|<= 1.2x"

@@ -8,14 +8,19 @@ body with sha256 (OpenSSL's, through hashlib):
   pass   each read goes to the client as soon as it is hashed (what the proxy's pass-through
          does, minus everything else it does);
   spool  the body is hashed and written to an unlinked file first, then read back and sent
-         (what verify-first does for a NAR larger than memory).
+         (what verify-first does for a NAR larger than memory);
+  splice the body moves from socket to socket through a pipe without entering user space
+         (splice(2)), and a second pipe that shares its pages (tee(2)) is read to hash it: the
+         one copy left is the hash's read (what a zero-copy pass-through would spend).
 
 One thread, blocking sockets, one reused buffer of BUF bytes: no copies beyond the kernel's
 socket and file copies. Its CPU is read from /proc by the caller, like the proxy's. Bench code:
 bounded by COUNT connections; no error handling beyond failing loudly.
 
-  relay.py pass|spool PORT UPSTREAM_HOST UPSTREAM_PORT [BUF] [COUNT] [SPOOL_DIR]
+  relay.py pass|spool|splice PORT UPSTREAM_HOST UPSTREAM_PORT [BUF] [COUNT] [SPOOL_DIR]
 """
+import ctypes
+import fcntl
 import hashlib
 import os
 import socket
@@ -32,6 +37,43 @@ def read_head(sock):
             raise SystemExit("upstream closed before the head ended")
         head += b
     return head
+
+
+F_SETPIPE_SZ = 1031
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def tee(fd_in, fd_out, n):
+    """tee(2): duplicate up to n bytes of one pipe into another, sharing the pages."""
+    r = LIBC.tee(fd_in, fd_out, ctypes.c_size_t(n), 0)
+    if r < 0:
+        raise OSError(ctypes.get_errno(), "tee")
+    return r
+
+
+def splice_relay(up, client, sha, view, buf_size):
+    """up -> pipe a -> client, pipe a teed into pipe b, which is read and hashed."""
+    a_r, a_w = os.pipe()
+    b_r, b_w = os.pipe()
+    try:
+        size = min(buf_size, int(open("/proc/sys/fs/pipe-max-size").read()))
+        for fd in (a_w, b_w):
+            fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+        while n := os.splice(up.fileno(), a_w, size):
+            # tee does not consume pipe a, so it is called once: pipe b is empty and as large.
+            if (teed := tee(a_r, b_w, n)) != n:
+                raise SystemExit(f"tee duplicated {teed} of {n} bytes")
+            sent = 0
+            while sent < n:
+                sent += os.splice(a_r, client.fileno(), n - sent)
+            got = 0
+            while got < n:
+                k = os.readv(b_r, [view[: n - got]])
+                sha.update(view[:k])
+                got += k
+    finally:
+        for fd in (a_r, a_w, b_r, b_w):
+            os.close(fd)
 
 
 def main():
@@ -55,7 +97,10 @@ def main():
         up.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
         head = read_head(up)
         sha = hashlib.sha256()
-        if mode == "pass":
+        if mode == "splice":
+            client.sendall(head)
+            splice_relay(up, client, sha, view, buf_size)
+        elif mode == "pass":
             client.sendall(head)
             while n := up.recv_into(buf):
                 sha.update(view[:n])
