@@ -671,6 +671,98 @@ fn wake_ups(pid: u32) -> u64 {
         .sum()
 }
 
+/// What a set of `serve` processes spent over a window: CPU ticks and wake-ups read when it
+/// starts, compared when it ends.
+struct Cost {
+    pids: Vec<u32>,
+    ticks: u64,
+    wakes: Vec<u64>,
+    at: Instant,
+}
+
+/// [`Cost::finish`]: per `serve`, over the window.
+struct Spent {
+    /// Wake-ups a second: the mean, and the median, 90th percentile and most of one `serve`.
+    wakeups: f64,
+    wakeups_spread: [f64; 3],
+    /// Percent of a core.
+    cpu: f64,
+}
+
+impl std::fmt::Display for Spent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [median, p90, max] = self.wakeups_spread;
+        write!(
+            f,
+            "{:.1} a second each (median {median:.1}, 90th percentile {p90:.1}, most {max:.1}), {:.3} % of a core",
+            self.wakeups, self.cpu
+        )
+    }
+}
+
+impl Cost {
+    fn start(pids: &[u32]) -> Self {
+        Cost {
+            pids: pids.to_vec(),
+            ticks: pids.iter().map(|p| cpu_ticks(*p)).sum(),
+            wakes: pids.iter().map(|p| wake_ups(*p)).collect(),
+            at: Instant::now(),
+        }
+    }
+
+    /// /proc counts CPU in USER_HZ, 100 on Linux.
+    fn finish(&self) -> Spent {
+        let secs = self.at.elapsed().as_secs_f64();
+        let k = self.pids.len().max(1) as f64;
+        let ticks: u64 = self.pids.iter().map(|p| cpu_ticks(*p)).sum();
+        let mut each: Vec<f64> = self
+            .pids
+            .iter()
+            .zip(&self.wakes)
+            .map(|(p, w0)| wake_ups(*p).saturating_sub(*w0) as f64 / secs)
+            .collect();
+        each.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            each.get(((each.len() as f64 - 1.0) * q) as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        Spent {
+            wakeups: each.iter().sum::<f64>() / k,
+            wakeups_spread: [at(0.5), at(0.9), at(1.0)],
+            cpu: ticks.saturating_sub(self.ticks) as f64 / 100.0 / secs * 100.0 / k,
+        }
+    }
+}
+
+/// How many of their peers' content summaries `hosts` hold: min / median / max, of `of`.
+fn summaries_held(hall: &Hall, hosts: &[usize], of: usize) -> String {
+    let mut held: Vec<usize> = hosts.iter().map(|&i| with_summary(&hall.serves[i].status())).collect();
+    held.sort();
+    format!(
+        "{} / {} / {} of {of} (min / median / max of {} hosts)",
+        held[0],
+        held[held.len() / 2],
+        held[held.len() - 1],
+        held.len()
+    )
+}
+
+/// Open file descriptors of `pids` (their sockets: the kept-alive connections among them):
+/// median and most of one `serve`.
+fn open_fds(pids: &[u32]) -> String {
+    let mut n: Vec<usize> = pids
+        .iter()
+        .map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |d| d.count()))
+        .collect();
+    n.sort();
+    format!(
+        "open descriptors per serve: median {}, most {}",
+        n[n.len() / 2],
+        n[n.len() - 1]
+    )
+}
+
 /// One figure for `bench/hall-serve.sh`.
 fn figure(key: &str, value: impl std::fmt::Display) {
     println!("BENCH-HALL|{key}|{value}");
@@ -741,21 +833,30 @@ fn bench_hall_of_real_serve_hosts() {
             n - 1
         ),
     );
-    // Steady state: 10 s of beacon traffic, CPU over the same window, RSS after it.
+    // Steady state: 10 s of beacon traffic, CPU over the same window, RSS after it. The
+    // summaries a sample of hosts hold first: a hall that is still fetching them is not quiet.
+    let sample = spread(n, &hall.holders, 20, 0);
+    figure("summaries", summaries_held(&hall, &sample, n - 1));
     let pids: Vec<u32> = hall.serves.iter().filter_map(Serve::pid).collect();
-    let c0: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
-    let w0: u64 = pids.iter().map(|p| wake_ups(*p)).sum();
+    let fds_before = open_fds(&pids);
+    let cost = Cost::start(&pids);
     let sniff = Sniffer::start(hall.spare(0), Duration::from_secs(10));
     let seen = sniff.finish();
-    let c1: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
-    let w1: u64 = pids.iter().map(|p| wake_ups(*p)).sum();
+    let spent = cost.finish();
+    figure(
+        "fds",
+        format!("{fds_before} at the window's start; {} at its end", open_fds(&pids)),
+    );
     // Issue #27: a laptop in a quiet hall should wake its CPU only a few times a second.
     figure(
         "wakeups",
         format!(
-            "{:.1} a second each (voluntary context switches, mean of {})",
-            (w1 - w0) as f64 / 10.0 / pids.len() as f64,
-            pids.len()
+            "{:.1} a second each (voluntary context switches, mean of {}; median {:.1}, 90th percentile {:.1}, most {:.1})",
+            spent.wakeups,
+            pids.len(),
+            spent.wakeups_spread[0],
+            spent.wakeups_spread[1],
+            spent.wakeups_spread[2]
         ),
     );
     // /proc/PID/stat counts in USER_HZ, 100 on Linux.
@@ -769,10 +870,7 @@ fn bench_hall_of_real_serve_hosts() {
             seen.len() as f64 / 10.0
         ),
     );
-    figure(
-        "cpu",
-        format!("{:.2} %", (c1 - c0) as f64 / hz / 10.0 * 100.0 / pids.len() as f64),
-    );
+    figure("cpu", format!("{:.2} %", spent.cpu));
     if let Ok(ab) = std::env::var("HALL_AB_ENV") {
         // CPU over the same window, per group (cpu_ticks read again: a second window of 10 s).
         let group = |odd: bool| -> Vec<u32> {
@@ -941,6 +1039,27 @@ fn bench_hall_of_real_serve_hosts() {
         ),
     );
     figure("newcomer_table", format!("{} / {} / {}", at[0], at[1], at[2]));
+    // The hall once every wave above is over (HALL_SETTLE_S, 30 s, after the newcomer's table):
+    // the same hosts' wake-ups and CPU over 10 s, as a laptop in a hall that went quiet pays
+    // them. The first window above comes soon after the hall's own start.
+    let settle = std::env::var("HALL_SETTLE_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    std::thread::sleep(Duration::from_secs(settle));
+    figure("summaries_settled", summaries_held(&hall, &sample, n));
+    figure("fds_settled", open_fds(&pids));
+    let cost = Cost::start(&pids);
+    std::thread::sleep(Duration::from_secs(10));
+    figure(
+        "wakeups_settled",
+        format!(
+            "{} ({settle} s after the newcomer's table; mean of {})",
+            cost.finish(),
+            pids.len()
+        ),
+    );
+    drop(newcomer);
 }
 
 /// `perf record` (call graphs from DWARF, 20 kHz) of one steady `serve` that is no holder, client
