@@ -320,6 +320,7 @@ impl BeaconLoop {
     async fn rescan(&mut self) {
         let now = Instant::now();
         self.schedule.rescanned(now);
+        self.reply.own_addresses_changed();
         match self.sockets.rescan(now) {
             Ok(ch) => {
                 self.scan_failing = false;

@@ -55,9 +55,13 @@ pub(super) struct Reply {
     /// When we last did (at most once per [`DEFEND_MIN_GAP`]).
     defended: Option<Instant>,
     /// This host's own addresses, for telling our beacons' echoes from someone else's copy of
-    /// our node id; re-read at most once per [`DEFEND_MIN_GAP`], when a source is not in it.
+    /// our node id. Read when a source is not in it and they may have changed since the last
+    /// read (a re-scan of the interfaces since, [`Reply::own_addresses_changed`], or the read
+    /// failed), at most once per [`DEFEND_MIN_GAP`]. Issue #27: re-read for any stranger, every
+    /// `serve` in a hall made a netlink dump a second.
     own_ips: Vec<IpAddr>,
     own_ips_at: Option<Instant>,
+    own_ips_stale: bool,
     /// Announces count as answers heard ([`Reply::batch`]).
     counting: bool,
 }
@@ -80,6 +84,7 @@ impl Reply {
             defended: None,
             own_ips: Vec::new(),
             own_ips_at: None,
+            own_ips_stale: true,
             counting: true,
         }
     }
@@ -129,33 +134,48 @@ impl Reply {
         self.defend_at = None;
     }
 
-    /// Whether `ip` is one of this host's addresses (re-reading them when it is not known and
-    /// the last read is old enough).
+    /// The interfaces were re-scanned: this host's addresses may have changed.
+    pub(super) fn own_addresses_changed(&mut self) {
+        self.own_ips_stale = true;
+    }
+
+    /// Whether `ip` is one of this host's addresses.
     fn is_own(&mut self, ip: IpAddr, now: Instant) -> bool {
+        self.is_own_with(ip, now, read_own_ips)
+    }
+
+    /// [`Self::is_own`], reading the addresses with `read` (`None`: unreadable) when they may
+    /// have changed.
+    fn is_own_with(&mut self, ip: IpAddr, now: Instant, read: impl FnOnce() -> Option<Vec<IpAddr>>) -> bool {
         if self.own_ips.contains(&ip) {
             return true;
         }
-        if self.own_ips_at.is_some_and(|t| now < t + DEFEND_MIN_GAP) {
-            // Unknown, and read a moment ago: not ours.
+        if !self.own_ips_stale || self.own_ips_at.is_some_and(|t| now < t + DEFEND_MIN_GAP) {
+            // Unknown, and the addresses are current or were read a moment ago: not ours.
             return false;
         }
         self.own_ips_at = Some(now);
-        self.own_ips = nix::ifaddrs::getifaddrs()
-            .map(|addrs| {
-                addrs
-                    .filter_map(|a| {
-                        let sa = a.address?;
-                        sa.as_sockaddr_in()
-                            .map(|v4| IpAddr::V4(v4.ip()))
-                            .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-                    })
-                    .take(MAX_OWN_IPS)
-                    .collect()
-            })
-            .unwrap_or_default();
+        self.own_ips = read().unwrap_or_default();
+        self.own_ips_stale = self.own_ips.is_empty();
         // Unreadable: assume ours rather than announce on every echo.
         self.own_ips.is_empty() || self.own_ips.contains(&ip)
     }
+}
+
+/// This host's addresses (at most [`MAX_OWN_IPS`]); `None` when they cannot be read.
+fn read_own_ips() -> Option<Vec<IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    Some(
+        addrs
+            .filter_map(|a| {
+                let sa = a.address?;
+                sa.as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            })
+            .take(MAX_OWN_IPS)
+            .collect(),
+    )
 }
 
 /// Whether this host answers a query in a hall of `hosts`, given a uniform draw `u` in [0, 1).
@@ -291,5 +311,46 @@ mod tests {
             r.heard(NodeId([n; 16]));
         }
         assert!(r.answer_at().is_none());
+    }
+
+    /// Issue #27: in a hall nearly every announce comes from a stranger's address, and the own
+    /// addresses were read again (a netlink dump) for one of them every [`DEFEND_MIN_GAP`]:
+    /// once a second in every `serve`. They are read again only after a re-scan of the
+    /// interfaces (on a netlink notice, at least every `RESCAN_INTERVAL`) or a failed read.
+    #[test]
+    fn strangers_do_not_make_the_own_addresses_be_read_again() {
+        let t0 = Instant::now();
+        let mut r = Reply::new(t0);
+        let own: IpAddr = [10, 0, 0, 1].into();
+        let added: IpAddr = [10, 0, 0, 2].into();
+        let reads = std::cell::Cell::new(0);
+        let read = |addrs: Vec<IpAddr>| {
+            reads.set(reads.get() + 1);
+            Some(addrs)
+        };
+        for i in 0..20u64 {
+            let stranger = IpAddr::from([10, 0, 1, i as u8]);
+            let now = t0 + Duration::from_secs(2 * i);
+            assert!(!r.is_own_with(stranger, now, || read(vec![own])));
+            assert!(r.is_own_with(own, now, || read(vec![own])));
+        }
+        assert_eq!(reads.get(), 1, "read once, not once per stranger");
+        // A new address of ours, then a re-scan: read again, once.
+        r.own_addresses_changed();
+        let later = t0 + Duration::from_secs(60);
+        assert!(r.is_own_with(added, later, || read(vec![own, added])));
+        assert!(
+            !r.is_own_with([10, 0, 1, 99].into(), later + Duration::from_secs(2), || read(vec![
+                own, added
+            ]))
+        );
+        assert_eq!(reads.get(), 2);
+        // Unreadable: taken as ours, and tried again after the gap (not before).
+        r.own_addresses_changed();
+        let t = later + Duration::from_secs(10);
+        assert!(r.is_own_with([10, 0, 1, 1].into(), t, || None));
+        assert!(!r.is_own_with([10, 0, 1, 2].into(), t + Duration::from_millis(10), || read(vec![own])));
+        assert!(!r.is_own_with([10, 0, 1, 2].into(), t + DEFEND_MIN_GAP, || read(vec![own])));
+        assert_eq!(reads.get(), 3);
     }
 }
