@@ -160,7 +160,7 @@ pub(super) fn wants_close(h: &HeaderMap) -> bool {
 }
 
 /// The head of `resp` as hyper would send it: status line, its headers, a `Date`, and
-/// `Connection: close` when `close`. The caller made sure of `Content-Length`.
+/// `Connection: close` when `close`. The caller made sure of `Content-Length` (or chunking).
 pub fn head_bytes(resp: &http::response::Parts, close: bool) -> BytesMut {
     let mut b = BytesMut::with_capacity(512);
     let s = resp.status;
@@ -209,7 +209,8 @@ impl<'a> RawOut<'a> {
     /// [`Self::cork`]; the caller uncorks after the body). Returns whether the connection may
     /// serve another request.
     pub async fn write_head(&mut self, resp: &http::response::Parts) -> Result<bool, RawError> {
-        let close = self.close || wants_close(&resp.headers) || !resp.headers.contains_key(header::CONTENT_LENGTH);
+        let framed = resp.headers.contains_key(header::CONTENT_LENGTH) || is_chunked(&resp.headers);
+        let close = self.close || wants_close(&resp.headers) || !framed;
         let head = head_bytes(resp, close && !resp.headers.contains_key(header::CONNECTION));
         self.cork(true);
         self.write_all(&head, false).await?;
@@ -244,6 +245,32 @@ impl<'a> RawOut<'a> {
         Ok(())
     }
 
+    /// Writes the head of one chunk of `len` body bytes (`Transfer-Encoding: chunked`); the
+    /// caller writes exactly `len` bytes, then [`Self::end_chunk`].
+    pub async fn chunk_head(&mut self, len: usize) -> Result<(), RawError> {
+        self.write_all(format!("{len:x}\r\n").as_bytes(), false).await
+    }
+
+    /// Ends a chunk begun with [`Self::chunk_head`].
+    pub async fn end_chunk(&mut self) -> Result<(), RawError> {
+        self.write_all(b"\r\n", false).await
+    }
+
+    /// Writes `b` as one chunk (nothing for an empty `b`: an empty chunk ends the body).
+    pub async fn write_chunk(&mut self, b: &[u8]) -> Result<(), RawError> {
+        if b.is_empty() {
+            return Ok(());
+        }
+        self.chunk_head(b.len()).await?;
+        self.write_all(b, true).await?;
+        self.end_chunk().await
+    }
+
+    /// Ends a chunked body (the last, empty chunk; no trailers).
+    pub async fn end_chunks(&mut self) -> Result<(), RawError> {
+        self.write_all(b"0\r\n\r\n", false).await
+    }
+
     /// Sends `len` bytes of `file` from `offset` with `sendfile(2)`, kernel to socket. A file
     /// that ends sooner is a [`RawError::Source`].
     pub async fn sendfile(&mut self, file: &std::fs::File, offset: u64, len: u64) -> Result<(), RawError> {
@@ -274,24 +301,47 @@ impl<'a> RawOut<'a> {
 }
 
 /// Writes `resp` (head, then its body unless `head_only`), any [`Body`]: its frames as they
-/// come. Returns whether the connection may serve another request: not when the body's length
-/// was unknown (the end of the body is the end of the connection).
+/// come, chunked (`Transfer-Encoding: chunked`, as hyper sends it) when the body's length is not
+/// known. Returns whether the connection may serve another request. A body that fails ends
+/// without its last chunk: the client sees a broken transfer, never a short complete one.
 pub async fn write_response(out: &mut RawOut<'_>, mut resp: Response<Body>, head_only: bool) -> Result<bool, RawError> {
     if !resp.headers().contains_key(header::CONTENT_LENGTH) {
-        if let Some(n) = http_body::Body::size_hint(resp.body()).exact() {
-            resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        match http_body::Body::size_hint(resp.body()).exact() {
+            Some(n) => {
+                resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+            None => {
+                resp.headers_mut()
+                    .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            }
         }
     }
+    let chunked = is_chunked(resp.headers());
     let (parts, mut body) = resp.into_parts();
     let keep = out.write_head(&parts).await?;
     if !head_only {
         while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_next_frame(cx)).await {
             let data = frame.map_err(RawError::Source)?;
-            out.write_all(&data, true).await?;
+            if chunked {
+                out.write_chunk(&data).await?;
+            } else {
+                out.write_all(&data, true).await?;
+            }
+        }
+        if chunked {
+            out.end_chunks().await?;
         }
     }
     out.cork(false);
     Ok(keep)
+}
+
+/// Whether the response's body is sent chunked.
+fn is_chunked(h: &HeaderMap) -> bool {
+    h.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("chunked")))
+    })
 }
 
 trait PollData {
@@ -390,5 +440,44 @@ mod tests {
         assert!(matches!(parse(b"GET /nar/x.nar HTTP/1.1\r\nHost"), Parsed::Partial));
         let many: String = (0..MAX_RAW_HEADERS + 1).map(|i| format!("X-{i}: 1\r\n")).collect();
         assert!(unsure(&format!("GET /n HTTP/1.1\r\n{many}\r\n")));
+    }
+
+    /// A body whose length is not known goes chunked, as hyper sends it, and the connection
+    /// stays open; a body that fails ends without its last chunk (a broken transfer, never a
+    /// complete short one).
+    #[tokio::test]
+    async fn a_body_of_unknown_length_goes_chunked() {
+        async fn answer(items: Vec<io::Result<Bytes>>) -> (Result<bool, RawError>, Vec<u8>) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let client = TcpStream::connect(listener.local_addr().expect("addr"))
+                .await
+                .expect("connect");
+            let (server, _) = listener.accept().await.expect("accept");
+            let req = Request::new(());
+            let mut out = RawOut::new(&server, Pace::new(std::time::Duration::from_secs(5)), &req);
+            let body = Body::Pull(Box::pin(futures_util::stream::iter(items)));
+            let r = write_response(&mut out, Response::new(body), false).await;
+            drop(server);
+            let mut got = Vec::new();
+            let mut client = client;
+            client.read_to_end(&mut got).await.expect("read");
+            (r, got)
+        }
+        let (r, got) = answer(vec![
+            Ok(Bytes::from_static(b"hello ")),
+            Ok(Bytes::new()),
+            Ok(Bytes::from_static(b"world")),
+        ])
+        .await;
+        assert!(r.expect("written"), "a chunked answer keeps the connection");
+        let got = String::from_utf8(got).expect("text");
+        let (head, body) = got.split_once("\r\n\r\n").expect("head");
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        assert_eq!(body, "6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n");
+        let (r, got) = answer(vec![Ok(Bytes::from_static(b"half")), Err(io::Error::other("gone"))]).await;
+        assert!(matches!(r, Err(RawError::Source(_))));
+        let got = String::from_utf8(got).expect("text");
+        assert!(got.ends_with("4\r\nhalf\r\n"), "{got:?}");
     }
 }

@@ -88,6 +88,23 @@ impl PeerZstd {
         self.raw_in
     }
 
+    /// Whether input is still compressed (else the rest of the NAR goes as raw blocks).
+    pub fn compressing(&self) -> bool {
+        self.enc.is_some()
+    }
+
+    /// Once no longer [`Self::compressing`]: the header of a raw block of the next `len` bytes
+    /// (at most [`MAX_RAW_BLOCK`]), which the caller sends itself (the store server's raw path,
+    /// with `sendfile`), counted as pushed.
+    pub fn raw_header(&mut self, len: usize) -> io::Result<[u8; 3]> {
+        if self.finished || self.enc.is_some() || len > MAX_RAW_BLOCK {
+            return Err(io::Error::other("no raw block of that size may follow here"));
+        }
+        self.total_in += len as u64;
+        self.raw_in += len as u64;
+        Ok(raw_block_header(len, false))
+    }
+
     /// Encodes `input`, appending to `out` (which may stay empty: zstd buffers up to a block).
     pub fn push(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
         if self.finished {
@@ -175,10 +192,15 @@ fn run(
 /// Appends a raw block: a 3-byte little-endian header (bit 0: last block, bits 1-2: type 0 =
 /// raw, bits 3-23: size), then the bytes.
 fn raw_block(data: &[u8], last: bool, out: &mut Vec<u8>) {
-    debug_assert!(data.len() <= MAX_RAW_BLOCK);
-    let h = ((data.len() as u32) << 3) | u32::from(last);
-    out.extend_from_slice(&h.to_le_bytes()[..3]);
+    out.extend_from_slice(&raw_block_header(data.len(), last));
     out.extend_from_slice(data);
+}
+
+fn raw_block_header(len: usize, last: bool) -> [u8; 3] {
+    debug_assert!(len <= MAX_RAW_BLOCK);
+    let h = ((len as u32) << 3) | u32::from(last);
+    let [a, b, c, _] = h.to_le_bytes();
+    [a, b, c]
 }
 
 /// Compresses the NAR chunks from `raw` into `tx` ([`PeerZstd`]). The frame is closed only if

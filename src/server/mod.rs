@@ -360,7 +360,7 @@ impl StoreServer {
             end,
             zstd,
         };
-        let (body, disk) = match raw::on_disk(req, &self.store, &info, zstd) {
+        let (body, disk) = match raw::on_disk(req, &self.store, &info) {
             _ if req.method() == Method::HEAD => (Body::empty(), None),
             Some(p) => (
                 Body::empty(),
@@ -376,7 +376,7 @@ impl StoreServer {
         };
         if zstd {
             // Length unknown until compressed: chunked, and no ranges.
-            return Ok(h::ok(body, "application/zstd"));
+            return Ok(raw::with_disk(h::ok(body, "application/zstd"), disk));
         }
         Ok(raw::with_disk(
             h::nar_response(body, size, start, end, range.is_some()),

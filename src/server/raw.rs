@@ -3,19 +3,26 @@
 //! store directory is sent as its framing plus each file's contents with `sendfile(2)`, kernel to
 //! socket, instead of two copies through user space and three task wake-ups per chunk.
 //!
+//! A `.nar.zst` GET is taken too: the NAR is compressed from the dump's stream while it
+//! compresses, and once the encoder gives up on it (`compress::PeerZstd`: random bytes, media,
+//! archives) the rest goes as raw blocks whose contents are sent with `sendfile`, so an
+//! incompressible NAR costs its server about what the plain one does.
+//!
 //! Only the writing of the body differs from the hyper path: the response (route, index lookup,
 //! validity check, transfer slot, busy answer, headers) is `StoreServer::answer`'s, the same for
 //! both. Invariants: the transfer slot is held until the last byte is written; a NAR whose files
 //! changed since the daemon vouched for it (a size that differs, a file that shrank) is cut
-//! short, never completed with other bytes; writing keeps the client's pace.
+//! short, never completed with other bytes (a `.nar.zst` never gets its frame's last block nor
+//! its body's last chunk); writing keeps the client's pace.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Method, Request, Response};
+use http::{header, HeaderValue, Method, Request, Response};
 
+use super::compress::{PeerZstd, MAX_RAW_BLOCK};
 use super::streams::{NarPart, Streams};
 use super::transfers::Permit;
 use crate::cache_url::{self, CacheRoute, NarEncoding};
@@ -24,16 +31,13 @@ use crate::http::{self as h, Body};
 use crate::store::dump::{self, DumpError, Piece, Plan};
 use crate::store::{PathInfo, Store};
 
-/// A plain NAR (`cache_url`'s route): the request the raw path exists for. Everything else goes
-/// to hyper.
+/// A plain NAR (`cache_url`'s route), or a GET of its `.nar.zst`: the requests the raw path
+/// exists for. Everything else goes to hyper.
 pub(super) fn sure(req: &Request<()>) -> bool {
-    matches!(
-        cache_url::parse(req.uri().path()),
-        Ok(CacheRoute::Nar {
-            encoding: NarEncoding::Plain,
-            ..
-        })
-    )
+    match cache_url::parse(req.uri().path()) {
+        Ok(CacheRoute::Nar { encoding, .. }) => encoding == NarEncoding::Plain || req.method() == Method::GET,
+        _ => false,
+    }
 }
 
 /// Writes `resp` to a raw connection: a [`DiskNar`] it carries with `sendfile`, any other body
@@ -63,16 +67,11 @@ pub(super) struct DiskNar {
     started: Instant,
 }
 
-/// Where the NAR of `info` is on disk, when `req` is served raw and is a GET of it plain: then the
-/// response carries a [`DiskNar`] for [`h::Handler::serve_raw`] instead of a body.
-pub(super) fn on_disk<B>(
-    req: &Request<B>,
-    store: &crate::store::Store,
-    info: &PathInfo,
-    zstd: bool,
-) -> Option<PathBuf> {
+/// Where the NAR of `info` is on disk, when `req` is served raw and is a GET of it (plain or
+/// zstd): then the response carries a [`DiskNar`] for [`h::Handler::serve_raw`] instead of a body.
+pub(super) fn on_disk<B>(req: &Request<B>, store: &crate::store::Store, info: &PathInfo) -> Option<PathBuf> {
     let raw = req.extensions().get::<h::raw::Raw>().is_some();
-    (raw && !zstd && req.method() == Method::GET).then(|| store.on_disk(info))?
+    (raw && req.method() == Method::GET).then(|| store.on_disk(info))?
 }
 
 /// `resp`, carrying `disk` (for `StoreServer::nar`).
@@ -133,9 +132,18 @@ impl DiskNar {
                 return Err(RawError::Source(e));
             }
         };
-        let (parts, _) = resp.into_parts();
+        let (mut parts, _) = resp.into_parts();
+        if self.part.zstd {
+            parts
+                .headers
+                .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
         let keep = out.write_head(&parts).await?;
-        let r = send_plan(&plan, self.part.start, self.part.end, out).await;
+        let r = if self.part.zstd {
+            send_zstd(&plan, store, &self.info, out).await
+        } else {
+            send_plan(&plan, self.part.start, self.part.end, out).await
+        };
         out.cork(false);
         let ms = self.started.elapsed().as_millis() as u64;
         match r {
@@ -144,6 +152,44 @@ impl DiskNar {
         }
         r.map(|()| keep)
     }
+}
+
+/// Writes the NAR `plan` as one zstd frame ([`PeerZstd`]) in a chunked body: compressed from
+/// the dump's stream while the encoder compresses, then the rest as raw blocks, each one chunk
+/// whose contents go with `sendfile`. The frame's last block and the body's last chunk follow
+/// only the whole NAR.
+async fn send_zstd(plan: &Plan, store: &Store, info: &PathInfo, out: &mut RawOut<'_>) -> Result<(), RawError> {
+    let source = |e: crate::store::Error| RawError::Source(std::io::Error::other(e));
+    let size = plan.len();
+    let mut enc = PeerZstd::new().map_err(RawError::Source)?;
+    let mut stream = store.nar(info).await.map_err(source)?;
+    let mut buf = Vec::new();
+    while enc.compressing() && enc.total_in() < size {
+        let Some(chunk) = stream.next_chunk().await.map_err(source)? else {
+            break;
+        };
+        buf.clear();
+        enc.push(&chunk, &mut buf).map_err(RawError::Source)?;
+        out.write_chunk(&buf).await?;
+    }
+    drop(stream);
+    if enc.compressing() && enc.total_in() < size {
+        let e = format!("the NAR ended after {} of {size} bytes", enc.total_in());
+        return Err(RawError::Source(std::io::Error::other(e)));
+    }
+    while enc.total_in() < size {
+        let pos = enc.total_in();
+        let len = (size - pos).min(MAX_RAW_BLOCK as u64) as usize;
+        let block = enc.raw_header(len).map_err(RawError::Source)?;
+        out.chunk_head(block.len() + len).await?;
+        out.write_all(&block, true).await?;
+        send_plan(plan, pos, pos + len as u64 - 1, out).await?;
+        out.end_chunk().await?;
+    }
+    buf.clear();
+    enc.finish(&mut buf).map_err(RawError::Source)?;
+    out.write_chunk(&buf).await?;
+    out.end_chunks().await
 }
 
 /// Writes bytes `start..=end` of the NAR `plan`: framing from memory, contents with `sendfile`.
