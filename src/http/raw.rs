@@ -256,14 +256,46 @@ impl<'a> RawOut<'a> {
         self.write_all(b"\r\n", false).await
     }
 
-    /// Writes `b` as one chunk (nothing for an empty `b`: an empty chunk ends the body).
+    /// Writes `b` as one chunk (nothing for an empty `b`: an empty chunk ends the body): its
+    /// size line, the bytes and the line end in one `writev` while the socket takes them all.
     pub async fn write_chunk(&mut self, b: &[u8]) -> Result<(), RawError> {
         if b.is_empty() {
             return Ok(());
         }
-        self.chunk_head(b.len()).await?;
-        self.write_all(b, true).await?;
-        self.end_chunk().await
+        let head = format!("{:x}\r\n", b.len());
+        let parts: [&[u8]; 3] = [head.as_bytes(), b, b"\r\n"];
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut done = 0;
+        while done < total {
+            self.pace
+                .within(self.stream.writable())
+                .await?
+                .map_err(RawError::Write)?;
+            // The parts not yet written, the first one from where it stands.
+            let mut skip = done;
+            let mut left: Vec<io::IoSlice<'_>> = Vec::with_capacity(3);
+            for p in parts {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    continue;
+                }
+                left.push(io::IoSlice::new(&p[skip..]));
+                skip = 0;
+            }
+            match self.stream.try_write_vectored(&left) {
+                Ok(n) => {
+                    // Body bytes: those of `b` among the `n` just written.
+                    let (b_start, b_end) = (head.len(), head.len() + b.len());
+                    let body = (done + n).min(b_end).saturating_sub(done.max(b_start));
+                    done += n;
+                    self.pace.took(n as u64);
+                    self.sent += body as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(RawError::Write(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Ends a chunked body (the last, empty chunk; no trailers).
@@ -479,5 +511,44 @@ mod tests {
         assert!(matches!(r, Err(RawError::Source(_))));
         let got = String::from_utf8(got).expect("text");
         assert!(got.ends_with("4\r\nhalf\r\n"), "{got:?}");
+    }
+
+    /// Chunks far larger than the socket takes at once: the size line, the bytes and the line
+    /// end go out in pieces (`writev` taking part of a part), and the body still reads back
+    /// whole and framed.
+    #[tokio::test]
+    async fn chunks_written_in_pieces_stay_framed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .expect("sndbuf");
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("read");
+            got
+        });
+        let parts: Vec<Bytes> = (0..3u8).map(|i| Bytes::from(vec![b'a' + i; 1 << 20])).collect();
+        let req = Request::new(());
+        let mut out = RawOut::new(&server, Pace::new(std::time::Duration::from_secs(5)), &req);
+        let body = Body::Pull(Box::pin(futures_util::stream::iter(parts.clone().into_iter().map(Ok))));
+        assert!(write_response(&mut out, Response::new(body), false)
+            .await
+            .expect("written"));
+        assert_eq!(out.sent, 3 << 20, "body bytes counted");
+        drop(server);
+        let got = reader.await.expect("reader");
+        let start = got.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+        let mut want = Vec::new();
+        for p in &parts {
+            want.extend_from_slice(format!("{:x}\r\n", p.len()).as_bytes());
+            want.extend_from_slice(p);
+            want.extend_from_slice(b"\r\n");
+        }
+        want.extend_from_slice(b"0\r\n\r\n");
+        assert!(got[start..] == want[..], "the chunked body differs");
     }
 }

@@ -154,29 +154,46 @@ impl DiskNar {
     }
 }
 
+/// What the encoder task of [`send_zstd`] hands to the writer.
+enum Encoded {
+    /// Frame bytes to send as they are.
+    Bytes(Vec<u8>),
+    /// The encoder gave up on the NAR after this many bytes: the rest goes as raw blocks.
+    RawFrom(PeerZstd),
+    /// The whole NAR went through; the frame's end follows.
+    Done(Vec<u8>),
+}
+
+/// Encoded pieces waiting for the writer (each at most one dump chunk's output, about 128 KiB).
+const ENCODED_AHEAD: usize = 4;
+
 /// Writes the NAR `plan` as one zstd frame ([`PeerZstd`]) in a chunked body: compressed from
-/// the dump's stream while the encoder compresses, then the rest as raw blocks, each one chunk
-/// whose contents go with `sendfile`. The frame's last block and the body's last chunk follow
-/// only the whole NAR.
+/// the dump's stream while the encoder compresses (on a task of its own, owned here, so
+/// compressing and sending overlap as on the hyper path), then the rest as raw blocks, each one
+/// chunk whose contents go with `sendfile`. The frame's last block and the body's last chunk
+/// follow only the whole NAR.
 async fn send_zstd(plan: &Plan, store: &Store, info: &PathInfo, out: &mut RawOut<'_>) -> Result<(), RawError> {
-    let source = |e: crate::store::Error| RawError::Source(std::io::Error::other(e));
     let size = plan.len();
-    let mut enc = PeerZstd::new().map_err(RawError::Source)?;
-    let mut stream = store.nar(info).await.map_err(source)?;
-    let mut buf = Vec::new();
-    while enc.compressing() && enc.total_in() < size {
-        let Some(chunk) = stream.next_chunk().await.map_err(source)? else {
-            break;
-        };
-        buf.clear();
-        enc.push(&chunk, &mut buf).map_err(RawError::Source)?;
-        out.write_chunk(&buf).await?;
-    }
-    drop(stream);
-    if enc.compressing() && enc.total_in() < size {
-        let e = format!("the NAR ended after {} of {size} bytes", enc.total_in());
-        return Err(RawError::Source(std::io::Error::other(e)));
-    }
+    let stream = store
+        .nar(info)
+        .await
+        .map_err(|e| RawError::Source(std::io::Error::other(e)))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(ENCODED_AHEAD);
+    let mut encoder = tokio::task::JoinSet::new();
+    encoder.spawn(encode(stream, size, tx));
+    let mut enc = loop {
+        match rx.recv().await {
+            Some(Ok(Encoded::Bytes(b))) => out.write_chunk(&b).await?,
+            Some(Ok(Encoded::RawFrom(enc))) => break enc,
+            Some(Ok(Encoded::Done(b))) => {
+                out.write_chunk(&b).await?;
+                return out.end_chunks().await;
+            }
+            Some(Err(e)) => return Err(RawError::Source(e)),
+            None => return Err(RawError::Source(std::io::Error::other("the encoder stopped"))),
+        }
+    };
+    drop(encoder);
     while enc.total_in() < size {
         let pos = enc.total_in();
         let len = (size - pos).min(MAX_RAW_BLOCK as u64) as usize;
@@ -186,10 +203,49 @@ async fn send_zstd(plan: &Plan, store: &Store, info: &PathInfo, out: &mut RawOut
         send_plan(plan, pos, pos + len as u64 - 1, out).await?;
         out.end_chunk().await?;
     }
-    buf.clear();
-    enc.finish(&mut buf).map_err(RawError::Source)?;
-    out.write_chunk(&buf).await?;
+    let mut end = Vec::new();
+    enc.finish(&mut end).map_err(RawError::Source)?;
+    out.write_chunk(&end).await?;
     out.end_chunks().await
+}
+
+/// [`send_zstd`]'s encoder: the dump's stream through [`PeerZstd`] into `tx`, until the NAR's
+/// `size` bytes went through or the encoder gives up on them (then it hands the encoder over).
+async fn encode(
+    mut stream: crate::store::NarStream,
+    size: u64,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Encoded>>,
+) {
+    let r = async {
+        let mut enc = PeerZstd::new()?;
+        while enc.total_in() < size {
+            let Some(chunk) = stream.next_chunk().await.map_err(std::io::Error::other)? else {
+                let e = format!("the NAR ended after {} of {size} bytes", enc.total_in());
+                return Err(std::io::Error::other(e));
+            };
+            let mut b = Vec::new();
+            enc.push(&chunk, &mut b)?;
+            if !b.is_empty() && tx.send(Ok(Encoded::Bytes(b))).await.is_err() {
+                return Ok(None);
+            }
+            if !enc.compressing() && enc.total_in() < size {
+                return Ok(Some(Encoded::RawFrom(enc)));
+            }
+        }
+        let mut b = Vec::new();
+        enc.finish(&mut b)?;
+        Ok(Some(Encoded::Done(b)))
+    }
+    .await;
+    match r {
+        Ok(Some(last)) => {
+            let _ = tx.send(Ok(last)).await;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+        }
+    }
 }
 
 /// Writes bytes `start..=end` of the NAR `plan`: framing from memory, contents with `sendfile`.
