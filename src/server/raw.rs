@@ -158,7 +158,8 @@ impl DiskNar {
 enum Encoded {
     /// Frame bytes to send as they are.
     Bytes(Vec<u8>),
-    /// The encoder gave up on the NAR after this many bytes: the rest goes as raw blocks.
+    /// The encoder, which gave up on the NAR after its `total_in` bytes: the rest goes as raw
+    /// blocks.
     RawFrom(PeerZstd),
     /// The whole NAR went through; the frame's end follows.
     Done(Vec<u8>),
