@@ -189,19 +189,26 @@ pub fn answer(identity: &Identity, query: Option<&str>, ours: impl Fn(IpAddr) ->
     Ok(identity.prove(&nonce, to))
 }
 
+/// Every address of this host, IPv4 and IPv6, of any interface (up or not); `None` when they
+/// cannot be read.
+pub fn own_addresses() -> Option<Vec<IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    Some(
+        addrs
+            .filter_map(|a| {
+                let sa = a.address?;
+                sa.as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            })
+            .collect(),
+    )
+}
+
 /// Whether `ip` is one of this host's addresses (scope ignored).
 pub fn is_own_address(ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
-    nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
-        addrs.any(|a| {
-            let Some(sa) = a.address else { return false };
-            let own = sa
-                .as_sockaddr_in()
-                .map(|v4| IpAddr::V4(v4.ip()))
-                .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())));
-            own == Some(ip)
-        })
-    })
+    own_addresses().is_some_and(|addrs| addrs.contains(&ip))
 }
 
 #[cfg(test)]

@@ -164,18 +164,9 @@ impl Reply {
 
 /// This host's addresses (at most [`MAX_OWN_IPS`]); `None` when they cannot be read.
 fn read_own_ips() -> Option<Vec<IpAddr>> {
-    let addrs = nix::ifaddrs::getifaddrs().ok()?;
-    Some(
-        addrs
-            .filter_map(|a| {
-                let sa = a.address?;
-                sa.as_sockaddr_in()
-                    .map(|v4| IpAddr::V4(v4.ip()))
-                    .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-            })
-            .take(MAX_OWN_IPS)
-            .collect(),
-    )
+    let mut addrs = super::identity::own_addresses()?;
+    addrs.truncate(MAX_OWN_IPS);
+    Some(addrs)
 }
 
 /// Whether this host answers a query in a hall of `hosts`, given a uniform draw `u` in [0, 1).
