@@ -224,19 +224,37 @@ impl<'a> RawOut<'a> {
     }
 
     /// Writes all of `b` (counted as body when `body`).
-    pub async fn write_all(&mut self, mut b: &[u8], body: bool) -> Result<(), RawError> {
-        while !b.is_empty() {
+    pub async fn write_all(&mut self, b: &[u8], body: bool) -> Result<(), RawError> {
+        self.write_parts([b], body.then_some(0)).await
+    }
+
+    /// Writes `parts` one after the other, with as few `writev` calls as the socket allows;
+    /// the bytes of part `body` (if any) count as body.
+    async fn write_parts<const N: usize>(&mut self, parts: [&[u8]; N], body: Option<usize>) -> Result<(), RawError> {
+        // Where each part starts in the whole.
+        let mut starts = [0usize; N];
+        for i in 1..N {
+            starts[i] = starts[i - 1] + parts[i - 1].len();
+        }
+        let total = starts[N - 1] + parts[N - 1].len();
+        let mut done = 0;
+        while done < total {
             self.pace
                 .within(self.stream.writable())
                 .await?
                 .map_err(RawError::Write)?;
-            match self.stream.try_write(b) {
+            // What is left of each part (nothing of those written already).
+            let left: [io::IoSlice<'_>; N] = std::array::from_fn(|i| {
+                io::IoSlice::new(&parts[i][done.saturating_sub(starts[i]).min(parts[i].len())..])
+            });
+            match self.stream.try_write_vectored(&left) {
                 Ok(n) => {
-                    b = &b[n..];
-                    self.pace.took(n as u64);
-                    if body {
-                        self.sent += n as u64;
+                    if let Some(i) = body {
+                        let (b_start, b_end) = (starts[i], starts[i] + parts[i].len());
+                        self.sent += (done + n).min(b_end).saturating_sub(done.max(b_start)) as u64;
                     }
+                    done += n;
+                    self.pace.took(n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(RawError::Write(e)),
@@ -263,39 +281,7 @@ impl<'a> RawOut<'a> {
             return Ok(());
         }
         let head = format!("{:x}\r\n", b.len());
-        let parts: [&[u8]; 3] = [head.as_bytes(), b, b"\r\n"];
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut done = 0;
-        while done < total {
-            self.pace
-                .within(self.stream.writable())
-                .await?
-                .map_err(RawError::Write)?;
-            // The parts not yet written, the first one from where it stands.
-            let mut skip = done;
-            let mut left: Vec<io::IoSlice<'_>> = Vec::with_capacity(3);
-            for p in parts {
-                if skip >= p.len() {
-                    skip -= p.len();
-                    continue;
-                }
-                left.push(io::IoSlice::new(&p[skip..]));
-                skip = 0;
-            }
-            match self.stream.try_write_vectored(&left) {
-                Ok(n) => {
-                    // Body bytes: those of `b` among the `n` just written.
-                    let (b_start, b_end) = (head.len(), head.len() + b.len());
-                    let body = (done + n).min(b_end).saturating_sub(done.max(b_start));
-                    done += n;
-                    self.pace.took(n as u64);
-                    self.sent += body as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(RawError::Write(e)),
-            }
-        }
-        Ok(())
+        self.write_parts([head.as_bytes(), b, b"\r\n"], Some(1)).await
     }
 
     /// Ends a chunked body (the last, empty chunk; no trailers).
