@@ -859,8 +859,6 @@ fn bench_hall_of_real_serve_hosts() {
             spent.wakeups_spread[2]
         ),
     );
-    // /proc/PID/stat counts in USER_HZ, 100 on Linux.
-    let hz = 100.0;
     let bytes: usize = seen.iter().map(|s| s.wire_bytes()).sum();
     figure(
         "beacon_bps",
@@ -872,7 +870,7 @@ fn bench_hall_of_real_serve_hosts() {
     );
     figure("cpu", format!("{:.2} %", spent.cpu));
     if let Ok(ab) = std::env::var("HALL_AB_ENV") {
-        // CPU over the same window, per group (cpu_ticks read again: a second window of 10 s).
+        // CPU per group over a second window, of 20 s.
         let group = |odd: bool| -> Vec<u32> {
             hall.serves
                 .iter()
@@ -881,19 +879,15 @@ fn bench_hall_of_real_serve_hosts() {
                 .collect()
         };
         let (even, odd) = (group(false), group(true));
-        let e0: u64 = even.iter().map(|p| cpu_ticks(*p)).sum();
-        let o0: u64 = odd.iter().map(|p| cpu_ticks(*p)).sum();
+        let (e, o) = (Cost::start(&even), Cost::start(&odd));
         std::thread::sleep(Duration::from_secs(20));
-        let e1: u64 = even.iter().map(|p| cpu_ticks(*p)).sum();
-        let o1: u64 = odd.iter().map(|p| cpu_ticks(*p)).sum();
-        let pct = |a: u64, b: u64, k: usize| (b - a) as f64 / hz / 20.0 * 100.0 / k.max(1) as f64;
         figure(
             "cpu_ab",
             format!(
                 "{:.3} % with {ab} ({} serve) vs {:.3} % without ({} serve), same 20 s",
-                pct(o0, o1, odd.len()),
+                o.finish().cpu,
                 odd.len(),
-                pct(e0, e1, even.len()),
+                e.finish().cpu,
                 even.len()
             ),
         );
