@@ -9,13 +9,15 @@
 //! that stalls or reads too slowly.
 //!
 //! Files: `serve` (binding, the accept loop, the drain), `admission` (who holds the connections),
-//! `body` (the body type and the response pieces), `pace`, `raw` (requests a handler serves
+//! `body` (the body type and the response pieces), `client` (one `GET` on a connection of its
+//! own, for the proxy's NAR requests to peers), `pace`, `raw` (requests a handler serves
 //! itself on the socket before hyper gets the connection), `tasks` (the tasks feeding streamed
 //! bodies), `resources`. None imports this file:
 //! it only re-exports.
 
 mod admission;
 mod body;
+pub mod client;
 mod pace;
 pub mod raw;
 mod resources;

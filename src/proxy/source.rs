@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
+use reqwest::header::HeaderMap;
 use tokio::io::AsyncRead;
 use url::Url;
 
@@ -36,6 +36,9 @@ pub enum SourceId {
 pub enum SourceError {
     #[error("request failed: {0}")]
     Http(#[from] reqwest::Error),
+    /// A peer's NAR request (our own client, `http::client`) got no answer that can be read.
+    #[error("request failed: {0}")]
+    Client(#[from] crate::http::client::ClientError),
     #[error("status {0}")]
     Status(u16),
     #[error("narinfo over {MAX_NARINFO_BYTES} bytes")]
@@ -87,9 +90,8 @@ pub enum SourceError {
 pub const BUSY_RETRY_BOUNDS: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 
 /// The `Retry-After` of a busy answer (whole seconds), within [`BUSY_RETRY_BOUNDS`].
-fn busy_retry_after(resp: &reqwest::Response) -> Duration {
-    let secs = resp
-        .headers()
+fn busy_retry_after(headers: &HeaderMap) -> Duration {
+    let secs = headers
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
@@ -99,8 +101,8 @@ fn busy_retry_after(resp: &reqwest::Response) -> Duration {
 
 /// The node ids a busy answer names (`cache_url::TRY_HEADER`), at most `MAX_TRY_HINTS`; what
 /// does not parse is skipped.
-fn busy_hints(resp: &reqwest::Response) -> Vec<NodeId> {
-    resp.headers()
+fn busy_hints(headers: &HeaderMap) -> Vec<NodeId> {
+    headers
         .get(crate::cache_url::TRY_HEADER)
         .and_then(|v| v.to_str().ok())
         .into_iter()
@@ -120,6 +122,7 @@ impl SourceError {
     pub fn is_unreachable(&self) -> bool {
         match self {
             SourceError::Http(e) => e.is_connect() || e.is_timeout(),
+            SourceError::Client(e) => e.is_connect(),
             SourceError::Timeout => true,
             _ => false,
         }
@@ -128,7 +131,11 @@ impl SourceError {
     /// The connection could not be made (refused, no route, connect timeout): worth one more
     /// try on a link that just came up. Not a server that accepted and then said nothing.
     pub fn is_connect_failure(&self) -> bool {
-        matches!(self, SourceError::Http(e) if e.is_connect())
+        match self {
+            SourceError::Http(e) => e.is_connect(),
+            SourceError::Client(e) => e.is_connect(),
+            _ => false,
+        }
     }
 
     /// A source that sent something false (not merely failed): worth a harsher back-off.
@@ -222,22 +229,18 @@ impl reqwest::dns::Resolve for PeerResolver {
 
 /// A peer's answer must come from the node that announced the address: its store server names
 /// its node id in [`NODE_HEADER`]. Upstreams are not checked.
-fn check_node(s: &SourceId, resp: &reqwest::Response) -> Result<(), SourceError> {
+fn check_node(s: &SourceId, headers: &HeaderMap, at: Option<SocketAddr>) -> Result<(), SourceError> {
     let SourceId::Peer(node) = s else {
         return Ok(());
     };
-    let found = resp
-        .headers()
+    let found = headers
         .get(NODE_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|n| n.parse::<NodeId>().ok());
     if found == Some(*node) {
         return Ok(());
     }
-    Err(SourceError::NotThePeer {
-        found,
-        at: resp.remote_addr(),
-    })
+    Err(SourceError::NotThePeer { found, at })
 }
 
 /// Timeouts per kind of source.
@@ -269,12 +272,14 @@ pub const UPSTREAM_TIMEOUTS: Timeouts = Timeouts {
 pub struct Sources {
     peers: Option<Arc<PeerTable>>,
     pub upstreams: Vec<Url>,
+    /// Narinfo and summaries from peers; their NARs go on connections of their own
+    /// (`http::client`: a store server sends a NAR-first connection's NAR with sendfile).
     peer_client: reqwest::Client,
-    /// NARs from peers, on connections of their own: a store server sends a NAR-first one with sendfile.
-    peer_nar_client: reqwest::Client,
     upstream_client: reqwest::Client,
     store_dir: String,
     keys: TrustedKeys,
+    /// See [`PeerResolver::loopback_peers`].
+    loopback_peers: bool,
 }
 
 /// NARs smaller than this are fetched plain from peers even when zstd is on: compressing saves
@@ -297,10 +302,10 @@ pub struct ClientError {
 /// The `User-Agent` of every request.
 const USER_AGENT: &str = concat!("local-nix-cache/", env!("CARGO_PKG_VERSION"));
 
-/// Builds the peer clients (NARs have their own pool) and the upstream client, all resolving
-/// through `resolver`. The peer clients follow no redirect and use no HTTP proxy; a client that
-/// cannot be built so is an error, never a default client.
-fn build_clients(resolver: Arc<PeerResolver>, user_agent: &str) -> Result<[reqwest::Client; 3], ClientError> {
+/// Builds the peer client and the upstream client, both resolving through `resolver`. The peer
+/// client follows no redirect and uses no HTTP proxy; a client that cannot be built so is an
+/// error, never a default client.
+fn build_clients(resolver: Arc<PeerResolver>, user_agent: &str) -> Result<[reqwest::Client; 2], ClientError> {
     let build = |t: Timeouts, which: &'static str| {
         let mut b = reqwest::Client::builder()
             .connect_timeout(t.connect)
@@ -316,8 +321,7 @@ fn build_clients(resolver: Arc<PeerResolver>, user_agent: &str) -> Result<[reqwe
         }
         b.build().map_err(|source| ClientError { which, source })
     };
-    let peer = || build(PEER_TIMEOUTS, "peer");
-    Ok([peer()?, peer()?, build(UPSTREAM_TIMEOUTS, "upstream")?])
+    Ok([build(PEER_TIMEOUTS, "peer")?, build(UPSTREAM_TIMEOUTS, "upstream")?])
 }
 
 impl Sources {
@@ -335,15 +339,15 @@ impl Sources {
             loopback_peers,
             system: Arc::new(crate::dns::SystemResolver::default()),
         });
-        let [peer_client, peer_nar_client, upstream_client] = build_clients(resolver, USER_AGENT)?;
+        let [peer_client, upstream_client] = build_clients(resolver, USER_AGENT)?;
         Ok(Self {
             peer_client,
-            peer_nar_client,
             upstream_client,
             peers,
             upstreams,
             store_dir,
             keys,
+            loopback_peers,
         })
     }
 
@@ -390,7 +394,7 @@ impl Sources {
                 req = req.header(BUSY_OK_HEADER, "1");
             }
             let mut resp = req.send().await?;
-            check_node(s, &resp)?;
+            check_node(s, resp.headers(), resp.remote_addr())?;
             match resp.status().as_u16() {
                 200 => {}
                 404 | 403 | 410 => return Ok(None),
@@ -455,64 +459,7 @@ impl Sources {
             partial,
         }))
     }
-
-    /// A GET of a NAR of `c` at `url`: a peer is told the proxy takes a busy answer.
-    fn nar_request(&self, c: &Candidate, url: Url) -> reqwest::RequestBuilder {
-        match c.source {
-            SourceId::Peer(_) => self.peer_nar_client.get(url).header(BUSY_OK_HEADER, "1"),
-            SourceId::Upstream(_) => self.upstream_client.get(url),
-        }
-    }
-
-    /// Sends `req` for a NAR of `c` within its source's timeout: the answer, from the node
-    /// announced (`check_node`); a peer's 503 is [`SourceError::Busy`].
-    async fn send_nar(&self, c: &Candidate, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SourceError> {
-        let t = self.timeouts(&c.source);
-        let resp = tokio::time::timeout(t.narinfo, req.send())
-            .await
-            .map_err(|_| SourceError::Timeout)??;
-        check_node(&c.source, &resp)?;
-        if resp.status().as_u16() == 503 && matches!(c.source, SourceId::Peer(_)) {
-            let (retry_after, hints) = (busy_retry_after(&resp), busy_hints(&resp));
-            return Err(SourceError::Busy { retry_after, hints });
-        }
-        Ok(resp)
-    }
-
-    /// Opens the NAR of `c`, decompressed, from uncompressed byte `from` (only for resumable
-    /// candidates; others always start at 0). Returns the reader and the offset it starts at.
-    /// `form`: [`Form::Zstd`] fetches a candidate that offers it (`c.zstd`) from byte 0 as
-    /// `.nar.zst`; otherwise the NAR comes as its narinfo says.
-    pub async fn open_nar(&self, c: &Candidate, from: u64, form: Form) -> Result<(NarReader, u64), SourceError> {
-        let zstd = form == Form::Zstd && c.zstd && from == 0;
-        let url = if zstd { c.zstd_url() } else { c.nar_url.clone() };
-        let mut req = self.nar_request(c, url);
-        let ranged = from > 0 && c.resumable();
-        if ranged {
-            req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
-        }
-        let resp = self.send_nar(c, req).await?;
-        let start = match resp.status().as_u16() {
-            206 if ranged => from,
-            200 => 0,
-            other => return Err(SourceError::Status(other)),
-        };
-        // The connection's errors are told apart from a decoder's (see [`is_transport_error`]).
-        let stream = resp.bytes_stream().map_err(|e| io::Error::new(TRANSPORT_ERROR, e));
-        let raw = tokio_util::io::StreamReader::new(stream);
-        use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
-        let reader: NarReader = match &c.info.compression {
-            Compression::None if zstd => Box::pin(peer_zstd_decoder(raw)),
-            Compression::None => Box::pin(raw),
-            Compression::Xz => Box::pin(XzDecoder::new(raw)),
-            Compression::Zstd => Box::pin(ZstdDecoder::new(raw)),
-            Compression::Bzip2 => Box::pin(BzDecoder::new(raw)),
-            Compression::Other(c) => return Err(SourceError::Compression(c.clone())),
-        };
-        Ok((reader, start))
-    }
 }
-
 impl Sources {
     /// A peer's content summary (`since`: the version held, for a delta), at most
     /// `summary::MAX_SUMMARY_BYTES`, within [`SUMMARY_TIMEOUT`].
@@ -525,7 +472,7 @@ impl Sources {
         }
         let fetch = async {
             let mut resp = self.peer_client.get(url).send().await?;
-            check_node(&s, &resp)?;
+            check_node(&s, resp.headers(), resp.remote_addr())?;
             if resp.status().as_u16() != 200 {
                 return Err(SourceError::Status(resp.status().as_u16()));
             }
@@ -541,25 +488,6 @@ impl Sources {
         tokio::time::timeout(SUMMARY_TIMEOUT, fetch)
             .await
             .map_err(|_| SourceError::Timeout)?
-    }
-
-    /// Opens bytes `start..=end` of a peer's uncompressed NAR (`Range`; a 206 from `start` is
-    /// required).
-    pub async fn open_range(&self, c: &Candidate, start: u64, end: u64) -> Result<NarReader, SourceError> {
-        let req = self
-            .nar_request(c, c.nar_url.clone())
-            .header(reqwest::header::RANGE, format!("bytes={start}-{end}"));
-        let resp = self.send_nar(c, req).await?;
-        let from_start = resp
-            .headers()
-            .get(reqwest::header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with(&format!("bytes {start}-")));
-        if resp.status().as_u16() != 206 || !from_start {
-            return Err(SourceError::Status(resp.status().as_u16()));
-        }
-        let stream = resp.bytes_stream().map_err(io::Error::other);
-        Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
     }
 }
 
@@ -590,5 +518,6 @@ fn peer_zstd_decoder<R: tokio::io::AsyncBufRead>(raw: R) -> async_compression::t
     )
 }
 
+mod nar;
 #[cfg(test)]
 mod tests;
