@@ -67,12 +67,23 @@ pub enum SpoolError {
 /// File spools are written in blocks of this size, hashed and written on a blocking thread so
 /// that hashing and disk writes overlap with reading the network: one block is hashed and
 /// written while the next one fills (at most two blocks per spool in memory, held as the chunks
-/// the network gave, not copied).
+/// the network gave, not copied). A block a pass-through body took whole has nothing to write:
+/// it is hashed on the fetch's own task (about 0.6 ms a block with SHA-NI), because a trip to a
+/// blocking thread and back per block, with the wake-ups of the threads in between, cost more
+/// CPU than the hash's overlap saved (issue #27, `docs/benchmarks.md`).
 const FILE_BLOCK: usize = 1024 * 1024;
 
-/// A block being hashed and written: gives the hasher back, with its state where the bytes a
-/// pass-through body took end (if they end in or at the end of this block) and the bytes written.
-type InFlight = tokio::task::JoinHandle<(Sha256, Option<Prefix>, io::Result<u64>)>;
+/// A block hashed (and written): the hasher back, with its state where the bytes a pass-through
+/// body took end (if they end in or at the end of this block), and the bytes written.
+type Landed = (Sha256, Option<Prefix>, io::Result<u64>);
+
+/// A block being hashed and written.
+enum InFlight {
+    /// On a blocking thread.
+    Blocking(tokio::task::JoinHandle<Landed>),
+    /// Already hashed on the fetch's task (nothing of it to write).
+    Done(Box<Landed>),
+}
 
 /// The hasher's state after the first `.0` bytes: those a pass-through body took. One sha256
 /// serves both the NAR's check and, should the spool be reset, the check of what the body
@@ -209,7 +220,10 @@ impl Spool {
         let Some(h) = inflight.take() else {
             return Ok(());
         };
-        let (hasher, prefix, r) = h.await.map_err(io::Error::other)?;
+        let (hasher, prefix, r) = match h {
+            InFlight::Blocking(h) => h.await.map_err(io::Error::other)?,
+            InFlight::Done(landed) => *landed,
+        };
         self.hasher = Some(hasher);
         if prefix.is_some() {
             self.prefix = prefix;
@@ -237,11 +251,12 @@ impl Spool {
         }
         let block = std::mem::take(pending);
         let (file, offset, keep_from) = (file.clone(), *written, self.unkept);
+        let nothing_to_write = keep_from >= offset + *pending_len as u64;
         *written += *pending_len as u64;
         *pending_len = 0;
         let mut hasher = self.hasher.take().unwrap_or_default();
         let tail = self.tail.as_ref().map(|(w, _)| w.clone());
-        *inflight = Some(tokio::task::spawn_blocking(move || {
+        let job = move || -> Landed {
             // Every byte is hashed; only those from `keep_from` on are written. The hasher's
             // state where the passed bytes end is kept (the last block that reaches them).
             let (mut pos, mut r, mut prefix) = (offset, Ok(()), None);
@@ -272,7 +287,12 @@ impl Spool {
                 (None, _) => {}
             }
             (hasher, prefix, r.map(|()| pos - offset))
-        }));
+        };
+        *inflight = Some(if nothing_to_write {
+            InFlight::Done(Box::new(job()))
+        } else {
+            InFlight::Blocking(tokio::task::spawn_blocking(job))
+        });
         Ok(())
     }
 

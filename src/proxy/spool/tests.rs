@@ -117,6 +117,37 @@ async fn passed_bytes_at_the_start_of_a_file_spool_are_hashed_not_kept() {
     assert!(collect(&v, 0, data.len() as u64 - 1).await == data);
 }
 
+/// Issue #27: a block a pass-through body took whole is hashed on the fetch's task (nothing of it
+/// is written, so no trip to a blocking thread); a block with bytes to keep still goes to one.
+#[tokio::test]
+async fn a_block_the_body_took_whole_is_hashed_in_place() {
+    let data: Vec<u8> = (0..(3 * FILE_BLOCK) as u32).map(|i| (i % 233) as u8).collect();
+    let l = limits(0);
+    let mut s = Spool::new(&l, data.len() as u64).await.expect("spool");
+    let in_place = |s: &Spool| match &s.store {
+        Store::File { inflight, .. } => inflight.as_ref().map(|f| matches!(f, InFlight::Done(_))),
+        Store::Mem(_) => None,
+    };
+    let blocks: Vec<&[u8]> = data.chunks(FILE_BLOCK).collect();
+    s.write(Bytes::copy_from_slice(blocks[0]), FILE_BLOCK)
+        .await
+        .expect("write");
+    assert_eq!(in_place(&s), Some(true), "taken whole: hashed in place");
+    s.write(Bytes::copy_from_slice(blocks[1]), FILE_BLOCK / 2)
+        .await
+        .expect("write");
+    assert_eq!(
+        in_place(&s),
+        Some(false),
+        "half of it kept: written on a blocking thread"
+    );
+    s.write(Bytes::copy_from_slice(blocks[2]), 0).await.expect("write");
+    let v = s.verify(&hash(&data)).await.unwrap_or_else(|_| panic!("verify"));
+    let kept = FILE_BLOCK as u64 + FILE_BLOCK as u64 / 2;
+    assert_eq!(v.kept_from(), kept);
+    assert!(collect(&v, kept, data.len() as u64 - 1).await == data[kept as usize..]);
+}
+
 #[tokio::test]
 async fn positional_spool_verifies_out_of_order_writes() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
