@@ -579,12 +579,12 @@ fn the_architecture_doc_quotes_the_constants() {
         format!(
             "a NAR copy's read buffers ({} of {} kept for reuse)",
             proxy::READ_BUFS,
-            kib(u(proxy::READ_CHUNK))
+            mib(u(proxy::READ_CHUNK))
         ),
         format!(
             "pass-through channels ({} read chunks of {} per tap, pulled by the connection; a body that takes nothing for {} detaches its tap)",
             proxy::passthrough::PASS_CHUNKS,
-            kib(u(proxy::READ_CHUNK)),
+            mib(u(proxy::READ_CHUNK)),
             secs(proxy::passthrough::PASS_STALL),
         ),
         format!(

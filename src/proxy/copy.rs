@@ -15,13 +15,17 @@ use tokio::time::Instant;
 use super::source::{NarReader, SourceError, SourceId, Sources};
 
 /// Size of a read buffer; chunks are cut from it read by read until less than
-/// [`MIN_READ_ROOM`] is left.
-pub(crate) const READ_CHUNK: usize = 256 * 1024;
+/// [`MIN_READ_ROOM`] is left. 1 MiB: each chunk is one trip through the spool, a pass-through's
+/// channel and a write to Nix; with 256 KiB the trips cost a pass-through about a fifth more CPU
+/// per GiB, with 4 MiB the reads found less ready and it cost more again (issue #27).
+pub(crate) const READ_CHUNK: usize = 1024 * 1024;
 /// Room a read buffer must still have to be read into.
 const MIN_READ_ROOM: usize = 32 * 1024;
 /// Read buffers one copy keeps for reuse once every chunk cut from them was dropped (by the
-/// spool and a pass-through body): at most 4 MiB per copy; a copy that needs more allocates.
-pub(crate) const READ_BUFS: usize = 16;
+/// spool and a pass-through body): at most 6 MiB per copy (a pass-through holds about five at
+/// once: the one read into, the spool's pending block, its channel's and hyper's); a copy that
+/// needs more allocates.
+pub(crate) const READ_BUFS: usize = 6;
 /// A source must send at least [`MIN_WINDOW_BYTES`] in every window of this length, or it is
 /// abandoned as a drip (the idle timeout alone lets one byte every few seconds through).
 pub const RATE_WINDOW: Duration = Duration::from_secs(3);
@@ -99,16 +103,27 @@ impl RateFloor {
 /// instead of a fresh one each time (fresh 256 KiB buffers cost page faults and zeroing: 12 % of
 /// the proxy's CPU at full speed, issue #16).
 struct ReadBufs {
+    /// Each buffer's size: [`READ_CHUNK`], or less for a NAR that is smaller (at least
+    /// [`SMALL_READ_BUF`]), so that most NARs of a closure do not take a MiB each.
+    size: usize,
     /// The buffer being read into (its unread room).
     cur: BytesMut,
     /// Buffers read full, oldest first, to reclaim once their chunks are gone.
     spent: VecDeque<BytesMut>,
 }
 
+/// The read buffer of a NAR this small or smaller.
+const SMALL_READ_BUF: usize = 64 * 1024;
+
 impl ReadBufs {
-    fn new() -> Self {
+    /// Buffers for reading `want` bytes.
+    fn new(want: u64) -> Self {
+        let size = usize::try_from(want)
+            .unwrap_or(usize::MAX)
+            .clamp(SMALL_READ_BUF, READ_CHUNK);
         Self {
-            cur: BytesMut::with_capacity(READ_CHUNK),
+            size,
+            cur: BytesMut::with_capacity(size),
             spent: VecDeque::new(),
         }
     }
@@ -122,9 +137,10 @@ impl ReadBufs {
                 self.spent.pop_front();
             }
             self.spent.push_back(std::mem::take(&mut self.cur));
-            self.cur = match self.spent.iter_mut().position(|b| b.try_reclaim(READ_CHUNK)) {
+            let size = self.size;
+            self.cur = match self.spent.iter_mut().position(|b| b.try_reclaim(size)) {
                 Some(i) => self.spent.remove(i).unwrap_or_default(),
-                None => BytesMut::with_capacity(READ_CHUNK),
+                None => BytesMut::with_capacity(size),
             };
         }
         &mut self.cur
@@ -159,7 +175,7 @@ impl SourceRead {
             reader,
             idle: sources.timeouts(source).idle,
             floor: RateFloor::new(source, want),
-            bufs: ReadBufs::new(),
+            bufs: ReadBufs::new(want),
             after: None,
         }
     }
@@ -218,7 +234,7 @@ mod tests {
             reader: Box::pin(tokio_util::io::StreamReader::new(stream)),
             idle: Duration::from_secs(5),
             floor: RateFloor::new(&SourceId::Upstream(0), 1 << 20),
-            bufs: ReadBufs::new(),
+            bufs: ReadBufs::new(1 << 20),
             after: None,
         };
         (tx, read)
@@ -272,11 +288,20 @@ mod tests {
         b.cut()
     }
 
+    /// A NAR smaller than a read chunk gets a buffer of its size (at least [`SMALL_READ_BUF`]),
+    /// not a MiB: most NARs of a closure are small, and many are copied at once.
+    #[test]
+    fn a_small_nars_read_buffer_is_its_size() {
+        assert_eq!(ReadBufs::new(1000).cur.capacity(), SMALL_READ_BUF);
+        assert_eq!(ReadBufs::new(300 * 1024).cur.capacity(), 300 * 1024);
+        assert_eq!(ReadBufs::new(u64::MAX).cur.capacity(), READ_CHUNK);
+    }
+
     /// Issue #16: a read buffer is read into again once every chunk cut from it was dropped
     /// (no fresh 256 KiB buffer, and its page faults, per read), and never while one is held.
     #[test]
     fn read_buffers_are_reused_once_their_chunks_are_dropped() {
-        let mut b = ReadBufs::new();
+        let mut b = ReadBufs::new(u64::MAX);
         let first = read_full(&mut b);
         let at = first.as_ptr();
         assert_eq!(first.len(), READ_CHUNK);

@@ -15,7 +15,7 @@
 //! `Content-Length` (NarSize) it was promised, fails that substitution, installs nothing and
 //! does not resume (no `Accept-Ranges`).
 //!
-//! Memory: at most [`PASS_CHUNKS`] read chunks (256 KiB each) wait in a tap's channel, and what
+//! Memory: at most [`PASS_CHUNKS`] read chunks (1 MiB each) wait in a tap's channel, and what
 //! hyper holds of the one it is sending; one pass-through per open proxy connection at most.
 
 use std::sync::{Arc, OnceLock};
@@ -36,7 +36,7 @@ use super::verified::Verified;
 /// download for Nix.
 pub const TAIL: u64 = 64 * 1024;
 /// Read chunks a tap may have handed over that the body has not sent yet.
-pub const PASS_CHUNKS: usize = 8;
+pub const PASS_CHUNKS: usize = 2;
 /// A tap whose body does not take a chunk for this long is detached (the fetch goes on at full
 /// speed; the body gets the rest once the NAR verified). Shorter than a peer's idle timeout
 /// (`source::PEER_TIMEOUTS`): while the tap waits, the fetch reads nothing from the peer, and
@@ -362,7 +362,8 @@ mod tests {
         for case in 0..3 {
             let (mut tap, mut end) = Tap::new();
             let mut spooled = 0;
-            for c in data.chunks(70_000) {
+            // As many chunks as the channel holds (the body is pulled only below).
+            for c in data.chunks(data.len().div_ceil(PASS_CHUNKS)) {
                 spooled += c.len() as u64;
                 tap.offer(spooled, size, &Bytes::copy_from_slice(c)).await;
             }
