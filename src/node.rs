@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::beacon::{self, wire, wire::NodeId, BeaconConfig, PeerTable};
 use crate::proxy::{Proxy, ProxyConfig};
@@ -35,6 +36,8 @@ pub enum StartError {
     Proxy(#[from] crate::proxy::ClientError),
     #[error(transparent)]
     InstallBinary(#[from] server::install::InstallBinaryError),
+    #[error("cannot start the proxy's thread: {0}")]
+    ProxyThread(#[source] std::io::Error),
 }
 
 /// Why a running node stopped on its own.
@@ -82,6 +85,18 @@ impl Parts {
         self.names.insert(id, name);
     }
 
+    /// Runs `part` on `thread` (`ProxyThread`), as a part of the node like the others: its end or
+    /// its panic (message kept) is this part's; dropping the part aborts it there.
+    fn spawn_on(&mut self, thread: &ProxyThread, name: &'static str, part: impl Future<Output = ()> + Send + 'static) {
+        let on = AbortOnDropHandle::new(thread.tracker.spawn_on(part, &thread.handle));
+        self.spawn(name, async move {
+            match on.await {
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Ok(()) | Err(_) => {}
+            }
+        });
+    }
+
     /// See [`Node::wait`].
     async fn wait(mut self, shutdown: &CancellationToken) -> Result<(), NodeError> {
         let mut failure = None;
@@ -111,6 +126,47 @@ fn panic_message(e: tokio::task::JoinError) -> String {
             .or_else(|| p.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "(no message)".into()),
         Err(e) => e.to_string(),
+    }
+}
+
+/// The proxy's runtime: one thread of its own, named `proxy`. A NAR passed through to Nix is read
+/// from the peer, hashed and handed to Nix's connection on this one thread: on the node's
+/// two-worker runtime every chunk woke the other worker, which cost a pass-through about a fifth
+/// more CPU per GiB (issue #27, `docs/benchmarks.md`), and a single worker for the whole node
+/// cost the store server as much when it served eight streams. Disk work still goes to this
+/// runtime's blocking pool. The thread ends when every part spawned on it has ended.
+struct ProxyThread {
+    handle: tokio::runtime::Handle,
+    tracker: TaskTracker,
+}
+
+impl ProxyThread {
+    fn start() -> Result<(Self, ProxyThreadStart), StartError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StartError::ProxyThread)?;
+        let thread = ProxyThread {
+            handle: rt.handle().clone(),
+            tracker: TaskTracker::new(),
+        };
+        Ok((thread, ProxyThreadStart(rt)))
+    }
+}
+
+/// The proxy's runtime, not yet running on its thread (see [`ProxyThread`]).
+struct ProxyThreadStart(tokio::runtime::Runtime);
+
+impl ProxyThreadStart {
+    /// Runs the runtime on its thread until every part of `thread` ended.
+    fn run(self, thread: &ProxyThread) -> Result<(), StartError> {
+        let (rt, tracker) = (self.0, thread.tracker.clone());
+        tracker.close();
+        std::thread::Builder::new()
+            .name("proxy".into())
+            .spawn(move || rt.block_on(tracker.wait()))
+            .map_err(StartError::ProxyThread)?;
+        Ok(())
     }
 }
 
@@ -215,7 +271,9 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
     proxy_config.delivered = Some(delivered);
     proxy_config.partials = Some(partials);
     let proxy = Proxy::new(proxy_config, peers.clone())?;
-    parts.spawn(
+    let (thread, runtime) = ProxyThread::start()?;
+    parts.spawn_on(
+        &thread,
         "peer summaries",
         crate::proxy::summaries::PeerSummaries::run(proxy.clone(), shutdown.clone()),
     );
@@ -230,8 +288,20 @@ pub fn start(settings: &Settings, shutdown: CancellationToken) -> Result<Node, S
             links.clone(),
             seeds.clone(),
         ));
-        parts.spawn("proxy listener", crate::http::serve(l, handler, shutdown.clone()));
+        // Registered with the proxy's runtime, where it is served.
+        let listener = l.into_std().map_err(StartError::ProxyThread)?;
+        let serve = {
+            let shutdown = shutdown.clone();
+            async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => crate::http::serve(l, handler, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "the proxy's listener could not be registered"),
+                }
+            }
+        };
+        parts.spawn_on(&thread, "proxy listener", serve);
     }
+    runtime.run(&thread)?;
     Ok(Node {
         node_id,
         addrs,
@@ -277,5 +347,36 @@ mod tests {
             .wait(&shutdown)
             .await
             .expect("a requested shutdown is not an error");
+    }
+
+    /// Issue #27: a part spawned on the proxy's thread runs there (named `proxy`), and is a part
+    /// of the node like the others: its panic ends the node with its name and message; the
+    /// thread's other parts stop with the node.
+    #[tokio::test]
+    async fn the_proxy_threads_parts_run_there_and_end_the_node_like_the_others() {
+        let shutdown = CancellationToken::new();
+        let (thread, runtime) = ProxyThread::start().expect("the proxy's runtime");
+        let mut parts = Parts::default();
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+        let s = shutdown.clone();
+        parts.spawn_on(&thread, "waits for shutdown", async move {
+            let _ = seen_tx.send(std::thread::current().name().map(str::to_owned));
+            s.cancelled().await;
+        });
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        parts.spawn_on(&thread, "panicker", async move {
+            let _ = go_rx.await;
+            panic!("boom on the proxy thread");
+        });
+        runtime.run(&thread).expect("the proxy's thread");
+        assert_eq!(seen_rx.await.expect("ran").as_deref(), Some("proxy"));
+        let _ = go_tx.send(());
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), parts.wait(&shutdown)).await;
+        let err = waited.expect("the node noticed").expect_err("a part panicked");
+        assert!(
+            matches!(&err, NodeError::PartPanicked { part: "panicker", message } if message.contains("boom on the proxy thread")),
+            "{err}"
+        );
+        assert!(shutdown.is_cancelled());
     }
 }
