@@ -13,6 +13,10 @@
 #   next to nginx (sendfile) serving the same NAR file; and its `.nar.zst` (on-the-fly zstd).
 # Hosts in network namespaces as in bench/proxy.sh (needs root); the client is curl, whose own
 # CPU is not counted. Everything started is killed by PID on exit.
+# The pass-through is measured twice: as the proxy chooses the NAR's form (`peer-compression =
+# "auto"`: a NAR this large crosses as the peer's `.nar.zst` while no form was measured, random
+# bytes as zstd raw blocks the decoder copies) and plain (a third client, `--peer-compression
+# none`).
 #   bench/cpu.sh      (BENCH_BIG_MIB=512 BENCH_RUNS=3 BENCH_RELAY_BUF=4194304)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,19 +47,24 @@ nix copy --from "file://$D/cache" --to "$D/peer" --option trusted-public-keys "$
 chmod 755 "$D"
 chmod -R a+rX "$D/cache"
 
-lan_up peer client client2
+lan_up peer client client2 client3
 start_peer peer "$D/peer" "$PK"
 PEER=$PEER_PID
 start_client client "$PK"
 PASS=$CLIENT_PID
 BENCH_CLIENT_ARGS="--pass-through-proven-peers false ${BENCH_CLIENT_ARGS:-}" start_client client2 "$PK"
 VERIFY=$CLIENT_PID
+BENCH_CLIENT_ARGS="--peer-compression none ${BENCH_CLIENT_ARGS:-}" start_client client3 "$PK"
+PLAIN=$CLIENT_PID
 H=$(basename "$BIG" | cut -c1-32)
 wait_narinfo client "http://127.0.0.1:8381/$H.narinfo"
 wait_narinfo client2 "http://127.0.0.1:8381/$H.narinfo"
-for w in $WARM; do realise client "http://127.0.0.1:8381" "$PK" "$w" >/dev/null; done
-ip netns exec "$NS-client" curl -sf http://127.0.0.1:8381/status.json | grep -q '"proven":true' ||
-    { echo "the peer did not become proven after three verified NARs" >&2; exit 1; }
+wait_narinfo client3 "http://127.0.0.1:8381/$H.narinfo"
+for c in client client3; do
+    for w in $WARM; do realise $c "http://127.0.0.1:8381" "$PK" "$w" >/dev/null; done
+    ip netns exec "$NS-$c" curl -sf http://127.0.0.1:8381/status.json | grep -q '"proven":true' ||
+        { echo "the peer did not become proven for $c after three verified NARs" >&2; exit 1; }
+done
 NAR=$(ip netns exec "$NS-client" curl -sf "http://127.0.0.1:8381/$H.narinfo" | awk '/^URL:/ {print $2}')
 PEER_NAR=$(ip netns exec "$NS-client" curl -sf "http://10.88.0.1:8380/$H.narinfo" | awk '/^URL:/ {print $2}')
 FILE_NAR=$(awk '/^URL:/ {print $2}' "$D/cache/$H.narinfo")
@@ -136,7 +145,7 @@ median() { printf '%s\n' "$@" | tr ' ' '\n' | sort -g | awk '{v[NR] = $1} END {p
 if [ -n "${BENCH_PERF:-}" ]; then
     need_packages linux-perf
     mkdir -p "$BENCH_PERF"
-    for job in "pass $PASS client http://127.0.0.1:8381/$NAR" "verify $VERIFY client2 http://127.0.0.1:8381/$NAR" \
+    for job in "pass $PASS client http://127.0.0.1:8381/$NAR" "plain $PLAIN client3 http://127.0.0.1:8381/$NAR" "verify $VERIFY client2 http://127.0.0.1:8381/$NAR" \
         "server $PEER client http://10.88.0.1:8380/$PEER_NAR"; do
         read -r label pid host url <<<"$job"
         perf record -q -F 999 -g -o "$D/perf.$label" -p "$pid" 2>/dev/null &
@@ -152,11 +161,12 @@ if [ -n "${BENCH_PERF:-}" ]; then
     exit 0
 fi
 
-declare -a F P V RP RS RZ S1 S8 N1 N8 Z
+declare -a F P PL V RP RS RZ S1 S8 N1 N8 Z
 echo "measuring ($RUNS runs, $BYTES bytes)..." >&2
 for r in $(seq "$RUNS"); do
     F+=("$(floor)")
     P+=("$(measure "$PASS" client 1 "http://127.0.0.1:8381/$NAR")")
+    PL+=("$(measure "$PLAIN" client3 1 "http://127.0.0.1:8381/$NAR")")
     V+=("$(measure "$VERIFY" client2 1 "http://127.0.0.1:8381/$NAR")")
     RP+=("$(measure "$RELAY_PASS" client 1 "http://127.0.0.1:8490/$FILE_NAR")")
     RS+=("$(measure "$RELAY_SPOOL" client 1 "http://127.0.0.1:8491/$FILE_NAR")")
@@ -166,9 +176,9 @@ for r in $(seq "$RUNS"); do
     S8+=("$(measure "$PEER" client 8 "http://10.88.0.1:8380/$PEER_NAR")")
     N8+=("$(measure "$NGINX" client 8 "http://10.88.0.1:8480/$FILE_NAR")")
     Z+=("$(measure "$PEER" client 1 "http://10.88.0.1:8380/${PEER_NAR%.nar}.nar.zst")")
-    echo "  run $r: floor ${F[-1]}, pass-through ${P[-1]} (relay ${RP[-1]}, splice ${RZ[-1]}), verify-first ${V[-1]} (relay ${RS[-1]}), server ${S1[-1]}/${S8[-1]} vs nginx ${N1[-1]}/${N8[-1]}, zstd ${Z[-1]}" >&2
+    echo "  run $r: floor ${F[-1]}, pass-through ${P[-1]} (plain ${PL[-1]}, relay ${RP[-1]}, splice ${RZ[-1]}), verify-first ${V[-1]} (relay ${RS[-1]}), server ${S1[-1]}/${S8[-1]} vs nginx ${N1[-1]}/${N8[-1]}, zstd ${Z[-1]}" >&2
 done
-if grep -aq 'pass-through cut' "$D/client.log"; then echo "a pass-through was cut" >&2; exit 1; fi
+if grep -aq 'pass-through cut' "$D/client.log" "$D/client3.log"; then echo "a pass-through was cut" >&2; exit 1; fi
 ratio() { awk -v a="$(median "$1")" -v b="$(median "$2")" 'BEGIN {printf "%.2fx", a / b}'; }
 
 echo
@@ -177,11 +187,13 @@ echo "| what | CPU-s/GiB | baseline | ratio | target |"
 echo "|---|---|---|---|---|"
 rows=(
     "proxy, pass-through from a proven peer|$(range "${P[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${P[*]}" "${F[*]}")|<= 1.5x"
+    "proxy, pass-through from a proven peer, plain NAR (--peer-compression none)|$(range "${PL[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${PL[*]}" "${F[*]}")|<= 1.5x"
     "proxy, verify-first|$(range "${V[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${V[*]}" "${F[*]}")|<= 1.5x"
     "hashing relay, pass (bench/relay.py: the least a proxy spends)|$(range "${RP[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${RP[*]}" "${F[*]}")|- (reported)"
     "hashing relay, spool (bench/relay.py: the least verify-first spends)|$(range "${RS[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${RS[*]}" "${F[*]}")|- (reported)"
     "hashing relay, splice (bench/relay.py: sockets joined by splice(2), only the hash reads the bytes)|$(range "${RZ[@]}")|$(range "${F[@]}") (openssl sha256 of the file)|$(ratio "${RZ[*]}" "${F[*]}")|- (reported)"
     "proxy, pass-through, against the relay|$(range "${P[@]}")|$(range "${RP[@]}") (relay, pass)|$(ratio "${P[*]}" "${RP[*]}")|- (reported)"
+    "proxy, pass-through plain, against the relay|$(range "${PL[@]}")|$(range "${RP[@]}") (relay, pass)|$(ratio "${PL[*]}" "${RP[*]}")|- (reported)"
     "proxy, verify-first, against the relay|$(range "${V[@]}")|$(range "${RS[@]}") (relay, spool)|$(ratio "${V[*]}" "${RS[*]}")|- (reported)"
     "store server, plain NAR from disk, 1 stream (8 one after the other)|$(range "${S1[@]}")|$(range "${N1[@]}") (nginx, sendfile)|$(ratio "${S1[*]}" "${N1[*]}")|<= 1.2x"
     "store server, plain NAR from disk, 8 streams|$(range "${S8[@]}")|$(range "${N8[@]}") (nginx, sendfile)|$(ratio "${S8[*]}" "${N8[*]}")|<= 1.2x"
