@@ -272,15 +272,26 @@ pub const UPSTREAM_TIMEOUTS: Timeouts = Timeouts {
 pub struct Sources {
     peers: Option<Arc<PeerTable>>,
     pub upstreams: Vec<Url>,
-    /// Narinfo and summaries from peers; their NARs go on connections of their own
-    /// (`http::client`: a store server sends a NAR-first connection's NAR with sendfile).
+    /// Narinfo and summaries from peers.
     peer_client: reqwest::Client,
+    /// Peers' NARs under [`OWN_CONNECTION_MIN_BYTES`], on a pool of their own (a store server
+    /// sends a NAR-first connection's NARs with sendfile); larger ones go on a connection each
+    /// (`source::nar`).
+    peer_nar_client: reqwest::Client,
     upstream_client: reqwest::Client,
     store_dir: String,
     keys: TrustedKeys,
     /// See [`PeerResolver::loopback_peers`].
     loopback_peers: bool,
 }
+
+/// A peer's NAR this large or larger is asked for on a connection of its own (`http::client`)
+/// and read on the fetch's task: 1 MiB, one read chunk. A smaller one goes on reqwest's pool,
+/// whose connections are reused: a connection per NAR costs a handshake, and an accept and an
+/// admission slot on the holder, each (a closure of 301 NARs, most under 1 MiB, took 326
+/// connections to the peer instead of 40, `docs/benchmarks.md`), which a crowd multiplies;
+/// what its reads save is per byte.
+pub const OWN_CONNECTION_MIN_BYTES: u64 = 1024 * 1024;
 
 /// NARs smaller than this are fetched plain from peers even when zstd is on: compressing saves
 /// a few milliseconds of link time on them at most, and costs the peer an encoder (about
@@ -302,10 +313,10 @@ pub struct ClientError {
 /// The `User-Agent` of every request.
 const USER_AGENT: &str = concat!("local-nix-cache/", env!("CARGO_PKG_VERSION"));
 
-/// Builds the peer client and the upstream client, both resolving through `resolver`. The peer
-/// client follows no redirect and uses no HTTP proxy; a client that cannot be built so is an
-/// error, never a default client.
-fn build_clients(resolver: Arc<PeerResolver>, user_agent: &str) -> Result<[reqwest::Client; 2], ClientError> {
+/// Builds the peer clients (NARs have their own pool) and the upstream client, all resolving
+/// through `resolver`. The peer clients follow no redirect and use no HTTP proxy; a client that
+/// cannot be built so is an error, never a default client.
+fn build_clients(resolver: Arc<PeerResolver>, user_agent: &str) -> Result<[reqwest::Client; 3], ClientError> {
     let build = |t: Timeouts, which: &'static str| {
         let mut b = reqwest::Client::builder()
             .connect_timeout(t.connect)
@@ -321,7 +332,8 @@ fn build_clients(resolver: Arc<PeerResolver>, user_agent: &str) -> Result<[reqwe
         }
         b.build().map_err(|source| ClientError { which, source })
     };
-    Ok([build(PEER_TIMEOUTS, "peer")?, build(UPSTREAM_TIMEOUTS, "upstream")?])
+    let peer = || build(PEER_TIMEOUTS, "peer");
+    Ok([peer()?, peer()?, build(UPSTREAM_TIMEOUTS, "upstream")?])
 }
 
 impl Sources {
@@ -339,9 +351,10 @@ impl Sources {
             loopback_peers,
             system: Arc::new(crate::dns::SystemResolver::default()),
         });
-        let [peer_client, upstream_client] = build_clients(resolver, USER_AGENT)?;
+        let [peer_client, peer_nar_client, upstream_client] = build_clients(resolver, USER_AGENT)?;
         Ok(Self {
             peer_client,
+            peer_nar_client,
             upstream_client,
             peers,
             upstreams,

@@ -1,5 +1,6 @@
-//! A NAR's request and its answer's reader: peers on connections of their own (`http::client`,
-//! read on the fetch's task), upstreams through reqwest; the decoder the NAR's compression needs.
+//! A NAR's request and its answer's reader: a peer's large NAR on a connection of its own
+//! (`http::client`, read on the fetch's task), small ones and upstreams' through reqwest's pools;
+//! the decoder the NAR's compression needs.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,7 +13,8 @@ use url::Url;
 
 use super::{
     busy_hints, busy_retry_after, check_node, peer_addr_allowed, peer_zstd_decoder, Candidate, Form, NarReader,
-    SourceError, SourceId, Sources, BUSY_OK_HEADER, PEER_TIMEOUTS, TRANSPORT_ERROR, USER_AGENT,
+    SourceError, SourceId, Sources, BUSY_OK_HEADER, OWN_CONNECTION_MIN_BYTES, PEER_TIMEOUTS, TRANSPORT_ERROR,
+    USER_AGENT,
 };
 use crate::beacon::wire::NodeId;
 use crate::http::client;
@@ -21,16 +23,22 @@ use crate::narinfo::Compression;
 impl Sources {
     /// Sends a GET of a NAR of `c` at `url` (from byte `range` on, if given) within its source's
     /// timeout: the answer, from the node announced (`check_node`); a peer's 503 is
-    /// [`SourceError::Busy`]. A peer (our store server) is asked on a connection of its own by
-    /// `http::client`, told that the proxy takes a busy answer; an upstream through reqwest.
+    /// [`SourceError::Busy`]. A peer (our store server) is told that the proxy takes a busy
+    /// answer, and asked for a NAR of [`OWN_CONNECTION_MIN_BYTES`] or more on a connection of its
+    /// own by `http::client`; smaller ones, and upstreams', through reqwest.
     async fn send_nar(&self, c: &Candidate, url: Url, range: Option<&str>) -> Result<NarAnswer, SourceError> {
         let t = self.timeouts(&c.source);
         let answer = match &c.source {
-            SourceId::Peer(node) => tokio::time::timeout(t.narinfo, self.peer_get(node, &url, range))
-                .await
-                .map_err(|_| SourceError::Timeout)??,
-            SourceId::Upstream(_) => {
-                let mut req = self.upstream_client.get(url);
+            SourceId::Peer(node) if c.info.nar_size >= OWN_CONNECTION_MIN_BYTES => {
+                tokio::time::timeout(t.narinfo, self.peer_get(node, &url, range))
+                    .await
+                    .map_err(|_| SourceError::Timeout)??
+            }
+            _ => {
+                let mut req = match c.source {
+                    SourceId::Peer(_) => self.peer_nar_client.get(url).header(BUSY_OK_HEADER, "1"),
+                    SourceId::Upstream(_) => self.upstream_client.get(url),
+                };
                 if let Some(r) = range {
                     req = req.header(reqwest::header::RANGE, r);
                 }
@@ -131,6 +139,7 @@ struct NarAnswer {
 enum NarBody {
     /// Read from the socket on the reader's task (`http::client`).
     Peer(client::Body),
+    /// Read through reqwest (an upstream's NAR, or a small one of a peer's).
     Upstream(reqwest::Response),
 }
 
