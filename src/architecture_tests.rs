@@ -577,14 +577,18 @@ fn the_architecture_doc_quotes_the_constants() {
         format!("pace ({} per {})", kib(http::PACE_WINDOW_BYTES), secs(http::PACE_WINDOW)),
         format!("per-operation daemon deadline ({})", secs(store::OP_TIMEOUT)),
         format!(
-            "a NAR copy's read buffers ({} of {} kept for reuse)",
-            proxy::READ_BUFS,
-            mib(u(proxy::READ_CHUNK))
+            "a NAR copy's read buffers ({} of {} kept for reuse; {} of {} for a copy feeding a pass-through of {} or more)",
+            proxy::READS.keep,
+            kib(u(proxy::READS.chunk)),
+            proxy::PASS_READS.keep,
+            mib(u(proxy::PASS_READS.chunk)),
+            mib(proxy::PASS_READS_MIN_BYTES)
         ),
         format!(
-            "pass-through channels ({} read chunks of {} per tap, pulled by the connection; a body that takes nothing for {} detaches its tap)",
+            "pass-through channels ({} read chunks of {} per tap ({} from 64 MiB), pulled by the connection; a body that takes nothing for {} detaches its tap)",
             proxy::passthrough::PASS_CHUNKS,
-            mib(u(proxy::READ_CHUNK)),
+            kib(u(proxy::READS.chunk)),
+            mib(u(proxy::PASS_READS.chunk)),
             secs(proxy::passthrough::PASS_STALL),
         ),
         format!(

@@ -14,18 +14,51 @@ use tokio::time::Instant;
 
 use super::source::{NarReader, SourceError, SourceId, Sources};
 
-/// Size of a read buffer; chunks are cut from it read by read until less than
-/// [`MIN_READ_ROOM`] is left. 1 MiB: each chunk is one trip through the spool, a pass-through's
-/// channel and a write to Nix; with 256 KiB the trips cost a pass-through about a fifth more CPU
-/// per GiB, with 4 MiB the reads found less ready and it cost more again (issue #27).
-pub(crate) const READ_CHUNK: usize = 1024 * 1024;
+/// How a copy reads: the size of a read buffer (chunks are cut from it read by read until less
+/// than [`MIN_READ_ROOM`] is left) and how many buffers it keeps for reuse once every chunk cut
+/// from them was dropped (by the spool and a pass-through body); a copy that needs more
+/// allocates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadShape {
+    pub chunk: usize,
+    pub keep: usize,
+}
+
+impl ReadShape {
+    /// How a copy of a NAR of `size` bytes reads: [`PASS_READS`] when it feeds a pass-through of
+    /// a NAR of [`PASS_READS_MIN_BYTES`] or more, else [`READS`].
+    pub fn of(passes_through: bool, size: u64) -> ReadShape {
+        if passes_through && size >= PASS_READS_MIN_BYTES {
+            PASS_READS
+        } else {
+            READS
+        }
+    }
+}
+
+/// A copy into the spool alone: 256 KiB chunks, 16 kept (4 MiB). With 1 MiB chunks a closure of
+/// small and middling NARs, verified first, cost the proxy about a third more CPU (fresh
+/// buffers; issue #27, `docs/benchmarks.md`).
+pub(crate) const READS: ReadShape = ReadShape {
+    chunk: 256 * 1024,
+    keep: 16,
+};
+/// A copy that feeds a pass-through of a NAR of [`PASS_READS_MIN_BYTES`] or more: 1 MiB chunks,
+/// 6 kept (a pass-through holds about five at
+/// once: the one read into, the spool's pending block, its channel's and hyper's). Each chunk is
+/// one trip through the spool, the tap's channel and a write to Nix; with 256 KiB the trips cost
+/// a pass-through about a fifth more CPU per GiB, with 4 MiB the reads found less ready and it
+/// cost more again (issue #27).
+pub(crate) const PASS_READS: ReadShape = ReadShape {
+    chunk: 1024 * 1024,
+    keep: 6,
+};
+/// A pass-through of a NAR this large or larger reads [`PASS_READS`]; a smaller one [`READS`]: its
+/// six fresh 1 MiB buffers are not paid back by its few chunks (a closure of 301 NARs, most of
+/// them passed through, cost the proxy more CPU with 1 MiB chunks for every NAR; issue #27).
+pub(crate) const PASS_READS_MIN_BYTES: u64 = 64 * 1024 * 1024;
 /// Room a read buffer must still have to be read into.
 const MIN_READ_ROOM: usize = 32 * 1024;
-/// Read buffers one copy keeps for reuse once every chunk cut from them was dropped (by the
-/// spool and a pass-through body): at most 6 MiB per copy (a pass-through holds about five at
-/// once: the one read into, the spool's pending block, its channel's and hyper's); a copy that
-/// needs more allocates.
-pub(crate) const READ_BUFS: usize = 6;
 /// A source must send at least [`MIN_WINDOW_BYTES`] in every window of this length, or it is
 /// abandoned as a drip (the idle timeout alone lets one byte every few seconds through).
 pub const RATE_WINDOW: Duration = Duration::from_secs(3);
@@ -103,9 +136,11 @@ impl RateFloor {
 /// instead of a fresh one each time (fresh 256 KiB buffers cost page faults and zeroing: 12 % of
 /// the proxy's CPU at full speed, issue #16).
 struct ReadBufs {
-    /// Each buffer's size: [`READ_CHUNK`], or less for a NAR that is smaller (at least
-    /// [`SMALL_READ_BUF`]), so that most NARs of a closure do not take a MiB each.
+    /// Each buffer's size: the shape's chunk, or less for a NAR that is smaller (at least
+    /// [`SMALL_READ_BUF`]), so that most NARs of a closure do not take a whole chunk each.
     size: usize,
+    /// Buffers kept for reuse.
+    keep: usize,
     /// The buffer being read into (its unread room).
     cur: BytesMut,
     /// Buffers read full, oldest first, to reclaim once their chunks are gone.
@@ -117,12 +152,13 @@ const SMALL_READ_BUF: usize = 64 * 1024;
 
 impl ReadBufs {
     /// Buffers for reading `want` bytes.
-    fn new(want: u64) -> Self {
+    fn new(want: u64, shape: ReadShape) -> Self {
         let size = usize::try_from(want)
             .unwrap_or(usize::MAX)
-            .clamp(SMALL_READ_BUF, READ_CHUNK);
+            .clamp(SMALL_READ_BUF, shape.chunk.max(SMALL_READ_BUF));
         Self {
             size,
+            keep: shape.keep,
             cur: BytesMut::with_capacity(size),
             spent: VecDeque::new(),
         }
@@ -132,7 +168,7 @@ impl ReadBufs {
     /// chunks are all gone, else a new one.
     fn room(&mut self) -> &mut BytesMut {
         if self.cur.capacity() - self.cur.len() < MIN_READ_ROOM {
-            if self.spent.len() >= READ_BUFS {
+            if self.spent.len() >= self.keep {
                 // Freed once its chunks are.
                 self.spent.pop_front();
             }
@@ -169,13 +205,13 @@ pub struct SourceRead {
 }
 
 impl SourceRead {
-    /// Reads `reader`, opened on `source` for `want` bytes.
-    pub fn new(sources: &Sources, source: &SourceId, reader: NarReader, want: u64) -> Self {
+    /// Reads `reader`, opened on `source` for `want` bytes, in chunks as `shape` says.
+    pub fn new(sources: &Sources, source: &SourceId, reader: NarReader, want: u64, shape: ReadShape) -> Self {
         Self {
             reader,
             idle: sources.timeouts(source).idle,
             floor: RateFloor::new(source, want),
-            bufs: ReadBufs::new(want),
+            bufs: ReadBufs::new(want, shape),
             after: None,
         }
     }
@@ -185,7 +221,7 @@ impl SourceRead {
     /// connection's); silence or a drip is [`SourceError::Timeout`] or [`SourceError::TooSlow`].
     ///
     /// A chunk holds what one read gave and whatever more the source has ready at once, up to
-    /// the buffer's room ([`READ_CHUNK`]): a decoder or a socket gives 8-64 KiB a read, and each
+    /// the buffer's room (the [`ReadShape`]'s chunk): a decoder or a socket gives 8-64 KiB a read, and each
     /// chunk costs a trip through the spool, the pass-through's channels and a write to Nix
     /// (wake-ups and context switches were a seventh of the proxy's CPU, issue #27).
     pub async fn next(&mut self) -> Result<Option<Bytes>, SourceError> {
@@ -234,7 +270,7 @@ mod tests {
             reader: Box::pin(tokio_util::io::StreamReader::new(stream)),
             idle: Duration::from_secs(5),
             floor: RateFloor::new(&SourceId::Upstream(0), 1 << 20),
-            bufs: ReadBufs::new(1 << 20),
+            bufs: ReadBufs::new(1 << 20, READS),
             after: None,
         };
         (tx, read)
@@ -292,19 +328,20 @@ mod tests {
     /// not a MiB: most NARs of a closure are small, and many are copied at once.
     #[test]
     fn a_small_nars_read_buffer_is_its_size() {
-        assert_eq!(ReadBufs::new(1000).cur.capacity(), SMALL_READ_BUF);
-        assert_eq!(ReadBufs::new(300 * 1024).cur.capacity(), 300 * 1024);
-        assert_eq!(ReadBufs::new(u64::MAX).cur.capacity(), READ_CHUNK);
+        assert_eq!(ReadBufs::new(1000, PASS_READS).cur.capacity(), SMALL_READ_BUF);
+        assert_eq!(ReadBufs::new(300 * 1024, PASS_READS).cur.capacity(), 300 * 1024);
+        assert_eq!(ReadBufs::new(u64::MAX, PASS_READS).cur.capacity(), PASS_READS.chunk);
+        assert_eq!(ReadBufs::new(300 * 1024, READS).cur.capacity(), READS.chunk);
     }
 
     /// Issue #16: a read buffer is read into again once every chunk cut from it was dropped
     /// (no fresh 256 KiB buffer, and its page faults, per read), and never while one is held.
     #[test]
     fn read_buffers_are_reused_once_their_chunks_are_dropped() {
-        let mut b = ReadBufs::new(u64::MAX);
+        let mut b = ReadBufs::new(u64::MAX, READS);
         let first = read_full(&mut b);
         let at = first.as_ptr();
-        assert_eq!(first.len(), READ_CHUNK);
+        assert_eq!(first.len(), READS.chunk);
         drop(first);
         let second = read_full(&mut b);
         assert_eq!(second.as_ptr(), at, "the buffer whose chunk is gone is read into again");
@@ -314,6 +351,6 @@ mod tests {
         drop((second, third));
         let fourth = read_full(&mut b);
         assert!(held.contains(&fourth.as_ptr()));
-        assert!(b.spent.len() <= READ_BUFS);
+        assert!(b.spent.len() <= READS.keep);
     }
 }

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::book::SourceBook;
 use super::busy::{BusySources, SlowWatch, MAX_SLOW_SWITCHES};
 use super::cache::NarinfoCache;
-use super::copy::SourceRead;
+use super::copy::{ReadShape, SourceRead};
 use super::error::{FetchError, LieKind, SourceFailure};
 use super::forms::Form;
 use super::health::Verdict;
@@ -530,7 +530,8 @@ impl FetchParts {
         // `start` is `from` (the range was honoured) or 0 (it was ignored): skip what we have.
         let mut skip = from - start;
         let mut received = 0u64;
-        let mut read = SourceRead::new(sources, &c.source, reader, size.saturating_sub(from));
+        let shape = ReadShape::of(tap.is_some(), size);
+        let mut read = SourceRead::new(sources, &c.source, reader, size.saturating_sub(from), shape);
         let mut faster = None;
         loop {
             // The bytes read become the chunk for the spool and the tap (no copy).

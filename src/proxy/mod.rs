@@ -70,7 +70,7 @@ use summaries::{PeerSummaries, SummarySources};
 
 /// Quoted by docs/ARCHITECTURE.md (checked in `architecture_tests`).
 #[cfg(test)]
-pub(crate) use copy::{READ_BUFS, READ_CHUNK};
+pub(crate) use copy::{PASS_READS, PASS_READS_MIN_BYTES, READS};
 pub use error::ProxyError;
 pub use source::ClientError;
 pub use split::PARALLEL_MIN_BYTES;

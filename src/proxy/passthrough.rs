@@ -15,7 +15,9 @@
 //! `Content-Length` (NarSize) it was promised, fails that substitution, installs nothing and
 //! does not resume (no `Accept-Ranges`).
 //!
-//! Memory: at most [`PASS_CHUNKS`] read chunks (1 MiB each) wait in a tap's channel, and what
+//! Memory: at most [`PASS_CHUNKS`] read chunks and [`PASS_BUFFER_KIB`] of bytes wait in a tap's
+//! channel (8 chunks of 256 KiB, or 2 of 1 MiB for a NAR of 64 MiB or more: `copy::ReadShape`),
+//! and what
 //! hyper holds of the one it is sending; one pass-through per open proxy connection at most.
 
 use std::sync::{Arc, OnceLock};
@@ -36,7 +38,11 @@ use super::verified::Verified;
 /// download for Nix.
 pub const TAIL: u64 = 64 * 1024;
 /// Read chunks a tap may have handed over that the body has not sent yet.
-pub const PASS_CHUNKS: usize = 2;
+pub const PASS_CHUNKS: usize = 8;
+/// KiB of chunks a tap may have handed over that the body has not sent yet: as many small chunks
+/// as [`PASS_CHUNKS`] allows, and two large ones (with eight of 1 MiB a pass-through cost more
+/// CPU per GiB; with two of 256 KiB a closure's did, issue #27).
+pub const PASS_BUFFER_KIB: u32 = 2048;
 /// A tap whose body does not take a chunk for this long is detached (the fetch goes on at full
 /// speed; the body gets the rest once the NAR verified). Shorter than a peer's idle timeout
 /// (`source::PEER_TIMEOUTS`): while the tap waits, the fetch reads nothing from the peer, and
@@ -50,6 +56,8 @@ const _: () = assert!(PASS_STALL.as_secs() < super::source::PEER_TIMEOUTS.idle.a
 pub struct Piece {
     pub size: u64,
     pub bytes: Bytes,
+    /// Its share of [`PASS_BUFFER_KIB`], given back when the piece is dropped.
+    _room: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Set when the spool was reset after bytes were handed over: how many, and their sha256 (from
@@ -69,6 +77,8 @@ pub struct Tap {
     recheck: Recheck,
     /// An unseasoned peer's grant to pass through (`breaker`), held while it feeds the tap.
     grant: std::sync::Mutex<Option<Grant>>,
+    /// [`PASS_BUFFER_KIB`] permits, one per KiB in the channel.
+    room: Arc<tokio::sync::Semaphore>,
 }
 
 /// The body's end of a pass-through.
@@ -85,6 +95,7 @@ impl Tap {
         (
             Tap {
                 tx: Some(tx),
+                room: Arc::new(tokio::sync::Semaphore::new(PASS_BUFFER_KIB as usize)),
                 sent: 0,
                 recheck: recheck.clone(),
                 grant: std::sync::Mutex::new(None),
@@ -119,8 +130,13 @@ impl Tap {
         }
         let bytes = chunk.slice(..(upto - start) as usize);
         let n = bytes.len();
-        match tokio::time::timeout(PASS_STALL, tx.send(Piece { size, bytes })).await {
-            Ok(Ok(())) => {
+        let kib = u32::try_from(n.div_ceil(1024)).unwrap_or(u32::MAX).min(PASS_BUFFER_KIB);
+        let send = async {
+            let _room = self.room.clone().acquire_many_owned(kib).await.ok()?;
+            tx.send(Piece { size, bytes, _room }).await.ok()
+        };
+        match tokio::time::timeout(PASS_STALL, send).await {
+            Ok(Some(())) => {
                 self.sent += n as u64;
                 n
             }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use super::book::SourceBook;
-use super::copy::SourceRead;
+use super::copy::{SourceRead, READS};
 use super::health::Verdict;
 use super::source::{Candidate, SourceError, SourceId};
 use super::spool::{PositionalSpool, SpoolError, SpoolLimits};
@@ -159,7 +159,7 @@ async fn copy_segment(
     let sources = book.sources();
     let reader = sources.open_range(c, start, end).await.map_err(|e| (e.into(), start))?;
     let want = end + 1 - start;
-    let mut read = SourceRead::new(sources, &c.source, reader, want);
+    let mut read = SourceRead::new(sources, &c.source, reader, want, READS);
     let (mut pos, mut block, mut block_len): (u64, Vec<Bytes>, usize) = (start, Vec::new(), 0);
     loop {
         // A failed read loses the block not written yet: the segment goes on from `pos`.
