@@ -363,6 +363,25 @@ mod tests {
             .unwrap_or_else(|_| panic!("verify"))
     }
 
+    /// Issue #27: a tap's channel holds at most [`PASS_BUFFER_KIB`] of bytes, whatever the
+    /// number of chunks: two chunks of 1 MiB wait, a third stalls the tap (which then detaches),
+    /// though [`PASS_CHUNKS`] slots would take it; chunks of 256 KiB fill the slots.
+    #[tokio::test(start_paused = true)]
+    async fn a_taps_channel_is_bounded_by_bytes_as_well_as_chunks() {
+        let mib = Bytes::from(vec![7u8; 1 << 20]);
+        let size = 64 << 20;
+        let (mut tap, _end) = Tap::new();
+        assert_eq!(tap.offer(1 << 20, size, &mib).await, 1 << 20);
+        assert_eq!(tap.offer(2 << 20, size, &mib).await, 1 << 20);
+        assert_eq!(tap.offer(3 << 20, size, &mib).await, 0, "2 MiB wait: the third stalls");
+        assert!(!tap.continues_at(3 << 20, size), "and the tap detached");
+        let quarter = mib.slice(..256 * 1024);
+        let (mut tap, _end) = Tap::new();
+        for i in 1..=PASS_CHUNKS as u64 {
+            assert_eq!(tap.offer(i * 256 * 1024, size, &quarter).await, 256 * 1024, "chunk {i}");
+        }
+    }
+
     type Ended = Arc<std::sync::Mutex<Vec<String>>>;
 
     /// Issue #27: the pass-through body is a stream the connection pulls (no task of its own):
