@@ -202,6 +202,15 @@ fn peer_addr_allowed(a: &SocketAddr, loopback_peers: bool) -> bool {
     !(ip.is_unspecified() || ip.is_multicast() || (ip.is_loopback() && !loopback_peers) || a.port() == 0)
 }
 
+/// The addresses of a peer's entry that it may be reached at ([`peer_addr_allowed`]), in order:
+/// what the resolver hands reqwest, and where `source::nar` connects.
+fn reachable_addrs(addrs: Vec<SocketAddr>, loopback_peers: bool) -> Vec<SocketAddr> {
+    addrs
+        .into_iter()
+        .filter(|a| peer_addr_allowed(a, loopback_peers))
+        .collect()
+}
+
 impl reqwest::dns::Resolve for PeerResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let name = name.as_str().to_owned();
@@ -211,11 +220,7 @@ impl reqwest::dns::Resolve for PeerResolver {
         Box::pin(async move {
             if let Some(node) = name.strip_suffix(PEER_SUFFIX).and_then(|n| n.parse::<NodeId>().ok()) {
                 let peer = table.and_then(|t| t.get(&node)).ok_or("peer not in the table")?;
-                let addrs: Vec<SocketAddr> = peer
-                    .addrs
-                    .into_iter()
-                    .filter(|a| peer_addr_allowed(a, loopback_peers))
-                    .collect();
+                let addrs = reachable_addrs(peer.addrs, loopback_peers);
                 if addrs.is_empty() {
                     return Err("the peer announced no address it may be reached at".into());
                 }
@@ -473,6 +478,7 @@ impl Sources {
         }))
     }
 }
+
 impl Sources {
     /// A peer's content summary (`since`: the version held, for a delta), at most
     /// `summary::MAX_SUMMARY_BYTES`, within [`SUMMARY_TIMEOUT`].

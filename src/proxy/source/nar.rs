@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufRead, AsyncRead};
 use url::Url;
 
 use super::{
-    busy_hints, busy_retry_after, check_node, peer_addr_allowed, peer_zstd_decoder, Candidate, Form, NarReader,
+    busy_hints, busy_retry_after, check_node, peer_zstd_decoder, reachable_addrs, Candidate, Form, NarReader,
     SourceError, SourceId, Sources, BUSY_OK_HEADER, OWN_CONNECTION_MIN_BYTES, PEER_TIMEOUTS, TRANSPORT_ERROR,
     USER_AGENT,
 };
@@ -64,11 +64,7 @@ impl Sources {
     /// A GET of `url` at peer `node`'s addresses (those a peer may be reached at).
     async fn peer_get(&self, node: &NodeId, url: &Url, range: Option<&str>) -> Result<NarAnswer, SourceError> {
         let peer = self.peers.as_ref().and_then(|t| t.get(node)).ok_or(SourceError::Gone)?;
-        let addrs: Vec<SocketAddr> = peer
-            .addrs
-            .into_iter()
-            .filter(|a| peer_addr_allowed(a, self.loopback_peers))
-            .collect();
+        let addrs = reachable_addrs(peer.addrs, self.loopback_peers);
         let host = format!(
             "{}:{}",
             url.host_str().unwrap_or_default(),
