@@ -81,10 +81,10 @@ pub struct Response {
 }
 
 /// Connects to the first of `addrs` that accepts within `connect` (each), sends `req` and reads
-/// the answer's head.
+/// the answer's head. A request that cannot be sent as it is opens no connection.
 pub async fn get(addrs: &[SocketAddr], connect: Duration, req: &Request<'_>) -> Result<Response, ClientError> {
-    let (mut sock, remote) = connect_any(addrs, connect).await?;
     let head = request_head(req).map_err(ClientError::BadHead)?;
+    let (mut sock, remote) = connect_any(addrs, connect).await?;
     sock.write_all(head.as_bytes()).await.map_err(ClientError::Send)?;
     let mut buf = BytesMut::with_capacity(MAX_HEAD_BYTES);
     loop {

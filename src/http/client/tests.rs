@@ -187,7 +187,7 @@ async fn heads_it_cannot_read_are_errors() {
 }
 
 /// Nothing that would break the request's framing is sent: a line break in the path, the host
-/// or a header is refused before connecting matters.
+/// or a header is refused before anything is sent.
 #[test]
 fn a_request_with_a_line_break_is_refused() {
     let ok = request_head(&req(&[("Range", "bytes=1-")])).expect("a plain request");
@@ -241,4 +241,22 @@ async fn the_next_address_is_tried_when_one_refuses() {
     assert_eq!((resp.status, resp.remote), (404, addr));
     assert!(resp.body.is_done(), "an empty body is done at once");
     h.await.expect("server");
+}
+
+/// A request that cannot be sent as it is opens no connection.
+#[tokio::test]
+async fn a_refused_request_opens_no_connection() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let bad = Request {
+        path_and_query: "/a\r\nX-Evil: 1",
+        host: "h",
+        headers: &[],
+    };
+    assert!(matches!(
+        get(&[addr], Duration::from_secs(1), &bad).await,
+        Err(ClientError::BadHead(_))
+    ));
+    let accepted = tokio::time::timeout(Duration::from_millis(200), l.accept()).await;
+    assert!(accepted.is_err(), "nobody connected");
 }
