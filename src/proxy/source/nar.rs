@@ -49,7 +49,7 @@ impl Sources {
                     status: resp.status().as_u16(),
                     headers: resp.headers().clone(),
                     remote: resp.remote_addr(),
-                    body: NarBody::Upstream(resp),
+                    body: NarBody::Reqwest(resp),
                 }
             }
         };
@@ -136,7 +136,7 @@ enum NarBody {
     /// Read from the socket on the reader's task (`http::client`).
     Peer(client::Body),
     /// Read through reqwest (an upstream's NAR, or a small one of a peer's).
-    Upstream(reqwest::Response),
+    Reqwest(reqwest::Response),
 }
 
 /// Read buffer under a decoder of a peer's compressed NAR (the decoder reads from it in place).
@@ -154,7 +154,7 @@ impl NarBody {
                 compression,
                 peer_zstd,
             ),
-            NarBody::Upstream(resp) => {
+            NarBody::Reqwest(resp) => {
                 let stream = resp.bytes_stream().map_err(|e| io::Error::new(TRANSPORT_ERROR, e));
                 decoder(tokio_util::io::StreamReader::new(stream), compression, peer_zstd)
             }
