@@ -585,10 +585,11 @@ fn the_architecture_doc_quotes_the_constants() {
             mib(proxy::PASS_READS_MIN_BYTES)
         ),
         format!(
-            "pass-through channels ({} read chunks of {} per tap ({} from 64 MiB), pulled by the connection; a body that takes nothing for {} detaches its tap)",
+            "pass-through channels ({} read chunks of {} per tap ({} from {}), pulled by the connection; a body that takes nothing for {} detaches its tap)",
             proxy::passthrough::PASS_CHUNKS,
             kib(u(proxy::READS.chunk)),
             mib(u(proxy::PASS_READS.chunk)),
+            mib(proxy::PASS_READS_MIN_BYTES),
             secs(proxy::passthrough::PASS_STALL),
         ),
         format!(

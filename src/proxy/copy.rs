@@ -36,19 +36,18 @@ impl ReadShape {
     }
 }
 
-/// A copy into the spool alone: 256 KiB chunks, 16 kept (4 MiB). With 1 MiB chunks a closure of
-/// small and middling NARs, verified first, cost the proxy about a third more CPU (fresh
-/// buffers; issue #27, `docs/benchmarks.md`).
+/// Every other copy: 256 KiB chunks, 16 kept (4 MiB). With 1 MiB chunks for every copy a closure
+/// of small and middling NARs, most of them passed through, cost the proxy about a third more
+/// CPU (fresh buffers for a few chunks each; issue #27, `docs/benchmarks.md`).
 pub(crate) const READS: ReadShape = ReadShape {
     chunk: 256 * 1024,
     keep: 16,
 };
 /// A copy that feeds a pass-through of a NAR of [`PASS_READS_MIN_BYTES`] or more: 1 MiB chunks,
-/// 6 kept (a pass-through holds about five at
-/// once: the one read into, the spool's pending block, its channel's and hyper's). Each chunk is
-/// one trip through the spool, the tap's channel and a write to Nix; with 256 KiB the trips cost
-/// a pass-through about a fifth more CPU per GiB, with 4 MiB the reads found less ready and it
-/// cost more again (issue #27).
+/// 6 kept (a pass-through holds about five at once: the one read into, the spool's pending
+/// block, its channel's and hyper's). Each chunk is one trip through the spool, the tap's channel
+/// and a write to Nix; with 256 KiB the trips cost a pass-through about a fifth more CPU per GiB,
+/// with 4 MiB the reads found less ready and it cost more again (issue #27).
 pub(crate) const PASS_READS: ReadShape = ReadShape {
     chunk: 1024 * 1024,
     keep: 6,
