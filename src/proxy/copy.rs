@@ -323,6 +323,15 @@ mod tests {
         b.cut()
     }
 
+    /// Issue #27: 1 MiB chunks only for a pass-through of a NAR of [`PASS_READS_MIN_BYTES`] or
+    /// more; a smaller pass-through and every other copy read 256 KiB chunks.
+    #[test]
+    fn only_a_large_pass_through_reads_large_chunks() {
+        assert_eq!(ReadShape::of(true, PASS_READS_MIN_BYTES), PASS_READS);
+        assert_eq!(ReadShape::of(true, PASS_READS_MIN_BYTES - 1), READS);
+        assert_eq!(ReadShape::of(false, u64::MAX), READS);
+    }
+
     /// A NAR smaller than a read chunk gets a buffer of its size (at least [`SMALL_READ_BUF`]),
     /// not a MiB: most NARs of a closure are small, and many are copied at once.
     #[test]
